@@ -1,0 +1,150 @@
+// comm.h: the sequence-parallel group. One process is one rank; launch P of them with
+// `mpirun -np P ./fpdt ...` (or srun). MPI moves CPU buffers (the CPU backend, and CI's real
+// multi-process tests). Without mpirun the program is a group of one and MPI is not touched at
+// all, so `./fpdt train` needs no launcher.
+//
+// Errors: a problem every rank sees alike (a bad flag, a bad shape) is reported once, by rank 0,
+// and every rank exits 1. A problem only one rank sees aborts the whole job (MPI_Abort) with a
+// message naming the rank, so a dead or failing rank never leaves the others hanging.
+#pragma once
+#include <mpi.h>
+#include <climits>
+#include "common.h"
+
+#define MPI_CHECK(call)                                                                \
+    do {                                                                               \
+        int err_ = (call);                                                             \
+        if (err_ != MPI_SUCCESS) {                                                     \
+            char s_[MPI_MAX_ERROR_STRING];                                             \
+            int n_ = 0;                                                                \
+            MPI_Error_string(err_, s_, &n_);                                           \
+            fatal("MPI error at %s:%d: %s", __FILE__, __LINE__, s_);                   \
+        }                                                                              \
+    } while (0)
+
+struct Comm {
+    int rank = 0, size = 1, local_rank = 0;
+    bool mpi = false;  // MPI_Init was called (launched by mpirun/srun)
+};
+
+static inline Comm& comm_world() {
+    static Comm c;
+    return c;
+}
+
+// True when a launcher started us (then MPI must be initialised so the ranks can talk).
+static inline bool launched_by_mpi() {
+    const char* vars[] = {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "SLURM_STEP_NUM_TASKS", "MPI_LOCALNRANKS"};
+    for (const char* v : vars)
+        if (getenv(v)) return true;
+    return false;
+}
+
+static inline void comm_fatal_hook(const char* msg) {
+    Comm& c = comm_world();
+    if (c.size > 1) {
+        fprintf(stderr, "fpdt (rank %d of %d): %s\n", c.rank, c.size, msg);
+        fflush(stderr);
+        MPI_Abort(MPI_COMM_WORLD, 1);
+    }
+}
+
+static inline void comm_init(int* argc, char*** argv) {
+    Comm& c = comm_world();
+    if (!launched_by_mpi()) return;
+    MPI_CHECK(MPI_Init(argc, argv));
+    c.mpi = true;
+    MPI_CHECK(MPI_Comm_rank(MPI_COMM_WORLD, &c.rank));
+    MPI_CHECK(MPI_Comm_size(MPI_COMM_WORLD, &c.size));
+    MPI_Comm local;
+    MPI_CHECK(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, c.rank, MPI_INFO_NULL, &local));
+    MPI_CHECK(MPI_Comm_rank(local, &c.local_rank));
+    MPI_CHECK(MPI_Comm_free(&local));
+    if (!fatal_hook()) fatal_hook() = comm_fatal_hook;
+}
+
+static inline void comm_finalize() {
+    if (comm_world().mpi) MPI_Finalize();
+}
+
+// An error every rank finds the same way: rank 0 says it once, every rank exits 1.
+[[noreturn]] static inline void fatal_all(const char* fmt, ...) {
+    char buf[2048];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof(buf), fmt, ap);
+    va_end(ap);
+    Comm& c = comm_world();
+    if (c.size == 1 || fatal_hook() != comm_fatal_hook) fatal("%s", buf);
+    if (c.rank == 0) fprintf(stderr, "fpdt: %s\n", buf);
+    fflush(stderr);
+    MPI_Finalize();
+    exit(1);
+}
+
+static inline int mpi_count(size_t n) {
+    if (n > (size_t)INT_MAX) fatal("a message of %zu elements is too large for one MPI call", n);
+    return (int)n;
+}
+
+// recv (P, n) = block r of every rank's send (P, n): rank r's send block s goes to rank s.
+static inline void comm_alltoall(const float* send, float* recv, size_t n) {
+    Comm& c = comm_world();
+    if (c.size == 1) {
+        if (recv != send) memcpy(recv, send, n * sizeof(float));
+        return;
+    }
+    MPI_CHECK(MPI_Alltoall(send, mpi_count(n), MPI_FLOAT, recv, mpi_count(n), MPI_FLOAT, MPI_COMM_WORLD));
+}
+
+static inline void comm_allreduce(float* buf, size_t n) {
+    if (comm_world().size == 1) return;
+    for (size_t o = 0; o < n; o += (size_t)1 << 30)
+        MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, buf + o, mpi_count(std::min(n - o, (size_t)1 << 30)), MPI_FLOAT,
+                                MPI_SUM, MPI_COMM_WORLD));
+}
+static inline void comm_allreduce(double* buf, size_t n) {
+    if (comm_world().size == 1) return;
+    MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, buf, mpi_count(n), MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD));
+}
+static inline void comm_allreduce_max(double* buf, size_t n) {
+    if (comm_world().size == 1) return;
+    MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, buf, mpi_count(n), MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD));
+}
+
+// ZeRO-1: buf (P * n) is summed across ranks and rank r keeps block r in shard (n).
+static inline void comm_reduce_scatter(const float* buf, float* shard, size_t n) {
+    if (comm_world().size == 1) {
+        memcpy(shard, buf, n * sizeof(float));
+        return;
+    }
+    MPI_CHECK(MPI_Reduce_scatter_block(buf, shard, mpi_count(n), MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD));
+}
+// buf (P * n) = every rank's block; this rank's block is already in place at buf + rank * n.
+static inline void comm_allgather(float* buf, size_t n) {
+    if (comm_world().size == 1) return;
+    MPI_CHECK(MPI_Allgather(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, buf, mpi_count(n), MPI_FLOAT, MPI_COMM_WORLD));
+}
+// Rank 0's buf (n bytes) to every rank.
+static inline void comm_broadcast(void* buf, size_t n) {
+    if (comm_world().size == 1) return;
+    MPI_CHECK(MPI_Bcast(buf, mpi_count(n), MPI_BYTE, 0, MPI_COMM_WORLD));
+}
+// rank 0 receives every rank's n floats into all (P * n)
+static inline void comm_gather(const float* mine, float* all, size_t n) {
+    if (comm_world().size == 1) {
+        memcpy(all, mine, n * sizeof(float));
+        return;
+    }
+    MPI_CHECK(MPI_Gather(mine, mpi_count(n), MPI_FLOAT, all, mpi_count(n), MPI_FLOAT, 0, MPI_COMM_WORLD));
+}
+static inline void comm_scatter(const float* all, float* mine, size_t n) {
+    if (comm_world().size == 1) {
+        memcpy(mine, all, n * sizeof(float));
+        return;
+    }
+    MPI_CHECK(MPI_Scatter(all, mpi_count(n), MPI_FLOAT, mine, mpi_count(n), MPI_FLOAT, 0, MPI_COMM_WORLD));
+}
+static inline void comm_barrier() {
+    if (comm_world().size > 1) MPI_CHECK(MPI_Barrier(MPI_COMM_WORLD));
+}

@@ -1,0 +1,181 @@
+// common.h: the small things every other file needs: fatal errors, checks, arenas that count
+// bytes, a deterministic RNG, timers, and the Chrome trace recorder.
+#pragma once
+#include <cerrno>
+#include <cmath>
+#include <cstdarg>
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <algorithm>
+#include <chrono>
+#include <string>
+#include <vector>
+
+// ----------------------------------------------------------------------------
+// Errors. Bad input gets one clear line and a non-zero exit. fatal() is replaceable so that
+// tests can turn it into an exception and check the message; the multi-process build replaces it
+// with one that aborts every rank (comm.h).
+
+struct FpdtError {
+    std::string msg;
+};
+static inline void (*&fatal_hook())(const char*) {
+    static void (*hook)(const char*) = nullptr;
+    return hook;
+}
+[[noreturn]] static inline void fatal(const char* fmt, ...) {
+    char buf[2048];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof(buf), fmt, ap);
+    va_end(ap);
+    if (fatal_hook()) fatal_hook()(buf);  // may throw or abort the job; if it returns we exit
+    fprintf(stderr, "fpdt: %s\n", buf);
+    fflush(stderr);
+    exit(1);
+}
+// Tests call this so that fatal() throws instead of exiting.
+static inline void fatal_throws() {
+    fatal_hook() = [](const char* m) { throw FpdtError{m}; };
+}
+
+// ----------------------------------------------------------------------------
+// Arenas: one big allocation, sized once from the plan, handed out by a bump pointer. Nothing big
+// is allocated inside a step, so the arena's high-water mark is the run's peak memory, and the
+// planner can predict it by running the same allocation sequence with count_only set.
+
+enum class Mem { Host, Device, Pinned };
+
+struct Arena {
+    const char* name = "";
+    Mem kind = Mem::Host;
+    char* base = nullptr;
+    size_t cap = 0, used = 0, peak = 0;
+    bool count_only = false;  // the planner's dry run: count bytes, allocate nothing
+    std::vector<std::pair<std::string, size_t>> items;  // what was allocated, for messages and `plan`
+};
+
+static inline size_t align_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
+
+// Takes `bytes` from the arena; `what` names the buffer in the error when it does not fit.
+static inline void* arena_take(Arena* a, size_t bytes, const char* what) {
+    size_t n = align_up(bytes, 256);
+    a->items.push_back({what, n});
+    if (a->count_only) {
+        a->used += n;
+        if (a->used > a->peak) a->peak = a->used;
+        return nullptr;
+    }
+    if (a->used + n > a->cap)
+        fatal("%s arena is full: %s needs %.1f MiB but only %.1f of %.1f MiB are left "
+              "(try a smaller --chunk-size, --offload 1, or a larger --%s-mem)",
+              a->name, what, n / 1048576.0, (a->cap - a->used) / 1048576.0, a->cap / 1048576.0,
+              a->kind == Mem::Device ? "device" : "host");
+    void* p = a->base + a->used;
+    a->used += n;
+    if (a->used > a->peak) a->peak = a->used;
+    return p;
+}
+template <typename T>
+static inline T* arena_alloc(Arena* a, size_t count, const char* what) {
+    return (T*)arena_take(a, count * sizeof(T), what);
+}
+
+// ----------------------------------------------------------------------------
+// Deterministic random numbers (splitmix64 + Box-Muller), the same on every machine and compiler.
+
+struct Rng {
+    uint64_t s;
+};
+static inline uint64_t rng_u64(Rng* r) {
+    uint64_t z = (r->s += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+static inline float rng_uniform(Rng* r) { return (rng_u64(r) >> 40) * (1.0f / 16777216.0f); }  // [0,1)
+static inline float rng_normal(Rng* r) {
+    double u1 = ((rng_u64(r) >> 11) + 0.5) * (1.0 / 9007199254740992.0);
+    double u2 = (rng_u64(r) >> 11) * (1.0 / 9007199254740992.0);
+    return (float)(sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
+}
+
+// ----------------------------------------------------------------------------
+// Time and host memory.
+
+static inline double now_s() {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// ----------------------------------------------------------------------------
+// Trace: Chrome trace-event JSON ("X" complete events), one track (tid) per stream, so Perfetto
+// or chrome://tracing shows the compute, copy-in, copy-out and communication streams side by side.
+
+enum Track { TRACK_COMPUTE = 0, TRACK_COPY_IN = 1, TRACK_COPY_OUT = 2, TRACK_COMM = 3, N_TRACKS = 4 };
+static const char* const track_names[N_TRACKS] = {"compute", "copy-in (host to device)",
+                                                  "copy-out (device to host)", "communication"};
+
+struct TraceEvent {
+    std::string name;
+    int track;
+    double t0, t1;  // seconds
+    size_t bytes;
+    int layer, chunk;
+};
+struct Trace {
+    bool on = false;
+    double origin = 0;
+    std::vector<TraceEvent> events;
+};
+
+static inline void trace_add(Trace* t, const char* name, int track, double t0, double t1, size_t bytes,
+                             int layer, int chunk) {
+    if (t && t->on) t->events.push_back({name, track, t0 - t->origin, t1 - t->origin, bytes, layer, chunk});
+}
+
+static inline void trace_write(const Trace* t, const char* path, int rank) {
+    std::string tmp = std::string(path) + ".tmp";
+    FILE* f = fopen(tmp.c_str(), "w");
+    if (!f) fatal("--trace %s: cannot open for writing: %s", path, strerror(errno));
+    fprintf(f, "{\"traceEvents\":[\n");
+    for (int k = 0; k < N_TRACKS; k++)
+        fprintf(f, "{\"ph\":\"M\",\"name\":\"thread_name\",\"pid\":%d,\"tid\":%d,\"args\":{\"name\":\"%s\"}},\n",
+                rank, k, track_names[k]);
+    for (size_t i = 0; i < t->events.size(); i++) {
+        const TraceEvent& e = t->events[i];
+        fprintf(f,
+                "{\"ph\":\"X\",\"name\":\"%s\",\"pid\":%d,\"tid\":%d,\"ts\":%.3f,\"dur\":%.3f,"
+                "\"args\":{\"bytes\":%zu,\"layer\":%d,\"chunk\":%d}}%s\n",
+                e.name.c_str(), rank, e.track, e.t0 * 1e6, (e.t1 - e.t0) * 1e6, e.bytes, e.layer, e.chunk,
+                i + 1 < t->events.size() ? "," : "");
+    }
+    fprintf(f, "],\"displayTimeUnit\":\"ms\"}\n");
+    if (fclose(f) != 0 || rename(tmp.c_str(), path) != 0) fatal("--trace %s: write failed", path);
+}
+
+// ----------------------------------------------------------------------------
+// The execution context every op and copy receives: which backend runs the math, and the trace.
+// (The CUDA backend adds its streams and events here: compute, copy-in, copy-out, communication.)
+
+struct Ctx {
+    bool gpu = false;
+    Trace* trace = nullptr;
+    int layer = -1;  // for trace labels
+};
+
+// Times a region of host-side work on a track (on the CPU backend the work is the region).
+struct TraceScope {
+    Ctx* ctx;
+    const char* name;
+    int track, chunk;
+    size_t bytes;
+    double t0;
+    TraceScope(Ctx* c, const char* n, int tr, int ch, size_t b = 0)
+        : ctx(c), name(n), track(tr), chunk(ch), bytes(b), t0(c->trace && c->trace->on ? now_s() : 0) {}
+    ~TraceScope() {
+        if (ctx->trace && ctx->trace->on) trace_add(ctx->trace, name, track, t0, now_s(), bytes, ctx->layer, chunk);
+    }
+};

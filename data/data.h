@@ -1,0 +1,485 @@
+// data.h: where the training tokens come from.
+//
+// Every training step uses ONE sequence of seq+1 tokens: inputs are tokens [0, seq), targets are
+// tokens [1, seq+1). In a sequence-parallel job each rank needs only its own slices of that
+// sequence, so a DataSource hands out any range [start, start+n) of step k's sequence, reading
+// only that range (files) or generating only that range (synthetic tasks). Everything is a pure
+// function of (seed, step): a resumed run, or another rank, sees exactly the same tokens.
+//
+// Sources (data_open's `spec`):
+//   "passkey"      a built-in synthetic retrieval task: a 5-digit key hidden at a random depth in
+//                  filler text, asked for at the very end (needs the far past; see PasskeyTask)
+//   x.bin, *.bin   llm.c token shards (1024-byte header, then uint16 or uint32 tokens)
+//   x.txt, *.txt   any other file is plain text, tokenized byte-level (files joined by TOK_BOS)
+// A glob is expanded with glob(3) and sorted; several files form one stream, concatenated.
+//
+// Header-only: included from the .cu trainer and from the tests. Free functions are
+// static inline, classes define their members in-class.
+#pragma once
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include <fcntl.h>
+#include <glob.h>
+#include "../common.h"
+#include <sys/stat.h>
+#include <unistd.h>
+
+// ----------------------------------------------------------------------------
+// Byte-level tokenizer: tokens 0..255 are the bytes themselves; the specials follow.
+
+enum : int32_t { TOK_BOS = 256, TOK_KEY = 257, TOK_QUERY = 258, TOK_PAD = 259 };
+constexpr int BYTE_VOCAB = 260;  // smallest vocab that can hold byte-level text and the tasks' specials
+
+static inline std::vector<int32_t> encode_bytes(const std::string& s) {
+    std::vector<int32_t> out(s.size());
+    for (size_t i = 0; i < s.size(); i++) out[i] = (uint8_t)s[i];  // bytes, never negative chars
+    return out;
+}
+
+// bytes as-is; specials by name; anything else (a shard's BPE id, say) as "<#id>"
+static inline std::string decode_token(int32_t t) {
+    if (t >= 0 && t < 256) return std::string(1, (char)(uint8_t)t);
+    switch (t) {
+        case TOK_BOS: return "<BOS>";
+        case TOK_KEY: return "<KEY>";
+        case TOK_QUERY: return "<QUERY>";
+        case TOK_PAD: return "<PAD>";
+    }
+    return "<#" + std::to_string(t) + ">";
+}
+
+// ----------------------------------------------------------------------------
+// The interface the trainer sees.
+
+struct DataSource {
+    virtual ~DataSource() {}
+    // Fills out[0..n) with tokens [start, start+n) of the sequence (seq+1 tokens) of step `step`.
+    // Deterministic in (seed, step); reads only what is asked. start+n <= seq+1 always.
+    virtual void read(uint64_t step, size_t start, size_t n, int32_t* out) = 0;
+    // One line, e.g. "passkey task (seed 1337)" or "3 shards, 1234567 tokens (data/tiny_*.bin)".
+    virtual std::string describe() const = 0;
+    // Tasks with a retrieval answer: the positions (indices into the seq+1 tokens) whose tokens are
+    // the answer, and the distance in tokens between where the key was hidden and where it is
+    // asked. Returns false for plain data.
+    virtual bool answer(uint64_t step, std::vector<size_t>* positions, size_t* distance) {
+        (void)step; (void)positions; (void)distance;
+        return false;
+    }
+};
+
+// ----------------------------------------------------------------------------
+// Small helpers
+
+// Errors while opening become one line in *err; data_open then returns nullptr.
+static inline bool data_fail(std::string* err, const std::string& msg) {
+    if (err) *err = msg;
+    return false;
+}
+
+// Errors after opening (a file shrank or vanished under a running job) cannot be returned through
+// read(); they are one line on stderr and a non-zero exit, never silent garbage.
+[[noreturn]] static inline void data_fatal(const std::string& msg) { fatal("%s", msg.c_str()); }
+
+// pread() until all n bytes are in, or false (with errno, or 0 at an early end of file).
+static inline bool data_pread_all(int fd, void* buf, size_t n, uint64_t offset) {
+    uint8_t* p = (uint8_t*)buf;
+    while (n > 0) {
+        ssize_t got = pread(fd, p, n, (off_t)offset);
+        if (got < 0 && errno == EINTR) continue;
+        if (got <= 0) {
+            if (got == 0) errno = 0;
+            return false;
+        }
+        p += got;
+        n -= (size_t)got;
+        offset += (uint64_t)got;
+    }
+    return true;
+}
+
+// Little-endian unsigned integer of 1, 2 or 4 bytes; explicit so the format is the same on any host.
+static inline uint32_t data_le(const uint8_t* p, int bytes) {
+    uint32_t v = 0;
+    for (int i = bytes - 1; i >= 0; i--) v = (v << 8) | p[i];
+    return v;
+}
+
+static inline bool data_ends_with(const std::string& s, const std::string& suffix) {
+    return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+// splitmix64: a tiny, well-mixed PRNG whose output is the same on every machine and compiler.
+static inline uint64_t data_splitmix64(uint64_t* state) {
+    uint64_t z = (*state += 0x9E3779B97F4A7C15ULL);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+
+// ----------------------------------------------------------------------------
+// File streams: llm.c shards or plain text, several files concatenated into one token stream.
+//
+// llm.c shard layout (dev/data/data_common.py): 256 little-endian int32 header, then the tokens.
+//   header[0] magic: 20240520 (GPT-2: uint16 tokens, version 1) or 20240801 (Llama 3: uint32, version 7)
+//   header[1] version, header[2] number of tokens.
+
+constexpr int32_t SHARD_MAGIC_U16 = 20240520, SHARD_VERSION_U16 = 1;
+constexpr int32_t SHARD_MAGIC_U32 = 20240801, SHARD_VERSION_U32 = 7;
+constexpr size_t SHARD_HEADER_BYTES = 256 * sizeof(int32_t);
+
+struct FileStream : DataSource {
+    // The stream is a list of segments: a range of one file's tokens, or one TOK_BOS between text
+    // files. Segment i covers stream tokens [begin, begin+count).
+    struct Segment {
+        uint64_t begin, count;
+        int fd;                // -1: the segment is one TOK_BOS
+        int token_bytes;       // 1 (text), 2 or 4 (shards)
+        uint64_t data_offset;  // byte offset of the first token in the file (0 text, 1024 shards)
+        std::string path;      // for messages
+    };
+    std::vector<Segment> segments;
+    std::vector<int> fds;  // owned; closed in the destructor
+    uint64_t total = 0;    // N, tokens in the stream
+    size_t seq = 0;
+    std::string description;
+    std::vector<uint8_t> buf;  // staging for raw bytes of one read
+
+    FileStream() {}
+    FileStream(const FileStream&) = delete;
+    FileStream& operator=(const FileStream&) = delete;
+    ~FileStream() override {
+        for (int fd : fds) close(fd);
+    }
+
+    void add_file(int fd, const std::string& path, uint64_t count, int token_bytes, uint64_t data_offset) {
+        segments.push_back({total, count, fd, token_bytes, data_offset, path});
+        total += count;
+    }
+    void add_bos() {
+        segments.push_back({total, 1, -1, 0, 0, "<BOS>"});
+        total += 1;
+    }
+
+    // Step k's sequence is stream tokens [o, o+seq+1) with o = (k*seq) mod (N - seq): consecutive
+    // steps walk through the data, and wrap. The product is taken in 128 bits so that a huge step
+    // number cannot overflow into a different window.
+    uint64_t window_start(uint64_t step) const {
+        uint64_t m = total - seq;  // >= 1, checked at open
+        return (uint64_t)((unsigned __int128)step * seq % m);
+    }
+
+    void read(uint64_t step, size_t start, size_t n, int32_t* out) override {
+        if (start > seq + 1 || n > seq + 1 - start)
+            data_fatal("data: read of tokens [" + std::to_string(start) + ", " + std::to_string(start + n) +
+                       ") is outside the sequence of " + std::to_string(seq + 1) + " tokens");
+        uint64_t lo = window_start(step) + start, hi = lo + n;  // stream range to read
+        // first segment that ends after lo (segments are sorted by begin)
+        size_t i = std::upper_bound(segments.begin(), segments.end(), lo,
+                                    [](uint64_t v, const Segment& s) { return v < s.begin; }) -
+                   segments.begin() - 1;
+        while (lo < hi) {
+            const Segment& s = segments[i];
+            uint64_t a = lo - s.begin, b = std::min(hi, s.begin + s.count) - s.begin;  // [a,b) within s
+            size_t m = (size_t)(b - a);
+            if (s.fd < 0) {
+                for (size_t j = 0; j < m; j++) out[j] = TOK_BOS;
+            } else {
+                buf.resize(m * (size_t)s.token_bytes);
+                if (!data_pread_all(s.fd, buf.data(), buf.size(), s.data_offset + a * (uint64_t)s.token_bytes))
+                    data_fatal("data: " + s.path + ": read of tokens [" + std::to_string(a) + ", " +
+                               std::to_string(b) + ") failed (" +
+                               (errno ? strerror(errno) : "file is shorter than when it was opened") + ")");
+                for (size_t j = 0; j < m; j++) out[j] = (int32_t)data_le(&buf[j * s.token_bytes], s.token_bytes);
+            }
+            out += m;
+            lo += m;
+            i++;
+        }
+    }
+
+    std::string describe() const override { return description; }
+};
+
+// Opens `path` for reading and checks that it is a regular file; *size its length in bytes.
+static inline bool data_open_regular(const std::string& path, int* fd_out, uint64_t* size, std::string* err) {
+    int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return data_fail(err, "data: " + path + ": cannot open (" + strerror(errno) + ")");
+    struct stat st;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        close(fd);
+        return data_fail(err, "data: " + path + ": not a regular file (expected a .bin shard or a text file)");
+    }
+    *fd_out = fd;
+    *size = (uint64_t)st.st_size;
+    return true;
+}
+
+// Opens one llm.c shard and checks everything once: header, exact size, and every token < vocab
+// (streamed through a small buffer, nothing kept). On success the fd stays open for pread.
+static inline bool data_open_shard(const std::string& path, int vocab, int* fd_out, uint64_t* count_out,
+                                   int* token_bytes_out, std::string* err) {
+    int fd;
+    uint64_t size;
+    if (!data_open_regular(path, &fd, &size, err)) return false;
+    auto fail = [&](const std::string& msg) {
+        close(fd);
+        return data_fail(err, "data: " + path + ": " + msg);
+    };
+    if (size < SHARD_HEADER_BYTES)
+        return fail(std::to_string(size) + " bytes, too small for the 1024-byte llm.c shard header");
+    uint8_t header[SHARD_HEADER_BYTES];
+    if (!data_pread_all(fd, header, SHARD_HEADER_BYTES, 0)) return fail("cannot read the header");
+    int32_t magic = (int32_t)data_le(header + 0, 4);
+    int32_t version = (int32_t)data_le(header + 4, 4);
+    int32_t count = (int32_t)data_le(header + 8, 4);
+    int token_bytes, want_version;
+    if (magic == SHARD_MAGIC_U16) {
+        token_bytes = 2;
+        want_version = SHARD_VERSION_U16;
+    } else if (magic == SHARD_MAGIC_U32) {
+        token_bytes = 4;
+        want_version = SHARD_VERSION_U32;
+    } else {
+        return fail("bad magic " + std::to_string(magic) + " (expected " + std::to_string(SHARD_MAGIC_U16) +
+                    " or " + std::to_string(SHARD_MAGIC_U32) + ")");
+    }
+    if (version != want_version)
+        return fail("bad version " + std::to_string(version) + " for magic " + std::to_string(magic) +
+                    " (expected " + std::to_string(want_version) + ")");
+    if (count <= 0) return fail("header says " + std::to_string(count) + " tokens (expected more than 0)");
+    uint64_t want_size = SHARD_HEADER_BYTES + (uint64_t)count * token_bytes;
+    if (size != want_size)
+        return fail("file is " + std::to_string(size) + " bytes but its header says " + std::to_string(count) +
+                    " tokens of " + std::to_string(token_bytes) + " bytes, i.e. " + std::to_string(want_size) +
+                    " bytes (" + (size < want_size ? "truncated" : "trailing bytes") + ")");
+    // scan the tokens once, 1 MiB at a time
+    std::vector<uint8_t> chunk(1 << 20);
+    const uint64_t per_chunk = chunk.size() / token_bytes;
+    for (uint64_t t0 = 0; t0 < (uint64_t)count; t0 += per_chunk) {
+        uint64_t m = std::min(per_chunk, (uint64_t)count - t0);
+        if (!data_pread_all(fd, chunk.data(), m * token_bytes, SHARD_HEADER_BYTES + t0 * token_bytes))
+            return fail("cannot read tokens (" + std::string(errno ? strerror(errno) : "early end of file") + ")");
+        for (uint64_t j = 0; j < m; j++) {
+            uint32_t id = data_le(&chunk[j * token_bytes], token_bytes);
+            if (id >= (uint32_t)vocab)
+                return fail("token " + std::to_string(t0 + j) + " is id " + std::to_string(id) +
+                            ", not below the vocab size " + std::to_string(vocab));
+        }
+    }
+    *fd_out = fd;
+    *count_out = (uint64_t)count;
+    *token_bytes_out = token_bytes;
+    return true;
+}
+
+// ----------------------------------------------------------------------------
+// The built-in "passkey" task: synthetic long-context retrieval.
+//
+// The seq+1 tokens of step k:
+//   [0]                          TOK_BOS
+//   [key, key+6)                 TOK_KEY d1 d2 d3 d4 d5      key uniform in [1, seq+1-12]
+//   [seq-5, seq+1)               TOK_QUERY d1 d2 d3 d4 d5    the very end: the answer is d1..d5
+//   everywhere else              filler: easy English-ish text, no digits
+// The 5 digits are random, so the only way to predict the last 5 tokens is to find the key in
+// the far past; the filler is easy, so the loss on it falls fast and the answer loss stands out.
+// The filler at position p is pattern[(p + offset) % len] with a random offset per step, so any
+// range is produced in O(n) with O(1) set-up per call, and a rank reading [start, start+n)
+// agrees exactly with a rank reading everything.
+
+struct PasskeyTask : DataSource {
+    uint64_t seed;
+    size_t seq;
+    std::string pattern;  // the filler, a fixed cycle of short sentences
+
+    static constexpr size_t DIGITS = 5;
+    static constexpr size_t INSERT = 1 + DIGITS;  // TOK_KEY or TOK_QUERY, then the digits
+
+    PasskeyTask(uint64_t seed_, size_t seq_) : seed(seed_), seq(seq_) {
+        // A fixed pseudo-random sequence of sentences (its own fixed seed: the same filler for every
+        // run), long enough that the cycle is not a trivial short repeat.
+        const char* const sentences[] = {
+            "The grass is green. ", "The sky is blue. ", "The sun is yellow. ", "Here we go. ",
+            "There and back again. ", "The sea is deep. ", "Snow is white. ", "The night is dark. ",
+        };
+        uint64_t state = 0x5eed5eed5eedULL;
+        for (int i = 0; i < 256; i++) pattern += sentences[data_splitmix64(&state) % 8];
+    }
+
+    // What step k hides: the filler offset, where the key goes, and the digits.
+    struct Plan {
+        uint64_t offset;
+        size_t key;
+        int32_t digits[DIGITS];
+    };
+    Plan plan(uint64_t step) const {
+        uint64_t state = seed ^ (step * 0xD1B54A32D192ED03ULL);  // distinct stream per (seed, step)
+        data_splitmix64(&state);                                  // one warm-up draw
+        Plan p;
+        p.offset = data_splitmix64(&state) % pattern.size();
+        p.key = 1 + (size_t)(data_splitmix64(&state) % (seq + 1 - 2 * INSERT));  // uniform in [1, seq+1-12]
+        for (size_t d = 0; d < DIGITS; d++) p.digits[d] = '0' + (int32_t)(data_splitmix64(&state) % 10);
+        return p;
+    }
+    size_t query_pos() const { return seq + 1 - INSERT; }  // TOK_QUERY; the digits follow to the end
+
+    void read(uint64_t step, size_t start, size_t n, int32_t* out) override {
+        if (start > seq + 1 || n > seq + 1 - start)
+            data_fatal("data: read of tokens [" + std::to_string(start) + ", " + std::to_string(start + n) +
+                       ") is outside the sequence of " + std::to_string(seq + 1) + " tokens");
+        Plan p = plan(step);
+        // filler everywhere, BOS at 0
+        size_t len = pattern.size(), k = (size_t)((start + p.offset) % len);
+        for (size_t i = 0; i < n; i++) {
+            out[i] = (uint8_t)pattern[k];
+            if (++k == len) k = 0;
+        }
+        if (start == 0 && n > 0) out[0] = TOK_BOS;
+        // overlay the two inserts where they fall inside [start, start+n)
+        auto overlay = [&](size_t pos, int32_t head) {
+            for (size_t j = 0; j < INSERT; j++) {
+                size_t q = pos + j;
+                if (q >= start && q < start + n) out[q - start] = j == 0 ? head : p.digits[j - 1];
+            }
+        };
+        overlay(p.key, TOK_KEY);
+        overlay(query_pos(), TOK_QUERY);
+    }
+
+    std::string describe() const override {
+        return "passkey task (seed " + std::to_string(seed) + "): find a 5-digit key hidden in " +
+               std::to_string(seq + 1) + " tokens";
+    }
+
+    bool answer(uint64_t step, std::vector<size_t>* positions, size_t* distance) override {
+        Plan p = plan(step);
+        if (positions) {
+            positions->clear();
+            for (size_t d = 0; d < DIGITS; d++) positions->push_back(query_pos() + 1 + d);
+        }
+        if (distance) *distance = query_pos() - p.key;
+        return true;
+    }
+};
+
+// ----------------------------------------------------------------------------
+// data_open: the spec is a built-in task's name, a file path, or a glob.
+// Returns nullptr with one line in *err on any problem; the caller owns (deletes) the result.
+
+inline DataSource* data_open(const std::string& spec, int vocab, size_t seq, uint64_t seed, std::string* err) {
+    if (seq == 0) {
+        data_fail(err, "data: --seq must be positive");
+        return nullptr;
+    }
+    if (vocab <= 0) {
+        data_fail(err, "data: vocab " + std::to_string(vocab) + " must be positive");
+        return nullptr;
+    }
+
+    // built-in tasks
+    if (spec == "passkey") {
+        if (vocab < BYTE_VOCAB) {
+            data_fail(err, "data: passkey needs vocab >= " + std::to_string(BYTE_VOCAB) +
+                               " (bytes + special tokens), got " + std::to_string(vocab));
+            return nullptr;
+        }
+        if (seq < 32) {
+            data_fail(err, "data: passkey needs --seq >= 32 (key, query and filler must fit), got " +
+                               std::to_string(seq));
+            return nullptr;
+        }
+        return new PasskeyTask(seed, seq);
+    }
+
+    // files: one path, or a glob (sorted bytewise, whatever the locale)
+    std::vector<std::string> paths;
+    if (spec.find_first_of("*?[") != std::string::npos) {
+        glob_t g;
+        int rc = glob(spec.c_str(), 0, nullptr, &g);
+        if (rc == 0)
+            for (size_t i = 0; i < g.gl_pathc; i++) paths.push_back(g.gl_pathv[i]);
+        globfree(&g);
+        if (rc != 0 || paths.empty()) {
+            data_fail(err, "data: no files match '" + spec + "'");
+            return nullptr;
+        }
+        std::sort(paths.begin(), paths.end());
+    } else {
+        struct stat st;
+        if (stat(spec.c_str(), &st) != 0 && spec.find_first_of("/.") == std::string::npos) {
+            // a bare word that is not a file: most likely a mistyped task name
+            data_fail(err, "data: '" + spec + "' is neither a built-in task (passkey) nor an existing file");
+            return nullptr;
+        }
+        paths.push_back(spec);
+    }
+
+    size_t n_bin = 0;
+    for (const std::string& p : paths) n_bin += data_ends_with(p, ".bin");
+    if (n_bin != 0 && n_bin != paths.size()) {
+        std::string a, b;  // one example of each kind for the message
+        for (const std::string& p : paths) (data_ends_with(p, ".bin") ? a : b) = p;
+        data_fail(err, "data: '" + spec + "' matches both .bin shards (" + a + ") and text files (" + b +
+                           "); expected one kind");
+        return nullptr;
+    }
+    bool shards = n_bin > 0;
+    if (!shards && vocab < BYTE_VOCAB) {
+        data_fail(err, "data: " + paths[0] + " is text, tokenized byte-level, which needs vocab >= " +
+                           std::to_string(BYTE_VOCAB) + " (bytes + BOS); got " + std::to_string(vocab));
+        return nullptr;
+    }
+
+    FileStream* fs = new FileStream();
+    fs->seq = seq;
+    size_t used_files = 0;
+    for (const std::string& p : paths) {
+        int fd;
+        uint64_t count;
+        if (shards) {
+            int token_bytes = 0;
+            if (!data_open_shard(p, vocab, &fd, &count, &token_bytes, err)) {
+                delete fs;
+                return nullptr;
+            }
+            fs->fds.push_back(fd);
+            fs->add_file(fd, p, count, token_bytes, SHARD_HEADER_BYTES);
+        } else {
+            if (!data_open_regular(p, &fd, &count, err)) {
+                delete fs;
+                return nullptr;
+            }
+            if (count == 0) {  // empty text files are skipped
+                close(fd);
+                continue;
+            }
+            fs->fds.push_back(fd);
+            if (used_files > 0) fs->add_bos();
+            fs->add_file(fd, p, count, 1, 0);
+        }
+        used_files++;
+    }
+    if (fs->total == 0) {
+        data_fail(err, paths.size() == 1 ? "data: " + spec + " is empty (expected text)"
+                                         : "data: '" + spec + "': all " + std::to_string(paths.size()) +
+                                               " text files are empty");
+        delete fs;
+        return nullptr;
+    }
+    if (fs->total < (uint64_t)seq + 1) {
+        data_fail(err, "data: " + spec + " has " + std::to_string(fs->total) + " tokens; --seq " +
+                           std::to_string(seq) + " needs at least " + std::to_string(seq + 1));
+        delete fs;
+        return nullptr;
+    }
+    fs->description = std::to_string(used_files) + (shards ? " shard" : " text file") + (used_files == 1 ? "" : "s") +
+                      ", " + std::to_string(fs->total) + " tokens (" + spec + ")";
+    return fs;
+}

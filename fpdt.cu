@@ -1,0 +1,642 @@
+// fpdt.cu: the program. Command line, training loop, evaluation, checkpoints, sampling, planning.
+//
+//   ./fpdt train [flags]     train (see --help); mpirun -np P ./fpdt train ... for P ranks
+//   ./fpdt sample --out DIR  generate from a saved checkpoint
+//   ./fpdt plan --model M --seq S   predicted memory and the break-even chunk size
+//
+// Sections: command line; checkpoints; evaluation; train; sample; plan; main.
+#include <cuda_runtime.h>
+#include <dirent.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <omp.h>
+#include <map>
+#include <string>
+#include <vector>
+#include "data/data.h"
+#include "model.h"
+
+// ----------------------------------------------------------------------------
+// Command line: --name value pairs (and bare --help). Every value is checked; anything unknown is
+// an error naming the flag.
+
+struct Args {
+    std::string cmd;
+    std::map<std::string, std::string> kv;
+    std::vector<std::string> allowed;
+    bool help = false;
+
+    bool has(const char* k) const { return kv.count(k) > 0; }
+    std::string str(const char* k, const std::string& def) const { return has(k) ? kv.at(k) : def; }
+    long long integer(const char* k, long long def, long long lo, long long hi) const {
+        if (!has(k)) return def;
+        const std::string& s = kv.at(k);
+        char* end = nullptr;
+        errno = 0;
+        long long v = strtoll(s.c_str(), &end, 10);
+        if (s.empty() || *end || errno) fatal_all("--%s: '%s' is not a whole number", k, s.c_str());
+        if (v < lo || v > hi) fatal_all("--%s: %lld is out of range (expected %lld to %lld)", k, v, lo, hi);
+        return v;
+    }
+    double real(const char* k, double def, double lo, double hi) const {
+        if (!has(k)) return def;
+        const std::string& s = kv.at(k);
+        char* end = nullptr;
+        double v = strtod(s.c_str(), &end);
+        if (s.empty() || *end || !std::isfinite(v)) fatal_all("--%s: '%s' is not a number", k, s.c_str());
+        if (v < lo || v > hi) fatal_all("--%s: %g is out of range (expected %g to %g)", k, v, lo, hi);
+        return v;
+    }
+    bool flag01(const char* k, bool def) const { return integer(k, def, 0, 1) != 0; }
+};
+
+// Flags that take no value.
+static bool is_switch(const std::string& k) { return k == "resume" || k == "help"; }
+
+static Args parse_args(int argc, char** argv, const std::vector<std::string>& allowed) {
+    Args a;
+    a.allowed = allowed;
+    for (int i = 2; i < argc; i++) {
+        std::string s = argv[i];
+        if (s == "-h" || s == "--help") {
+            a.help = true;
+            continue;
+        }
+        if (s.rfind("--", 0) != 0) fatal_all("unexpected argument '%s' (flags look like --name value)", s.c_str());
+        std::string k = s.substr(2), v;
+        size_t eq = k.find('=');
+        if (eq != std::string::npos) v = k.substr(eq + 1), k = k.substr(0, eq);
+        bool known = false;
+        for (const std::string& x : allowed) known |= (x == k);
+        if (!known) fatal_all("unknown flag --%s for '%s' (see ./fpdt %s --help)", k.c_str(), argv[1], argv[1]);
+        if (eq == std::string::npos) {
+            if (is_switch(k)) v = "1";
+            else if (i + 1 < argc) v = argv[++i];
+            else fatal_all("--%s needs a value", k.c_str());
+        }
+        a.kv[k] = v;
+    }
+    return a;
+}
+
+static const Config& model_arg(const Args& a, const char* def) {
+    std::string name = a.str("model", def);
+    const Config* c = find_preset(name);
+    if (!c) {
+        std::string names;
+        for (const Config& p : presets) names += std::string(names.empty() ? "" : ", ") + p.name;
+        fatal_all("--model: unknown model '%s' (known: %s)", name.c_str(), names.c_str());
+    }
+    return *c;
+}
+
+static void print_models() {
+    printf("models (--model):\n");
+    for (const Config& c : presets) {
+        size_t n = 0;
+        param_table(c, &n);
+        printf("  %-11s %-5s %2d layers, d %5d, %2d heads, %d kv heads, ffn %5d, vocab %6d, %8.1fM params  %s\n",
+               c.name, c.family == GPT ? "gpt" : "llama", c.n_layer, c.d_model, c.n_head, c.n_kv_head, c.ffn,
+               c.vocab, n / 1e6, c.note);
+    }
+}
+
+// ----------------------------------------------------------------------------
+// Checkpoints: DIR/ckpt_NNNNNNNN.bin = header, weights, AdamW m and v (fp32, full, gathered from
+// the ranks under ZeRO-1), with an FNV-1a checksum over everything after the header. Written to
+// a .tmp file, flushed to disk, then renamed: a crash mid-write leaves the previous one intact.
+
+struct CkptHeader {
+    char magic[8];       // "FPDTCKP1"
+    char model[32];      // preset name
+    int32_t dims[8];     // family, n_layer, d_model, n_head, n_kv_head, ffn, vocab, 0
+    uint64_t n_params;   // floats per array
+    uint64_t step;       // completed steps
+    uint64_t seed;       // the run's seed (data and init are pure functions of it and the step)
+    uint64_t total_steps;
+    uint64_t checksum;   // FNV-1a 64 of the payload
+    uint64_t reserved[4];
+};
+
+static uint64_t fnv1a(uint64_t h, const void* p, size_t n) {
+    const uint8_t* b = (const uint8_t*)p;
+    for (size_t i = 0; i < n; i++) h = (h ^ b[i]) * 0x100000001B3ull;
+    return h;
+}
+
+static void config_dims(const Config& c, int32_t* d) {
+    int32_t v[8] = {c.family, c.n_layer, c.d_model, c.n_head, c.n_kv_head, c.ffn, c.vocab, 0};
+    memcpy(d, v, sizeof v);
+}
+
+static std::string ckpt_path(const std::string& dir, uint64_t step) {
+    char b[64];
+    snprintf(b, sizeof b, "/ckpt_%08llu.bin", (unsigned long long)step);
+    return dir + b;
+}
+
+// Newest first: the checkpoint files in dir.
+static std::vector<std::string> list_checkpoints(const std::string& dir) {
+    std::vector<std::string> out;
+    DIR* d = opendir(dir.c_str());
+    if (!d) return out;
+    while (dirent* e = readdir(d)) {
+        std::string n = e->d_name;
+        if (n.rfind("ckpt_", 0) == 0 && n.size() == 17 && n.compare(13, 4, ".bin") == 0) out.push_back(dir + "/" + n);
+    }
+    closedir(d);
+    std::sort(out.rbegin(), out.rend());
+    return out;
+}
+
+// Everything the file needs, gathered on rank 0 (ZeRO-1 shards come home first).
+static void save_checkpoint(Model* M, const std::string& dir, uint64_t step, uint64_t seed, uint64_t total) {
+    const Comm& cm = comm_world();
+    const size_t n = M->n_params;
+    std::vector<float> m, v;
+    if (M->run.zero) {
+        std::vector<float> all(cm.rank == 0 ? M->n_padded : 0);
+        comm_gather(M->opt_m, all.data(), M->shard_n);
+        m.assign(all.begin(), all.begin() + (cm.rank == 0 ? n : 0));
+        comm_gather(M->opt_v, all.data(), M->shard_n);
+        v.assign(all.begin(), all.begin() + (cm.rank == 0 ? n : 0));
+    }
+    if (cm.rank != 0) return;
+    const float* pm = M->run.zero ? m.data() : M->opt_m;
+    const float* pv = M->run.zero ? v.data() : M->opt_v;
+    CkptHeader h;
+    memset(&h, 0, sizeof h);
+    memcpy(h.magic, "FPDTCKP1", 8);
+    snprintf(h.model, sizeof h.model, "%s", M->cfg.name);
+    config_dims(M->cfg, h.dims);
+    h.n_params = n, h.step = step, h.seed = seed, h.total_steps = total;
+    uint64_t cs = 0xcbf29ce484222325ull;
+    cs = fnv1a(cs, M->params, n * 4), cs = fnv1a(cs, pm, n * 4), cs = fnv1a(cs, pv, n * 4);
+    h.checksum = cs;
+    mkdir(dir.c_str(), 0755);
+    std::string path = ckpt_path(dir, step), tmp = path + ".tmp";
+    FILE* f = fopen(tmp.c_str(), "wb");
+    if (!f) fatal("--out %s: cannot write %s: %s", dir.c_str(), tmp.c_str(), strerror(errno));
+    bool ok = fwrite(&h, sizeof h, 1, f) == 1 && fwrite(M->params, 4, n, f) == n && fwrite(pm, 4, n, f) == n &&
+              fwrite(pv, 4, n, f) == n && fflush(f) == 0 && fsync(fileno(f)) == 0;
+    ok = (fclose(f) == 0) && ok;
+    if (!ok || rename(tmp.c_str(), path.c_str()) != 0)
+        fatal("--out %s: writing %s failed: %s", dir.c_str(), path.c_str(), strerror(errno));
+    int dfd = open(dir.c_str(), O_RDONLY);  // make the rename itself durable
+    if (dfd >= 0) fsync(dfd), close(dfd);
+    std::vector<std::string> all = list_checkpoints(dir);  // keep the newest two
+    for (size_t i = 2; i < all.size(); i++) remove(all[i].c_str());
+}
+
+// Reads and verifies one checkpoint file. Returns "" or what is wrong with it.
+static std::string read_checkpoint(const std::string& path, CkptHeader* h, std::vector<float>* data) {
+    FILE* f = fopen(path.c_str(), "rb");
+    if (!f) return path + ": cannot open: " + strerror(errno);
+    std::string err;
+    if (fread(h, sizeof *h, 1, f) != 1) err = path + ": too short for a checkpoint header";
+    else if (memcmp(h->magic, "FPDTCKP1", 8) != 0) err = path + ": not an fpdt checkpoint (bad magic)";
+    else if (h->n_params == 0 || h->n_params > ((uint64_t)1 << 40)) err = path + ": implausible parameter count";
+    else {
+        fseek(f, 0, SEEK_END);
+        const uint64_t size = (uint64_t)ftell(f), want = sizeof *h + 3 * h->n_params * 4;
+        fseek(f, sizeof *h, SEEK_SET);
+        if (size != want) err = path + ": size " + std::to_string(size) + " bytes, expected " + std::to_string(want) + " (truncated?)";
+        else {
+            data->resize(3 * h->n_params);
+            if (fread(data->data(), 4, data->size(), f) != data->size()) err = path + ": read failed";
+            else if (fnv1a(0xcbf29ce484222325ull, data->data(), data->size() * 4) != h->checksum)
+                err = path + ": checksum mismatch (corrupt or partly written)";
+        }
+    }
+    fclose(f);
+    return err;
+}
+
+// Loads the newest valid checkpoint in dir into M; returns its step. A corrupt newest file is
+// reported and the one before it used.
+static uint64_t load_checkpoint(Model* M, const std::string& dir, CkptHeader* out) {
+    std::vector<std::string> files = list_checkpoints(dir);
+    if (files.empty()) fatal_all("--resume: no checkpoint (ckpt_*.bin) in --out %s", dir.c_str());
+    int32_t dims[8];
+    config_dims(M->cfg, dims);
+    for (const std::string& p : files) {
+        CkptHeader h;
+        std::vector<float> data;
+        std::string err = read_checkpoint(p, &h, &data);
+        if (!err.empty()) {
+            if (comm_world().rank == 0) fprintf(stderr, "fpdt: warning: skipping %s\n", err.c_str());
+            continue;
+        }
+        if (memcmp(h.dims, dims, sizeof dims) != 0 || h.n_params != M->n_params)
+            fatal_all("--resume: %s holds model '%s', not --model %s", p.c_str(), h.model, M->cfg.name);
+        const size_t n = M->n_params, lo = M->run.zero ? (size_t)M->run.rank * M->shard_n : 0;
+        memcpy(M->params, data.data(), n * 4);
+        for (size_t i = 0; i < M->shard_n; i++) {
+            M->opt_m[i] = lo + i < n ? data[n + lo + i] : 0.0f;
+            M->opt_v[i] = lo + i < n ? data[2 * n + lo + i] : 0.0f;
+        }
+        *out = h;
+        return h.step;
+    }
+    fatal_all("--resume: no valid checkpoint in %s", dir.c_str());
+}
+
+// ----------------------------------------------------------------------------
+// Evaluation: mean loss over held-out sequences, and for the passkey task the retrieval accuracy
+// of the answer digits, by the distance between the key and the question.
+
+static void read_into(Model* M, DataSource* data, uint64_t step) {
+    model_set_tokens(M, [&](size_t start, size_t n, int32_t* out) { data->read(step, start, n, out); });
+}
+
+static const uint64_t EVAL_STEP0 = 1ull << 40;  // eval sequences live far from the training steps
+
+static void evaluate(Model* M, DataSource* data, int nseq, int step) {
+    const int NB = 4;
+    double acc[2 + 2 * NB] = {};  // loss sum, keys fully right, then per bucket: digits right, digits
+    bool task = false;
+    for (int k = 0; k < nseq; k++) {
+        read_into(M, data, EVAL_STEP0 + k);
+        acc[0] += model_forward_backward(M, false);
+        std::vector<size_t> ans;
+        size_t dist = 0;
+        if (!data->answer(EVAL_STEP0 + k, &ans, &dist)) continue;
+        task = true;
+        int b = std::min(NB - 1, (int)(dist * NB / M->run.seq)), right = 0;
+        std::vector<int32_t> truth(M->run.seq + 1);
+        data->read(EVAL_STEP0 + k, 0, M->run.seq + 1, truth.data());
+        for (size_t p : ans) {  // token p is predicted at input position p - 1; who holds it?
+            const size_t t = p - 1, c = t / M->C, o = t % M->C;
+            if ((int)(o / M->cl) != M->run.rank) continue;
+            right += M->preds[c * M->cl + o % M->cl] == truth[p];
+        }
+        double r = right;
+        comm_allreduce(&r, 1);
+        acc[2 + 2 * b] += r;
+        acc[3 + 2 * b] += ans.size();
+        acc[1] += (r == ans.size());
+    }
+    if (comm_world().rank != 0) return;
+    printf("eval step %d | loss %.6f", step, acc[0] / nseq);
+    if (task) {
+        double right = 0, all = 0;
+        for (int b = 0; b < NB; b++) right += acc[2 + 2 * b], all += acc[3 + 2 * b];
+        printf(" | passkey digits %.1f%% keys %.1f%% | by distance:", 100 * right / all, 100 * acc[1] / nseq);
+        for (int b = 0; b < NB; b++)
+            if (acc[3 + 2 * b] > 0)
+                printf(" %d-%d%% %.0f%%", 100 * b / NB, 100 * (b + 1) / NB, 100 * acc[2 + 2 * b] / acc[3 + 2 * b]);
+            else
+                printf(" %d-%d%% -", 100 * b / NB, 100 * (b + 1) / NB);
+    }
+    printf("\n");
+    fflush(stdout);
+}
+
+// ----------------------------------------------------------------------------
+// train
+
+static const std::vector<std::string> train_flags = {
+    "model", "seq", "chunk-size", "offload", "steps", "lr", "warmup", "min-lr-frac", "weight-decay", "clip", "seed",
+    "data", "device", "out", "save-every", "resume", "exit-after", "eval-every", "eval-seqs", "trace", "zero",
+    "device-mem", "host-mem", "on-nonfinite", "max-bad-steps", "help"};
+
+static void train_help() {
+    printf(
+        "usage: ./fpdt train [flags]        (P ranks: mpirun -np P ./fpdt train [flags])\n"
+        "  --model NAME        model preset (default small; list below)\n"
+        "  --seq N             sequence length in tokens, global (default 256)\n"
+        "  --chunk-size C      FPDT chunk length, global; must divide --seq (default: --seq, no chunking)\n"
+        "  --offload 0|1       keep sequence-sized tensors in host memory (default 0)\n"
+        "  --zero 0|1          ZeRO-1: shard the optimizer state across ranks (default 0)\n"
+        "  --steps N           total steps; the learning-rate schedule depends on it alone (default 600)\n"
+        "  --lr X              peak learning rate (default 3e-3)\n"
+        "  --warmup N          linear warmup steps (default: steps/20)\n"
+        "  --min-lr-frac X     cosine decays to lr*X (default 0.1)\n"
+        "  --weight-decay X    AdamW decoupled weight decay on matrices (default 0.1)\n"
+        "  --clip X            clip the global gradient norm to X, 0 = off (default 1.0)\n"
+        "  --seed N            seed for the weights and the data (default 1337)\n"
+        "  --data SPEC         'passkey' (built-in task), a text file, a glob, or llm.c .bin shards (default passkey)\n"
+        "  --device cpu|gpu    default: the GPU when there is one and the CUDA backend is built, else the CPU\n"
+        "  --out DIR           checkpoint directory (default: none, nothing is saved)\n"
+        "  --save-every N      checkpoint every N steps and at the end (needs --out)\n"
+        "  --exit-after N      stop after step N with a checkpoint (a time-boxed job); continue with --resume\n"
+        "  --resume            continue from the newest valid checkpoint in --out\n"
+        "  --eval-every N      evaluate every N steps and at the end, 0 = never (default 100)\n"
+        "  --eval-seqs N       held-out sequences per evaluation (default 16)\n"
+        "  --trace FILE        write the first step's schedule as Chrome trace JSON (open in Perfetto)\n"
+        "  --device-mem MiB    refuse to start if the device arena would exceed this\n"
+        "  --host-mem MiB      refuse to start if the host arena would exceed this\n"
+        "  --on-nonfinite skip|stop   a NaN/Inf loss or gradient: skip the step (default) or stop\n"
+        "  --max-bad-steps N   stop after N non-finite steps in a row (default 5)\n\n");
+    print_models();
+}
+
+static const char* nonfinite_mode(const Args& a) {
+    std::string m = a.str("on-nonfinite", "skip");
+    if (m != "skip" && m != "stop") fatal_all("--on-nonfinite: '%s' (expected skip or stop)", m.c_str());
+    return m == "skip" ? "skip" : "stop";
+}
+
+static bool gpu_present() {
+    int n = 0;
+    return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+}
+
+static void choose_device(const Args& a) {
+    std::string dev = a.str("device", "auto");
+    if (dev != "auto" && dev != "cpu" && dev != "gpu") fatal_all("--device: '%s' (expected cpu or gpu)", dev.c_str());
+    if (dev == "gpu")
+        fatal_all("--device gpu: the CUDA backend is not built yet in this version of fpdt; use --device cpu");
+    if (dev == "auto" && gpu_present() && comm_world().rank == 0)
+        printf("note: a GPU is present, but the CUDA backend is not built yet: running on the CPU\n");
+}
+
+static int cmd_train(int argc, char** argv) {
+    Args a = parse_args(argc, argv, train_flags);
+    if (a.help) {
+        train_help();
+        return 0;
+    }
+    const Comm& cm = comm_world();
+    const Config& cfg = model_arg(a, "small");
+    choose_device(a);
+    RunCfg r;
+    r.seq = a.integer("seq", 256, 1, 1ll << 40);
+    r.chunk = a.integer("chunk-size", r.seq, 1, 1ll << 40);
+    r.offload = a.flag01("offload", false);
+    r.zero = a.flag01("zero", false);
+    r.P = cm.size, r.rank = cm.rank;
+    r.device_cap = (size_t)(a.real("device-mem", 0, 0, 1e9) * 1048576.0);
+    r.host_cap = (size_t)(a.real("host-mem", 0, 0, 1e9) * 1048576.0);
+    const int steps = (int)a.integer("steps", 600, 1, 1 << 30);
+    AdamW opt;
+    const float lr = (float)a.real("lr", 3e-3, 0, 10);
+    opt.wd = (float)a.real("weight-decay", 0.1, 0, 10);
+    opt.clip = (float)a.real("clip", 1.0, 0, 1e9);
+    const int warmup = (int)a.integer("warmup", std::max(1, steps / 20), 0, steps);
+    const float min_frac = (float)a.real("min-lr-frac", 0.1, 0, 1);
+    const uint64_t seed = a.integer("seed", 1337, 0, LLONG_MAX);
+    const std::string out = a.str("out", "");
+    const int save_every = (int)a.integer("save-every", 0, 0, 1 << 30);
+    const int exit_after = (int)a.integer("exit-after", 0, 0, 1 << 30);
+    const int eval_every = (int)a.integer("eval-every", 100, 0, 1 << 30);
+    const int eval_seqs = (int)a.integer("eval-seqs", 16, 1, 1 << 20);
+    const std::string trace_path = a.str("trace", "");
+    const bool stop_on_bad = std::string(nonfinite_mode(a)) == "stop";
+    const int max_bad = (int)a.integer("max-bad-steps", 5, 1, 1 << 30);
+    if ((save_every || exit_after || a.has("resume")) && out.empty())
+        fatal_all("--save-every, --exit-after and --resume need --out DIR");
+    std::string err = check_shape(cfg, r);
+    if (!err.empty()) fatal_all("%s", err.c_str());
+    DataSource* data = data_open(a.str("data", "passkey"), cfg.vocab, r.seq, seed, &err);
+    if (!data) fatal_all("%s", err.c_str());
+
+    Model M;
+    Trace trace;
+    M.ctx.trace = &trace;
+    model_create(&M, cfg, r, false);
+    model_init_params(&M, seed);
+    int start = 0;
+    if (a.has("resume")) {
+        CkptHeader h;
+        start = (int)load_checkpoint(&M, out, &h);
+        if (h.seed != seed) fatal_all("--resume: the checkpoint was made with --seed %llu, not %llu", (unsigned long long)h.seed, (unsigned long long)seed);
+        if (start >= steps && cm.rank == 0) printf("resume: checkpoint is at step %d, nothing left of --steps %d\n", start, steps);
+    }
+    if (cm.rank == 0) {
+        printf("fpdt train | model %s (%s, %d layers, d %d, %d/%d heads, %.2fM params) | data %s\n", cfg.name,
+               cfg.family == GPT ? "gpt" : "llama", cfg.n_layer, cfg.d_model, cfg.n_head, cfg.n_kv_head,
+               M.n_params / 1e6, data->describe().c_str());
+        printf("seq %zu | chunk %zu (%d chunks) | offload %s | ranks %d%s | device cpu (%d threads) | steps %d%s\n",
+               r.seq, M.C, M.u, r.offload ? "on" : "off", r.P, r.zero ? " (ZeRO-1)" : "", omp_get_max_threads(),
+               steps, start ? (" | resumed at step " + std::to_string(start)).c_str() : "");
+        fflush(stdout);
+    }
+    double t_total = now_s(), tokens_done = 0;
+    int bad_run = 0, step = start;
+    for (step = start; step < steps; step++) {
+        if (exit_after && step >= exit_after) break;
+        // learning rate: linear warmup, then cosine down to lr * min_frac at the last step
+        float lr_t = lr;
+        if (step < warmup) lr_t = lr * (step + 1) / warmup;
+        else if (steps > warmup) {
+            const float p = (float)(step - warmup) / (float)std::max(1, steps - 1 - warmup);
+            lr_t = lr * (min_frac + (1 - min_frac) * 0.5f * (1 + cosf(3.14159265f * std::min(1.0f, p))));
+        }
+        opt.lr = lr_t;
+        trace.on = !trace_path.empty() && step == start;
+        trace.origin = now_s();
+        const double t0 = now_s();
+        read_into(&M, data, step);
+        const float loss = model_forward_backward(&M, true);
+        bool finite = std::isfinite(loss);
+        float norm = NAN;
+        if (finite) norm = model_update(&M, opt, step + 1, &finite);
+        const double dt = now_s() - t0;
+        if (trace.on) {
+            if (cm.rank == 0) trace_write(&trace, trace_path.c_str(), cm.rank);
+            trace.on = false;
+            trace.events.clear();
+        }
+        tokens_done += r.seq;
+        if (cm.rank == 0) {
+            printf("step %d/%d | loss %.6f | lr %.3e | norm %.4f | %.0f tok/s | %.1f ms/step%s\n", step + 1, steps,
+                   loss, lr_t, norm, r.seq / dt, dt * 1e3, finite ? "" : " | NON-FINITE: update skipped");
+            fflush(stdout);
+        }
+        if (!finite) {
+            // the weights and optimizer state are untouched by a skipped step, so nothing
+            // non-finite can reach a checkpoint
+            if (stop_on_bad) fatal_all("step %d: non-finite loss or gradient norm (--on-nonfinite stop)", step + 1);
+            if (++bad_run >= max_bad)
+                fatal_all("step %d: %d non-finite steps in a row; stopping (lower --lr, check the data)", step + 1, bad_run);
+            continue;
+        }
+        bad_run = 0;
+        const bool last = step + 1 == steps || step + 1 == exit_after;
+        if (eval_every && ((step + 1) % eval_every == 0 || last)) evaluate(&M, data, eval_seqs, step + 1);
+        if (!out.empty() && ((save_every && (step + 1) % save_every == 0) || last || (step + 1) == exit_after)) {
+            save_checkpoint(&M, out, step + 1, seed, steps);
+            if (cm.rank == 0) printf("saved %s\n", ckpt_path(out, step + 1).c_str());
+        }
+    }
+    t_total = now_s() - t_total;
+    double peaks[2] = {(double)M.dev.peak, (double)M.host.peak};
+    comm_allreduce_max(peaks, 2);
+    if (cm.rank == 0) {
+        printf("done: %d steps in %.1f s, %.0f tok/s | peak device memory %.1f MiB | peak host memory %.1f MiB%s\n",
+               step - start, t_total, tokens_done / std::max(t_total, 1e-9), peaks[0] / 1048576.0, peaks[1] / 1048576.0,
+               r.P > 1 ? " (max over ranks)" : "");
+        if (exit_after && step < steps) printf("exit-after %d: stopped; continue with --resume\n", exit_after);
+    }
+    delete data;
+    model_free(&M);
+    return 0;
+}
+
+// ----------------------------------------------------------------------------
+// sample: greedy (or temperature) generation from the newest checkpoint in --out. Simple on
+// purpose: the whole window is recomputed for every new token.
+
+static int cmd_sample(int argc, char** argv) {
+    Args a = parse_args(argc, argv, {"out", "prompt", "tokens", "temperature", "seed", "help"});
+    if (a.help) {
+        printf("usage: ./fpdt sample --out DIR [--prompt TEXT] [--tokens N] [--temperature T] [--seed N]\n"
+               "  generates from the newest checkpoint in DIR; temperature 0 (default) is greedy\n");
+        return 0;
+    }
+    if (comm_world().size > 1) fatal_all("sample runs as one process (no mpirun)");
+    if (!a.has("out")) fatal_all("sample needs --out DIR (the directory a training run saved to)");
+    std::string dir = a.str("out", "");
+    std::vector<std::string> files = list_checkpoints(dir);
+    if (files.empty()) fatal("--out %s: no checkpoint (ckpt_*.bin) there", dir.c_str());
+    CkptHeader h;
+    std::vector<float> blob;
+    std::string err = read_checkpoint(files[0], &h, &blob);
+    if (!err.empty()) fatal("%s", err.c_str());
+    const Config* cfg = find_preset(std::string(h.model, strnlen(h.model, sizeof h.model)));
+    if (!cfg) fatal("%s: unknown model '%s'", files[0].c_str(), h.model);
+    const int ntok = (int)a.integer("tokens", 64, 1, 1 << 20);
+    const float temp = (float)a.real("temperature", 0.0, 0.0, 100.0);
+    std::vector<int32_t> seq = encode_bytes(a.str("prompt", ""));
+    seq.insert(seq.begin(), TOK_BOS);
+    RunCfg r;
+    r.seq = align_up(seq.size() + ntok, 16);
+    Model M;
+    model_create(&M, *cfg, r, false);
+    memcpy(M.params, blob.data(), h.n_params * 4);
+    std::vector<float> logits(r.seq * cfg->vocab);
+    M.logits_out = logits.data();
+    Rng rng{(uint64_t)a.integer("seed", 1, 0, LLONG_MAX)};
+    printf("%s", a.str("prompt", "").c_str());
+    for (int k = 0; k < ntok; k++) {
+        std::vector<int32_t> window(r.seq + 1, TOK_PAD);  // the padding after the end cannot be seen (causal)
+        std::copy(seq.begin(), seq.end(), window.begin());
+        model_set_tokens(&M, [&](size_t s, size_t n, int32_t* o) { memcpy(o, window.data() + s, n * 4); });
+        model_forward_backward(&M, false);
+        const size_t t = seq.size() - 1;
+        int32_t next = M.preds[t];
+        if (temp > 0) {
+            const float* z = logits.data() + t * cfg->vocab;
+            std::vector<double> p(cfg->vocab);
+            double sum = 0, mx = *std::max_element(z, z + cfg->vocab);
+            for (int i = 0; i < cfg->vocab; i++) sum += (p[i] = exp((z[i] - mx) / temp));
+            double x = rng_uniform(&rng) * sum;
+            for (next = 0; next < cfg->vocab - 1 && (x -= p[next]) > 0; next++) {}
+        }
+        seq.push_back(next);
+        printf("%s", decode_token(next).c_str());
+        fflush(stdout);
+    }
+    printf("\n");
+    model_free(&M);
+    return 0;
+}
+
+// ----------------------------------------------------------------------------
+// plan: what a run will take, from the same allocation sequence a real run makes (count only).
+
+static void plan_sizes(const Config& c, RunCfg r, size_t* dev, size_t* host, Model* keep = nullptr) {
+    Model M;
+    model_create(&M, c, r, true);
+    *dev = M.dev.peak, *host = M.host.peak;
+    if (keep) *keep = M;
+}
+
+static int cmd_plan(int argc, char** argv) {
+    Args a = parse_args(argc, argv, {"model", "seq", "chunk-size", "gpus", "offload", "zero", "gpu-mem", "host-mem",
+                                     "tflops", "link-gbps", "help"});
+    if (a.help || !a.has("model") || !a.has("seq")) {
+        printf("usage: ./fpdt plan --model NAME --seq N [--chunk-size C] [--gpus P] [--offload 0|1] [--zero 0|1]\n"
+               "                   [--gpu-mem GiB] [--host-mem GiB] [--tflops X] [--link-gbps Y]\n"
+               "  predicted peak device and host bytes per rank (the same allocation sequence as ./fpdt train),\n"
+               "  the longest sequence that fits, and the smallest chunk at which copies hide behind attention.\n"
+               "  Defaults: one GPU, offload 1 when chunked, 80 GiB GPU, 512 GiB host, 400 TFLOP/s, 50 GB/s.\n\n");
+        print_models();
+        return a.help ? 0 : 1;
+    }
+    const Config& c = model_arg(a, "small");
+    RunCfg r;
+    r.seq = a.integer("seq", 0, 1, 1ll << 40);
+    r.chunk = a.integer("chunk-size", r.seq, 1, 1ll << 40);
+    r.P = (int)a.integer("gpus", 1, 1, 1 << 16);
+    r.offload = a.flag01("offload", r.chunk < r.seq);
+    r.zero = a.flag01("zero", false);
+    const double gpu_mem = a.real("gpu-mem", 80, 0, 1e6) * 1073741824.0, host_mem = a.real("host-mem", 512, 0, 1e9) * 1073741824.0;
+    const double flops = a.real("tflops", 400, 1e-3, 1e6) * 1e12, bw = a.real("link-gbps", 50, 1e-3, 1e6) * 1e9;
+    std::string err = check_shape(c, r);
+    if (!err.empty()) fatal_all("%s", err.c_str());
+    size_t dev, host;
+    Model M;
+    plan_sizes(c, r, &dev, &host, &M);
+    std::map<std::string, size_t> parts[2];
+    for (auto& it : M.dev.items) parts[0][it.first.rfind("store:", 0) == 0 ? "store chunks (device)" : it.first] += it.second;
+    for (auto& it : M.host.items) parts[1][it.first.rfind("store:", 0) == 0 ? "store (sequence-sized)" : it.first] += it.second;
+    printf("plan: model %s, seq %zu, chunk %zu (%d chunks), %d rank(s), offload %s, ZeRO-1 %s\n", c.name, r.seq, M.C,
+           M.u, r.P, r.offload ? "on" : "off", r.zero ? "on" : "off");
+    printf("  bytes per rank, fp32 layout of the CPU backend:\n");
+    const char* where[2] = {"device", "host"};
+    for (int k = 0; k < 2; k++) {
+        printf("  %-6s %10.1f MiB\n", where[k], (k ? host : dev) / 1048576.0);
+        for (auto& it : parts[k]) printf("    %-26s %10.1f MiB\n", it.first.c_str(), it.second / 1048576.0);
+    }
+    printf("  fits: device %s (%.1f of %.1f GiB), host %s (%.1f of %.1f GiB)\n", dev <= gpu_mem ? "yes" : "NO",
+           dev / 1073741824.0, gpu_mem / 1073741824.0, host <= host_mem ? "yes" : "NO", host / 1073741824.0,
+           host_mem / 1073741824.0);
+    // Longest sequence at this chunk size: device bytes do not grow with S once offloaded, host
+    // bytes grow linearly; search over multiples of the chunk.
+    size_t lo = 0, hi = 1;
+    auto fits = [&](size_t units) {
+        RunCfg t = r;
+        t.seq = units * M.C;
+        t.offload = r.offload && units > 1;
+        size_t dv, hs;
+        plan_sizes(c, t, &dv, &hs);
+        return dv <= gpu_mem && hs <= host_mem;
+    };
+    while (hi < (1ull << 30) && fits(hi)) lo = hi, hi *= 2;
+    while (hi - lo > 1) {
+        size_t mid = (lo + hi) / 2;
+        (fits(mid) ? lo : hi) = mid;
+    }
+    if (lo) printf("  longest sequence that fits at chunk %zu: %zu tokens (%zu chunks)\n", M.C, lo * M.C, lo);
+    else printf("  no sequence fits at chunk %zu with these memory limits\n", M.C);
+    // Break-even chunk: one attention block (C x C for Hl heads) must take at least as long as
+    // the copies it waits on. Forward: fetch k_j, v_j (2 C Hkvl D values) vs 4 C^2 Hl D FLOPs.
+    // Backward inner step: q_i, dO_i, dQ_i in and dQ_i out (4 C Hl D) plus lse, delta vs 10 C^2 Hl D.
+    const double Hl = M.Hl, Hkvl = M.Hkvl, D = M.D, b = 4;  // bytes per value in this layout
+    const double cf = 2 * Hkvl * D * b * flops / (4 * Hl * D * bw);
+    const double cb = (4 * Hl * D + 2 * Hl) * b * flops / (10 * Hl * D * bw);
+    printf("  copies hide behind attention from chunk %.0f tokens (forward %.0f, backward %.0f) at %.0f TFLOP/s, %.0f GB/s\n",
+           std::max(cf, cb), cf, cb, flops / 1e12, bw / 1e9);
+    return 0;
+}
+
+// ----------------------------------------------------------------------------
+
+static void usage() {
+    printf("fpdt: train GPT- and Llama-style models on very long sequences with the Fully Pipelined\n"
+           "Distributed Transformer (chunked attention, host offload, Ulysses sequence parallelism).\n\n"
+           "usage: ./fpdt train  [flags]   train (./fpdt train --help); mpirun -np P ./fpdt train ... for P ranks\n"
+           "       ./fpdt sample --out DIR  generate from a checkpoint\n"
+           "       ./fpdt plan --model M --seq S [--chunk-size C] [--gpus P]   memory and chunk-size plan\n");
+}
+
+int main(int argc, char** argv) {
+    comm_init(&argc, &argv);
+    int rc = 1;
+    std::string cmd = argc > 1 ? argv[1] : "train";
+    if (argc < 2) {
+        static char train[] = "train";
+        static char* av[] = {argv[0], train, nullptr};
+        argv = av, argc = 2;
+    }
+    if (cmd == "train") rc = cmd_train(argc, argv);
+    else if (cmd == "sample") rc = cmd_sample(argc, argv);
+    else if (cmd == "plan") rc = cmd_plan(argc, argv);
+    else if (cmd == "-h" || cmd == "--help" || cmd == "help") usage(), rc = 0;
+    else fatal_all("unknown command '%s' (expected train, sample or plan; see ./fpdt --help)", cmd.c_str());
+    comm_finalize();
+    return rc;
+}

@@ -1,0 +1,659 @@
+// model.h: model configurations, parameters, and the FPDT schedule — the layer forward and
+// backward as chunk loops over op calls, with the host store, the all-to-alls and the
+// checkpoint recompute. Written once over the ops; the backend behind the ops and copies decides
+// where it runs.
+//
+// Notation (../shared/DESIGN.md): S sequence length (global), P ranks, C chunk length (global),
+// u = S/C chunks, cl = C/P tokens of a chunk on this rank, H/Hkv query/kv heads, Hl/Hkvl the heads
+// of this rank after the all-to-all, D head size, d model width.
+#pragma once
+#include <map>
+#include <string>
+#include <vector>
+#include "attention.cuh"
+#include "comm.h"
+#include "common.h"
+#include "loss.cuh"
+#include "offload.h"
+#include "ops.cuh"
+
+// ----------------------------------------------------------------------------
+// Configurations
+
+enum Family { GPT = 0, LLAMA = 1 };
+
+struct Config {
+    const char* name;
+    int family;
+    int n_layer, d_model, n_head, n_kv_head, ffn, vocab;
+    float rope_theta, norm_eps;
+    const char* note;
+};
+
+// gpt: LayerNorm, GELU MLP (4x), biases, multi-head attention, RoPE, tied embeddings.
+// llama: RMSNorm, SwiGLU MLP, no biases, grouped-query attention, RoPE, untied embeddings.
+// vocab 260 = bytes + the specials of data/data.h (byte-level models).
+static const Config presets[] = {
+    {"tiny", LLAMA, 2, 64, 4, 2, 176, 260, 10000.0f, 1e-5f, "unit tests"},
+    {"gpt-tiny", GPT, 2, 64, 4, 4, 256, 260, 10000.0f, 1e-5f, "unit tests"},
+    {"small", LLAMA, 2, 128, 4, 2, 352, 260, 10000.0f, 1e-5f, "default: learns passkey on a CPU in minutes"},
+    {"gpt-small", GPT, 2, 128, 4, 4, 512, 260, 10000.0f, 1e-5f, "CPU training"},
+    {"medium", LLAMA, 6, 384, 6, 2, 1024, 260, 10000.0f, 1e-5f, "CPU/GPU training"},
+    {"gpt-medium", GPT, 6, 384, 6, 6, 1536, 260, 10000.0f, 1e-5f, "CPU/GPU training"},
+    {"gpt-2.7b", GPT, 32, 2560, 32, 32, 10240, 50304, 10000.0f, 1e-5f, "paper size (planning)"},
+    {"gpt-6.7b", GPT, 32, 4096, 32, 32, 16384, 50304, 10000.0f, 1e-5f, "paper size (planning)"},
+    {"gpt-13b", GPT, 40, 5120, 40, 40, 20480, 50304, 10000.0f, 1e-5f, "paper size (planning)"},
+    {"gpt-30b", GPT, 48, 7168, 56, 56, 28672, 50304, 10000.0f, 1e-5f, "paper size (planning)"},
+    {"llama3-8b", LLAMA, 32, 4096, 32, 8, 14336, 128256, 500000.0f, 1e-5f, "paper size (planning)"},
+    {"llama3-70b", LLAMA, 80, 8192, 64, 8, 28672, 128256, 500000.0f, 1e-5f, "paper size (planning)"},
+};
+
+static inline const Config* find_preset(const std::string& name) {
+    for (const Config& c : presets)
+        if (name == c.name) return &c;
+    return nullptr;
+}
+
+// ----------------------------------------------------------------------------
+// Parameters: one flat fp32 array; the table gives each tensor's name, shape and offset
+// (names match test/make_reference.py).
+
+struct ParamInfo {
+    std::string name;
+    size_t rows, cols, offset;
+    bool decay;  // weight decay for matrices and embeddings, not for norms and biases
+    size_t numel() const { return rows * cols; }
+};
+
+static inline std::vector<ParamInfo> param_table(const Config& c, size_t* total) {
+    const bool gpt = c.family == GPT;
+    const size_t d = c.d_model, D = d / c.n_head, Q3 = (c.n_head + 2 * c.n_kv_head) * D;
+    const size_t F2 = gpt ? c.ffn : 2 * (size_t)c.ffn;
+    std::vector<ParamInfo> t;
+    size_t off = 0;
+    auto add = [&](const std::string& n, size_t r, size_t cols, bool decay) {
+        t.push_back({n, r, cols, off, decay});
+        off += r * cols;
+    };
+    add("wte", c.vocab, d, true);
+    for (int l = 0; l < c.n_layer; l++) {
+        std::string p = "h." + std::to_string(l) + ".";
+        add(p + "ln1_w", 1, d, false);
+        if (gpt) add(p + "ln1_b", 1, d, false);
+        add(p + "qkv_w", Q3, d, true);
+        if (gpt) add(p + "qkv_b", 1, Q3, false);
+        add(p + "o_w", d, c.n_head * D, true);
+        if (gpt) add(p + "o_b", 1, d, false);
+        add(p + "ln2_w", 1, d, false);
+        if (gpt) add(p + "ln2_b", 1, d, false);
+        add(p + "fc_w", F2, d, true);
+        if (gpt) add(p + "fc_b", 1, F2, false);
+        add(p + "proj_w", d, c.ffn, true);
+        if (gpt) add(p + "proj_b", 1, d, false);
+    }
+    add("lnf_w", 1, d, false);
+    if (gpt) add("lnf_b", 1, d, false);
+    if (!gpt) add("lm_head", c.vocab, d, true);
+    *total = off;
+    return t;
+}
+
+// Pointers to one layer's tensors inside the flat parameter (or gradient) array; null if absent.
+struct LayerW {
+    float *ln1_w, *ln1_b, *qkv_w, *qkv_b, *o_w, *o_b, *ln2_w, *ln2_b, *fc_w, *fc_b, *proj_w, *proj_b;
+};
+struct ModelW {
+    float *wte, *lnf_w, *lnf_b, *head;  // head == wte when tied (gpt)
+    std::vector<LayerW> layer;
+};
+
+static inline ModelW model_views(const Config& c, const std::vector<ParamInfo>& table, float* base) {
+    std::map<std::string, float*> at;
+    for (const ParamInfo& p : table) at[p.name] = base ? base + p.offset : nullptr;
+    auto get = [&](const std::string& n) { return at.count(n) ? at[n] : nullptr; };
+    ModelW w;
+    w.wte = get("wte");
+    w.lnf_w = get("lnf_w");
+    w.lnf_b = get("lnf_b");
+    w.head = c.family == GPT ? w.wte : get("lm_head");
+    for (int l = 0; l < c.n_layer; l++) {
+        std::string p = "h." + std::to_string(l) + ".";
+        w.layer.push_back({get(p + "ln1_w"), get(p + "ln1_b"), get(p + "qkv_w"), get(p + "qkv_b"), get(p + "o_w"),
+                           get(p + "o_b"), get(p + "ln2_w"), get(p + "ln2_b"), get(p + "fc_w"), get(p + "fc_b"),
+                           get(p + "proj_w"), get(p + "proj_b")});
+    }
+    return w;
+}
+
+// ----------------------------------------------------------------------------
+// A run's shape on this rank
+
+struct RunCfg {
+    size_t seq = 0, chunk = 0;  // global S and C (chunk 0 = the whole sequence)
+    bool offload = false;
+    bool zero = false;  // ZeRO-1: optimizer state sharded across ranks
+    int P = 1, rank = 0;
+    size_t device_cap = 0, host_cap = 0;  // arena limits in bytes (0 = exactly what the plan needs)
+};
+
+// Checks every divisibility rule; returns "" or one line saying what is wrong.
+static inline std::string check_shape(const Config& c, const RunCfg& r) {
+    char b[512];
+    const size_t C = r.chunk ? r.chunk : r.seq;
+    const int D = c.d_model / c.n_head;
+    if (c.d_model % c.n_head) snprintf(b, sizeof b, "model %s: d_model %d is not a multiple of n_head %d", c.name, c.d_model, c.n_head);
+    else if (D % 2 || D > 512) snprintf(b, sizeof b, "model %s: head size %d must be even and at most 512", c.name, D);
+    else if (c.n_head % c.n_kv_head) snprintf(b, sizeof b, "model %s: n_head %d is not a multiple of n_kv_head %d", c.name, c.n_head, c.n_kv_head);
+    else if (r.seq < 1) snprintf(b, sizeof b, "--seq must be at least 1");
+    else if (r.seq % C) snprintf(b, sizeof b, "--chunk-size %zu does not divide --seq %zu (S %% C must be 0)", C, r.seq);
+    else if (C % r.P) snprintf(b, sizeof b, "--chunk-size %zu is not a multiple of the %d ranks (C %% P must be 0)", C, r.P);
+    else if (c.n_head % r.P) snprintf(b, sizeof b, "model %s has %d heads, not a multiple of the %d ranks (H %% P must be 0)", c.name, c.n_head, r.P);
+    else if (c.n_kv_head % r.P && r.P % c.n_kv_head) snprintf(b, sizeof b, "model %s has %d kv heads; with %d ranks one must divide the other", c.name, c.n_kv_head, r.P);
+    else if (r.offload && C == r.seq) snprintf(b, sizeof b, "--offload 1 needs chunking: set --chunk-size below --seq %zu (one chunk leaves nothing to stream)", r.seq);
+    else return "";
+    return b;
+}
+
+// ----------------------------------------------------------------------------
+// The model on one rank: parameters, gradients, optimizer state, the host store and the O(C)
+// working set, all taken from two arenas.
+
+struct Model {
+    Config cfg;
+    RunCfg run;
+    Ctx ctx;
+    // derived shape
+    int D, Hl, Hkvl, Q3, F2;
+    int u;          // chunks
+    size_t C, cl;   // chunk length (global), tokens of a chunk on this rank
+    size_t Sl;      // tokens on this rank
+    bool rms;
+    // memory
+    Arena dev, host;
+    std::vector<ParamInfo> table;
+    size_t n_params = 0, n_padded = 0, shard_n = 0;  // padded to a multiple of P for ZeRO-1
+    float *params, *grads, *grad_shard, *opt_m, *opt_v;  // grad_shard (shard_n) only with ZeRO-1
+    ModelW w, g;
+    // host store (../shared/DESIGN.md point 6)
+    ChunkStore tokens, targets;  // (u, cl) int32
+    ChunkStore ckpt;             // ((L+1) u, cl*d): the input of every layer, and the last layer's output
+    ChunkStore dx;               // (u, cl*d): the gradient flowing back, updated in place layer by layer
+    ChunkStore q, k, v;          // (u, C*Hl*D), (u, C*Hkvl*D) x2: one layer's
+    ChunkStore lse, dout, delta, dq;  // (u, C*Hl), (u, C*Hl*D), (u, C*Hl), (u, C*Hl*D)
+    // working set (device), shapes per buffer
+    float *ln1, *mean1, *rstd1;   // (cl, d), (cl), (cl)
+    float *qkv;                   // (cl, Q3)
+    float *o, *lsew;              // (C, Hl, D) fp32 accumulator, (C, Hl)
+    float *oloc, *xmid;           // (cl, H*D), (cl, d)
+    float *ln2, *mean2, *rstd2;   // (cl, d), (cl), (cl)
+    float *fch, *act;             // (cl, F2), (cl, F)
+    float *dact, *dfch, *dln;     // (cl, F), (cl, F2), (cl, d)
+    float *doloc, *dqkv;          // (cl, H*D), (cl, Q3)
+    float *dk, *dv;               // (C, Hkvl, D) each
+    float *a2a_send;              // (P, cl, Hl, D)
+    float *logits, *y, *dy;       // (cl, V), (cl, d), (cl, d)
+    float *lossw;                 // (cl)
+    int32_t* pos;                 // (C) global positions of the current chunk
+    int32_t* preds;               // host (Sl): argmax prediction at every input position
+    float* logits_out = nullptr;  // test hook: if set, (Sl, V) host logits are written here
+};
+
+static inline void model_layout(Model* M) {
+    const Config& c = M->cfg;
+    Arena *dev = &M->dev, *host = &M->host;
+    const size_t d = c.d_model, cl = M->cl, C = M->C, L = c.n_layer;
+    const size_t HD = (size_t)c.n_head * M->D, qc = C * M->Hl * M->D, kvc = C * M->Hkvl * M->D;
+    const bool off = M->run.offload;
+    M->params = arena_alloc<float>(dev, M->n_padded, "weights");
+    M->grads = arena_alloc<float>(dev, M->n_padded, "gradients");
+    M->grad_shard = M->run.zero ? arena_alloc<float>(dev, M->shard_n, "optimizer: gradient shard") : nullptr;
+    M->opt_m = arena_alloc<float>(dev, M->shard_n, "optimizer: AdamW m");
+    M->opt_v = arena_alloc<float>(dev, M->shard_n, "optimizer: AdamW v");
+    store_init(&M->tokens, "store: tokens", cl * 4, M->u, off, 1, dev, host);
+    store_init(&M->targets, "store: targets", cl * 4, M->u, off, 1, dev, host);
+    store_init(&M->ckpt, "store: layer inputs", cl * d * 4, (L + 1) * M->u, off, 3, dev, host);
+    store_init(&M->dx, "store: gradient", cl * d * 4, M->u, off, 2, dev, host);
+    store_init(&M->q, "store: q", qc * 4, M->u, off, 3, dev, host);
+    store_init(&M->k, "store: k", kvc * 4, M->u, off, 3, dev, host);
+    store_init(&M->v, "store: v", kvc * 4, M->u, off, 3, dev, host);
+    store_init(&M->lse, "store: lse", C * M->Hl * 4, M->u, off, 3, dev, host);
+    store_init(&M->dout, "store: dO", qc * 4, M->u, off, 3, dev, host);
+    store_init(&M->delta, "store: delta", C * M->Hl * 4, M->u, off, 3, dev, host);
+    store_init(&M->dq, "store: dQ", qc * 4, M->u, off, 2, dev, host);
+    auto work = [&](size_t n) { return arena_alloc<float>(dev, n, "working set"); };
+    M->ln1 = work(cl * d), M->mean1 = work(cl), M->rstd1 = work(cl);
+    M->qkv = work(cl * M->Q3);
+    M->o = work(qc), M->lsew = work(C * M->Hl);
+    M->oloc = work(cl * HD), M->xmid = work(cl * d);
+    M->ln2 = work(cl * d), M->mean2 = work(cl), M->rstd2 = work(cl);
+    M->fch = work(cl * M->F2), M->act = work(cl * c.ffn);
+    M->dact = work(cl * c.ffn), M->dfch = work(cl * M->F2), M->dln = work(cl * d);
+    M->doloc = work(cl * HD), M->dqkv = work(cl * M->Q3);
+    M->dk = work(kvc), M->dv = work(kvc);
+    M->a2a_send = work(qc);
+    M->logits = work(cl * c.vocab), M->y = work(cl * d), M->dy = work(cl * d);
+    M->lossw = work(cl);
+    M->pos = arena_alloc<int32_t>(dev, C, "working set");
+    M->preds = arena_alloc<int32_t>(host, M->Sl, "predictions");
+}
+
+// Sets the derived shape and, unless count_only, allocates everything. With count_only nothing is
+// allocated and M->dev.peak / M->host.peak are the bytes a real run will take: that is the plan.
+static inline void model_create(Model* M, const Config& c, const RunCfg& r, bool count_only) {
+    std::string err = check_shape(c, r);
+    if (!err.empty()) fatal_all("%s", err.c_str());
+    M->cfg = c;
+    M->run = r;
+    M->D = c.d_model / c.n_head;
+    M->Hl = c.n_head / r.P;
+    M->Hkvl = c.n_kv_head >= r.P ? c.n_kv_head / r.P : 1;
+    M->Q3 = (c.n_head + 2 * c.n_kv_head) * M->D;
+    M->F2 = c.family == GPT ? c.ffn : 2 * c.ffn;
+    M->C = r.chunk ? r.chunk : r.seq;
+    M->u = (int)(r.seq / M->C);
+    M->cl = M->C / r.P;
+    M->Sl = r.seq / r.P;
+    M->rms = c.family == LLAMA;
+    M->table = param_table(c, &M->n_params);
+    M->n_padded = align_up(M->n_params, r.P);
+    M->shard_n = r.zero ? M->n_padded / r.P : M->n_padded;
+    M->dev = Arena();
+    M->dev.name = "device", M->dev.kind = Mem::Device;
+    M->host = Arena();
+    M->host.name = "host", M->host.kind = Mem::Pinned;
+    M->dev.count_only = M->host.count_only = true;
+    model_layout(M);  // dry run: how much of each
+    if (count_only) return;
+    size_t need_dev = M->dev.peak, need_host = M->host.peak;
+    if (r.device_cap && r.device_cap < need_dev)
+        fatal_all("device memory: this run needs %.1f MiB but --device-mem allows %.1f MiB (try a smaller "
+                  "--chunk-size or --offload 1)", need_dev / 1048576.0, r.device_cap / 1048576.0);
+    if (r.host_cap && r.host_cap < need_host)
+        fatal_all("host memory: this run's host store needs %.1f MiB but --host-mem allows %.1f MiB "
+                  "(shorten --seq or add ranks)", need_host / 1048576.0, r.host_cap / 1048576.0);
+    M->dev = Arena();
+    M->dev.name = "device", M->dev.kind = Mem::Device;
+    M->host = Arena();
+    M->host.name = "host", M->host.kind = Mem::Pinned;
+    M->dev.cap = need_dev;
+    M->host.cap = std::max<size_t>(need_host, 256);
+    M->dev.base = (char*)calloc(M->dev.cap, 1);  // CPU backend: the "device" is host memory
+    M->host.base = (char*)calloc(M->host.cap, 1);
+    if (!M->dev.base || !M->host.base)
+        fatal("out of memory: could not allocate the %.1f MiB device and %.1f MiB host arenas", need_dev / 1048576.0,
+              need_host / 1048576.0);
+    model_layout(M);
+    M->w = model_views(c, M->table, M->params);
+    M->g = model_views(c, M->table, M->grads);
+}
+
+static inline void model_free(Model* M) {
+    free(M->dev.base);
+    free(M->host.base);
+    M->dev.base = M->host.base = nullptr;
+}
+
+// GPT-2 style init: N(0, 0.02), residual projections scaled by 1/sqrt(2L), norms 1, biases 0.
+// Every rank draws the same numbers from the seed.
+static inline void model_init_params(Model* M, uint64_t seed) {
+    Rng rng{seed * 0x2545F4914F6CDD1Dull + 1};
+    memset(M->params, 0, M->n_padded * sizeof(float));
+    for (const ParamInfo& p : M->table) {
+        float* x = M->params + p.offset;
+        const bool norm_w = p.name.find("ln") != std::string::npos && p.name.back() == 'w';
+        const bool bias = p.name.size() > 2 && p.name.compare(p.name.size() - 2, 2, "_b") == 0;
+        const bool resid = p.name.find("o_w") != std::string::npos || p.name.find("proj_w") != std::string::npos;
+        const float std = 0.02f / (resid ? sqrtf(2.0f * M->cfg.n_layer) : 1.0f);
+        for (size_t i = 0; i < p.numel(); i++) x[i] = norm_w ? 1.0f : bias ? 0.0f : std * rng_normal(&rng);
+    }
+    memset(M->opt_m, 0, M->shard_n * sizeof(float));
+    memset(M->opt_v, 0, M->shard_n * sizeof(float));
+}
+
+// ----------------------------------------------------------------------------
+// Ulysses all-to-all. Rank r holds, of chunk c, the global tokens [c C + r cl, c C + (r+1) cl).
+// Query heads are split evenly (rank r: r Hl .. r Hl + Hl - 1); kv heads too when Hkv >= P, and
+// replicated when Hkv < P (each rank gets the one its query heads read).
+
+static inline int q_head(const Model* M, int r, int m) { return r * M->Hl + m; }
+static inline int kv_head(const Model* M, int r, int m) {
+    const int H = M->cfg.n_head, Hkv = M->cfg.n_kv_head;
+    return Hkv >= M->run.P ? r * M->Hkvl + m : (r * M->Hl) / (H / Hkv);
+}
+
+// sequence -> heads: src (cl, src_cols) holds this rank's tokens; the D values of global head
+// `first + head(r, m)` go to local head m of rank r. dst (C, nh, D) is the whole chunk.
+static inline void a2a_to_heads(Model* M, int chunk, const float* src, int src_cols, int first, bool kv, int nh,
+                                float* dst) {
+    TraceScope ts(&M->ctx, "all-to-all (to heads)", TRACK_COMM, chunk, M->C * nh * M->D * 4);
+    const int P = M->run.P, D = M->D;
+    const size_t cl = M->cl;
+    float* send = P == 1 ? dst : M->a2a_send;  // one rank: the packing is the whole job
+    for (int r = 0; r < P; r++)
+        for (size_t t = 0; t < cl; t++)
+            for (int m = 0; m < nh; m++) {
+                const int h = first + (kv ? kv_head(M, r, m) : q_head(M, r, m));
+                memcpy(send + ((r * cl + t) * nh + m) * D, src + t * src_cols + (size_t)h * D, D * sizeof(float));
+            }
+    if (P > 1) comm_alltoall(send, dst, cl * nh * D);
+}
+
+// heads -> sequence: src (C, nh, D) for this rank's heads; dst (cl, dst_cols) += the D values for
+// global head `first + head(r, m)` of every rank r. Accumulating makes replicated kv heads sum
+// their gradients; callers zero dst first.
+static inline void a2a_to_seq(Model* M, int chunk, const float* src, int nh, float* dst, int dst_cols, int first,
+                              bool kv) {
+    TraceScope ts(&M->ctx, "all-to-all (to sequence)", TRACK_COMM, chunk, M->C * nh * M->D * 4);
+    const int P = M->run.P, D = M->D;
+    const size_t cl = M->cl;
+    const float* recv = src;
+    if (P > 1) {
+        comm_alltoall(src, M->a2a_send, cl * nh * D);
+        recv = M->a2a_send;
+    }
+    for (int r = 0; r < P; r++)
+        for (size_t t = 0; t < cl; t++)
+            for (int m = 0; m < nh; m++) {
+                const int h = first + (kv ? kv_head(M, r, m) : q_head(M, r, m));
+                const float* s = recv + ((r * cl + t) * nh + m) * D;
+                float* o = dst + t * dst_cols + (size_t)h * D;
+                for (int e = 0; e < D; e++) o[e] += s[e];
+            }
+}
+
+// ----------------------------------------------------------------------------
+// Tokens. Each rank reads only its own: for chunk c, inputs at global positions
+// [c C + r cl, c C + (r+1) cl) and the targets one further.
+
+template <typename Reader>
+static inline void model_set_tokens(Model* M, Reader read) {
+    std::vector<int32_t> buf(M->cl + 1);
+    for (int c = 0; c < M->u; c++) {
+        read((size_t)c * M->C + (size_t)M->run.rank * M->cl, M->cl + 1, buf.data());
+        for (size_t t = 0; t <= M->cl; t++)
+            if (buf[t] < 0 || buf[t] >= M->cfg.vocab)
+                fatal("data: token id %d at position %zu is outside the model's vocab %d", buf[t],
+                      (size_t)c * M->C + M->run.rank * M->cl + t, M->cfg.vocab);
+        memcpy(store_out<int32_t>(&M->tokens, c, 0), buf.data(), M->cl * 4);
+        store_put(&M->ctx, &M->tokens, c, 0);
+        memcpy(store_out<int32_t>(&M->targets, c, 0), buf.data() + 1, M->cl * 4);
+        store_put(&M->ctx, &M->targets, c, 0);
+    }
+}
+
+// The same from whole arrays (tests, sampling): tokens (S) and targets (S) of the global sequence.
+static inline void model_set_token_arrays(Model* M, const int32_t* tokens, const int32_t* targets) {
+    for (int c = 0; c < M->u; c++) {
+        const size_t s = (size_t)c * M->C + (size_t)M->run.rank * M->cl;
+        memcpy(store_out<int32_t>(&M->tokens, c, 0), tokens + s, M->cl * 4);
+        store_put(&M->ctx, &M->tokens, c, 0);
+        memcpy(store_out<int32_t>(&M->targets, c, 0), targets + s, M->cl * 4);
+        store_put(&M->ctx, &M->targets, c, 0);
+    }
+}
+
+// ----------------------------------------------------------------------------
+// The layer, chunk by chunk
+
+static inline void set_positions(Model* M, int chunk) {
+    for (size_t t = 0; t < M->C; t++) M->pos[t] = (int32_t)(chunk * M->C + t);
+}
+
+// Forward of layer l on chunk i, from x (cl, d) = the layer input. Leaves every intermediate of the
+// chunk in the working set. Writes k_i, v_i to the store (later chunks attend to them) and, when
+// recomputing for the backward pass, q_i and lse_i too. Returns the layer output in `out` unless
+// out is null (the backward pass needs the intermediates, not the output).
+static inline void chunk_forward(Model* M, int l, int i, const float* x, float* out, bool for_backward) {
+    const Config& c = M->cfg;
+    const LayerW& w = M->w.layer[l];
+    Ctx* ctx = &M->ctx;
+    const size_t cl = M->cl, C = M->C, d = c.d_model, HD = (size_t)c.n_head * M->D;
+    const int D = M->D, Hl = M->Hl, Hkvl = M->Hkvl;
+    {
+        TraceScope ts(ctx, "norm + qkv", TRACK_COMPUTE, i);
+        norm_forward_cpu(M->ln1, M->mean1, M->rstd1, x, w.ln1_w, w.ln1_b, cl, d, M->rms, c.norm_eps);
+        matmul_forward_cpu(M->qkv, M->ln1, w.qkv_w, w.qkv_b, cl, d, M->Q3);  // (cl, Q3)
+    }
+    float* qi = store_out(&M->q, i, 2);  // (C, Hl, D)
+    float* ki = store_out(&M->k, i, 2);  // (C, Hkvl, D)
+    float* vi = store_out(&M->v, i, 2);  // (C, Hkvl, D)
+    a2a_to_heads(M, i, M->qkv, M->Q3, 0, false, Hl, qi);
+    a2a_to_heads(M, i, M->qkv, M->Q3, c.n_head, true, Hkvl, ki);
+    a2a_to_heads(M, i, M->qkv, M->Q3, c.n_head + c.n_kv_head, true, Hkvl, vi);
+    set_positions(M, i);
+    rope_cpu(qi, M->pos, C, Hl, D, c.rope_theta, +1);
+    rope_cpu(ki, M->pos, C, Hkvl, D, c.rope_theta, +1);
+    store_put(ctx, &M->k, i, 2);
+    store_put(ctx, &M->v, i, 2);
+    if (for_backward) store_put(ctx, &M->q, i, 2);
+
+    // attention of q_i over k_j, v_j for j <= i, double-buffered: fetch j+1 while j computes
+    for (size_t e = 0; e < C * Hl * D; e++) M->o[e] = 0.0f;
+    for (size_t e = 0; e < C * Hl; e++) M->lsew[e] = -INFINITY;
+    if (i > 0) store_prefetch(ctx, &M->k, 0, 0), store_prefetch(ctx, &M->v, 0, 0);
+    for (int j = 0; j <= i; j++) {
+        if (j + 1 < i) store_prefetch(ctx, &M->k, j + 1, (j + 1) % 2), store_prefetch(ctx, &M->v, j + 1, (j + 1) % 2);
+        const float* kj = j == i ? ki : store_use(ctx, &M->k, j, j % 2);
+        const float* vj = j == i ? vi : store_use(ctx, &M->v, j, j % 2);
+        TraceScope ts(ctx, "attention block", TRACK_COMPUTE, i);
+        attention_forward_cpu(M->o, M->lsew, qi, kj, vj, C, C, Hl, Hkvl, D, j == i);
+    }
+    if (for_backward) {
+        memcpy(store_out(&M->lse, i, 2), M->lsew, C * Hl * sizeof(float));
+        store_put(ctx, &M->lse, i, 2);
+    }
+    for (size_t e = 0; e < cl * HD; e++) M->oloc[e] = 0.0f;
+    a2a_to_seq(M, i, M->o, Hl, M->oloc, (int)HD, 0, false);
+
+    TraceScope ts(ctx, "out proj + mlp", TRACK_COMPUTE, i);
+    matmul_forward_cpu(M->xmid, M->oloc, w.o_w, w.o_b, cl, (int)HD, d);  // (cl, d)
+    add_inplace_cpu(M->xmid, x, cl * d);                                    // residual
+    norm_forward_cpu(M->ln2, M->mean2, M->rstd2, M->xmid, w.ln2_w, w.ln2_b, cl, d, M->rms, c.norm_eps);
+    matmul_forward_cpu(M->fch, M->ln2, w.fc_w, w.fc_b, cl, d, M->F2);  // (cl, F2)
+    if (c.family == GPT) gelu_forward_cpu(M->act, M->fch, cl * c.ffn);
+    else swiglu_forward_cpu(M->act, M->fch, cl, c.ffn);  // (cl, F)
+    if (out) {
+        matmul_forward_cpu(out, M->act, w.proj_w, w.proj_b, cl, c.ffn, d);
+        add_inplace_cpu(out, M->xmid, cl * d);  // residual
+    }
+}
+
+static inline void layer_forward(Model* M, int l) {
+    Ctx* ctx = &M->ctx;
+    const int u = M->u;
+    ctx->layer = l;
+    store_prefetch(ctx, &M->ckpt, l * u, 0);
+    for (int i = 0; i < u; i++) {
+        if (i + 1 < u) store_prefetch(ctx, &M->ckpt, l * u + i + 1, (i + 1) % 2);
+        const float* x = store_use(ctx, &M->ckpt, l * u + i, i % 2);
+        float* out = store_out(&M->ckpt, (l + 1) * u + i, 2);
+        chunk_forward(M, l, i, x, out, false);
+        store_put(ctx, &M->ckpt, (l + 1) * u + i, 2);
+    }
+}
+
+// Backward of layer l. dx holds dL/d(output of layer l) and is turned, in place, into
+// dL/d(input of layer l). Parameter gradients accumulate into M->g.
+static inline void layer_backward(Model* M, int l) {
+    const Config& c = M->cfg;
+    const LayerW& w = M->w.layer[l];
+    const LayerW& g = M->g.layer[l];
+    Ctx* ctx = &M->ctx;
+    const int u = M->u, D = M->D, Hl = M->Hl, Hkvl = M->Hkvl;
+    const size_t cl = M->cl, C = M->C, d = c.d_model, HD = (size_t)c.n_head * M->D;
+    ctx->layer = l;
+
+    // Phase 1, chunk by chunk: recompute the forward from the checkpoint (storing q, k, v, lse),
+    // then back through the MLP and the output projection down to dO_i; dx_i becomes dL/dx_mid.
+    store_prefetch(ctx, &M->ckpt, l * u, 0);
+    store_prefetch(ctx, &M->dx, 0, 0);
+    for (int i = 0; i < u; i++) {
+        if (i + 1 < u) {
+            store_prefetch(ctx, &M->ckpt, l * u + i + 1, (i + 1) % 2);
+            store_prefetch(ctx, &M->dx, i + 1, (i + 1) % 2);
+        }
+        const float* x = store_use(ctx, &M->ckpt, l * u + i, i % 2);
+        chunk_forward(M, l, i, x, nullptr, true);
+        float* dyi = store_use(ctx, &M->dx, i, i % 2);  // (cl, d)
+        {
+            TraceScope ts(ctx, "mlp backward", TRACK_COMPUTE, i);
+            memset(M->dact, 0, cl * c.ffn * sizeof(float));
+            matmul_backward_cpu(M->dact, g.proj_w, g.proj_b, dyi, M->act, w.proj_w, cl, c.ffn, d);
+            if (c.family == GPT) gelu_backward_cpu(M->dfch, M->fch, M->dact, cl * c.ffn);
+            else swiglu_backward_cpu(M->dfch, M->fch, M->dact, cl, c.ffn);
+            memset(M->dln, 0, cl * d * sizeof(float));
+            matmul_backward_cpu(M->dln, g.fc_w, g.fc_b, M->dfch, M->ln2, w.fc_w, cl, d, M->F2);
+            norm_backward_cpu(dyi, g.ln2_w, g.ln2_b, M->dln, M->xmid, w.ln2_w, M->mean2, M->rstd2, cl, d, M->rms);
+            memset(M->doloc, 0, cl * HD * sizeof(float));
+            matmul_backward_cpu(M->doloc, g.o_w, g.o_b, dyi, M->oloc, w.o_w, cl, (int)HD, d);
+        }
+        store_put(ctx, &M->dx, i, i % 2);
+        float* doi = store_out(&M->dout, i, 2);  // (C, Hl, D)
+        a2a_to_heads(M, i, M->doloc, (int)HD, 0, false, Hl, doi);
+        attention_delta_cpu(store_out(&M->delta, i, 2), doi, M->o, C, Hl, D);
+        store_put(ctx, &M->dout, i, 2);
+        store_put(ctx, &M->delta, i, 2);
+    }
+
+    // Phase 2, attention backward: outer loop over kv chunks j, inner over query chunks i >= j,
+    // from the last down to j so that the last visit, i == j, leaves the final dQ_j in its slot.
+    ChunkStore* qset[] = {&M->q, &M->dout, &M->lse, &M->delta};
+    for (int j = 0; j < u; j++) {
+        const float* kj = store_get(ctx, &M->k, j, 0);
+        const float* vj = store_get(ctx, &M->v, j, 0);
+        memset(M->dk, 0, C * Hkvl * D * sizeof(float));
+        memset(M->dv, 0, C * Hkvl * D * sizeof(float));
+        auto prefetch = [&](int i) {
+            for (ChunkStore* s : qset) store_prefetch(ctx, s, i, i % 2);
+            if (j > 0) store_prefetch(ctx, &M->dq, i, i % 2);  // on the first visit dQ_i starts at zero
+        };
+        prefetch(u - 1);
+        float* dqi = nullptr;
+        for (int i = u - 1; i >= j; i--) {
+            if (i - 1 >= j) prefetch(i - 1);
+            const float* qi = store_use(ctx, &M->q, i, i % 2);
+            const float* doi = store_use(ctx, &M->dout, i, i % 2);
+            const float* lsei = store_use(ctx, &M->lse, i, i % 2);
+            const float* dli = store_use(ctx, &M->delta, i, i % 2);
+            if (j == 0) {
+                dqi = store_out(&M->dq, i, i % 2);
+                memset(dqi, 0, C * Hl * D * sizeof(float));
+            } else {
+                dqi = store_use(ctx, &M->dq, i, i % 2);
+            }
+            {
+                TraceScope ts(ctx, "attention block backward", TRACK_COMPUTE, i);
+                attention_backward_cpu(dqi, M->dk, M->dv, doi, qi, kj, vj, lsei, dli, C, C, Hl, Hkvl, D, i == j);
+            }
+            if (i != j) store_put(ctx, &M->dq, i, i % 2);
+        }
+        // dQ_j, dK_j, dV_j are final: undo RoPE, back to the sequence layout, through the QKV
+        // projection and the first norm (recomputed from the checkpoint) into dx_j.
+        set_positions(M, j);
+        rope_cpu(dqi, M->pos, C, Hl, D, c.rope_theta, -1);
+        rope_cpu(M->dk, M->pos, C, Hkvl, D, c.rope_theta, -1);
+        memset(M->dqkv, 0, cl * M->Q3 * sizeof(float));
+        a2a_to_seq(M, j, dqi, Hl, M->dqkv, M->Q3, 0, false);
+        a2a_to_seq(M, j, M->dk, Hkvl, M->dqkv, M->Q3, c.n_head, true);
+        a2a_to_seq(M, j, M->dv, Hkvl, M->dqkv, M->Q3, c.n_head + c.n_kv_head, true);
+        const float* x = store_get(ctx, &M->ckpt, l * u + j, 0);
+        float* dxj = store_get(ctx, &M->dx, j, 0);
+        TraceScope ts(ctx, "qkv backward", TRACK_COMPUTE, j);
+        norm_forward_cpu(M->ln1, M->mean1, M->rstd1, x, w.ln1_w, w.ln1_b, cl, d, M->rms, c.norm_eps);
+        memset(M->dln, 0, cl * d * sizeof(float));
+        matmul_backward_cpu(M->dln, g.qkv_w, g.qkv_b, M->dqkv, M->ln1, w.qkv_w, cl, d, M->Q3);
+        norm_backward_cpu(dxj, g.ln1_w, g.ln1_b, M->dln, x, w.ln1_w, M->mean1, M->rstd1, cl, d, M->rms);
+        store_put(ctx, &M->dx, j, 0);
+    }
+}
+
+// The LM head and its cross-entropy, chunk by chunk: the (S, V) logits never exist. With grads,
+// also back through the head and the final norm, leaving dL/d(last layer output) in dx.
+// Returns this rank's sum of token losses.
+static inline double head_pass(Model* M, bool grads) {
+    const Config& c = M->cfg;
+    Ctx* ctx = &M->ctx;
+    const size_t cl = M->cl, d = c.d_model;
+    const int u = M->u, L = c.n_layer;
+    const float dscale = 1.0f / (float)M->run.seq;  // mean over the whole sequence, all ranks
+    double sum = 0.0;
+    ctx->layer = L;
+    for (int i = 0; i < u; i++) {
+        const float* x = store_get(ctx, &M->ckpt, L * u + i, 0);
+        const int32_t* tg = store_get<int32_t>(ctx, &M->targets, i, 0);
+        TraceScope ts(ctx, "head + loss", TRACK_COMPUTE, i);
+        norm_forward_cpu(M->y, M->mean1, M->rstd1, x, M->w.lnf_w, M->w.lnf_b, cl, d, M->rms, c.norm_eps);
+        matmul_forward_cpu(M->logits, M->y, M->w.head, nullptr, cl, d, c.vocab);  // (cl, V)
+        if (M->logits_out) memcpy(M->logits_out + i * cl * c.vocab, M->logits, cl * c.vocab * sizeof(float));
+        crossentropy_cpu(M->logits, M->lossw, M->preds + i * cl, tg, cl, c.vocab, dscale);
+        for (size_t t = 0; t < cl; t++) sum += M->lossw[t];
+        if (!grads) continue;
+        memset(M->dy, 0, cl * d * sizeof(float));
+        matmul_backward_cpu(M->dy, M->g.head, nullptr, M->logits, M->y, M->w.head, cl, d, c.vocab);
+        float* dxi = store_out(&M->dx, i, 0);
+        memset(dxi, 0, cl * d * sizeof(float));
+        norm_backward_cpu(dxi, M->g.lnf_w, M->g.lnf_b, M->dy, x, M->w.lnf_w, M->mean1, M->rstd1, cl, d, M->rms);
+        store_put(ctx, &M->dx, i, 0);
+    }
+    return sum;
+}
+
+// One forward (and, with grads, backward) pass over the sequence in the token stores. Returns the
+// mean loss over all S tokens of all ranks. Gradients are this rank's partial sums (see model_update).
+static inline float model_forward_backward(Model* M, bool grads) {
+    const Config& c = M->cfg;
+    Ctx* ctx = &M->ctx;
+    const size_t cl = M->cl, d = c.d_model;
+    const int u = M->u, L = c.n_layer;
+    if (grads) memset(M->grads, 0, M->n_padded * sizeof(float));
+    ctx->layer = -1;
+    for (int i = 0; i < u; i++) {  // embedding -> layer 0's input
+        const int32_t* tok = store_get<int32_t>(ctx, &M->tokens, i, 0);
+        embedding_forward_cpu(store_out(&M->ckpt, i, 2), tok, M->w.wte, cl, d);
+        store_put(ctx, &M->ckpt, i, 2);
+    }
+    for (int l = 0; l < L; l++) layer_forward(M, l);
+    double loss = head_pass(M, grads);
+    if (grads) {
+        for (int l = L - 1; l >= 0; l--) layer_backward(M, l);
+        ctx->layer = -1;
+        for (int i = 0; i < u; i++) {
+            const int32_t* tok = store_get<int32_t>(ctx, &M->tokens, i, 0);
+            const float* dxi = store_get(ctx, &M->dx, i, 0);
+            embedding_backward_cpu(M->g.wte, tok, dxi, cl, d);
+        }
+    }
+    comm_allreduce(&loss, 1);
+    return (float)(loss / M->run.seq);
+}
+
+// Sum the gradients over the group, clip to max_norm (0 = no clipping), AdamW step. With ZeRO-1
+// each rank updates its shard of the flat array and the shards are gathered back.
+// Returns the global gradient norm (before clipping).
+struct AdamW {
+    float lr, beta1 = 0.9f, beta2 = 0.95f, eps = 1e-8f, wd = 0.1f, clip = 1.0f;
+};
+static inline float model_update(Model* M, const AdamW& opt, int t, bool* finite) {
+    const size_t n = M->shard_n, lo = M->run.zero ? (size_t)M->run.rank * n : 0;
+    float* g = M->grads + lo;
+    if (M->run.zero) {
+        comm_reduce_scatter(M->grads, M->grad_shard, n);
+        g = M->grad_shard;
+    } else {
+        comm_allreduce(M->grads, M->n_padded);
+    }
+    double ss = sumsq_cpu(g, n);
+    if (M->run.zero) comm_allreduce(&ss, 1);
+    const float norm = (float)sqrt(ss);
+    *finite = std::isfinite(norm);
+    if (!*finite) return norm;
+    if (opt.clip > 0 && norm > opt.clip) scale_cpu(g, n, opt.clip / norm);
+    for (const ParamInfo& p : M->table) {  // each tensor's overlap with this rank's range
+        const size_t a = std::max(p.offset, lo), b = std::min(p.offset + p.numel(), lo + n);
+        if (a >= b) continue;
+        adamw_cpu(M->params + a, g + (a - lo), M->opt_m + (a - lo), M->opt_v + (a - lo), b - a, opt.lr, opt.beta1,
+                  opt.beta2, opt.eps, opt.wd, p.decay, t);
+    }
+    if (M->run.zero) comm_allgather(M->params, n);
+    return norm;
+}

@@ -1,0 +1,547 @@
+// test_data.cpp: the data sources (data/data.h) on real files in a fresh temporary directory.
+// Build: g++ -std=c++17 -O2 -I. test/test_data.cpp -lgtest -lgtest_main -pthread
+#include <gtest/gtest.h>
+
+#include <ftw.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <memory>
+#include <random>
+
+#include "data/data.h"
+
+// ----------------------------------------------------------------------------
+// Helpers
+
+// A fresh temporary directory, removed with everything in it at the end of the test.
+struct TempDir {
+    std::string path;
+    TempDir() {
+        char tmpl[] = "/tmp/fpdt_test_data_XXXXXX";
+        char* p = mkdtemp(tmpl);
+        if (!p) abort();
+        path = p;
+    }
+    ~TempDir() {
+        nftw(path.c_str(), [](const char* f, const struct stat*, int, struct FTW*) { return ::remove(f); }, 16,
+             FTW_DEPTH | FTW_PHYS);
+    }
+    std::string file(const std::string& name) const { return path + "/" + name; }
+};
+
+// Fresh random inputs each run; the seed is printed with any failure so a run can be repeated.
+static uint64_t test_seed() {
+    static uint64_t s = std::random_device{}() * 0x100000001ULL ^ std::random_device{}();
+    return s;
+}
+
+static void write_bytes(const std::string& path, const std::vector<uint8_t>& bytes) {
+    FILE* f = fopen(path.c_str(), "wb");
+    ASSERT_TRUE(f != nullptr) << path;
+    if (!bytes.empty()) {
+        ASSERT_EQ(fwrite(bytes.data(), 1, bytes.size(), f), bytes.size());
+    }
+    fclose(f);
+}
+static void write_text(const std::string& path, const std::string& s) {
+    write_bytes(path, std::vector<uint8_t>(s.begin(), s.end()));
+}
+static void put_le(std::vector<uint8_t>* b, uint32_t v, int bytes) {
+    for (int i = 0; i < bytes; i++) b->push_back((uint8_t)(v >> (8 * i)));
+}
+
+// An llm.c shard: header (magic, version, count) then tokens of 2 or 4 bytes. count < 0 means
+// "the true count"; extra bytes are appended after the tokens (to make a bad file).
+static void write_shard(const std::string& path, int32_t magic, int32_t version, const std::vector<int32_t>& toks,
+                        int64_t count = -1, size_t extra = 0) {
+    int tb = magic == SHARD_MAGIC_U32 ? 4 : 2;
+    std::vector<uint8_t> b;
+    put_le(&b, (uint32_t)magic, 4);
+    put_le(&b, (uint32_t)version, 4);
+    put_le(&b, (uint32_t)(count < 0 ? (int64_t)toks.size() : count), 4);
+    b.resize(SHARD_HEADER_BYTES, 0);
+    for (int32_t t : toks) put_le(&b, (uint32_t)t, tb);
+    for (size_t i = 0; i < extra; i++) b.push_back(0xAB);
+    write_bytes(path, b);
+}
+
+static std::vector<int32_t> random_tokens(std::mt19937_64* rng, size_t n, uint32_t vocab) {
+    std::vector<int32_t> t(n);
+    for (auto& x : t) x = (int32_t)((*rng)() % vocab);  // raw engine output: fine for a test
+    return t;
+}
+
+// The whole sequence (seq+1 tokens) of one step.
+static std::vector<int32_t> read_all(DataSource* d, uint64_t step, size_t seq) {
+    std::vector<int32_t> out(seq + 1, -1);
+    d->read(step, 0, seq + 1, out.data());
+    return out;
+}
+
+// The expected window of step k over a stream of N tokens: [o, o+seq+1), o = k*seq mod (N-seq).
+static std::vector<int32_t> expected_window(const std::vector<int32_t>& stream, uint64_t step, size_t seq) {
+    uint64_t o = (uint64_t)((unsigned __int128)step * seq % (stream.size() - seq));
+    return std::vector<int32_t>(stream.begin() + o, stream.begin() + o + seq + 1);
+}
+
+// Opens and expects failure; returns the message.
+static std::string open_error(const std::string& spec, int vocab, size_t seq) {
+    std::string err;
+    DataSource* d = data_open(spec, vocab, seq, 1, &err);
+    EXPECT_EQ(d, nullptr) << "expected '" << spec << "' to fail";
+    delete d;
+    EXPECT_EQ(err.find('\n'), std::string::npos) << "one line: " << err;
+    return err;
+}
+
+#define EXPECT_HAS(msg, part) EXPECT_NE((msg).find(part), std::string::npos) << "message: " << (msg)
+
+// ----------------------------------------------------------------------------
+// Tokenizer
+
+TEST(Tokenizer, BytesAndSpecials) {
+    std::string s = "Hi \xff\x00\x80!";
+    s += '\0';
+    std::vector<int32_t> t = encode_bytes(s);
+    ASSERT_EQ(t.size(), s.size());
+    for (size_t i = 0; i < s.size(); i++) {
+        EXPECT_EQ(t[i], (int32_t)(uint8_t)s[i]);
+        EXPECT_EQ(decode_token(t[i]), std::string(1, s[i]));
+    }
+    EXPECT_EQ(t[3], 255);  // bytes are unsigned
+    EXPECT_EQ(decode_token(TOK_BOS), "<BOS>");
+    EXPECT_EQ(decode_token(TOK_KEY), "<KEY>");
+    EXPECT_EQ(decode_token(TOK_QUERY), "<QUERY>");
+    EXPECT_EQ(decode_token(TOK_PAD), "<PAD>");
+    EXPECT_EQ(BYTE_VOCAB, TOK_PAD + 1);
+}
+
+// ----------------------------------------------------------------------------
+// Shards
+
+TEST(Shards, RoundTripUint16) {
+    SCOPED_TRACE("seed " + std::to_string(test_seed()));
+    std::mt19937_64 rng(test_seed());
+    TempDir dir;
+    const int vocab = 50257;
+    const size_t seq = 100;
+    std::vector<int32_t> toks = random_tokens(&rng, 1000, vocab);
+    write_shard(dir.file("a.bin"), SHARD_MAGIC_U16, SHARD_VERSION_U16, toks);
+    std::string err;
+    std::unique_ptr<DataSource> d(data_open(dir.file("a.bin"), vocab, seq, 7, &err));
+    ASSERT_TRUE(d) << err;
+    EXPECT_HAS(d->describe(), "1000 tokens");
+    EXPECT_EQ(read_all(d.get(), 0, seq), std::vector<int32_t>(toks.begin(), toks.begin() + seq + 1));
+    for (uint64_t k : {1, 2, 5, 9, 10, 11, 123})
+        EXPECT_EQ(read_all(d.get(), k, seq), expected_window(toks, k, seq)) << "step " << k;
+    std::vector<size_t> pos;
+    size_t dist;
+    EXPECT_FALSE(d->answer(0, &pos, &dist));  // plain data has no answer
+}
+
+TEST(Shards, RoundTripUint32) {
+    SCOPED_TRACE("seed " + std::to_string(test_seed()));
+    std::mt19937_64 rng(test_seed() + 1);
+    TempDir dir;
+    const int vocab = 128256;  // above 65535: needs the 4-byte path
+    const size_t seq = 64;
+    std::vector<int32_t> toks = random_tokens(&rng, 500, vocab);
+    toks[3] = vocab - 1;  // the largest legal id
+    write_shard(dir.file("llama.bin"), SHARD_MAGIC_U32, SHARD_VERSION_U32, toks);
+    std::string err;
+    std::unique_ptr<DataSource> d(data_open(dir.file("llama.bin"), vocab, seq, 7, &err));
+    ASSERT_TRUE(d) << err;
+    for (uint64_t k = 0; k < 20; k++) EXPECT_EQ(read_all(d.get(), k, seq), expected_window(toks, k, seq));
+}
+
+TEST(Shards, GlobConcatenatesInSortedOrder) {
+    SCOPED_TRACE("seed " + std::to_string(test_seed()));
+    std::mt19937_64 rng(test_seed() + 2);
+    TempDir dir;
+    const int vocab = 1000;
+    const size_t seq = 50;
+    // written out of order and with different sizes (one smaller than a window) on purpose
+    std::vector<int32_t> t2 = random_tokens(&rng, 70, vocab), t0 = random_tokens(&rng, 33, vocab),
+                         t1 = random_tokens(&rng, 120, vocab);
+    write_shard(dir.file("shard_02.bin"), SHARD_MAGIC_U16, SHARD_VERSION_U16, t2);
+    write_shard(dir.file("shard_00.bin"), SHARD_MAGIC_U16, SHARD_VERSION_U16, t0);
+    write_shard(dir.file("shard_01.bin"), SHARD_MAGIC_U32, SHARD_VERSION_U32, t1);  // kinds may mix
+    write_text(dir.file("notes.txt"), "not matched by the glob");
+    std::vector<int32_t> stream = t0;
+    stream.insert(stream.end(), t1.begin(), t1.end());
+    stream.insert(stream.end(), t2.begin(), t2.end());
+
+    std::string err;
+    std::unique_ptr<DataSource> d(data_open(dir.file("shard_*.bin"), vocab, seq, 7, &err));
+    ASSERT_TRUE(d) << err;
+    EXPECT_HAS(d->describe(), "3 shards, 223 tokens");
+    // enough steps to wrap around the stream several times
+    for (uint64_t k = 0; k < 40; k++)
+        EXPECT_EQ(read_all(d.get(), k, seq), expected_window(stream, k, seq)) << "step " << k;
+}
+
+TEST(Shards, WindowWalksAndWraps) {
+    TempDir dir;
+    // token i is i, so a window's first token is its offset
+    std::vector<int32_t> toks(50);
+    for (int i = 0; i < 50; i++) toks[i] = i + 1;  // (+1: never zeros)
+    write_shard(dir.file("w.bin"), SHARD_MAGIC_U16, SHARD_VERSION_U16, toks);
+    std::string err;
+    std::unique_ptr<DataSource> d(data_open(dir.file("w.bin"), 100, 16, 7, &err));
+    ASSERT_TRUE(d) << err;
+    // o = (k*16) mod (50-16=34): 0, 16, 32, 14, 30, 12, ...; every window fits: o+17 <= 50
+    const int expect_o[] = {0, 16, 32, 14, 30, 12, 28, 10};
+    for (int k = 0; k < 8; k++) {
+        std::vector<int32_t> w = read_all(d.get(), k, 16);
+        EXPECT_EQ(w.front(), expect_o[k] + 1) << "step " << k;
+        EXPECT_EQ(w.back(), expect_o[k] + 17) << "step " << k;
+    }
+    // a huge step number: the product must not overflow 64 bits into a wrong window
+    uint64_t big = (1ULL << 62) + 3;
+    EXPECT_EQ(read_all(d.get(), big, 16), expected_window(toks, big, 16));
+    // exactly seq+1 tokens: every step reads the whole stream
+    write_shard(dir.file("x.bin"), SHARD_MAGIC_U16, SHARD_VERSION_U16, std::vector<int32_t>(toks.begin(), toks.begin() + 17));
+    std::unique_ptr<DataSource> e(data_open(dir.file("x.bin"), 100, 16, 7, &err));
+    ASSERT_TRUE(e) << err;
+    EXPECT_EQ(read_all(e.get(), 5, 16), std::vector<int32_t>(toks.begin(), toks.begin() + 17));
+}
+
+// A rank that reads [start, start+n) must see exactly the slice of what a rank reading all sees.
+static void check_subranges(DataSource* d, size_t seq, std::mt19937_64* rng, int trials) {
+    for (int t = 0; t < trials; t++) {
+        uint64_t step = (*rng)() % 1000;
+        std::vector<int32_t> all = read_all(d, step, seq);
+        size_t start = (*rng)() % (seq + 2);  // start may be seq+1 (then n is 0)
+        size_t n = (*rng)() % (seq + 2 - start);
+        std::vector<int32_t> part(n + 1, -7);  // one guard element past the end
+        d->read(step, start, n, part.data());
+        ASSERT_EQ(part[n], -7) << "wrote past n";
+        part.pop_back();
+        ASSERT_EQ(part, std::vector<int32_t>(all.begin() + start, all.begin() + start + n))
+            << "step " << step << " start " << start << " n " << n;
+    }
+}
+
+TEST(Shards, SubRangeEqualsSliceOfFullRead) {
+    SCOPED_TRACE("seed " + std::to_string(test_seed()));
+    std::mt19937_64 rng(test_seed() + 3);
+    TempDir dir;
+    for (int i = 0; i < 4; i++)
+        write_shard(dir.file("s" + std::to_string(i) + ".bin"), SHARD_MAGIC_U16, SHARD_VERSION_U16,
+                    random_tokens(&rng, 40 + rng() % 100, 50257));
+    std::string err;
+    std::unique_ptr<DataSource> d(data_open(dir.file("s*.bin"), 50257, 90, 7, &err));
+    ASSERT_TRUE(d) << err;
+    check_subranges(d.get(), 90, &rng, 300);
+}
+
+TEST(ReadDeath, OutsideTheSequenceExits) {
+    TempDir dir;
+    write_text(dir.file("t.txt"), "some text that is long enough for a small window");
+    std::string err;
+    std::unique_ptr<DataSource> d(data_open(dir.file("t.txt"), 260, 8, 7, &err));
+    ASSERT_TRUE(d) << err;
+    std::vector<int32_t> out(20);
+    EXPECT_EXIT(d->read(0, 5, 5, out.data()), ::testing::ExitedWithCode(1), "outside the sequence of 9 tokens");
+}
+
+// ----------------------------------------------------------------------------
+// Errors: nullptr and one line that names the file or value.
+
+TEST(Errors, MissingFile) {
+    TempDir dir;
+    std::string e = open_error(dir.file("nope.bin"), 50257, 16);
+    EXPECT_HAS(e, "nope.bin");
+    EXPECT_HAS(e, "No such file");
+    e = open_error(dir.file("nope.txt"), 300, 16);
+    EXPECT_HAS(e, "nope.txt");
+}
+
+TEST(Errors, Unreadable) {
+    TempDir dir;
+    // a directory is never a valid data file (works as root too)
+    mkdir(dir.file("d.bin").c_str(), 0755);
+    std::string e = open_error(dir.file("d.bin"), 50257, 16);
+    EXPECT_HAS(e, "d.bin");
+    EXPECT_HAS(e, "not a regular file");
+    // permission denied: root reads anything, so only as a normal user
+    if (geteuid() != 0) {
+        write_shard(dir.file("locked.bin"), SHARD_MAGIC_U16, SHARD_VERSION_U16, std::vector<int32_t>(100, 5));
+        chmod(dir.file("locked.bin").c_str(), 0);
+        e = open_error(dir.file("locked.bin"), 50257, 16);
+        EXPECT_HAS(e, "locked.bin");
+        EXPECT_HAS(e, "cannot open");
+    }
+}
+
+TEST(Errors, BadHeader) {
+    TempDir dir;
+    std::vector<int32_t> toks(100, 42);
+    write_shard(dir.file("magic.bin"), 12345, 1, toks);
+    std::string e = open_error(dir.file("magic.bin"), 50257, 16);
+    EXPECT_HAS(e, "magic.bin");
+    EXPECT_HAS(e, "bad magic 12345 (expected 20240520 or 20240801)");
+
+    write_shard(dir.file("ver.bin"), SHARD_MAGIC_U16, 7, toks);  // the uint32 version with the uint16 magic
+    e = open_error(dir.file("ver.bin"), 50257, 16);
+    EXPECT_HAS(e, "ver.bin");
+    EXPECT_HAS(e, "bad version 7");
+    EXPECT_HAS(e, "expected 1");
+
+    write_shard(dir.file("ver32.bin"), SHARD_MAGIC_U32, 1, toks);
+    e = open_error(dir.file("ver32.bin"), 50257, 16);
+    EXPECT_HAS(e, "expected 7");
+
+    write_shard(dir.file("zero.bin"), SHARD_MAGIC_U16, SHARD_VERSION_U16, {}, 0);
+    e = open_error(dir.file("zero.bin"), 50257, 16);
+    EXPECT_HAS(e, "zero.bin");
+    EXPECT_HAS(e, "0 tokens");
+
+    write_bytes(dir.file("tiny.bin"), std::vector<uint8_t>(100, 1));
+    e = open_error(dir.file("tiny.bin"), 50257, 16);
+    EXPECT_HAS(e, "tiny.bin");
+    EXPECT_HAS(e, "100 bytes");
+}
+
+TEST(Errors, WrongSize) {
+    TempDir dir;
+    std::vector<int32_t> toks(100, 42);
+    write_shard(dir.file("trunc.bin"), SHARD_MAGIC_U16, SHARD_VERSION_U16, toks, 150);  // says 150, has 100
+    std::string e = open_error(dir.file("trunc.bin"), 50257, 16);
+    EXPECT_HAS(e, "trunc.bin");
+    EXPECT_HAS(e, "1224 bytes");  // 1024 + 100*2, what it is
+    EXPECT_HAS(e, "1324 bytes");  // 1024 + 150*2, what the header says
+    EXPECT_HAS(e, "truncated");
+
+    write_shard(dir.file("trail.bin"), SHARD_MAGIC_U16, SHARD_VERSION_U16, toks, -1, 3);
+    e = open_error(dir.file("trail.bin"), 50257, 16);
+    EXPECT_HAS(e, "trail.bin");
+    EXPECT_HAS(e, "1227 bytes");
+    EXPECT_HAS(e, "1224 bytes");
+    EXPECT_HAS(e, "trailing");
+}
+
+TEST(Errors, TokenAboveVocab) {
+    SCOPED_TRACE("seed " + std::to_string(test_seed()));
+    std::mt19937_64 rng(test_seed() + 4);
+    TempDir dir;
+    // big enough that the bad id lies past the first 1 MiB scan chunk
+    std::vector<int32_t> toks = random_tokens(&rng, 700000, 1000);
+    toks[654321] = 1000;
+    write_shard(dir.file("ids.bin"), SHARD_MAGIC_U16, SHARD_VERSION_U16, toks);
+    std::string e = open_error(dir.file("ids.bin"), 1000, 16);
+    EXPECT_HAS(e, "ids.bin");
+    EXPECT_HAS(e, "token 654321");
+    EXPECT_HAS(e, "id 1000");
+    EXPECT_HAS(e, "vocab size 1000");
+    std::string err;
+    std::unique_ptr<DataSource> d(data_open(dir.file("ids.bin"), 1001, 16, 7, &err));  // one more fits
+    EXPECT_TRUE(d) << err;
+}
+
+TEST(Errors, TooFewTokensForSeq) {
+    TempDir dir;
+    write_shard(dir.file("short.bin"), SHARD_MAGIC_U16, SHARD_VERSION_U16, std::vector<int32_t>(64, 9));
+    std::string e = open_error(dir.file("short.bin"), 50257, 64);
+    EXPECT_HAS(e, "short.bin has 64 tokens; --seq 64 needs at least 65");
+    write_text(dir.file("short.txt"), "abc");
+    e = open_error(dir.file("short.txt"), 300, 3);
+    EXPECT_HAS(e, "short.txt has 3 tokens; --seq 3 needs at least 4");
+}
+
+TEST(Errors, TextNeedsByteVocab) {
+    TempDir dir;
+    write_text(dir.file("t.txt"), "hello there, a text file");
+    std::string e = open_error(dir.file("t.txt"), 259, 8);
+    EXPECT_HAS(e, "t.txt");
+    EXPECT_HAS(e, "vocab >= 260");
+    EXPECT_HAS(e, "259");
+}
+
+TEST(Errors, MixedGlob) {
+    TempDir dir;
+    write_shard(dir.file("m1.bin"), SHARD_MAGIC_U16, SHARD_VERSION_U16, std::vector<int32_t>(100, 3));
+    write_text(dir.file("m2.txt"), "some text");
+    std::string e = open_error(dir.file("m*"), 50257, 16);
+    EXPECT_HAS(e, "m1.bin");
+    EXPECT_HAS(e, "m2.txt");
+    EXPECT_HAS(e, "both");
+}
+
+TEST(Errors, GlobMatchesNothing) {
+    TempDir dir;
+    std::string e = open_error(dir.file("none_*.bin"), 50257, 16);
+    EXPECT_HAS(e, "no files match");
+    EXPECT_HAS(e, "none_*.bin");
+}
+
+TEST(Errors, UnknownTask) {
+    std::string e = open_error("paskey", 300, 64);
+    EXPECT_HAS(e, "'paskey'");
+    EXPECT_HAS(e, "passkey");
+}
+
+TEST(Errors, EmptyText) {
+    TempDir dir;
+    write_text(dir.file("e1.txt"), "");
+    write_text(dir.file("e2.txt"), "");
+    std::string e = open_error(dir.file("e*.txt"), 300, 8);
+    EXPECT_HAS(e, "empty");
+    e = open_error(dir.file("e1.txt"), 300, 8);
+    EXPECT_HAS(e, "e1.txt is empty");
+}
+
+TEST(Errors, BadArguments) {
+    EXPECT_HAS(open_error("passkey", 300, 0), "--seq");
+    EXPECT_HAS(open_error("passkey", 0, 64), "vocab 0");
+}
+
+// ----------------------------------------------------------------------------
+// Plain text
+
+TEST(Text, BytesAndBosBetweenFiles) {
+    SCOPED_TRACE("seed " + std::to_string(test_seed()));
+    std::mt19937_64 rng(test_seed() + 5);
+    TempDir dir;
+    std::string a = "First file: \xc3\xa9t\xc3\xa9.\n", b, c = "third";
+    for (int i = 0; i < 40; i++) b += (char)(1 + rng() % 255);  // any bytes, fresh each run
+    write_text(dir.file("t1.txt"), a);
+    write_text(dir.file("t2.txt"), b);
+    write_text(dir.file("t2b.txt"), "");  // empty: skipped, no double BOS
+    write_text(dir.file("t3.txt"), c);
+    std::vector<int32_t> stream = encode_bytes(a);
+    stream.push_back(TOK_BOS);
+    for (int32_t t : encode_bytes(b)) stream.push_back(t);
+    stream.push_back(TOK_BOS);
+    for (int32_t t : encode_bytes(c)) stream.push_back(t);
+
+    const size_t seq = 30;
+    std::string err;
+    std::unique_ptr<DataSource> d(data_open(dir.file("t*.txt"), BYTE_VOCAB, seq, 7, &err));
+    ASSERT_TRUE(d) << err;
+    EXPECT_HAS(d->describe(), "3 text files");
+    EXPECT_HAS(d->describe(), std::to_string(stream.size()) + " tokens");
+    for (uint64_t k = 0; k < 12; k++)
+        EXPECT_EQ(read_all(d.get(), k, seq), expected_window(stream, k, seq)) << "step " << k;
+    check_subranges(d.get(), seq, &rng, 200);
+
+    // a single text file has no BOS at all, and a name without .txt is text too
+    write_text(dir.file("README"), a + b);
+    std::unique_ptr<DataSource> e(data_open(dir.file("README"), 300, seq, 7, &err));
+    ASSERT_TRUE(e) << err;
+    std::vector<int32_t> ab = encode_bytes(a + b);
+    EXPECT_EQ(read_all(e.get(), 0, seq), std::vector<int32_t>(ab.begin(), ab.begin() + seq + 1));
+}
+
+// ----------------------------------------------------------------------------
+// The passkey task
+
+static std::unique_ptr<DataSource> passkey(size_t seq, uint64_t seed) {
+    std::string err;
+    std::unique_ptr<DataSource> d(data_open("passkey", BYTE_VOCAB, seq, seed, &err));
+    EXPECT_TRUE(d) << err;
+    return d;
+}
+
+TEST(Passkey, Deterministic) {
+    const size_t seq = 1000;
+    std::unique_ptr<DataSource> a = passkey(seq, test_seed()), b = passkey(seq, test_seed());
+    std::unique_ptr<DataSource> c = passkey(seq, test_seed() + 1);
+    EXPECT_HAS(a->describe(), "passkey");
+    for (uint64_t k = 0; k < 20; k++) {
+        std::vector<int32_t> x = read_all(a.get(), k, seq);
+        EXPECT_EQ(x, read_all(a.get(), k, seq));  // again, same object
+        EXPECT_EQ(x, read_all(b.get(), k, seq));  // same seed, another object
+        EXPECT_NE(x, read_all(a.get(), k + 1, seq));  // the next step differs
+        EXPECT_NE(x, read_all(c.get(), k, seq));      // another seed differs
+    }
+}
+
+TEST(Passkey, LayoutAndAnswer) {
+    const size_t seq = 4096;
+    std::unique_ptr<DataSource> d = passkey(seq, test_seed());
+    size_t min_key = seq, max_key = 0;
+    for (uint64_t k = 0; k < 200; k++) {
+        std::vector<int32_t> x = read_all(d.get(), k, seq);
+        EXPECT_EQ(x[0], TOK_BOS);
+        for (int32_t t : x) ASSERT_TRUE(t >= 0 && t < BYTE_VOCAB) << t;
+        // exactly one key and one query, the query at seq-5
+        std::vector<size_t> keys, queries;
+        for (size_t i = 0; i < x.size(); i++) {
+            if (x[i] == TOK_KEY) keys.push_back(i);
+            if (x[i] == TOK_QUERY) queries.push_back(i);
+            if (x[i] == TOK_BOS) {
+                ASSERT_EQ(i, 0u);
+            }
+        }
+        ASSERT_EQ(keys.size(), 1u);
+        ASSERT_EQ(queries.size(), 1u);
+        size_t key = keys[0], q = queries[0];
+        ASSERT_EQ(q, seq - 5);
+        ASSERT_GE(key, 1u);
+        ASSERT_LE(key, seq + 1 - 12);
+        min_key = std::min(min_key, key);
+        max_key = std::max(max_key, key);
+        // digits after KEY == digits after QUERY, and only there are digits
+        int digits = 0;
+        for (int32_t t : x) digits += t >= '0' && t <= '9';
+        EXPECT_EQ(digits, 10);
+        for (size_t j = 1; j <= 5; j++) {
+            EXPECT_TRUE(x[key + j] >= '0' && x[key + j] <= '9');
+            EXPECT_EQ(x[key + j], x[q + j]);
+        }
+        // answer(): the 5 digit positions at the end, and the distance key -> query
+        std::vector<size_t> pos;
+        size_t dist = 0;
+        ASSERT_TRUE(d->answer(k, &pos, &dist));
+        EXPECT_EQ(pos, (std::vector<size_t>{seq - 4, seq - 3, seq - 2, seq - 1, seq}));
+        EXPECT_EQ(dist, q - key);
+    }
+    // the key depth is spread over the sequence (200 uniform draws over ~4085 places)
+    EXPECT_LT(min_key, seq / 4);
+    EXPECT_GT(max_key, 3 * seq / 4);
+}
+
+TEST(Passkey, FillerIsText) {
+    const size_t seq = 2000;
+    std::unique_ptr<DataSource> d = passkey(seq, test_seed());
+    std::vector<int32_t> x = read_all(d.get(), 3, seq);
+    std::string s;
+    for (size_t i = 1; i < seq - 5; i++)
+        if (x[i] < 256 && !(x[i] >= '0' && x[i] <= '9')) s += (char)x[i];
+    // printable English-ish sentences
+    for (char ch : s) ASSERT_TRUE(ch == ' ' || ch == '.' || isalpha((unsigned char)ch)) << (int)ch;
+    EXPECT_NE(s.find(". The "), std::string::npos) << s.substr(0, 200);
+}
+
+TEST(Passkey, SubRangeEqualsSliceOfFullRead) {
+    SCOPED_TRACE("seed " + std::to_string(test_seed()));
+    std::mt19937_64 rng(test_seed() + 6);
+    for (size_t seq : {32, 33, 257, 5000}) {
+        std::unique_ptr<DataSource> d = passkey(seq, test_seed());
+        check_subranges(d.get(), seq, &rng, 300);
+    }
+}
+
+TEST(Passkey, SmallestSeq) {
+    // seq 32: the key may start at 1..21 and must never touch the query at 27
+    std::unique_ptr<DataSource> d = passkey(32, test_seed());
+    for (uint64_t k = 0; k < 500; k++) {
+        std::vector<int32_t> x = read_all(d.get(), k, 32);
+        ASSERT_EQ(x[27], TOK_QUERY);
+        size_t dist;
+        d->answer(k, nullptr, &dist);
+        ASSERT_EQ(x[27 - dist], TOK_KEY);
+        ASSERT_GE(dist, 6u);  // key + 5 digits end before the query
+    }
+}
+
+TEST(Passkey, Errors) {
+    std::string e = open_error("passkey", BYTE_VOCAB, 31);
+    EXPECT_HAS(e, "--seq >= 32");
+    EXPECT_HAS(e, "31");
+    e = open_error("passkey", 256, 64);
+    EXPECT_HAS(e, "vocab >= 260");
+    EXPECT_HAS(e, "256");
+}

@@ -1,0 +1,145 @@
+// The whole model: against PyTorch (test/make_reference.py, float64, stored as fp32), and the
+// FPDT schedule (chunks, offload) against the unchunked model.
+#include <gtest/gtest.h>
+#include <cmath>
+#include "model.h"
+#include "test/fixture.h"
+
+static std::string repo() {
+    const char* r = getenv("FPDT_REPO");
+    return r ? r : ".";
+}
+
+// ||a - b|| / ||b||
+static double rel_err(const float* a, const float* b, size_t n) {
+    double num = 0, den = 0;
+    for (size_t i = 0; i < n; i++) num += (double)(a[i] - b[i]) * (a[i] - b[i]), den += (double)b[i] * b[i];
+    return sqrt(num / std::max(den, 1e-300));
+}
+
+struct Loaded {
+    Fixture fx;
+    Config cfg;
+    size_t seq;
+};
+
+static Loaded load(const char* file) {
+    Loaded L;
+    std::string err;
+    EXPECT_TRUE(fixture_load(repo() + "/test/fixtures/" + file, &L.fx, &err)) << err;
+    const FixtureTensor* c = L.fx.find("config");
+    const FixtureTensor* cf = L.fx.find("config_f");
+    const std::vector<int32_t>& v = c->i;
+    L.cfg = Config{file, v[0], v[1], v[2], v[3], v[4], v[5], v[6], cf->f[0], cf->f[1], ""};
+    L.seq = v[7];
+    return L;
+}
+
+// Builds the model for one rank of a P = 1 run, with the fixture's weights and tokens.
+static void build(Model* M, const Loaded& L, size_t chunk, bool offload) {
+    RunCfg r;
+    r.seq = L.seq, r.chunk = chunk, r.offload = offload;
+    model_create(M, L.cfg, r, false);
+    for (const ParamInfo& p : M->table) {
+        const FixtureTensor* t = L.fx.find("param." + p.name);
+        ASSERT_NE(t, nullptr) << p.name;
+        ASSERT_EQ(t->numel(), p.numel()) << p.name;
+        memcpy(M->params + p.offset, t->f.data(), p.numel() * 4);
+    }
+    model_set_token_arrays(M, L.fx.find("tokens")->i.data(), L.fx.find("targets")->i.data());
+}
+
+class Reference : public ::testing::TestWithParam<const char*> {};
+
+// fp32 against float64 PyTorch: sums of up to 260 products in fp32 carry ~1e-6 relative error,
+// compounded over two layers, the softmax and the backward pass; 1e-4 leaves room for that and
+// still catches any wrong formula (a wrong term moves the gradients by 1e-2 or more).
+TEST_P(Reference, LogitsLossAndEveryGradient) {
+    fatal_throws();
+    Loaded L = load(GetParam());
+    Model M;
+    build(&M, L, 0, false);
+    std::vector<float> logits(L.seq * L.cfg.vocab);
+    M.logits_out = logits.data();
+    const float loss = model_forward_backward(&M, true);
+    EXPECT_NEAR(loss, L.fx.find("loss")->f[0], 1e-4 * fabs(L.fx.find("loss")->f[0]));
+    EXPECT_LT(rel_err(logits.data(), L.fx.find("logits")->f.data(), logits.size()), 1e-4);
+    for (const ParamInfo& p : M.table) {
+        const FixtureTensor* g = L.fx.find("grad." + p.name);
+        ASSERT_NE(g, nullptr);
+        EXPECT_LT(rel_err(M.grads + p.offset, g->f.data(), p.numel()), 1e-4) << p.name;
+    }
+    model_free(&M);
+}
+
+INSTANTIATE_TEST_SUITE_P(Families, Reference, ::testing::Values("ref_llama_tiny.bin", "ref_gpt_tiny.bin"));
+
+// FPDT's schedule computes the same function: 1, 2, 4 and 8 chunks, offload on and off, give the
+// unchunked loss and gradients. Only the order of fp32 sums changes (the log-sum-exp merge, dQ
+// accumulated across visits), worth ~1e-7 relative; 1e-5 is the bar.
+TEST_P(Reference, ChunkedAndOffloadedMatchUnchunked) {
+    fatal_throws();
+    Loaded L = load(GetParam());
+    Model R;
+    build(&R, L, 0, false);
+    const float ref_loss = model_forward_backward(&R, true);
+    for (int u : {1, 2, 4, 8})
+        for (bool off : {false, true}) {
+            if (u == 1 && off) continue;  // offload needs chunks
+            Model M;
+            build(&M, L, L.seq / u, off);
+            const float loss = model_forward_backward(&M, true);
+            EXPECT_NEAR(loss, ref_loss, 1e-5 * fabs(ref_loss)) << u << " chunks, offload " << off;
+            for (const ParamInfo& p : M.table)
+                EXPECT_LT(rel_err(M.grads + p.offset, R.grads + p.offset, p.numel()), 1e-5)
+                    << p.name << ", " << u << " chunks, offload " << off;
+            model_free(&M);
+        }
+    model_free(&R);
+}
+
+// FPDT's memory claim: at a fixed chunk size, with offload, the device arena does not grow with
+// the sequence (within 5% as S grows 4x and 8x) while the host arena grows linearly.
+TEST(Memory, DeviceFlatHostLinearInSequence) {
+    fatal_throws();
+    for (const char* name : {"tiny", "gpt-tiny"}) {
+        const Config& c = *find_preset(name);
+        size_t dev[3], host[3], seqs[3] = {256, 1024, 2048};
+        for (int k = 0; k < 3; k++) {
+            RunCfg r;
+            r.seq = seqs[k], r.chunk = 64, r.offload = true;
+            Model M;
+            model_create(&M, c, r, false);
+            std::vector<int32_t> tok(r.seq);
+            Rng rng{7};
+            for (auto& t : tok) t = rng_u64(&rng) % c.vocab;
+            model_set_token_arrays(&M, tok.data(), tok.data());
+            model_forward_backward(&M, true);  // a real step, then read the high-water marks
+            dev[k] = M.dev.peak, host[k] = M.host.peak;
+            model_free(&M);
+        }
+        EXPECT_LT(fabs((double)dev[1] / dev[0] - 1), 0.05) << name;
+        EXPECT_LT(fabs((double)dev[2] / dev[0] - 1), 0.05) << name;
+        EXPECT_NEAR((double)host[1] / host[0], 4.0, 0.2) << name;
+        EXPECT_NEAR((double)host[2] / host[0], 8.0, 0.4) << name;
+        // and without offload the device holds the sequence: it must grow
+        RunCfg r;
+        r.seq = 2048, r.chunk = 64;
+        Model M;
+        model_create(&M, c, r, true);
+        EXPECT_GT(M.dev.peak, 2 * dev[2]) << name;
+    }
+}
+
+TEST(Shape, BadDivisibilityIsOneClearLine) {
+    const Config& c = *find_preset("tiny");
+    RunCfg r;
+    r.seq = 100, r.chunk = 30;
+    EXPECT_NE(check_shape(c, r).find("does not divide"), std::string::npos);
+    r.seq = 96, r.chunk = 32, r.P = 3;
+    EXPECT_NE(check_shape(c, r).find("ranks"), std::string::npos);
+    r.P = 1, r.chunk = 96, r.offload = true;
+    EXPECT_NE(check_shape(c, r).find("needs chunking"), std::string::npos);
+    r.offload = false;
+    EXPECT_EQ(check_shape(c, r), "");
+}
