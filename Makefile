@@ -13,7 +13,7 @@ DEFS := -DOMPI_SKIP_MPICXX
 NVCC_FLAGS := -O3 -std=c++17 $(DEFS) -Xcompiler "$(HOST_FLAGS)" $(MPI_CFLAGS)
 CXXFLAGS_T := -O2 -g -std=c++17 $(DEFS) $(HOST_FLAGS) $(MPI_CFLAGS) -I.
 HEADERS := $(wildcard *.h *.cuh data/*.h)
-TEST_SRC := $(wildcard test/test_*.cpp)
+TEST_SRC := $(wildcard test/test_*.cpp)  # one binary; test/mpi_layout.cpp is its own (run under mpirun)
 TEST_OBJ := $(TEST_SRC:test/%.cpp=build/%.o)
 
 all: fpdt
@@ -28,9 +28,14 @@ build/%.o: test/%.cpp $(HEADERS) test/*.h
 build/fpdt_tests: $(TEST_OBJ)
 	$(CXX) $(CXXFLAGS_T) $^ -o $@ -lgtest -lgtest_main -pthread $(MPI_LIBS)
 
-# The tests run the real ./fpdt (and mpirun) as well as the headers.
-test: fpdt build/fpdt_tests
-	./build/fpdt_tests
+build/mpi_layout: test/mpi_layout.cpp $(HEADERS)
+	@mkdir -p build
+	$(CXX) $(CXXFLAGS_T) $< -o $@ -lgtest -pthread $(MPI_LIBS)
+
+# The tests run the real ./fpdt (and mpirun) as well as the headers. The last line is
+# "N passed, N failed" (what CI reads).
+test: fpdt build/fpdt_tests build/mpi_layout
+	@bash test/run_tests.sh ./build/fpdt_tests
 
 clean:
 	rm -rf fpdt build

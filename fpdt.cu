@@ -244,50 +244,50 @@ static uint64_t load_checkpoint(Model* M, const std::string& dir, CkptHeader* ou
 
 // ----------------------------------------------------------------------------
 // Evaluation: mean loss over held-out sequences, and for the passkey task the retrieval accuracy
-// of the answer digits, by the distance between the key and the question.
+// of the answer symbols, by the distance between each key and its question (buckets 4x apart).
 
 static void read_into(Model* M, DataSource* data, uint64_t step) {
     model_set_tokens(M, [&](size_t start, size_t n, int32_t* out) { data->read(step, start, n, out); });
 }
 
-static const uint64_t EVAL_STEP0 = 1ull << 40;  // eval sequences live far from the training steps
+static const uint64_t EVAL_STEP0 = PASSKEY_EVAL_STEP0;  // held-out sequences, far from the training steps
+static const int NBUCKET = 11;                  // distance < 16, < 64, ... , < 4M, more
+static int distance_bucket(size_t dist) {
+    int b = 0;
+    for (size_t edge = 16; dist >= edge && b < NBUCKET - 1; edge *= 4) b++;
+    return b;
+}
 
 static void evaluate(Model* M, DataSource* data, int nseq, int step) {
-    const int NB = 4;
-    double acc[2 + 2 * NB] = {};  // loss sum, keys fully right, then per bucket: digits right, digits
+    std::vector<double> acc(2 + 2 * NBUCKET, 0.0);  // loss sum, answers; then per bucket: right, total
     bool task = false;
+    std::vector<int32_t> truth(M->run.seq + 1);
     for (int k = 0; k < nseq; k++) {
         read_into(M, data, EVAL_STEP0 + k);
         acc[0] += model_forward_backward(M, false);
-        std::vector<size_t> ans;
-        size_t dist = 0;
+        std::vector<size_t> ans, dist;
         if (!data->answer(EVAL_STEP0 + k, &ans, &dist)) continue;
         task = true;
-        int b = std::min(NB - 1, (int)(dist * NB / M->run.seq)), right = 0;
-        std::vector<int32_t> truth(M->run.seq + 1);
         data->read(EVAL_STEP0 + k, 0, M->run.seq + 1, truth.data());
-        for (size_t p : ans) {  // token p is predicted at input position p - 1; who holds it?
-            const size_t t = p - 1, c = t / M->C, o = t % M->C;
+        for (size_t a = 0; a < ans.size(); a++) {  // token p is predicted at input p - 1; who holds it?
+            const size_t t = ans[a] - 1, c = t / M->C, o = t % M->C;
+            const int b = distance_bucket(dist[a]);
             if ((int)(o / M->cl) != M->run.rank) continue;
-            right += M->preds[c * M->cl + o % M->cl] == truth[p];
+            acc[2 + 2 * b] += M->preds[c * M->cl + o % M->cl] == truth[ans[a]];
+            acc[3 + 2 * b] += 1;
         }
-        double r = right;
-        comm_allreduce(&r, 1);
-        acc[2 + 2 * b] += r;
-        acc[3 + 2 * b] += ans.size();
-        acc[1] += (r == ans.size());
     }
+    comm_allreduce(acc.data() + 2, 2 * NBUCKET);  // each rank counted the answers it holds
     if (comm_world().rank != 0) return;
+    for (int b = 0; b < NBUCKET; b++) acc[1] += acc[3 + 2 * b];
     printf("eval step %d | loss %.6f", step, acc[0] / nseq);
     if (task) {
-        double right = 0, all = 0;
-        for (int b = 0; b < NB; b++) right += acc[2 + 2 * b], all += acc[3 + 2 * b];
-        printf(" | passkey digits %.1f%% keys %.1f%% | by distance:", 100 * right / all, 100 * acc[1] / nseq);
-        for (int b = 0; b < NB; b++)
-            if (acc[3 + 2 * b] > 0)
-                printf(" %d-%d%% %.0f%%", 100 * b / NB, 100 * (b + 1) / NB, 100 * acc[2 + 2 * b] / acc[3 + 2 * b]);
-            else
-                printf(" %d-%d%% -", 100 * b / NB, 100 * (b + 1) / NB);
+        double right = 0;
+        for (int b = 0; b < NBUCKET; b++) right += acc[2 + 2 * b];
+        printf(" | passkey %.1f%% of %.0f | by distance:", 100 * right / acc[1], acc[1]);
+        const char* names[NBUCKET] = {"<16", "<64", "<256", "<1K", "<4K", "<16K", "<64K", "<256K", "<1M", "<4M", ">=4M"};
+        for (int b = 0; b < NBUCKET; b++)
+            if (acc[3 + 2 * b] > 0) printf(" %s %.0f%%", names[b], 100 * acc[2 + 2 * b] / acc[3 + 2 * b]);
     }
     printf("\n");
     fflush(stdout);
@@ -305,11 +305,11 @@ static void train_help() {
     printf(
         "usage: ./fpdt train [flags]        (P ranks: mpirun -np P ./fpdt train [flags])\n"
         "  --model NAME        model preset (default small; list below)\n"
-        "  --seq N             sequence length in tokens, global (default 256)\n"
+        "  --seq N             sequence length in tokens, global (default 64)\n"
         "  --chunk-size C      FPDT chunk length, global; must divide --seq (default: --seq, no chunking)\n"
         "  --offload 0|1       keep sequence-sized tensors in host memory (default 0)\n"
         "  --zero 0|1          ZeRO-1: shard the optimizer state across ranks (default 0)\n"
-        "  --steps N           total steps; the learning-rate schedule depends on it alone (default 600)\n"
+        "  --steps N           total steps; the learning-rate schedule depends on it alone (default 5000)\n"
         "  --lr X              peak learning rate (default 3e-3)\n"
         "  --warmup N          linear warmup steps (default: steps/20)\n"
         "  --min-lr-frac X     cosine decays to lr*X (default 0.1)\n"
@@ -322,8 +322,8 @@ static void train_help() {
         "  --save-every N      checkpoint every N steps and at the end (needs --out)\n"
         "  --exit-after N      stop after step N with a checkpoint (a time-boxed job); continue with --resume\n"
         "  --resume            continue from the newest valid checkpoint in --out\n"
-        "  --eval-every N      evaluate every N steps and at the end, 0 = never (default 100)\n"
-        "  --eval-seqs N       held-out sequences per evaluation (default 16)\n"
+        "  --eval-every N      evaluate every N steps and at the end, 0 = never (default 500)\n"
+        "  --eval-seqs N       held-out sequences per evaluation (default 64)\n"
         "  --trace FILE        write the first step's schedule as Chrome trace JSON (open in Perfetto)\n"
         "  --device-mem MiB    refuse to start if the device arena would exceed this\n"
         "  --host-mem MiB      refuse to start if the host arena would exceed this\n"
@@ -362,14 +362,14 @@ static int cmd_train(int argc, char** argv) {
     const Config& cfg = model_arg(a, "small");
     choose_device(a);
     RunCfg r;
-    r.seq = a.integer("seq", 256, 1, 1ll << 40);
+    r.seq = a.integer("seq", 64, 1, 1ll << 40);
     r.chunk = a.integer("chunk-size", r.seq, 1, 1ll << 40);
     r.offload = a.flag01("offload", false);
     r.zero = a.flag01("zero", false);
     r.P = cm.size, r.rank = cm.rank;
     r.device_cap = (size_t)(a.real("device-mem", 0, 0, 1e9) * 1048576.0);
     r.host_cap = (size_t)(a.real("host-mem", 0, 0, 1e9) * 1048576.0);
-    const int steps = (int)a.integer("steps", 600, 1, 1 << 30);
+    const int steps = (int)a.integer("steps", 5000, 1, 1 << 30);
     AdamW opt;
     const float lr = (float)a.real("lr", 3e-3, 0, 10);
     opt.wd = (float)a.real("weight-decay", 0.1, 0, 10);
@@ -380,8 +380,8 @@ static int cmd_train(int argc, char** argv) {
     const std::string out = a.str("out", "");
     const int save_every = (int)a.integer("save-every", 0, 0, 1 << 30);
     const int exit_after = (int)a.integer("exit-after", 0, 0, 1 << 30);
-    const int eval_every = (int)a.integer("eval-every", 100, 0, 1 << 30);
-    const int eval_seqs = (int)a.integer("eval-seqs", 16, 1, 1 << 20);
+    const int eval_every = (int)a.integer("eval-every", 500, 0, 1 << 30);
+    const int eval_seqs = (int)a.integer("eval-seqs", 64, 1, 1 << 20);
     const std::string trace_path = a.str("trace", "");
     const bool stop_on_bad = std::string(nonfinite_mode(a)) == "stop";
     const int max_bad = (int)a.integer("max-bad-steps", 5, 1, 1 << 30);

@@ -7,7 +7,7 @@
 // function of (seed, step): a resumed run, or another rank, sees exactly the same tokens.
 //
 // Sources (data_open's `spec`):
-//   "passkey"      a built-in synthetic retrieval task: a 5-digit key hidden at a random depth in
+//   "passkey"      a built-in synthetic retrieval task: a 5-symbol key hidden at a random depth in
 //                  filler text, asked for at the very end (needs the far past; see PasskeyTask)
 //   x.bin, *.bin   llm.c token shards (1024-byte header, then uint16 or uint32 tokens)
 //   x.txt, *.txt   any other file is plain text, tokenized byte-level (files joined by TOK_BOS)
@@ -67,10 +67,10 @@ struct DataSource {
     // One line, e.g. "passkey task (seed 1337)" or "3 shards, 1234567 tokens (data/tiny_*.bin)".
     virtual std::string describe() const = 0;
     // Tasks with a retrieval answer: the positions (indices into the seq+1 tokens) whose tokens are
-    // the answer, and the distance in tokens between where the key was hidden and where it is
-    // asked. Returns false for plain data.
-    virtual bool answer(uint64_t step, std::vector<size_t>* positions, size_t* distance) {
-        (void)step; (void)positions; (void)distance;
+    // answers, and for each the distance in tokens between where its key was hidden and where it
+    // is asked. Returns false for plain data.
+    virtual bool answer(uint64_t step, std::vector<size_t>* positions, std::vector<size_t>* distances) {
+        (void)step, (void)positions, (void)distances;
         return false;
     }
 };
@@ -284,15 +284,22 @@ static inline bool data_open_shard(const std::string& path, int vocab, int* fd_o
 // The built-in "passkey" task: synthetic long-context retrieval.
 //
 // The seq+1 tokens of step k:
-//   [0]                          TOK_BOS
-//   [key, key+6)                 TOK_KEY d1 d2 d3 d4 d5      key uniform in [1, seq+1-12]
-//   [seq-5, seq+1)               TOK_QUERY d1 d2 d3 d4 d5    the very end: the answer is d1..d5
-//   everywhere else              filler: easy English-ish text, no digits
-// The 5 digits are random, so the only way to predict the last 5 tokens is to find the key in
-// the far past; the filler is easy, so the loss on it falls fast and the answer loss stands out.
-// The filler at position p is pattern[(p + offset) % len] with a random offset per step, so any
-// range is produced in O(n) with O(1) set-up per call, and a rank reading [start, start+n)
+//   [0]                  TOK_BOS
+//   [key, key+6)         TOK_KEY k1 k2 k3 k4 k5        key at a uniform random depth
+//   [seq-5, seq+1)       TOK_QUERY k1 k2 k3 k4 k5      the question at the very end
+//   everywhere else      filler: easy lowercase sentences
+// Key symbol i is drawn from its own alphabet of ten (PASSKEY_SYMBOLS[i]: digits, capitals,
+// punctuation), none of which occur in the filler, so the last five tokens can only be predicted
+// by finding the key in the past. Training sequences (step < PASSKEY_EVAL_STEP0) also repeat the
+// question at up to 8 random places after the key ("practice"): one retrieval per sequence is too
+// little signal for a small model to learn from in minutes on a CPU. Held-out sequences (steps
+// from PASSKEY_EVAL_STEP0 on) hold the one question at the end, so evaluation measures retrieval
+// from the key itself, at the distance answer() reports.
+// Every token is an O(1) function of (seed, step, position): a rank reading [start, start+n)
 // agrees exactly with a rank reading everything.
+
+static const char* const PASSKEY_SYMBOLS[5] = {"0123456789", "ABCDEFGHIJ", "KLMNOPQRST", "UVWXYZ!#$%", "&()*+,-/:;"};
+constexpr uint64_t PASSKEY_EVAL_STEP0 = 1ull << 40;  // held-out sequences: steps from here on
 
 struct PasskeyTask : DataSource {
     uint64_t seed;
@@ -300,71 +307,80 @@ struct PasskeyTask : DataSource {
     std::string pattern;  // the filler, a fixed cycle of short sentences
 
     static constexpr size_t DIGITS = 5;
-    static constexpr size_t INSERT = 1 + DIGITS;  // TOK_KEY or TOK_QUERY, then the digits
+    static constexpr size_t INSERT = 1 + DIGITS;  // TOK_KEY or TOK_QUERY, then the symbols
+    static constexpr size_t PRACTICE = 8;         // practice questions tried per training sequence
 
     PasskeyTask(uint64_t seed_, size_t seq_) : seed(seed_), seq(seq_) {
         // A fixed pseudo-random sequence of sentences (its own fixed seed: the same filler for every
         // run), long enough that the cycle is not a trivial short repeat.
         const char* const sentences[] = {
-            "The grass is green. ", "The sky is blue. ", "The sun is yellow. ", "Here we go. ",
-            "There and back again. ", "The sea is deep. ", "Snow is white. ", "The night is dark. ",
+            "the grass is green. ", "the sky is blue. ", "the sun is yellow. ", "here we go. ",
+            "there and back again. ", "the sea is deep. ", "snow is white. ", "the night is dark. ",
         };
         uint64_t state = 0x5eed5eed5eedULL;
         for (int i = 0; i < 256; i++) pattern += sentences[data_splitmix64(&state) % 8];
     }
 
-    // What step k hides: the filler offset, where the key goes, and the digits.
+    // What step k hides: the filler offset, where the key goes, its symbols, the practice gap.
     struct Plan {
         uint64_t offset;
         size_t key;
-        int32_t digits[DIGITS];
+        int32_t symbols[DIGITS];
+        std::vector<size_t> practice;  // positions of the practice questions (training sequences)
     };
+    size_t query_pos() const { return seq + 1 - INSERT; }  // TOK_QUERY; the symbols follow to the end
     Plan plan(uint64_t step) const {
         uint64_t state = seed ^ (step * 0xD1B54A32D192ED03ULL);  // distinct stream per (seed, step)
         data_splitmix64(&state);                                  // one warm-up draw
         Plan p;
         p.offset = data_splitmix64(&state) % pattern.size();
         p.key = 1 + (size_t)(data_splitmix64(&state) % (seq + 1 - 2 * INSERT));  // uniform in [1, seq+1-12]
-        for (size_t d = 0; d < DIGITS; d++) p.digits[d] = '0' + (int32_t)(data_splitmix64(&state) % 10);
+        for (size_t d = 0; d < DIGITS; d++) p.symbols[d] = PASSKEY_SYMBOLS[d][data_splitmix64(&state) % 10];
+        // practice questions: up to PRACTICE of them at random places after the key, none overlapping
+        const size_t lo = p.key + INSERT, hi = query_pos();  // a question fits in [q, q+6) within [lo, hi)
+        for (size_t m = 0; step < PASSKEY_EVAL_STEP0 && m < PRACTICE && hi >= lo + INSERT; m++) {
+            size_t q = lo + (size_t)(data_splitmix64(&state) % (hi - lo - INSERT + 1));
+            bool clear = true;
+            for (size_t o : p.practice) clear &= (q + INSERT <= o || o + INSERT <= q);
+            if (clear) p.practice.push_back(q);
+        }
         return p;
     }
-    size_t query_pos() const { return seq + 1 - INSERT; }  // TOK_QUERY; the digits follow to the end
-
+    
     void read(uint64_t step, size_t start, size_t n, int32_t* out) override {
         if (start > seq + 1 || n > seq + 1 - start)
             data_fatal("data: read of tokens [" + std::to_string(start) + ", " + std::to_string(start + n) +
                        ") is outside the sequence of " + std::to_string(seq + 1) + " tokens");
         Plan p = plan(step);
-        // filler everywhere, BOS at 0
         size_t len = pattern.size(), k = (size_t)((start + p.offset) % len);
-        for (size_t i = 0; i < n; i++) {
+        for (size_t i = 0; i < n; i++) {  // filler everywhere, BOS at 0
             out[i] = (uint8_t)pattern[k];
             if (++k == len) k = 0;
         }
         if (start == 0 && n > 0) out[0] = TOK_BOS;
-        // overlay the two inserts where they fall inside [start, start+n)
-        auto overlay = [&](size_t pos, int32_t head) {
-            for (size_t j = 0; j < INSERT; j++) {
-                size_t q = pos + j;
-                if (q >= start && q < start + n) out[q - start] = j == 0 ? head : p.digits[j - 1];
-            }
+        auto overlay = [&](size_t pos, int32_t head) {  // an insert, where it falls inside [start, start+n)
+            for (size_t j = 0; j < INSERT; j++)
+                if (pos + j >= start && pos + j < start + n) out[pos + j - start] = j == 0 ? head : p.symbols[j - 1];
         };
         overlay(p.key, TOK_KEY);
         overlay(query_pos(), TOK_QUERY);
+        for (size_t q : p.practice) overlay(q, TOK_QUERY);
     }
 
     std::string describe() const override {
-        return "passkey task (seed " + std::to_string(seed) + "): find a 5-digit key hidden in " +
+        return "passkey task (seed " + std::to_string(seed) + "): find a 5-symbol key hidden in " +
                std::to_string(seq + 1) + " tokens";
     }
 
-    bool answer(uint64_t step, std::vector<size_t>* positions, size_t* distance) override {
+    // The final question's five answer positions; the distance from the key to that question.
+    bool answer(uint64_t step, std::vector<size_t>* positions, std::vector<size_t>* distances) override {
         Plan p = plan(step);
-        if (positions) {
-            positions->clear();
-            for (size_t d = 0; d < DIGITS; d++) positions->push_back(query_pos() + 1 + d);
+        if (positions) positions->clear();
+        if (distances) distances->clear();
+        for (size_t d = 0; d < DIGITS; d++) {
+            if (positions) positions->push_back(query_pos() + 1 + d);
+            if (distances) distances->push_back(query_pos() - p.key);
         }
-        if (distance) *distance = query_pos() - p.key;
         return true;
     }
 };

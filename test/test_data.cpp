@@ -1,5 +1,5 @@
 // test_data.cpp: the data sources (data/data.h) on real files in a fresh temporary directory.
-// Build: g++ -std=c++17 -O2 -I. test/test_data.cpp -lgtest -lgtest_main -pthread
+// Build: g++ -std=c++17 -O2 -DOMPI_SKIP_MPICXX -I. test/test_data.cpp -lgtest -lgtest_main -pthread
 #include <gtest/gtest.h>
 
 #include <ftw.h>
@@ -135,8 +135,7 @@ TEST(Shards, RoundTripUint16) {
     EXPECT_EQ(read_all(d.get(), 0, seq), std::vector<int32_t>(toks.begin(), toks.begin() + seq + 1));
     for (uint64_t k : {1, 2, 5, 9, 10, 11, 123})
         EXPECT_EQ(read_all(d.get(), k, seq), expected_window(toks, k, seq)) << "step " << k;
-    std::vector<size_t> pos;
-    size_t dist;
+    std::vector<size_t> pos, dist;
     EXPECT_FALSE(d->answer(0, &pos, &dist));  // plain data has no answer
 }
 
@@ -208,9 +207,9 @@ TEST(Shards, WindowWalksAndWraps) {
 }
 
 // A rank that reads [start, start+n) must see exactly the slice of what a rank reading all sees.
-static void check_subranges(DataSource* d, size_t seq, std::mt19937_64* rng, int trials) {
+static void check_subranges(DataSource* d, size_t seq, std::mt19937_64* rng, int trials, uint64_t step0 = 0) {
     for (int t = 0; t < trials; t++) {
-        uint64_t step = (*rng)() % 1000;
+        uint64_t step = step0 + (*rng)() % 1000;
         std::vector<int32_t> all = read_all(d, step, seq);
         size_t start = (*rng)() % (seq + 2);  // start may be seq+1 (then n is 0)
         size_t n = (*rng)() % (seq + 2 - start);
@@ -444,75 +443,151 @@ static std::unique_ptr<DataSource> passkey(size_t seq, uint64_t seed) {
     return d;
 }
 
+// Which of the five key alphabets holds byte t: 0..4, or -1 for none.
+static int passkey_alphabet(int32_t t) {
+    if (t < 0 || t >= 256 || t == 0) return -1;
+    for (int a = 0; a < 5; a++)
+        if (strchr(PASSKEY_SYMBOLS[a], (char)t)) return a;
+    return -1;
+}
+
+// What one passkey sequence holds, after checking what every step must hold (BOS at 0 and only
+// there, one key at a legal depth followed by one symbol from each alphabet, the final question
+// at seq-5 with the key's symbols, answer() consistent with it, every question after the key and
+// repeating its symbols, no two inserts overlapping, and key symbols nowhere else).
+struct PasskeySeq {
+    size_t key = 0;
+    std::vector<size_t> queries;  // every TOK_QUERY, ascending; the last is the final question
+};
+static void check_passkey_seq(DataSource* d, uint64_t step, size_t seq, PasskeySeq* out) {
+    SCOPED_TRACE("step " + std::to_string(step) + " seq " + std::to_string(seq));
+    std::vector<int32_t> x = read_all(d, step, seq);
+    ASSERT_EQ(x[0], TOK_BOS);
+    std::vector<size_t> keys, queries;
+    for (size_t i = 0; i < x.size(); i++) {
+        ASSERT_TRUE(x[i] >= 0 && x[i] < BYTE_VOCAB) << x[i] << " at " << i;
+        ASSERT_NE(x[i], TOK_PAD) << i;
+        if (x[i] == TOK_BOS) ASSERT_EQ(i, 0u);
+        if (x[i] == TOK_KEY) keys.push_back(i);
+        if (x[i] == TOK_QUERY) queries.push_back(i);
+    }
+    ASSERT_EQ(keys.size(), 1u);
+    ASSERT_GE(queries.size(), 1u);
+    const size_t key = keys[0];
+    ASSERT_GE(key, 1u);
+    ASSERT_LE(key, seq + 1 - 12);
+    ASSERT_EQ(queries.back(), seq - 5);  // the final question fills the last 6 tokens
+    // symbol j of the key is from alphabet j-1
+    for (size_t j = 1; j <= 5; j++) ASSERT_EQ(passkey_alphabet(x[key + j]), (int)j - 1) << "symbol " << j;
+    // every question comes after the key's insert, repeats its symbols, and overlaps no other insert
+    std::vector<bool> in_insert(x.size(), false);
+    for (size_t j = 0; j < 6; j++) in_insert[key + j] = true;
+    for (size_t qi = 0; qi < queries.size(); qi++) {
+        size_t q = queries[qi];
+        ASSERT_GE(q, key + 6) << "question at " << q << " before the key's insert ends";
+        ASSERT_LE(q + 6, seq + 1);
+        if (qi + 1 < queries.size()) ASSERT_LE(q + 6, queries[qi + 1]) << "questions at " << q << " overlap";
+        for (size_t j = 1; j <= 5; j++) ASSERT_EQ(x[q + j], x[key + j]) << "question at " << q << ", symbol " << j;
+        for (size_t j = 0; j < 6; j++) {
+            ASSERT_FALSE(in_insert[q + j]) << q + j;
+            in_insert[q + j] = true;
+        }
+    }
+    // outside the inserts: filler only, never a key symbol
+    for (size_t i = 1; i < x.size(); i++)
+        if (!in_insert[i]) ASSERT_EQ(passkey_alphabet(x[i]), -1) << "key symbol " << (char)x[i] << " in the filler at " << i;
+    // answer(): the 5 symbol positions at the end, each with the distance key -> final question
+    std::vector<size_t> pos, dist;
+    ASSERT_TRUE(d->answer(step, &pos, &dist));
+    ASSERT_EQ(pos, (std::vector<size_t>{seq - 4, seq - 3, seq - 2, seq - 1, seq}));
+    ASSERT_EQ(dist, std::vector<size_t>(5, seq - 5 - key));
+    for (size_t p : pos) ASSERT_EQ(x[p], x[key + (p - (seq - 5))]);
+    out->key = key;
+    out->queries = queries;
+}
+
 TEST(Passkey, Deterministic) {
     const size_t seq = 1000;
     std::unique_ptr<DataSource> a = passkey(seq, test_seed()), b = passkey(seq, test_seed());
     std::unique_ptr<DataSource> c = passkey(seq, test_seed() + 1);
     EXPECT_HAS(a->describe(), "passkey");
-    for (uint64_t k = 0; k < 20; k++) {
-        std::vector<int32_t> x = read_all(a.get(), k, seq);
-        EXPECT_EQ(x, read_all(a.get(), k, seq));  // again, same object
-        EXPECT_EQ(x, read_all(b.get(), k, seq));  // same seed, another object
-        EXPECT_NE(x, read_all(a.get(), k + 1, seq));  // the next step differs
-        EXPECT_NE(x, read_all(c.get(), k, seq));      // another seed differs
+    for (uint64_t k0 : {(uint64_t)0, PASSKEY_EVAL_STEP0}) {
+        for (uint64_t k = k0; k < k0 + 20; k++) {
+            std::vector<int32_t> x = read_all(a.get(), k, seq);
+            EXPECT_EQ(x, read_all(a.get(), k, seq));      // again, same object
+            EXPECT_EQ(x, read_all(b.get(), k, seq));      // same seed, another object
+            EXPECT_NE(x, read_all(a.get(), k + 1, seq));  // the next step differs
+            EXPECT_NE(x, read_all(c.get(), k, seq));      // another seed differs
+        }
     }
+    // the held-out sequences are not the training sequences
+    EXPECT_NE(read_all(a.get(), 0, seq), read_all(a.get(), PASSKEY_EVAL_STEP0, seq));
 }
 
-TEST(Passkey, LayoutAndAnswer) {
+TEST(Passkey, EvalLayoutAndAnswer) {
     const size_t seq = 4096;
     std::unique_ptr<DataSource> d = passkey(seq, test_seed());
     size_t min_key = seq, max_key = 0;
+    std::vector<int> seen[5];  // how often each symbol of each alphabet occurs in the key
+    for (auto& v : seen) v.assign(10, 0);
     for (uint64_t k = 0; k < 200; k++) {
-        std::vector<int32_t> x = read_all(d.get(), k, seq);
-        EXPECT_EQ(x[0], TOK_BOS);
-        for (int32_t t : x) ASSERT_TRUE(t >= 0 && t < BYTE_VOCAB) << t;
-        // exactly one key and one query, the query at seq-5
-        std::vector<size_t> keys, queries;
-        for (size_t i = 0; i < x.size(); i++) {
-            if (x[i] == TOK_KEY) keys.push_back(i);
-            if (x[i] == TOK_QUERY) queries.push_back(i);
-            if (x[i] == TOK_BOS) {
-                ASSERT_EQ(i, 0u);
-            }
-        }
-        ASSERT_EQ(keys.size(), 1u);
-        ASSERT_EQ(queries.size(), 1u);
-        size_t key = keys[0], q = queries[0];
-        ASSERT_EQ(q, seq - 5);
-        ASSERT_GE(key, 1u);
-        ASSERT_LE(key, seq + 1 - 12);
-        min_key = std::min(min_key, key);
-        max_key = std::max(max_key, key);
-        // digits after KEY == digits after QUERY, and only there are digits
-        int digits = 0;
-        for (int32_t t : x) digits += t >= '0' && t <= '9';
-        EXPECT_EQ(digits, 10);
-        for (size_t j = 1; j <= 5; j++) {
-            EXPECT_TRUE(x[key + j] >= '0' && x[key + j] <= '9');
-            EXPECT_EQ(x[key + j], x[q + j]);
-        }
-        // answer(): the 5 digit positions at the end, and the distance key -> query
-        std::vector<size_t> pos;
-        size_t dist = 0;
-        ASSERT_TRUE(d->answer(k, &pos, &dist));
-        EXPECT_EQ(pos, (std::vector<size_t>{seq - 4, seq - 3, seq - 2, seq - 1, seq}));
-        EXPECT_EQ(dist, q - key);
+        uint64_t step = PASSKEY_EVAL_STEP0 + k;
+        PasskeySeq s;
+        check_passkey_seq(d.get(), step, seq, &s);
+        if (HasFatalFailure()) return;
+        // held out: exactly one question, the final one
+        ASSERT_EQ(s.queries, std::vector<size_t>{seq - 5}) << "step " << step;
+        min_key = std::min(min_key, s.key);
+        max_key = std::max(max_key, s.key);
+        std::vector<int32_t> x = read_all(d.get(), step, seq);
+        for (int j = 0; j < 5; j++) seen[j][strchr(PASSKEY_SYMBOLS[j], (char)x[s.key + 1 + j]) - PASSKEY_SYMBOLS[j]]++;
     }
     // the key depth is spread over the sequence (200 uniform draws over ~4085 places)
     EXPECT_LT(min_key, seq / 4);
     EXPECT_GT(max_key, 3 * seq / 4);
+    // each symbol draws on its whole alphabet (200 draws over 10: each symbol ~20 times)
+    for (int j = 0; j < 5; j++)
+        for (int v = 0; v < 10; v++) EXPECT_GT(seen[j][v], 0) << "symbol " << j << " never " << PASSKEY_SYMBOLS[j][v];
+}
+
+TEST(Passkey, TrainingHasPracticeQuestions) {
+    const size_t seq = 4096;
+    std::unique_ptr<DataSource> d = passkey(seq, test_seed());
+    int with_several = 0;  // sequences with at least 3 practice questions
+    size_t most = 0;
+    for (uint64_t k = 0; k < 200; k++) {
+        PasskeySeq s;
+        check_passkey_seq(d.get(), k, seq, &s);
+        if (HasFatalFailure()) return;
+        size_t practice = s.queries.size() - 1;
+        ASSERT_LE(practice, 8u) << "step " << k;
+        most = std::max(most, practice);
+        with_several += practice >= 3;
+    }
+    // a key at a uniform depth leaves room for 8 tries in most sequences; only a key in the last
+    // ~6% of the sequence leaves fewer than 3 possible, so "most" is a loose bound
+    EXPECT_GE(with_several, 150) << "of 200 training sequences";
+    EXPECT_EQ(most, 8u);
 }
 
 TEST(Passkey, FillerIsText) {
     const size_t seq = 2000;
     std::unique_ptr<DataSource> d = passkey(seq, test_seed());
-    std::vector<int32_t> x = read_all(d.get(), 3, seq);
-    std::string s;
-    for (size_t i = 1; i < seq - 5; i++)
-        if (x[i] < 256 && !(x[i] >= '0' && x[i] <= '9')) s += (char)x[i];
-    // printable English-ish sentences
-    for (char ch : s) ASSERT_TRUE(ch == ' ' || ch == '.' || isalpha((unsigned char)ch)) << (int)ch;
-    EXPECT_NE(s.find(". The "), std::string::npos) << s.substr(0, 200);
+    for (uint64_t step : {(uint64_t)3, PASSKEY_EVAL_STEP0 + 3}) {
+        std::vector<int32_t> x = read_all(d.get(), step, seq);
+        // mask out the inserts (KEY or QUERY and the 5 symbols after it)
+        std::vector<bool> insert(x.size(), false);
+        for (size_t i = 0; i < x.size(); i++)
+            if (x[i] == TOK_KEY || x[i] == TOK_QUERY)
+                for (size_t j = 0; j < 6 && i + j < x.size(); j++) insert[i + j] = true;
+        std::string s;
+        for (size_t i = 1; i < x.size(); i++)
+            if (!insert[i]) s += (char)x[i];
+        // easy lowercase sentences, and nothing from a key alphabet
+        for (char ch : s) ASSERT_TRUE(ch == ' ' || ch == '.' || (ch >= 'a' && ch <= 'z')) << (int)ch;
+        EXPECT_NE(s.find(". the "), std::string::npos) << s.substr(0, 200);
+        EXPECT_GT(s.size(), seq / 2);
+    }
 }
 
 TEST(Passkey, SubRangeEqualsSliceOfFullRead) {
@@ -520,21 +595,32 @@ TEST(Passkey, SubRangeEqualsSliceOfFullRead) {
     std::mt19937_64 rng(test_seed() + 6);
     for (size_t seq : {32, 33, 257, 5000}) {
         std::unique_ptr<DataSource> d = passkey(seq, test_seed());
-        check_subranges(d.get(), seq, &rng, 300);
+        check_subranges(d.get(), seq, &rng, 300, 0);                   // training: with practice
+        check_subranges(d.get(), seq, &rng, 300, PASSKEY_EVAL_STEP0);  // held out
     }
 }
 
 TEST(Passkey, SmallestSeq) {
-    // seq 32: the key may start at 1..21 and must never touch the query at 27
+    // seq 32: the key may start at 1..21 and must never touch the question at 27
     std::unique_ptr<DataSource> d = passkey(32, test_seed());
-    for (uint64_t k = 0; k < 500; k++) {
-        std::vector<int32_t> x = read_all(d.get(), k, 32);
-        ASSERT_EQ(x[27], TOK_QUERY);
-        size_t dist;
-        d->answer(k, nullptr, &dist);
-        ASSERT_EQ(x[27 - dist], TOK_KEY);
-        ASSERT_GE(dist, 6u);  // key + 5 digits end before the query
+    int practiced = 0;
+    for (uint64_t k0 : {(uint64_t)0, PASSKEY_EVAL_STEP0}) {
+        for (uint64_t k = k0; k < k0 + 500; k++) {
+            PasskeySeq s;
+            check_passkey_seq(d.get(), k, 32, &s);
+            if (HasFatalFailure()) return;
+            std::vector<int32_t> x = read_all(d.get(), k, 32);
+            ASSERT_EQ(x[27], TOK_QUERY);
+            std::vector<size_t> dist;
+            ASSERT_TRUE(d->answer(k, nullptr, &dist));
+            ASSERT_EQ(dist.size(), 5u);
+            ASSERT_EQ(x[27 - dist[0]], TOK_KEY);
+            ASSERT_GE(dist[0], 6u);  // key + 5 symbols end before the question
+            if (k >= PASSKEY_EVAL_STEP0) ASSERT_EQ(s.queries.size(), 1u) << "step " << k;
+            practiced += s.queries.size() > 1;
+        }
     }
+    EXPECT_GT(practiced, 0);  // even at seq 32 a shallow key leaves room for practice
 }
 
 TEST(Passkey, Errors) {

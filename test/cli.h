@@ -1,0 +1,78 @@
+// cli.h: helpers for tests that run the real ./fpdt (and mpirun) and read what it prints.
+#pragma once
+#include <sys/wait.h>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+struct Out {
+    int rc;
+    std::string out;  // stdout and stderr together
+};
+
+// Runs a shell command from the repo root; returns its exit code and output.
+static inline Out run(const std::string& cmd) {
+    Out r{-1, ""};
+    FILE* p = popen((cmd + " 2>&1").c_str(), "r");
+    if (!p) return r;
+    char buf[4096];
+    size_t n;
+    while ((n = fread(buf, 1, sizeof buf, p)) > 0) r.out.append(buf, n);
+    int st = pclose(p);
+    r.rc = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + (WIFSIGNALED(st) ? WTERMSIG(st) : 0);
+    return r;
+}
+
+// mpirun as CI runs it: as root, more ranks than cores.
+static inline std::string mpirun(int np) {
+    return "mpirun --allow-run-as-root --oversubscribe -np " + std::to_string(np) + " ";
+}
+
+// The losses of the "step N/M | loss X" lines, in order.
+static inline std::vector<double> losses(const std::string& out) {
+    std::vector<double> v;
+    size_t p = 0;
+    while ((p = out.find("| loss ", p)) != std::string::npos) {
+        if (out.rfind("step ", p) != std::string::npos && out.compare(out.rfind('\n', p) + 1, 5, "step ") == 0)
+            v.push_back(atof(out.c_str() + p + 7));
+        p += 7;
+    }
+    return v;
+}
+
+// The lines that carry step losses, verbatim up to the loss (for exact comparisons).
+static inline std::vector<std::string> loss_lines(const std::string& out) {
+    std::vector<std::string> v;
+    size_t a = 0;
+    while (a < out.size()) {
+        size_t b = out.find('\n', a);
+        if (b == std::string::npos) b = out.size();
+        std::string line = out.substr(a, b - a);
+        if (line.rfind("step ", 0) == 0) v.push_back(line.substr(0, line.find(" | lr")));
+        a = b + 1;
+    }
+    return v;
+}
+
+// The number after `key` in out (e.g. "peak device memory "), or -1.
+static inline double number_after(const std::string& out, const std::string& key) {
+    size_t p = out.find(key);
+    return p == std::string::npos ? -1 : atof(out.c_str() + p + key.size());
+}
+
+static inline int count_lines(const std::string& s) {
+    int n = 0;
+    for (size_t a = 0; a < s.size();) {
+        size_t b = s.find('\n', a);
+        if (b == std::string::npos) b = s.size();
+        if (b > a) n++;
+        a = b + 1;
+    }
+    return n;
+}
+
+static inline std::string tmpdir() {
+    char t[] = "/tmp/fpdt_test_XXXXXX";
+    return mkdtemp(t) ? t : "/tmp";
+}

@@ -1,0 +1,80 @@
+// Sequence parallelism across real MPI processes (mpirun, as CI runs it): the same losses as one
+// process, the all-to-all layout, per-rank memory, and errors and dead ranks ending the job.
+#include <gtest/gtest.h>
+#include "test/cli.h"
+
+// One thread per rank: the ranks share CI's two cores.
+static std::string mpi(int np) { return mpirun(np) + "-x OMP_NUM_THREADS=1 "; }
+
+TEST(Mpi, LayoutRoundTripsAcrossProcesses) {
+    for (int np : {2, 4}) {
+        Out r = run(mpi(np) + "./build/mpi_layout --gtest_color=no");
+        EXPECT_EQ(r.rc, 0) << r.out;
+        EXPECT_NE(r.out.find("[  PASSED  ] 2 tests"), std::string::npos) << r.out;
+    }
+}
+
+// P = 2 and 4 print the single-process losses (to 1e-5 relative), both families, offload on and
+// off, ZeRO-1 on and off. Only the order of fp32 sums differs (all-reduce, reduce-scatter).
+TEST(Mpi, SameLossesAsOneProcess) {
+    for (const char* model : {"tiny", "gpt-tiny"}) {
+        const std::string args = std::string("./fpdt train --device cpu --eval-every 0 --seq 64 --steps 3 --chunk-size 16 --model ") + model;
+        Out ref = run("OMP_NUM_THREADS=1 " + args);
+        ASSERT_EQ(ref.rc, 0) << ref.out;
+        std::vector<double> lr = losses(ref.out);
+        ASSERT_EQ(lr.size(), 3u);
+        for (int np : {2, 4})
+            for (const char* extra : {"", " --offload 1", " --zero 1", " --offload 1 --zero 1"}) {
+                Out r = run(mpi(np) + args + extra);
+                ASSERT_EQ(r.rc, 0) << r.out;
+                std::vector<double> l = losses(r.out);
+                ASSERT_EQ(l.size(), 3u) << r.out;  // rank 0 alone prints step lines
+                for (size_t i = 0; i < l.size(); i++)
+                    EXPECT_NEAR(l[i], lr[i], 1e-5 * lr[i]) << model << " np " << np << extra << " step " << i + 1;
+                EXPECT_NE(r.out.find("(max over ranks)"), std::string::npos);
+            }
+    }
+}
+
+// Each rank's activation working set (device bytes other than weights, gradients and optimizer
+// state) at P = 4 is about a quarter of P = 1's; the plan says so and a real 4-rank run measures it.
+TEST(Mpi, PerRankWorkingSetIsAQuarter) {
+    auto working = [](const std::string& out) {
+        return number_after(out, "working set ") + number_after(out, "store chunks (device) ");
+    };
+    const std::string cfg = " --model small --seq 4096 --chunk-size 1024 --offload 1";
+    Out p1 = run("./fpdt plan" + cfg + " --gpus 1"), p4 = run("./fpdt plan" + cfg + " --gpus 4");
+    ASSERT_EQ(p1.rc, 0) << p1.out;
+    ASSERT_EQ(p4.rc, 0) << p4.out;
+    const double ratio = working(p4.out) / working(p1.out);
+    EXPECT_GT(ratio, 0.2) << p1.out << p4.out;
+    EXPECT_LT(ratio, 0.3) << p1.out << p4.out;
+    Out t4 = run(mpi(4) + "./fpdt train --device cpu --eval-every 0 --steps 1 --model tiny --seq 512 --chunk-size 128 --offload 1");
+    Out q4 = run("./fpdt plan --model tiny --seq 512 --chunk-size 128 --offload 1 --gpus 4");
+    ASSERT_EQ(t4.rc, 0) << t4.out;
+    const double measured = number_after(t4.out, "peak device memory "), planned = number_after(q4.out, "  device ");
+    EXPECT_NEAR(measured, planned, 0.1 * planned) << t4.out << q4.out;
+}
+
+// A shape the group cannot use: one message, from rank 0, and a non-zero exit.
+TEST(Mpi, BadWorldSizeIsOneMessage) {
+    Out r = run(mpi(3) + "./fpdt train --device cpu --model tiny --seq 96 --chunk-size 48");
+    EXPECT_NE(r.rc, 0) << r.out;
+    size_t first = r.out.find("fpdt: "), n = 0;
+    for (size_t p = first; p != std::string::npos; p = r.out.find("fpdt: ", p + 1)) n++;
+    EXPECT_EQ(n, 1u) << r.out;
+    EXPECT_NE(r.out.find("not a multiple of the 3 ranks"), std::string::npos) << r.out;
+}
+
+// A rank killed mid-run ends the whole job, non-zero, well within 60 s, and the report names it.
+TEST(Mpi, KilledRankEndsTheJob) {
+    std::string d = tmpdir();
+    Out r = run("out=" + d + "/log; " + mpi(2) +
+                "./fpdt train --device cpu --model tiny --seq 64 --steps 100000 --eval-every 0 > $out 2>&1 & m=$!; "
+                "for i in $(seq 300); do grep -q 'step 3/' $out && break; sleep 0.1; done; "
+                "kill -9 $(pgrep -P $m | tail -1); t0=$(date +%s); wait $m; rc=$?; "
+                "echo \"rc=$rc secs=$(( $(date +%s) - t0 ))\"; cat $out");
+    EXPECT_GT(number_after(r.out, "rc="), 0) << r.out;
+    EXPECT_LT(number_after(r.out, "secs="), 60) << r.out;
+    EXPECT_NE(r.out.find("rank"), std::string::npos) << r.out;
+}

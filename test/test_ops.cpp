@@ -1,0 +1,563 @@
+// The CPU ops (ops.cuh, attention.cuh, loss.cuh), one at a time: every fp32 forward against a
+// double-precision reference written here as plain loops, and every fp32 backward against central
+// finite differences of that double reference.
+//
+// Method. For an op y = f(x) we fix a random R and take the scalar L = sum(y * R), so dL/dy = R is
+// what the backward receives. The references below recompute f in double from the same inputs
+// (fp32 values are exact in double), and fd_grad() differentiates L(x) centrally with eps = 1e-6.
+//
+// Tolerances, as relative norms ||a - b|| / ||b||:
+//  - kGrad = 1e-4 for an fp32 analytic gradient against double finite differences. The finite
+//    differences are good to ~1e-9 (truncation ~eps^2 ~ 1e-12, cancellation ~1e-16 / eps ~ 1e-10),
+//    so all the difference is the fp32 arithmetic of the backward: sums of up to ~100 products,
+//    ~6e-8 per rounding, ~1e-6 in all. 1e-4 leaves a 100x margin and still catches any wrong
+//    formula: a missing or wrong term moves a gradient by 1e-2 relative or much more.
+//  - kFwd = 1e-5 for an fp32 forward against its double reference: a few roundings per output.
+// Ops documented as accumulating (+=) write into buffers pre-filled with random values, and the
+// test compares what they ADDED (after - before) to the finite differences, so an op that
+// overwrote would fail. Ops documented as overwriting get random garbage first, which must vanish.
+#include <gtest/gtest.h>
+#include <omp.h>
+#include <cmath>
+#include <functional>
+#include <vector>
+#include "attention.cuh"
+#include "common.h"
+#include "loss.cuh"
+#include "ops.cuh"
+
+using vf = std::vector<float>;
+using vd = std::vector<double>;
+
+static const double kGrad = 1e-4;  // fp32 analytic gradient vs double finite differences
+static const double kFwd = 1e-5;   // fp32 forward vs double reference
+
+// ----------------------------------------------------------------------------
+// Helpers
+
+// n values scale * N(0, 1) + shift: fresh, never all zeros.
+static vf randn(Rng* r, size_t n, float scale = 1.0f, float shift = 0.0f) {
+    vf a(n);
+    for (float& x : a) x = scale * rng_normal(r) + shift;
+    return a;
+}
+static vd widen(const vf& a) { return vd(a.begin(), a.end()); }
+
+// ||a - b|| / ||b||
+template <typename A, typename B>
+static double rel_err(const std::vector<A>& a, const std::vector<B>& b) {
+    EXPECT_EQ(a.size(), b.size());
+    double num = 0, den = 0;
+    for (size_t i = 0; i < a.size() && i < b.size(); i++) {
+        const double d = (double)a[i] - (double)b[i];
+        num += d * d, den += (double)b[i] * b[i];
+    }
+    return sqrt(num / std::max(den, 1e-300));
+}
+
+// L = sum(y * R)
+static double dot(const vd& y, const vf& R) {
+    EXPECT_EQ(y.size(), R.size());
+    double s = 0;
+    for (size_t i = 0; i < y.size(); i++) s += y[i] * R[i];
+    return s;
+}
+
+// What an accumulating op added to a buffer: after - before.
+static vf added(const vf& after, const vf& before) {
+    vf d(after.size());
+    for (size_t i = 0; i < d.size(); i++) d[i] = after[i] - before[i];
+    return d;
+}
+
+template <typename T>
+static std::vector<T> concat(const std::vector<T>& a, const std::vector<T>& b) {
+    std::vector<T> c = a;
+    c.insert(c.end(), b.begin(), b.end());
+    return c;
+}
+
+// dL/dx by central differences in double. L reads x (captured by reference); each element is
+// perturbed in place and restored.
+static vd fd_grad(vd& x, const std::function<double()>& L, double eps = 1e-6) {
+    vd g(x.size());
+    for (size_t i = 0; i < x.size(); i++) {
+        const double x0 = x[i];
+        x[i] = x0 + eps;
+        const double lp = L();
+        x[i] = x0 - eps;
+        const double lm = L();
+        x[i] = x0;
+        g[i] = (lp - lm) / (2 * eps);
+    }
+    return g;
+}
+
+// ----------------------------------------------------------------------------
+// Double-precision references, straight from the comments in the headers.
+
+static vd matmul_ref(const vd& x, const vd& w, const vd& b, int T, int IC, int OC) {  // b empty: none
+    vd y((size_t)T * OC);
+    for (int t = 0; t < T; t++)
+        for (int o = 0; o < OC; o++) {
+            double s = b.empty() ? 0.0 : b[o];
+            for (int i = 0; i < IC; i++) s += x[t * IC + i] * w[o * IC + i];
+            y[t * OC + o] = s;
+        }
+    return y;
+}
+
+struct NormRef {
+    vd out, mean, rstd;
+};
+static NormRef norm_ref(const vd& x, const vd& w, const vd& b, int T, int C, bool rms, double eps) {
+    NormRef r{vd((size_t)T * C), vd(T), vd(T)};
+    for (int t = 0; t < T; t++) {
+        const double* xr = &x[t * C];
+        double m = 0, v = 0;
+        if (!rms) {
+            for (int i = 0; i < C; i++) m += xr[i];
+            m /= C;
+        }
+        for (int i = 0; i < C; i++) v += (xr[i] - m) * (xr[i] - m);
+        const double s = 1.0 / sqrt(v / C + eps);
+        for (int i = 0; i < C; i++) r.out[t * C + i] = (xr[i] - m) * s * w[i] + (b.empty() ? 0.0 : b[i]);
+        r.mean[t] = m, r.rstd[t] = s;
+    }
+    return r;
+}
+
+static vd gelu_ref(const vd& x) {
+    vd y(x.size());
+    for (size_t i = 0; i < x.size(); i++)
+        y[i] = 0.5 * x[i] * (1.0 + tanh(sqrt(2.0 / M_PI) * (x[i] + 0.044715 * x[i] * x[i] * x[i])));
+    return y;
+}
+
+static vd swiglu_ref(const vd& x, int T, int F) {  // x (T, 2F) = [gate | up]
+    vd y((size_t)T * F);
+    for (int t = 0; t < T; t++)
+        for (int i = 0; i < F; i++) {
+            const double g = x[t * 2 * F + i], u = x[t * 2 * F + F + i];
+            y[t * F + i] = g / (1.0 + exp(-g)) * u;
+        }
+    return y;
+}
+
+static vd rope_ref(const vd& x, const std::vector<int32_t>& pos, int nh, int D, double theta, int sign) {
+    vd y = x;
+    for (size_t t = 0; t < pos.size(); t++)
+        for (int h = 0; h < nh; h++)
+            for (int i = 0; i < D / 2; i++) {
+                const double a = sign * (double)pos[t] * pow(theta, -2.0 * i / D);
+                const size_t p = (t * nh + h) * D + 2 * i;
+                y[p] = x[p] * cos(a) - x[p + 1] * sin(a);
+                y[p + 1] = x[p] * sin(a) + x[p + 1] * cos(a);
+            }
+    return y;
+}
+
+static vd embedding_ref(const vd& wte, const std::vector<int32_t>& tok, int C) {
+    vd y(tok.size() * C);
+    for (size_t t = 0; t < tok.size(); t++)
+        for (int i = 0; i < C; i++) y[t * C + i] = wte[(size_t)tok[t] * C + i];
+    return y;
+}
+
+// Softmax attention of q (Tq, Hq, D) over k, v (Tk, Hkv, D) where query t sees key j iff see(t, j).
+struct AttnRef {
+    vd o, lse;
+};
+using Mask = std::function<bool(int t, int j)>;
+static AttnRef attention_ref(const vd& q, const vd& k, const vd& v, int Tq, int Tk, int Hq, int Hkv, int D,
+                             const Mask& see) {
+    AttnRef r{vd((size_t)Tq * Hq * D, 0.0), vd((size_t)Tq * Hq)};
+    const double scale = 1.0 / sqrt((double)D);
+    vd s(Tk);
+    for (int t = 0; t < Tq; t++)
+        for (int h = 0; h < Hq; h++) {
+            const int hk = h / (Hq / Hkv);
+            double m = -INFINITY;
+            for (int j = 0; j < Tk; j++) {
+                if (!see(t, j)) continue;
+                double d = 0;
+                for (int c = 0; c < D; c++) d += q[(t * Hq + h) * D + c] * k[(j * Hkv + hk) * D + c];
+                s[j] = d * scale;
+                m = std::max(m, s[j]);
+            }
+            double sum = 0;
+            for (int j = 0; j < Tk; j++)
+                if (see(t, j)) sum += exp(s[j] - m);
+            const double lse = m + log(sum);
+            r.lse[t * Hq + h] = lse;
+            for (int j = 0; j < Tk; j++)
+                if (see(t, j))
+                    for (int c = 0; c < D; c++)
+                        r.o[(t * Hq + h) * D + c] += exp(s[j] - lse) * v[(j * Hkv + hk) * D + c];
+        }
+    return r;
+}
+static const Mask kCausal = [](int t, int j) { return j <= t; };
+static const Mask kFull = [](int, int) { return true; };
+
+// Cross-entropy averaged over N tokens: sum_t (logsumexp(z[t]) - z[t][target[t]]) / N.
+static vd crossentropy_ref(const vd& z, const std::vector<int32_t>& target, int V) {  // per-token losses
+    vd loss(target.size());
+    for (size_t t = 0; t < target.size(); t++) {
+        double m = -INFINITY, s = 0;
+        for (int i = 0; i < V; i++) m = std::max(m, z[t * V + i]);
+        for (int i = 0; i < V; i++) s += exp(z[t * V + i] - m);
+        loss[t] = m + log(s) - z[t * V + target[t]];
+    }
+    return loss;
+}
+
+// AdamW step t (1-based) with bias correction and decoupled weight decay.
+static void adamw_ref(vd& p, const vf& g, vd& m, vd& v, double lr, double b1, double b2, double eps, double wd,
+                      bool decay, int t) {
+    for (size_t i = 0; i < p.size(); i++) {
+        m[i] = b1 * m[i] + (1 - b1) * g[i];
+        v[i] = b2 * v[i] + (1 - b2) * (double)g[i] * g[i];
+        const double upd = (m[i] / (1 - pow(b1, t))) / (sqrt(v[i] / (1 - pow(b2, t))) + eps);
+        p[i] -= lr * (upd + (decay ? wd * p[i] : 0.0));
+    }
+}
+
+// ----------------------------------------------------------------------------
+// Token-wise ops
+
+TEST(Matmul, ForwardAndAccumulatingBackward) {
+    const int T = 5, IC = 19, OC = 6;
+    for (bool bias : {true, false}) {  // without bias, dinp and db are null too
+        SCOPED_TRACE(bias ? "with bias, dinp, db" : "no bias, dinp = db = null");
+        Rng r{11};
+        vf x = randn(&r, T * IC), w = randn(&r, OC * IC), b = bias ? randn(&r, OC) : vf(), R = randn(&r, T * OC);
+        vd X = widen(x), W = widen(w), B = widen(b);
+        auto ref = [&] { return matmul_ref(X, W, B, T, IC, OC); };
+
+        vf y(T * OC);
+        matmul_forward_cpu(y.data(), x.data(), w.data(), bias ? b.data() : nullptr, T, IC, OC);
+        EXPECT_LT(rel_err(y, ref()), kFwd);
+
+        const vf dx0 = randn(&r, T * IC), dw0 = randn(&r, OC * IC), db0 = randn(&r, OC);
+        vf dx = dx0, dw = dw0, db = db0;
+        matmul_backward_cpu(bias ? dx.data() : nullptr, dw.data(), bias ? db.data() : nullptr, R.data(), x.data(),
+                            w.data(), T, IC, OC);
+        auto L = [&] { return dot(ref(), R); };
+        EXPECT_LT(rel_err(added(dw, dw0), fd_grad(W, L)), kGrad);
+        if (bias) {
+            EXPECT_LT(rel_err(added(dx, dx0), fd_grad(X, L)), kGrad);
+            EXPECT_LT(rel_err(added(db, db0), fd_grad(B, L)), kGrad);
+        }
+    }
+}
+
+TEST(Norm, LayerNormAndRMSNormForwardAndAccumulatingBackward) {
+    const int T = 4, C = 24;
+    const float eps = 1e-5f;
+    for (bool rms : {false, true}) {
+        SCOPED_TRACE(rms ? "RMSNorm" : "LayerNorm");
+        Rng r{rms ? 22u : 21u};
+        vf x = randn(&r, T * C, 1.5f, 0.7f), w = randn(&r, C, 0.5f, 1.0f), b = rms ? vf() : randn(&r, C);
+        vf R = randn(&r, T * C);
+        vd X = widen(x), W = widen(w), B = widen(b);
+        auto ref = [&] { return norm_ref(X, W, B, T, C, rms, eps); };
+
+        vf y(T * C), mean(T), rstd(T);
+        norm_forward_cpu(y.data(), mean.data(), rstd.data(), x.data(), w.data(), rms ? nullptr : b.data(), T, C, rms,
+                         eps);
+        NormRef f = ref();
+        EXPECT_LT(rel_err(y, f.out), kFwd);
+        EXPECT_LT(rel_err(rstd, f.rstd), kFwd);
+        if (rms)
+            EXPECT_EQ(mean, vf(T, 0.0f));
+        else
+            EXPECT_LT(rel_err(mean, f.mean), kFwd);
+
+        const vf dx0 = randn(&r, T * C), dw0 = randn(&r, C), db0 = randn(&r, C);
+        vf dx = dx0, dw = dw0, db = db0;
+        norm_backward_cpu(dx.data(), dw.data(), rms ? nullptr : db.data(), R.data(), x.data(), w.data(),
+                          mean.data(), rstd.data(), T, C, rms);
+        auto L = [&] { return dot(ref().out, R); };
+        EXPECT_LT(rel_err(added(dx, dx0), fd_grad(X, L)), kGrad);
+        EXPECT_LT(rel_err(added(dw, dw0), fd_grad(W, L)), kGrad);
+        if (!rms) {
+            EXPECT_LT(rel_err(added(db, db0), fd_grad(B, L)), kGrad);
+        }
+    }
+}
+
+TEST(Activation, GeluForwardAndOverwritingBackward) {
+    const int N = 64;
+    Rng r{31};
+    vf x = randn(&r, N, 2.0f), R = randn(&r, N);
+    vd X = widen(x);
+    vf y(N);
+    gelu_forward_cpu(y.data(), x.data(), N);
+    EXPECT_LT(rel_err(y, gelu_ref(X)), kFwd);
+
+    vf dx = randn(&r, N, 100.0f);  // garbage the backward must overwrite
+    gelu_backward_cpu(dx.data(), x.data(), R.data(), N);
+    EXPECT_LT(rel_err(dx, fd_grad(X, [&] { return dot(gelu_ref(X), R); })), kGrad);
+}
+
+TEST(Activation, SwiGLUForwardAndOverwritingBackward) {
+    const int T = 3, F = 8;
+    Rng r{32};
+    vf x = randn(&r, T * 2 * F, 2.0f), R = randn(&r, T * F);
+    vd X = widen(x);
+    vf y(T * F);
+    swiglu_forward_cpu(y.data(), x.data(), T, F);
+    EXPECT_LT(rel_err(y, swiglu_ref(X, T, F)), kFwd);
+
+    vf dx = randn(&r, T * 2 * F, 100.0f);  // garbage the backward must overwrite
+    swiglu_backward_cpu(dx.data(), x.data(), R.data(), T, F);
+    EXPECT_LT(rel_err(dx, fd_grad(X, [&] { return dot(swiglu_ref(X, T, F), R); })), kGrad);
+}
+
+// RoPE at small and large positions (2^21: where a float angle would be off by ~0.1 rad).
+TEST(Rope, ForwardBackwardAndInverseAtLargePositions) {
+    const int nh = 3, D = 16;
+    const float theta = 10000.0f;
+    const std::vector<int32_t> pos = {0, 1, 7, 999983, 1000000, 2097152};
+    const int T = (int)pos.size();
+    Rng r{41};
+    vf x = randn(&r, T * nh * D), R = randn(&r, T * nh * D);
+    vd X = widen(x);
+
+    vf y = x;
+    rope_cpu(y.data(), pos.data(), T, nh, D, theta, +1);
+    EXPECT_LT(rel_err(y, rope_ref(X, pos, nh, D, theta, +1)), kFwd);
+
+    // rope(+1) then rope(-1) is the identity: a rotation and its inverse, a few fp32 roundings.
+    vf back = y;
+    rope_cpu(back.data(), pos.data(), T, nh, D, theta, -1);
+    EXPECT_LT(rel_err(back, x), 1e-6);
+
+    // Backward: the inverse rotation applied to the gradient (it is linear, so dL/dx = rope^T R).
+    vf g = R;
+    rope_cpu(g.data(), pos.data(), T, nh, D, theta, -1);
+    EXPECT_LT(rel_err(g, fd_grad(X, [&] { return dot(rope_ref(X, pos, nh, D, theta, +1), R); })), kGrad);
+}
+
+TEST(Embedding, ForwardAndAccumulatingBackwardWithRepeatedTokens) {
+    const int V = 7, C = 6;
+    const std::vector<int32_t> tok = {3, 1, 3, 0, 6, 3, 2, 1, 5, 3};  // 4 never appears
+    const int T = (int)tok.size();
+    Rng r{51};
+    vf wte = randn(&r, V * C), R = randn(&r, T * C);
+    vd WTE = widen(wte);
+
+    vf y(T * C);
+    embedding_forward_cpu(y.data(), tok.data(), wte.data(), T, C);
+    EXPECT_EQ(widen(y), embedding_ref(WTE, tok, C));  // a copy: exact
+
+    const vf dw0 = randn(&r, V * C);
+    vf dw = dw0;
+    embedding_backward_cpu(dw.data(), tok.data(), R.data(), T, C);
+    EXPECT_LT(rel_err(added(dw, dw0), fd_grad(WTE, [&] { return dot(embedding_ref(WTE, tok, C), R); })), kGrad);
+    for (int i = 0; i < C; i++) EXPECT_EQ(dw[4 * C + i], dw0[4 * C + i]) << "unused row 4 must not change";
+}
+
+TEST(Residual, AddInplaceAccumulates) {
+    const size_t N = 1001;
+    Rng r{61};
+    const vf a = randn(&r, N), b = randn(&r, N);
+    vf out = a;
+    add_inplace_cpu(out.data(), b.data(), N);
+    for (size_t i = 0; i < N; i++) ASSERT_EQ(out[i], a[i] + b[i]) << i;  // one fp32 add: exact
+}
+
+// ----------------------------------------------------------------------------
+// Attention
+
+// One block from a fresh (o = 0, lse = -inf): forward against the double reference, delta, and the
+// accumulating backward against finite differences of the reference's o.
+static void check_attention_block(int Tq, int Tk, int Hq, int Hkv, int D, bool causal, uint64_t seed) {
+    Rng r{seed};
+    vf q = randn(&r, Tq * Hq * D), k = randn(&r, Tk * Hkv * D), v = randn(&r, Tk * Hkv * D);
+    vf R = randn(&r, Tq * Hq * D);  // dO
+    vd Q = widen(q), K = widen(k), V = widen(v);
+    auto ref = [&] { return attention_ref(Q, K, V, Tq, Tk, Hq, Hkv, D, causal ? kCausal : kFull); };
+
+    vf o(Tq * Hq * D, 0.0f), lse(Tq * Hq, -INFINITY);
+    attention_forward_cpu(o.data(), lse.data(), q.data(), k.data(), v.data(), Tq, Tk, Hq, Hkv, D, causal);
+    AttnRef f = ref();
+    EXPECT_LT(rel_err(o, f.o), kFwd);
+    EXPECT_LT(rel_err(lse, f.lse), kFwd);
+
+    vf delta(Tq * Hq);
+    attention_delta_cpu(delta.data(), R.data(), o.data(), Tq, Hq, D);
+    vd delta_ref(Tq * Hq, 0.0);
+    for (int i = 0; i < Tq * Hq; i++)
+        for (int c = 0; c < D; c++) delta_ref[i] += (double)R[i * D + c] * o[i * D + c];
+    EXPECT_LT(rel_err(delta, delta_ref), kFwd);
+
+    const vf dq0 = randn(&r, q.size()), dk0 = randn(&r, k.size()), dv0 = randn(&r, v.size());
+    vf dq = dq0, dk = dk0, dv = dv0;
+    attention_backward_cpu(dq.data(), dk.data(), dv.data(), R.data(), q.data(), k.data(), v.data(), lse.data(),
+                           delta.data(), Tq, Tk, Hq, Hkv, D, causal);
+    auto L = [&] { return dot(ref().o, R); };
+    EXPECT_LT(rel_err(added(dq, dq0), fd_grad(Q, L)), kGrad);
+    EXPECT_LT(rel_err(added(dk, dk0), fd_grad(K, L)), kGrad);
+    EXPECT_LT(rel_err(added(dv, dv0), fd_grad(V, L)), kGrad);
+}
+
+TEST(Attention, CausalBlock) { check_attention_block(12, 12, 2, 2, 16, true, 71); }
+TEST(Attention, NonCausalBlock) { check_attention_block(5, 9, 2, 2, 8, false, 72); }
+TEST(Attention, GroupedQueryHeads) {
+    check_attention_block(7, 7, 4, 2, 8, true, 73);
+    check_attention_block(5, 9, 4, 2, 16, false, 74);
+}
+
+// FPDT's log-sum-exp merge: a query chunk of Tq tokens against an earlier key chunk k0 (T0 tokens,
+// all visible) and then its own chunk k1 (causal diagonal) equals one softmax over [k0 | k1] with
+// that mask. The backward, run per block with the FINAL lse and delta = rowsum(dO * O), gives the
+// gradients of that whole attention: dq summed over the blocks, dk and dv split by block.
+TEST(Attention, LogSumExpMergeOfTwoBlocksEqualsOneSoftmax) {
+    const int Tq = 6, T0 = 7, Hq = 4, Hkv = 2;
+    const Mask see = [&](int t, int j) { return j < T0 || j - T0 <= t; };
+    for (int D : {16, 8}) {
+        SCOPED_TRACE("D = " + std::to_string(D));
+        Rng r{80u + D};
+        vf q = randn(&r, Tq * Hq * D), R = randn(&r, Tq * Hq * D);
+        vf k0 = randn(&r, T0 * Hkv * D), v0 = randn(&r, T0 * Hkv * D);
+        vf k1 = randn(&r, Tq * Hkv * D), v1 = randn(&r, Tq * Hkv * D);
+        vd Q = widen(q), K = widen(concat(k0, k1)), V = widen(concat(v0, v1));
+        auto ref = [&] { return attention_ref(Q, K, V, Tq, T0 + Tq, Hq, Hkv, D, see); };
+        AttnRef f = ref();
+
+        auto block0 = [&](vf& o, vf& lse) {
+            attention_forward_cpu(o.data(), lse.data(), q.data(), k0.data(), v0.data(), Tq, T0, Hq, Hkv, D, false);
+        };
+        auto block1 = [&](vf& o, vf& lse) {
+            attention_forward_cpu(o.data(), lse.data(), q.data(), k1.data(), v1.data(), Tq, Tq, Hq, Hkv, D, true);
+        };
+        vf o(Tq * Hq * D, 0.0f), lse(Tq * Hq, -INFINITY);
+        block0(o, lse), block1(o, lse);
+        EXPECT_LT(rel_err(o, f.o), kFwd);
+        EXPECT_LT(rel_err(lse, f.lse), kFwd);
+        {  // the merge is symmetric: the diagonal block first gives the same result
+            vf o2(o.size(), 0.0f), lse2(lse.size(), -INFINITY);
+            block1(o2, lse2), block0(o2, lse2);
+            EXPECT_LT(rel_err(o2, f.o), kFwd);
+            EXPECT_LT(rel_err(lse2, f.lse), kFwd);
+        }
+
+        vf delta(Tq * Hq);
+        attention_delta_cpu(delta.data(), R.data(), o.data(), Tq, Hq, D);
+        const vf dq0 = randn(&r, q.size());
+        const vf dk00 = randn(&r, k0.size()), dv00 = randn(&r, v0.size());
+        const vf dk10 = randn(&r, k1.size()), dv10 = randn(&r, v1.size());
+        vf dq = dq0, dk0 = dk00, dv0 = dv00, dk1 = dk10, dv1 = dv10;
+        attention_backward_cpu(dq.data(), dk0.data(), dv0.data(), R.data(), q.data(), k0.data(), v0.data(),
+                               lse.data(), delta.data(), Tq, T0, Hq, Hkv, D, false);
+        attention_backward_cpu(dq.data(), dk1.data(), dv1.data(), R.data(), q.data(), k1.data(), v1.data(),
+                               lse.data(), delta.data(), Tq, Tq, Hq, Hkv, D, true);
+        auto L = [&] { return dot(ref().o, R); };
+        EXPECT_LT(rel_err(added(dq, dq0), fd_grad(Q, L)), kGrad);
+        EXPECT_LT(rel_err(concat(added(dk0, dk00), added(dk1, dk10)), fd_grad(K, L)), kGrad);
+        EXPECT_LT(rel_err(concat(added(dv0, dv00), added(dv1, dv10)), fd_grad(V, L)), kGrad);
+    }
+}
+
+// ----------------------------------------------------------------------------
+// Loss and optimizer
+
+TEST(CrossEntropy, LossArgmaxAndDlogitsOfTheMean) {
+    const int T = 5, V = 11, N = 8;  // this chunk holds 5 of the N = 8 tokens the mean is over
+    Rng r{91};
+    vf z = randn(&r, T * V, 2.0f);
+    for (int i = 0; i < V; i++) z[2 * V + i] += 30.0f;  // a row with large logits: needs the max shift
+    std::vector<int32_t> target(T);
+    for (int32_t& t : target) t = (int32_t)(rng_u64(&r) % V);
+    vd Z = widen(z);
+
+    vf dz = z, loss(T);
+    std::vector<int32_t> pred(T);
+    crossentropy_cpu(dz.data(), loss.data(), pred.data(), target.data(), T, V, 1.0f / N);
+    EXPECT_LT(rel_err(loss, crossentropy_ref(Z, target, V)), kFwd);
+    for (int t = 0; t < T; t++)
+        EXPECT_EQ(pred[t], std::max_element(z.begin() + t * V, z.begin() + (t + 1) * V) - (z.begin() + t * V));
+
+    auto mean_loss = [&] {
+        double s = 0;
+        for (double l : crossentropy_ref(Z, target, V)) s += l;
+        return s / N;
+    };
+    EXPECT_LT(rel_err(dz, fd_grad(Z, mean_loss)), kGrad);
+}
+
+// Two AdamW steps against the double reference, from a fresh state (t = 1, 2, where the bias
+// correction matters most) and from the middle of a run, with weight decay on and off. The
+// parameter change is compared, not the parameters: the change is ~lr, and comparing p itself
+// would hide a wrong update in p's own magnitude.
+TEST(AdamW, TwoStepsMatchDoubleReference) {
+    const size_t n = 37;
+    const float lr = 1e-2f, b1 = 0.9f, b2 = 0.95f, eps = 1e-8f, wd = 0.1f;
+    for (bool decay : {true, false})
+        for (int t0 : {1, 50}) {
+            SCOPED_TRACE(std::string(decay ? "decay" : "no decay") + ", t = " + std::to_string(t0));
+            Rng r{100u + t0 + decay};
+            const vf p0 = randn(&r, n);
+            vf m = t0 == 1 ? vf(n, 0.0f) : randn(&r, n, 0.1f), v(n, 0.0f);
+            if (t0 > 1)
+                for (size_t i = 0; i < n; i++) v[i] = m[i] * m[i] + 0.01f * fabsf(rng_normal(&r));
+            vf p = p0;
+            vd P = widen(p0), M = widen(m), Vv = widen(v);
+            for (int t = t0; t < t0 + 2; t++) {
+                const vf g = randn(&r, n);
+                adamw_cpu(p.data(), g.data(), m.data(), v.data(), n, lr, b1, b2, eps, wd, decay, t);
+                adamw_ref(P, g, M, Vv, lr, b1, b2, eps, wd, decay, t);
+            }
+            vd dP(n);
+            for (size_t i = 0; i < n; i++) dP[i] = P[i] - p0[i];
+            EXPECT_LT(rel_err(added(p, p0), dP), kGrad);  // p - p0 is ~1e-2: fp32 rounding of p is ~1e-5 of it
+            EXPECT_LT(rel_err(m, M), kFwd);
+            EXPECT_LT(rel_err(v, Vv), kFwd);
+        }
+}
+
+TEST(GradNorm, SumsqAcrossPartialBlocksAndScale) {
+    Rng r{111};
+    const vf g = randn(&r, 200003);  // 3 full blocks of 65536 and a partial one
+    for (size_t n : {(size_t)0, (size_t)1, (size_t)65536, (size_t)200003}) {
+        double s = 0;
+        for (size_t i = 0; i < n; i++) s += (double)g[i] * g[i];
+        EXPECT_NEAR(sumsq_cpu(g.data(), n), s, 1e-12 * s) << "n = " << n;  // double sums, other order
+    }
+    vf h = g;
+    scale_cpu(h.data(), h.size(), 0.37f);
+    for (size_t i = 0; i < h.size(); i++) ASSERT_EQ(h[i], g[i] * 0.37f) << i;  // one fp32 multiply: exact
+}
+
+// "Every loop is parallel over an output index, never over a reduction, so results do not depend
+// on the thread count": the reductions and backwards give the same bits with 1 and 3 threads.
+TEST(Determinism, SameBitsForAnyThreadCount) {
+    const int T = 9, C = 33, Hq = 4, Hkv = 2, D = 8;
+    Rng r{121};
+    const vf x = randn(&r, T * C), w = randn(&r, C * C), dy = randn(&r, T * C), big = randn(&r, 200003);
+    const vf q = randn(&r, T * Hq * D), kv = randn(&r, T * Hkv * D), dout = randn(&r, T * Hq * D);
+    const vf lse = randn(&r, T * Hq, 1.0f, 3.0f), delta = randn(&r, T * Hq);
+    auto run = [&](int threads, double* ss) {
+        const int saved = omp_get_max_threads();
+        omp_set_num_threads(threads);
+        vf out(T * C), mean(T), rstd(T), dx(T * C, 0.0f), dw(C * C, 0.0f), db(C, 0.0f);
+        matmul_backward_cpu(dx.data(), dw.data(), db.data(), dy.data(), x.data(), w.data(), T, C, C);
+        norm_forward_cpu(out.data(), mean.data(), rstd.data(), x.data(), w.data(), w.data(), T, C, false, 1e-5f);
+        norm_backward_cpu(dx.data(), dw.data(), db.data(), dy.data(), x.data(), w.data(), mean.data(), rstd.data(),
+                          T, C, false);
+        vf dq(q.size(), 0.0f), dk(kv.size(), 0.0f), dv(kv.size(), 0.0f);
+        attention_backward_cpu(dq.data(), dk.data(), dv.data(), dout.data(), q.data(), kv.data(), kv.data(),
+                               lse.data(), delta.data(), T, T, Hq, Hkv, D, true);
+        vf all = concat(concat(concat(out, dx), concat(dw, db)), concat(concat(dq, dk), dv));
+        *ss = sumsq_cpu(big.data(), big.size());
+        omp_set_num_threads(saved);
+        return all;
+    };
+    double ss1, ss3;
+    const vf one = run(1, &ss1), three = run(3, &ss3);
+    ASSERT_EQ(one.size(), three.size());
+    EXPECT_EQ(0, memcmp(one.data(), three.data(), one.size() * sizeof(float)));
+    EXPECT_EQ(0, memcmp(&ss1, &ss3, sizeof(double)));
+}
