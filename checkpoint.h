@@ -68,6 +68,9 @@ static inline void save_checkpoint(Model* M, const std::string& dir, uint64_t st
         v.assign(all.begin(), all.begin() + (cm.rank == 0 ? n : 0));
     }
     if (cm.rank != 0) return;
+    for (size_t i = 0; i < n; i++)  // never write a state that cannot be resumed
+        if (!std::isfinite(M->params[i]))
+            fatal("refusing to write %s: weight %zu is not finite", ckpt_path(dir, step).c_str(), i);
     const float* pm = M->run.zero ? m.data() : M->opt_m;
     const float* pv = M->run.zero ? v.data() : M->opt_v;
     CkptHeader h;

@@ -12,6 +12,7 @@
 #include <unistd.h>
 #include <omp.h>
 #include <map>
+#include <set>
 #include <string>
 #include <vector>
 #include "checkpoint.h"
@@ -246,6 +247,9 @@ static int cmd_train(int argc, char** argv) {
     const std::string trace_path = a.str("trace", "");
     const bool stop_on_bad = std::string(nonfinite_mode(a)) == "stop";
     const int max_bad = (int)a.integer("max-bad-steps", 5, 1, 1 << 30);
+    // Fault injection for tests: FPDT_FAULT_NAN_STEPS="3,4" poisons a gradient at those steps.
+    std::set<int> fault_steps;
+    for (const char* p = getenv("FPDT_FAULT_NAN_STEPS"); p && *p; p += strcspn(p, ","), p += (*p == ',')) fault_steps.insert(atoi(p));
     if ((save_every || exit_after || a.has("resume")) && out.empty())
         fatal_all("--save-every, --exit-after and --resume need --out DIR");
     std::string err = check_shape(cfg, r);
@@ -291,6 +295,7 @@ static int cmd_train(int argc, char** argv) {
         const double t0 = now_s();
         read_into(&M, data, step);
         const float loss = model_forward_backward(&M, true);
+        if (fault_steps.count(step + 1) && cm.rank == 0) M.grads[0] = NAN;  // as a numerical blow-up would
         bool finite = std::isfinite(loss);
         float norm = NAN;
         if (finite) norm = model_update(&M, opt, step + 1, &finite);
@@ -307,14 +312,14 @@ static int cmd_train(int argc, char** argv) {
             fflush(stdout);
         }
         if (!finite) {
-            // the weights and optimizer state are untouched by a skipped step, so nothing
-            // non-finite can reach a checkpoint
+            // the update was skipped: weights and optimizer state are those of the last good
+            // step, so nothing non-finite can reach a checkpoint
             if (stop_on_bad) fatal_all("step %d: non-finite loss or gradient norm (--on-nonfinite stop)", step + 1);
             if (++bad_run >= max_bad)
                 fatal_all("step %d: %d non-finite steps in a row; stopping (lower --lr, check the data)", step + 1, bad_run);
-            continue;
+        } else {
+            bad_run = 0;
         }
-        bad_run = 0;
         const bool last = step + 1 == steps || step + 1 == exit_after;
         if (eval_every && ((step + 1) % eval_every == 0 || last)) evaluate(&M, data, eval_seqs, step + 1);
         if (!out.empty() && ((save_every && (step + 1) % save_every == 0) || last || (step + 1) == exit_after)) {

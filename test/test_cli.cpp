@@ -181,3 +181,55 @@ TEST(Help, ListsFlagsAndModels) {
     for (const char* s : {"--chunk-size", "--offload", "--zero", "--trace", "--resume", "llama3-8b", "gpt-tiny"})
         EXPECT_NE(r.out.find(s), std::string::npos) << s;
 }
+
+// Numerical faults (injected with FPDT_FAULT_NAN_STEPS): skipped with a warning, or stopped; a run
+// that keeps failing stops with a clear message; checkpoints only ever hold finite state.
+TEST(Faults, NonFiniteStepsAreSkippedOrStop) {
+    std::string d = tmpdir();
+    Out skip = run("FPDT_FAULT_NAN_STEPS=3,5 " + TINY + "--seq 64 --steps 6 --save-every 1 --out " + d);
+    ASSERT_EQ(skip.rc, 0) << skip.out;
+    EXPECT_NE(skip.out.find("step 3/6 | loss"), std::string::npos);
+    EXPECT_NE(skip.out.find("NON-FINITE: update skipped"), std::string::npos) << skip.out;
+    EXPECT_EQ(losses(skip.out).size(), 6u);
+    Out stop = run("FPDT_FAULT_NAN_STEPS=2 " + TINY + "--seq 64 --steps 6 --on-nonfinite stop");
+    EXPECT_NE(stop.rc, 0);
+    EXPECT_NE(stop.out.find("step 2: non-finite"), std::string::npos) << stop.out;
+    Out limit = run("FPDT_FAULT_NAN_STEPS=2,3,4 " + TINY + "--seq 64 --steps 6 --max-bad-steps 3");
+    EXPECT_NE(limit.rc, 0);
+    EXPECT_NE(limit.out.find("3 non-finite steps in a row"), std::string::npos) << limit.out;
+    // the newest checkpoints (after the skipped steps) hold finite numbers and resume
+    for (const char* f : {"/ckpt_00000005.bin", "/ckpt_00000006.bin"}) {
+        FILE* fp = fopen((d + f).c_str(), "rb");
+        ASSERT_NE(fp, nullptr) << f;
+        fseek(fp, 0, SEEK_END);
+        long n = ftell(fp);
+        std::vector<float> all(n / 4);
+        fseek(fp, 0, SEEK_SET);
+        ASSERT_EQ(fread(all.data(), 4, all.size(), fp), all.size());
+        fclose(fp);
+        size_t bad = 0;
+        for (size_t i = 32; i < all.size(); i++) bad += !std::isfinite(all[i]);  // past the 128-byte header
+        EXPECT_EQ(bad, 0u) << f;
+    }
+}
+
+// SIGKILL while a checkpoint is being written: the previous checkpoint still loads and resumes.
+// A 10M-parameter model makes each write (115 MB, fsync) long enough to be caught mid-way.
+TEST(Checkpoint, KilledWhileWritingKeepsThePreviousOne) {
+    bool caught = false;
+    for (int attempt = 0; attempt < 5 && !caught; attempt++) {
+        std::string d = tmpdir();
+        Out k = run("./fpdt train --device cpu --model medium --seq 32 --steps 1000 --eval-every 0 --save-every 1 --out " + d +
+                    " > " + d + "/log 2>&1 & p=$!; "
+                    "for i in $(seq 600); do ls " + d + "/ckpt_*.bin >/dev/null 2>&1 && ls " + d +
+                    "/*.tmp >/dev/null 2>&1 && break; sleep 0.05; done; kill -9 $p; wait $p; "
+                    "ls " + d + "/*.tmp >/dev/null 2>&1 && echo KILLED_MID_WRITE; ls " + d);
+        if (k.out.find("KILLED_MID_WRITE") == std::string::npos) continue;  // the write finished first: again
+        caught = true;
+        Out r = run("./fpdt train --device cpu --model medium --seq 32 --steps 1000 --eval-every 0 --save-every 1 "
+                    "--resume --out " + d + " 2>&1 | head -3");
+        EXPECT_NE(r.out.find("resumed at step"), std::string::npos) << k.out << r.out;
+        EXPECT_EQ(r.out.find("warning"), std::string::npos) << r.out;  // the .tmp is never mistaken for a checkpoint
+    }
+    EXPECT_TRUE(caught) << "never caught a checkpoint mid-write in 5 tries";
+}
