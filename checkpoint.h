@@ -1,6 +1,6 @@
 // checkpoint.h: saving and loading training state. DIR/ckpt_NNNNNNNN.bin = header, weights,
-// AdamW m and v (fp32; gathered from the ranks under ZeRO-1), with an FNV-1a checksum over all
-// that follows the header. Written to a .tmp file, flushed to disk, then renamed: a crash
+// AdamW m and v (fp32; gathered from the ranks under ZeRO-1), with an FNV-1a checksum over the
+// header and all that follows it. Written to a .tmp file, flushed to disk, then renamed: a crash
 // mid-write leaves the previous checkpoint intact, and a corrupt file is detected on load.
 #pragma once
 #include <dirent.h>
@@ -20,7 +20,7 @@ struct CkptHeader {
     uint64_t step;       // completed steps
     uint64_t seed;       // the run's seed (data and init are pure functions of it and the step)
     uint64_t total_steps;
-    uint64_t checksum;   // FNV-1a 64 of the payload
+    uint64_t checksum;   // FNV-1a 64 of this header (checksum field 0) and the payload
     uint64_t reserved[4];
 };
 
@@ -28,6 +28,12 @@ static inline uint64_t fnv1a(uint64_t h, const void* p, size_t n) {
     const uint8_t* b = (const uint8_t*)p;
     for (size_t i = 0; i < n; i++) h = (h ^ b[i]) * 0x100000001B3ull;
     return h;
+}
+
+// FNV-1a over the header (with its checksum field zeroed) and the payload.
+static inline uint64_t ckpt_checksum(CkptHeader h, const std::vector<float>& payload) {
+    h.checksum = 0;
+    return fnv1a(fnv1a(0xcbf29ce484222325ull, &h, sizeof h), payload.data(), payload.size() * 4);
 }
 
 static inline void config_dims(const Config& c, int32_t* d) {
@@ -79,7 +85,7 @@ static inline void save_checkpoint(Model* M, const std::string& dir, uint64_t st
     snprintf(h.model, sizeof h.model, "%s", M->cfg.name);
     config_dims(M->cfg, h.dims);
     h.n_params = n, h.step = step, h.seed = seed, h.total_steps = total;
-    uint64_t cs = 0xcbf29ce484222325ull;
+    uint64_t cs = fnv1a(0xcbf29ce484222325ull, &h, sizeof h);  // the header too, its checksum field 0
     cs = fnv1a(cs, M->params, n * 4), cs = fnv1a(cs, pm, n * 4), cs = fnv1a(cs, pv, n * 4);
     h.checksum = cs;
     mkdir(dir.c_str(), 0755);
@@ -112,7 +118,7 @@ static inline std::string read_checkpoint_file(FILE* f, const std::string& path,
         else {
             data->resize(3 * h->n_params);
             if (fread(data->data(), 4, data->size(), f) != data->size()) err = path + ": read failed";
-            else if (fnv1a(0xcbf29ce484222325ull, data->data(), data->size() * 4) != h->checksum)
+            else if (ckpt_checksum(*h, *data) != h->checksum)
                 err = path + ": checksum mismatch (corrupt or partly written)";
         }
     }
@@ -143,7 +149,8 @@ static inline uint64_t load_checkpoint(Model* M, const std::string& dir, CkptHea
             continue;
         }
         if (memcmp(h.dims, dims, sizeof dims) != 0 || h.n_params != M->n_params)
-            fatal_all("--resume: %s holds model '%s', not --model %s", p.c_str(), h.model, M->cfg.name);
+            fatal_all("--resume: %s holds model '%.*s', not --model %s", p.c_str(), (int)sizeof h.model, h.model,
+                      M->cfg.name);
         const size_t n = M->n_params, lo = M->run.zero ? (size_t)M->run.rank * M->shard_n : 0;
         memcpy(M->params, data.data(), n * 4);
         for (size_t i = 0; i < M->shard_n; i++) {

@@ -361,8 +361,9 @@ static int cmd_sample(int argc, char** argv) {
     std::vector<float> blob;
     std::string err = read_checkpoint(files[0], &h, &blob);
     if (!err.empty()) fatal("%s", err.c_str());
-    const Config* cfg = find_preset(std::string(h.model, strnlen(h.model, sizeof h.model)));
-    if (!cfg) fatal("%s: unknown model '%s'", files[0].c_str(), h.model);
+    const std::string model(h.model, strnlen(h.model, sizeof h.model));
+    const Config* cfg = find_preset(model);
+    if (!cfg) fatal("%s: unknown model '%s'", files[0].c_str(), model.c_str());
     const int ntok = (int)a.integer("tokens", 64, 1, 1 << 20);
     const float temp = (float)a.real("temperature", 0.0, 0.0, 100.0);
     std::vector<int32_t> seq = encode_bytes(a.str("prompt", ""));

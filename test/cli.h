@@ -72,7 +72,18 @@ static inline int count_lines(const std::string& s) {
     return n;
 }
 
+// A fresh directory under /tmp, removed with everything in it when the test program exits.
 static inline std::string tmpdir() {
+    static std::vector<std::string> made;
+    static bool hooked = false;
+    if (!hooked) {
+        hooked = true;
+        atexit([] {
+            for (const std::string& d : made) (void)!system(("rm -rf '" + d + "'").c_str());
+        });
+    }
     char t[] = "/tmp/fpdt_test_XXXXXX";
-    return mkdtemp(t) ? t : "/tmp";
+    if (!mkdtemp(t)) return "/tmp";
+    made.push_back(t);
+    return t;
 }
