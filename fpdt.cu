@@ -186,7 +186,7 @@ static void train_help() {
         "  --resume            continue from the newest valid checkpoint in --out\n"
         "  --eval-every N      evaluate every N steps and at the end, 0 = never (default 500)\n"
         "  --eval-seqs N       held-out sequences per evaluation (default 64)\n"
-        "  --trace FILE        write the first step's schedule as Chrome trace JSON (open in Perfetto)\n"
+        "  --trace FILE        write one step's schedule (the second) as Chrome trace JSON (open in Perfetto)\n"
         "  --device-mem MiB    refuse to start if the device arena would exceed this\n"
         "  --host-mem MiB      refuse to start if the host arena would exceed this\n"
         "  --on-nonfinite skip|stop   a NaN/Inf loss or gradient: skip the step (default) or stop\n"
@@ -290,7 +290,7 @@ static int cmd_train(int argc, char** argv) {
             lr_t = lr * (min_frac + (1 - min_frac) * 0.5f * (1 + cosf(3.14159265f * std::min(1.0f, p))));
         }
         opt.lr = lr_t;
-        trace.on = !trace_path.empty() && step == start;
+        trace.on = !trace_path.empty() && step == std::min(start + 1, steps - 1);  // past the warm-up step
         trace.origin = now_s();
         const double t0 = now_s();
         read_into(&M, data, step);

@@ -609,6 +609,7 @@ static inline float model_forward_backward(Model* M, bool grads) {
     ctx->layer = -1;
     for (int i = 0; i < u; i++) {  // embedding -> layer 0's input
         const int32_t* tok = store_get<int32_t>(ctx, &M->tokens, i, 0);
+        TraceScope ts(ctx, "embedding", TRACK_COMPUTE, i);
         embedding_forward_cpu(store_out(&M->ckpt, i, 2), tok, M->w.wte, cl, d);
         store_put(ctx, &M->ckpt, i, 2);
     }
@@ -620,6 +621,7 @@ static inline float model_forward_backward(Model* M, bool grads) {
         for (int i = 0; i < u; i++) {
             const int32_t* tok = store_get<int32_t>(ctx, &M->tokens, i, 0);
             const float* dxi = store_get(ctx, &M->dx, i, 0);
+            TraceScope ts(ctx, "embedding backward", TRACK_COMPUTE, i);
             embedding_backward_cpu(M->g.wte, tok, dxi, cl, d);
         }
     }
