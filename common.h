@@ -160,8 +160,10 @@ static inline void trace_write(const Trace* t, const char* path, int rank) {
 // The execution context every op and copy receives: which backend runs the math, and the trace.
 // (The CUDA backend adds its streams and events here: compute, copy-in, copy-out, communication.)
 
+struct GpuCtx;  // cuda_common.cuh: streams, cuBLAS handle (only nvcc-built code touches it)
 struct Ctx {
     bool gpu = false;
+    GpuCtx* g = nullptr;
     Trace* trace = nullptr;
     int layer = -1;  // for trace labels
 };

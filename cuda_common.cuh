@@ -1,0 +1,31 @@
+// cuda_common.cuh: what every CUDA twin needs: checks on every CUDA and cuBLAS call, the GPU
+// context (the streams of ../shared/DESIGN.md point 7 and the cuBLAS handle), and launch sizes.
+// Only nvcc sees this file (everything CUDA sits behind #ifdef __CUDACC__).
+#pragma once
+#ifdef __CUDACC__
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+#include "common.h"
+
+#define CUDA_CHECK(call)                                                                        \
+    do {                                                                                        \
+        cudaError_t e_ = (call);                                                                \
+        if (e_ != cudaSuccess) fatal("CUDA error at %s:%d: %s", __FILE__, __LINE__, cudaGetErrorString(e_)); \
+    } while (0)
+#define CUBLAS_CHECK(call)                                                                      \
+    do {                                                                                        \
+        cublasStatus_t s_ = (call);                                                             \
+        if (s_ != CUBLAS_STATUS_SUCCESS) fatal("cuBLAS error %d at %s:%d", (int)s_, __FILE__, __LINE__); \
+    } while (0)
+// after every kernel launch
+#define CUDA_LAUNCHED() CUDA_CHECK(cudaGetLastError())
+
+// The GPU half of Ctx: compute, host-to-device and device-to-host streams, ordered by events.
+struct GpuCtx {
+    int device = 0;
+    cudaStream_t compute = nullptr, h2d = nullptr, d2h = nullptr;
+    cublasHandle_t blas = nullptr;
+};
+
+static inline unsigned ceil_div(size_t a, size_t b) { return (unsigned)((a + b - 1) / b); }
+#endif
