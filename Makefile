@@ -10,23 +10,34 @@ $(error OpenMPI not found: install it with `apt-get install -y libopenmpi-dev op
 endif
 HOST_FLAGS := -O3 -fopenmp -Wall -Wno-unused-function
 DEFS := -DOMPI_SKIP_MPICXX
-NVCC_FLAGS := -O3 -std=c++17 $(DEFS) -Xcompiler "$(HOST_FLAGS)" $(MPI_CFLAGS)
+# Hopper (H100/H200) code, plus PTX that newer GPUs can compile at load time
+GPU_ARCH ?= -gencode arch=compute_90,code=sm_90 -gencode arch=compute_90,code=compute_90
+NVCC_FLAGS := -O3 -std=c++17 $(GPU_ARCH) $(DEFS) -Xcompiler "$(HOST_FLAGS)" $(MPI_CFLAGS)
 CXXFLAGS_T := -O2 -g -std=c++17 $(DEFS) $(HOST_FLAGS) $(MPI_CFLAGS) -I.
 HEADERS := $(wildcard *.h *.cuh data/*.h)
 TEST_SRC := $(wildcard test/test_*.cpp)  # one binary; test/mpi_layout.cpp is its own (run under mpirun)
 TEST_OBJ := $(TEST_SRC:test/%.cpp=build/%.o)
+# GPU tests: built by nvcc into the same binary; they skip themselves where there is no GPU
+GPU_TEST_SRC := $(wildcard test/test_gpu*.cu)
+GPU_TEST_OBJ := $(GPU_TEST_SRC:test/%.cu=build/%.o)
+CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(shell which $(NVCC)))
+CUDA_LIBS := -L$(CUDA_HOME)/lib64 -lcudart -lcublas
 
 all: fpdt
 
 fpdt: fpdt.cu $(HEADERS)
-	$(NVCC) $(NVCC_FLAGS) fpdt.cu -o $@ -lcudart -lgomp $(MPI_LIBS)
+	$(NVCC) $(NVCC_FLAGS) fpdt.cu -o $@ -lcudart -lcublas -lgomp $(MPI_LIBS)
 
 build/%.o: test/%.cpp $(HEADERS) test/*.h
 	@mkdir -p build
 	$(CXX) $(CXXFLAGS_T) -c $< -o $@
 
-build/fpdt_tests: $(TEST_OBJ)
-	$(CXX) $(CXXFLAGS_T) $^ -o $@ -lgtest -lgtest_main -pthread $(MPI_LIBS)
+build/%.o: test/%.cu $(HEADERS) test/*.h
+	@mkdir -p build
+	$(NVCC) $(NVCC_FLAGS) -I. -c $< -o $@
+
+build/fpdt_tests: $(TEST_OBJ) $(GPU_TEST_OBJ)
+	$(CXX) $(CXXFLAGS_T) $^ -o $@ -lgtest -lgtest_main -pthread $(MPI_LIBS) $(CUDA_LIBS)
 
 build/mpi_layout: test/mpi_layout.cpp $(HEADERS)
 	@mkdir -p build

@@ -123,3 +123,330 @@ static inline void attention_backward_cpu(float* dq, float* dk, float* dv, const
                 }
         }
 }
+
+// ----------------------------------------------------------------------------
+// CUDA twins. Plain fp32 kernels, one warp per output row: the readable first version that the
+// tensor-core flash kernels will be checked against. Same arguments and semantics as the CPU
+// functions above, with device pointers, plus the stream first.
+//
+// Work split, shared by the three attention kernels: a block of ATTN_ROWS warps handles
+// ATTN_ROWS consecutive rows of one head (query rows for the forward pass and dq, key rows for
+// dk/dv); the other side (keys, or queries) streams through shared memory in tiles of ATTN_TILE
+// = 32 rows, shared by the block's warps. Inside a tile lane i computes the score of tile row i
+// (a whole dot product over D), then the warp walks the tile in order, broadcasting each row's
+// weight by shuffle, and every lane updates its own slice of the output row (d = lane + 32 x),
+// kept in registers: DPL = D/32 rounded up to a power of two values per lane, a template
+// parameter so the slice is a register array (DPL <= 16 because D <= 512).
+// Tiles are stored with an odd row pitch (D | 1), so lane i reading row i hits 32 distinct banks.
+// The backward kernels accumulate in the same order as the CPU loops (keys in order for dq;
+// heads, then queries in order for dk/dv), starting from the values already in dq, dk, dv.
+#ifdef __CUDACC__
+#include "cuda_common.cuh"
+
+#define ATTN_ROWS 8   // warps per block = output rows per block
+#define ATTN_TILE 32  // rows per shared-memory tile: one per lane for the scores
+
+static __device__ __forceinline__ float attn_warp_sum(float x) {
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+    return x;  // the butterfly leaves the same bits in every lane
+}
+static __device__ __forceinline__ float attn_warp_max(float x) {
+    for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+    return x;
+}
+// a . b over D floats in shared memory (4 partial sums for instruction-level parallelism)
+static __device__ __forceinline__ float attn_dot(const float* a, const float* b, int D) {
+    float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+    int d = 0;
+    for (; d + 4 <= D; d += 4) {
+        s0 += a[d] * b[d];
+        s1 += a[d + 1] * b[d + 1];
+        s2 += a[d + 2] * b[d + 2];
+        s3 += a[d + 3] * b[d + 3];
+    }
+    for (; d < D; d++) s0 += a[d] * b[d];
+    return (s0 + s1) + (s2 + s3);
+}
+static __device__ __forceinline__ size_t attn_min(size_t a, size_t b) { return a < b ? a : b; }
+
+// Copies rows r0 .. r0+ROWS-1 of head `h` of x (T, H, D) into dst (ROWS, pitch), zeros past T.
+static __device__ __forceinline__ void attn_stage(float* dst, int pitch, int rows, const float* x, size_t r0,
+                                                  size_t T, int H, int h, int D) {
+    for (int i = threadIdx.x; i < rows * D; i += blockDim.x) {
+        const int rr = i / D, d = i % D;
+        const size_t r = r0 + rr;
+        dst[rr * pitch + d] = r < T ? x[(r * H + h) * D + d] : 0.0f;
+    }
+}
+
+// Forward of one block for query rows t (one per warp) of head h:
+//   s_j = scale q_t.k_j (j < t+1 if causal), lse_b = log sum_j e^s_j, o_b = sum_j e^(s_j - lse_b) v_j,
+//   then merged: lse' = log(e^lse + e^lse_b), o' = o e^(lse - lse') + o_b e^(lse_b - lse').
+// CPU twin: attention_forward_cpu. Grid (Tq / ATTN_ROWS, Hq).
+template <int DPL>
+static __global__ void attention_forward_kernel(float* o, float* lse, const float* q, const float* k, const float* v,
+                                         size_t Tq, size_t Tk, int Hq, int Hkv, int D, bool causal, float scale) {
+    extern __shared__ float smem[];
+    const int P = D | 1;
+    float* qs = smem;                  // (ATTN_ROWS, D) this block's query rows
+    float* ks = qs + ATTN_ROWS * D;    // (ATTN_TILE, P) key tile
+    float* vs = ks + ATTN_TILE * P;    // (ATTN_TILE, P) value tile
+    const int w = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int h = blockIdx.y, hk = h / (Hq / Hkv);
+    const size_t t0 = (size_t)blockIdx.x * ATTN_ROWS, t = t0 + w;
+    attn_stage(qs, D, ATTN_ROWS, q, t0, Tq, Hq, h, D);
+    // keys this warp's row sees, and the most any row of the block sees (t0 < Tq always). A
+    // causal block has Tq == Tk; the min() only keeps a mismatched call inside k and v.
+    const size_t nk = t >= Tq ? 0 : causal ? attn_min(t + 1, Tk) : Tk;
+    const size_t nk_block = causal ? attn_min(attn_min(t0 + ATTN_ROWS, Tq), Tk) : Tk;
+    float acc[DPL];  // this lane's slice of sum_j e^(s_j - m) v_j
+#pragma unroll
+    for (int x = 0; x < DPL; x++) acc[x] = 0.0f;
+    float m = -INFINITY, l = 0.0f;  // running max; this lane's share of sum_j e^(s_j - m)
+    for (size_t j0 = 0; j0 < nk_block; j0 += ATTN_TILE) {
+        __syncthreads();  // the previous tile is consumed (and qs is staged)
+        attn_stage(ks, P, ATTN_TILE, k, j0, Tk, Hkv, hk, D);
+        attn_stage(vs, P, ATTN_TILE, v, j0, Tk, Hkv, hk, D);
+        __syncthreads();
+        if (j0 >= nk) continue;  // warp-uniform: this row is past its causal limit
+        const size_t j = j0 + lane;
+        const float s = j < nk ? attn_dot(qs + w * D, ks + lane * P, D) * scale : -INFINITY;
+        const float mnew = fmaxf(m, attn_warp_max(s));  // finite: key j0 is visible
+        const float r = expf(m - mnew);                  // 0 on the first tile, where m = -inf
+        const float p = expf(s - mnew);                  // 0 for masked keys
+        l = l * r + p;
+        m = mnew;
+#pragma unroll
+        for (int x = 0; x < DPL; x++) acc[x] *= r;
+        const int n = (int)attn_min(ATTN_TILE, nk - j0);
+        for (int jj = 0; jj < n; jj++) {
+            const float pj = __shfl_sync(0xffffffffu, p, jj);
+#pragma unroll
+            for (int x = 0; x < DPL; x++) {
+                const int d = lane + 32 * x;
+                if (d < D) acc[x] += pj * vs[jj * P + d];
+            }
+        }
+    }
+    if (nk == 0) return;  // no barriers below
+    const float lsum = attn_warp_sum(l);
+    const float lb = m + logf(lsum);  // this block's log-sum-exp
+    float* orow = o + (t * Hq + h) * D;
+    const float L = lse[t * Hq + h];
+    const float lnew = (L == -INFINITY) ? lb : fmaxf(L, lb) + log1pf(expf(-fabsf(L - lb)));
+    const float a = (L == -INFINITY) ? 0.0f : expf(L - lnew), b = expf(lb - lnew) / lsum;
+#pragma unroll
+    for (int x = 0; x < DPL; x++) {
+        const int d = lane + 32 * x;
+        if (d < D) orow[d] = orow[d] * a + acc[x] * b;
+    }
+    if (lane == 0) lse[t * Hq + h] = lnew;
+}
+
+// values per lane for head size D: D/32 rounded up to a power of two
+static inline int attn_dpl(int D) {
+    int dpl = 1;
+    while (dpl * 32 < D) dpl *= 2;
+    return dpl;
+}
+static inline void attn_check(const char* what, int Hq, int Hkv, int D) {
+    if (D < 1 || D > 512 || Hq < 1 || Hkv < 1 || Hq % Hkv)
+        fatal("%s: head size %d must be in 1..512 and the query heads (%d) a multiple of the kv heads (%d)", what,
+              D, Hq, Hkv);
+}
+// Launches kernel<DPL> with ATTN_ROWS warps and `smem` bytes of dynamic shared memory (opting in
+// past the default 48 KiB: D = 512 needs about 160 KiB).
+template <typename Kernel, typename... Args>
+static inline void attn_launch(Kernel kernel, dim3 grid, size_t smem, cudaStream_t stream, Args... args) {
+    if (smem > 48 * 1024)
+        CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    kernel<<<grid, ATTN_ROWS * 32, smem, stream>>>(args...);
+    CUDA_LAUNCHED();
+}
+#define ATTN_DISPATCH(D, KERNEL, ...)                                                            \
+    switch (attn_dpl(D)) {                                                                       \
+        case 1: attn_launch(KERNEL<1>, __VA_ARGS__); break;                                      \
+        case 2: attn_launch(KERNEL<2>, __VA_ARGS__); break;                                      \
+        case 4: attn_launch(KERNEL<4>, __VA_ARGS__); break;                                      \
+        case 8: attn_launch(KERNEL<8>, __VA_ARGS__); break;                                      \
+        default: attn_launch(KERNEL<16>, __VA_ARGS__); break;                                    \
+    }
+
+static inline void attention_forward_gpu(cudaStream_t stream, float* o, float* lse, const float* q, const float* k,
+                                         const float* v, size_t Tq, size_t Tk, int Hq, int Hkv, int D, bool causal) {
+    attn_check("attention_forward_gpu", Hq, Hkv, D);
+    if (Tq == 0 || Tk == 0) return;
+    const size_t smem = (ATTN_ROWS * D + 2 * ATTN_TILE * (D | 1)) * sizeof(float);
+    const dim3 grid(ceil_div(Tq, ATTN_ROWS), Hq);
+    ATTN_DISPATCH(D, attention_forward_kernel, grid, smem, stream, o, lse, q, k, v, Tq, Tk, Hq, Hkv, D, causal,
+                  1.0f / sqrtf((float)D));
+}
+
+// delta[r] = sum_d dout[r][d] o[r][d] for the Tq*Hq rows, one warp per row. CPU twin: attention_delta_cpu.
+static __global__ void attention_delta_kernel(float* delta, const float* dout, const float* o, size_t rows, int D) {
+    const size_t r = (size_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    if (r >= rows) return;
+    float s = 0.0f;
+    for (int d = lane; d < D; d += 32) s += dout[r * D + d] * o[r * D + d];
+    s = attn_warp_sum(s);
+    if (lane == 0) delta[r] = s;
+}
+
+static inline void attention_delta_gpu(cudaStream_t stream, float* delta, const float* dout, const float* o,
+                                       size_t Tq, int Hq, int D) {
+    const size_t rows = Tq * Hq;
+    if (rows == 0) return;
+    attention_delta_kernel<<<ceil_div(rows, 8), 256, 0, stream>>>(delta, dout, o, rows, D);
+    CUDA_LAUNCHED();
+}
+
+// Backward, first pass, for query rows t (one per warp) of head h, keys j in order:
+//   dq_t += scale sum_j P_tj (dO_t.v_j - delta_t) k_j,  P_tj = e^(scale q_t.k_j - lse_t).
+// CPU twin: attention_backward_cpu (its first loop). Grid (Tq / ATTN_ROWS, Hq).
+template <int DPL>
+static __global__ void attention_backward_dq_kernel(float* dq, const float* dout, const float* q, const float* k,
+                                             const float* v, const float* lse, const float* delta, size_t Tq,
+                                             size_t Tk, int Hq, int Hkv, int D, bool causal, float scale) {
+    extern __shared__ float smem[];
+    const int P = D | 1;
+    float* qs = smem;                   // (ATTN_ROWS, D) query rows
+    float* dos = qs + ATTN_ROWS * D;    // (ATTN_ROWS, D) their output gradients
+    float* ks = dos + ATTN_ROWS * D;    // (ATTN_TILE, P) key tile
+    float* vs = ks + ATTN_TILE * P;     // (ATTN_TILE, P) value tile
+    const int w = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int h = blockIdx.y, hk = h / (Hq / Hkv);
+    const size_t t0 = (size_t)blockIdx.x * ATTN_ROWS, t = t0 + w;
+    attn_stage(qs, D, ATTN_ROWS, q, t0, Tq, Hq, h, D);
+    attn_stage(dos, D, ATTN_ROWS, dout, t0, Tq, Hq, h, D);
+    const size_t nk = t >= Tq ? 0 : causal ? attn_min(t + 1, Tk) : Tk;
+    const size_t nk_block = causal ? attn_min(attn_min(t0 + ATTN_ROWS, Tq), Tk) : Tk;
+    float* dqr = dq + (t * Hq + h) * D;
+    float acc[DPL];  // this lane's slice of dq_t, accumulated from its current value as on the CPU
+#pragma unroll
+    for (int x = 0; x < DPL; x++) {
+        const int d = lane + 32 * x;
+        acc[x] = (t < Tq && d < D) ? dqr[d] : 0.0f;
+    }
+    const float L = t < Tq ? lse[t * Hq + h] : 0.0f, dl = t < Tq ? delta[t * Hq + h] : 0.0f;
+    for (size_t j0 = 0; j0 < nk_block; j0 += ATTN_TILE) {
+        __syncthreads();
+        attn_stage(ks, P, ATTN_TILE, k, j0, Tk, Hkv, hk, D);
+        attn_stage(vs, P, ATTN_TILE, v, j0, Tk, Hkv, hk, D);
+        __syncthreads();
+        if (j0 >= nk) continue;  // warp-uniform
+        float ds = 0.0f;
+        if (j0 + lane < nk) {
+            const float s = attn_dot(qs + w * D, ks + lane * P, D);
+            const float dp = attn_dot(dos + w * D, vs + lane * P, D);
+            ds = expf(s * scale - L) * (dp - dl) * scale;
+        }
+        const int n = (int)attn_min(ATTN_TILE, nk - j0);
+        for (int jj = 0; jj < n; jj++) {
+            const float dsj = __shfl_sync(0xffffffffu, ds, jj);
+#pragma unroll
+            for (int x = 0; x < DPL; x++) {
+                const int d = lane + 32 * x;
+                if (d < D) acc[x] += dsj * ks[jj * P + d];
+            }
+        }
+    }
+    if (t >= Tq) return;
+#pragma unroll
+    for (int x = 0; x < DPL; x++) {
+        const int d = lane + 32 * x;
+        if (d < D) dqr[d] = acc[x];
+    }
+}
+
+// Backward, second pass, for key rows j (one per warp) of kv head hk; for each query head h of
+// its group, then query rows t in order (t >= j if causal):
+//   dv_j += sum P_tj dO_t,   dk_j += scale sum P_tj (dO_t.v_j - delta_t) q_t.
+// CPU twin: attention_backward_cpu (its second loop). Grid (Tk / ATTN_ROWS, Hkv).
+template <int DPL>
+static __global__ void attention_backward_dkdv_kernel(float* dk, float* dv, const float* dout, const float* q,
+                                               const float* k, const float* v, const float* lse, const float* delta,
+                                               size_t Tq, size_t Tk, int Hq, int Hkv, int D, bool causal,
+                                               float scale) {
+    extern __shared__ float smem[];
+    const int P = D | 1;
+    float* ks = smem;                   // (ATTN_ROWS, D) this block's key rows
+    float* vs = ks + ATTN_ROWS * D;     // (ATTN_ROWS, D) their values
+    float* qt = vs + ATTN_ROWS * D;     // (ATTN_TILE, P) query tile
+    float* dot = qt + ATTN_TILE * P;    // (ATTN_TILE, P) output-gradient tile
+    float* lt = dot + ATTN_TILE * P;    // (ATTN_TILE) lse of the tile's rows
+    float* dlt = lt + ATTN_TILE;        // (ATTN_TILE) delta of the tile's rows
+    const int w = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int hk = blockIdx.y, group = Hq / Hkv;
+    const size_t j0 = (size_t)blockIdx.x * ATTN_ROWS, j = j0 + w;
+    attn_stage(ks, D, ATTN_ROWS, k, j0, Tk, Hkv, hk, D);
+    attn_stage(vs, D, ATTN_ROWS, v, j0, Tk, Hkv, hk, D);
+    float* dkr = dk + (j * Hkv + hk) * D;
+    float* dvr = dv + (j * Hkv + hk) * D;
+    float ak[DPL], av[DPL];  // this lane's slices of dk_j and dv_j, from their current values
+#pragma unroll
+    for (int x = 0; x < DPL; x++) {
+        const int d = lane + 32 * x;
+        ak[x] = (j < Tk && d < D) ? dkr[d] : 0.0f;
+        av[x] = (j < Tk && d < D) ? dvr[d] : 0.0f;
+    }
+    const size_t first = causal ? j : 0;  // the first query this key row sees
+    for (int h = hk * group; h < (hk + 1) * group; h++)
+        for (size_t q0 = causal ? j0 : 0; q0 < Tq; q0 += ATTN_TILE) {
+            __syncthreads();
+            attn_stage(qt, P, ATTN_TILE, q, q0, Tq, Hq, h, D);
+            attn_stage(dot, P, ATTN_TILE, dout, q0, Tq, Hq, h, D);
+            if (threadIdx.x < ATTN_TILE) {
+                const size_t tt = q0 + threadIdx.x;
+                lt[threadIdx.x] = tt < Tq ? lse[tt * Hq + h] : 0.0f;
+                dlt[threadIdx.x] = tt < Tq ? delta[tt * Hq + h] : 0.0f;
+            }
+            __syncthreads();
+            if (j >= Tk) continue;  // warp-uniform
+            const int lo = first > q0 ? (int)attn_min(first - q0, ATTN_TILE) : 0;
+            const int hi = (int)attn_min(ATTN_TILE, Tq - q0);
+            if (lo >= hi) continue;
+            float p = 0.0f, ds = 0.0f;
+            if (lane >= lo && lane < hi) {
+                const float s = attn_dot(ks + w * D, qt + lane * P, D);
+                const float dp = attn_dot(vs + w * D, dot + lane * P, D);
+                p = expf(s * scale - lt[lane]);
+                ds = p * (dp - dlt[lane]) * scale;
+            }
+            for (int i = lo; i < hi; i++) {
+                const float pi = __shfl_sync(0xffffffffu, p, i), dsi = __shfl_sync(0xffffffffu, ds, i);
+#pragma unroll
+                for (int x = 0; x < DPL; x++) {
+                    const int d = lane + 32 * x;
+                    if (d < D) {
+                        av[x] += pi * dot[i * P + d];
+                        ak[x] += dsi * qt[i * P + d];
+                    }
+                }
+            }
+        }
+    if (j >= Tk) return;
+#pragma unroll
+    for (int x = 0; x < DPL; x++) {
+        const int d = lane + 32 * x;
+        if (d < D) {
+            dkr[d] = ak[x];
+            dvr[d] = av[x];
+        }
+    }
+}
+
+static inline void attention_backward_gpu(cudaStream_t stream, float* dq, float* dk, float* dv, const float* dout,
+                                          const float* q, const float* k, const float* v, const float* lse,
+                                          const float* delta, size_t Tq, size_t Tk, int Hq, int Hkv, int D,
+                                          bool causal) {
+    attn_check("attention_backward_gpu", Hq, Hkv, D);
+    if (Tq == 0 || Tk == 0) return;
+    const float scale = 1.0f / sqrtf((float)D);
+    const size_t smem = (2 * ATTN_ROWS * D + 2 * ATTN_TILE * (D | 1) + 2 * ATTN_TILE) * sizeof(float);
+    ATTN_DISPATCH(D, attention_backward_dq_kernel, dim3(ceil_div(Tq, ATTN_ROWS), Hq), smem, stream, dq, dout, q, k,
+                  v, lse, delta, Tq, Tk, Hq, Hkv, D, causal, scale);
+    ATTN_DISPATCH(D, attention_backward_dkdv_kernel, dim3(ceil_div(Tk, ATTN_ROWS), Hkv), smem, stream, dk, dv,
+                  dout, q, k, v, lse, delta, Tq, Tk, Hq, Hkv, D, causal, scale);
+}
+#endif

@@ -64,21 +64,22 @@ static inline std::vector<std::string> list_checkpoints(const std::string& dir) 
 // Everything the file needs, gathered on rank 0 (ZeRO-1 shards come home first).
 static inline void save_checkpoint(Model* M, const std::string& dir, uint64_t step, uint64_t seed, uint64_t total) {
     const Comm& cm = comm_world();
-    const size_t n = M->n_params;
-    std::vector<float> m, v;
-    if (M->run.zero) {
-        std::vector<float> all(cm.rank == 0 ? M->n_padded : 0);
-        comm_gather(M->opt_m, all.data(), M->shard_n);
+    const size_t n = M->n_params, k = M->shard_n;
+    std::vector<float> w(n), m(k), v(k), all(cm.rank == 0 ? M->n_padded : 0);
+    dev_download(&M->ctx, w.data(), M->params, n * sizeof(float));
+    dev_download(&M->ctx, m.data(), M->opt_m, k * sizeof(float));
+    dev_download(&M->ctx, v.data(), M->opt_v, k * sizeof(float));
+    if (M->run.zero) {  // the shards come home to rank 0
+        comm_gather(m.data(), all.data(), k);
         m.assign(all.begin(), all.begin() + (cm.rank == 0 ? n : 0));
-        comm_gather(M->opt_v, all.data(), M->shard_n);
+        comm_gather(v.data(), all.data(), k);
         v.assign(all.begin(), all.begin() + (cm.rank == 0 ? n : 0));
     }
     if (cm.rank != 0) return;
     for (size_t i = 0; i < n; i++)  // never write a state that cannot be resumed
-        if (!std::isfinite(M->params[i]))
+        if (!std::isfinite(w[i]))
             fatal("refusing to write %s: weight %zu is not finite", ckpt_path(dir, step).c_str(), i);
-    const float* pm = M->run.zero ? m.data() : M->opt_m;
-    const float* pv = M->run.zero ? v.data() : M->opt_v;
+    const float *pw = w.data(), *pm = m.data(), *pv = v.data();
     CkptHeader h;
     memset(&h, 0, sizeof h);
     memcpy(h.magic, "FPDTCKP1", 8);
@@ -86,21 +87,21 @@ static inline void save_checkpoint(Model* M, const std::string& dir, uint64_t st
     config_dims(M->cfg, h.dims);
     h.n_params = n, h.step = step, h.seed = seed, h.total_steps = total;
     uint64_t cs = fnv1a(0xcbf29ce484222325ull, &h, sizeof h);  // the header too, its checksum field 0
-    cs = fnv1a(cs, M->params, n * 4), cs = fnv1a(cs, pm, n * 4), cs = fnv1a(cs, pv, n * 4);
+    cs = fnv1a(cs, pw, n * 4), cs = fnv1a(cs, pm, n * 4), cs = fnv1a(cs, pv, n * 4);
     h.checksum = cs;
     mkdir(dir.c_str(), 0755);
     std::string path = ckpt_path(dir, step), tmp = path + ".tmp";
     FILE* f = fopen(tmp.c_str(), "wb");
     if (!f) fatal("--out %s: cannot write %s: %s", dir.c_str(), tmp.c_str(), strerror(errno));
-    bool ok = fwrite(&h, sizeof h, 1, f) == 1 && fwrite(M->params, 4, n, f) == n && fwrite(pm, 4, n, f) == n &&
+    bool ok = fwrite(&h, sizeof h, 1, f) == 1 && fwrite(pw, 4, n, f) == n && fwrite(pm, 4, n, f) == n &&
               fwrite(pv, 4, n, f) == n && fflush(f) == 0 && fsync(fileno(f)) == 0;
     ok = (fclose(f) == 0) && ok;
     if (!ok || rename(tmp.c_str(), path.c_str()) != 0)
         fatal("--out %s: writing %s failed: %s", dir.c_str(), path.c_str(), strerror(errno));
     int dfd = open(dir.c_str(), O_RDONLY);  // make the rename itself durable
     if (dfd >= 0) fsync(dfd), close(dfd);
-    std::vector<std::string> all = list_checkpoints(dir);  // keep the newest two
-    for (size_t i = 2; i < all.size(); i++) remove(all[i].c_str());
+    std::vector<std::string> files = list_checkpoints(dir);  // keep the newest two
+    for (size_t i = 2; i < files.size(); i++) remove(files[i].c_str());
 }
 
 // Reads and verifies one checkpoint from an open file (named `path` in messages). Returns "" or
@@ -152,11 +153,11 @@ static inline uint64_t load_checkpoint(Model* M, const std::string& dir, CkptHea
             fatal_all("--resume: %s holds model '%.*s', not --model %s", p.c_str(), (int)sizeof h.model, h.model,
                       M->cfg.name);
         const size_t n = M->n_params, lo = M->run.zero ? (size_t)M->run.rank * M->shard_n : 0;
-        memcpy(M->params, data.data(), n * 4);
-        for (size_t i = 0; i < M->shard_n; i++) {
-            M->opt_m[i] = lo + i < n ? data[n + lo + i] : 0.0f;
-            M->opt_v[i] = lo + i < n ? data[2 * n + lo + i] : 0.0f;
-        }
+        std::vector<float> m(M->shard_n, 0.0f), v(M->shard_n, 0.0f);  // this rank's part of the moments
+        for (size_t i = 0; i < M->shard_n && lo + i < n; i++) m[i] = data[n + lo + i], v[i] = data[2 * n + lo + i];
+        dev_upload(&M->ctx, M->params, data.data(), n * sizeof(float));
+        dev_upload(&M->ctx, M->opt_m, m.data(), M->shard_n * sizeof(float));
+        dev_upload(&M->ctx, M->opt_v, v.data(), M->shard_n * sizeof(float));
         *out = h;
         return h.step;
     }

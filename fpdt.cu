@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 #include "checkpoint.h"
+#include "cuda_common.cuh"
 #include "data/data.h"
 #include "model.h"
 
@@ -200,18 +201,39 @@ static const char* nonfinite_mode(const Args& a) {
     return m == "skip" ? "skip" : "stop";
 }
 
-static bool gpu_present() {
+static int gpu_count() {
     int n = 0;
-    return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess) {
+        cudaGetLastError();  // no driver or no device: the CPU it is
+        return 0;
+    }
+    return n;
 }
 
-static void choose_device(const Args& a) {
+// --device: cpu, gpu, or (default) the GPU when there is one. On the GPU each rank takes device
+// local_rank % count (several ranks may share one: their all-to-alls go through MPI on host memory).
+static bool choose_device(const Args& a, Ctx* ctx, GpuCtx* g) {
     std::string dev = a.str("device", "auto");
     if (dev != "auto" && dev != "cpu" && dev != "gpu") fatal_all("--device: '%s' (expected cpu or gpu)", dev.c_str());
-    if (dev == "gpu")
-        fatal_all("--device gpu: the CUDA backend is not built yet in this version of fpdt; use --device cpu");
-    if (dev == "auto" && gpu_present() && comm_world().rank == 0)
-        printf("note: a GPU is present, but the CUDA backend is not built yet: running on the CPU\n");
+    const int n = dev == "cpu" ? 0 : gpu_count();
+    if (dev == "gpu" && n == 0) fatal_all("--device gpu: no CUDA device is visible (driver and GPU needed); use --device cpu");
+    if (n == 0) return false;
+    g->device = comm_world().local_rank % n;
+    CUDA_CHECK(cudaSetDevice(g->device));
+    CUDA_CHECK(cudaStreamCreateWithFlags(&g->compute, cudaStreamNonBlocking));
+    CUDA_CHECK(cudaStreamCreateWithFlags(&g->h2d, cudaStreamNonBlocking));
+    CUDA_CHECK(cudaStreamCreateWithFlags(&g->d2h, cudaStreamNonBlocking));
+    CUBLAS_CHECK(cublasCreate(&g->blas));
+    ctx->gpu = true;
+    ctx->g = g;
+    return true;
+}
+
+static std::string device_name(const Ctx& ctx) {
+    if (!ctx.gpu) return "cpu (" + std::to_string(omp_get_max_threads()) + " threads)";
+    cudaDeviceProp p;
+    CUDA_CHECK(cudaGetDeviceProperties(&p, ctx.g->device));
+    return std::string("gpu ") + std::to_string(ctx.g->device) + " (" + p.name + ", fp32)";
 }
 
 static int cmd_train(int argc, char** argv) {
@@ -222,7 +244,9 @@ static int cmd_train(int argc, char** argv) {
     }
     const Comm& cm = comm_world();
     const Config& cfg = model_arg(a, "small");
-    choose_device(a);
+    Model M;
+    GpuCtx gpu;
+    choose_device(a, &M.ctx, &gpu);
     RunCfg r;
     r.seq = a.integer("seq", 64, 1, 1ll << 40);
     r.chunk = a.integer("chunk-size", r.seq, 1, 1ll << 40);
@@ -257,7 +281,6 @@ static int cmd_train(int argc, char** argv) {
     DataSource* data = data_open(a.str("data", "passkey"), cfg.vocab, r.seq, seed, &err);
     if (!data) fatal_all("%s", err.c_str());
 
-    Model M;
     Trace trace;
     M.ctx.trace = &trace;
     model_create(&M, cfg, r, false);
@@ -273,9 +296,9 @@ static int cmd_train(int argc, char** argv) {
         printf("fpdt train | model %s (%s, %d layers, d %d, %d/%d heads, %.2fM params) | data %s\n", cfg.name,
                cfg.family == GPT ? "gpt" : "llama", cfg.n_layer, cfg.d_model, cfg.n_head, cfg.n_kv_head,
                M.n_params / 1e6, data->describe().c_str());
-        printf("seq %zu | chunk %zu (%d chunks) | offload %s | ranks %d%s | device cpu (%d threads) | steps %d%s\n",
-               r.seq, M.C, M.u, r.offload ? "on" : "off", r.P, r.zero ? " (ZeRO-1)" : "", omp_get_max_threads(),
-               steps, start ? (" | resumed at step " + std::to_string(start)).c_str() : "");
+        printf("seq %zu | chunk %zu (%d chunks) | offload %s | ranks %d%s | device %s | steps %d%s\n", r.seq, M.C,
+               M.u, r.offload ? "on" : "off", r.P, r.zero ? " (ZeRO-1)" : "", device_name(M.ctx).c_str(), steps,
+               start ? (" | resumed at step " + std::to_string(start)).c_str() : "");
         fflush(stdout);
     }
     double t_total = now_s(), tokens_done = 0;
@@ -372,7 +395,7 @@ static int cmd_sample(int argc, char** argv) {
     r.seq = align_up(seq.size() + ntok, 16);
     Model M;
     model_create(&M, *cfg, r, false);
-    memcpy(M.params, blob.data(), h.n_params * 4);
+    dev_upload(&M.ctx, M.params, blob.data(), h.n_params * sizeof(float));
     std::vector<float> logits(r.seq * cfg->vocab);
     M.logits_out = logits.data();
     Rng rng{(uint64_t)a.integer("seed", 1, 0, LLONG_MAX)};

@@ -18,6 +18,18 @@
 #include "ops.cuh"
 
 // ----------------------------------------------------------------------------
+// Ops on the chosen backend: op(ctx, args) runs op_cpu(args) on the CPU and, in the nvcc build,
+// op_gpu(compute stream, args) on the GPU. The schedule below is written once in these terms.
+
+#ifdef __CUDACC__
+#define OP(ctx, op, ...) ((ctx)->gpu ? op##_gpu((ctx)->g->compute, __VA_ARGS__) : op##_cpu(__VA_ARGS__))
+#define MATMUL(ctx, op, ...) ((ctx)->gpu ? op##_gpu((ctx)->g->blas, (ctx)->g->compute, __VA_ARGS__) : op##_cpu(__VA_ARGS__))
+#else
+#define OP(ctx, op, ...) op##_cpu(__VA_ARGS__)
+#define MATMUL(ctx, op, ...) op##_cpu(__VA_ARGS__)
+#endif
+
+// ----------------------------------------------------------------------------
 // Configurations
 
 enum Family { GPT = 0, LLAMA = 1 };
@@ -194,9 +206,16 @@ struct Model {
     float *logits, *y, *dy;       // (cl, V), (cl, d), (cl, d)
     float *lossw;                 // (cl)
     int32_t* pos;                 // (C) global positions of the current chunk
+    int32_t* predw;               // (cl) argmax predictions of the current chunk
+    double* acc;                  // (2) device: this pass's loss sum; the gradient's sum of squares
+    double* scratch;              // (sumsq_scratch) device partial sums for the sum of squares
     int32_t* preds;               // host (Sl): argmax prediction at every input position
+    float* stage = nullptr;       // host (2 P C Hl D, or the gradients): MPI staging of device buffers
     float* logits_out = nullptr;  // test hook: if set, (Sl, V) host logits are written here
 };
+
+// doubles of scratch the GPU sum of squares takes for n values (one partial sum per block)
+static inline size_t sumsq_scratch(size_t n) { return std::max<size_t>(1, (n + 65535) / 65536); }  // sumsq_gpu_scratch(n)
 
 static inline void model_layout(Model* M) {
     const Config& c = M->cfg;
@@ -209,17 +228,17 @@ static inline void model_layout(Model* M) {
     M->grad_shard = M->run.zero ? arena_alloc<float>(dev, M->shard_n, "optimizer: gradient shard") : nullptr;
     M->opt_m = arena_alloc<float>(dev, M->shard_n, "optimizer: AdamW m");
     M->opt_v = arena_alloc<float>(dev, M->shard_n, "optimizer: AdamW v");
-    store_init(&M->tokens, "store: tokens", cl * 4, M->u, off, 1, dev, host);
-    store_init(&M->targets, "store: targets", cl * 4, M->u, off, 1, dev, host);
-    store_init(&M->ckpt, "store: layer inputs", cl * d * 4, (L + 1) * M->u, off, 3, dev, host);
-    store_init(&M->dx, "store: gradient", cl * d * 4, M->u, off, 2, dev, host);
-    store_init(&M->q, "store: q", qc * 4, M->u, off, 3, dev, host);
-    store_init(&M->k, "store: k", kvc * 4, M->u, off, 3, dev, host);
-    store_init(&M->v, "store: v", kvc * 4, M->u, off, 3, dev, host);
-    store_init(&M->lse, "store: lse", C * M->Hl * 4, M->u, off, 3, dev, host);
-    store_init(&M->dout, "store: dO", qc * 4, M->u, off, 3, dev, host);
-    store_init(&M->delta, "store: delta", C * M->Hl * 4, M->u, off, 3, dev, host);
-    store_init(&M->dq, "store: dQ", qc * 4, M->u, off, 2, dev, host);
+    store_init(&M->ctx, &M->tokens, "store: tokens", cl * 4, M->u, off, 1, dev, host);
+    store_init(&M->ctx, &M->targets, "store: targets", cl * 4, M->u, off, 1, dev, host);
+    store_init(&M->ctx, &M->ckpt, "store: layer inputs", cl * d * 4, (L + 1) * M->u, off, 3, dev, host);
+    store_init(&M->ctx, &M->dx, "store: gradient", cl * d * 4, M->u, off, 2, dev, host);
+    store_init(&M->ctx, &M->q, "store: q", qc * 4, M->u, off, 3, dev, host);
+    store_init(&M->ctx, &M->k, "store: k", kvc * 4, M->u, off, 3, dev, host);
+    store_init(&M->ctx, &M->v, "store: v", kvc * 4, M->u, off, 3, dev, host);
+    store_init(&M->ctx, &M->lse, "store: lse", C * M->Hl * 4, M->u, off, 3, dev, host);
+    store_init(&M->ctx, &M->dout, "store: dO", qc * 4, M->u, off, 3, dev, host);
+    store_init(&M->ctx, &M->delta, "store: delta", C * M->Hl * 4, M->u, off, 3, dev, host);
+    store_init(&M->ctx, &M->dq, "store: dQ", qc * 4, M->u, off, 2, dev, host);
     auto work = [&](size_t n) { return arena_alloc<float>(dev, n, "working set"); };
     M->ln1 = work(cl * d), M->mean1 = work(cl), M->rstd1 = work(cl);
     M->qkv = work(cl * M->Q3);
@@ -234,7 +253,12 @@ static inline void model_layout(Model* M) {
     M->logits = work(cl * c.vocab), M->y = work(cl * d), M->dy = work(cl * d);
     M->lossw = work(cl);
     M->pos = arena_alloc<int32_t>(dev, C, "working set");
+    M->predw = arena_alloc<int32_t>(dev, cl, "working set");
+    M->acc = arena_alloc<double>(dev, 2, "working set");
+    M->scratch = arena_alloc<double>(dev, sumsq_scratch(M->shard_n), "working set");
     M->preds = arena_alloc<int32_t>(host, M->Sl, "predictions");
+    if (M->ctx.gpu && M->run.P > 1)  // MPI reads host memory: device buffers are staged through it
+        M->stage = arena_alloc<float>(host, std::max(2 * qc, M->n_padded + M->shard_n), "MPI staging");
 }
 
 // Sets the derived shape and, unless count_only, allocates everything. With count_only nothing is
@@ -277,37 +301,35 @@ static inline void model_create(Model* M, const Config& c, const RunCfg& r, bool
     M->host.name = "host", M->host.kind = Mem::Pinned;
     M->dev.cap = need_dev;
     M->host.cap = std::max<size_t>(need_host, 256);
-    M->dev.base = (char*)calloc(M->dev.cap, 1);  // CPU backend: the "device" is host memory
-    M->host.base = (char*)calloc(M->host.cap, 1);
-    if (!M->dev.base || !M->host.base)
-        fatal("out of memory: could not allocate the %.1f MiB device and %.1f MiB host arenas", need_dev / 1048576.0,
-              need_host / 1048576.0);
+    arena_back(&M->ctx, &M->dev);  // on the CPU backend the "device" is host memory
+    arena_back(&M->ctx, &M->host);
     model_layout(M);
     M->w = model_views(c, M->table, M->params);
     M->g = model_views(c, M->table, M->grads);
 }
 
 static inline void model_free(Model* M) {
-    free(M->dev.base);
-    free(M->host.base);
-    M->dev.base = M->host.base = nullptr;
+    dev_sync(&M->ctx);
+    arena_unback(&M->ctx, &M->dev);
+    arena_unback(&M->ctx, &M->host);
 }
 
 // GPT-2 style init: N(0, 0.02), residual projections scaled by 1/sqrt(2L), norms 1, biases 0.
 // Every rank draws the same numbers from the seed.
 static inline void model_init_params(Model* M, uint64_t seed) {
     Rng rng{seed * 0x2545F4914F6CDD1Dull + 1};
-    memset(M->params, 0, M->n_padded * sizeof(float));
+    std::vector<float> host(M->n_padded, 0.0f);
     for (const ParamInfo& p : M->table) {
-        float* x = M->params + p.offset;
+        float* x = host.data() + p.offset;
         const bool norm_w = p.name.find("ln") != std::string::npos && p.name.back() == 'w';
         const bool bias = p.name.size() > 2 && p.name.compare(p.name.size() - 2, 2, "_b") == 0;
         const bool resid = p.name.find("o_w") != std::string::npos || p.name.find("proj_w") != std::string::npos;
         const float std = 0.02f / (resid ? sqrtf(2.0f * M->cfg.n_layer) : 1.0f);
         for (size_t i = 0; i < p.numel(); i++) x[i] = norm_w ? 1.0f : bias ? 0.0f : std * rng_normal(&rng);
     }
-    memset(M->opt_m, 0, M->shard_n * sizeof(float));
-    memset(M->opt_v, 0, M->shard_n * sizeof(float));
+    dev_upload(&M->ctx, M->params, host.data(), M->n_padded * sizeof(float));
+    dev_zero(&M->ctx, M->opt_m, M->shard_n * sizeof(float));
+    dev_zero(&M->ctx, M->opt_v, M->shard_n * sizeof(float));
 }
 
 // ----------------------------------------------------------------------------
@@ -315,27 +337,113 @@ static inline void model_init_params(Model* M, uint64_t seed) {
 // Query heads are split evenly (rank r: r Hl .. r Hl + Hl - 1); kv heads too when Hkv >= P, and
 // replicated when Hkv < P (each rank gets the one its query heads read).
 
-static inline int q_head(const Model* M, int r, int m) { return r * M->Hl + m; }
+#ifdef __CUDACC__
+#define HOST_DEVICE __host__ __device__
+#else
+#define HOST_DEVICE
+#endif
+// Global head held as local head m by rank r (kv: the key/value heads).
+HOST_DEVICE static inline int a2a_head(int r, int m, bool kv, int Hl, int Hkvl, int H, int Hkv, int P) {
+    if (!kv) return r * Hl + m;
+    return Hkv >= P ? r * Hkvl + m : (r * Hl) / (H / Hkv);
+}
+static inline int q_head(const Model* M, int r, int m) {
+    return a2a_head(r, m, false, M->Hl, M->Hkvl, M->cfg.n_head, M->cfg.n_kv_head, M->run.P);
+}
 static inline int kv_head(const Model* M, int r, int m) {
-    const int H = M->cfg.n_head, Hkv = M->cfg.n_kv_head;
-    return Hkv >= M->run.P ? r * M->Hkvl + m : (r * M->Hl) / (H / Hkv);
+    return a2a_head(r, m, true, M->Hl, M->Hkvl, M->cfg.n_head, M->cfg.n_kv_head, M->run.P);
+}
+
+// The packing on each side of the all-to-all, as loops (CPU) and kernels (GPU).
+// pack: send (P, cl, nh, D)[r, t, m, :] = src (cl, cols)[t, (first + head(r, m)) D : ...]
+static inline void a2a_pack_cpu(float* send, const float* src, int cols, int first, bool kv, int nh, size_t cl, int D,
+                                int Hl, int Hkvl, int H, int Hkv, int P) {
+    for (int r = 0; r < P; r++)
+        for (size_t t = 0; t < cl; t++)
+            for (int m = 0; m < nh; m++) {
+                const int h = first + a2a_head(r, m, kv, Hl, Hkvl, H, Hkv, P);
+                memcpy(send + ((r * cl + t) * nh + m) * D, src + t * cols + (size_t)h * D, D * sizeof(float));
+            }
+}
+// unpack: dst (cl, cols)[t, (first + hh) D + e] += sum over every (r, m) holding head hh of
+// recv (P, cl, nh, D)[r, t, m, e], in rank order (replicated kv heads sum their gradients).
+static inline void a2a_unpack_cpu(float* dst, const float* recv, int cols, int first, bool kv, int nh, size_t cl, int D,
+                                  int Hl, int Hkvl, int H, int Hkv, int P) {
+    for (int r = 0; r < P; r++)
+        for (size_t t = 0; t < cl; t++)
+            for (int m = 0; m < nh; m++) {
+                const int h = first + a2a_head(r, m, kv, Hl, Hkvl, H, Hkv, P);
+                const float* s = recv + ((r * cl + t) * nh + m) * D;
+                float* o = dst + t * cols + (size_t)h * D;
+                for (int e = 0; e < D; e++) o[e] += s[e];
+            }
+}
+#ifdef __CUDACC__
+// twin of a2a_pack_cpu: one thread per value of send
+static __global__ void a2a_pack_kernel(float* send, const float* src, int cols, int first, bool kv, int nh, size_t cl, int D,
+                                int Hl, int Hkvl, int H, int Hkv, int P) {
+    const size_t n = (size_t)P * cl * nh * D;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const int e = (int)(i % D), m = (int)(i / D % nh);
+        const size_t t = i / ((size_t)D * nh) % cl;
+        const int r = (int)(i / ((size_t)D * nh * cl));
+        send[i] = src[t * cols + (size_t)(first + a2a_head(r, m, kv, Hl, Hkvl, H, Hkv, P)) * D + e];
+    }
+}
+// twin of a2a_unpack_cpu: one thread per (t, head of this kind, e), summing its sources in rank
+// order, so replicated heads add up deterministically
+static __global__ void a2a_unpack_kernel(float* dst, const float* recv, int cols, int first, bool kv, int nh, size_t cl,
+                                  int D, int Hl, int Hkvl, int H, int Hkv, int P) {
+    const int nheads = kv ? Hkv : H;
+    const size_t n = cl * nheads * D;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const int e = (int)(i % D), hh = (int)(i / D % nheads);
+        const size_t t = i / ((size_t)D * nheads);
+        float acc = 0.0f;
+        bool any = false;
+        for (int r = 0; r < P; r++)
+            for (int m = 0; m < nh; m++)
+                if (a2a_head(r, m, kv, Hl, Hkvl, H, Hkv, P) == hh) {
+                    acc += recv[((r * cl + t) * nh + m) * D + e];
+                    any = true;
+                }
+        if (any) dst[t * cols + (size_t)(first + hh) * D + e] += acc;
+    }
+}
+static inline void a2a_pack_gpu(cudaStream_t s, float* send, const float* src, int cols, int first, bool kv, int nh,
+                                size_t cl, int D, int Hl, int Hkvl, int H, int Hkv, int P) {
+    a2a_pack_kernel<<<std::min(ceil_div((size_t)P * cl * nh * D, 256), 65535u), 256, 0, s>>>(send, src, cols, first, kv,
+                                                                                           nh, cl, D, Hl, Hkvl, H, Hkv, P);
+    CUDA_LAUNCHED();
+}
+static inline void a2a_unpack_gpu(cudaStream_t s, float* dst, const float* recv, int cols, int first, bool kv, int nh,
+                                  size_t cl, int D, int Hl, int Hkvl, int H, int Hkv, int P) {
+    a2a_unpack_kernel<<<std::min(ceil_div(cl * (kv ? Hkv : H) * D, 256), 65535u), 256, 0, s>>>(
+        dst, recv, cols, first, kv, nh, cl, D, Hl, Hkvl, H, Hkv, P);
+    CUDA_LAUNCHED();
+}
+#endif
+
+// The all-to-all itself: recv (P, n) on every rank = block r of each rank's send. Device buffers
+// on the GPU go through pinned host staging (synchronous; NCCL is the next step).
+static inline void a2a_exchange(Model* M, const float* send, float* recv, size_t n) {
+    Ctx* ctx = &M->ctx;
+    if (!ctx->gpu) return comm_alltoall(send, recv, n);
+    dev_download(ctx, M->stage, send, M->run.P * n * sizeof(float));
+    comm_alltoall(M->stage, M->stage + M->run.P * n, n);
+    dev_upload(ctx, recv, M->stage + M->run.P * n, M->run.P * n * sizeof(float));
 }
 
 // sequence -> heads: src (cl, src_cols) holds this rank's tokens; the D values of global head
 // `first + head(r, m)` go to local head m of rank r. dst (C, nh, D) is the whole chunk.
 static inline void a2a_to_heads(Model* M, int chunk, const float* src, int src_cols, int first, bool kv, int nh,
                                 float* dst) {
-    TraceScope ts(&M->ctx, "all-to-all (to heads)", TRACK_COMM, chunk, M->C * nh * M->D * 4);
-    const int P = M->run.P, D = M->D;
-    const size_t cl = M->cl;
+    Ctx* ctx = &M->ctx;
+    TraceScope ts(ctx, "all-to-all (to heads)", TRACK_COMM, chunk, M->C * nh * M->D * 4);
+    const int P = M->run.P;
     float* send = P == 1 ? dst : M->a2a_send;  // one rank: the packing is the whole job
-    for (int r = 0; r < P; r++)
-        for (size_t t = 0; t < cl; t++)
-            for (int m = 0; m < nh; m++) {
-                const int h = first + (kv ? kv_head(M, r, m) : q_head(M, r, m));
-                memcpy(send + ((r * cl + t) * nh + m) * D, src + t * src_cols + (size_t)h * D, D * sizeof(float));
-            }
-    if (P > 1) comm_alltoall(send, dst, cl * nh * D);
+    OP(ctx, a2a_pack, send, src, src_cols, first, kv, nh, M->cl, M->D, M->Hl, M->Hkvl, M->cfg.n_head, M->cfg.n_kv_head, P);
+    if (P > 1) a2a_exchange(M, send, dst, M->cl * nh * M->D);
 }
 
 // heads -> sequence: src (C, nh, D) for this rank's heads; dst (cl, dst_cols) += the D values for
@@ -343,22 +451,15 @@ static inline void a2a_to_heads(Model* M, int chunk, const float* src, int src_c
 // their gradients; callers zero dst first.
 static inline void a2a_to_seq(Model* M, int chunk, const float* src, int nh, float* dst, int dst_cols, int first,
                               bool kv) {
-    TraceScope ts(&M->ctx, "all-to-all (to sequence)", TRACK_COMM, chunk, M->C * nh * M->D * 4);
-    const int P = M->run.P, D = M->D;
-    const size_t cl = M->cl;
+    Ctx* ctx = &M->ctx;
+    TraceScope ts(ctx, "all-to-all (to sequence)", TRACK_COMM, chunk, M->C * nh * M->D * 4);
+    const int P = M->run.P;
     const float* recv = src;
     if (P > 1) {
-        comm_alltoall(src, M->a2a_send, cl * nh * D);
+        a2a_exchange(M, src, M->a2a_send, M->cl * nh * M->D);
         recv = M->a2a_send;
     }
-    for (int r = 0; r < P; r++)
-        for (size_t t = 0; t < cl; t++)
-            for (int m = 0; m < nh; m++) {
-                const int h = first + (kv ? kv_head(M, r, m) : q_head(M, r, m));
-                const float* s = recv + ((r * cl + t) * nh + m) * D;
-                float* o = dst + t * dst_cols + (size_t)h * D;
-                for (int e = 0; e < D; e++) o[e] += s[e];
-            }
+    OP(ctx, a2a_unpack, dst, recv, dst_cols, first, kv, nh, M->cl, M->D, M->Hl, M->Hkvl, M->cfg.n_head, M->cfg.n_kv_head, P);
 }
 
 // ----------------------------------------------------------------------------
@@ -374,10 +475,8 @@ static inline void model_set_tokens(Model* M, Reader read) {
             if (buf[t] < 0 || buf[t] >= M->cfg.vocab)
                 fatal("data: token id %d at position %zu is outside the model's vocab %d", buf[t],
                       (size_t)c * M->C + M->run.rank * M->cl + t, M->cfg.vocab);
-        memcpy(store_out<int32_t>(&M->tokens, c, 0), buf.data(), M->cl * 4);
-        store_put(&M->ctx, &M->tokens, c, 0);
-        memcpy(store_out<int32_t>(&M->targets, c, 0), buf.data() + 1, M->cl * 4);
-        store_put(&M->ctx, &M->targets, c, 0);
+        store_write(&M->ctx, &M->tokens, c, buf.data());
+        store_write(&M->ctx, &M->targets, c, buf.data() + 1);
     }
 }
 
@@ -385,19 +484,15 @@ static inline void model_set_tokens(Model* M, Reader read) {
 static inline void model_set_token_arrays(Model* M, const int32_t* tokens, const int32_t* targets) {
     for (int c = 0; c < M->u; c++) {
         const size_t s = (size_t)c * M->C + (size_t)M->run.rank * M->cl;
-        memcpy(store_out<int32_t>(&M->tokens, c, 0), tokens + s, M->cl * 4);
-        store_put(&M->ctx, &M->tokens, c, 0);
-        memcpy(store_out<int32_t>(&M->targets, c, 0), targets + s, M->cl * 4);
-        store_put(&M->ctx, &M->targets, c, 0);
+        store_write(&M->ctx, &M->tokens, c, tokens + s);
+        store_write(&M->ctx, &M->targets, c, targets + s);
     }
 }
 
 // ----------------------------------------------------------------------------
 // The layer, chunk by chunk
 
-static inline void set_positions(Model* M, int chunk) {
-    for (size_t t = 0; t < M->C; t++) M->pos[t] = (int32_t)(chunk * M->C + t);
-}
+static inline void set_positions(Model* M, int chunk) { dev_iota(&M->ctx, M->pos, (int32_t)(chunk * M->C), M->C); }
 
 // Forward of layer l on chunk i, from x (cl, d) = the layer input. Leaves every intermediate of the
 // chunk in the working set. Writes k_i, v_i to the store (later chunks attend to them) and, when
@@ -411,50 +506,50 @@ static inline void chunk_forward(Model* M, int l, int i, const float* x, float* 
     const int D = M->D, Hl = M->Hl, Hkvl = M->Hkvl;
     {
         TraceScope ts(ctx, "norm + qkv", TRACK_COMPUTE, i);
-        norm_forward_cpu(M->ln1, M->mean1, M->rstd1, x, w.ln1_w, w.ln1_b, cl, d, M->rms, c.norm_eps);
-        matmul_forward_cpu(M->qkv, M->ln1, w.qkv_w, w.qkv_b, cl, d, M->Q3);  // (cl, Q3)
+        OP(ctx, norm_forward, M->ln1, M->mean1, M->rstd1, x, w.ln1_w, w.ln1_b, cl, d, M->rms, c.norm_eps);
+        MATMUL(ctx, matmul_forward, M->qkv, M->ln1, w.qkv_w, w.qkv_b, cl, d, M->Q3);  // (cl, Q3)
     }
-    float* qi = store_out(&M->q, i, 2);  // (C, Hl, D)
-    float* ki = store_out(&M->k, i, 2);  // (C, Hkvl, D)
-    float* vi = store_out(&M->v, i, 2);  // (C, Hkvl, D)
+    float* qi = store_out(ctx, &M->q, i, 2);  // (C, Hl, D)
+    float* ki = store_out(ctx, &M->k, i, 2);  // (C, Hkvl, D)
+    float* vi = store_out(ctx, &M->v, i, 2);  // (C, Hkvl, D)
     a2a_to_heads(M, i, M->qkv, M->Q3, 0, false, Hl, qi);
     a2a_to_heads(M, i, M->qkv, M->Q3, c.n_head, true, Hkvl, ki);
     a2a_to_heads(M, i, M->qkv, M->Q3, c.n_head + c.n_kv_head, true, Hkvl, vi);
     set_positions(M, i);
-    rope_cpu(qi, M->pos, C, Hl, D, c.rope_theta, +1);
-    rope_cpu(ki, M->pos, C, Hkvl, D, c.rope_theta, +1);
+    OP(ctx, rope, qi, M->pos, C, Hl, D, c.rope_theta, +1);
+    OP(ctx, rope, ki, M->pos, C, Hkvl, D, c.rope_theta, +1);
     store_put(ctx, &M->k, i, 2);
     store_put(ctx, &M->v, i, 2);
     if (for_backward) store_put(ctx, &M->q, i, 2);
 
     // attention of q_i over k_j, v_j for j <= i, double-buffered: fetch j+1 while j computes
-    for (size_t e = 0; e < C * Hl * D; e++) M->o[e] = 0.0f;
-    for (size_t e = 0; e < C * Hl; e++) M->lsew[e] = -INFINITY;
+    dev_zero(ctx, M->o, C * Hl * D * sizeof(float));
+    dev_fill(ctx, M->lsew, -INFINITY, C * Hl);
     if (i > 0) store_prefetch(ctx, &M->k, 0, 0), store_prefetch(ctx, &M->v, 0, 0);
     for (int j = 0; j <= i; j++) {
         if (j + 1 < i) store_prefetch(ctx, &M->k, j + 1, (j + 1) % 2), store_prefetch(ctx, &M->v, j + 1, (j + 1) % 2);
         const float* kj = j == i ? ki : store_use(ctx, &M->k, j, j % 2);
         const float* vj = j == i ? vi : store_use(ctx, &M->v, j, j % 2);
         TraceScope ts(ctx, "attention block", TRACK_COMPUTE, i);
-        attention_forward_cpu(M->o, M->lsew, qi, kj, vj, C, C, Hl, Hkvl, D, j == i);
+        OP(ctx, attention_forward, M->o, M->lsew, qi, kj, vj, C, C, Hl, Hkvl, D, j == i);
     }
     if (for_backward) {
-        memcpy(store_out(&M->lse, i, 2), M->lsew, C * Hl * sizeof(float));
+        dev_copy(ctx, store_out(ctx, &M->lse, i, 2), M->lsew, C * Hl * sizeof(float));
         store_put(ctx, &M->lse, i, 2);
     }
-    for (size_t e = 0; e < cl * HD; e++) M->oloc[e] = 0.0f;
+    dev_zero(ctx, M->oloc, cl * HD * sizeof(float));
     a2a_to_seq(M, i, M->o, Hl, M->oloc, (int)HD, 0, false);
 
     TraceScope ts(ctx, "out proj + mlp", TRACK_COMPUTE, i);
-    matmul_forward_cpu(M->xmid, M->oloc, w.o_w, w.o_b, cl, (int)HD, d);  // (cl, d)
-    add_inplace_cpu(M->xmid, x, cl * d);                                    // residual
-    norm_forward_cpu(M->ln2, M->mean2, M->rstd2, M->xmid, w.ln2_w, w.ln2_b, cl, d, M->rms, c.norm_eps);
-    matmul_forward_cpu(M->fch, M->ln2, w.fc_w, w.fc_b, cl, d, M->F2);  // (cl, F2)
-    if (c.family == GPT) gelu_forward_cpu(M->act, M->fch, cl * c.ffn);
-    else swiglu_forward_cpu(M->act, M->fch, cl, c.ffn);  // (cl, F)
+    MATMUL(ctx, matmul_forward, M->xmid, M->oloc, w.o_w, w.o_b, cl, (int)HD, d);  // (cl, d)
+    OP(ctx, add_inplace, M->xmid, x, cl * d);                                    // residual
+    OP(ctx, norm_forward, M->ln2, M->mean2, M->rstd2, M->xmid, w.ln2_w, w.ln2_b, cl, d, M->rms, c.norm_eps);
+    MATMUL(ctx, matmul_forward, M->fch, M->ln2, w.fc_w, w.fc_b, cl, d, M->F2);  // (cl, F2)
+    if (c.family == GPT) OP(ctx, gelu_forward, M->act, M->fch, cl * c.ffn);
+    else OP(ctx, swiglu_forward, M->act, M->fch, cl, c.ffn);  // (cl, F)
     if (out) {
-        matmul_forward_cpu(out, M->act, w.proj_w, w.proj_b, cl, c.ffn, d);
-        add_inplace_cpu(out, M->xmid, cl * d);  // residual
+        MATMUL(ctx, matmul_forward, out, M->act, w.proj_w, w.proj_b, cl, c.ffn, d);
+        OP(ctx, add_inplace, out, M->xmid, cl * d);  // residual
     }
 }
 
@@ -466,7 +561,7 @@ static inline void layer_forward(Model* M, int l) {
     for (int i = 0; i < u; i++) {
         if (i + 1 < u) store_prefetch(ctx, &M->ckpt, l * u + i + 1, (i + 1) % 2);
         const float* x = store_use(ctx, &M->ckpt, l * u + i, i % 2);
-        float* out = store_out(&M->ckpt, (l + 1) * u + i, 2);
+        float* out = store_out(ctx, &M->ckpt, (l + 1) * u + i, 2);
         chunk_forward(M, l, i, x, out, false);
         store_put(ctx, &M->ckpt, (l + 1) * u + i, 2);
     }
@@ -497,20 +592,20 @@ static inline void layer_backward(Model* M, int l) {
         float* dyi = store_use(ctx, &M->dx, i, i % 2);  // (cl, d)
         {
             TraceScope ts(ctx, "mlp backward", TRACK_COMPUTE, i);
-            memset(M->dact, 0, cl * c.ffn * sizeof(float));
-            matmul_backward_cpu(M->dact, g.proj_w, g.proj_b, dyi, M->act, w.proj_w, cl, c.ffn, d);
-            if (c.family == GPT) gelu_backward_cpu(M->dfch, M->fch, M->dact, cl * c.ffn);
-            else swiglu_backward_cpu(M->dfch, M->fch, M->dact, cl, c.ffn);
-            memset(M->dln, 0, cl * d * sizeof(float));
-            matmul_backward_cpu(M->dln, g.fc_w, g.fc_b, M->dfch, M->ln2, w.fc_w, cl, d, M->F2);
-            norm_backward_cpu(dyi, g.ln2_w, g.ln2_b, M->dln, M->xmid, w.ln2_w, M->mean2, M->rstd2, cl, d, M->rms);
-            memset(M->doloc, 0, cl * HD * sizeof(float));
-            matmul_backward_cpu(M->doloc, g.o_w, g.o_b, dyi, M->oloc, w.o_w, cl, (int)HD, d);
+            dev_zero(ctx, M->dact, cl * c.ffn * sizeof(float));
+            MATMUL(ctx, matmul_backward, M->dact, g.proj_w, g.proj_b, dyi, M->act, w.proj_w, cl, c.ffn, d);
+            if (c.family == GPT) OP(ctx, gelu_backward, M->dfch, M->fch, M->dact, cl * c.ffn);
+            else OP(ctx, swiglu_backward, M->dfch, M->fch, M->dact, cl, c.ffn);
+            dev_zero(ctx, M->dln, cl * d * sizeof(float));
+            MATMUL(ctx, matmul_backward, M->dln, g.fc_w, g.fc_b, M->dfch, M->ln2, w.fc_w, cl, d, M->F2);
+            OP(ctx, norm_backward, dyi, g.ln2_w, g.ln2_b, M->dln, M->xmid, w.ln2_w, M->mean2, M->rstd2, cl, d, M->rms);
+            dev_zero(ctx, M->doloc, cl * HD * sizeof(float));
+            MATMUL(ctx, matmul_backward, M->doloc, g.o_w, g.o_b, dyi, M->oloc, w.o_w, cl, (int)HD, d);
         }
         store_put(ctx, &M->dx, i, i % 2);
-        float* doi = store_out(&M->dout, i, 2);  // (C, Hl, D)
+        float* doi = store_out(ctx, &M->dout, i, 2);  // (C, Hl, D)
         a2a_to_heads(M, i, M->doloc, (int)HD, 0, false, Hl, doi);
-        attention_delta_cpu(store_out(&M->delta, i, 2), doi, M->o, C, Hl, D);
+        OP(ctx, attention_delta, store_out(ctx, &M->delta, i, 2), doi, M->o, C, Hl, D);
         store_put(ctx, &M->dout, i, 2);
         store_put(ctx, &M->delta, i, 2);
     }
@@ -521,8 +616,8 @@ static inline void layer_backward(Model* M, int l) {
     for (int j = 0; j < u; j++) {
         const float* kj = store_get(ctx, &M->k, j, 0);
         const float* vj = store_get(ctx, &M->v, j, 0);
-        memset(M->dk, 0, C * Hkvl * D * sizeof(float));
-        memset(M->dv, 0, C * Hkvl * D * sizeof(float));
+        dev_zero(ctx, M->dk, C * Hkvl * D * sizeof(float));
+        dev_zero(ctx, M->dv, C * Hkvl * D * sizeof(float));
         auto prefetch = [&](int i) {
             for (ChunkStore* s : qset) store_prefetch(ctx, s, i, i % 2);
             if (j > 0) store_prefetch(ctx, &M->dq, i, i % 2);  // on the first visit dQ_i starts at zero
@@ -536,66 +631,91 @@ static inline void layer_backward(Model* M, int l) {
             const float* lsei = store_use(ctx, &M->lse, i, i % 2);
             const float* dli = store_use(ctx, &M->delta, i, i % 2);
             if (j == 0) {
-                dqi = store_out(&M->dq, i, i % 2);
-                memset(dqi, 0, C * Hl * D * sizeof(float));
+                dqi = store_out(ctx, &M->dq, i, i % 2);
+                dev_zero(ctx, dqi, C * Hl * D * sizeof(float));
             } else {
                 dqi = store_use(ctx, &M->dq, i, i % 2);
             }
             {
                 TraceScope ts(ctx, "attention block backward", TRACK_COMPUTE, i);
-                attention_backward_cpu(dqi, M->dk, M->dv, doi, qi, kj, vj, lsei, dli, C, C, Hl, Hkvl, D, i == j);
+                OP(ctx, attention_backward, dqi, M->dk, M->dv, doi, qi, kj, vj, lsei, dli, C, C, Hl, Hkvl, D, i == j);
             }
             if (i != j) store_put(ctx, &M->dq, i, i % 2);
         }
         // dQ_j, dK_j, dV_j are final: undo RoPE, back to the sequence layout, through the QKV
         // projection and the first norm (recomputed from the checkpoint) into dx_j.
         set_positions(M, j);
-        rope_cpu(dqi, M->pos, C, Hl, D, c.rope_theta, -1);
-        rope_cpu(M->dk, M->pos, C, Hkvl, D, c.rope_theta, -1);
-        memset(M->dqkv, 0, cl * M->Q3 * sizeof(float));
+        OP(ctx, rope, dqi, M->pos, C, Hl, D, c.rope_theta, -1);
+        OP(ctx, rope, M->dk, M->pos, C, Hkvl, D, c.rope_theta, -1);
+        dev_zero(ctx, M->dqkv, cl * M->Q3 * sizeof(float));
         a2a_to_seq(M, j, dqi, Hl, M->dqkv, M->Q3, 0, false);
         a2a_to_seq(M, j, M->dk, Hkvl, M->dqkv, M->Q3, c.n_head, true);
         a2a_to_seq(M, j, M->dv, Hkvl, M->dqkv, M->Q3, c.n_head + c.n_kv_head, true);
         const float* x = store_get(ctx, &M->ckpt, l * u + j, 0);
         float* dxj = store_get(ctx, &M->dx, j, 0);
         TraceScope ts(ctx, "qkv backward", TRACK_COMPUTE, j);
-        norm_forward_cpu(M->ln1, M->mean1, M->rstd1, x, w.ln1_w, w.ln1_b, cl, d, M->rms, c.norm_eps);
-        memset(M->dln, 0, cl * d * sizeof(float));
-        matmul_backward_cpu(M->dln, g.qkv_w, g.qkv_b, M->dqkv, M->ln1, w.qkv_w, cl, d, M->Q3);
-        norm_backward_cpu(dxj, g.ln1_w, g.ln1_b, M->dln, x, w.ln1_w, M->mean1, M->rstd1, cl, d, M->rms);
+        OP(ctx, norm_forward, M->ln1, M->mean1, M->rstd1, x, w.ln1_w, w.ln1_b, cl, d, M->rms, c.norm_eps);
+        dev_zero(ctx, M->dln, cl * d * sizeof(float));
+        MATMUL(ctx, matmul_backward, M->dln, g.qkv_w, g.qkv_b, M->dqkv, M->ln1, w.qkv_w, cl, d, M->Q3);
+        OP(ctx, norm_backward, dxj, g.ln1_w, g.ln1_b, M->dln, x, w.ln1_w, M->mean1, M->rstd1, cl, d, M->rms);
         store_put(ctx, &M->dx, j, 0);
     }
 }
 
+// acc[0] += sum of x (n), in double, in order (a single thread block on the GPU, so the sum does
+// not depend on scheduling).
+static inline void accumulate_cpu(double* acc, const float* x, size_t n) {
+    double s = 0.0;
+    for (size_t t = 0; t < n; t++) s += x[t];
+    acc[0] += s;
+}
+#ifdef __CUDACC__
+static __global__ void accumulate_kernel(double* acc, const float* x, size_t n) {  // twin of accumulate_cpu
+    __shared__ double part[256];
+    double s = 0.0;
+    for (size_t t = threadIdx.x; t < n; t += blockDim.x) s += x[t];
+    part[threadIdx.x] = s;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double total = 0.0;
+        for (int k = 0; k < (int)blockDim.x; k++) total += part[k];
+        acc[0] += total;
+    }
+}
+static inline void accumulate_gpu(cudaStream_t s, double* acc, const float* x, size_t n) {
+    accumulate_kernel<<<1, 256, 0, s>>>(acc, x, n);
+    CUDA_LAUNCHED();
+}
+#endif
+
 // The LM head and its cross-entropy, chunk by chunk: the (S, V) logits never exist. With grads,
 // also back through the head and the final norm, leaving dL/d(last layer output) in dx.
-// Returns this rank's sum of token losses.
-static inline double head_pass(Model* M, bool grads) {
+// This rank's sum of token losses goes to M->acc[0]; predictions to M->preds.
+static inline void head_pass(Model* M, bool grads) {
     const Config& c = M->cfg;
     Ctx* ctx = &M->ctx;
     const size_t cl = M->cl, d = c.d_model;
     const int u = M->u, L = c.n_layer;
     const float dscale = 1.0f / (float)M->run.seq;  // mean over the whole sequence, all ranks
-    double sum = 0.0;
     ctx->layer = L;
     for (int i = 0; i < u; i++) {
         const float* x = store_get(ctx, &M->ckpt, L * u + i, 0);
         const int32_t* tg = store_get<int32_t>(ctx, &M->targets, i, 0);
         TraceScope ts(ctx, "head + loss", TRACK_COMPUTE, i);
-        norm_forward_cpu(M->y, M->mean1, M->rstd1, x, M->w.lnf_w, M->w.lnf_b, cl, d, M->rms, c.norm_eps);
-        matmul_forward_cpu(M->logits, M->y, M->w.head, nullptr, cl, d, c.vocab);  // (cl, V)
-        if (M->logits_out) memcpy(M->logits_out + i * cl * c.vocab, M->logits, cl * c.vocab * sizeof(float));
-        crossentropy_cpu(M->logits, M->lossw, M->preds + i * cl, tg, cl, c.vocab, dscale);
-        for (size_t t = 0; t < cl; t++) sum += M->lossw[t];
+        OP(ctx, norm_forward, M->y, M->mean1, M->rstd1, x, M->w.lnf_w, M->w.lnf_b, cl, d, M->rms, c.norm_eps);
+        MATMUL(ctx, matmul_forward, M->logits, M->y, M->w.head, nullptr, cl, d, c.vocab);  // (cl, V)
+        if (M->logits_out) dev_to_host_async(ctx, M->logits_out + i * cl * c.vocab, M->logits, cl * c.vocab * sizeof(float));
+        OP(ctx, crossentropy, M->logits, M->lossw, M->predw, tg, cl, c.vocab, dscale);
+        dev_to_host_async(ctx, M->preds + i * cl, M->predw, cl * sizeof(int32_t));
+        OP(ctx, accumulate, M->acc, M->lossw, cl);
         if (!grads) continue;
-        memset(M->dy, 0, cl * d * sizeof(float));
-        matmul_backward_cpu(M->dy, M->g.head, nullptr, M->logits, M->y, M->w.head, cl, d, c.vocab);
-        float* dxi = store_out(&M->dx, i, 0);
-        memset(dxi, 0, cl * d * sizeof(float));
-        norm_backward_cpu(dxi, M->g.lnf_w, M->g.lnf_b, M->dy, x, M->w.lnf_w, M->mean1, M->rstd1, cl, d, M->rms);
+        dev_zero(ctx, M->dy, cl * d * sizeof(float));
+        MATMUL(ctx, matmul_backward, M->dy, M->g.head, nullptr, M->logits, M->y, M->w.head, cl, d, c.vocab);
+        float* dxi = store_out(ctx, &M->dx, i, 0);
+        dev_zero(ctx, dxi, cl * d * sizeof(float));
+        OP(ctx, norm_backward, dxi, M->g.lnf_w, M->g.lnf_b, M->dy, x, M->w.lnf_w, M->mean1, M->rstd1, cl, d, M->rms);
         store_put(ctx, &M->dx, i, 0);
     }
-    return sum;
 }
 
 // One forward (and, with grads, backward) pass over the sequence in the token stores. Returns the
@@ -605,16 +725,17 @@ static inline float model_forward_backward(Model* M, bool grads) {
     Ctx* ctx = &M->ctx;
     const size_t cl = M->cl, d = c.d_model;
     const int u = M->u, L = c.n_layer;
-    if (grads) memset(M->grads, 0, M->n_padded * sizeof(float));
+    if (grads) dev_zero(ctx, M->grads, M->n_padded * sizeof(float));
     ctx->layer = -1;
     for (int i = 0; i < u; i++) {  // embedding -> layer 0's input
         const int32_t* tok = store_get<int32_t>(ctx, &M->tokens, i, 0);
         TraceScope ts(ctx, "embedding", TRACK_COMPUTE, i);
-        embedding_forward_cpu(store_out(&M->ckpt, i, 2), tok, M->w.wte, cl, d);
+        OP(ctx, embedding_forward, store_out(ctx, &M->ckpt, i, 2), tok, M->w.wte, cl, d);
         store_put(ctx, &M->ckpt, i, 2);
     }
     for (int l = 0; l < L; l++) layer_forward(M, l);
-    double loss = head_pass(M, grads);
+    dev_zero(ctx, M->acc, sizeof(double));
+    head_pass(M, grads);
     if (grads) {
         for (int l = L - 1; l >= 0; l--) layer_backward(M, l);
         ctx->layer = -1;
@@ -622,9 +743,11 @@ static inline float model_forward_backward(Model* M, bool grads) {
             const int32_t* tok = store_get<int32_t>(ctx, &M->tokens, i, 0);
             const float* dxi = store_get(ctx, &M->dx, i, 0);
             TraceScope ts(ctx, "embedding backward", TRACK_COMPUTE, i);
-            embedding_backward_cpu(M->g.wte, tok, dxi, cl, d);
+            OP(ctx, embedding_backward, M->g.wte, tok, dxi, cl, d);
         }
     }
+    double loss = 0.0;
+    dev_download(ctx, &loss, M->acc, sizeof(double));  // waits for the whole pass: the one sync
     comm_allreduce(&loss, 1);
     return (float)(loss / M->run.seq);
 }
@@ -636,26 +759,48 @@ struct AdamW {
     float lr, beta1 = 0.9f, beta2 = 0.95f, eps = 1e-8f, wd = 0.1f, clip = 1.0f;
 };
 static inline float model_update(Model* M, const AdamW& opt, int t, bool* finite) {
-    const size_t n = M->shard_n, lo = M->run.zero ? (size_t)M->run.rank * n : 0;
-    float* g = M->grads + lo;
-    if (M->run.zero) {
-        comm_reduce_scatter(M->grads, M->grad_shard, n);
-        g = M->grad_shard;
-    } else {
-        comm_allreduce(M->grads, M->n_padded);
+    Ctx* ctx = &M->ctx;
+    const size_t n = M->shard_n, N = M->n_padded, lo = M->run.zero ? (size_t)M->run.rank * n : 0;
+    float* g = M->run.zero ? M->grad_shard : M->grads;
+    // sum over the group (MPI moves host memory: on the GPU the gradients are staged through it)
+    if (M->run.P > 1) {
+        float* buf = ctx->gpu ? M->stage : M->grads;
+        if (ctx->gpu) dev_download(ctx, buf, M->grads, N * sizeof(float));
+        if (M->run.zero) {
+            float* out = ctx->gpu ? buf + N : M->grad_shard;
+            comm_reduce_scatter(buf, out, n);
+            if (ctx->gpu) dev_upload(ctx, M->grad_shard, out, n * sizeof(float));
+        } else {
+            comm_allreduce(buf, N);
+            if (ctx->gpu) dev_upload(ctx, M->grads, buf, N * sizeof(float));
+        }
+    } else if (M->run.zero) {
+        dev_copy(ctx, M->grad_shard, M->grads, n * sizeof(float));
     }
-    double ss = sumsq_cpu(g, n);
+    double ss = 0.0;
+#ifdef __CUDACC__
+    if (ctx->gpu) {
+        sumsq_gpu(ctx->g->compute, g, n, M->acc + 1, M->scratch);
+        dev_download(ctx, &ss, M->acc + 1, sizeof(double));
+    } else
+#endif
+        ss = sumsq_cpu(g, n);
     if (M->run.zero) comm_allreduce(&ss, 1);
     const float norm = (float)sqrt(ss);
     *finite = std::isfinite(norm);
     if (!*finite) return norm;
-    if (opt.clip > 0 && norm > opt.clip) scale_cpu(g, n, opt.clip / norm);
+    if (opt.clip > 0 && norm > opt.clip) OP(ctx, scale, g, n, opt.clip / norm);
     for (const ParamInfo& p : M->table) {  // each tensor's overlap with this rank's range
         const size_t a = std::max(p.offset, lo), b = std::min(p.offset + p.numel(), lo + n);
         if (a >= b) continue;
-        adamw_cpu(M->params + a, g + (a - lo), M->opt_m + (a - lo), M->opt_v + (a - lo), b - a, opt.lr, opt.beta1,
-                  opt.beta2, opt.eps, opt.wd, p.decay, t);
+        OP(ctx, adamw, M->params + a, g + (a - lo), M->opt_m + (a - lo), M->opt_v + (a - lo), b - a, opt.lr, opt.beta1,
+           opt.beta2, opt.eps, opt.wd, p.decay, t);
     }
-    if (M->run.zero) comm_allgather(M->params, n);
+    if (M->run.zero && M->run.P > 1) {  // every rank's updated shard to every rank
+        float* buf = ctx->gpu ? M->stage : M->params;
+        if (ctx->gpu) dev_download(ctx, buf, M->params, N * sizeof(float));
+        comm_allgather(buf, n);
+        if (ctx->gpu) dev_upload(ctx, M->params, buf, N * sizeof(float));
+    }
     return norm;
 }

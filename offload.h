@@ -1,18 +1,182 @@
-// offload.h: the host store. Every tensor whose size grows with the sequence (layer inputs, the
-// gradient flowing back, one layer's Q/K/V, dO, LSE, delta, dQ) is kept as a run of per-chunk
-// tensors in a ChunkStore. With offload on, the chunks live in the pinned host arena and pass
-// through a few device "slots" (two for double buffering, plus one for the chunk being produced);
-// with offload off they live in the device arena and the same calls hand out direct pointers.
+// offload.h: memory on either backend, and the host store.
 //
+// Memory: the arenas' backing (host memory standing in for the device on the CPU backend;
+// cudaMalloc and pinned cudaHostAlloc on the GPU), and the few fills and copies the schedule
+// does outside the ops, each with its CUDA twin.
+//
+// The host store: every tensor whose size grows with the sequence (layer inputs, the gradient
+// flowing back, one layer's Q/K/V, dO, LSE, delta, dQ) is kept as a run of per-chunk tensors in a
+// ChunkStore. With offload on, the chunks live in the pinned host arena and pass through a few
+// device "slots" (two for double buffering, plus one for the chunk being produced); with offload
+// off they live in the device arena and the same calls hand out direct pointers.
 // The schedule (model.h) only ever calls:
 //   store_prefetch(s, chunk, slot)   start bringing a chunk to the device (host-to-device stream)
-//   store_use(s, chunk, slot)        wait for it, get the device pointer
-//   store_out(s, chunk, slot)        where to write a chunk's new value on the device
+//   store_use(s, chunk, slot)        make compute wait for it; the device pointer
+//   store_out(s, chunk, slot)        where compute may write a chunk's new value
 //   store_put(s, chunk, slot)        send that value home (device-to-host stream)
-// On the CPU backend the copies are memcpy, done in order; on the GPU they map onto the copy
-// streams and CUDA events, which is why prefetch and use are separate calls.
+// On the CPU backend the copies are memcpy, done in order. On the GPU they are cudaMemcpyAsync on
+// the copy streams, ordered by events only (no host synchronisation):
+//   prefetch: copy-in waits for compute to be done with the slot's old contents and for the
+//             store's last copy-out (it may be the chunk we fetch), then copies, then records
+//             `ready`;  use: compute waits for `ready`;
+//   out: compute waits for the slot's last copy-out to finish before overwriting it;
+//   put: copy-out waits for compute to have produced the value, copies, records `put_done`.
 #pragma once
 #include "common.h"
+#ifdef __CUDACC__
+#include "cuda_common.cuh"
+#endif
+
+// ----------------------------------------------------------------------------
+// Arena backing
+
+static inline void arena_back(Ctx* ctx, Arena* a) {
+#ifdef __CUDACC__
+    if (ctx->gpu) {
+        cudaError_t e = a->kind == Mem::Device ? cudaMalloc((void**)&a->base, a->cap)
+                                               : cudaHostAlloc((void**)&a->base, a->cap, cudaHostAllocDefault);
+        if (e != cudaSuccess) {
+            cudaGetLastError();  // clear it: we report it ourselves
+            size_t freeb = 0, total = 0;
+            cudaMemGetInfo(&freeb, &total);
+            fatal("%s memory: this run needs %.1f MiB (%s); %s (%.1f MiB free of %.1f). Try a smaller "
+                  "--chunk-size, --offload 1, more ranks, or see ./fpdt plan", a->name, a->cap / 1048576.0,
+                  a->items.empty() ? "" : a->items[0].first.c_str(), cudaGetErrorString(e), freeb / 1048576.0,
+                  total / 1048576.0);
+        }
+        if (a->kind == Mem::Device) CUDA_CHECK(cudaMemset(a->base, 0, a->cap));
+        else memset(a->base, 0, a->cap);
+        return;
+    }
+#endif
+    (void)ctx;
+    a->base = (char*)calloc(a->cap, 1);
+    if (!a->base) fatal("out of memory: could not allocate the %.1f MiB %s arena", a->cap / 1048576.0, a->name);
+}
+
+static inline void arena_unback(Ctx* ctx, Arena* a) {
+#ifdef __CUDACC__
+    if (ctx->gpu) {
+        if (a->base) CUDA_CHECK(a->kind == Mem::Device ? cudaFree(a->base) : cudaFreeHost(a->base));
+        a->base = nullptr;
+        return;
+    }
+#endif
+    (void)ctx;
+    free(a->base);
+    a->base = nullptr;
+}
+
+// ----------------------------------------------------------------------------
+// Fills and copies. `dev` pointers are in the device arena, `host` pointers in ordinary or pinned
+// host memory. Uploads and downloads are synchronous: they are for set-up, checkpoints and the
+// once-per-step reads, never inside the chunk loops.
+
+#ifdef __CUDACC__
+// x (n) = v; twin of the loop in dev_fill
+static __global__ void fill_kernel(float* x, float v, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) x[i] = v;
+}
+// pos (n) = first + i; twin of the loop in dev_iota
+static __global__ void iota_kernel(int32_t* pos, int32_t first, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        pos[i] = first + (int32_t)i;
+}
+#endif
+
+static inline void dev_zero(Ctx* ctx, void* dev, size_t bytes) {
+#ifdef __CUDACC__
+    if (ctx->gpu) {
+        CUDA_CHECK(cudaMemsetAsync(dev, 0, bytes, ctx->g->compute));
+        return;
+    }
+#endif
+    (void)ctx;
+    memset(dev, 0, bytes);
+}
+
+static inline void dev_fill(Ctx* ctx, float* dev, float v, size_t n) {
+#ifdef __CUDACC__
+    if (ctx->gpu) {
+        fill_kernel<<<std::min(ceil_div(n, 256), 65535u), 256, 0, ctx->g->compute>>>(dev, v, n);
+        CUDA_LAUNCHED();
+        return;
+    }
+#endif
+    (void)ctx;
+    for (size_t i = 0; i < n; i++) dev[i] = v;
+}
+
+static inline void dev_iota(Ctx* ctx, int32_t* dev, int32_t first, size_t n) {
+#ifdef __CUDACC__
+    if (ctx->gpu) {
+        iota_kernel<<<std::min(ceil_div(n, 256), 65535u), 256, 0, ctx->g->compute>>>(dev, first, n);
+        CUDA_LAUNCHED();
+        return;
+    }
+#endif
+    (void)ctx;
+    for (size_t i = 0; i < n; i++) dev[i] = first + (int32_t)i;
+}
+
+// device to device, in order on the compute stream
+static inline void dev_copy(Ctx* ctx, void* dst, const void* src, size_t bytes) {
+#ifdef __CUDACC__
+    if (ctx->gpu) {
+        CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, ctx->g->compute));
+        return;
+    }
+#endif
+    (void)ctx;
+    memcpy(dst, src, bytes);
+}
+
+// device to host without blocking the host (pinned destination), in order on the compute stream
+static inline void dev_to_host_async(Ctx* ctx, void* host, const void* dev, size_t bytes) {
+#ifdef __CUDACC__
+    if (ctx->gpu) {
+        CUDA_CHECK(cudaMemcpyAsync(host, dev, bytes, cudaMemcpyDeviceToHost, ctx->g->compute));
+        return;
+    }
+#endif
+    (void)ctx;
+    memcpy(host, dev, bytes);
+}
+
+static inline void dev_upload(Ctx* ctx, void* dev, const void* host, size_t bytes) {
+#ifdef __CUDACC__
+    if (ctx->gpu) {
+        CUDA_CHECK(cudaDeviceSynchronize());  // nothing queued still uses the destination
+        CUDA_CHECK(cudaMemcpy(dev, host, bytes, cudaMemcpyHostToDevice));
+        return;
+    }
+#endif
+    (void)ctx;
+    memcpy(dev, host, bytes);
+}
+
+static inline void dev_download(Ctx* ctx, void* host, const void* dev, size_t bytes) {
+#ifdef __CUDACC__
+    if (ctx->gpu) {
+        CUDA_CHECK(cudaDeviceSynchronize());  // every stream's work on it is done
+        CUDA_CHECK(cudaMemcpy(host, dev, bytes, cudaMemcpyDeviceToHost));
+        return;
+    }
+#endif
+    (void)ctx;
+    memcpy(host, dev, bytes);
+}
+
+// Waits for everything queued (the end of a step; checkpoints).
+static inline void dev_sync(Ctx* ctx) {
+#ifdef __CUDACC__
+    if (ctx->gpu) CUDA_CHECK(cudaDeviceSynchronize());
+#endif
+    (void)ctx;
+}
+
+// ----------------------------------------------------------------------------
+// The host store
 
 struct ChunkStore {
     const char* name = "";
@@ -23,12 +187,15 @@ struct ChunkStore {
     char* slot[3] = {};    // device staging buffers (only when on_host)
     int nslots = 0;
     int in_slot[3] = {-1, -1, -1};  // which chunk a slot was last filled with (for checks)
+#ifdef __CUDACC__
+    cudaEvent_t ready[3] = {}, put_done[3] = {}, last_put = nullptr;
+#endif
 };
 
 // Takes the store's memory: the chunks from the host arena (offload) or the device arena, and
 // nslots device staging buffers when offloaded.
-static inline void store_init(ChunkStore* s, const char* name, size_t chunk_bytes, int nchunks, bool offload,
-                              int nslots, Arena* dev, Arena* host) {
+static inline void store_init(Ctx* ctx, ChunkStore* s, const char* name, size_t chunk_bytes, int nchunks,
+                              bool offload, int nslots, Arena* dev, Arena* host) {
     s->name = name;
     s->chunk_bytes = chunk_bytes;
     s->nchunks = nchunks;
@@ -37,6 +204,16 @@ static inline void store_init(ChunkStore* s, const char* name, size_t chunk_byte
     s->data = (char*)arena_take(offload ? host : dev, chunk_bytes * nchunks, name);
     if (offload)
         for (int k = 0; k < nslots; k++) s->slot[k] = (char*)arena_take(dev, chunk_bytes, name);
+#ifdef __CUDACC__
+    if (ctx->gpu && offload && !dev->count_only) {
+        for (int k = 0; k < nslots; k++) {
+            CUDA_CHECK(cudaEventCreateWithFlags(&s->ready[k], cudaEventDisableTiming));
+            CUDA_CHECK(cudaEventCreateWithFlags(&s->put_done[k], cudaEventDisableTiming));
+        }
+        CUDA_CHECK(cudaEventCreateWithFlags(&s->last_put, cudaEventDisableTiming));
+    }
+#endif
+    (void)ctx;
 }
 
 static inline char* store_host_ptr(ChunkStore* s, int chunk) {
@@ -44,17 +221,42 @@ static inline char* store_host_ptr(ChunkStore* s, int chunk) {
     return s->data + (size_t)chunk * s->chunk_bytes;
 }
 
+#ifdef __CUDACC__
+// An event recorded now on `from`, waited for by `to`: `to` runs nothing more until `from` has
+// done everything queued so far.
+static inline void stream_after(cudaStream_t to, cudaStream_t from) {
+    cudaEvent_t e;
+    CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+    CUDA_CHECK(cudaEventRecord(e, from));
+    CUDA_CHECK(cudaStreamWaitEvent(to, e, 0));
+    CUDA_CHECK(cudaEventDestroy(e));  // safe: destruction is deferred until the event completes
+}
+#endif
+
 static inline void store_prefetch(Ctx* ctx, ChunkStore* s, int chunk, int slot) {
     if (!s->on_host) return;
     TraceScope ts(ctx, s->name, TRACK_COPY_IN, chunk, s->chunk_bytes);
-    memcpy(s->slot[slot], store_host_ptr(s, chunk), s->chunk_bytes);
     s->in_slot[slot] = chunk;
+#ifdef __CUDACC__
+    if (ctx->gpu) {
+        GpuCtx* g = ctx->g;
+        stream_after(g->h2d, g->compute);                        // compute is done with the slot
+        CUDA_CHECK(cudaStreamWaitEvent(g->h2d, s->last_put, 0));  // the host copy is complete
+        CUDA_CHECK(cudaMemcpyAsync(s->slot[slot], store_host_ptr(s, chunk), s->chunk_bytes, cudaMemcpyHostToDevice, g->h2d));
+        CUDA_CHECK(cudaEventRecord(s->ready[slot], g->h2d));
+        return;
+    }
+#endif
+    memcpy(s->slot[slot], store_host_ptr(s, chunk), s->chunk_bytes);
 }
 
 template <typename T = float>
 static inline T* store_use(Ctx* ctx, ChunkStore* s, int chunk, int slot) {
     if (!s->on_host) return (T*)store_host_ptr(s, chunk);
     if (s->in_slot[slot] != chunk) fatal("internal: %s chunk %d used before it was prefetched", s->name, chunk);
+#ifdef __CUDACC__
+    if (ctx->gpu) CUDA_CHECK(cudaStreamWaitEvent(ctx->g->compute, s->ready[slot], 0));
+#endif
     (void)ctx;
     return (T*)s->slot[slot];
 }
@@ -67,14 +269,38 @@ static inline T* store_get(Ctx* ctx, ChunkStore* s, int chunk, int slot) {
 }
 
 template <typename T = float>
-static inline T* store_out(ChunkStore* s, int chunk, int slot) {
+static inline T* store_out(Ctx* ctx, ChunkStore* s, int chunk, int slot) {
     if (!s->on_host) return (T*)store_host_ptr(s, chunk);
     s->in_slot[slot] = chunk;
+#ifdef __CUDACC__
+    if (ctx->gpu) CUDA_CHECK(cudaStreamWaitEvent(ctx->g->compute, s->put_done[slot], 0));
+#endif
+    (void)ctx;
     return (T*)s->slot[slot];
 }
 
 static inline void store_put(Ctx* ctx, ChunkStore* s, int chunk, int slot) {
     if (!s->on_host) return;
     TraceScope ts(ctx, s->name, TRACK_COPY_OUT, chunk, s->chunk_bytes);
+#ifdef __CUDACC__
+    if (ctx->gpu) {
+        GpuCtx* g = ctx->g;
+        stream_after(g->d2h, g->compute);  // the value has been produced
+        CUDA_CHECK(cudaMemcpyAsync(store_host_ptr(s, chunk), s->slot[slot], s->chunk_bytes, cudaMemcpyDeviceToHost, g->d2h));
+        CUDA_CHECK(cudaEventRecord(s->put_done[slot], g->d2h));
+        CUDA_CHECK(cudaEventRecord(s->last_put, g->d2h));
+        return;
+    }
+#endif
     memcpy(store_host_ptr(s, chunk), s->slot[slot], s->chunk_bytes);
+}
+
+// A chunk's value from ordinary host memory (set-up: the tokens of a step).
+static inline void store_write(Ctx* ctx, ChunkStore* s, int chunk, const void* src) {
+    if (s->on_host) {
+        dev_sync(ctx);  // no copy still reading the old value
+        memcpy(store_host_ptr(s, chunk), src, s->chunk_bytes);
+    } else {
+        dev_upload(ctx, store_host_ptr(s, chunk), src, s->chunk_bytes);
+    }
 }

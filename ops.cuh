@@ -11,6 +11,40 @@
 #include "common.h"
 
 // ----------------------------------------------------------------------------
+// CUDA twins. Each CPU op foo_cpu(args) has a launcher foo_gpu(stream, args) right below it with
+// the same arguments (device pointers) and the same semantics (accumulate or overwrite, null
+// bias/dinp/db), fp32 throughout. Kernels write every output from one thread in a fixed order
+// (no float atomics), so results are deterministic run to run.
+#ifdef __CUDACC__
+#include <climits>
+#include "cuda_common.cuh"
+
+// Elementwise launches: 256 threads a block and at most 65536 blocks; the kernels' grid-stride
+// loops (size_t indices) cover the rest, so N may pass 2^31.
+static inline unsigned elementwise_grid(size_t n) { return (unsigned)std::min<size_t>((n + 255) / 256, 65536); }
+#define GRID_STRIDE_LOOP(i, n) \
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < (n); i += (size_t)gridDim.x * blockDim.x)
+
+// Sum over the 32 lanes of a warp, returned to every lane. The xor butterfly adds the same pairs in
+// every lane (a + b == b + a exactly), so all lanes hold the same bits.
+static __device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// Column sums (db of a matmul, dw/db of a norm) run in blocks of (32, COLSUM_ROWS) threads: a block
+// owns 32 adjacent columns (coalesced reads), thread y sums rows y, y + COLSUM_ROWS, ... in order,
+// then thread y == 0 adds the COLSUM_ROWS partials in order. Fixed order, no atomics.
+static const int COLSUM_ROWS = 16;
+
+// cuBLAS dimensions are int.
+static inline int blas_dim(size_t n, const char* what) {
+    if (n > (size_t)INT_MAX) fatal("matmul: %s = %zu is larger than cuBLAS's int limit %d", what, n, INT_MAX);
+    return (int)n;
+}
+#endif
+
+// ----------------------------------------------------------------------------
 // matmul: out (T, OC) = inp (T, IC) @ W (OC, IC)^T + b (OC), b may be null
 
 static inline void matmul_forward_cpu(float* out, const float* inp, const float* w, const float* b, size_t T,
@@ -28,6 +62,35 @@ static inline void matmul_forward_cpu(float* out, const float* inp, const float*
         }
     }
 }
+#ifdef __CUDACC__
+// out (T, OC) += b (OC) broadcast over rows: the "+ b[o]" of matmul_forward_cpu.
+static __global__ void matmul_bias_kernel(float* out, const float* b, size_t N, int OC) {
+    GRID_STRIDE_LOOP(i, N) out[i] += b[i % OC];
+}
+
+// cuBLAS is column-major; a row-major (R, C) array is the same bytes as a column-major (C, R) one,
+// its transpose. So with out' = out^T (OC, T), inp' = inp^T (IC, T), w' = w^T (IC, OC), all
+// column-major, out = inp w^T becomes out' = (inp w^T)^T = w inp^T = (w')^T inp':
+// sgemm(op_T, op_N, m=OC, n=T, k=IC, A=w lda=IC, B=inp ldb=IC, C=out ldc=OC), beta = 0 (overwrite).
+// Math mode: CUBLAS_PEDANTIC_MATH (= compute type CUBLAS_COMPUTE_32F_PEDANTIC) is the only mode
+// that promises standard fp32 arithmetic with fp32 internal storage. CUBLAS_DEFAULT_MATH already
+// excludes TF32 for sgemm, but it only promises "at least fp32 precision", which admits the BF16x9
+// emulation newer cuBLAS/GPUs can substitute; this fp32 path is the reference the bf16 path will be
+// checked against, so it pins plain fp32. The handle is shared: every fp32 launcher sets its mode.
+static inline void matmul_forward_gpu(cublasHandle_t blas, cudaStream_t stream, float* out, const float* inp,
+                                      const float* w, const float* b, size_t T, int IC, int OC) {
+    if (T == 0 || OC <= 0) return;
+    const float one = 1.0f, zero = 0.0f;
+    CUBLAS_CHECK(cublasSetStream(blas, stream));
+    CUBLAS_CHECK(cublasSetMathMode(blas, CUBLAS_PEDANTIC_MATH));
+    CUBLAS_CHECK(cublasSgemm(blas, CUBLAS_OP_T, CUBLAS_OP_N, OC, blas_dim(T, "T"), IC, &one, w, IC, inp, IC,
+                             &zero, out, OC));
+    if (b) {
+        matmul_bias_kernel<<<elementwise_grid(T * OC), 256, 0, stream>>>(out, b, T * OC, OC);
+        CUDA_LAUNCHED();
+    }
+}
+#endif
 
 // dinp (T, IC) += dout @ W; dw (OC, IC) += dout^T @ inp; db (OC) += sum_t dout. dinp/db may be null.
 static inline void matmul_backward_cpu(float* dinp, float* dw, float* db, const float* dout, const float* inp,
@@ -59,6 +122,46 @@ static inline void matmul_backward_cpu(float* dinp, float* dw, float* db, const 
         if (db) db[o] += bsum;
     }
 }
+#ifdef __CUDACC__
+// db (OC) += sum_t dout (T, OC): the bsum of matmul_backward_cpu, as a column sum (see COLSUM_ROWS).
+static __global__ void matmul_db_kernel(float* db, const float* dout, size_t T, int OC) {
+    __shared__ float part[COLSUM_ROWS][32];
+    const int o = blockIdx.x * 32 + threadIdx.x;
+    float s = 0.0f;
+    if (o < OC)
+        for (size_t t = threadIdx.y; t < T; t += COLSUM_ROWS) s += dout[t * OC + o];
+    part[threadIdx.y][threadIdx.x] = s;
+    __syncthreads();
+    if (threadIdx.y == 0 && o < OC) {
+        float tot = 0.0f;
+        for (int y = 0; y < COLSUM_ROWS; y++) tot += part[y][threadIdx.x];
+        db[o] += tot;
+    }
+}
+
+// Column-major view as in matmul_forward_gpu (x' = x^T for every row-major array), beta = 1 to
+// accumulate:
+//   dinp = dout w        ->  dinp' (IC, T) = w' (IC, OC) dout' (OC, T):
+//                            sgemm(op_N, op_N, m=IC, n=T, k=OC, A=w lda=IC, B=dout ldb=OC, C=dinp ldc=IC)
+//   dw = dout^T inp      ->  dw' (IC, OC) = inp' (IC, T) (dout')^T (T, OC):
+//                            sgemm(op_N, op_T, m=IC, n=OC, k=T, A=inp lda=IC, B=dout ldb=OC, C=dw ldc=IC)
+static inline void matmul_backward_gpu(cublasHandle_t blas, cudaStream_t stream, float* dinp, float* dw, float* db,
+                                       const float* dout, const float* inp, const float* w, size_t T, int IC,
+                                       int OC) {
+    if (T == 0 || OC <= 0) return;
+    const float one = 1.0f;
+    const int Ti = blas_dim(T, "T");
+    CUBLAS_CHECK(cublasSetStream(blas, stream));
+    CUBLAS_CHECK(cublasSetMathMode(blas, CUBLAS_PEDANTIC_MATH));  // plain fp32: see matmul_forward_gpu
+    if (dinp)
+        CUBLAS_CHECK(cublasSgemm(blas, CUBLAS_OP_N, CUBLAS_OP_N, IC, Ti, OC, &one, w, IC, dout, OC, &one, dinp, IC));
+    CUBLAS_CHECK(cublasSgemm(blas, CUBLAS_OP_N, CUBLAS_OP_T, IC, OC, Ti, &one, inp, IC, dout, OC, &one, dw, IC));
+    if (db) {
+        matmul_db_kernel<<<ceil_div(OC, 32), dim3(32, COLSUM_ROWS), 0, stream>>>(db, dout, T, OC);
+        CUDA_LAUNCHED();
+    }
+}
+#endif
 
 // ----------------------------------------------------------------------------
 // LayerNorm: out = (x - mean) * rstd * w + b, rstd = 1/sqrt(var + eps). RMSNorm (b == null and
@@ -83,6 +186,46 @@ static inline void norm_forward_cpu(float* out, float* mean, float* rstd, const 
         rstd[t] = s;
     }
 }
+#ifdef __CUDACC__
+// One warp a row: m = mean(x) (0 for rms), rstd = 1/sqrt(mean((x - m)^2) + eps),
+// out = (x - m) rstd w + b. Twin of norm_forward_cpu (which sums in double; float sums of one row
+// agree to ~1e-7 relative, and the two-pass variance avoids the E[x^2] - m^2 cancellation).
+static __global__ void norm_forward_kernel(float* out, float* mean, float* rstd, const float* inp, const float* w,
+                                           const float* b, size_t T, int C, bool rms, float eps) {
+    const size_t t = blockIdx.x * (size_t)(blockDim.x / 32) + threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    if (t >= T) return;  // the whole warp leaves together: t is per warp
+    const float* x = inp + t * C;
+    float m = 0.0f;
+    if (!rms) {
+        float s = 0.0f;
+        for (int i = lane; i < C; i += 32) s += x[i];
+        m = warp_sum(s) / C;
+    }
+    float v = 0.0f;
+    for (int i = lane; i < C; i += 32) {
+        const float d = x[i] - m;
+        v += d * d;
+    }
+    v = warp_sum(v) / C;
+    const float s = 1.0f / sqrtf(v + eps);  // IEEE sqrt and division (not rsqrtf's 2 ulp)
+    float* y = out + t * C;
+    for (int i = lane; i < C; i += 32) y[i] = (x[i] - m) * s * w[i] + (b ? b[i] : 0.0f);
+    if (lane == 0) {
+        mean[t] = m;
+        rstd[t] = s;
+    }
+}
+
+static inline void norm_forward_gpu(cudaStream_t stream, float* out, float* mean, float* rstd, const float* inp,
+                                    const float* w, const float* b, size_t T, int C, bool rms, float eps) {
+    if (T == 0) return;
+    const int block = 256, rows_per_block = block / 32;
+    norm_forward_kernel<<<ceil_div(T, rows_per_block), block, 0, stream>>>(out, mean, rstd, inp, w, b, T, C, rms,
+                                                                             eps);
+    CUDA_LAUNCHED();
+}
+#endif
 
 // dinp (T, C) += ..., dw (C) += ..., db (C) += ... (db null for RMSNorm)
 static inline void norm_backward_cpu(float* dinp, float* dw, float* db, const float* dout, const float* inp,
@@ -119,6 +262,71 @@ static inline void norm_backward_cpu(float* dinp, float* dw, float* db, const fl
         if (db) db[i] += gb;
     }
 }
+#ifdef __CUDACC__
+// One warp a row: n = (x - m) rstd, dn = w dy,
+// dinp += rstd (dn - mean(dn) - n mean(dn n))  (mean(dn) taken as 0 for rms). Twin of the row loop
+// of norm_backward_cpu.
+static __global__ void norm_backward_dinp_kernel(float* dinp, const float* dout, const float* inp, const float* w,
+                                                 const float* mean, const float* rstd, size_t T, int C, bool rms) {
+    const size_t t = blockIdx.x * (size_t)(blockDim.x / 32) + threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    if (t >= T) return;  // per warp
+    const float* x = inp + t * C;
+    const float* dy = dout + t * C;
+    float* dx = dinp + t * C;
+    const float m = mean[t], s = rstd[t];
+    float a = 0.0f, c = 0.0f;  // sum(dn), sum(dn n)
+    for (int i = lane; i < C; i += 32) {
+        const float n = (x[i] - m) * s, dn = w[i] * dy[i];
+        a += dn;
+        c += dn * n;
+    }
+    a = warp_sum(a);
+    c = warp_sum(c);
+    const float dn_mean = rms ? 0.0f : a / C, dn_n = c / C;
+    for (int i = lane; i < C; i += 32) {
+        const float n = (x[i] - m) * s, dn = w[i] * dy[i];
+        dx[i] += s * (dn - dn_mean - n * dn_n);
+    }
+}
+
+// dw (C) += sum_t dout (x - mean[t]) rstd[t], db (C) += sum_t dout (db may be null): the column
+// loop of norm_backward_cpu, as a column sum (see COLSUM_ROWS).
+static __global__ void norm_backward_dwdb_kernel(float* dw, float* db, const float* dout, const float* inp,
+                                                 const float* mean, const float* rstd, size_t T, int C) {
+    __shared__ float part_w[COLSUM_ROWS][32], part_b[COLSUM_ROWS][32];
+    const int i = blockIdx.x * 32 + threadIdx.x;
+    float gw = 0.0f, gb = 0.0f;
+    if (i < C)
+        for (size_t t = threadIdx.y; t < T; t += COLSUM_ROWS) {
+            const float dy = dout[t * C + i];
+            gw += dy * (inp[t * C + i] - mean[t]) * rstd[t];
+            gb += dy;
+        }
+    part_w[threadIdx.y][threadIdx.x] = gw;
+    part_b[threadIdx.y][threadIdx.x] = gb;
+    __syncthreads();
+    if (threadIdx.y == 0 && i < C) {
+        float sw = 0.0f, sb = 0.0f;
+        for (int y = 0; y < COLSUM_ROWS; y++) sw += part_w[y][threadIdx.x], sb += part_b[y][threadIdx.x];
+        dw[i] += sw;
+        if (db) db[i] += sb;
+    }
+}
+
+static inline void norm_backward_gpu(cudaStream_t stream, float* dinp, float* dw, float* db, const float* dout,
+                                     const float* inp, const float* w, const float* mean, const float* rstd,
+                                     size_t T, int C, bool rms) {
+    if (T == 0 || C <= 0) return;  // nothing to add
+    const int block = 256, rows_per_block = block / 32;
+    norm_backward_dinp_kernel<<<ceil_div(T, rows_per_block), block, 0, stream>>>(dinp, dout, inp, w, mean, rstd, T,
+                                                                                   C, rms);
+    CUDA_LAUNCHED();
+    norm_backward_dwdb_kernel<<<ceil_div(C, 32), dim3(32, COLSUM_ROWS), 0, stream>>>(dw, db, dout, inp, mean, rstd,
+                                                                                     T, C);
+    CUDA_LAUNCHED();
+}
+#endif
 
 // ----------------------------------------------------------------------------
 // Activations. GELU (tanh form): out (N) = 0.5 x (1 + tanh(sqrt(2/pi)(x + 0.044715 x^3))).
@@ -132,6 +340,21 @@ static inline void gelu_forward_cpu(float* out, const float* inp, size_t N) {
         out[i] = 0.5f * x * (1.0f + tanhf(k * (x + 0.044715f * x * x * x)));
     }
 }
+#ifdef __CUDACC__
+// out = 0.5 x (1 + tanh(sqrt(2/pi)(x + 0.044715 x^3))): twin of gelu_forward_cpu.
+static __global__ void gelu_forward_kernel(float* out, const float* inp, size_t N) {
+    const float k = 0.7978845608028654f;
+    GRID_STRIDE_LOOP(i, N) {
+        const float x = inp[i];
+        out[i] = 0.5f * x * (1.0f + tanhf(k * (x + 0.044715f * x * x * x)));
+    }
+}
+static inline void gelu_forward_gpu(cudaStream_t stream, float* out, const float* inp, size_t N) {
+    if (N == 0) return;
+    gelu_forward_kernel<<<elementwise_grid(N), 256, 0, stream>>>(out, inp, N);
+    CUDA_LAUNCHED();
+}
+#endif
 // dinp (N) = gelu'(inp) * dout  (overwrites)
 static inline void gelu_backward_cpu(float* dinp, const float* inp, const float* dout, size_t N) {
     const float k = 0.7978845608028654f;
@@ -142,6 +365,22 @@ static inline void gelu_backward_cpu(float* dinp, const float* inp, const float*
         dinp[i] = dout[i] * (0.5f * (1.0f + th) + 0.5f * x * (1.0f - th * th) * du);
     }
 }
+#ifdef __CUDACC__
+// dinp = gelu'(inp) dout (overwrites): twin of gelu_backward_cpu.
+static __global__ void gelu_backward_kernel(float* dinp, const float* inp, const float* dout, size_t N) {
+    const float k = 0.7978845608028654f;
+    GRID_STRIDE_LOOP(i, N) {
+        const float x = inp[i], u = k * (x + 0.044715f * x * x * x), th = tanhf(u);
+        const float du = k * (1.0f + 3.0f * 0.044715f * x * x);
+        dinp[i] = dout[i] * (0.5f * (1.0f + th) + 0.5f * x * (1.0f - th * th) * du);
+    }
+}
+static inline void gelu_backward_gpu(cudaStream_t stream, float* dinp, const float* inp, const float* dout, size_t N) {
+    if (N == 0) return;
+    gelu_backward_kernel<<<elementwise_grid(N), 256, 0, stream>>>(dinp, inp, dout, N);
+    CUDA_LAUNCHED();
+}
+#endif
 
 static inline void swiglu_forward_cpu(float* out, const float* inp, size_t T, int F) {
 #pragma omp parallel for schedule(static)
@@ -151,6 +390,22 @@ static inline void swiglu_forward_cpu(float* out, const float* inp, size_t T, in
             out[t * F + i] = g / (1.0f + expf(-g)) * u;
         }
 }
+#ifdef __CUDACC__
+// out (T, F) = silu(gate) * up with inp (T, 2F) = [gate | up]: twin of swiglu_forward_cpu.
+// One thread per output element j = t F + i.
+static __global__ void swiglu_forward_kernel(float* out, const float* inp, size_t T, int F) {
+    GRID_STRIDE_LOOP(j, T * F) {
+        const size_t t = j / F, i = j - t * F;
+        const float g = inp[t * 2 * F + i], u = inp[t * 2 * F + F + i];
+        out[j] = g / (1.0f + expf(-g)) * u;
+    }
+}
+static inline void swiglu_forward_gpu(cudaStream_t stream, float* out, const float* inp, size_t T, int F) {
+    if (T == 0 || F <= 0) return;
+    swiglu_forward_kernel<<<elementwise_grid(T * F), 256, 0, stream>>>(out, inp, T, F);
+    CUDA_LAUNCHED();
+}
+#endif
 // dinp (T, 2F) = d[gate | up] (overwrites)
 static inline void swiglu_backward_cpu(float* dinp, const float* inp, const float* dout, size_t T, int F) {
 #pragma omp parallel for schedule(static)
@@ -162,6 +417,25 @@ static inline void swiglu_backward_cpu(float* dinp, const float* inp, const floa
             dinp[t * 2 * F + F + i] = dy * g * sg;
         }
 }
+#ifdef __CUDACC__
+// dgate = dy up sig(g) (1 + g (1 - sig(g))), dup = dy silu(g), into dinp (T, 2F) (overwrites):
+// twin of swiglu_backward_cpu. One thread per (t, i) writes both halves.
+static __global__ void swiglu_backward_kernel(float* dinp, const float* inp, const float* dout, size_t T, int F) {
+    GRID_STRIDE_LOOP(j, T * F) {
+        const size_t t = j / F, i = j - t * F;
+        const float g = inp[t * 2 * F + i], u = inp[t * 2 * F + F + i], dy = dout[j];
+        const float sg = 1.0f / (1.0f + expf(-g));
+        dinp[t * 2 * F + i] = dy * u * sg * (1.0f + g * (1.0f - sg));
+        dinp[t * 2 * F + F + i] = dy * g * sg;
+    }
+}
+static inline void swiglu_backward_gpu(cudaStream_t stream, float* dinp, const float* inp, const float* dout, size_t T,
+                                       int F) {
+    if (T == 0 || F <= 0) return;
+    swiglu_backward_kernel<<<elementwise_grid(T * F), 256, 0, stream>>>(dinp, inp, dout, T, F);
+    CUDA_LAUNCHED();
+}
+#endif
 
 // ----------------------------------------------------------------------------
 // RoPE, in place on x (T, nh, D) at global positions pos[t], interleaved pairs:
@@ -183,6 +457,34 @@ static inline void rope_cpu(float* x, const int32_t* pos, size_t T, int nh, int 
             }
         }
 }
+#ifdef __CUDACC__
+// (x0, x1) -> (x0 c - x1 s, x0 s + x1 c), c = cos a, s = sign sin a, a = pos[t] theta^(-2i/D), all
+// heads of token t: twin of rope_cpu. One thread per (t, i) pair; the angle in double exactly as
+// the CPU computes it, then rounded to float.
+static __global__ void rope_kernel(float* x, const int32_t* pos, size_t T, int nh, int D, float theta, int sign) {
+    const int half = D / 2;
+    GRID_STRIDE_LOOP(j, T * half) {
+        const size_t t = j / half;
+        const int i = (int)(j - t * half);
+        const double a = (double)pos[t] * pow((double)theta, -2.0 * i / D);
+        double sn, cs;
+        sincos(a, &sn, &cs);
+        const float c = (float)cs, s = (float)(sign * sn);
+        for (int h = 0; h < nh; h++) {
+            float* p = x + (t * nh + h) * D + 2 * i;
+            const float x0 = p[0], x1 = p[1];
+            p[0] = x0 * c - x1 * s;
+            p[1] = x0 * s + x1 * c;
+        }
+    }
+}
+static inline void rope_gpu(cudaStream_t stream, float* x, const int32_t* pos, size_t T, int nh, int D, float theta,
+                            int sign) {
+    if (T == 0 || D < 2 || nh <= 0) return;
+    rope_kernel<<<elementwise_grid(T * (D / 2)), 256, 0, stream>>>(x, pos, T, nh, D, theta, sign);
+    CUDA_LAUNCHED();
+}
+#endif
 
 // ----------------------------------------------------------------------------
 // Embedding: out (T, C) = wte[tok[t]]. Backward: dwte[tok[t]] += dout[t], parallel over columns
@@ -192,14 +494,57 @@ static inline void embedding_forward_cpu(float* out, const int32_t* tok, const f
 #pragma omp parallel for schedule(static)
     for (size_t t = 0; t < T; t++) memcpy(out + t * C, wte + (size_t)tok[t] * C, C * sizeof(float));
 }
+#ifdef __CUDACC__
+// out (T, C) = wte[tok[t]], one thread per element: twin of embedding_forward_cpu.
+static __global__ void embedding_forward_kernel(float* out, const int32_t* tok, const float* wte, size_t T, int C) {
+    GRID_STRIDE_LOOP(j, T * C) {
+        const size_t t = j / C, i = j - t * C;
+        out[j] = wte[(size_t)tok[t] * C + i];
+    }
+}
+static inline void embedding_forward_gpu(cudaStream_t stream, float* out, const int32_t* tok, const float* wte,
+                                         size_t T, int C) {
+    if (T == 0 || C <= 0) return;
+    embedding_forward_kernel<<<elementwise_grid(T * C), 256, 0, stream>>>(out, tok, wte, T, C);
+    CUDA_LAUNCHED();
+}
+#endif
+
 static inline void embedding_backward_cpu(float* dwte, const int32_t* tok, const float* dout, size_t T, int C) {
 #pragma omp parallel for schedule(static)
     for (int i = 0; i < C; i++)
         for (size_t t = 0; t < T; t++) dwte[(size_t)tok[t] * C + i] += dout[t * C + i];
 }
+#ifdef __CUDACC__
+// dwte[tok[t]][i] += dout[t][i] for t = 0..T-1 in order, one thread per column i: twin of
+// embedding_backward_cpu. Repeated tokens hit the same row from the same thread, so there is no
+// race, and the additions happen in the CPU's order: the result is bitwise the CPU's.
+static __global__ void embedding_backward_kernel(float* dwte, const int32_t* tok, const float* dout, size_t T, int C) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= C) return;
+    for (size_t t = 0; t < T; t++) dwte[(size_t)tok[t] * C + i] += dout[t * C + i];
+}
+static inline void embedding_backward_gpu(cudaStream_t stream, float* dwte, const int32_t* tok, const float* dout,
+                                          size_t T, int C) {
+    if (T == 0 || C <= 0) return;
+    embedding_backward_kernel<<<ceil_div(C, 128), 128, 0, stream>>>(dwte, tok, dout, T, C);
+    CUDA_LAUNCHED();
+}
+#endif
 
 // out (N) += inp (N)
 static inline void add_inplace_cpu(float* out, const float* inp, size_t N) {
 #pragma omp parallel for simd schedule(static)
     for (size_t i = 0; i < N; i++) out[i] += inp[i];
 }
+#ifdef __CUDACC__
+// out (N) += inp (N): twin of add_inplace_cpu.
+static __global__ void add_inplace_kernel(float* out, const float* inp, size_t N) {
+    GRID_STRIDE_LOOP(i, N) out[i] += inp[i];
+}
+static inline void add_inplace_gpu(cudaStream_t stream, float* out, const float* inp, size_t N) {
+    if (N == 0) return;
+    add_inplace_kernel<<<elementwise_grid(N), 256, 0, stream>>>(out, inp, N);
+    CUDA_LAUNCHED();
+}
+#endif

@@ -1,0 +1,398 @@
+// The CUDA twins of ops.cuh against their CPU references, op by op, on fresh random inputs and
+// awkward sizes (T not a multiple of 32, C = 64, 100 and larger, D = 16/64/128 for RoPE). Every
+// test skips (GTEST_SKIP) when there is no CUDA device, so this binary passes on a CPU-only machine.
+//
+// Build (nvcc compiles it; the CPU references are the same headers):
+//   nvcc -std=c++17 -O2 -DOMPI_SKIP_MPICXX $(mpicxx --showme:compile) -I. -Xcompiler -fopenmp
+//        -c test/test_gpu_ops.cu -o build/test_gpu_ops.o
+//   g++ -fopenmp build/test_gpu_ops.o -o build/gpu_ops_tests -lgtest -lgtest_main -pthread
+//        -L/usr/local/cuda/lib64 -lcudart -lcublas
+// (add -gencode arch=compute_90,code=sm_90 for H100/H200)
+//
+// Semantics are checked along with the numbers: ops that accumulate (+=) get buffers pre-filled
+// with random values on both sides and we compare what each ADDED (after - before), so an op that
+// overwrote would fail; ops that overwrite get random garbage on the GPU side first, which must
+// vanish; a null dinp/db must leave the buffer untouched.
+//
+// Tolerances, as relative norms ||gpu - cpu|| / ||cpu||:
+//  - kElem = 1e-5 for elementwise ops and norms: each output is a few fp32 roundings on either
+//    side (CUDA's tanhf/expf are within 2 ulp of glibc's, nvcc contracts a*b+c into FMAs, the norm
+//    sums a row in fp32 where the CPU uses double): ~1e-7 relative, 100x margin. A wrong formula
+//    or index moves outputs by 1e-2 or more.
+//  - kMatmul = 1e-4 for matmuls (and their column sums): the same fp32 products summed in a
+//    different order (cuBLAS blocks and FMAs the k-loop, the CPU vectorises it), so the results
+//    differ by ~sqrt(K) * 6e-8 relative, ~1e-6 for K <= 1000, plus cancellation in sums of
+//    random-signed terms. 1e-4 leaves room for that and still catches any wrong transpose or
+//    leading dimension (those give O(1) errors).
+//  - exact (0) for copies and single additions done in the same order on both sides
+//    (embedding forward/backward, add_inplace): IEEE fp32 addition is correctly rounded, so any
+//    difference is a bug.
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+#include <climits>
+#include <stdexcept>
+#include <vector>
+#include "common.h"
+#include "cuda_common.cuh"
+#include "ops.cuh"
+
+using vf = std::vector<float>;
+using vi = std::vector<int32_t>;
+
+static const double kElem = 1e-5;    // elementwise ops and norms: a few fp32 roundings per output
+static const double kMatmul = 1e-4;  // matmuls: fp32 sums in a different order
+
+// ----------------------------------------------------------------------------
+// Helpers
+
+// n values scale * N(0, 1) + shift: fresh, never all zeros.
+static vf randn(Rng* r, size_t n, float scale = 1.0f, float shift = 0.0f) {
+    vf a(n);
+    for (float& x : a) x = scale * rng_normal(r) + shift;
+    return a;
+}
+// n integers uniform in [0, hi)
+static vi randint(Rng* r, size_t n, int32_t hi) {
+    vi a(n);
+    for (int32_t& x : a) x = (int32_t)(rng_u64(r) % (uint64_t)hi);
+    return a;
+}
+
+// ||a - b|| / ||b|| (0 when both are exactly zero)
+static double rel_err(const vf& a, const vf& b) {
+    EXPECT_EQ(a.size(), b.size());
+    double num = 0, den = 0;
+    for (size_t i = 0; i < a.size() && i < b.size(); i++) {
+        const double d = (double)a[i] - (double)b[i];
+        num += d * d, den += (double)b[i] * b[i];
+    }
+    return sqrt(num / std::max(den, 1e-300));
+}
+// max |a - b|
+static double max_abs_diff(const vf& a, const vf& b) {
+    EXPECT_EQ(a.size(), b.size());
+    double m = 0;
+    for (size_t i = 0; i < a.size() && i < b.size(); i++) m = std::max(m, fabs((double)a[i] - (double)b[i]));
+    return m;
+}
+// What an accumulating op added to a buffer: after - before.
+static vf added(const vf& after, const vf& before) {
+    vf d(after.size());
+    for (size_t i = 0; i < d.size(); i++) d[i] = after[i] - before[i];
+    return d;
+}
+
+// A device copy of a host vector, freed when it goes out of scope. get() waits for all work on the
+// device, then downloads.
+template <typename T>
+struct DevBuf {
+    T* p = nullptr;
+    size_t n = 0;
+    explicit DevBuf(const std::vector<T>& h) : n(h.size()) {
+        CUDA_CHECK(cudaMalloc(&p, std::max<size_t>(n, 1) * sizeof(T)));
+        if (n) CUDA_CHECK(cudaMemcpy(p, h.data(), n * sizeof(T), cudaMemcpyHostToDevice));
+    }
+    ~DevBuf() {
+        if (p) cudaFree(p);
+    }
+    DevBuf(const DevBuf&) = delete;
+    DevBuf& operator=(const DevBuf&) = delete;
+    std::vector<T> get() const {
+        std::vector<T> h(n);
+        CUDA_CHECK(cudaDeviceSynchronize());
+        if (n) CUDA_CHECK(cudaMemcpy(h.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost));
+        return h;
+    }
+};
+
+// Every test starts here: skip without a device, else a stream and a cuBLAS handle. fatal() (which
+// CUDA_CHECK/CUBLAS_CHECK call) throws, so a CUDA error fails the test with its message instead of
+// exiting the binary.
+class GpuOps : public ::testing::Test {
+  protected:
+    cudaStream_t stream = nullptr;
+    cublasHandle_t blas = nullptr;
+    void SetUp() override {
+        int n = 0;
+        if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
+            cudaGetLastError();  // clear the (non-sticky) error
+            GTEST_SKIP() << "no CUDA device";
+        }
+        fatal_hook() = [](const char* m) { throw std::runtime_error(m); };
+        CUDA_CHECK(cudaStreamCreate(&stream));
+        CUBLAS_CHECK(cublasCreate(&blas));
+    }
+    void TearDown() override {
+        if (blas) cublasDestroy(blas);
+        if (stream) cudaStreamDestroy(stream);
+        fatal_hook() = nullptr;
+    }
+};
+
+// ----------------------------------------------------------------------------
+// matmul
+
+struct MatShape {
+    size_t T;
+    int IC, OC;
+};
+static const MatShape kMatShapes[] = {{37, 64, 100}, {100, 100, 64}, {1, 100, 100}, {257, 64, 33}, {1000, 100, 128}};
+
+TEST_F(GpuOps, MatmulForward) {
+    Rng r{101};
+    for (const MatShape& sh : kMatShapes)
+        for (bool bias : {true, false}) {
+            SCOPED_TRACE(::testing::Message() << "T=" << sh.T << " IC=" << sh.IC << " OC=" << sh.OC
+                                              << " bias=" << bias);
+            const size_t T = sh.T;
+            const int IC = sh.IC, OC = sh.OC;
+            const vf inp = randn(&r, T * IC), w = randn(&r, (size_t)OC * IC, 0.1f), b = randn(&r, OC);
+            vf out(T * OC);
+            matmul_forward_cpu(out.data(), inp.data(), w.data(), bias ? b.data() : nullptr, T, IC, OC);
+            DevBuf<float> d_out(randn(&r, T * OC, 10.0f)), d_inp(inp), d_w(w), d_b(b);  // garbage must vanish
+            matmul_forward_gpu(blas, stream, d_out.p, d_inp.p, d_w.p, bias ? d_b.p : nullptr, T, IC, OC);
+            EXPECT_LT(rel_err(d_out.get(), out), kMatmul);
+        }
+}
+
+TEST_F(GpuOps, MatmulBackwardAccumulates) {
+    Rng r{102};
+    for (const MatShape& sh : kMatShapes)
+        for (int variant = 0; variant < 4; variant++) {
+            const bool with_dinp = !(variant & 1), with_db = !(variant & 2);
+            SCOPED_TRACE(::testing::Message() << "T=" << sh.T << " IC=" << sh.IC << " OC=" << sh.OC
+                                              << " dinp=" << with_dinp << " db=" << with_db);
+            const size_t T = sh.T;
+            const int IC = sh.IC, OC = sh.OC;
+            const vf dout = randn(&r, T * OC), inp = randn(&r, T * IC), w = randn(&r, (size_t)OC * IC, 0.1f);
+            const vf dinp0 = randn(&r, T * IC), dw0 = randn(&r, (size_t)OC * IC), db0 = randn(&r, OC);
+            vf dinp = dinp0, dw = dw0, db = db0;
+            matmul_backward_cpu(with_dinp ? dinp.data() : nullptr, dw.data(), with_db ? db.data() : nullptr,
+                                dout.data(), inp.data(), w.data(), T, IC, OC);
+            DevBuf<float> d_dinp(dinp0), d_dw(dw0), d_db(db0), d_dout(dout), d_inp(inp), d_w(w);
+            matmul_backward_gpu(blas, stream, with_dinp ? d_dinp.p : nullptr, d_dw.p, with_db ? d_db.p : nullptr,
+                                d_dout.p, d_inp.p, d_w.p, T, IC, OC);
+            const vf g_dinp = d_dinp.get(), g_dw = d_dw.get(), g_db = d_db.get();
+            EXPECT_LT(rel_err(added(g_dw, dw0), added(dw, dw0)), kMatmul);
+            if (with_dinp)
+                EXPECT_LT(rel_err(added(g_dinp, dinp0), added(dinp, dinp0)), kMatmul);
+            else
+                EXPECT_EQ(max_abs_diff(g_dinp, dinp0), 0.0) << "dinp == null must not be written";
+            if (with_db)
+                EXPECT_LT(rel_err(added(g_db, db0), added(db, db0)), kMatmul);
+            else
+                EXPECT_EQ(max_abs_diff(g_db, db0), 0.0) << "db == null must not be written";
+        }
+}
+
+// ----------------------------------------------------------------------------
+// LayerNorm / RMSNorm
+
+struct NormShape {
+    size_t T;
+    int C;
+};
+static const NormShape kNormShapes[] = {{37, 64}, {100, 100}, {5, 1000}, {3, 4096}, {1000, 64}};
+
+TEST_F(GpuOps, NormForward) {
+    Rng r{201};
+    for (const NormShape& sh : kNormShapes)
+        for (bool rms : {false, true}) {
+            SCOPED_TRACE(::testing::Message() << "T=" << sh.T << " C=" << sh.C << " rms=" << rms);
+            const size_t T = sh.T;
+            const int C = sh.C;
+            const float eps = 1e-5f;
+            // a shifted, scaled input so that the mean and the variance both matter
+            const vf inp = randn(&r, T * C, 2.0f, 0.5f), w = randn(&r, C, 0.5f, 1.0f), b = randn(&r, C, 0.1f);
+            const float* bp = rms ? nullptr : b.data();
+            vf out(T * C), mean(T), rstd(T);
+            norm_forward_cpu(out.data(), mean.data(), rstd.data(), inp.data(), w.data(), bp, T, C, rms, eps);
+            DevBuf<float> d_out(randn(&r, T * C, 10.0f)), d_mean(randn(&r, T)), d_rstd(randn(&r, T));
+            DevBuf<float> d_inp(inp), d_w(w), d_b(b);
+            norm_forward_gpu(stream, d_out.p, d_mean.p, d_rstd.p, d_inp.p, d_w.p, rms ? nullptr : d_b.p, T, C, rms,
+                             eps);
+            EXPECT_LT(rel_err(d_out.get(), out), kElem);
+            EXPECT_LT(rel_err(d_mean.get(), mean), kElem);  // rms: both exactly 0
+            EXPECT_LT(rel_err(d_rstd.get(), rstd), kElem);
+        }
+}
+
+TEST_F(GpuOps, NormBackwardAccumulates) {
+    Rng r{202};
+    for (const NormShape& sh : kNormShapes)
+        for (bool rms : {false, true}) {
+            SCOPED_TRACE(::testing::Message() << "T=" << sh.T << " C=" << sh.C << " rms=" << rms);
+            const size_t T = sh.T;
+            const int C = sh.C;
+            const vf inp = randn(&r, T * C, 2.0f, 0.5f), w = randn(&r, C, 0.5f, 1.0f), b = randn(&r, C, 0.1f);
+            vf out(T * C), mean(T), rstd(T);
+            norm_forward_cpu(out.data(), mean.data(), rstd.data(), inp.data(), w.data(), rms ? nullptr : b.data(), T,
+                             C, rms, 1e-5f);
+            const vf dout = randn(&r, T * C);
+            const vf dinp0 = randn(&r, T * C), dw0 = randn(&r, C), db0 = randn(&r, C);
+            vf dinp = dinp0, dw = dw0, db = db0;
+            norm_backward_cpu(dinp.data(), dw.data(), rms ? nullptr : db.data(), dout.data(), inp.data(), w.data(),
+                              mean.data(), rstd.data(), T, C, rms);
+            DevBuf<float> d_dinp(dinp0), d_dw(dw0), d_db(db0), d_dout(dout), d_inp(inp), d_w(w), d_mean(mean),
+                d_rstd(rstd);
+            norm_backward_gpu(stream, d_dinp.p, d_dw.p, rms ? nullptr : d_db.p, d_dout.p, d_inp.p, d_w.p, d_mean.p,
+                              d_rstd.p, T, C, rms);
+            EXPECT_LT(rel_err(added(d_dinp.get(), dinp0), added(dinp, dinp0)), kElem);
+            EXPECT_LT(rel_err(added(d_dw.get(), dw0), added(dw, dw0)), kElem);
+            if (rms)
+                EXPECT_EQ(max_abs_diff(d_db.get(), db0), 0.0) << "db == null must not be written";
+            else
+                EXPECT_LT(rel_err(added(d_db.get(), db0), added(db, db0)), kElem);
+        }
+}
+
+// ----------------------------------------------------------------------------
+// Activations
+
+TEST_F(GpuOps, Gelu) {
+    Rng r{301};
+    for (size_t N : {(size_t)1, (size_t)1000, (size_t)100003}) {
+        SCOPED_TRACE(::testing::Message() << "N=" << N);
+        const vf inp = randn(&r, N, 3.0f), dout = randn(&r, N);
+        vf out(N), dinp(N);
+        gelu_forward_cpu(out.data(), inp.data(), N);
+        gelu_backward_cpu(dinp.data(), inp.data(), dout.data(), N);
+        DevBuf<float> d_out(randn(&r, N, 10.0f)), d_dinp(randn(&r, N, 10.0f)), d_inp(inp), d_dout(dout);
+        gelu_forward_gpu(stream, d_out.p, d_inp.p, N);
+        gelu_backward_gpu(stream, d_dinp.p, d_inp.p, d_dout.p, N);  // overwrites the garbage
+        EXPECT_LT(rel_err(d_out.get(), out), kElem);
+        EXPECT_LT(rel_err(d_dinp.get(), dinp), kElem);
+    }
+}
+
+TEST_F(GpuOps, Swiglu) {
+    Rng r{302};
+    const NormShape shapes[] = {{37, 100}, {37, 64}, {1, 100}, {300, 33}};  // (T, F)
+    for (const NormShape& sh : shapes) {
+        const size_t T = sh.T;
+        const int F = sh.C;
+        SCOPED_TRACE(::testing::Message() << "T=" << T << " F=" << F);
+        const vf inp = randn(&r, T * 2 * F, 2.0f), dout = randn(&r, T * F);
+        vf out(T * F), dinp(T * 2 * F);
+        swiglu_forward_cpu(out.data(), inp.data(), T, F);
+        swiglu_backward_cpu(dinp.data(), inp.data(), dout.data(), T, F);
+        DevBuf<float> d_out(randn(&r, T * F, 10.0f)), d_dinp(randn(&r, T * 2 * F, 10.0f)), d_inp(inp), d_dout(dout);
+        swiglu_forward_gpu(stream, d_out.p, d_inp.p, T, F);
+        swiglu_backward_gpu(stream, d_dinp.p, d_inp.p, d_dout.p, T, F);  // overwrites both halves
+        EXPECT_LT(rel_err(d_out.get(), out), kElem);
+        EXPECT_LT(rel_err(d_dinp.get(), dinp), kElem);
+    }
+}
+
+// ----------------------------------------------------------------------------
+// RoPE: forward and inverse rotations, at positions up to 2^31 - 1 (angles in double on both sides;
+// pow and sin/cos agree to ~2 ulp of double, far below a float ulp of the result).
+
+TEST_F(GpuOps, Rope) {
+    Rng r{401};
+    const size_t T = 37;
+    const int nh = 3;
+    vi pos = randint(&r, T, 1 << 24);  // up to 16M
+    pos[0] = 0, pos[1] = 1, pos[2] = 2097151, pos[3] = 2000000, pos[4] = INT_MAX, pos[5] = 1 << 30;
+    for (int D : {16, 64, 128})
+        for (float theta : {10000.0f, 500000.0f})
+            for (int sign : {1, -1}) {
+                SCOPED_TRACE(::testing::Message() << "D=" << D << " theta=" << theta << " sign=" << sign);
+                const vf x0 = randn(&r, T * nh * D);
+                vf x = x0;
+                rope_cpu(x.data(), pos.data(), T, nh, D, theta, sign);
+                DevBuf<float> d_x(x0);
+                DevBuf<int32_t> d_pos(pos);
+                rope_gpu(stream, d_x.p, d_pos.p, T, nh, D, theta, sign);
+                EXPECT_LT(rel_err(d_x.get(), x), kElem);
+            }
+}
+
+// ----------------------------------------------------------------------------
+// Embedding: a copy forward, in-order additions backward (tokens repeat: a 7-token vocabulary),
+// so both must match bit for bit.
+
+TEST_F(GpuOps, EmbeddingForward) {
+    Rng r{501};
+    for (int C : {64, 100}) {
+        SCOPED_TRACE(::testing::Message() << "C=" << C);
+        const size_t T = 37;
+        const int V = 50;
+        const vi tok = randint(&r, T, V);
+        const vf wte = randn(&r, (size_t)V * C);
+        vf out(T * C);
+        embedding_forward_cpu(out.data(), tok.data(), wte.data(), T, C);
+        DevBuf<float> d_out(randn(&r, T * C, 10.0f)), d_wte(wte);
+        DevBuf<int32_t> d_tok(tok);
+        embedding_forward_gpu(stream, d_out.p, d_tok.p, d_wte.p, T, C);
+        EXPECT_EQ(max_abs_diff(d_out.get(), out), 0.0);
+    }
+}
+
+TEST_F(GpuOps, EmbeddingBackwardAccumulates) {
+    Rng r{502};
+    for (int C : {64, 100}) {
+        SCOPED_TRACE(::testing::Message() << "C=" << C);
+        const size_t T = 300;
+        const int V = 7;
+        const vi tok = randint(&r, T, V);
+        const vf dout = randn(&r, T * C), dwte0 = randn(&r, (size_t)V * C);
+        vf dwte = dwte0;
+        embedding_backward_cpu(dwte.data(), tok.data(), dout.data(), T, C);
+        DevBuf<float> d_dwte(dwte0), d_dout(dout);
+        DevBuf<int32_t> d_tok(tok);
+        embedding_backward_gpu(stream, d_dwte.p, d_tok.p, d_dout.p, T, C);
+        EXPECT_EQ(max_abs_diff(d_dwte.get(), dwte), 0.0);
+    }
+}
+
+// ----------------------------------------------------------------------------
+// Residual add. The last size is above 65536 blocks x 256 threads, so the grid-stride loop wraps.
+
+TEST_F(GpuOps, AddInplace) {
+    Rng r{601};
+    for (size_t N : {(size_t)1, (size_t)100003, (size_t)65536 * 256 + 1001}) {
+        SCOPED_TRACE(::testing::Message() << "N=" << N);
+        const vf out0 = randn(&r, N), inp = randn(&r, N);
+        vf out = out0;
+        add_inplace_cpu(out.data(), inp.data(), N);
+        DevBuf<float> d_out(out0), d_inp(inp);
+        add_inplace_gpu(stream, d_out.p, d_inp.p, N);
+        EXPECT_EQ(max_abs_diff(d_out.get(), out), 0.0);
+    }
+}
+
+// Indices past 2^31 (2M tokens x 4096 dims is 8.6e9 elements): add_inplace over 2^31 + 3000 floats
+// (2 x 8.6 GB on the device). The bulk is a byte pattern set by cudaMemset (cheap); the last 2^20 +
+// 3000 elements, straddling index 2^31, get random values and are checked against the CPU, and the
+// first 4096 against the pattern. Skipped when the device lacks the memory.
+TEST_F(GpuOps, AddInplacePast2e31) {
+    const size_t N = ((size_t)1 << 31) + 3000, M = ((size_t)1 << 20) + 3000, head = 4096;
+    size_t free_b = 0, total_b = 0;
+    CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
+    if (free_b < 2 * N * sizeof(float) + ((size_t)1 << 30)) GTEST_SKIP() << "needs ~18 GB of free device memory";
+    Rng r{602};
+    float *out = nullptr, *inp = nullptr;
+    CUDA_CHECK(cudaMalloc(&out, N * sizeof(float)));
+    CUDA_CHECK(cudaMalloc(&inp, N * sizeof(float)));
+    CUDA_CHECK(cudaMemset(out, 0x3f, N * sizeof(float)));  // every float 0x3f3f3f3f = 0.747...
+    CUDA_CHECK(cudaMemset(inp, 0x40, N * sizeof(float)));  // every float 0x40404040 = 3.0039...
+    const vf tail_out0 = randn(&r, M), tail_inp = randn(&r, M);
+    CUDA_CHECK(cudaMemcpy(out + (N - M), tail_out0.data(), M * sizeof(float), cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMemcpy(inp + (N - M), tail_inp.data(), M * sizeof(float), cudaMemcpyHostToDevice));
+    add_inplace_gpu(stream, out, inp, N);
+    CUDA_CHECK(cudaDeviceSynchronize());
+    vf tail(M), first(head);
+    CUDA_CHECK(cudaMemcpy(tail.data(), out + (N - M), M * sizeof(float), cudaMemcpyDeviceToHost));
+    CUDA_CHECK(cudaMemcpy(first.data(), out, head * sizeof(float), cudaMemcpyDeviceToHost));
+    CUDA_CHECK(cudaFree(out));
+    CUDA_CHECK(cudaFree(inp));
+    vf tail_ref = tail_out0;
+    add_inplace_cpu(tail_ref.data(), tail_inp.data(), M);
+    EXPECT_EQ(max_abs_diff(tail, tail_ref), 0.0);
+    float a, b;
+    const uint32_t pa = 0x3f3f3f3fu, pb = 0x40404040u;
+    memcpy(&a, &pa, 4), memcpy(&b, &pb, 4);
+    EXPECT_EQ(max_abs_diff(first, vf(head, a + b)), 0.0);
+}
