@@ -21,12 +21,12 @@ TEST_OBJ := $(TEST_SRC:test/%.cpp=build/%.o)
 GPU_TEST_SRC := $(wildcard test/test_gpu*.cu)
 GPU_TEST_OBJ := $(GPU_TEST_SRC:test/%.cu=build/%.o)
 CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(shell which $(NVCC)))
-CUDA_LIBS := -L$(CUDA_HOME)/lib64 -lcudart -lcublas
+CUDA_LIBS := -L$(CUDA_HOME)/lib64 -lcudart -lcublas -lnccl
 
 all: fpdt
 
 fpdt: fpdt.cu $(HEADERS)
-	$(NVCC) $(NVCC_FLAGS) fpdt.cu -o $@ -lcudart -lcublas -lgomp $(MPI_LIBS)
+	$(NVCC) $(NVCC_FLAGS) fpdt.cu -o $@ -lcudart -lcublas -lnccl -lgomp $(MPI_LIBS)
 
 build/%.o: test/%.cpp $(HEADERS) test/*.h
 	@mkdir -p build

@@ -1,7 +1,9 @@
 // comm.h: the sequence-parallel group. One process is one rank; launch P of them with
 // `mpirun -np P ./fpdt ...` (or srun). MPI moves CPU buffers (the CPU backend, and CI's real
-// multi-process tests). Without mpirun the program is a group of one and MPI is not touched at
-// all, so `./fpdt train` needs no launcher.
+// multi-process tests). NCCL moves GPU buffers when every rank has a GPU of its own (its unique
+// id travels over MPI); ranks sharing a GPU (NCCL refuses that) stage GPU buffers through host
+// memory and MPI (model.h). Without mpirun the program is a group of one and MPI is not touched
+// at all, so `./fpdt train` needs no launcher.
 //
 // Errors: a problem every rank sees alike (a bad flag, a bad shape) is reported once, by rank 0,
 // and every rank exits 1. A problem only one rank sees aborts the whole job (MPI_Abort) with a
@@ -23,7 +25,7 @@
     } while (0)
 
 struct Comm {
-    int rank = 0, size = 1, local_rank = 0;
+    int rank = 0, size = 1, local_rank = 0, local_size = 1;  // local: the ranks on this machine
     bool mpi = false;  // MPI_Init was called (launched by mpirun/srun)
 };
 
@@ -59,6 +61,7 @@ static inline void comm_init(int* argc, char*** argv) {
     MPI_Comm local;
     MPI_CHECK(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, c.rank, MPI_INFO_NULL, &local));
     MPI_CHECK(MPI_Comm_rank(local, &c.local_rank));
+    MPI_CHECK(MPI_Comm_size(local, &c.local_size));
     MPI_CHECK(MPI_Comm_free(&local));
     if (!fatal_hook()) fatal_hook() = comm_fatal_hook;
 }
@@ -148,3 +151,40 @@ static inline void comm_scatter(const float* all, float* mine, size_t n) {
 static inline void comm_barrier() {
     if (comm_world().size > 1) MPI_CHECK(MPI_Barrier(MPI_COMM_WORLD));
 }
+
+#ifdef __CUDACC__
+// ----------------------------------------------------------------------------
+// NCCL for GPU buffers, on the given stream (no host synchronisation).
+#include <nccl.h>
+
+#define NCCL_CHECK(call)                                                                            \
+    do {                                                                                            \
+        ncclResult_t r_ = (call);                                                                   \
+        if (r_ != ncclSuccess) fatal("NCCL error at %s:%d: %s", __FILE__, __LINE__, ncclGetErrorString(r_)); \
+    } while (0)
+
+static inline ncclComm_t& nccl_comm() {  // null: GPU buffers go through MPI on host memory
+    static ncclComm_t c = nullptr;
+    return c;
+}
+
+// Every rank, after cudaSetDevice: rank 0 makes the unique id, MPI hands it to the others.
+static inline void comm_nccl_init() {
+    Comm& c = comm_world();
+    ncclUniqueId id;
+    if (c.rank == 0) NCCL_CHECK(ncclGetUniqueId(&id));
+    comm_broadcast(&id, sizeof id);
+    NCCL_CHECK(ncclCommInitRank(&nccl_comm(), c.size, id, c.rank));
+}
+
+// recv (P, n) = block r of every rank's send (P, n), as grouped point-to-point transfers
+static inline void comm_alltoall_nccl(const float* send, float* recv, size_t n, cudaStream_t s) {
+    const Comm& c = comm_world();
+    NCCL_CHECK(ncclGroupStart());
+    for (int r = 0; r < c.size; r++) {
+        NCCL_CHECK(ncclSend(send + r * n, n, ncclFloat, r, nccl_comm(), s));
+        NCCL_CHECK(ncclRecv(recv + r * n, n, ncclFloat, r, nccl_comm(), s));
+    }
+    NCCL_CHECK(ncclGroupEnd());
+}
+#endif

@@ -162,7 +162,7 @@ static void evaluate(Model* M, DataSource* data, int nseq, int step) {
 static const std::vector<std::string> train_flags = {
     "model", "seq", "chunk-size", "offload", "steps", "lr", "warmup", "min-lr-frac", "weight-decay", "clip", "seed",
     "data", "device", "out", "save-every", "resume", "exit-after", "eval-every", "eval-seqs", "trace", "zero",
-    "device-mem", "host-mem", "on-nonfinite", "max-bad-steps", "help"};
+    "device-mem", "host-mem", "on-nonfinite", "max-bad-steps", "comm", "help"};
 
 static void train_help() {
     printf(
@@ -180,7 +180,8 @@ static void train_help() {
         "  --clip X            clip the global gradient norm to X, 0 = off (default 1.0)\n"
         "  --seed N            seed for the weights and the data (default 1337)\n"
         "  --data SPEC         'passkey' (built-in task), a text file, a glob, or llm.c .bin shards (default passkey)\n"
-        "  --device cpu|gpu    default: the GPU when there is one and the CUDA backend is built, else the CPU\n"
+        "  --device cpu|gpu    default: the GPU when one is visible, else the CPU\n"
+        "  --comm auto|nccl|mpi  GPU ranks: NCCL when each has its own GPU (auto), else MPI on host memory\n"
         "  --out DIR           checkpoint directory (default: none, nothing is saved)\n"
         "  --save-every N      checkpoint every N steps and at the end (needs --out)\n"
         "  --exit-after N      stop after step N with a checkpoint (a time-boxed job); continue with --resume\n"
@@ -229,6 +230,22 @@ static bool choose_device(const Args& a, Ctx* ctx, GpuCtx* g) {
     return true;
 }
 
+// --comm: how GPU buffers move between ranks. NCCL needs a GPU per rank on each machine; ranks
+// sharing a GPU (more ranks than GPUs here) go through host memory and MPI.
+static bool choose_comm(const Args& a, const Ctx& ctx) {
+    std::string c = a.str("comm", "auto");
+    if (c != "auto" && c != "nccl" && c != "mpi") fatal_all("--comm: '%s' (expected auto, nccl or mpi)", c.c_str());
+    const Comm& cm = comm_world();
+    if (!ctx.gpu || cm.size == 1 || c == "mpi") return false;
+    const bool shared = cm.local_size > gpu_count();
+    if (c == "nccl" && shared)
+        fatal_all("--comm nccl: %d ranks on a machine with %d GPUs (NCCL needs a GPU per rank); use --comm mpi",
+                  cm.local_size, gpu_count());
+    if (shared) return false;
+    comm_nccl_init();
+    return true;
+}
+
 static std::string device_name(const Ctx& ctx) {
     if (!ctx.gpu) return "cpu (" + std::to_string(omp_get_max_threads()) + " threads)";
     cudaDeviceProp p;
@@ -247,6 +264,7 @@ static int cmd_train(int argc, char** argv) {
     Model M;
     GpuCtx gpu;
     choose_device(a, &M.ctx, &gpu);
+    M.nccl = choose_comm(a, M.ctx);
     RunCfg r;
     r.seq = a.integer("seq", 64, 1, 1ll << 40);
     r.chunk = a.integer("chunk-size", r.seq, 1, 1ll << 40);
@@ -297,7 +315,7 @@ static int cmd_train(int argc, char** argv) {
                cfg.family == GPT ? "gpt" : "llama", cfg.n_layer, cfg.d_model, cfg.n_head, cfg.n_kv_head,
                M.n_params / 1e6, data->describe().c_str());
         printf("seq %zu | chunk %zu (%d chunks) | offload %s | ranks %d%s | device %s | steps %d%s\n", r.seq, M.C,
-               M.u, r.offload ? "on" : "off", r.P, r.zero ? " (ZeRO-1)" : "", device_name(M.ctx).c_str(), steps,
+               M.u, r.offload ? "on" : "off", r.P, (std::string(r.zero ? " ZeRO-1" : "") + (M.nccl ? " NCCL" : "")).c_str(), device_name(M.ctx).c_str(), steps,
                start ? (" | resumed at step " + std::to_string(start)).c_str() : "");
         fflush(stdout);
     }

@@ -210,7 +210,8 @@ struct Model {
     double* acc;                  // (2) device: this pass's loss sum; the gradient's sum of squares
     double* scratch;              // (sumsq_scratch) device partial sums for the sum of squares
     int32_t* preds;               // host (Sl): argmax prediction at every input position
-    float* stage = nullptr;       // host (2 P C Hl D, or the gradients): MPI staging of device buffers
+    float* stage = nullptr;       // host (2 C Hl D, or the gradients): MPI staging of device buffers
+    bool nccl = false;            // GPU buffers move by NCCL (set before model_create)
     float* logits_out = nullptr;  // test hook: if set, (Sl, V) host logits are written here
 };
 
@@ -257,7 +258,7 @@ static inline void model_layout(Model* M) {
     M->acc = arena_alloc<double>(dev, 2, "working set");
     M->scratch = arena_alloc<double>(dev, sumsq_scratch(M->shard_n), "working set");
     M->preds = arena_alloc<int32_t>(host, M->Sl, "predictions");
-    if (M->ctx.gpu && M->run.P > 1)  // MPI reads host memory: device buffers are staged through it
+    if (M->ctx.gpu && M->run.P > 1 && !M->nccl)  // MPI reads host memory: device buffers are staged through it
         M->stage = arena_alloc<float>(host, std::max(2 * qc, M->n_padded + M->shard_n), "MPI staging");
 }
 
@@ -424,11 +425,14 @@ static inline void a2a_unpack_gpu(cudaStream_t s, float* dst, const float* recv,
 }
 #endif
 
-// The all-to-all itself: recv (P, n) on every rank = block r of each rank's send. Device buffers
-// on the GPU go through pinned host staging (synchronous; NCCL is the next step).
+// The all-to-all itself: recv (P, n) on every rank = block r of each rank's send. On the GPU:
+// NCCL when each rank has its own GPU, else pinned host staging and MPI (synchronous).
 static inline void a2a_exchange(Model* M, const float* send, float* recv, size_t n) {
     Ctx* ctx = &M->ctx;
     if (!ctx->gpu) return comm_alltoall(send, recv, n);
+#ifdef __CUDACC__
+    if (nccl_comm()) return comm_alltoall_nccl(send, recv, n, ctx->g->compute);
+#endif
     dev_download(ctx, M->stage, send, M->run.P * n * sizeof(float));
     comm_alltoall(M->stage, M->stage + M->run.P * n, n);
     dev_upload(ctx, recv, M->stage + M->run.P * n, M->run.P * n * sizeof(float));
@@ -762,8 +766,16 @@ static inline float model_update(Model* M, const AdamW& opt, int t, bool* finite
     Ctx* ctx = &M->ctx;
     const size_t n = M->shard_n, N = M->n_padded, lo = M->run.zero ? (size_t)M->run.rank * n : 0;
     float* g = M->run.zero ? M->grad_shard : M->grads;
-    // sum over the group (MPI moves host memory: on the GPU the gradients are staged through it)
-    if (M->run.P > 1) {
+    // sum over the group: NCCL on GPU buffers, or MPI on host memory (the GPU's gradients staged
+    // through it when ranks share a GPU)
+#ifdef __CUDACC__
+    const bool nccl = ctx->gpu && nccl_comm();
+    if (nccl && M->run.zero) NCCL_CHECK(ncclReduceScatter(M->grads, M->grad_shard, n, ncclFloat, ncclSum, nccl_comm(), ctx->g->compute));
+    if (nccl && !M->run.zero) NCCL_CHECK(ncclAllReduce(M->grads, M->grads, N, ncclFloat, ncclSum, nccl_comm(), ctx->g->compute));
+#else
+    const bool nccl = false;
+#endif
+    if (M->run.P > 1 && !nccl) {
         float* buf = ctx->gpu ? M->stage : M->grads;
         if (ctx->gpu) dev_download(ctx, buf, M->grads, N * sizeof(float));
         if (M->run.zero) {
@@ -774,7 +786,7 @@ static inline float model_update(Model* M, const AdamW& opt, int t, bool* finite
             comm_allreduce(buf, N);
             if (ctx->gpu) dev_upload(ctx, M->grads, buf, N * sizeof(float));
         }
-    } else if (M->run.zero) {
+    } else if (M->run.zero && M->run.P == 1) {
         dev_copy(ctx, M->grad_shard, M->grads, n * sizeof(float));
     }
     double ss = 0.0;
@@ -796,7 +808,11 @@ static inline float model_update(Model* M, const AdamW& opt, int t, bool* finite
         OP(ctx, adamw, M->params + a, g + (a - lo), M->opt_m + (a - lo), M->opt_v + (a - lo), b - a, opt.lr, opt.beta1,
            opt.beta2, opt.eps, opt.wd, p.decay, t);
     }
-    if (M->run.zero && M->run.P > 1) {  // every rank's updated shard to every rank
+#ifdef __CUDACC__
+    if (nccl && M->run.zero)  // every rank's updated shard to every rank, in place
+        NCCL_CHECK(ncclAllGather(M->params + lo, M->params, n, ncclFloat, nccl_comm(), ctx->g->compute));
+#endif
+    if (M->run.zero && M->run.P > 1 && !nccl) {  // every rank's updated shard to every rank
         float* buf = ctx->gpu ? M->stage : M->params;
         if (ctx->gpu) dev_download(ctx, buf, M->params, N * sizeof(float));
         comm_allgather(buf, n);
