@@ -32,7 +32,7 @@ build/%.o: test/%.cpp $(HEADERS) test/*.h
 	@mkdir -p build
 	$(CXX) $(CXXFLAGS_T) -c $< -o $@
 
-build/%.o: test/%.cu $(HEADERS) test/*.h
+build/%.o: test/%.cu $(HEADERS) test/*.h test/*.cuh
 	@mkdir -p build
 	$(NVCC) $(NVCC_FLAGS) -I. -c $< -o $@
 

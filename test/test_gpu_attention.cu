@@ -24,6 +24,8 @@
 #include "attention.cuh"
 #include "common.h"
 #include "loss.cuh"
+#include "test/gpu_testutil.cuh"
+#include "test/testutil.h"
 
 using vf = std::vector<float>;
 static const double kTol = 1e-5;  // fp32, same math in a different order (see above)
@@ -31,41 +33,12 @@ static const double kTol = 1e-5;  // fp32, same math in a different order (see a
 // ----------------------------------------------------------------------------
 // Helpers
 
-static bool gpu_available() {
-    int n = 0;
-    if (cudaGetDeviceCount(&n) != cudaSuccess) {
-        cudaGetLastError();  // clear the error so later calls do not see it
-        return false;
-    }
-    return n > 0;
-}
-
 // Every test is a TEST_F of this fixture, so it skips before its body when there is no device.
 class Gpu : public ::testing::Test {
   protected:
     void SetUp() override {
-        if (!gpu_available()) GTEST_SKIP() << "no CUDA device";
+        REQUIRE_GPU();
     }
-};
-
-// A device copy of a host vector, freed at scope exit.
-template <typename T>
-struct Dev {
-    T* p = nullptr;
-    size_t n = 0;
-    explicit Dev(const std::vector<T>& h) : n(h.size()) {
-        CUDA_CHECK(cudaMalloc(&p, std::max<size_t>(n, 1) * sizeof(T)));
-        CUDA_CHECK(cudaMemcpy(p, h.data(), n * sizeof(T), cudaMemcpyHostToDevice));
-    }
-    std::vector<T> get() const {
-        std::vector<T> h(n);
-        CUDA_CHECK(cudaDeviceSynchronize());
-        CUDA_CHECK(cudaMemcpy(h.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost));
-        return h;
-    }
-    ~Dev() { cudaFree(p); }
-    Dev(const Dev&) = delete;
-    Dev& operator=(const Dev&) = delete;
 };
 
 // n values scale * N(0, 1) + shift: fresh, never all zeros.
@@ -73,15 +46,6 @@ static vf randn(Rng* r, size_t n, float scale = 1.0f, float shift = 0.0f) {
     vf a(n);
     for (auto& x : a) x = scale * rng_normal(r) + shift;
     return a;
-}
-
-static double rel_norm(const vf& a, const vf& b) {
-    double num = 0.0, den = 0.0;
-    for (size_t i = 0; i < a.size(); i++) {
-        num += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
-        den += (double)b[i] * b[i];
-    }
-    return sqrt(num) / sqrt(den);
 }
 
 // ----------------------------------------------------------------------------
@@ -114,12 +78,12 @@ TEST_F(Gpu, AttentionForwardBlock) {
         SCOPED_TRACE(name(c));
         const vf q = randn(&r, c.Tq * c.Hq * c.D), k = randn(&r, c.Tk * c.Hkv * c.D), v = randn(&r, c.Tk * c.Hkv * c.D);
         vf o = randn(&r, c.Tq * c.Hq * c.D), lse = randn(&r, c.Tq * c.Hq, 1.0f, 4.0f);
-        Dev<float> dq(q), dk(k), dv(v), dO(o), dL(lse);
+        DevBuf<float> dq(q), dk(k), dv(v), dO(o), dL(lse);
         attention_forward_gpu(0, dO.p, dL.p, dq.p, dk.p, dv.p, c.Tq, c.Tk, c.Hq, c.Hkv, c.D, c.causal);
         attention_forward_cpu(o.data(), lse.data(), q.data(), k.data(), v.data(), c.Tq, c.Tk, c.Hq, c.Hkv, c.D,
                               c.causal);
-        EXPECT_LT(rel_norm(dO.get(), o), kTol);
-        EXPECT_LT(rel_norm(dL.get(), lse), kTol);
+        EXPECT_LT(rel_err(dO.get(), o), kTol);
+        EXPECT_LT(rel_err(dL.get(), lse), kTol);
     }
 }
 
@@ -135,13 +99,13 @@ TEST_F(Gpu, AttentionForwardTwoBlockMerge) {
         const vf k0 = randn(&r, T * Hkv * D), v0 = randn(&r, T * Hkv * D);
         const vf k1 = randn(&r, T * Hkv * D), v1 = randn(&r, T * Hkv * D);
         vf o(T * Hq * D, 0.0f), lse(T * Hq, -INFINITY);
-        Dev<float> dq(q), dk0(k0), dv0(v0), dk1(k1), dv1(v1), dO(o), dL(lse);
+        DevBuf<float> dq(q), dk0(k0), dv0(v0), dk1(k1), dv1(v1), dO(o), dL(lse);
         attention_forward_gpu(0, dO.p, dL.p, dq.p, dk0.p, dv0.p, T, T, Hq, Hkv, D, false);
         attention_forward_gpu(0, dO.p, dL.p, dq.p, dk1.p, dv1.p, T, T, Hq, Hkv, D, true);
         attention_forward_cpu(o.data(), lse.data(), q.data(), k0.data(), v0.data(), T, T, Hq, Hkv, D, false);
         attention_forward_cpu(o.data(), lse.data(), q.data(), k1.data(), v1.data(), T, T, Hq, Hkv, D, true);
-        EXPECT_LT(rel_norm(dO.get(), o), kTol);
-        EXPECT_LT(rel_norm(dL.get(), lse), kTol);
+        EXPECT_LT(rel_err(dO.get(), o), kTol);
+        EXPECT_LT(rel_err(dL.get(), lse), kTol);
     }
 }
 
@@ -153,10 +117,10 @@ TEST_F(Gpu, AttentionDelta) {
         const int H = 4;
         const vf dout = randn(&r, T * H * D), o = randn(&r, T * H * D);
         vf delta = randn(&r, T * H);  // garbage that must be overwritten
-        Dev<float> ddo(dout), dO(o), dd(delta);
+        DevBuf<float> ddo(dout), dO(o), dd(delta);
         attention_delta_gpu(0, dd.p, ddo.p, dO.p, T, H, D);
         attention_delta_cpu(delta.data(), dout.data(), o.data(), T, H, D);
-        EXPECT_LT(rel_norm(dd.get(), delta), kTol);
+        EXPECT_LT(rel_err(dd.get(), delta), kTol);
     }
 }
 
@@ -174,14 +138,14 @@ TEST_F(Gpu, AttentionBackward) {
         attention_delta_cpu(delta.data(), dout.data(), o.data(), c.Tq, c.Hq, c.D);
         // about the size of what the backward adds (rms 0.15 to 0.9 at these shapes)
         vf dq = randn(&r, nq, 0.1f), dk = randn(&r, nk, 0.1f), dv = randn(&r, nk, 0.1f);
-        Dev<float> gq(q), gk(k), gv(v), gdo(dout), gl(lse), gdl(delta), gdq(dq), gdk(dk), gdv(dv);
+        DevBuf<float> gq(q), gk(k), gv(v), gdo(dout), gl(lse), gdl(delta), gdq(dq), gdk(dk), gdv(dv);
         attention_backward_gpu(0, gdq.p, gdk.p, gdv.p, gdo.p, gq.p, gk.p, gv.p, gl.p, gdl.p, c.Tq, c.Tk, c.Hq, c.Hkv,
                                c.D, c.causal);
         attention_backward_cpu(dq.data(), dk.data(), dv.data(), dout.data(), q.data(), k.data(), v.data(),
                                lse.data(), delta.data(), c.Tq, c.Tk, c.Hq, c.Hkv, c.D, c.causal);
-        EXPECT_LT(rel_norm(gdq.get(), dq), kTol);
-        EXPECT_LT(rel_norm(gdk.get(), dk), kTol);
-        EXPECT_LT(rel_norm(gdv.get(), dv), kTol);
+        EXPECT_LT(rel_err(gdq.get(), dq), kTol);
+        EXPECT_LT(rel_err(gdk.get(), dk), kTol);
+        EXPECT_LT(rel_err(gdv.get(), dv), kTol);
     }
 }
 
@@ -204,12 +168,12 @@ TEST_F(Gpu, CrossEntropy) {
         }
         std::vector<int32_t> pred(T, -1);
         vf loss = randn(&r, T);  // garbage that must be overwritten
-        Dev<float> dz(z), dl(loss);
-        Dev<int32_t> dp(pred), dt(target);
+        DevBuf<float> dz(z), dl(loss);
+        DevBuf<int32_t> dp(pred), dt(target);
         crossentropy_gpu(0, dz.p, dl.p, dp.p, dt.p, T, V, dscale);
         crossentropy_cpu(z.data(), loss.data(), pred.data(), target.data(), T, V, dscale);
-        EXPECT_LT(rel_norm(dl.get(), loss), kTol);
-        EXPECT_LT(rel_norm(dz.get(), z), kTol);
+        EXPECT_LT(rel_err(dl.get(), loss), kTol);
+        EXPECT_LT(rel_err(dz.get(), z), kTol);
         EXPECT_EQ(dp.get(), pred);
     }
 }
@@ -222,13 +186,13 @@ TEST_F(Gpu, AdamW) {
             SCOPED_TRACE(::testing::Message() << "decay=" << decay << " t=" << t);
             vf p = randn(&r, n), g = randn(&r, n), m = randn(&r, n, 0.1f), v = randn(&r, n, 0.1f);
             for (auto& x : v) x *= x;  // second moments are non-negative
-            Dev<float> dp(p), dg(g), dm(m), dv(v);
+            DevBuf<float> dp(p), dg(g), dm(m), dv(v);
             // a large learning rate, so the update is a visible part of p
             adamw_gpu(0, dp.p, dg.p, dm.p, dv.p, n, 0.05f, 0.9f, 0.95f, 1e-8f, 0.1f, decay, t);
             adamw_cpu(p.data(), g.data(), m.data(), v.data(), n, 0.05f, 0.9f, 0.95f, 1e-8f, 0.1f, decay, t);
-            EXPECT_LT(rel_norm(dp.get(), p), kTol);
-            EXPECT_LT(rel_norm(dm.get(), m), kTol);
-            EXPECT_LT(rel_norm(dv.get(), v), kTol);
+            EXPECT_LT(rel_err(dp.get(), p), kTol);
+            EXPECT_LT(rel_err(dm.get(), m), kTol);
+            EXPECT_LT(rel_err(dv.get(), v), kTol);
         }
 }
 
@@ -240,8 +204,8 @@ TEST_F(Gpu, SumSq) {
     for (size_t n : {(size_t)1, (size_t)65536, (size_t)1000003}) {
         SCOPED_TRACE(n);
         const vf g = randn(&r, n);
-        Dev<float> dg(g);
-        Dev<double> out(std::vector<double>(2, -1.0)), scratch(std::vector<double>(sumsq_gpu_scratch(n), -1.0));
+        DevBuf<float> dg(g);
+        DevBuf<double> out(std::vector<double>(2, -1.0)), scratch(std::vector<double>(sumsq_gpu_scratch(n), -1.0));
         sumsq_gpu(0, dg.p, n, out.p, scratch.p);
         sumsq_gpu(0, dg.p, n, out.p + 1, scratch.p);
         const std::vector<double> s = out.get();
@@ -255,7 +219,7 @@ TEST_F(Gpu, Scale) {
     Rng r{108};
     const size_t n = 1000003;
     vf g = randn(&r, n);
-    Dev<float> dg(g);
+    DevBuf<float> dg(g);
     scale_gpu(0, dg.p, n, 0.37f);
     scale_cpu(g.data(), n, 0.37f);
     EXPECT_EQ(dg.get(), g);  // one correctly rounded fp32 multiply on both sides: the same bits

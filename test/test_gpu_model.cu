@@ -5,23 +5,8 @@
 #include "model.h"
 #include "test/cli.h"
 #include "test/fixture.h"
-
-static bool have_gpu() {
-    int n = 0;
-    if (cudaGetDeviceCount(&n) != cudaSuccess) {
-        cudaGetLastError();
-        return false;
-    }
-    return n > 0;
-}
-#define REQUIRE_GPU() \
-    if (!have_gpu()) GTEST_SKIP() << "no CUDA device"
-
-static double rel_err(const std::vector<float>& a, const std::vector<float>& b) {
-    double num = 0, den = 0;
-    for (size_t i = 0; i < a.size(); i++) num += (double)(a[i] - b[i]) * (a[i] - b[i]), den += (double)b[i] * b[i];
-    return sqrt(num / std::max(den, 1e-300));
-}
+#include "test/gpu_testutil.cuh"
+#include "test/testutil.h"
 
 struct GpuOnce {  // one set of streams and a cuBLAS handle for the whole test program
     GpuCtx g;

@@ -36,6 +36,8 @@
 #include "common.h"
 #include "cuda_common.cuh"
 #include "ops.cuh"
+#include "test/gpu_testutil.cuh"
+#include "test/testutil.h"
 
 using vf = std::vector<float>;
 using vi = std::vector<int32_t>;
@@ -59,16 +61,6 @@ static vi randint(Rng* r, size_t n, int32_t hi) {
     return a;
 }
 
-// ||a - b|| / ||b|| (0 when both are exactly zero)
-static double rel_err(const vf& a, const vf& b) {
-    EXPECT_EQ(a.size(), b.size());
-    double num = 0, den = 0;
-    for (size_t i = 0; i < a.size() && i < b.size(); i++) {
-        const double d = (double)a[i] - (double)b[i];
-        num += d * d, den += (double)b[i] * b[i];
-    }
-    return sqrt(num / std::max(den, 1e-300));
-}
 // max |a - b|
 static double max_abs_diff(const vf& a, const vf& b) {
     EXPECT_EQ(a.size(), b.size());
@@ -83,29 +75,6 @@ static vf added(const vf& after, const vf& before) {
     return d;
 }
 
-// A device copy of a host vector, freed when it goes out of scope. get() waits for all work on the
-// device, then downloads.
-template <typename T>
-struct DevBuf {
-    T* p = nullptr;
-    size_t n = 0;
-    explicit DevBuf(const std::vector<T>& h) : n(h.size()) {
-        CUDA_CHECK(cudaMalloc(&p, std::max<size_t>(n, 1) * sizeof(T)));
-        if (n) CUDA_CHECK(cudaMemcpy(p, h.data(), n * sizeof(T), cudaMemcpyHostToDevice));
-    }
-    ~DevBuf() {
-        if (p) cudaFree(p);
-    }
-    DevBuf(const DevBuf&) = delete;
-    DevBuf& operator=(const DevBuf&) = delete;
-    std::vector<T> get() const {
-        std::vector<T> h(n);
-        CUDA_CHECK(cudaDeviceSynchronize());
-        if (n) CUDA_CHECK(cudaMemcpy(h.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost));
-        return h;
-    }
-};
-
 // Every test starts here: skip without a device, else a stream and a cuBLAS handle. fatal() (which
 // CUDA_CHECK/CUBLAS_CHECK call) throws, so a CUDA error fails the test with its message instead of
 // exiting the binary.
@@ -114,11 +83,7 @@ class GpuOps : public ::testing::Test {
     cudaStream_t stream = nullptr;
     cublasHandle_t blas = nullptr;
     void SetUp() override {
-        int n = 0;
-        if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
-            cudaGetLastError();  // clear the (non-sticky) error
-            GTEST_SKIP() << "no CUDA device";
-        }
+        REQUIRE_GPU();
         fatal_hook() = [](const char* m) { throw std::runtime_error(m); };
         CUDA_CHECK(cudaStreamCreate(&stream));
         CUBLAS_CHECK(cublasCreate(&blas));

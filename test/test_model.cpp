@@ -4,17 +4,11 @@
 #include <cmath>
 #include "model.h"
 #include "test/fixture.h"
+#include "test/testutil.h"
 
 static std::string repo() {
     const char* r = getenv("FPDT_REPO");
     return r ? r : ".";
-}
-
-// ||a - b|| / ||b||
-static double rel_err(const float* a, const float* b, size_t n) {
-    double num = 0, den = 0;
-    for (size_t i = 0; i < n; i++) num += (double)(a[i] - b[i]) * (a[i] - b[i]), den += (double)b[i] * b[i];
-    return sqrt(num / std::max(den, 1e-300));
 }
 
 struct Loaded {

@@ -25,6 +25,7 @@
 #include "common.h"
 #include "loss.cuh"
 #include "ops.cuh"
+#include "test/testutil.h"
 
 using vf = std::vector<float>;
 using vd = std::vector<double>;
@@ -42,18 +43,6 @@ static vf randn(Rng* r, size_t n, float scale = 1.0f, float shift = 0.0f) {
     return a;
 }
 static vd widen(const vf& a) { return vd(a.begin(), a.end()); }
-
-// ||a - b|| / ||b||
-template <typename A, typename B>
-static double rel_err(const std::vector<A>& a, const std::vector<B>& b) {
-    EXPECT_EQ(a.size(), b.size());
-    double num = 0, den = 0;
-    for (size_t i = 0; i < a.size() && i < b.size(); i++) {
-        const double d = (double)a[i] - (double)b[i];
-        num += d * d, den += (double)b[i] * b[i];
-    }
-    return sqrt(num / std::max(den, 1e-300));
-}
 
 // L = sum(y * R)
 static double dot(const vd& y, const vf& R) {
