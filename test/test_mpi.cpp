@@ -78,3 +78,29 @@ TEST(Mpi, KilledRankEndsTheJob) {
     EXPECT_LT(number_after(r.out, "secs="), 60) << r.out;
     EXPECT_NE(r.out.find("rank"), std::string::npos) << r.out;
 }
+
+// Evaluation across ranks: each rank scores the answers it holds and the counts are summed, so
+// P = 2 and 4 report what one process reports for the same weights (a trained checkpoint, then
+// one more step at learning rate 0, so every run evaluates exactly those weights).
+TEST(Mpi, EvaluationAgreesWithOneProcess) {
+    std::string d = tmpdir();
+    const std::string base = "./fpdt train --device cpu --model tiny --seq 64 --chunk-size 32 ";
+    Out train = run("OMP_NUM_THREADS=1 " + base + "--steps 300 --eval-every 0 --out " + d + "/ckpt");
+    ASSERT_EQ(train.rc, 0) << train.out;
+    auto eval_line = [&](int np) {
+        std::string dir = d + "/np" + std::to_string(np);
+        Out r = run("cp -r " + d + "/ckpt " + dir + " && " + (np == 1 ? std::string("OMP_NUM_THREADS=1 ") : mpi(np)) + base +
+                    "--steps 301 --lr 0 --eval-every 1 --eval-seqs 16 --resume --out " + dir);
+        EXPECT_EQ(r.rc, 0) << r.out;
+        size_t p = r.out.find("eval step 301");
+        return p == std::string::npos ? std::string("none: ") + r.out : r.out.substr(p, r.out.find('\n', p) - p);
+    };
+    const std::string e1 = eval_line(1);
+    ASSERT_NE(e1.find("passkey"), std::string::npos) << e1;
+    for (int np : {2, 4}) {
+        const std::string e = eval_line(np);
+        ASSERT_NE(e.find("passkey"), std::string::npos) << e;
+        EXPECT_NEAR(number_after(e, "loss "), number_after(e1, "loss "), 1e-5 * number_after(e1, "loss ")) << e << "\n" << e1;
+        EXPECT_EQ(e.substr(e.find("passkey")), e1.substr(e1.find("passkey"))) << np << " ranks";
+    }
+}
