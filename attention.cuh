@@ -240,6 +240,7 @@ static __global__ void attention_forward_kernel(float* o, float* lse, const floa
         const int d = lane + 32 * x;
         if (d < D) orow[d] = orow[d] * a + acc[x] * b;
     }
+    __syncwarp();  // every lane has read the old lse before lane 0 replaces it
     if (lane == 0) lse[t * Hq + h] = lnew;
 }
 

@@ -236,12 +236,16 @@ static bool choose_comm(const Args& a, const Ctx& ctx) {
     std::string c = a.str("comm", "auto");
     if (c != "auto" && c != "nccl" && c != "mpi") fatal_all("--comm: '%s' (expected auto, nccl or mpi)", c.c_str());
     const Comm& cm = comm_world();
-    if (!ctx.gpu || cm.size == 1 || c == "mpi") return false;
-    const bool shared = cm.local_size > gpu_count();
-    if (c == "nccl" && shared)
-        fatal_all("--comm nccl: %d ranks on a machine with %d GPUs (NCCL needs a GPU per rank); use --comm mpi",
-                  cm.local_size, gpu_count());
-    if (shared) return false;
+    if (cm.size == 1) return false;
+    // Every rank must take the same road (NCCL's set-up is collective): agree on it first.
+    double v[3] = {ctx.gpu ? 1.0 : 0.0, cm.local_size <= gpu_count() ? 1.0 : 0.0, ctx.gpu ? -1.0 : 0.0}, mn[3];
+    MPI_CHECK(MPI_Allreduce(v, mn, 3, MPI_DOUBLE, MPI_MIN, MPI_COMM_WORLD));
+    const bool all_gpu = mn[0] > 0, own_gpu = mn[1] > 0, any_gpu = mn[2] < 0;
+    if (any_gpu && !all_gpu) fatal_all("some ranks found no GPU: run every rank on a GPU, or all with --device cpu");
+    if (!all_gpu || c == "mpi") return false;
+    if (c == "nccl" && !own_gpu)
+        fatal_all("--comm nccl: more ranks on a machine than it has GPUs (NCCL needs a GPU per rank); use --comm mpi");
+    if (!own_gpu) return false;
     comm_nccl_init();
     return true;
 }
@@ -336,7 +340,7 @@ static int cmd_train(int argc, char** argv) {
         const double t0 = now_s();
         read_into(&M, data, step);
         const float loss = model_forward_backward(&M, true);
-        if (fault_steps.count(step + 1) && cm.rank == 0) M.grads[0] = NAN;  // as a numerical blow-up would
+        if (fault_steps.count(step + 1) && cm.rank == 0) dev_fill(&M.ctx, M.grads, NAN, 1);  // as a blow-up would
         bool finite = std::isfinite(loss);
         float norm = NAN;
         if (finite) norm = model_update(&M, opt, step + 1, &finite);

@@ -311,6 +311,9 @@ static inline void model_create(Model* M, const Config& c, const RunCfg& r, bool
 
 static inline void model_free(Model* M) {
     dev_sync(&M->ctx);
+    for (ChunkStore* s : {&M->tokens, &M->targets, &M->ckpt, &M->dx, &M->q, &M->k, &M->v, &M->lse, &M->dout,
+                          &M->delta, &M->dq})
+        store_free(&M->ctx, s);
     arena_unback(&M->ctx, &M->dev);
     arena_unback(&M->ctx, &M->host);
 }
@@ -413,12 +416,14 @@ static __global__ void a2a_unpack_kernel(float* dst, const float* recv, int cols
 }
 static inline void a2a_pack_gpu(cudaStream_t s, float* send, const float* src, int cols, int first, bool kv, int nh,
                                 size_t cl, int D, int Hl, int Hkvl, int H, int Hkv, int P) {
+    if (cl == 0 || nh == 0) return;
     a2a_pack_kernel<<<std::min(ceil_div((size_t)P * cl * nh * D, 256), 65535u), 256, 0, s>>>(send, src, cols, first, kv,
                                                                                            nh, cl, D, Hl, Hkvl, H, Hkv, P);
     CUDA_LAUNCHED();
 }
 static inline void a2a_unpack_gpu(cudaStream_t s, float* dst, const float* recv, int cols, int first, bool kv, int nh,
                                   size_t cl, int D, int Hl, int Hkvl, int H, int Hkv, int P) {
+    if (cl == 0) return;
     a2a_unpack_kernel<<<std::min(ceil_div(cl * (kv ? Hkv : H) * D, 256), 65535u), 256, 0, s>>>(
         dst, recv, cols, first, kv, nh, cl, D, Hl, Hkvl, H, Hkv, P);
     CUDA_LAUNCHED();

@@ -44,8 +44,12 @@ static inline void arena_back(Ctx* ctx, Arena* a) {
                   a->items.empty() ? "" : a->items[0].first.c_str(), cudaGetErrorString(e), freeb / 1048576.0,
                   total / 1048576.0);
         }
-        if (a->kind == Mem::Device) CUDA_CHECK(cudaMemset(a->base, 0, a->cap));
-        else memset(a->base, 0, a->cap);
+        if (a->kind == Mem::Device) {
+            CUDA_CHECK(cudaMemset(a->base, 0, a->cap));
+            CUDA_CHECK(cudaDeviceSynchronize());  // cudaMemset may return before it is done
+        } else {
+            memset(a->base, 0, a->cap);
+        }
         return;
     }
 #endif
@@ -97,6 +101,7 @@ static inline void dev_zero(Ctx* ctx, void* dev, size_t bytes) {
 
 static inline void dev_fill(Ctx* ctx, float* dev, float v, size_t n) {
 #ifdef __CUDACC__
+    if (n == 0) return;
     if (ctx->gpu) {
         fill_kernel<<<std::min(ceil_div(n, 256), 65535u), 256, 0, ctx->g->compute>>>(dev, v, n);
         CUDA_LAUNCHED();
@@ -109,6 +114,7 @@ static inline void dev_fill(Ctx* ctx, float* dev, float v, size_t n) {
 
 static inline void dev_iota(Ctx* ctx, int32_t* dev, int32_t first, size_t n) {
 #ifdef __CUDACC__
+    if (n == 0) return;
     if (ctx->gpu) {
         iota_kernel<<<std::min(ceil_div(n, 256), 65535u), 256, 0, ctx->g->compute>>>(dev, first, n);
         CUDA_LAUNCHED();
@@ -148,6 +154,7 @@ static inline void dev_upload(Ctx* ctx, void* dev, const void* host, size_t byte
     if (ctx->gpu) {
         CUDA_CHECK(cudaDeviceSynchronize());  // nothing queued still uses the destination
         CUDA_CHECK(cudaMemcpy(dev, host, bytes, cudaMemcpyHostToDevice));
+        CUDA_CHECK(cudaDeviceSynchronize());  // from pageable memory it may return before landing
         return;
     }
 #endif
@@ -178,6 +185,7 @@ static inline void dev_sync(Ctx* ctx) {
 // ----------------------------------------------------------------------------
 // The host store
 
+struct CUevent_st;
 struct ChunkStore {
     const char* name = "";
     size_t chunk_bytes = 0;  // bytes per chunk
@@ -187,9 +195,9 @@ struct ChunkStore {
     char* slot[3] = {};    // device staging buffers (only when on_host)
     int nslots = 0;
     int in_slot[3] = {-1, -1, -1};  // which chunk a slot was last filled with (for checks)
-#ifdef __CUDACC__
-    cudaEvent_t ready[3] = {}, put_done[3] = {}, last_put = nullptr;
-#endif
+    // GPU events (cudaEvent_t is CUevent_st*; declared in every build so that code compiled by g++
+    // and by nvcc agrees on the layout of this struct and of Model)
+    CUevent_st *ready[3] = {}, *put_done[3] = {}, *last_put = nullptr;
 };
 
 // Takes the store's memory: the chunks from the host arena (offload) or the device arena, and
@@ -214,6 +222,19 @@ static inline void store_init(Ctx* ctx, ChunkStore* s, const char* name, size_t 
     }
 #endif
     (void)ctx;
+}
+
+static inline void store_free(Ctx* ctx, ChunkStore* s) {
+#ifdef __CUDACC__
+    if (ctx->gpu)
+        for (CUevent_st** e : {&s->ready[0], &s->ready[1], &s->ready[2], &s->put_done[0], &s->put_done[1],
+                               &s->put_done[2], &s->last_put})
+            if (*e) {
+                CUDA_CHECK(cudaEventDestroy(*e));
+                *e = nullptr;
+            }
+#endif
+    (void)ctx, (void)s;
 }
 
 static inline char* store_host_ptr(ChunkStore* s, int chunk) {
