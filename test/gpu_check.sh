@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On a fresh GPU machine: build, run the GPU tests, train a few steps of a small model with
 # chunking and offload on the GPU and on the CPU, and print a short table last.
-#   bash test/gpu_check.sh            (about 3 minutes on an H100/H200 with 16 cores)
+#   bash test/gpu_check.sh              (about 3 minutes on an H100/H200 with 16 cores)
+#   bash test/gpu_check.sh --sanitize   also compute-sanitizer memcheck and racecheck on the GPU tests
 # If a copy of ../shared/peer_pytorch.py sits in .peer/, the PyTorch peers run too.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +16,14 @@ make -j"$(nproc)" fpdt build/fpdt_tests build/mpi_layout > "$out/build.log" 2>&1
 passed=$(sed -n 's/^\[  PASSED  \] \([0-9]*\) test.*/\1/p' "$out/gpu_tests.log" | tail -1)
 failed=$(sed -n 's/^\[  FAILED  \] \([0-9]*\) test.*, listed below.*/\1/p' "$out/gpu_tests.log" | tail -1)
 skipped=$(sed -n 's/^\[  SKIPPED \] \([0-9]*\) test.*, listed below.*/\1/p' "$out/gpu_tests.log" | tail -1)
+
+# 1b. compute-sanitizer: memory errors in every GPU test, shared-memory races in the kernels
+san="not run"
+if [ "${1:-}" = "--sanitize" ]; then
+    compute-sanitizer --tool memcheck --error-exitcode 9 ./build/fpdt_tests --gtest_filter='GpuOps*:Gpu.*:Families/GpuModel*-GpuOps.AddInplacePast2e31' > "$out/memcheck.log" 2>&1; mc=$?
+    compute-sanitizer --tool racecheck --error-exitcode 9 ./build/fpdt_tests --gtest_filter='Gpu.Attention*' > "$out/racecheck.log" 2>&1; rc=$?
+    san="memcheck exit $mc, racecheck exit $rc ($(grep -h 'ERROR SUMMARY' "$out/memcheck.log" "$out/racecheck.log" | tr '\n' ' '))"
+fi
 
 # 2. the same training run on both backends: chunked, offloaded
 args="--model small --seq 8192 --chunk-size 2048 --offload 1 --steps 6 --eval-every 0 --seed 7"
@@ -30,6 +39,7 @@ fi
 echo
 echo "=== fpdt GPU check: $(head -1 "$out/gpu.txt") ==="
 printf "GPU tests: %s passed, %s failed, %s skipped\n" "${passed:-0}" "${failed:-0}" "${skipped:-0}"
+printf "compute-sanitizer: %s\n" "$san"
 printf "train (%s): exit gpu %s, cpu %s\n" "$args" "$rc_gpu" "$rc_cpu"
 printf "%-6s %-12s %-12s %-10s\n" step "loss gpu" "loss cpu" "rel diff"
 paste <(grep -o 'step [0-9]*/[0-9]* | loss [0-9.]*' "$out/train_gpu.log" | awk '{print $2, $5}') \
