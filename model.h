@@ -229,8 +229,8 @@ static inline void model_layout(Model* M) {
     M->grad_shard = M->run.zero ? arena_alloc<float>(dev, M->shard_n, "optimizer: gradient shard") : nullptr;
     M->opt_m = arena_alloc<float>(dev, M->shard_n, "optimizer: AdamW m");
     M->opt_v = arena_alloc<float>(dev, M->shard_n, "optimizer: AdamW v");
-    store_init(&M->ctx, &M->tokens, "store: tokens", cl * 4, M->u, off, 1, dev, host);
-    store_init(&M->ctx, &M->targets, "store: targets", cl * 4, M->u, off, 1, dev, host);
+    store_init(&M->ctx, &M->tokens, "store: tokens", cl * 4, M->u, off, 2, dev, host);
+    store_init(&M->ctx, &M->targets, "store: targets", cl * 4, M->u, off, 2, dev, host);
     store_init(&M->ctx, &M->ckpt, "store: layer inputs", cl * d * 4, (L + 1) * M->u, off, 3, dev, host);
     store_init(&M->ctx, &M->dx, "store: gradient", cl * d * 4, M->u, off, 2, dev, host);
     store_init(&M->ctx, &M->q, "store: q", qc * 4, M->u, off, 3, dev, host);
@@ -622,9 +622,13 @@ static inline void layer_backward(Model* M, int l) {
     // Phase 2, attention backward: outer loop over kv chunks j, inner over query chunks i >= j,
     // from the last down to j so that the last visit, i == j, leaves the final dQ_j in its slot.
     ChunkStore* qset[] = {&M->q, &M->dout, &M->lse, &M->delta};
+    store_prefetch(ctx, &M->k, 0, 0), store_prefetch(ctx, &M->v, 0, 0);
     for (int j = 0; j < u; j++) {
-        const float* kj = store_get(ctx, &M->k, j, 0);
-        const float* vj = store_get(ctx, &M->v, j, 0);
+        if (j + 1 < u) store_prefetch(ctx, &M->k, j + 1, (j + 1) % 2), store_prefetch(ctx, &M->v, j + 1, (j + 1) % 2);
+        store_prefetch(ctx, &M->ckpt, l * u + j, 0);  // for the QKV backward at the end of this j
+        store_prefetch(ctx, &M->dx, j, 0);
+        const float* kj = store_use(ctx, &M->k, j, j % 2);
+        const float* vj = store_use(ctx, &M->v, j, j % 2);
         dev_zero(ctx, M->dk, C * Hkvl * D * sizeof(float));
         dev_zero(ctx, M->dv, C * Hkvl * D * sizeof(float));
         auto prefetch = [&](int i) {
@@ -660,8 +664,8 @@ static inline void layer_backward(Model* M, int l) {
         a2a_to_seq(M, j, dqi, Hl, M->dqkv, M->Q3, 0, false);
         a2a_to_seq(M, j, M->dk, Hkvl, M->dqkv, M->Q3, c.n_head, true);
         a2a_to_seq(M, j, M->dv, Hkvl, M->dqkv, M->Q3, c.n_head + c.n_kv_head, true);
-        const float* x = store_get(ctx, &M->ckpt, l * u + j, 0);
-        float* dxj = store_get(ctx, &M->dx, j, 0);
+        const float* x = store_use(ctx, &M->ckpt, l * u + j, 0);
+        float* dxj = store_use(ctx, &M->dx, j, 0);
         TraceScope ts(ctx, "qkv backward", TRACK_COMPUTE, j);
         OP(ctx, norm_forward, M->ln1, M->mean1, M->rstd1, x, w.ln1_w, w.ln1_b, cl, d, M->rms, c.norm_eps);
         dev_zero(ctx, M->dln, cl * d * sizeof(float));
@@ -707,9 +711,11 @@ static inline void head_pass(Model* M, bool grads) {
     const int u = M->u, L = c.n_layer;
     const float dscale = 1.0f / (float)M->run.seq;  // mean over the whole sequence, all ranks
     ctx->layer = L;
+    store_prefetch(ctx, &M->ckpt, L * u, 0), store_prefetch(ctx, &M->targets, 0, 0);
     for (int i = 0; i < u; i++) {
-        const float* x = store_get(ctx, &M->ckpt, L * u + i, 0);
-        const int32_t* tg = store_get<int32_t>(ctx, &M->targets, i, 0);
+        if (i + 1 < u) store_prefetch(ctx, &M->ckpt, L * u + i + 1, (i + 1) % 2), store_prefetch(ctx, &M->targets, i + 1, (i + 1) % 2);
+        const float* x = store_use(ctx, &M->ckpt, L * u + i, i % 2);
+        const int32_t* tg = store_use<int32_t>(ctx, &M->targets, i, i % 2);
         TraceScope ts(ctx, "head + loss", TRACK_COMPUTE, i);
         OP(ctx, norm_forward, M->y, M->mean1, M->rstd1, x, M->w.lnf_w, M->w.lnf_b, cl, d, M->rms, c.norm_eps);
         MATMUL(ctx, matmul_forward, M->logits, M->y, M->w.head, nullptr, cl, d, c.vocab);  // (cl, V)
@@ -720,10 +726,10 @@ static inline void head_pass(Model* M, bool grads) {
         if (!grads) continue;
         dev_zero(ctx, M->dy, cl * d * sizeof(float));
         MATMUL(ctx, matmul_backward, M->dy, M->g.head, nullptr, M->logits, M->y, M->w.head, cl, d, c.vocab);
-        float* dxi = store_out(ctx, &M->dx, i, 0);
+        float* dxi = store_out(ctx, &M->dx, i, i % 2);
         dev_zero(ctx, dxi, cl * d * sizeof(float));
         OP(ctx, norm_backward, dxi, M->g.lnf_w, M->g.lnf_b, M->dy, x, M->w.lnf_w, M->mean1, M->rstd1, cl, d, M->rms);
-        store_put(ctx, &M->dx, i, 0);
+        store_put(ctx, &M->dx, i, i % 2);
     }
 }
 
@@ -736,8 +742,10 @@ static inline float model_forward_backward(Model* M, bool grads) {
     const int u = M->u, L = c.n_layer;
     if (grads) dev_zero(ctx, M->grads, M->n_padded * sizeof(float));
     ctx->layer = -1;
+    store_prefetch(ctx, &M->tokens, 0, 0);
     for (int i = 0; i < u; i++) {  // embedding -> layer 0's input
-        const int32_t* tok = store_get<int32_t>(ctx, &M->tokens, i, 0);
+        if (i + 1 < u) store_prefetch(ctx, &M->tokens, i + 1, (i + 1) % 2);
+        const int32_t* tok = store_use<int32_t>(ctx, &M->tokens, i, i % 2);
         TraceScope ts(ctx, "embedding", TRACK_COMPUTE, i);
         OP(ctx, embedding_forward, store_out(ctx, &M->ckpt, i, 2), tok, M->w.wte, cl, d);
         store_put(ctx, &M->ckpt, i, 2);
@@ -748,9 +756,11 @@ static inline float model_forward_backward(Model* M, bool grads) {
     if (grads) {
         for (int l = L - 1; l >= 0; l--) layer_backward(M, l);
         ctx->layer = -1;
+        store_prefetch(ctx, &M->tokens, 0, 0), store_prefetch(ctx, &M->dx, 0, 0);
         for (int i = 0; i < u; i++) {
-            const int32_t* tok = store_get<int32_t>(ctx, &M->tokens, i, 0);
-            const float* dxi = store_get(ctx, &M->dx, i, 0);
+            if (i + 1 < u) store_prefetch(ctx, &M->tokens, i + 1, (i + 1) % 2), store_prefetch(ctx, &M->dx, i + 1, (i + 1) % 2);
+            const int32_t* tok = store_use<int32_t>(ctx, &M->tokens, i, i % 2);
+            const float* dxi = store_use(ctx, &M->dx, i, i % 2);
             TraceScope ts(ctx, "embedding backward", TRACK_COMPUTE, i);
             OP(ctx, embedding_backward, M->g.wte, tok, dxi, cl, d);
         }

@@ -282,13 +282,6 @@ static inline T* store_use(Ctx* ctx, ChunkStore* s, int chunk, int slot) {
     return (T*)s->slot[slot];
 }
 
-// prefetch + use, for the places where there is nothing to overlap with
-template <typename T = float>
-static inline T* store_get(Ctx* ctx, ChunkStore* s, int chunk, int slot) {
-    store_prefetch(ctx, s, chunk, slot);
-    return store_use<T>(ctx, s, chunk, slot);
-}
-
 template <typename T = float>
 static inline T* store_out(Ctx* ctx, ChunkStore* s, int chunk, int slot) {
     if (!s->on_host) return (T*)store_host_ptr(s, chunk);
