@@ -118,22 +118,25 @@ enum Track { TRACK_COMPUTE = 0, TRACK_COPY_IN = 1, TRACK_COPY_OUT = 2, TRACK_COM
 static const char* const track_names[N_TRACKS] = {"compute", "copy-in (host to device)",
                                                   "copy-out (device to host)", "communication"};
 
+struct CUevent_st;  // cudaEvent_t, for the GPU's timings (offload.h)
 struct TraceEvent {
     std::string name;
     int track;
-    double t0, t1;  // seconds
+    double t0, t1;  // seconds from the start of the step
     size_t bytes;
     int layer, chunk;
+    CUevent_st* ev[2];  // GPU: events around the work on its stream; their times replace t0, t1
 };
 struct Trace {
     bool on = false;
     double origin = 0;
+    CUevent_st* origin_ev = nullptr;  // GPU: recorded when the traced step starts
     std::vector<TraceEvent> events;
 };
 
 static inline void trace_add(Trace* t, const char* name, int track, double t0, double t1, size_t bytes,
-                             int layer, int chunk) {
-    if (t && t->on) t->events.push_back({name, track, t0 - t->origin, t1 - t->origin, bytes, layer, chunk});
+                             int layer, int chunk, CUevent_st* e0 = nullptr, CUevent_st* e1 = nullptr) {
+    if (t && t->on) t->events.push_back({name, track, t0 - t->origin, t1 - t->origin, bytes, layer, chunk, {e0, e1}});
 }
 
 static inline void trace_write(const Trace* t, const char* path, int rank) {
@@ -166,18 +169,27 @@ struct Ctx {
     GpuCtx* g = nullptr;
     Trace* trace = nullptr;
     int layer = -1;  // for trace labels
+    // GPU (set by the nvcc build): opens (begin) or closes an NVTX range for Nsight and, while
+    // tracing, records an event on the track's stream
+    void (*gpu_mark)(Ctx*, int track, const char* name, bool begin, CUevent_st** ev) = nullptr;
 };
 
-// Times a region of host-side work on a track (on the CPU backend the work is the region).
+// One operation on a track. On the CPU backend the region's wall time is the operation's; on the
+// GPU the region only issues work, so events on the track's stream time it instead.
 struct TraceScope {
     Ctx* ctx;
     const char* name;
     int track, chunk;
     size_t bytes;
     double t0;
+    CUevent_st* ev[2] = {};
     TraceScope(Ctx* c, const char* n, int tr, int ch, size_t b = 0)
-        : ctx(c), name(n), track(tr), chunk(ch), bytes(b), t0(c->trace && c->trace->on ? now_s() : 0) {}
+        : ctx(c), name(n), track(tr), chunk(ch), bytes(b), t0(c->trace && c->trace->on ? now_s() : 0) {
+        if (ctx->gpu_mark) ctx->gpu_mark(ctx, track, name, true, &ev[0]);
+    }
     ~TraceScope() {
-        if (ctx->trace && ctx->trace->on) trace_add(ctx->trace, name, track, t0, now_s(), bytes, ctx->layer, chunk);
+        if (ctx->gpu_mark) ctx->gpu_mark(ctx, track, name, false, &ev[1]);
+        if (ctx->trace && ctx->trace->on)
+            trace_add(ctx->trace, name, track, t0, now_s(), bytes, ctx->layer, chunk, ev[0], ev[1]);
     }
 };

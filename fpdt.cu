@@ -227,6 +227,7 @@ static bool choose_device(const Args& a, Ctx* ctx, GpuCtx* g) {
     CUBLAS_CHECK(cublasCreate(&g->blas));
     ctx->gpu = true;
     ctx->g = g;
+    ctx->gpu_mark = gpu_mark;
     return true;
 }
 
@@ -337,6 +338,7 @@ static int cmd_train(int argc, char** argv) {
         opt.lr = lr_t;
         trace.on = !trace_path.empty() && step == std::min(start + 1, steps - 1);  // past the warm-up step
         trace.origin = now_s();
+        if (trace.on && M.ctx.gpu) trace_gpu_start(&M.ctx);
         const double t0 = now_s();
         read_into(&M, data, step);
         const float loss = model_forward_backward(&M, true);
@@ -346,6 +348,7 @@ static int cmd_train(int argc, char** argv) {
         if (finite) norm = model_update(&M, opt, step + 1, &finite);
         const double dt = now_s() - t0;
         if (trace.on) {
+            if (M.ctx.gpu) trace_gpu_finish(&M.ctx);
             if (cm.rank == 0) trace_write(&trace, trace_path.c_str(), cm.rank);
             trace.on = false;
             trace.events.clear();

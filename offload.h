@@ -256,18 +256,19 @@ static inline void stream_after(cudaStream_t to, cudaStream_t from) {
 
 static inline void store_prefetch(Ctx* ctx, ChunkStore* s, int chunk, int slot) {
     if (!s->on_host) return;
-    TraceScope ts(ctx, s->name, TRACK_COPY_IN, chunk, s->chunk_bytes);
     s->in_slot[slot] = chunk;
 #ifdef __CUDACC__
     if (ctx->gpu) {
         GpuCtx* g = ctx->g;
         stream_after(g->h2d, g->compute);                        // compute is done with the slot
         CUDA_CHECK(cudaStreamWaitEvent(g->h2d, s->last_put, 0));  // the host copy is complete
+        TraceScope ts(ctx, s->name, TRACK_COPY_IN, chunk, s->chunk_bytes);
         CUDA_CHECK(cudaMemcpyAsync(s->slot[slot], store_host_ptr(s, chunk), s->chunk_bytes, cudaMemcpyHostToDevice, g->h2d));
         CUDA_CHECK(cudaEventRecord(s->ready[slot], g->h2d));
         return;
     }
 #endif
+    TraceScope ts(ctx, s->name, TRACK_COPY_IN, chunk, s->chunk_bytes);
     memcpy(s->slot[slot], store_host_ptr(s, chunk), s->chunk_bytes);
 }
 
@@ -295,17 +296,18 @@ static inline T* store_out(Ctx* ctx, ChunkStore* s, int chunk, int slot) {
 
 static inline void store_put(Ctx* ctx, ChunkStore* s, int chunk, int slot) {
     if (!s->on_host) return;
-    TraceScope ts(ctx, s->name, TRACK_COPY_OUT, chunk, s->chunk_bytes);
 #ifdef __CUDACC__
     if (ctx->gpu) {
         GpuCtx* g = ctx->g;
         stream_after(g->d2h, g->compute);  // the value has been produced
+        TraceScope ts(ctx, s->name, TRACK_COPY_OUT, chunk, s->chunk_bytes);
         CUDA_CHECK(cudaMemcpyAsync(store_host_ptr(s, chunk), s->slot[slot], s->chunk_bytes, cudaMemcpyDeviceToHost, g->d2h));
         CUDA_CHECK(cudaEventRecord(s->put_done[slot], g->d2h));
         CUDA_CHECK(cudaEventRecord(s->last_put, g->d2h));
         return;
     }
 #endif
+    TraceScope ts(ctx, s->name, TRACK_COPY_OUT, chunk, s->chunk_bytes);
     memcpy(store_host_ptr(s, chunk), s->slot[slot], s->chunk_bytes);
 }
 
@@ -318,3 +320,47 @@ static inline void store_write(Ctx* ctx, ChunkStore* s, int chunk, const void* s
         dev_upload(ctx, store_host_ptr(s, chunk), src, s->chunk_bytes);
     }
 }
+
+#ifdef __CUDACC__
+// ----------------------------------------------------------------------------
+// GPU side of the trace: NVTX ranges for Nsight Systems, and events on the streams whose times
+// replace the host's issue times in the --trace file.
+#include <nvtx3/nvToolsExt.h>
+
+static inline cudaStream_t track_stream(Ctx* ctx, int track) {
+    return track == TRACK_COPY_IN ? ctx->g->h2d : track == TRACK_COPY_OUT ? ctx->g->d2h : ctx->g->compute;
+}
+
+static inline void gpu_mark(Ctx* ctx, int track, const char* name, bool begin, CUevent_st** ev) {
+    if (begin) nvtxRangePushA(name);
+    else nvtxRangePop();
+    if (!(ctx->trace && ctx->trace->on)) return;
+    CUDA_CHECK(cudaEventCreate(ev));
+    CUDA_CHECK(cudaEventRecord(*ev, track_stream(ctx, track)));
+}
+
+// At the start of the traced step, with every stream idle.
+static inline void trace_gpu_start(Ctx* ctx) {
+    CUDA_CHECK(cudaDeviceSynchronize());
+    CUDA_CHECK(cudaEventCreate(&ctx->trace->origin_ev));
+    CUDA_CHECK(cudaEventRecord(ctx->trace->origin_ev, ctx->g->compute));
+}
+
+// After the step: every event's time from the origin replaces the host times.
+static inline void trace_gpu_finish(Ctx* ctx) {
+    Trace* t = ctx->trace;
+    CUDA_CHECK(cudaDeviceSynchronize());
+    for (TraceEvent& e : t->events) {
+        if (!e.ev[0] || !e.ev[1]) continue;
+        float a = 0, b = 0;
+        CUDA_CHECK(cudaEventElapsedTime(&a, t->origin_ev, e.ev[0]));
+        CUDA_CHECK(cudaEventElapsedTime(&b, t->origin_ev, e.ev[1]));
+        e.t0 = a / 1e3, e.t1 = b / 1e3;
+        CUDA_CHECK(cudaEventDestroy(e.ev[0]));
+        CUDA_CHECK(cudaEventDestroy(e.ev[1]));
+        e.ev[0] = e.ev[1] = nullptr;
+    }
+    CUDA_CHECK(cudaEventDestroy(t->origin_ev));
+    t->origin_ev = nullptr;
+}
+#endif
