@@ -52,6 +52,7 @@ static const Config presets[] = {
     {"gpt-small", GPT, 2, 128, 4, 4, 512, 260, 10000.0f, 1e-5f, "CPU training"},
     {"medium", LLAMA, 6, 384, 6, 2, 1024, 260, 10000.0f, 1e-5f, "CPU/GPU training"},
     {"gpt-medium", GPT, 6, 384, 6, 6, 1536, 260, 10000.0f, 1e-5f, "CPU/GPU training"},
+    {"llama-peer", LLAMA, 4, 2048, 16, 4, 5632, 32000, 500000.0f, 1e-5f, "the PyTorch peer's model (bench/)"},
     {"gpt-2.7b", GPT, 32, 2560, 32, 32, 10240, 50304, 10000.0f, 1e-5f, "paper size (planning)"},
     {"gpt-6.7b", GPT, 32, 4096, 32, 32, 16384, 50304, 10000.0f, 1e-5f, "paper size (planning)"},
     {"gpt-13b", GPT, 40, 5120, 40, 40, 20480, 50304, 10000.0f, 1e-5f, "paper size (planning)"},
