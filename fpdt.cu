@@ -322,6 +322,8 @@ static int cmd_train(int argc, char** argv) {
         printf("seq %zu | chunk %zu (%d chunks) | offload %s | ranks %d%s | device %s | steps %d%s\n", r.seq, M.C,
                M.u, r.offload ? "on" : "off", r.P, (std::string(r.zero ? " ZeRO-1" : "") + (M.nccl ? " NCCL" : "")).c_str(), device_name(M.ctx).c_str(), steps,
                start ? (" | resumed at step " + std::to_string(start)).c_str() : "");
+        printf("memory (arenas, this rank): device %.1f MiB, host %.1f MiB, taken once at start\n",
+               M.dev.cap / 1048576.0, M.host.cap / 1048576.0);
         fflush(stdout);
     }
     double t_total = now_s(), tokens_done = 0;
