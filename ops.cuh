@@ -47,19 +47,38 @@ static inline int blas_dim(size_t n, const char* what) {
 // ----------------------------------------------------------------------------
 // matmul: out (T, OC) = inp (T, IC) @ W (OC, IC)^T + b (OC), b may be null
 
+// Blocks of 2 rows x 4 outputs: each loaded x and w value feeds several products, which is what
+// makes the loop compute-bound rather than load-bound; the edges take one output at a time.
 static inline void matmul_forward_cpu(float* out, const float* inp, const float* w, const float* b, size_t T,
                                       int IC, int OC) {
 #pragma omp parallel for schedule(static)
-    for (size_t t = 0; t < T; t++) {
-        const float* x = inp + t * IC;
-        float* y = out + t * OC;
-        for (int o = 0; o < OC; o++) {
-            const float* wr = w + (size_t)o * IC;
-            float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-            for (int i = 0; i < IC; i++) acc += x[i] * wr[i];
-            y[o] = acc + (b ? b[o] : 0.0f);
+    for (size_t t0 = 0; t0 < T; t0 += 2) {
+        const bool two = t0 + 1 < T;
+        const float* x0 = inp + t0 * IC;
+        const float* x1 = two ? x0 + IC : x0;
+        int o = 0;
+        for (; o + 4 <= OC; o += 4) {
+            const float *w0 = w + (size_t)o * IC, *w1 = w0 + IC, *w2 = w1 + IC, *w3 = w2 + IC;
+            float a0 = 0, a1 = 0, a2 = 0, a3 = 0, c0 = 0, c1 = 0, c2 = 0, c3 = 0;
+#pragma omp simd reduction(+ : a0, a1, a2, a3, c0, c1, c2, c3)
+            for (int i = 0; i < IC; i++) {
+                a0 += x0[i] * w0[i], a1 += x0[i] * w1[i], a2 += x0[i] * w2[i], a3 += x0[i] * w3[i];
+                c0 += x1[i] * w0[i], c1 += x1[i] * w1[i], c2 += x1[i] * w2[i], c3 += x1[i] * w3[i];
+            }
+            const float a[4] = {a0, a1, a2, a3}, c[4] = {c0, c1, c2, c3};
+            for (int k = 0; k < 4; k++) {
+                out[t0 * OC + o + k] = a[k] + (b ? b[o + k] : 0.0f);
+                if (two) out[(t0 + 1) * OC + o + k] = c[k] + (b ? b[o + k] : 0.0f);
+            }
         }
+        for (; o < OC; o++)
+            for (size_t t = t0; t < t0 + (two ? 2 : 1); t++) {
+                const float *x = inp + t * IC, *wr = w + (size_t)o * IC;
+                float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+                for (int i = 0; i < IC; i++) acc += x[i] * wr[i];
+                out[t * OC + o] = acc + (b ? b[o] : 0.0f);
+            }
     }
 }
 #ifdef __CUDACC__
