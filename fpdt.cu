@@ -161,6 +161,7 @@ static void evaluate(Model* M, DataSource* data, int nseq, int step) {
 
 static const std::vector<std::string> train_flags = {
     "model", "seq", "chunk-size", "offload", "steps", "lr", "warmup", "min-lr-frac", "weight-decay", "clip", "seed",
+    "beta1", "beta2", "adam-eps",
     "data", "device", "out", "save-every", "resume", "exit-after", "eval-every", "eval-seqs", "trace", "zero",
     "device-mem", "host-mem", "on-nonfinite", "max-bad-steps", "comm", "help"};
 
@@ -178,6 +179,7 @@ static void train_help() {
         "  --min-lr-frac X     cosine decays to lr*X (default 0.1)\n"
         "  --weight-decay X    AdamW decoupled weight decay on matrices (default 0.1)\n"
         "  --clip X            clip the global gradient norm to X, 0 = off (default 1.0)\n"
+        "  --beta1 X, --beta2 X, --adam-eps X   AdamW moments' decay rates and epsilon (default 0.9, 0.95, 1e-8)\n"
         "  --seed N            seed for the weights and the data (default 1337)\n"
         "  --data SPEC         'passkey' (built-in task), a text file, a glob, or llm.c .bin shards (default passkey)\n"
         "  --device cpu|gpu    default: the GPU when one is visible, else the CPU\n"
@@ -283,6 +285,9 @@ static int cmd_train(int argc, char** argv) {
     const float lr = (float)a.real("lr", 3e-3, 0, 10);
     opt.wd = (float)a.real("weight-decay", 0.1, 0, 10);
     opt.clip = (float)a.real("clip", 1.0, 0, 1e9);
+    opt.beta1 = (float)a.real("beta1", 0.9, 0, 0.999999);
+    opt.beta2 = (float)a.real("beta2", 0.95, 0, 0.999999);
+    opt.eps = (float)a.real("adam-eps", 1e-8, 1e-30, 1);
     const int warmup = (int)a.integer("warmup", std::max(1, steps / 20), 0, steps);
     const float min_frac = (float)a.real("min-lr-frac", 0.1, 0, 1);
     const uint64_t seed = a.integer("seed", 1337, 0, LLONG_MAX);
