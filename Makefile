@@ -44,7 +44,7 @@ build/mpi_layout: test/mpi_layout.cpp $(HEADERS)
 	$(CXX) $(CXXFLAGS_T) $< -o $@ -lgtest -pthread $(MPI_LIBS)
 
 # The tests run the real ./fpdt (and mpirun) as well as the headers. The last line is
-# "N passed, N failed" (what CI reads).
+# "N passed, N failed, N skipped" (what CI reads).
 test: fpdt build/fpdt_tests build/mpi_layout
 	@bash test/run_tests.sh ./build/fpdt_tests
 

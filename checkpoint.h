@@ -77,8 +77,8 @@ static inline void save_checkpoint(Model* M, const std::string& dir, uint64_t st
     }
     if (cm.rank != 0) return;
     for (size_t i = 0; i < n; i++)  // never write a state that cannot be resumed
-        if (!std::isfinite(w[i]))
-            fatal("refusing to write %s: weight %zu is not finite", ckpt_path(dir, step).c_str(), i);
+        if (!std::isfinite(w[i]) || !std::isfinite(m[i]) || !std::isfinite(v[i]))
+            fatal("refusing to write %s: parameter %zu or its AdamW moments are not finite", ckpt_path(dir, step).c_str(), i);
     const float *pw = w.data(), *pm = m.data(), *pv = v.data();
     CkptHeader h;
     memset(&h, 0, sizeof h);
@@ -136,31 +136,43 @@ static inline std::string read_checkpoint(const std::string& path, CkptHeader* h
 
 // Loads the newest valid checkpoint in dir into M; returns its step. A corrupt newest file is
 // reported and the one before it used.
-static inline uint64_t load_checkpoint(Model* M, const std::string& dir, CkptHeader* out) {
-    std::vector<std::string> files = list_checkpoints(dir);
-    if (files.empty()) fatal_all("--resume: no checkpoint (ckpt_*.bin) in --out %s", dir.c_str());
+// The newest checkpoint in dir that reads back whole; a corrupt newer one is reported and skipped.
+// Returns false when there is none.
+static inline bool find_checkpoint(const std::string& dir, CkptHeader* h, std::vector<float>* data, std::string* path) {
+    for (const std::string& p : list_checkpoints(dir)) {
+        std::string err = read_checkpoint(p, h, data);
+        if (err.empty()) {
+            *path = p;
+            return true;
+        }
+        if (comm_world().rank == 0) fprintf(stderr, "fpdt: warning: skipping %s\n", err.c_str());
+    }
+    return false;
+}
+
+// Whether a checkpoint holds this model's parameters.
+static inline bool checkpoint_fits(const CkptHeader& h, const Model* M) {
     int32_t dims[8];
     config_dims(M->cfg, dims);
-    for (const std::string& p : files) {
-        CkptHeader h;
-        std::vector<float> data;
-        std::string err = read_checkpoint(p, &h, &data);
-        if (!err.empty()) {
-            if (comm_world().rank == 0) fprintf(stderr, "fpdt: warning: skipping %s\n", err.c_str());
-            continue;
-        }
-        if (memcmp(h.dims, dims, sizeof dims) != 0 || h.n_params != M->n_params)
-            fatal_all("--resume: %s holds model '%.*s', not --model %s", p.c_str(), (int)sizeof h.model, h.model,
-                      M->cfg.name);
-        const size_t n = M->n_params, lo = M->run.zero ? (size_t)M->run.rank * M->shard_n : 0;
-        std::vector<float> m(M->shard_n, 0.0f), v(M->shard_n, 0.0f);  // this rank's part of the moments
-        for (size_t i = 0; i < M->shard_n && lo + i < n; i++) m[i] = data[n + lo + i], v[i] = data[2 * n + lo + i];
-        dev_upload(&M->ctx, M->params, data.data(), n * sizeof(float));
-        dev_upload(&M->ctx, M->opt_m, m.data(), M->shard_n * sizeof(float));
-        dev_upload(&M->ctx, M->opt_v, v.data(), M->shard_n * sizeof(float));
-        *out = h;
-        return h.step;
-    }
-    fatal_all("--resume: no valid checkpoint in %s", dir.c_str());
+    return memcmp(h.dims, dims, sizeof dims) == 0 && h.n_params == M->n_params;
+}
+
+// Loads the newest valid checkpoint in dir into M (this rank's shard of the moments under
+// ZeRO-1); returns its step.
+static inline uint64_t load_checkpoint(Model* M, const std::string& dir, CkptHeader* out) {
+    CkptHeader h;
+    std::vector<float> data;
+    std::string p;
+    if (!find_checkpoint(dir, &h, &data, &p)) fatal_all("--resume: no valid checkpoint (ckpt_*.bin) in --out %s", dir.c_str());
+    if (!checkpoint_fits(h, M))
+        fatal_all("--resume: %s holds model '%.*s', not --model %s", p.c_str(), (int)sizeof h.model, h.model, M->cfg.name);
+    const size_t n = M->n_params, lo = M->run.zero ? (size_t)M->run.rank * M->shard_n : 0;
+    std::vector<float> m(M->shard_n, 0.0f), v(M->shard_n, 0.0f);  // this rank's part of the moments
+    for (size_t i = 0; i < M->shard_n && lo + i < n; i++) m[i] = data[n + lo + i], v[i] = data[2 * n + lo + i];
+    dev_upload(&M->ctx, M->params, data.data(), n * sizeof(float));
+    dev_upload(&M->ctx, M->opt_m, m.data(), M->shard_n * sizeof(float));
+    dev_upload(&M->ctx, M->opt_v, v.data(), M->shard_n * sizeof(float));
+    *out = h;
+    return h.step;
 }
 

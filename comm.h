@@ -141,13 +141,6 @@ static inline void comm_gather(const float* mine, float* all, size_t n) {
     }
     MPI_CHECK(MPI_Gather(mine, mpi_count(n), MPI_FLOAT, all, mpi_count(n), MPI_FLOAT, 0, MPI_COMM_WORLD));
 }
-static inline void comm_scatter(const float* all, float* mine, size_t n) {
-    if (comm_world().size == 1) {
-        memcpy(mine, all, n * sizeof(float));
-        return;
-    }
-    MPI_CHECK(MPI_Scatter(all, mpi_count(n), MPI_FLOAT, mine, mpi_count(n), MPI_FLOAT, 0, MPI_COMM_WORLD));
-}
 static inline void comm_barrier() {
     if (comm_world().size > 1) MPI_CHECK(MPI_Barrier(MPI_COMM_WORLD));
 }

@@ -69,11 +69,9 @@ static inline void* arena_take(Arena* a, size_t bytes, const char* what) {
         if (a->used > a->peak) a->peak = a->used;
         return nullptr;
     }
-    if (a->used + n > a->cap)
-        fatal("%s arena is full: %s needs %.1f MiB but only %.1f of %.1f MiB are left "
-              "(try a smaller --chunk-size, --offload 1, or a larger --%s-mem)",
-              a->name, what, n / 1048576.0, (a->cap - a->used) / 1048576.0, a->cap / 1048576.0,
-              a->kind == Mem::Device ? "device" : "host");
+    if (a->used + n > a->cap)  // the arenas are sized by a dry run of the same sequence: a bug
+        fatal("internal: the %s arena is smaller than its plan: %s needs %.1f MiB, %.1f of %.1f MiB are left",
+              a->name, what, n / 1048576.0, (a->cap - a->used) / 1048576.0, a->cap / 1048576.0);
     void* p = a->base + a->used;
     a->used += n;
     if (a->used > a->peak) a->peak = a->used;
@@ -104,7 +102,7 @@ static inline float rng_normal(Rng* r) {
 }
 
 // ----------------------------------------------------------------------------
-// Time and host memory.
+// Time.
 
 static inline double now_s() {
     return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
@@ -160,8 +158,8 @@ static inline void trace_write(const Trace* t, const char* path, int rank) {
 }
 
 // ----------------------------------------------------------------------------
-// The execution context every op and copy receives: which backend runs the math, and the trace.
-// (The CUDA backend adds its streams and events here: compute, copy-in, copy-out, communication.)
+// The execution context every op and copy receives: which backend runs the math, the GPU's
+// streams (compute, copy-in, copy-out; communication is queued on compute), and the trace.
 
 struct GpuCtx;  // cuda_common.cuh: streams, cuBLAS handle (only nvcc-built code touches it)
 struct Ctx {

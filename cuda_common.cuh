@@ -1,5 +1,6 @@
 // cuda_common.cuh: what every CUDA twin needs: checks on every CUDA and cuBLAS call, the GPU
-// context (the streams of ../shared/DESIGN.md point 7 and the cuBLAS handle), and launch sizes.
+// context (compute, host-to-device and device-to-host streams, as in ../shared/DESIGN.md point 7,
+// with communication queued on the compute stream; the cuBLAS handle), and launch sizes.
 // Only nvcc sees this file (everything CUDA sits behind #ifdef __CUDACC__).
 #pragma once
 #ifdef __CUDACC__

@@ -6,10 +6,6 @@
 //
 // Sections: command line; evaluation; train; sample; plan; main. Checkpoints are in checkpoint.h.
 #include <cuda_runtime.h>
-#include <dirent.h>
-#include <fcntl.h>
-#include <sys/stat.h>
-#include <unistd.h>
 #include <omp.h>
 #include <map>
 #include <set>
@@ -25,9 +21,7 @@
 // an error naming the flag.
 
 struct Args {
-    std::string cmd;
     std::map<std::string, std::string> kv;
-    std::vector<std::string> allowed;
     bool help = false;
 
     bool has(const char* k) const { return kv.count(k) > 0; }
@@ -55,11 +49,10 @@ struct Args {
 };
 
 // Flags that take no value.
-static bool is_switch(const std::string& k) { return k == "resume" || k == "help"; }
+static bool is_switch(const std::string& k) { return k == "resume"; }
 
 static Args parse_args(int argc, char** argv, const std::vector<std::string>& allowed) {
     Args a;
-    a.allowed = allowed;
     for (int i = 2; i < argc; i++) {
         std::string s = argv[i];
         if (s == "-h" || s == "--help") {
@@ -73,9 +66,10 @@ static Args parse_args(int argc, char** argv, const std::vector<std::string>& al
         bool known = false;
         for (const std::string& x : allowed) known |= (x == k);
         if (!known) fatal_all("unknown flag --%s for '%s' (see ./fpdt %s --help)", k.c_str(), argv[1], argv[1]);
+        if (is_switch(k) && eq != std::string::npos) fatal_all("--%s takes no value", k.c_str());
         if (eq == std::string::npos) {
             if (is_switch(k)) v = "1";
-            else if (i + 1 < argc) v = argv[++i];
+            else if (i + 1 < argc && std::string(argv[i + 1]).rfind("--", 0) != 0) v = argv[++i];
             else fatal_all("--%s needs a value", k.c_str());
         }
         a.kv[k] = v;
@@ -124,19 +118,19 @@ static int distance_bucket(size_t dist) {
 static void evaluate(Model* M, DataSource* data, int nseq, int step) {
     std::vector<double> acc(2 + 2 * NBUCKET, 0.0);  // loss sum, answers; then per bucket: right, total
     bool task = false;
-    std::vector<int32_t> truth(M->run.seq + 1);
     for (int k = 0; k < nseq; k++) {
         read_into(M, data, EVAL_STEP0 + k);
         acc[0] += model_forward_backward(M, false);
         std::vector<size_t> ans, dist;
         if (!data->answer(EVAL_STEP0 + k, &ans, &dist)) continue;
         task = true;
-        data->read(EVAL_STEP0 + k, 0, M->run.seq + 1, truth.data());
         for (size_t a = 0; a < ans.size(); a++) {  // token p is predicted at input p - 1; who holds it?
             const size_t t = ans[a] - 1, c = t / M->C, o = t % M->C;
             const int b = distance_bucket(dist[a]);
             if ((int)(o / M->cl) != M->run.rank) continue;
-            acc[2 + 2 * b] += M->preds[c * M->cl + o % M->cl] == truth[ans[a]];
+            int32_t truth;
+            data->read(EVAL_STEP0 + k, ans[a], 1, &truth);
+            acc[2 + 2 * b] += M->preds[c * M->cl + o % M->cl] == truth;
             acc[3 + 2 * b] += 1;
         }
     }
@@ -182,7 +176,7 @@ static void train_help() {
         "  --beta1 X, --beta2 X, --adam-eps X   AdamW moments' decay rates and epsilon (default 0.9, 0.95, 1e-8)\n"
         "  --seed N            seed for the weights and the data (default 1337)\n"
         "  --data SPEC         'passkey' (built-in task), a text file, a glob, or llm.c .bin shards (default passkey)\n"
-        "  --device cpu|gpu    default: the GPU when one is visible, else the CPU\n"
+        "  --device auto|cpu|gpu   auto (default): the GPU when one is visible, else the CPU\n"
         "  --comm auto|nccl|mpi  GPU ranks: NCCL when each has its own GPU (auto), else MPI on host memory\n"
         "  --out DIR           checkpoint directory (default: none, nothing is saved)\n"
         "  --save-every N      checkpoint every N steps and at the end (needs --out)\n"
@@ -191,8 +185,8 @@ static void train_help() {
         "  --eval-every N      evaluate every N steps and at the end, 0 = never (default 500)\n"
         "  --eval-seqs N       held-out sequences per evaluation (default 64)\n"
         "  --trace FILE        write one step's schedule (the second) as Chrome trace JSON (open in Perfetto)\n"
-        "  --device-mem MiB    refuse to start if the device arena would exceed this\n"
-        "  --host-mem MiB      refuse to start if the host arena would exceed this\n"
+        "  --device-mem GiB    refuse to start if the device arena would exceed this\n"
+        "  --host-mem GiB      refuse to start if the host arena would exceed this\n"
         "  --on-nonfinite skip|stop   a NaN/Inf loss or gradient: skip the step (default) or stop\n"
         "  --max-bad-steps N   stop after N non-finite steps in a row (default 5)\n\n");
     print_models();
@@ -217,7 +211,7 @@ static int gpu_count() {
 // local_rank % count (several ranks may share one: their all-to-alls go through MPI on host memory).
 static bool choose_device(const Args& a, Ctx* ctx, GpuCtx* g) {
     std::string dev = a.str("device", "auto");
-    if (dev != "auto" && dev != "cpu" && dev != "gpu") fatal_all("--device: '%s' (expected cpu or gpu)", dev.c_str());
+    if (dev != "auto" && dev != "cpu" && dev != "gpu") fatal_all("--device: '%s' (expected auto, cpu or gpu)", dev.c_str());
     const int n = dev == "cpu" ? 0 : gpu_count();
     if (dev == "gpu" && n == 0) fatal_all("--device gpu: no CUDA device is visible (driver and GPU needed); use --device cpu");
     if (n == 0) return false;
@@ -268,6 +262,8 @@ static int cmd_train(int argc, char** argv) {
     }
     const Comm& cm = comm_world();
     const Config& cfg = model_arg(a, "small");
+    if (cm.local_size > 1 && !getenv("OMP_NUM_THREADS"))  // ranks on one machine share its cores
+        omp_set_num_threads(std::max(1, omp_get_num_procs() / cm.local_size));
     Model M;
     GpuCtx gpu;
     choose_device(a, &M.ctx, &gpu);
@@ -278,8 +274,8 @@ static int cmd_train(int argc, char** argv) {
     r.offload = a.flag01("offload", false);
     r.zero = a.flag01("zero", false);
     r.P = cm.size, r.rank = cm.rank;
-    r.device_cap = (size_t)(a.real("device-mem", 0, 0, 1e9) * 1048576.0);
-    r.host_cap = (size_t)(a.real("host-mem", 0, 0, 1e9) * 1048576.0);
+    r.device_cap = (size_t)(a.real("device-mem", 0, 0, 1e6) * 1073741824.0);
+    r.host_cap = (size_t)(a.real("host-mem", 0, 0, 1e6) * 1073741824.0);
     const int steps = (int)a.integer("steps", 5000, 1, 1 << 30);
     AdamW opt;
     const float lr = (float)a.real("lr", 3e-3, 0, 10);
@@ -306,6 +302,14 @@ static int cmd_train(int argc, char** argv) {
         fatal_all("--save-every, --exit-after and --resume need --out DIR");
     std::string err = check_shape(cfg, r);
     if (!err.empty()) fatal_all("%s", err.c_str());
+    if (!out.empty() && cm.rank == 0) {  // find a bad --out now, not at the first save hours later
+        (void)!system(("mkdir -p '" + out + "' 2>/dev/null").c_str());
+        std::string probe = out + "/.fpdt_write_test.tmp";
+        FILE* f = fopen(probe.c_str(), "wb");
+        if (!f) fatal("--out %s: cannot write there: %s", out.c_str(), strerror(errno));
+        fclose(f);
+        remove(probe.c_str());
+    }
     DataSource* data = data_open(a.str("data", "passkey"), cfg.vocab, r.seq, seed, &err);
     if (!data) fatal_all("%s", err.c_str());
 
@@ -318,7 +322,10 @@ static int cmd_train(int argc, char** argv) {
         CkptHeader h;
         start = (int)load_checkpoint(&M, out, &h);
         if (h.seed != seed) fatal_all("--resume: the checkpoint was made with --seed %llu, not %llu", (unsigned long long)h.seed, (unsigned long long)seed);
-        if (start >= steps && cm.rank == 0) printf("resume: checkpoint is at step %d, nothing left of --steps %d\n", start, steps);
+        if ((int)h.total_steps != steps)  // the learning-rate schedule is a function of --steps
+            fatal_all("--resume: the checkpoint belongs to a run of --steps %llu, not %d (the learning-rate "
+                      "schedule depends on it)", (unsigned long long)h.total_steps, steps);
+        if (start == steps && cm.rank == 0) printf("resume: the checkpoint is at step %d: nothing left to do\n", start);
     }
     if (cm.rank == 0) {
         printf("fpdt train | model %s (%s, %d layers, d %d, %d/%d heads, %.2fM params) | data %s\n", cfg.name,
@@ -331,6 +338,8 @@ static int cmd_train(int argc, char** argv) {
                M.dev.cap / 1048576.0, M.host.cap / 1048576.0);
         fflush(stdout);
     }
+    const int end = exit_after ? std::min(exit_after, steps) : steps;
+    const int trace_step = std::min(start + 1, end - 1);  // this run's second step, past the warm-up
     double t_total = now_s(), tokens_done = 0;
     int bad_run = 0, step = start;
     for (step = start; step < steps; step++) {
@@ -343,7 +352,7 @@ static int cmd_train(int argc, char** argv) {
             lr_t = lr * (min_frac + (1 - min_frac) * 0.5f * (1 + cosf(3.14159265f * std::min(1.0f, p))));
         }
         opt.lr = lr_t;
-        trace.on = !trace_path.empty() && step == std::min(start + 1, steps - 1);  // past the warm-up step
+        trace.on = !trace_path.empty() && step == trace_step;
         trace.origin = now_s();
         if (trace.on && M.ctx.gpu) trace_gpu_start(&M.ctx);
         const double t0 = now_s();
@@ -377,7 +386,7 @@ static int cmd_train(int argc, char** argv) {
         }
         const bool last = step + 1 == steps || step + 1 == exit_after;
         if (eval_every && ((step + 1) % eval_every == 0 || last)) evaluate(&M, data, eval_seqs, step + 1);
-        if (!out.empty() && ((save_every && (step + 1) % save_every == 0) || last || (step + 1) == exit_after)) {
+        if (!out.empty() && ((save_every && (step + 1) % save_every == 0) || last)) {
             save_checkpoint(&M, out, step + 1, seed, steps);
             if (cm.rank == 0) printf("saved %s\n", ckpt_path(out, step + 1).c_str());
         }
@@ -409,16 +418,13 @@ static int cmd_sample(int argc, char** argv) {
     }
     if (comm_world().size > 1) fatal_all("sample runs as one process (no mpirun)");
     if (!a.has("out")) fatal_all("sample needs --out DIR (the directory a training run saved to)");
-    std::string dir = a.str("out", "");
-    std::vector<std::string> files = list_checkpoints(dir);
-    if (files.empty()) fatal("--out %s: no checkpoint (ckpt_*.bin) there", dir.c_str());
+    std::string dir = a.str("out", ""), path;
     CkptHeader h;
     std::vector<float> blob;
-    std::string err = read_checkpoint(files[0], &h, &blob);
-    if (!err.empty()) fatal("%s", err.c_str());
+    if (!find_checkpoint(dir, &h, &blob, &path)) fatal("--out %s: no valid checkpoint (ckpt_*.bin) there", dir.c_str());
     const std::string model(h.model, strnlen(h.model, sizeof h.model));
     const Config* cfg = find_preset(model);
-    if (!cfg) fatal("%s: unknown model '%s'", files[0].c_str(), model.c_str());
+    if (!cfg) fatal("%s: unknown model '%s'", path.c_str(), model.c_str());
     const int ntok = (int)a.integer("tokens", 64, 1, 1 << 20);
     const float temp = (float)a.real("temperature", 0.0, 0.0, 100.0);
     std::vector<int32_t> seq = encode_bytes(a.str("prompt", ""));
@@ -427,9 +433,11 @@ static int cmd_sample(int argc, char** argv) {
     r.seq = align_up(seq.size() + ntok, 16);
     Model M;
     model_create(&M, *cfg, r, false);
+    if (!checkpoint_fits(h, &M))
+        fatal("%s: its parameters do not fit model '%s' as this build defines it", path.c_str(), model.c_str());
     dev_upload(&M.ctx, M.params, blob.data(), h.n_params * sizeof(float));
-    std::vector<float> logits(r.seq * cfg->vocab);
-    M.logits_out = logits.data();
+    std::vector<float> logits(temp > 0 ? r.seq * cfg->vocab : 0);  // greedy reads the predictions
+    M.logits_out = temp > 0 ? logits.data() : nullptr;
     Rng rng{(uint64_t)a.integer("seed", 1, 0, LLONG_MAX)};
     printf("%s", a.str("prompt", "").c_str());
     for (int k = 0; k < ntok; k++) {
@@ -474,7 +482,8 @@ static int cmd_plan(int argc, char** argv) {
                "                   [--gpu-mem GiB] [--host-mem GiB] [--tflops X] [--link-gbps Y]\n"
                "  predicted peak device and host bytes per rank (the same allocation sequence as ./fpdt train),\n"
                "  the longest sequence that fits, and the smallest chunk at which copies hide behind attention.\n"
-               "  Defaults: one GPU, offload 1 when chunked, 80 GiB GPU, 512 GiB host, 400 TFLOP/s, 50 GB/s.\n\n");
+               "  Defaults: one GPU, offload 1 when chunked (train defaults to 0: pass --offload to match a run),\n"
+               "  80 GiB GPU, 512 GiB host, 400 TFLOP/s, 50 GB/s.\n\n");
         print_models();
         return a.help ? 0 : 1;
     }

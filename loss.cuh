@@ -41,10 +41,14 @@ static inline void adamw_cpu(float* p, const float* g, float* m, float* v, size_
     }
 }
 
+#define SUMSQ_BLOCK 65536  // elements per partial sum, on both backends
+// doubles of scratch the GPU's sum of squares needs for n elements: one per SUMSQ_BLOCK elements
+static inline size_t sumsq_gpu_scratch(size_t n) { return std::max<size_t>(1, (n + SUMSQ_BLOCK - 1) / SUMSQ_BLOCK); }
+
 // sum of squares of g (n), in double; fixed blocks summed in order, so the result does not depend
 // on the thread count.
 static inline double sumsq_cpu(const float* g, size_t n) {
-    const size_t B = 65536, nb = (n + B - 1) / B;
+    const size_t B = SUMSQ_BLOCK, nb = (n + B - 1) / B;
     std::vector<double> part(nb);
 #pragma omp parallel for schedule(static)
     for (size_t b = 0; b < nb; b++) {
@@ -187,12 +191,9 @@ static inline void adamw_gpu(cudaStream_t stream, float* p, const float* g, floa
 // block then adds the partials up (thread i takes i + k 1024 in order, then a fixed tree). The
 // result depends on n only, never on the GPU or on timing. It differs from sumsq_cpu only in the
 // last bits of the double (trees instead of sequential sums inside a block).
-#define SUMSQ_BLOCK 65536  // elements per partial sum, as in sumsq_cpu
 #define SUMSQ_THREADS 256
 #define SUMSQ_FINAL_THREADS 1024
 
-// doubles of device scratch that sumsq_gpu needs for n elements: one per SUMSQ_BLOCK elements
-static inline size_t sumsq_gpu_scratch(size_t n) { return std::max<size_t>(1, (n + SUMSQ_BLOCK - 1) / SUMSQ_BLOCK); }
 
 // part[b] = sum of g[i]^2 over block b's SUMSQ_BLOCK elements. CPU twin: sumsq_cpu (first stage).
 static __global__ void sumsq_partial_kernel(double* part, const float* g, size_t n) {

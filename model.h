@@ -146,7 +146,7 @@ struct RunCfg {
     bool offload = false;
     bool zero = false;  // ZeRO-1: optimizer state sharded across ranks
     int P = 1, rank = 0;
-    size_t device_cap = 0, host_cap = 0;  // arena limits in bytes (0 = exactly what the plan needs)
+    size_t device_cap = 0, host_cap = 0;  // refuse to start above these bytes (0 = no limit)
 };
 
 // Checks every divisibility rule; returns "" or one line saying what is wrong.
@@ -209,15 +209,12 @@ struct Model {
     int32_t* pos;                 // (C) global positions of the current chunk
     int32_t* predw;               // (cl) argmax predictions of the current chunk
     double* acc;                  // (2) device: this pass's loss sum; the gradient's sum of squares
-    double* scratch;              // (sumsq_scratch) device partial sums for the sum of squares
+    double* scratch;              // (sumsq_gpu_scratch) device partial sums for the sum of squares
     int32_t* preds;               // host (Sl): argmax prediction at every input position
     float* stage = nullptr;       // host (2 C Hl D, or the gradients): MPI staging of device buffers
     bool nccl = false;            // GPU buffers move by NCCL (set before model_create)
     float* logits_out = nullptr;  // test hook: if set, (Sl, V) host logits are written here
 };
-
-// doubles of scratch the GPU sum of squares takes for n values (one partial sum per block)
-static inline size_t sumsq_scratch(size_t n) { return std::max<size_t>(1, (n + 65535) / 65536); }  // sumsq_gpu_scratch(n)
 
 static inline void model_layout(Model* M) {
     const Config& c = M->cfg;
@@ -257,7 +254,7 @@ static inline void model_layout(Model* M) {
     M->pos = arena_alloc<int32_t>(dev, C, "working set");
     M->predw = arena_alloc<int32_t>(dev, cl, "working set");
     M->acc = arena_alloc<double>(dev, 2, "working set");
-    M->scratch = arena_alloc<double>(dev, sumsq_scratch(M->shard_n), "working set");
+    M->scratch = arena_alloc<double>(dev, sumsq_gpu_scratch(M->shard_n), "working set");
     M->preds = arena_alloc<int32_t>(host, M->Sl, "predictions");
     if (M->ctx.gpu && M->run.P > 1 && !M->nccl)  // MPI reads host memory: device buffers are staged through it
         M->stage = arena_alloc<float>(host, std::max(2 * qc, M->n_padded + M->shard_n), "MPI staging");

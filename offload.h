@@ -73,8 +73,9 @@ static inline void arena_unback(Ctx* ctx, Arena* a) {
 
 // ----------------------------------------------------------------------------
 // Fills and copies. `dev` pointers are in the device arena, `host` pointers in ordinary or pinned
-// host memory. Uploads and downloads are synchronous: they are for set-up, checkpoints and the
-// once-per-step reads, never inside the chunk loops.
+// host memory. Uploads and downloads are synchronous: they are for set-up, checkpoints, the
+// once-per-step reads, and the MPI staging of ranks that share a GPU (the one place they run inside
+// the chunk loops; NCCL does not need them).
 
 #ifdef __CUDACC__
 // x (n) = v; twin of the loop in dev_fill

@@ -57,6 +57,14 @@ TEST(Checkpoint, StopAndResumePrintTheSameLosses) {
     EXPECT_NE(first.out.find("continue with --resume"), std::string::npos);
 }
 
+TEST(Checkpoint, ResumeNeedsTheSameSteps) {
+    std::string d = tmpdir();
+    ASSERT_EQ(run(TINY + "--seq 64 --steps 6 --exit-after 3 --out " + d).rc, 0);
+    Out r = run(TINY + "--seq 64 --steps 8 --resume --out " + d);
+    EXPECT_NE(r.rc, 0);
+    EXPECT_NE(r.out.find("a run of --steps 6, not 8"), std::string::npos) << r.out;
+}
+
 TEST(Checkpoint, CorruptNewestFallsBackToThePrevious) {
     std::string d = tmpdir();
     const std::string args = TINY + "--seq 64 --steps 6 --save-every 2 --out " + d;
@@ -155,13 +163,16 @@ TEST(BadInput, OneClearLineAndNonZeroExit) {
         {"./fpdt train --device cpu --model tiny --seq 16", "--seq >= 32"},
         {T + "--chunk-size 24", "does not divide --seq 64"},
         {T + "--offload 1", "needs chunking"},
-        {T + "--chunk-size 16 --offload 1 --host-mem 0.001", "host memory"},
-        {T + "--chunk-size 16 --device-mem 0.5", "device memory"},
+        {T + "--chunk-size 16 --offload 1 --host-mem 0.00001", "host memory"},
+        {T + "--chunk-size 16 --device-mem 0.0005", "device memory"},
         {T + "--resume", "need --out"},
-        {T + "--resume --out " + d + "/nothing", "no checkpoint"},
+        {T + "--resume=0 --out " + d, "--resume takes no value"},
+        {T + "--out --resume", "--out needs a value"},
+        {T + "--out /proc/no/such/dir", "--out /proc/no/such/dir: cannot write"},
+        {T + "--resume --out " + d + "/nothing", "no valid checkpoint"},
         {T + "--on-nonfinite maybe", "--on-nonfinite"},
         {"./fpdt frobnicate", "unknown command 'frobnicate'"},
-        {"./fpdt sample --out " + d + "/nothing", "no checkpoint"},
+        {"./fpdt sample --out " + d + "/nothing", "no valid checkpoint"},
         {"./fpdt plan --model tiny --seq 100 --chunk-size 30", "does not divide"},
     };
     for (const Bad& c : cases) {

@@ -85,7 +85,7 @@ TEST(Mpi, KilledRankEndsTheJob) {
 TEST(Mpi, EvaluationAgreesWithOneProcess) {
     std::string d = tmpdir();
     const std::string base = "./fpdt train --device cpu --model tiny --seq 64 --chunk-size 32 ";
-    Out train = run("OMP_NUM_THREADS=1 " + base + "--steps 300 --eval-every 0 --out " + d + "/ckpt");
+    Out train = run("OMP_NUM_THREADS=1 " + base + "--steps 301 --exit-after 300 --eval-every 0 --out " + d + "/ckpt");
     ASSERT_EQ(train.rc, 0) << train.out;
     auto eval_line = [&](int np) {
         std::string dir = d + "/np" + std::to_string(np);
