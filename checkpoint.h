@@ -8,6 +8,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 #include <algorithm>
+#include <initializer_list>
 #include <string>
 #include <vector>
 #include "model.h"
@@ -30,10 +31,12 @@ static inline uint64_t fnv1a(uint64_t h, const void* p, size_t n) {
     return h;
 }
 
-// FNV-1a over the header (with its checksum field zeroed) and the payload.
-static inline uint64_t ckpt_checksum(CkptHeader h, const std::vector<float>& payload) {
+// FNV-1a over the header (with its checksum field zeroed) and the payload's pieces in order.
+static inline uint64_t ckpt_checksum(CkptHeader h, std::initializer_list<std::pair<const float*, size_t>> payload) {
     h.checksum = 0;
-    return fnv1a(fnv1a(0xcbf29ce484222325ull, &h, sizeof h), payload.data(), payload.size() * 4);
+    uint64_t c = fnv1a(0xcbf29ce484222325ull, &h, sizeof h);
+    for (const auto& piece : payload) c = fnv1a(c, piece.first, piece.second * sizeof(float));
+    return c;
 }
 
 static inline void config_dims(const Config& c, int32_t* d) {
@@ -86,9 +89,7 @@ static inline void save_checkpoint(Model* M, const std::string& dir, uint64_t st
     snprintf(h.model, sizeof h.model, "%s", M->cfg.name);
     config_dims(M->cfg, h.dims);
     h.n_params = n, h.step = step, h.seed = seed, h.total_steps = total;
-    uint64_t cs = fnv1a(0xcbf29ce484222325ull, &h, sizeof h);  // the header too, its checksum field 0
-    cs = fnv1a(cs, pw, n * 4), cs = fnv1a(cs, pm, n * 4), cs = fnv1a(cs, pv, n * 4);
-    h.checksum = cs;
+    h.checksum = ckpt_checksum(h, {{pw, n}, {pm, n}, {pv, n}});
     mkdir(dir.c_str(), 0755);
     std::string path = ckpt_path(dir, step), tmp = path + ".tmp";
     FILE* f = fopen(tmp.c_str(), "wb");
@@ -119,7 +120,7 @@ static inline std::string read_checkpoint_file(FILE* f, const std::string& path,
         else {
             data->resize(3 * h->n_params);
             if (fread(data->data(), 4, data->size(), f) != data->size()) err = path + ": read failed";
-            else if (ckpt_checksum(*h, *data) != h->checksum)
+            else if (ckpt_checksum(*h, {{data->data(), data->size()}}) != h->checksum)
                 err = path + ": checksum mismatch (corrupt or partly written)";
         }
     }

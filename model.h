@@ -260,6 +260,13 @@ static inline void model_layout(Model* M) {
         M->stage = arena_alloc<float>(host, std::max(2 * qc, M->n_padded + M->shard_n), "MPI staging");
 }
 
+static inline void reset_arenas(Model* M) {
+    M->dev = Arena();
+    M->dev.name = "device", M->dev.kind = Mem::Device;
+    M->host = Arena();
+    M->host.name = "host", M->host.kind = Mem::Pinned;
+}
+
 // Sets the derived shape and, unless count_only, allocates everything. With count_only nothing is
 // allocated and M->dev.peak / M->host.peak are the bytes a real run will take: that is the plan.
 static inline void model_create(Model* M, const Config& c, const RunCfg& r, bool count_only) {
@@ -280,10 +287,7 @@ static inline void model_create(Model* M, const Config& c, const RunCfg& r, bool
     M->table = param_table(c, &M->n_params);
     M->n_padded = align_up(M->n_params, r.P);
     M->shard_n = r.zero ? M->n_padded / r.P : M->n_padded;
-    M->dev = Arena();
-    M->dev.name = "device", M->dev.kind = Mem::Device;
-    M->host = Arena();
-    M->host.name = "host", M->host.kind = Mem::Pinned;
+    reset_arenas(M);
     M->dev.count_only = M->host.count_only = true;
     model_layout(M);  // dry run: how much of each
     if (count_only) return;
@@ -294,10 +298,7 @@ static inline void model_create(Model* M, const Config& c, const RunCfg& r, bool
     if (r.host_cap && r.host_cap < need_host)
         fatal_all("host memory: this run's host store needs %.1f MiB but --host-mem allows %.1f MiB "
                   "(shorten --seq or add ranks)", need_host / 1048576.0, r.host_cap / 1048576.0);
-    M->dev = Arena();
-    M->dev.name = "device", M->dev.kind = Mem::Device;
-    M->host = Arena();
-    M->host.name = "host", M->host.kind = Mem::Pinned;
+    reset_arenas(M);
     M->dev.cap = need_dev;
     M->host.cap = std::max<size_t>(need_host, 256);
     arena_back(&M->ctx, &M->dev);  // on the CPU backend the "device" is host memory

@@ -463,10 +463,12 @@ static inline void swiglu_backward_gpu(cudaStream_t stream, float* dinp, const f
 // the float angle would be off by a tenth of a radian.
 
 static inline void rope_cpu(float* x, const int32_t* pos, size_t T, int nh, int D, float theta, int sign) {
+    double inv[256];  // theta^(-2i/D) for the D/2 <= 256 pairs, the same for every token
+    for (int i = 0; i < D / 2; i++) inv[i] = pow((double)theta, -2.0 * i / D);
 #pragma omp parallel for schedule(static)
     for (size_t t = 0; t < T; t++)
         for (int i = 0; i < D / 2; i++) {
-            const double a = (double)pos[t] * pow((double)theta, -2.0 * i / D);
+            const double a = (double)pos[t] * inv[i];
             const float c = (float)cos(a), s = (float)(sign * sin(a));
             for (int h = 0; h < nh; h++) {
                 float* p = x + (t * nh + h) * D + 2 * i;
