@@ -147,6 +147,7 @@ struct RunCfg {
     bool zero = false;  // ZeRO-1: optimizer state sharded across ranks
     int P = 1, rank = 0;
     size_t device_cap = 0, host_cap = 0;  // refuse to start above these bytes (0 = no limit)
+    size_t head_rows = 0;                 // LM head rows at once (0: as many as fit 64M logits)
 };
 
 // Checks every divisibility rule; returns "" or one line saying what is wrong.
@@ -204,8 +205,9 @@ struct Model {
     float *doloc, *dqkv;          // (cl, H*D), (cl, Q3)
     float *dk, *dv;               // (C, Hkvl, D) each
     float *a2a_send;              // (P, cl, Hl, D)
-    float *logits, *y, *dy;       // (cl, V), (cl, d), (cl, d)
-    float *lossw;                 // (cl)
+    size_t hr;                    // rows of the LM head done at once (run.head_rows, or a budget)
+    float *logits, *y, *dy;       // (hr, V), (cl, d), (cl, d)
+    float *lossw;                 // (hr)
     int32_t* pos;                 // (C) global positions of the current chunk
     int32_t* predw;               // (cl) argmax predictions of the current chunk
     double* acc;                  // (2) device: this pass's loss sum; the gradient's sum of squares
@@ -249,10 +251,10 @@ static inline void model_layout(Model* M) {
     M->doloc = work(cl * HD), M->dqkv = work(cl * M->Q3);
     M->dk = work(kvc), M->dv = work(kvc);
     M->a2a_send = work(qc);
-    M->logits = work(cl * c.vocab), M->y = work(cl * d), M->dy = work(cl * d);
-    M->lossw = work(cl);
+    M->logits = work(M->hr * c.vocab), M->y = work(cl * d), M->dy = work(cl * d);
+    M->lossw = work(M->hr);
     M->pos = arena_alloc<int32_t>(dev, C, "working set");
-    M->predw = arena_alloc<int32_t>(dev, cl, "working set");
+    M->predw = arena_alloc<int32_t>(dev, M->hr, "working set");
     M->acc = arena_alloc<double>(dev, 2, "working set");
     M->scratch = arena_alloc<double>(dev, sumsq_gpu_scratch(M->shard_n), "working set");
     M->preds = arena_alloc<int32_t>(host, M->Sl, "predictions");
@@ -283,6 +285,9 @@ static inline void model_create(Model* M, const Config& c, const RunCfg& r, bool
     M->u = (int)(r.seq / M->C);
     M->cl = M->C / r.P;
     M->Sl = r.seq / r.P;
+    // the LM head's logits are (rows, vocab): a chunk's worth would be 8 GB at 16K rows and a
+    // 128K vocab, so the head runs in row blocks of at most 64M logits (256 MB in fp32)
+    M->hr = std::min(M->cl, r.head_rows ? r.head_rows : std::max<size_t>(1, ((size_t)64 << 20) / c.vocab));
     M->rms = c.family == LLAMA;
     M->table = param_table(c, &M->n_params);
     M->n_padded = align_up(M->n_params, r.P);
@@ -717,14 +722,18 @@ static inline void head_pass(Model* M, bool grads) {
         const int32_t* tg = store_use<int32_t>(ctx, &M->targets, i, i % 2);
         TraceScope ts(ctx, "head + loss", TRACK_COMPUTE, i);
         OP(ctx, norm_forward, M->y, M->mean1, M->rstd1, x, M->w.lnf_w, M->w.lnf_b, cl, d, M->rms, c.norm_eps);
-        MATMUL(ctx, matmul_forward, M->logits, M->y, M->w.head, nullptr, cl, d, c.vocab);  // (cl, V)
-        if (M->logits_out) dev_to_host_async(ctx, M->logits_out + i * cl * c.vocab, M->logits, cl * c.vocab * sizeof(float));
-        OP(ctx, crossentropy, M->logits, M->lossw, M->predw, tg, cl, c.vocab, dscale);
-        dev_to_host_async(ctx, M->preds + i * cl, M->predw, cl * sizeof(int32_t));
-        OP(ctx, accumulate, M->acc, M->lossw, cl);
+        if (grads) dev_zero(ctx, M->dy, cl * d * sizeof(float));
+        for (size_t r0 = 0; r0 < cl; r0 += M->hr) {  // hr rows at a time: the logits are (hr, V)
+            const size_t n = std::min(M->hr, cl - r0), at = i * cl + r0;  // rows, and where they sit on this rank
+            MATMUL(ctx, matmul_forward, M->logits, M->y + r0 * d, M->w.head, nullptr, n, d, c.vocab);  // (n, V)
+            if (M->logits_out) dev_to_host_async(ctx, M->logits_out + at * c.vocab, M->logits, n * c.vocab * sizeof(float));
+            OP(ctx, crossentropy, M->logits, M->lossw, M->predw, tg + r0, n, c.vocab, dscale);
+            dev_to_host_async(ctx, M->preds + at, M->predw, n * sizeof(int32_t));
+            OP(ctx, accumulate, M->acc, M->lossw, n);
+            if (grads)
+                MATMUL(ctx, matmul_backward, M->dy + r0 * d, M->g.head, nullptr, M->logits, M->y + r0 * d, M->w.head, n, d, c.vocab);
+        }
         if (!grads) continue;
-        dev_zero(ctx, M->dy, cl * d * sizeof(float));
-        MATMUL(ctx, matmul_backward, M->dy, M->g.head, nullptr, M->logits, M->y, M->w.head, cl, d, c.vocab);
         float* dxi = store_out(ctx, &M->dx, i, i % 2);
         dev_zero(ctx, dxi, cl * d * sizeof(float));
         OP(ctx, norm_backward, dxi, M->g.lnf_w, M->g.lnf_b, M->dy, x, M->w.lnf_w, M->mean1, M->rstd1, cl, d, M->rms);
