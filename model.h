@@ -148,6 +148,7 @@ struct RunCfg {
     int P = 1, rank = 0;
     size_t device_cap = 0, host_cap = 0;  // refuse to start above these bytes (0 = no limit)
     size_t head_rows = 0;                 // LM head rows at once (0: as many as fit 64M logits)
+    size_t mlp_rows = 0;                  // MLP rows at once (0: as many as fit 64M hidden values)
 };
 
 // Checks every divisibility rule; returns "" or one line saying what is wrong.
@@ -200,8 +201,9 @@ struct Model {
     float *o, *lsew;              // (C, Hl, D) fp32 accumulator, (C, Hl)
     float *oloc, *xmid;           // (cl, H*D), (cl, d)
     float *ln2, *mean2, *rstd2;   // (cl, d), (cl), (cl)
-    float *fch, *act;             // (cl, F2), (cl, F)
-    float *dact, *dfch, *dln;     // (cl, F), (cl, F2), (cl, d)
+    size_t mr;                    // MLP rows done at once (run.mlp_rows, or a budget)
+    float *fch, *act;             // (mr, F2), (mr, F)
+    float *dact, *dfch, *dln;     // (mr, F), (mr, F2), (cl, d)
     float *doloc, *dqkv;          // (cl, H*D), (cl, Q3)
     float *dk, *dv;               // (C, Hkvl, D) each
     float *a2a_send;              // (P, cl, Hl, D)
@@ -246,8 +248,8 @@ static inline void model_layout(Model* M) {
     M->o = work(qc), M->lsew = work(C * M->Hl);
     M->oloc = work(cl * HD), M->xmid = work(cl * d);
     M->ln2 = work(cl * d), M->mean2 = work(cl), M->rstd2 = work(cl);
-    M->fch = work(cl * M->F2), M->act = work(cl * c.ffn);
-    M->dact = work(cl * c.ffn), M->dfch = work(cl * M->F2), M->dln = work(cl * d);
+    M->fch = work(M->mr * M->F2), M->act = work(M->mr * c.ffn);
+    M->dact = work(M->mr * c.ffn), M->dfch = work(M->mr * M->F2), M->dln = work(cl * d);
     M->doloc = work(cl * HD), M->dqkv = work(cl * M->Q3);
     M->dk = work(kvc), M->dv = work(kvc);
     M->a2a_send = work(qc);
@@ -288,6 +290,7 @@ static inline void model_create(Model* M, const Config& c, const RunCfg& r, bool
     // the LM head's logits are (rows, vocab): a chunk's worth would be 8 GB at 16K rows and a
     // 128K vocab, so the head runs in row blocks of at most 64M logits (256 MB in fp32)
     M->hr = std::min(M->cl, r.head_rows ? r.head_rows : std::max<size_t>(1, ((size_t)64 << 20) / c.vocab));
+    M->mr = std::min(M->cl, r.mlp_rows ? r.mlp_rows : std::max<size_t>(1, ((size_t)64 << 20) / M->F2));  // likewise
     M->rms = c.family == LLAMA;
     M->table = param_table(c, &M->n_params);
     M->n_padded = align_up(M->n_params, r.P);
@@ -507,6 +510,18 @@ static inline void model_set_token_arrays(Model* M, const int32_t* tokens, const
 
 static inline void set_positions(Model* M, int chunk) { dev_iota(&M->ctx, M->pos, (int32_t)(chunk * M->C), M->C); }
 
+// The MLP's hidden activations for rows [r0, r0 + n) of the chunk, from ln2: fch (n, F2) and
+// act (n, F). The MLP runs in blocks of at most mr rows so that these stay small for wide models.
+static inline void mlp_hidden(Model* M, int l, size_t r0, size_t n) {
+    const Config& c = M->cfg;
+    const LayerW& w = M->w.layer[l];
+    Ctx* ctx = &M->ctx;
+    (void)ctx;  // the CPU-only build's OP() does not read it
+    MATMUL(ctx, matmul_forward, M->fch, M->ln2 + r0 * c.d_model, w.fc_w, w.fc_b, n, c.d_model, M->F2);  // (n, F2)
+    if (c.family == GPT) OP(ctx, gelu_forward, M->act, M->fch, n * c.ffn);
+    else OP(ctx, swiglu_forward, M->act, M->fch, n, c.ffn);  // (n, F)
+}
+
 // Forward of layer l on chunk i, from x (cl, d) = the layer input. Leaves every intermediate of the
 // chunk in the working set. Writes k_i, v_i to the store (later chunks attend to them) and, when
 // recomputing for the backward pass, q_i and lse_i too. Returns the layer output in `out` unless
@@ -557,13 +572,13 @@ static inline void chunk_forward(Model* M, int l, int i, const float* x, float* 
     MATMUL(ctx, matmul_forward, M->xmid, M->oloc, w.o_w, w.o_b, cl, (int)HD, d);  // (cl, d)
     OP(ctx, add_inplace, M->xmid, x, cl * d);                                    // residual
     OP(ctx, norm_forward, M->ln2, M->mean2, M->rstd2, M->xmid, w.ln2_w, w.ln2_b, cl, d, M->rms, c.norm_eps);
-    MATMUL(ctx, matmul_forward, M->fch, M->ln2, w.fc_w, w.fc_b, cl, d, M->F2);  // (cl, F2)
-    if (c.family == GPT) OP(ctx, gelu_forward, M->act, M->fch, cl * c.ffn);
-    else OP(ctx, swiglu_forward, M->act, M->fch, cl, c.ffn);  // (cl, F)
-    if (out) {
-        MATMUL(ctx, matmul_forward, out, M->act, w.proj_w, w.proj_b, cl, c.ffn, d);
-        OP(ctx, add_inplace, out, M->xmid, cl * d);  // residual
+    if (!out) return;  // the backward pass runs the MLP itself, block by block (layer_backward)
+    for (size_t r0 = 0; r0 < cl; r0 += M->mr) {
+        const size_t n = std::min(M->mr, cl - r0);
+        mlp_hidden(M, l, r0, n);
+        MATMUL(ctx, matmul_forward, out + r0 * d, M->act, w.proj_w, w.proj_b, n, c.ffn, d);
     }
+    OP(ctx, add_inplace, out, M->xmid, cl * d);  // residual
 }
 
 static inline void layer_forward(Model* M, int l) {
@@ -605,12 +620,16 @@ static inline void layer_backward(Model* M, int l) {
         float* dyi = store_use(ctx, &M->dx, i, i % 2);  // (cl, d)
         {
             TraceScope ts(ctx, "mlp backward", TRACK_COMPUTE, i);
-            dev_zero(ctx, M->dact, cl * c.ffn * sizeof(float));
-            MATMUL(ctx, matmul_backward, M->dact, g.proj_w, g.proj_b, dyi, M->act, w.proj_w, cl, c.ffn, d);
-            if (c.family == GPT) OP(ctx, gelu_backward, M->dfch, M->fch, M->dact, cl * c.ffn);
-            else OP(ctx, swiglu_backward, M->dfch, M->fch, M->dact, cl, c.ffn);
             dev_zero(ctx, M->dln, cl * d * sizeof(float));
-            MATMUL(ctx, matmul_backward, M->dln, g.fc_w, g.fc_b, M->dfch, M->ln2, w.fc_w, cl, d, M->F2);
+            for (size_t r0 = 0; r0 < cl; r0 += M->mr) {  // recompute the hidden rows, then back through them
+                const size_t n = std::min(M->mr, cl - r0);
+                mlp_hidden(M, l, r0, n);
+                dev_zero(ctx, M->dact, n * c.ffn * sizeof(float));
+                MATMUL(ctx, matmul_backward, M->dact, g.proj_w, g.proj_b, dyi + r0 * d, M->act, w.proj_w, n, c.ffn, d);
+                if (c.family == GPT) OP(ctx, gelu_backward, M->dfch, M->fch, M->dact, n * c.ffn);
+                else OP(ctx, swiglu_backward, M->dfch, M->fch, M->dact, n, c.ffn);
+                MATMUL(ctx, matmul_backward, M->dln + r0 * d, g.fc_w, g.fc_b, M->dfch, M->ln2 + r0 * d, w.fc_w, n, d, M->F2);
+            }
             OP(ctx, norm_backward, dyi, g.ln2_w, g.ln2_b, M->dln, M->xmid, w.ln2_w, M->mean2, M->rstd2, cl, d, M->rms);
             dev_zero(ctx, M->doloc, cl * HD * sizeof(float));
             MATMUL(ctx, matmul_backward, M->doloc, g.o_w, g.o_b, dyi, M->oloc, w.o_w, cl, (int)HD, d);

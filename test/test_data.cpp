@@ -467,7 +467,9 @@ static void check_passkey_seq(DataSource* d, uint64_t step, size_t seq, PasskeyS
     for (size_t i = 0; i < x.size(); i++) {
         ASSERT_TRUE(x[i] >= 0 && x[i] < BYTE_VOCAB) << x[i] << " at " << i;
         ASSERT_NE(x[i], TOK_PAD) << i;
-        if (x[i] == TOK_BOS) ASSERT_EQ(i, 0u);
+        if (x[i] == TOK_BOS) {
+            ASSERT_EQ(i, 0u);
+        }
         if (x[i] == TOK_KEY) keys.push_back(i);
         if (x[i] == TOK_QUERY) queries.push_back(i);
     }
@@ -486,7 +488,9 @@ static void check_passkey_seq(DataSource* d, uint64_t step, size_t seq, PasskeyS
         size_t q = queries[qi];
         ASSERT_GE(q, key + 6) << "question at " << q << " before the key's insert ends";
         ASSERT_LE(q + 6, seq + 1);
-        if (qi + 1 < queries.size()) ASSERT_LE(q + 6, queries[qi + 1]) << "questions at " << q << " overlap";
+        if (qi + 1 < queries.size()) {
+            ASSERT_LE(q + 6, queries[qi + 1]) << "questions at " << q << " overlap";
+        }
         for (size_t j = 1; j <= 5; j++) ASSERT_EQ(x[q + j], x[key + j]) << "question at " << q << ", symbol " << j;
         for (size_t j = 0; j < 6; j++) {
             ASSERT_FALSE(in_insert[q + j]) << q + j;
@@ -495,7 +499,9 @@ static void check_passkey_seq(DataSource* d, uint64_t step, size_t seq, PasskeyS
     }
     // outside the inserts: filler only, never a key symbol
     for (size_t i = 1; i < x.size(); i++)
-        if (!in_insert[i]) ASSERT_EQ(passkey_alphabet(x[i]), -1) << "key symbol " << (char)x[i] << " in the filler at " << i;
+        if (!in_insert[i]) {
+            ASSERT_EQ(passkey_alphabet(x[i]), -1) << "key symbol " << (char)x[i] << " in the filler at " << i;
+        }
     // answer(): the 5 symbol positions at the end, each with the distance key -> final question
     std::vector<size_t> pos, dist;
     ASSERT_TRUE(d->answer(step, &pos, &dist));
@@ -616,7 +622,9 @@ TEST(Passkey, SmallestSeq) {
             ASSERT_EQ(dist.size(), 5u);
             ASSERT_EQ(x[27 - dist[0]], TOK_KEY);
             ASSERT_GE(dist[0], 6u);  // key + 5 symbols end before the question
-            if (k >= PASSKEY_EVAL_STEP0) ASSERT_EQ(s.queries.size(), 1u) << "step " << k;
+            if (k >= PASSKEY_EVAL_STEP0) {
+                ASSERT_EQ(s.queries.size(), 1u) << "step " << k;
+            }
             practiced += s.queries.size() > 1;
         }
     }

@@ -30,9 +30,9 @@ static Loaded load(const char* file) {
 }
 
 // Builds the model for one rank of a P = 1 run, with the fixture's weights and tokens.
-static void build(Model* M, const Loaded& L, size_t chunk, bool offload, size_t head_rows = 0) {
+static void build(Model* M, const Loaded& L, size_t chunk, bool offload, size_t rows = 0) {
     RunCfg r;
-    r.seq = L.seq, r.chunk = chunk, r.offload = offload, r.head_rows = head_rows;
+    r.seq = L.seq, r.chunk = chunk, r.offload = offload, r.head_rows = rows, r.mlp_rows = rows;
     model_create(M, L.cfg, r, false);
     for (const ParamInfo& p : M->table) {
         const FixtureTensor* t = L.fx.find("param." + p.name);
@@ -77,7 +77,7 @@ TEST_P(Reference, ChunkedAndOffloadedMatchUnchunked) {
     Model R;
     build(&R, L, 0, false);
     const float ref_loss = model_forward_backward(&R, true);
-    // (and the LM head in blocks of 3 rows, which leaves a remainder in every chunk)
+    // (and the LM head and the MLP in blocks of 3 rows, which leaves a remainder in every chunk)
     for (int u : {1, 2, 4, 8})
         for (bool off : {false, true})
             for (size_t hr : {0, 3}) {
@@ -85,10 +85,10 @@ TEST_P(Reference, ChunkedAndOffloadedMatchUnchunked) {
                 Model M;
                 build(&M, L, L.seq / u, off, hr);
                 const float loss = model_forward_backward(&M, true);
-                EXPECT_NEAR(loss, ref_loss, 1e-5 * fabs(ref_loss)) << u << " chunks, offload " << off << ", head rows " << hr;
+                EXPECT_NEAR(loss, ref_loss, 1e-5 * fabs(ref_loss)) << u << " chunks, offload " << off << ", row blocks " << hr;
                 for (const ParamInfo& p : M.table)
                     EXPECT_LT(rel_err(M.grads + p.offset, R.grads + p.offset, p.numel()), 1e-5)
-                        << p.name << ", " << u << " chunks, offload " << off << ", head rows " << hr;
+                        << p.name << ", " << u << " chunks, offload " << off << ", row blocks " << hr;
                 model_free(&M);
             }
     model_free(&R);
