@@ -187,7 +187,7 @@ struct Model {
     Arena dev, host;
     std::vector<ParamInfo> table;
     size_t n_params = 0, n_padded = 0, shard_n = 0;  // padded to a multiple of P for ZeRO-1
-    float *params, *grads, *grad_shard, *opt_m, *opt_v;  // grad_shard (shard_n) only with ZeRO-1
+    float *params, *grads, *grad_shard, *opt_m, *opt_v;  // grad_shard (shard_n): ZeRO-1 on P > 1 ranks
     ModelW w, g;
     // host store (../shared/DESIGN.md point 6)
     ChunkStore tokens, targets;  // (u, cl) int32
@@ -228,7 +228,8 @@ static inline void model_layout(Model* M) {
     const bool off = M->run.offload;
     M->params = arena_alloc<float>(dev, M->n_padded, "weights");
     M->grads = arena_alloc<float>(dev, M->n_padded, "gradients");
-    M->grad_shard = M->run.zero ? arena_alloc<float>(dev, M->shard_n, "optimizer: gradient shard") : nullptr;
+    // one rank's shard is the whole array: it then updates the gradients where they are
+    M->grad_shard = M->run.zero && M->run.P > 1 ? arena_alloc<float>(dev, M->shard_n, "optimizer: gradient shard") : nullptr;
     M->opt_m = arena_alloc<float>(dev, M->shard_n, "optimizer: AdamW m");
     M->opt_v = arena_alloc<float>(dev, M->shard_n, "optimizer: AdamW v");
     store_init(&M->ctx, &M->tokens, "store: tokens", cl * 4, M->u, off, 2, dev, host);
@@ -496,7 +497,7 @@ static inline void model_set_tokens(Model* M, Reader read) {
     }
 }
 
-// The same from whole arrays (tests, sampling): tokens (S) and targets (S) of the global sequence.
+// The same from whole arrays (tests): tokens (S) and targets (S) of the global sequence.
 static inline void model_set_token_arrays(Model* M, const int32_t* tokens, const int32_t* targets) {
     for (int c = 0; c < M->u; c++) {
         const size_t s = (size_t)c * M->C + (size_t)M->run.rank * M->cl;
@@ -807,7 +808,7 @@ struct AdamW {
 static inline float model_update(Model* M, const AdamW& opt, int t, bool* finite) {
     Ctx* ctx = &M->ctx;
     const size_t n = M->shard_n, N = M->n_padded, lo = M->run.zero ? (size_t)M->run.rank * n : 0;
-    float* g = M->run.zero ? M->grad_shard : M->grads;
+    float* g = M->grad_shard ? M->grad_shard : M->grads;
     // sum over the group: NCCL on GPU buffers, or MPI on host memory (the GPU's gradients staged
     // through it when ranks share a GPU)
 #ifdef __CUDACC__
@@ -828,8 +829,6 @@ static inline float model_update(Model* M, const AdamW& opt, int t, bool* finite
             comm_allreduce(buf, N);
             if (ctx->gpu) dev_upload(ctx, M->grads, buf, N * sizeof(float));
         }
-    } else if (M->run.zero && M->run.P == 1) {
-        dev_copy(ctx, M->grad_shard, M->grads, n * sizeof(float));
     }
     double ss = 0.0;
 #ifdef __CUDACC__
