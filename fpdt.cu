@@ -192,10 +192,11 @@ static void train_help() {
     print_models();
 }
 
-static const char* nonfinite_mode(const Args& a) {
+// --on-nonfinite: true for stop, false for skip
+static bool stop_on_nonfinite(const Args& a) {
     std::string m = a.str("on-nonfinite", "skip");
     if (m != "skip" && m != "stop") fatal_all("--on-nonfinite: '%s' (expected skip or stop)", m.c_str());
-    return m == "skip" ? "skip" : "stop";
+    return m == "stop";
 }
 
 static int gpu_count() {
@@ -293,7 +294,7 @@ static int cmd_train(int argc, char** argv) {
     const int eval_every = (int)a.integer("eval-every", 500, 0, 1 << 30);
     const int eval_seqs = (int)a.integer("eval-seqs", 64, 1, 1 << 20);
     const std::string trace_path = a.str("trace", "");
-    const bool stop_on_bad = std::string(nonfinite_mode(a)) == "stop";
+    const bool stop_on_bad = stop_on_nonfinite(a);
     const int max_bad = (int)a.integer("max-bad-steps", 5, 1, 1 << 30);
     // Fault injection for tests: FPDT_FAULT_NAN_STEPS="3,4" poisons a gradient at those steps.
     std::set<int> fault_steps;
