@@ -14,6 +14,47 @@
 #include <string>
 #include <vector>
 
+// Functions both the host and the GPU run.
+#ifdef __CUDACC__
+#define HOST_DEVICE __host__ __device__
+#else
+#define HOST_DEVICE
+#endif
+
+// ----------------------------------------------------------------------------
+// bf16: the top half of an fp32 (8 exponent bits, 7 mantissa bits), kept as uint16_t on both
+// backends. Rounding is to nearest, ties to even, in integer arithmetic, so the CPU and the GPU
+// produce the same bits; NaN stays NaN, and what rounds past the largest bf16 becomes infinity.
+
+typedef uint16_t bf16;
+
+HOST_DEVICE static inline uint32_t f32_bits(float f) {
+#ifdef __CUDA_ARCH__
+    return __float_as_uint(f);
+#else
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return u;
+#endif
+}
+HOST_DEVICE static inline float bf16_to_float(bf16 h) {
+    const uint32_t u = (uint32_t)h << 16;
+#ifdef __CUDA_ARCH__
+    return __uint_as_float(u);
+#else
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+#endif
+}
+HOST_DEVICE static inline bf16 bf16_from_float(float f) {
+    uint32_t u = f32_bits(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)((u >> 16) | 0x40);  // NaN: keep it (quiet)
+    u += 0x7fffu + ((u >> 16) & 1u);  // half an ulp, and the tie goes to the even neighbour
+    return (bf16)(u >> 16);
+}
+HOST_DEVICE static inline float bf16_round(float f) { return bf16_to_float(bf16_from_float(f)); }
+
 // ----------------------------------------------------------------------------
 // Errors. Bad input gets one clear line and a non-zero exit. fatal() is replaceable so that
 // tests can turn it into an exception and check the message; the multi-process build replaces it

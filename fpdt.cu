@@ -157,7 +157,7 @@ static const std::vector<std::string> train_flags = {
     "model", "seq", "chunk-size", "offload", "steps", "lr", "warmup", "min-lr-frac", "weight-decay", "clip", "seed",
     "beta1", "beta2", "adam-eps",
     "data", "device", "out", "save-every", "resume", "exit-after", "eval-every", "eval-seqs", "trace", "zero",
-    "device-mem", "host-mem", "on-nonfinite", "max-bad-steps", "comm", "help"};
+    "device-mem", "host-mem", "on-nonfinite", "max-bad-steps", "comm", "precision", "help"};
 
 static void train_help() {
     printf(
@@ -178,6 +178,8 @@ static void train_help() {
         "  --data SPEC         'passkey' (built-in task), a text file, a glob, or llm.c .bin shards (default passkey)\n"
         "  --device auto|cpu|gpu   auto (default): the GPU when one is visible, else the CPU\n"
         "  --comm auto|nccl|mpi  GPU ranks: NCCL when each has its own GPU (auto), else MPI on host memory\n"
+        "  --precision auto|fp32|bf16   bf16: bf16 matmul operands and stored activations, fp32 sums, fp32\n"
+        "                      master weights and optimizer; auto (default): bf16 on the GPU, fp32 on the CPU\n"
         "  --out DIR           checkpoint directory (default: none, nothing is saved)\n"
         "  --save-every N      checkpoint every N steps and at the end (needs --out)\n"
         "  --exit-after N      stop after step N with a checkpoint (a time-boxed job); continue with --resume\n"
@@ -190,6 +192,14 @@ static void train_help() {
         "  --on-nonfinite skip|stop   a NaN/Inf loss or gradient: skip the step (default) or stop\n"
         "  --max-bad-steps N   stop after N non-finite steps in a row (default 5)\n\n");
     print_models();
+}
+
+// --precision: true for bf16. auto is bf16 on the GPU (tensor cores, half the offload traffic) and
+// fp32 on the CPU (the readable reference; bf16 there is an exact emulation, for tests).
+static bool precision_bf16(const Args& a, bool gpu) {
+    std::string p = a.str("precision", "auto");
+    if (p != "auto" && p != "fp32" && p != "bf16") fatal_all("--precision: '%s' (expected auto, fp32 or bf16)", p.c_str());
+    return p == "bf16" || (p == "auto" && gpu);
 }
 
 // --on-nonfinite: true for stop, false for skip
@@ -252,7 +262,7 @@ static std::string device_name(const Ctx& ctx) {
     if (!ctx.gpu) return "cpu (" + std::to_string(omp_get_max_threads()) + " threads)";
     cudaDeviceProp p;
     CUDA_CHECK(cudaGetDeviceProperties(&p, ctx.g->device));
-    return std::string("gpu ") + std::to_string(ctx.g->device) + " (" + p.name + ", fp32)";
+    return std::string("gpu ") + std::to_string(ctx.g->device) + " (" + p.name + ")";
 }
 
 static int cmd_train(int argc, char** argv) {
@@ -274,6 +284,7 @@ static int cmd_train(int argc, char** argv) {
     r.chunk = a.integer("chunk-size", r.seq, 1, 1ll << 40);
     r.offload = a.flag01("offload", false);
     r.zero = a.flag01("zero", false);
+    r.bf16 = precision_bf16(a, M.ctx.gpu);
     r.P = cm.size, r.rank = cm.rank;
     r.device_cap = (size_t)(a.real("device-mem", 0, 0, 1e6) * 1073741824.0);
     r.host_cap = (size_t)(a.real("host-mem", 0, 0, 1e6) * 1073741824.0);
@@ -332,8 +343,9 @@ static int cmd_train(int argc, char** argv) {
         printf("fpdt train | model %s (%s, %d layers, d %d, %d/%d heads, %.2fM params) | data %s\n", cfg.name,
                cfg.family == GPT ? "gpt" : "llama", cfg.n_layer, cfg.d_model, cfg.n_head, cfg.n_kv_head,
                M.n_params / 1e6, data->describe().c_str());
-        printf("seq %zu | chunk %zu (%d chunks) | offload %s | ranks %d%s | device %s | steps %d%s\n", r.seq, M.C,
-               M.u, r.offload ? "on" : "off", r.P, (std::string(r.zero ? " ZeRO-1" : "") + (M.nccl ? " NCCL" : "")).c_str(), device_name(M.ctx).c_str(), steps,
+        printf("seq %zu | chunk %zu (%d chunks) | offload %s | ranks %d%s | device %s, %s | steps %d%s\n", r.seq, M.C,
+               M.u, r.offload ? "on" : "off", r.P, (std::string(r.zero ? " ZeRO-1" : "") + (M.nccl ? " NCCL" : "")).c_str(),
+               device_name(M.ctx).c_str(), r.bf16 ? "bf16" : "fp32", steps,
                start ? (" | resumed at step " + std::to_string(start)).c_str() : "");
         printf("memory (arenas, this rank): device %.1f MiB, host %.1f MiB, taken once at start\n",
                M.dev.cap / 1048576.0, M.host.cap / 1048576.0);
@@ -477,14 +489,14 @@ static void plan_sizes(const Config& c, RunCfg r, size_t* dev, size_t* host, Mod
 
 static int cmd_plan(int argc, char** argv) {
     Args a = parse_args(argc, argv, {"model", "seq", "chunk-size", "gpus", "offload", "zero", "gpu-mem", "host-mem",
-                                     "tflops", "link-gbps", "help"});
+                                     "tflops", "link-gbps", "precision", "help"});
     if (a.help || !a.has("model") || !a.has("seq")) {
         printf("usage: ./fpdt plan --model NAME --seq N [--chunk-size C] [--gpus P] [--offload 0|1] [--zero 0|1]\n"
-               "                   [--gpu-mem GiB] [--host-mem GiB] [--tflops X] [--link-gbps Y]\n"
+               "                   [--gpu-mem GiB] [--host-mem GiB] [--tflops X] [--link-gbps Y] [--precision fp32|bf16]\n"
                "  predicted peak device and host bytes per rank (the same allocation sequence as ./fpdt train),\n"
                "  the longest sequence that fits, and the smallest chunk at which copies hide behind attention.\n"
                "  Defaults: one GPU, offload 1 when chunked (train defaults to 0: pass --offload to match a run),\n"
-               "  80 GiB GPU, 512 GiB host, 400 TFLOP/s, 50 GB/s.\n\n");
+               "  80 GiB GPU, 512 GiB host, 400 TFLOP/s, 50 GB/s, bf16 (a GPU run's default precision).\n\n");
         print_models();
         return a.help ? 0 : 1;
     }
@@ -495,6 +507,7 @@ static int cmd_plan(int argc, char** argv) {
     r.P = (int)a.integer("gpus", 1, 1, 1 << 16);
     r.offload = a.flag01("offload", r.chunk < r.seq);
     r.zero = a.flag01("zero", false);
+    r.bf16 = precision_bf16(a, true);  // a plan is for a GPU run
     const double gpu_mem = a.real("gpu-mem", 80, 0, 1e6) * 1073741824.0, host_mem = a.real("host-mem", 512, 0, 1e9) * 1073741824.0;
     const double flops = a.real("tflops", 400, 1e-3, 1e6) * 1e12, bw = a.real("link-gbps", 50, 1e-3, 1e6) * 1e9;
     std::string err = check_shape(c, r);
@@ -505,9 +518,9 @@ static int cmd_plan(int argc, char** argv) {
     std::map<std::string, size_t> parts[2];
     for (auto& it : M.dev.items) parts[0][it.first.rfind("store:", 0) == 0 ? "store chunks (device)" : it.first] += it.second;
     for (auto& it : M.host.items) parts[1][it.first.rfind("store:", 0) == 0 ? "store (sequence-sized)" : it.first] += it.second;
-    printf("plan: model %s, seq %zu, chunk %zu (%d chunks), %d rank(s), offload %s, ZeRO-1 %s\n", c.name, r.seq, M.C,
-           M.u, r.P, r.offload ? "on" : "off", r.zero ? "on" : "off");
-    printf("  bytes per rank, fp32 layout of the CPU backend:\n");
+    printf("plan: model %s, seq %zu, chunk %zu (%d chunks), %d rank(s), offload %s, ZeRO-1 %s, %s\n", c.name, r.seq,
+           M.C, M.u, r.P, r.offload ? "on" : "off", r.zero ? "on" : "off", r.bf16 ? "bf16" : "fp32");
+    printf("  bytes per rank:\n");
     const char* where[2] = {"device", "host"};
     for (int k = 0; k < 2; k++) {
         printf("  %-6s %10.1f MiB\n", where[k], (k ? host : dev) / 1048576.0);
@@ -536,10 +549,11 @@ static int cmd_plan(int argc, char** argv) {
     else printf("  no sequence fits at chunk %zu with these memory limits\n", M.C);
     // Break-even chunk: one attention block (C x C for Hl heads) must take at least as long as
     // the copies it waits on. Forward: fetch k_j, v_j (2 C Hkvl D values) vs 4 C^2 Hl D FLOPs.
-    // Backward inner step: q_i, dO_i, dQ_i in and dQ_i out (4 C Hl D) plus lse, delta vs 10 C^2 Hl D.
-    const double Hl = M.Hl, Hkvl = M.Hkvl, D = M.D, b = 4;  // bytes per value in this layout
+    // Backward inner step: q_i, dO_i (C Hl D each), dQ_i in and out (fp32) and lse, delta (C Hl
+    // each, fp32) vs 10 C^2 Hl D. b: bytes of a stored q, k, v or dO value.
+    const double Hl = M.Hl, Hkvl = M.Hkvl, D = M.D, b = r.bf16 ? 2 : 4;
     const double cf = 2 * Hkvl * D * b * flops / (4 * Hl * D * bw);
-    const double cb = (4 * Hl * D + 2 * Hl) * b * flops / (10 * Hl * D * bw);
+    const double cb = (2 * Hl * D * b + 2 * Hl * D * 4 + 2 * Hl * 4) * flops / (10 * Hl * D * bw);
     printf("  copies hide behind attention from chunk %.0f tokens (forward %.0f, backward %.0f) at %.0f TFLOP/s, %.0f GB/s\n",
            std::max(cf, cb), cf, cb, flops / 1e12, bw / 1e9);
     return 0;

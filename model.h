@@ -3,6 +3,12 @@
 // checkpoint recompute. Written once over the ops; the backend behind the ops and copies decides
 // where it runs.
 //
+// Precision (--precision): fp32 throughout, or bf16 mixed precision: the matmuls read bf16
+// operands (the weights' bf16 copy, activations rounded as they go in) and sum in fp32; the layer
+// inputs, q, k, v and dO are rounded to bf16 where they are stored (round_stored) and kept in bf16
+// on the host when offloaded; master weights, gradients, AdamW moments, the attention's O, LSE and
+// dQ accumulators, the loss and the O(C) working set stay fp32.
+//
 // Notation (../shared/DESIGN.md): S sequence length (global), P ranks, C chunk length (global),
 // u = S/C chunks, cl = C/P tokens of a chunk on this rank, H/Hkv query/kv heads, Hl/Hkvl the heads
 // of this rank after the all-to-all, D head size, d model width.
@@ -149,6 +155,7 @@ struct RunCfg {
     size_t device_cap = 0, host_cap = 0;  // refuse to start above these bytes (0 = no limit)
     size_t head_rows = 0;                 // LM head rows at once (0: as many as fit 64M logits)
     size_t mlp_rows = 0;                  // MLP rows at once (0: as many as fit 64M hidden values)
+    bool bf16 = false;  // --precision bf16: bf16 matmul operands and bf16 sequence-sized stores (see below)
 };
 
 // Checks every divisibility rule; returns "" or one line saying what is wrong.
@@ -188,6 +195,7 @@ struct Model {
     std::vector<ParamInfo> table;
     size_t n_params = 0, n_padded = 0, shard_n = 0;  // padded to a multiple of P for ZeRO-1
     float *params, *grads, *grad_shard, *opt_m, *opt_v;  // grad_shard (shard_n): ZeRO-1 on P > 1 ranks
+    bf16* wlow = nullptr;  // (n_padded) bf16 mode: the weights rounded to bf16, what the matmuls read
     ModelW w, g;
     // host store (../shared/DESIGN.md point 6)
     ChunkStore tokens, targets;  // (u, cl) int32
@@ -209,6 +217,8 @@ struct Model {
     float *a2a_send;              // (P, cl, Hl, D)
     size_t hr;                    // rows of the LM head done at once (run.head_rows, or a budget)
     float *logits, *y, *dy;       // (hr, V), (cl, d), (cl, d)
+    size_t ncast;                 // the largest matmul operand: rows x max(in, out) features
+    bf16 *cast_a, *cast_b;        // (ncast) each, bf16 mode: one matmul's operands rounded to bf16
     float *lossw;                 // (hr)
     int32_t* pos;                 // (C) global positions of the current chunk
     int32_t* predw;               // (cl) argmax predictions of the current chunk
@@ -232,15 +242,18 @@ static inline void model_layout(Model* M) {
     M->grad_shard = M->run.zero && M->run.P > 1 ? arena_alloc<float>(dev, M->shard_n, "optimizer: gradient shard") : nullptr;
     M->opt_m = arena_alloc<float>(dev, M->shard_n, "optimizer: AdamW m");
     M->opt_v = arena_alloc<float>(dev, M->shard_n, "optimizer: AdamW v");
+    // bf16 mode: layer inputs, q, k, v and dO are stored in bf16 (the schedule rounds them before
+    // it puts them); the gradient, lse, delta and dQ accumulate across visits and stay fp32
+    const bool b16 = M->run.bf16;
     store_init(&M->ctx, &M->tokens, "store: tokens", cl * 4, M->u, off, 2, dev, host);
     store_init(&M->ctx, &M->targets, "store: targets", cl * 4, M->u, off, 2, dev, host);
-    store_init(&M->ctx, &M->ckpt, "store: layer inputs", cl * d * 4, (L + 1) * M->u, off, 3, dev, host);
+    store_init(&M->ctx, &M->ckpt, "store: layer inputs", cl * d * 4, (L + 1) * M->u, off, 3, dev, host, b16);
     store_init(&M->ctx, &M->dx, "store: gradient", cl * d * 4, M->u, off, 2, dev, host);
-    store_init(&M->ctx, &M->q, "store: q", qc * 4, M->u, off, 3, dev, host);
-    store_init(&M->ctx, &M->k, "store: k", kvc * 4, M->u, off, 3, dev, host);
-    store_init(&M->ctx, &M->v, "store: v", kvc * 4, M->u, off, 3, dev, host);
+    store_init(&M->ctx, &M->q, "store: q", qc * 4, M->u, off, 3, dev, host, b16);
+    store_init(&M->ctx, &M->k, "store: k", kvc * 4, M->u, off, 3, dev, host, b16);
+    store_init(&M->ctx, &M->v, "store: v", kvc * 4, M->u, off, 3, dev, host, b16);
     store_init(&M->ctx, &M->lse, "store: lse", C * M->Hl * 4, M->u, off, 3, dev, host);
-    store_init(&M->ctx, &M->dout, "store: dO", qc * 4, M->u, off, 3, dev, host);
+    store_init(&M->ctx, &M->dout, "store: dO", qc * 4, M->u, off, 3, dev, host, b16);
     store_init(&M->ctx, &M->delta, "store: delta", C * M->Hl * 4, M->u, off, 3, dev, host);
     store_init(&M->ctx, &M->dq, "store: dQ", qc * 4, M->u, off, 2, dev, host);
     auto work = [&](size_t n) { return arena_alloc<float>(dev, n, "working set"); };
@@ -256,6 +269,11 @@ static inline void model_layout(Model* M) {
     M->a2a_send = work(qc);
     M->logits = work(M->hr * c.vocab), M->y = work(cl * d), M->dy = work(cl * d);
     M->lossw = work(M->hr);
+    if (b16) {
+        M->wlow = arena_alloc<bf16>(dev, M->n_padded, "weights (bf16 copy)");
+        M->cast_a = arena_alloc<bf16>(dev, M->ncast, "working set");
+        M->cast_b = arena_alloc<bf16>(dev, M->ncast, "working set");
+    }
     M->pos = arena_alloc<int32_t>(dev, C, "working set");
     M->predw = arena_alloc<int32_t>(dev, M->hr, "working set");
     M->acc = arena_alloc<double>(dev, 2, "working set");
@@ -292,6 +310,9 @@ static inline void model_create(Model* M, const Config& c, const RunCfg& r, bool
     // 128K vocab, so the head runs in row blocks of at most 64M logits (256 MB in fp32)
     M->hr = std::min(M->cl, r.head_rows ? r.head_rows : std::max<size_t>(1, ((size_t)64 << 20) / c.vocab));
     M->mr = std::min(M->cl, r.mlp_rows ? r.mlp_rows : std::max<size_t>(1, ((size_t)64 << 20) / M->F2));  // likewise
+    const size_t d = c.d_model, HD = (size_t)c.n_head * M->D;
+    M->ncast = std::max({M->cl * std::max({d, HD, (size_t)M->Q3}), M->mr * std::max({(size_t)M->F2, (size_t)c.ffn, d}),
+                         M->hr * std::max(d, (size_t)c.vocab)});
     M->rms = c.family == LLAMA;
     M->table = param_table(c, &M->n_params);
     M->n_padded = align_up(M->n_params, r.P);
@@ -349,11 +370,6 @@ static inline void model_init_params(Model* M, uint64_t seed) {
 // Query heads are split evenly (rank r: r Hl .. r Hl + Hl - 1); kv heads too when Hkv >= P, and
 // replicated when Hkv < P (each rank gets the one its query heads read).
 
-#ifdef __CUDACC__
-#define HOST_DEVICE __host__ __device__
-#else
-#define HOST_DEVICE
-#endif
 // Global head held as local head m by rank r (kv: the key/value heads).
 HOST_DEVICE static inline int a2a_head(int r, int m, bool kv, int Hl, int Hkvl, int H, int Hkv, int P) {
     if (!kv) return r * Hl + m;
@@ -509,6 +525,33 @@ static inline void model_set_token_arrays(Model* M, const int32_t* tokens, const
 // ----------------------------------------------------------------------------
 // The layer, chunk by chunk
 
+// The matmuls of the schedule. fp32: as they are. bf16: both operands rounded to bf16 (the
+// activation into cast_a/cast_b, the weight from its copy at the same offset in wlow), fp32 sums,
+// fp32 results.
+static inline const bf16* low(const Model* M, const float* w) { return M->wlow + (w - M->params); }
+static inline void mm_forward(Model* M, float* out, const float* inp, const float* w, const float* b, size_t T, int IC,
+                              int OC) {
+    Ctx* ctx = &M->ctx;
+    (void)ctx;  // the CPU-only build's MATMUL() does not read it
+    if (!M->run.bf16) return (void)MATMUL(ctx, matmul_forward, out, inp, w, b, T, IC, OC);
+    OP(ctx, to_bf16, M->cast_a, inp, T * IC);
+    MATMUL(ctx, matmul_forward, out, (const bf16*)M->cast_a, low(M, w), b, T, IC, OC);
+}
+static inline void mm_backward(Model* M, float* dinp, float* dw, float* db, const float* dout, const float* inp,
+                               const float* w, size_t T, int IC, int OC) {
+    Ctx* ctx = &M->ctx;
+    (void)ctx;
+    if (!M->run.bf16) return (void)MATMUL(ctx, matmul_backward, dinp, dw, db, dout, inp, w, T, IC, OC);
+    OP(ctx, to_bf16, M->cast_a, dout, T * OC);
+    OP(ctx, to_bf16, M->cast_b, inp, T * IC);
+    MATMUL(ctx, matmul_backward, dinp, dw, db, (const bf16*)M->cast_a, (const bf16*)M->cast_b, low(M, w), T, IC, OC);
+}
+// bf16 mode: x (n), about to be stored, takes the value its bf16 copy will have, so that what is
+// computed next from x is the same whether the store is offloaded (bf16 on the host) or not.
+static inline void round_stored(Model* M, float* x, size_t n) {
+    if (M->run.bf16) OP(&M->ctx, round_bf16, x, n);
+}
+
 static inline void set_positions(Model* M, int chunk) { dev_iota(&M->ctx, M->pos, (int32_t)(chunk * M->C), M->C); }
 
 // The MLP's hidden activations for rows [r0, r0 + n) of the chunk, from ln2: fch (n, F2) and
@@ -518,7 +561,7 @@ static inline void mlp_hidden(Model* M, int l, size_t r0, size_t n) {
     const LayerW& w = M->w.layer[l];
     Ctx* ctx = &M->ctx;
     (void)ctx;  // the CPU-only build's OP() does not read it
-    MATMUL(ctx, matmul_forward, M->fch, M->ln2 + r0 * c.d_model, w.fc_w, w.fc_b, n, c.d_model, M->F2);  // (n, F2)
+    mm_forward(M, M->fch, M->ln2 + r0 * c.d_model, w.fc_w, w.fc_b, n, c.d_model, M->F2);  // (n, F2)
     if (c.family == GPT) OP(ctx, gelu_forward, M->act, M->fch, n * c.ffn);
     else OP(ctx, swiglu_forward, M->act, M->fch, n, c.ffn);  // (n, F)
 }
@@ -536,7 +579,7 @@ static inline void chunk_forward(Model* M, int l, int i, const float* x, float* 
     {
         TraceScope ts(ctx, "norm + qkv", TRACK_COMPUTE, i);
         OP(ctx, norm_forward, M->ln1, M->mean1, M->rstd1, x, w.ln1_w, w.ln1_b, cl, d, M->rms, c.norm_eps);
-        MATMUL(ctx, matmul_forward, M->qkv, M->ln1, w.qkv_w, w.qkv_b, cl, d, M->Q3);  // (cl, Q3)
+        mm_forward(M, M->qkv, M->ln1, w.qkv_w, w.qkv_b, cl, d, M->Q3);  // (cl, Q3)
     }
     float* qi = store_out(ctx, &M->q, i, 2);  // (C, Hl, D)
     float* ki = store_out(ctx, &M->k, i, 2);  // (C, Hkvl, D)
@@ -547,6 +590,7 @@ static inline void chunk_forward(Model* M, int l, int i, const float* x, float* 
     set_positions(M, i);
     OP(ctx, rope, qi, M->pos, C, Hl, D, c.rope_theta, +1);
     OP(ctx, rope, ki, M->pos, C, Hkvl, D, c.rope_theta, +1);
+    round_stored(M, qi, C * Hl * D), round_stored(M, ki, C * Hkvl * D), round_stored(M, vi, C * Hkvl * D);
     store_put(ctx, &M->k, i, 2);
     store_put(ctx, &M->v, i, 2);
     if (for_backward) store_put(ctx, &M->q, i, 2);
@@ -570,16 +614,17 @@ static inline void chunk_forward(Model* M, int l, int i, const float* x, float* 
     a2a_to_seq(M, i, M->o, Hl, M->oloc, (int)HD, 0, false);
 
     TraceScope ts(ctx, "out proj + mlp", TRACK_COMPUTE, i);
-    MATMUL(ctx, matmul_forward, M->xmid, M->oloc, w.o_w, w.o_b, cl, (int)HD, d);  // (cl, d)
+    mm_forward(M, M->xmid, M->oloc, w.o_w, w.o_b, cl, (int)HD, d);  // (cl, d)
     OP(ctx, add_inplace, M->xmid, x, cl * d);                                    // residual
     OP(ctx, norm_forward, M->ln2, M->mean2, M->rstd2, M->xmid, w.ln2_w, w.ln2_b, cl, d, M->rms, c.norm_eps);
     if (!out) return;  // the backward pass runs the MLP itself, block by block (layer_backward)
     for (size_t r0 = 0; r0 < cl; r0 += M->mr) {
         const size_t n = std::min(M->mr, cl - r0);
         mlp_hidden(M, l, r0, n);
-        MATMUL(ctx, matmul_forward, out + r0 * d, M->act, w.proj_w, w.proj_b, n, c.ffn, d);
+        mm_forward(M, out + r0 * d, M->act, w.proj_w, w.proj_b, n, c.ffn, d);
     }
     OP(ctx, add_inplace, out, M->xmid, cl * d);  // residual
+    round_stored(M, out, cl * d);                // the next layer's input: a checkpoint
 }
 
 static inline void layer_forward(Model* M, int l) {
@@ -626,18 +671,19 @@ static inline void layer_backward(Model* M, int l) {
                 const size_t n = std::min(M->mr, cl - r0);
                 mlp_hidden(M, l, r0, n);
                 dev_zero(ctx, M->dact, n * c.ffn * sizeof(float));
-                MATMUL(ctx, matmul_backward, M->dact, g.proj_w, g.proj_b, dyi + r0 * d, M->act, w.proj_w, n, c.ffn, d);
+                mm_backward(M, M->dact, g.proj_w, g.proj_b, dyi + r0 * d, M->act, w.proj_w, n, c.ffn, d);
                 if (c.family == GPT) OP(ctx, gelu_backward, M->dfch, M->fch, M->dact, n * c.ffn);
                 else OP(ctx, swiglu_backward, M->dfch, M->fch, M->dact, n, c.ffn);
-                MATMUL(ctx, matmul_backward, M->dln + r0 * d, g.fc_w, g.fc_b, M->dfch, M->ln2 + r0 * d, w.fc_w, n, d, M->F2);
+                mm_backward(M, M->dln + r0 * d, g.fc_w, g.fc_b, M->dfch, M->ln2 + r0 * d, w.fc_w, n, d, M->F2);
             }
             OP(ctx, norm_backward, dyi, g.ln2_w, g.ln2_b, M->dln, M->xmid, w.ln2_w, M->mean2, M->rstd2, cl, d, M->rms);
             dev_zero(ctx, M->doloc, cl * HD * sizeof(float));
-            MATMUL(ctx, matmul_backward, M->doloc, g.o_w, g.o_b, dyi, M->oloc, w.o_w, cl, (int)HD, d);
+            mm_backward(M, M->doloc, g.o_w, g.o_b, dyi, M->oloc, w.o_w, cl, (int)HD, d);
         }
         store_put(ctx, &M->dx, i, i % 2);
         float* doi = store_out(ctx, &M->dout, i, 2);  // (C, Hl, D)
         a2a_to_heads(M, i, M->doloc, (int)HD, 0, false, Hl, doi);
+        round_stored(M, doi, C * Hl * D);
         OP(ctx, attention_delta, store_out(ctx, &M->delta, i, 2), doi, M->o, C, Hl, D);
         store_put(ctx, &M->dout, i, 2);
         store_put(ctx, &M->delta, i, 2);
@@ -693,7 +739,7 @@ static inline void layer_backward(Model* M, int l) {
         TraceScope ts(ctx, "qkv backward", TRACK_COMPUTE, j);
         OP(ctx, norm_forward, M->ln1, M->mean1, M->rstd1, x, w.ln1_w, w.ln1_b, cl, d, M->rms, c.norm_eps);
         dev_zero(ctx, M->dln, cl * d * sizeof(float));
-        MATMUL(ctx, matmul_backward, M->dln, g.qkv_w, g.qkv_b, M->dqkv, M->ln1, w.qkv_w, cl, d, M->Q3);
+        mm_backward(M, M->dln, g.qkv_w, g.qkv_b, M->dqkv, M->ln1, w.qkv_w, cl, d, M->Q3);
         OP(ctx, norm_backward, dxj, g.ln1_w, g.ln1_b, M->dln, x, w.ln1_w, M->mean1, M->rstd1, cl, d, M->rms);
         store_put(ctx, &M->dx, j, 0);
     }
@@ -745,13 +791,13 @@ static inline void head_pass(Model* M, bool grads) {
         if (grads) dev_zero(ctx, M->dy, cl * d * sizeof(float));
         for (size_t r0 = 0; r0 < cl; r0 += M->hr) {  // hr rows at a time: the logits are (hr, V)
             const size_t n = std::min(M->hr, cl - r0), at = i * cl + r0;  // rows, and where they sit on this rank
-            MATMUL(ctx, matmul_forward, M->logits, M->y + r0 * d, M->w.head, nullptr, n, d, c.vocab);  // (n, V)
+            mm_forward(M, M->logits, M->y + r0 * d, M->w.head, nullptr, n, d, c.vocab);  // (n, V)
             if (M->logits_out) dev_to_host_async(ctx, M->logits_out + at * c.vocab, M->logits, n * c.vocab * sizeof(float));
             OP(ctx, crossentropy, M->logits, M->lossw, M->predw, tg + r0, n, c.vocab, dscale);
             dev_to_host_async(ctx, M->preds + at, M->predw, n * sizeof(int32_t));
             OP(ctx, accumulate, M->acc, M->lossw, n);
             if (grads)
-                MATMUL(ctx, matmul_backward, M->dy + r0 * d, M->g.head, nullptr, M->logits, M->y + r0 * d, M->w.head, n, d, c.vocab);
+                mm_backward(M, M->dy + r0 * d, M->g.head, nullptr, M->logits, M->y + r0 * d, M->w.head, n, d, c.vocab);
         }
         if (!grads) continue;
         float* dxi = store_out(ctx, &M->dx, i, i % 2);
@@ -769,13 +815,16 @@ static inline float model_forward_backward(Model* M, bool grads) {
     const size_t cl = M->cl, d = c.d_model;
     const int u = M->u, L = c.n_layer;
     if (grads) dev_zero(ctx, M->grads, M->n_padded * sizeof(float));
+    if (M->run.bf16) OP(ctx, to_bf16, M->wlow, M->params, M->n_padded);  // the weights may have changed since the last pass
     ctx->layer = -1;
     store_prefetch(ctx, &M->tokens, 0, 0);
     for (int i = 0; i < u; i++) {  // embedding -> layer 0's input
         if (i + 1 < u) store_prefetch(ctx, &M->tokens, i + 1, (i + 1) % 2);
         const int32_t* tok = store_use<int32_t>(ctx, &M->tokens, i, i % 2);
         TraceScope ts(ctx, "embedding", TRACK_COMPUTE, i);
-        OP(ctx, embedding_forward, store_out(ctx, &M->ckpt, i, 2), tok, M->w.wte, cl, d);
+        float* x0 = store_out(ctx, &M->ckpt, i, 2);  // (cl, d)
+        OP(ctx, embedding_forward, x0, tok, M->w.wte, cl, d);
+        round_stored(M, x0, cl * d);
         store_put(ctx, &M->ckpt, i, 2);
     }
     for (int l = 0; l < L; l++) layer_forward(M, l);

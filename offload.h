@@ -14,6 +14,10 @@
 //   store_use(s, chunk, slot)        make compute wait for it; the device pointer
 //   store_out(s, chunk, slot)        where compute may write a chunk's new value
 //   store_put(s, chunk, slot)        send that value home (device-to-host stream)
+// A store may keep its host copy in bf16 (--precision bf16, offloaded): slots stay fp32, and the
+// copies narrow (slot -> bf16 wire buffer -> host) and widen (host -> wire -> slot) on the copy
+// streams. The schedule rounds such values to bf16 before it puts them, so the narrowing is
+// exact and offload on or off computes the same numbers.
 // On the CPU backend the copies are memcpy, done in order. On the GPU they are cudaMemcpyAsync on
 // the copy streams, ordered by events only (no host synchronisation):
 //   prefetch: copy-in waits for compute to be done with the slot's old contents and for the
@@ -23,6 +27,7 @@
 //   put: copy-out waits for compute to have produced the value, copies, records `put_done`.
 #pragma once
 #include "common.h"
+#include "ops.cuh"  // the bf16 conversions
 #ifdef __CUDACC__
 #include "cuda_common.cuh"
 #endif
@@ -189,11 +194,14 @@ static inline void dev_sync(Ctx* ctx) {
 struct CUevent_st;
 struct ChunkStore {
     const char* name = "";
-    size_t chunk_bytes = 0;  // bytes per chunk
+    size_t chunk_bytes = 0;  // bytes per chunk on the device (in a slot)
+    size_t host_bytes = 0;   // bytes per chunk where the data lives (half of chunk_bytes when compact)
     int nchunks = 0;
     bool on_host = false;  // offloaded: data in the host arena, staged through slots
-    char* data = nullptr;  // (nchunks, chunk_bytes), host arena if on_host, else device arena
+    bool compact = false;  // on_host with fp32 slots and a bf16 host copy
+    char* data = nullptr;  // (nchunks, host_bytes), host arena if on_host, else device arena
     char* slot[3] = {};    // device staging buffers (only when on_host)
+    bf16 *wire_in = nullptr, *wire_out = nullptr;  // (chunk_bytes / 4) device: the bf16 side of the copies (compact)
     int nslots = 0;
     int in_slot[3] = {-1, -1, -1};  // which chunk a slot was last filled with (for checks)
     // GPU events (cudaEvent_t is CUevent_st*; declared in every build so that code compiled by g++
@@ -202,17 +210,25 @@ struct ChunkStore {
 };
 
 // Takes the store's memory: the chunks from the host arena (offload) or the device arena, and
-// nslots device staging buffers when offloaded.
+// nslots device staging buffers when offloaded. bf16: an offloaded store of fp32 values keeps its
+// host copy in bf16 (the values must be bf16-rounded when put); without offload it changes nothing.
 static inline void store_init(Ctx* ctx, ChunkStore* s, const char* name, size_t chunk_bytes, int nchunks,
-                              bool offload, int nslots, Arena* dev, Arena* host) {
+                              bool offload, int nslots, Arena* dev, Arena* host, bool bf16_host = false) {
     s->name = name;
     s->chunk_bytes = chunk_bytes;
     s->nchunks = nchunks;
     s->on_host = offload;
+    s->compact = offload && bf16_host;
+    s->host_bytes = s->compact ? chunk_bytes / 2 : chunk_bytes;
     s->nslots = nslots;
-    s->data = (char*)arena_take(offload ? host : dev, chunk_bytes * nchunks, name);
+    s->data = (char*)arena_take(offload ? host : dev, s->host_bytes * nchunks, name);
     if (offload)
         for (int k = 0; k < nslots; k++) s->slot[k] = (char*)arena_take(dev, chunk_bytes, name);
+    if (s->compact) {  // (the CPU backend converts straight between slot and host, but takes them too,
+                       // so that its arenas, which tests and the planner read, are the GPU's)
+        s->wire_in = (bf16*)arena_take(dev, s->host_bytes, name);
+        s->wire_out = (bf16*)arena_take(dev, s->host_bytes, name);
+    }
 #ifdef __CUDACC__
     if (ctx->gpu && offload && !dev->count_only) {
         for (int k = 0; k < nslots; k++) {
@@ -240,7 +256,7 @@ static inline void store_free(Ctx* ctx, ChunkStore* s) {
 
 static inline char* store_host_ptr(ChunkStore* s, int chunk) {
     if (chunk < 0 || chunk >= s->nchunks) fatal("internal: store %s has no chunk %d", s->name, chunk);
-    return s->data + (size_t)chunk * s->chunk_bytes;
+    return s->data + (size_t)chunk * s->host_bytes;
 }
 
 #ifdef __CUDACC__
@@ -263,14 +279,20 @@ static inline void store_prefetch(Ctx* ctx, ChunkStore* s, int chunk, int slot) 
         GpuCtx* g = ctx->g;
         stream_after(g->h2d, g->compute);                        // compute is done with the slot
         CUDA_CHECK(cudaStreamWaitEvent(g->h2d, s->last_put, 0));  // the host copy is complete
-        TraceScope ts(ctx, s->name, TRACK_COPY_IN, chunk, s->chunk_bytes);
-        CUDA_CHECK(cudaMemcpyAsync(s->slot[slot], store_host_ptr(s, chunk), s->chunk_bytes, cudaMemcpyHostToDevice, g->h2d));
+        TraceScope ts(ctx, s->name, TRACK_COPY_IN, chunk, s->host_bytes);
+        if (s->compact) {  // bf16 over the link, widened on the copy stream (it owns wire_in)
+            CUDA_CHECK(cudaMemcpyAsync(s->wire_in, store_host_ptr(s, chunk), s->host_bytes, cudaMemcpyHostToDevice, g->h2d));
+            from_bf16_gpu(g->h2d, (float*)s->slot[slot], s->wire_in, s->chunk_bytes / 4);
+        } else {
+            CUDA_CHECK(cudaMemcpyAsync(s->slot[slot], store_host_ptr(s, chunk), s->chunk_bytes, cudaMemcpyHostToDevice, g->h2d));
+        }
         CUDA_CHECK(cudaEventRecord(s->ready[slot], g->h2d));
         return;
     }
 #endif
-    TraceScope ts(ctx, s->name, TRACK_COPY_IN, chunk, s->chunk_bytes);
-    memcpy(s->slot[slot], store_host_ptr(s, chunk), s->chunk_bytes);
+    TraceScope ts(ctx, s->name, TRACK_COPY_IN, chunk, s->host_bytes);
+    if (s->compact) from_bf16_cpu((float*)s->slot[slot], (const bf16*)store_host_ptr(s, chunk), s->chunk_bytes / 4);
+    else memcpy(s->slot[slot], store_host_ptr(s, chunk), s->chunk_bytes);
 }
 
 template <typename T = float>
@@ -301,19 +323,26 @@ static inline void store_put(Ctx* ctx, ChunkStore* s, int chunk, int slot) {
     if (ctx->gpu) {
         GpuCtx* g = ctx->g;
         stream_after(g->d2h, g->compute);  // the value has been produced
-        TraceScope ts(ctx, s->name, TRACK_COPY_OUT, chunk, s->chunk_bytes);
-        CUDA_CHECK(cudaMemcpyAsync(store_host_ptr(s, chunk), s->slot[slot], s->chunk_bytes, cudaMemcpyDeviceToHost, g->d2h));
+        TraceScope ts(ctx, s->name, TRACK_COPY_OUT, chunk, s->host_bytes);
+        if (s->compact) {  // narrowed on the copy stream (it owns wire_out), bf16 over the link
+            to_bf16_gpu(g->d2h, s->wire_out, (const float*)s->slot[slot], s->chunk_bytes / 4);
+            CUDA_CHECK(cudaMemcpyAsync(store_host_ptr(s, chunk), s->wire_out, s->host_bytes, cudaMemcpyDeviceToHost, g->d2h));
+        } else {
+            CUDA_CHECK(cudaMemcpyAsync(store_host_ptr(s, chunk), s->slot[slot], s->chunk_bytes, cudaMemcpyDeviceToHost, g->d2h));
+        }
         CUDA_CHECK(cudaEventRecord(s->put_done[slot], g->d2h));
         CUDA_CHECK(cudaEventRecord(s->last_put, g->d2h));
         return;
     }
 #endif
-    TraceScope ts(ctx, s->name, TRACK_COPY_OUT, chunk, s->chunk_bytes);
-    memcpy(store_host_ptr(s, chunk), s->slot[slot], s->chunk_bytes);
+    TraceScope ts(ctx, s->name, TRACK_COPY_OUT, chunk, s->host_bytes);
+    if (s->compact) to_bf16_cpu((bf16*)store_host_ptr(s, chunk), (const float*)s->slot[slot], s->chunk_bytes / 4);
+    else memcpy(store_host_ptr(s, chunk), s->slot[slot], s->chunk_bytes);
 }
 
 // A chunk's value from ordinary host memory (set-up: the tokens of a step).
 static inline void store_write(Ctx* ctx, ChunkStore* s, int chunk, const void* src) {
+    if (s->compact) fatal("internal: store_write to the bf16 store %s", s->name);
     if (s->on_host) {
         dev_sync(ctx);  // no copy still reading the old value
         memcpy(store_host_ptr(s, chunk), src, s->chunk_bytes);

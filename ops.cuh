@@ -13,7 +13,7 @@
 // ----------------------------------------------------------------------------
 // CUDA twins. Each CPU op foo_cpu(args) has a launcher foo_gpu(stream, args) right below it with
 // the same arguments (device pointers) and the same semantics (accumulate or overwrite, null
-// bias/dinp/db), fp32 throughout. Kernels write every output from one thread in a fixed order
+// bias/dinp/db), fp32 unless bf16 is named. Kernels write every output from one thread in a fixed order
 // (no float atomics), so results are deterministic run to run.
 #ifdef __CUDACC__
 #include <climits>
@@ -45,25 +45,80 @@ static inline int blas_dim(size_t n, const char* what) {
 #endif
 
 // ----------------------------------------------------------------------------
+// Precision. In bf16 mode (--precision bf16) the matmuls read bf16 operands and accumulate in
+// fp32, and the sequence-sized tensors are stored in bf16 (model.h says which, offload.h how);
+// everything else stays fp32. These three conversions are all the bf16 arithmetic there is.
+
+HOST_DEVICE static inline float to_f32(float x) { return x; }
+HOST_DEVICE static inline float to_f32(bf16 x) { return bf16_to_float(x); }
+
+// out (n) = x (n) rounded to bf16
+static inline void to_bf16_cpu(bf16* out, const float* x, size_t n) {
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < n; i++) out[i] = bf16_from_float(x[i]);
+}
+// out (n) = x (n) widened to fp32 (exact)
+static inline void from_bf16_cpu(float* out, const bf16* x, size_t n) {
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < n; i++) out[i] = bf16_to_float(x[i]);
+}
+// x (n) = x rounded to bf16, kept in fp32: the value a bf16 store of x would give back
+static inline void round_bf16_cpu(float* x, size_t n) {
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < n; i++) x[i] = bf16_round(x[i]);
+}
+#ifdef __CUDACC__
+// twins of the three above, one thread per value; the same integer rounding, so the same bits
+static __global__ void to_bf16_kernel(bf16* out, const float* x, size_t n) {
+    GRID_STRIDE_LOOP(i, n) out[i] = bf16_from_float(x[i]);
+}
+static __global__ void from_bf16_kernel(float* out, const bf16* x, size_t n) {
+    GRID_STRIDE_LOOP(i, n) out[i] = bf16_to_float(x[i]);
+}
+static __global__ void round_bf16_kernel(float* x, size_t n) {
+    GRID_STRIDE_LOOP(i, n) x[i] = bf16_round(x[i]);
+}
+static inline void to_bf16_gpu(cudaStream_t stream, bf16* out, const float* x, size_t n) {
+    if (n == 0) return;
+    to_bf16_kernel<<<elementwise_grid(n), 256, 0, stream>>>(out, x, n);
+    CUDA_LAUNCHED();
+}
+static inline void from_bf16_gpu(cudaStream_t stream, float* out, const bf16* x, size_t n) {
+    if (n == 0) return;
+    from_bf16_kernel<<<elementwise_grid(n), 256, 0, stream>>>(out, x, n);
+    CUDA_LAUNCHED();
+}
+static inline void round_bf16_gpu(cudaStream_t stream, float* x, size_t n) {
+    if (n == 0) return;
+    round_bf16_kernel<<<elementwise_grid(n), 256, 0, stream>>>(x, n);
+    CUDA_LAUNCHED();
+}
+#endif
+
+// ----------------------------------------------------------------------------
 // matmul: out (T, OC) = inp (T, IC) @ W (OC, IC)^T + b (OC), b may be null
 
-// Blocks of 2 rows x 4 outputs: each loaded x and w value feeds several products, which is what
-// makes the loop compute-bound rather than load-bound; the edges take one output at a time.
-static inline void matmul_forward_cpu(float* out, const float* inp, const float* w, const float* b, size_t T,
-                                      int IC, int OC) {
+// X is float, or bf16 for bf16 operands (each product of two bf16 values is exact in fp32; the
+// sums are fp32 either way). Blocks of 2 rows x 4 outputs: each loaded x and w value feeds several
+// products, which is what makes the loop compute-bound rather than load-bound; the edges take one
+// output at a time.
+template <typename X>
+static inline void matmul_forward_cpu(float* out, const X* inp, const X* w, const float* b, size_t T, int IC, int OC) {
 #pragma omp parallel for schedule(static)
     for (size_t t0 = 0; t0 < T; t0 += 2) {
         const bool two = t0 + 1 < T;
-        const float* x0 = inp + t0 * IC;
-        const float* x1 = two ? x0 + IC : x0;
+        const X* x0 = inp + t0 * IC;
+        const X* x1 = two ? x0 + IC : x0;
         int o = 0;
         for (; o + 4 <= OC; o += 4) {
-            const float *w0 = w + (size_t)o * IC, *w1 = w0 + IC, *w2 = w1 + IC, *w3 = w2 + IC;
+            const X *w0 = w + (size_t)o * IC, *w1 = w0 + IC, *w2 = w1 + IC, *w3 = w2 + IC;
             float a0 = 0, a1 = 0, a2 = 0, a3 = 0, c0 = 0, c1 = 0, c2 = 0, c3 = 0;
 #pragma omp simd reduction(+ : a0, a1, a2, a3, c0, c1, c2, c3)
             for (int i = 0; i < IC; i++) {
-                a0 += x0[i] * w0[i], a1 += x0[i] * w1[i], a2 += x0[i] * w2[i], a3 += x0[i] * w3[i];
-                c0 += x1[i] * w0[i], c1 += x1[i] * w1[i], c2 += x1[i] * w2[i], c3 += x1[i] * w3[i];
+                const float p = to_f32(x0[i]), q = to_f32(x1[i]);
+                const float v0 = to_f32(w0[i]), v1 = to_f32(w1[i]), v2 = to_f32(w2[i]), v3 = to_f32(w3[i]);
+                a0 += p * v0, a1 += p * v1, a2 += p * v2, a3 += p * v3;
+                c0 += q * v0, c1 += q * v1, c2 += q * v2, c3 += q * v3;
             }
             const float a[4] = {a0, a1, a2, a3}, c[4] = {c0, c1, c2, c3};
             for (int k = 0; k < 4; k++) {
@@ -73,10 +128,10 @@ static inline void matmul_forward_cpu(float* out, const float* inp, const float*
         }
         for (; o < OC; o++)
             for (size_t t = t0; t < t0 + (two ? 2 : 1); t++) {
-                const float *x = inp + t * IC, *wr = w + (size_t)o * IC;
+                const X *x = inp + t * IC, *wr = w + (size_t)o * IC;
                 float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
-                for (int i = 0; i < IC; i++) acc += x[i] * wr[i];
+                for (int i = 0; i < IC; i++) acc += to_f32(x[i]) * to_f32(wr[i]);
                 out[t * OC + o] = acc + (b ? b[o] : 0.0f);
             }
     }
@@ -109,21 +164,38 @@ static inline void matmul_forward_gpu(cublasHandle_t blas, cudaStream_t stream, 
         CUDA_LAUNCHED();
     }
 }
+// bf16 operands, fp32 out: the same product through cublasGemmEx on the tensor cores, with fp32
+// accumulation (CUBLAS_COMPUTE_32F) and an fp32 result. Default math: the bf16 path is for speed.
+static inline void matmul_forward_gpu(cublasHandle_t blas, cudaStream_t stream, float* out, const bf16* inp,
+                                      const bf16* w, const float* b, size_t T, int IC, int OC) {
+    if (T == 0 || OC <= 0) return;
+    const float one = 1.0f, zero = 0.0f;
+    CUBLAS_CHECK(cublasSetStream(blas, stream));
+    CUBLAS_CHECK(cublasSetMathMode(blas, CUBLAS_DEFAULT_MATH));
+    CUBLAS_CHECK(cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, OC, blas_dim(T, "T"), IC, &one, w, CUDA_R_16BF, IC, inp,
+                              CUDA_R_16BF, IC, &zero, out, CUDA_R_32F, OC, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    if (b) {
+        matmul_bias_kernel<<<elementwise_grid(T * OC), 256, 0, stream>>>(out, b, T * OC, OC);
+        CUDA_LAUNCHED();
+    }
+}
 #endif
 
 // dinp (T, IC) += dout @ W; dw (OC, IC) += dout^T @ inp; db (OC) += sum_t dout. dinp/db may be null.
-static inline void matmul_backward_cpu(float* dinp, float* dw, float* db, const float* dout, const float* inp,
-                                       const float* w, size_t T, int IC, int OC) {
+// X as in matmul_forward_cpu: fp32 or bf16 operands, fp32 sums into fp32 results.
+template <typename X>
+static inline void matmul_backward_cpu(float* dinp, float* dw, float* db, const X* dout, const X* inp, const X* w,
+                                       size_t T, int IC, int OC) {
     if (dinp) {
 #pragma omp parallel for schedule(static)
         for (size_t t = 0; t < T; t++) {
             float* dx = dinp + t * IC;
-            const float* dy = dout + t * OC;
+            const X* dy = dout + t * OC;
             for (int o = 0; o < OC; o++) {
-                const float g = dy[o];
-                const float* wr = w + (size_t)o * IC;
+                const float g = to_f32(dy[o]);
+                const X* wr = w + (size_t)o * IC;
 #pragma omp simd
-                for (int i = 0; i < IC; i++) dx[i] += g * wr[i];
+                for (int i = 0; i < IC; i++) dx[i] += g * to_f32(wr[i]);
             }
         }
     }
@@ -132,23 +204,24 @@ static inline void matmul_backward_cpu(float* dinp, float* dw, float* db, const 
         float* dwr = dw + (size_t)o * IC;
         float bsum = 0.0f;
         for (size_t t = 0; t < T; t++) {
-            const float g = dout[t * OC + o];
-            const float* x = inp + t * IC;
+            const float g = to_f32(dout[t * OC + o]);
+            const X* x = inp + t * IC;
             bsum += g;
 #pragma omp simd
-            for (int i = 0; i < IC; i++) dwr[i] += g * x[i];
+            for (int i = 0; i < IC; i++) dwr[i] += g * to_f32(x[i]);
         }
         if (db) db[o] += bsum;
     }
 }
 #ifdef __CUDACC__
 // db (OC) += sum_t dout (T, OC): the bsum of matmul_backward_cpu, as a column sum (see COLSUM_ROWS).
-static __global__ void matmul_db_kernel(float* db, const float* dout, size_t T, int OC) {
+template <typename X>
+static __global__ void matmul_db_kernel(float* db, const X* dout, size_t T, int OC) {
     __shared__ float part[COLSUM_ROWS][32];
     const int o = blockIdx.x * 32 + threadIdx.x;
     float s = 0.0f;
     if (o < OC)
-        for (size_t t = threadIdx.y; t < T; t += COLSUM_ROWS) s += dout[t * OC + o];
+        for (size_t t = threadIdx.y; t < T; t += COLSUM_ROWS) s += to_f32(dout[t * OC + o]);
     part[threadIdx.y][threadIdx.x] = s;
     __syncthreads();
     if (threadIdx.y == 0 && o < OC) {
@@ -175,6 +248,25 @@ static inline void matmul_backward_gpu(cublasHandle_t blas, cudaStream_t stream,
     if (dinp)
         CUBLAS_CHECK(cublasSgemm(blas, CUBLAS_OP_N, CUBLAS_OP_N, IC, Ti, OC, &one, w, IC, dout, OC, &one, dinp, IC));
     CUBLAS_CHECK(cublasSgemm(blas, CUBLAS_OP_N, CUBLAS_OP_T, IC, OC, Ti, &one, inp, IC, dout, OC, &one, dw, IC));
+    if (db) {
+        matmul_db_kernel<<<ceil_div(OC, 32), dim3(32, COLSUM_ROWS), 0, stream>>>(db, dout, T, OC);
+        CUDA_LAUNCHED();
+    }
+}
+// bf16 operands, fp32 results: the same two products through cublasGemmEx (see the bf16
+// matmul_forward_gpu), accumulating into the fp32 dinp and dw (beta = 1).
+static inline void matmul_backward_gpu(cublasHandle_t blas, cudaStream_t stream, float* dinp, float* dw, float* db,
+                                       const bf16* dout, const bf16* inp, const bf16* w, size_t T, int IC, int OC) {
+    if (T == 0 || OC <= 0) return;
+    const float one = 1.0f;
+    const int Ti = blas_dim(T, "T");
+    CUBLAS_CHECK(cublasSetStream(blas, stream));
+    CUBLAS_CHECK(cublasSetMathMode(blas, CUBLAS_DEFAULT_MATH));
+    if (dinp)
+        CUBLAS_CHECK(cublasGemmEx(blas, CUBLAS_OP_N, CUBLAS_OP_N, IC, Ti, OC, &one, w, CUDA_R_16BF, IC, dout, CUDA_R_16BF,
+                                  OC, &one, dinp, CUDA_R_32F, IC, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    CUBLAS_CHECK(cublasGemmEx(blas, CUBLAS_OP_N, CUBLAS_OP_T, IC, OC, Ti, &one, inp, CUDA_R_16BF, IC, dout, CUDA_R_16BF,
+                              OC, &one, dw, CUDA_R_32F, IC, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
     if (db) {
         matmul_db_kernel<<<ceil_div(OC, 32), dim3(32, COLSUM_ROWS), 0, stream>>>(db, dout, T, OC);
         CUDA_LAUNCHED();

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a fresh GPU machine: build, run the GPU tests, train a few steps of a small model with
-# chunking and offload on the GPU and on the CPU, and print a short table last.
-#   bash test/gpu_check.sh              (about 3 minutes on an H100/H200 with 16 cores)
+# chunking and offload on the GPU and on the CPU in fp32 and bf16, and print a short table last.
+#   bash test/gpu_check.sh              (a few minutes on an H100/H200 with 16 cores; not yet timed)
 #   bash test/gpu_check.sh --sanitize   also compute-sanitizer memcheck and racecheck on the GPU tests
 # If a copy of ../shared/peer_pytorch.py sits in .peer/, the PyTorch peers run too.
 set -uo pipefail
@@ -25,11 +25,16 @@ if [ "${1:-}" = "--sanitize" ]; then
     san="memcheck exit $mc, racecheck exit $rc ($(grep -h 'ERROR SUMMARY' "$out/memcheck.log" "$out/racecheck.log" | tr '\n' ' '))"
 fi
 
-# 2. the same training run on both backends: chunked, offloaded
-args="--model small --seq 8192 --chunk-size 2048 --offload 1 --steps 6 --eval-every 0 --seed 7"
-./fpdt train $args --device gpu > "$out/train_gpu.log" 2>&1; rc_gpu=$?
-OMP_NUM_THREADS=$(nproc) ./fpdt train $args --device cpu > "$out/train_cpu.log" 2>&1; rc_cpu=$?
-tail -3 "$out/train_gpu.log"
+# 2. the same training run on both backends, in both precisions: chunked, offloaded
+args="--model small --seq 4096 --chunk-size 1024 --offload 1 --steps 4 --eval-every 0 --seed 7"
+declare -A rc_run
+for p in fp32 bf16; do
+    ./fpdt train $args --precision $p --device gpu > "$out/train_gpu_$p.log" 2>&1; rc_run[gpu_$p]=$?
+    OMP_NUM_THREADS=$(nproc) ./fpdt train $args --precision $p --device cpu > "$out/train_cpu_$p.log" 2>&1; rc_run[cpu_$p]=$?
+done
+# and a longer bf16 run on the GPU alone, for step time and memory at a larger size
+big="--model medium --seq 16384 --chunk-size 4096 --offload 1 --steps 3 --eval-every 0"
+./fpdt train $big --device gpu > "$out/train_gpu_big.log" 2>&1; rc_big=$?
 
 # 3. the PyTorch peers, when present
 if [ -f .peer/peer_pytorch.py ]; then
@@ -40,14 +45,19 @@ echo
 echo "=== fpdt GPU check: $(head -1 "$out/gpu.txt") ==="
 printf "GPU tests: %s passed, %s failed, %s skipped\n" "${passed:-0}" "${failed:-0}" "${skipped:-0}"
 printf "compute-sanitizer: %s\n" "$san"
-printf "train (%s): exit gpu %s, cpu %s\n" "$args" "$rc_gpu" "$rc_cpu"
-printf "%-6s %-12s %-12s %-10s\n" step "loss gpu" "loss cpu" "rel diff"
-paste <(grep -o 'step [0-9]*/[0-9]* | loss [0-9.]*' "$out/train_gpu.log" | awk '{print $2, $5}') \
-      <(grep -o 'loss [0-9.]*' "$out/train_cpu.log" | awk '{print $2}') |
-    awk '{d = ($2 - $3) / $3; if (d < 0) d = -d; printf "%-6s %-12s %-12s %.2e\n", $1, $2, $3, d}'
-for b in gpu cpu; do
-    printf "%s: %s | %s\n" "$b" "$(grep -o '[0-9.]* ms/step' "$out/train_$b.log" | tail -1)" \
-        "$(grep -o 'peak device memory.*' "$out/train_$b.log")"
+printf "train (%s): exit codes %s\n" "$args" "$(for k in "${!rc_run[@]}"; do printf "%s=%s " "$k" "${rc_run[$k]}"; done)"
+printf "%-5s %-6s %-12s %-12s %-10s\n" prec step "loss gpu" "loss cpu" "rel diff"
+for p in fp32 bf16; do
+    paste <(grep -o 'step [0-9]*/[0-9]* | loss [0-9.]*' "$out/train_gpu_$p.log" | awk '{print $2, $5}') \
+          <(grep -o 'loss [0-9.]*' "$out/train_cpu_$p.log" | awk '{print $2}') |
+        awk -v p=$p '{d = ($2 - $3) / $3; if (d < 0) d = -d; printf "%-5s %-6s %-12s %-12s %.2e\n", p, $1, $2, $3, d}'
 done
+for f in gpu_fp32 gpu_bf16 cpu_fp32 cpu_bf16 gpu_big; do
+    printf "%-9s %s | %s\n" "$f" "$(grep -o '[0-9.]* tok/s | [0-9.]* ms/step' "$out/train_$f.log" | tail -1)" \
+        "$(grep -o 'peak device memory.*' "$out/train_$f.log")"
+done
+printf "gpu_big: %s (exit %s)\n" "$big" "$rc_big"
 [ -f "$out/peer.log" ] && grep -E "peer=" "$out/peer.log"
-exit $(( ${failed:-0} > 0 || rc_gpu != 0 ))
+bad=0
+for k in "${!rc_run[@]}"; do [ "${rc_run[$k]}" = 0 ] || bad=1; done
+exit $(( ${failed:-0} > 0 || bad != 0 || rc_big != 0 ))

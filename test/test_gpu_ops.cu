@@ -27,10 +27,14 @@
 //  - exact (0) for copies and single additions done in the same order on both sides
 //    (embedding forward/backward, add_inplace): IEEE fp32 addition is correctly rounded, so any
 //    difference is a bug.
+//  - bit for bit for the bf16 conversions (to/from/round_bf16): the same integer rounding on both
+//    sides; only a NaN's payload may differ, it has to stay a NaN. The bf16 matmuls use kMatmul
+//    (their products are exact in fp32, as the CPU twin's are; see MatmulBf16Forward).
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 #include <climits>
+#include <cstring>
 #include <stdexcept>
 #include <vector>
 #include "common.h"
@@ -360,4 +364,137 @@ TEST_F(GpuOps, AddInplacePast2e31) {
     const uint32_t pa = 0x3f3f3f3fu, pb = 0x40404040u;
     memcpy(&a, &pa, 4), memcpy(&b, &pb, 4);
     EXPECT_EQ(max_abs_diff(first, vf(head, a + b)), 0.0);
+}
+
+// ----------------------------------------------------------------------------
+// bf16: the conversions bit for bit (the same integer rounding on both sides), the bf16 matmuls
+// (cublasGemmEx, bf16 in, fp32 accumulate and out) against the CPU bf16 twins.
+
+static float f32_of(uint32_t u) {
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+// n values: bf16 of scale * N(0, 1) (rounded on the CPU): fresh, never all zeros.
+static std::vector<bf16> randn_bf16(Rng* r, size_t n, float scale = 1.0f) {
+    const vf x = randn(r, n, scale);
+    std::vector<bf16> h(n);
+    to_bf16_cpu(h.data(), x.data(), n);
+    return h;
+}
+// Where two fp32 arrays differ: the same bits, except that a NaN only has to stay a NaN. Reports
+// the first few.
+static size_t float_mismatches(const vf& gpu, const vf& cpu) {
+    EXPECT_EQ(gpu.size(), cpu.size());
+    size_t bad = 0;
+    for (size_t i = 0; i < gpu.size() && i < cpu.size(); i++) {
+        const bool same = std::isnan(cpu[i]) ? std::isnan(gpu[i]) : memcmp(&gpu[i], &cpu[i], 4) == 0;
+        if (!same && bad++ < 5) ADD_FAILURE() << "at " << i << ": gpu " << gpu[i] << ", cpu " << cpu[i];
+    }
+    return bad;
+}
+
+// Inputs: raw random bit patterns (every exponent, subnormals, NaN 1 in 256), N(0, 1) values,
+// values with a tie in the low 16 bits, and the edge cases (infinities, NaN payloads that truncate
+// to infinity, FLT_MAX and the top tie that round to infinity, signed zeros, subnormal ties). The
+// last N is past 65536 blocks x 256 threads, so the grid-stride loops wrap.
+TEST_F(GpuOps, Bf16ConversionsMatchCpuBitForBit) {
+    Rng r{701};
+    const uint32_t specials[] = {0x7f800000u, 0xff800000u, 0x7fc00000u, 0x7f800001u, 0xff800001u, 0xffffffffu,
+                                 0x7f7fffffu, 0xff7fffffu, 0x7f7f8000u, 0x7f7f7fffu, 0x00000000u, 0x80000000u,
+                                 0x00000001u, 0x00018000u, 0x80008000u, 0x3f808000u, 0x3f818000u, 0x3fff8000u};
+    for (size_t N : {(size_t)1, (size_t)100003, (size_t)65536 * 256 + 1001}) {
+        SCOPED_TRACE(::testing::Message() << "N=" << N);
+        vf x(N);
+        for (size_t i = 0; i < N; i++) {
+            const uint32_t u = (uint32_t)rng_u64(&r);
+            x[i] = i % 3 == 0 ? f32_of(u) : i % 3 == 1 ? rng_normal(&r) * 1e3f : f32_of((u & 0xffff0000u) | 0x8000u);
+        }
+        for (size_t i = 0; i < sizeof(specials) / 4 && 7 * i + 2 < N; i++) x[7 * i + 2] = f32_of(specials[i]);
+        x[N - 1] = 3e38f;  // huge: rounds to a finite bf16 (the largest is 3.39e38)
+        std::vector<bf16> h(N), hb(N);
+        for (size_t i = 0; i < N; i++) hb[i] = (bf16)rng_u64(&r);  // every bf16 pattern, NaNs included
+        for (size_t i = 0; i < N && i < 65536; i++) hb[i] = (bf16)i;
+
+        to_bf16_cpu(h.data(), x.data(), N);
+        vf wide(N), rounded = x;
+        from_bf16_cpu(wide.data(), hb.data(), N);
+        round_bf16_cpu(rounded.data(), N);
+
+        DevBuf<float> d_x(x), d_rounded(x), d_wide(randn(&r, N, 10.0f));  // garbage the widening must overwrite
+        DevBuf<bf16> d_h(std::vector<bf16>(N, 0x1234)), d_hb(hb);        // garbage the rounding must overwrite
+        to_bf16_gpu(stream, d_h.p, d_x.p, N);
+        from_bf16_gpu(stream, d_wide.p, d_hb.p, N);
+        round_bf16_gpu(stream, d_rounded.p, N);
+        const std::vector<bf16> g_h = d_h.get();
+        EXPECT_EQ(0, memcmp(g_h.data(), h.data(), N * sizeof(bf16))) << "to_bf16: bits differ";
+        EXPECT_EQ(float_mismatches(d_wide.get(), wide), 0u) << "from_bf16";
+        EXPECT_EQ(float_mismatches(d_rounded.get(), rounded), 0u) << "round_bf16";
+    }
+    // n = 0 launches nothing (a launch with 0 blocks would be an error) and touches nothing
+    to_bf16_gpu(stream, nullptr, nullptr, 0);
+    from_bf16_gpu(stream, nullptr, nullptr, 0);
+    round_bf16_gpu(stream, nullptr, 0);
+    CUDA_CHECK(cudaStreamSynchronize(stream));
+}
+
+// The bf16 matmuls against the CPU bf16 twins, on the fp32 shapes and some odd ones (odd T, IC
+// and OC: leading dimensions that are no multiple of 8, off the tensor cores' fast path).
+// Tolerance kMatmul (1e-4, relative norm): a product of two bf16 values is exact in fp32 on both
+// sides, so they differ only in how the fp32 sums are ordered and rounded (the tensor cores add a
+// k-block of products at once, then accumulate in fp32; the CPU sums lanes of a vector), ~1e-6 for
+// K <= 1000 as for the fp32 matmuls. 1e-4 still fails a wrong transpose or leading dimension (O(1))
+// and an accumulator kept in bf16 (2^-9 ~ 2e-3 per addition).
+static const MatShape kBf16MatShapes[] = {{37, 64, 100}, {1, 100, 100}, {257, 64, 33},
+                                          {1000, 100, 128}, {33, 37, 13}, {7, 5, 3}};
+
+TEST_F(GpuOps, MatmulBf16Forward) {
+    Rng r{711};
+    for (const MatShape& sh : kBf16MatShapes)
+        for (bool bias : {true, false}) {
+            SCOPED_TRACE(::testing::Message() << "T=" << sh.T << " IC=" << sh.IC << " OC=" << sh.OC
+                                              << " bias=" << bias);
+            const size_t T = sh.T;
+            const int IC = sh.IC, OC = sh.OC;
+            const std::vector<bf16> inp = randn_bf16(&r, T * IC), w = randn_bf16(&r, (size_t)OC * IC, 0.1f);
+            const vf b = randn(&r, OC);
+            vf out(T * OC);
+            matmul_forward_cpu(out.data(), inp.data(), w.data(), bias ? b.data() : nullptr, T, IC, OC);
+            DevBuf<float> d_out(randn(&r, T * OC, 10.0f)), d_b(b);  // garbage must vanish
+            DevBuf<bf16> d_inp(inp), d_w(w);
+            matmul_forward_gpu(blas, stream, d_out.p, d_inp.p, d_w.p, bias ? d_b.p : nullptr, T, IC, OC);
+            EXPECT_LT(rel_err(d_out.get(), out), kMatmul);
+        }
+}
+
+TEST_F(GpuOps, MatmulBf16BackwardAccumulates) {
+    Rng r{712};
+    for (const MatShape& sh : kBf16MatShapes)
+        for (int variant = 0; variant < 4; variant++) {
+            const bool with_dinp = !(variant & 1), with_db = !(variant & 2);
+            SCOPED_TRACE(::testing::Message() << "T=" << sh.T << " IC=" << sh.IC << " OC=" << sh.OC
+                                              << " dinp=" << with_dinp << " db=" << with_db);
+            const size_t T = sh.T;
+            const int IC = sh.IC, OC = sh.OC;
+            const std::vector<bf16> dout = randn_bf16(&r, T * OC), inp = randn_bf16(&r, T * IC),
+                                    w = randn_bf16(&r, (size_t)OC * IC, 0.1f);
+            const vf dinp0 = randn(&r, T * IC), dw0 = randn(&r, (size_t)OC * IC), db0 = randn(&r, OC);
+            vf dinp = dinp0, dw = dw0, db = db0;
+            matmul_backward_cpu(with_dinp ? dinp.data() : nullptr, dw.data(), with_db ? db.data() : nullptr,
+                                dout.data(), inp.data(), w.data(), T, IC, OC);
+            DevBuf<float> d_dinp(dinp0), d_dw(dw0), d_db(db0);
+            DevBuf<bf16> d_dout(dout), d_inp(inp), d_w(w);
+            matmul_backward_gpu(blas, stream, with_dinp ? d_dinp.p : nullptr, d_dw.p, with_db ? d_db.p : nullptr,
+                                d_dout.p, d_inp.p, d_w.p, T, IC, OC);
+            const vf g_dinp = d_dinp.get(), g_dw = d_dw.get(), g_db = d_db.get();
+            EXPECT_LT(rel_err(added(g_dw, dw0), added(dw, dw0)), kMatmul);
+            if (with_dinp)
+                EXPECT_LT(rel_err(added(g_dinp, dinp0), added(dinp, dinp0)), kMatmul);
+            else
+                EXPECT_EQ(max_abs_diff(g_dinp, dinp0), 0.0) << "dinp == null must not be written";
+            if (with_db)
+                EXPECT_LT(rel_err(added(g_db, db0), added(db, db0)), kMatmul);
+            else
+                EXPECT_EQ(max_abs_diff(g_db, db0), 0.0) << "db == null must not be written";
+        }
 }

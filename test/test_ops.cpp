@@ -16,9 +16,13 @@
 // Ops documented as accumulating (+=) write into buffers pre-filled with random values, and the
 // test compares what they ADDED (after - before) to the finite differences, so an op that
 // overwrote would fail. Ops documented as overwriting get random garbage first, which must vanish.
+// bf16 (last section): the rounding is compared bit for bit with a reference written in the test,
+// the bf16 matmuls with the double reference on their widened operands (kBf16Sum, see there).
 #include <gtest/gtest.h>
 #include <omp.h>
+#include <cfloat>
 #include <cmath>
+#include <cstring>
 #include <functional>
 #include <vector>
 #include "attention.cuh"
@@ -549,4 +553,238 @@ TEST(Determinism, SameBitsForAnyThreadCount) {
     ASSERT_EQ(one.size(), three.size());
     EXPECT_EQ(0, memcmp(one.data(), three.data(), one.size() * sizeof(float)));
     EXPECT_EQ(0, memcmp(&ss1, &ss3, sizeof(double)));
+}
+
+// ----------------------------------------------------------------------------
+// bf16 (common.h, ops.cuh "Precision"). The rounding is checked against bf16_ref() below, written
+// here from the bit layout alone: the value of a bf16 pattern is computed from its fields in double,
+// and the nearer of the two candidates wins (ties to the even pattern). The bf16 matmuls are checked
+// against the double reference on the widened operands.
+
+static float f32_of(uint32_t u) {
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+static uint32_t bits_of(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return u;
+}
+
+// The value of a bf16 pattern from its fields: sign, 8 exponent bits (bias 127), 7 mantissa bits.
+// Exponent 255 with mantissa 0 (infinity) gives 2^128, the value IEEE rounding measures against to
+// decide overflow: x rounds to infinity iff it is at least halfway from the largest bf16 to 2^128.
+static double bf16_bits_value(uint16_t h) {
+    const int e = (h >> 7) & 0xff, m = h & 0x7f;
+    const double mag = e == 0 ? ldexp(m, -133)            // subnormal: m/128 * 2^-126
+                              : ldexp(128 + m, e - 134);  // normal: (1 + m/128) * 2^(e-127)
+    return (h & 0x8000) ? -mag : mag;
+}
+
+// Nearest bf16 to a finite x, ties to even. The candidates: lo = the top 16 bits (x truncated
+// toward zero) and hi = lo + 1 (one bf16 ulp further from zero; consecutive patterns are
+// consecutive magnitudes, a full mantissa carrying into the exponent). The distances are exact in
+// double: x and both candidates are multiples of x's fp32 ulp and differ by less than 2^16 of them.
+static uint16_t bf16_ref(float x) {
+    const uint16_t lo = (uint16_t)(bits_of(x) >> 16), hi = (uint16_t)(lo + 1);
+    const double dlo = fabs((double)x - bf16_bits_value(lo)), dhi = fabs(bf16_bits_value(hi) - (double)x);
+    if (dlo != dhi) return dlo < dhi ? lo : hi;
+    return (lo & 1) ? hi : lo;
+}
+
+// n values: bf16 rounding of scale * N(0, 1): fresh, never all zeros (the odd one may round to 0).
+static std::vector<bf16> randn_bf16(Rng* r, size_t n, float scale = 1.0f) {
+    std::vector<bf16> a(n);
+    for (bf16& h : a) h = bf16_ref(scale * rng_normal(r));
+    return a;
+}
+static vd widen(const std::vector<bf16>& a) {  // exact, through the fields (not bf16_to_float)
+    vd d(a.size());
+    for (size_t i = 0; i < a.size(); i++) d[i] = bf16_bits_value(a[i]);
+    return d;
+}
+
+TEST(Bf16, RoundingOnHandPickedBitPatterns) {
+    // A bf16 ulp is 2^16 fp32 ulps: the low 16 bits 0x8000 are a tie, 0x7fff/0x8001 just below/above.
+    struct Case {
+        uint32_t in;
+        uint16_t out;
+        const char* what;
+    };
+    const Case cases[] = {
+        {0x3f800000u, 0x3f80, "1.0: exact"},
+        {0xc0200000u, 0xc020, "-2.5: exact"},
+        {0x00000000u, 0x0000, "+0"},
+        {0x80000000u, 0x8000, "-0 keeps its sign"},
+        {0x3f808000u, 0x3f80, "1 + 2^-8: tie between 1 (even) and 1 + 2^-7, down"},
+        {0x3f818000u, 0x3f82, "1 + 3*2^-8: tie between 1 + 2^-7 (odd) and 1 + 2^-6, up"},
+        {0x3f808001u, 0x3f81, "1 + 2^-8 + 2^-23: just above the tie, up"},
+        {0x3f807fffu, 0x3f80, "1 + 2^-8 - 2^-23: just below the tie, down"},
+        {0xbf818000u, 0xbf82, "-(1 + 3*2^-8): tie, away from zero to the even pattern"},
+        {0xbf808001u, 0xbf81, "-(1 + 2^-8 + 2^-23): just above the tie in magnitude"},
+        {0x3fff8000u, 0x4000, "2 - 2^-8: tie, the mantissa carries into the exponent: 2.0"},
+        {0x7f7f7fffu, 0x7f7f, "just below the top tie: the largest bf16, (2 - 2^-7) * 2^127"},
+        {0x7f7f8000u, 0x7f80, "tie between the largest bf16 (odd) and 2^128: infinity"},
+        {0x7f7fffffu, 0x7f80, "FLT_MAX: past the largest bf16's half ulp, infinity"},
+        {0xff7fffffu, 0xff80, "-FLT_MAX: -infinity"},
+        {0x7f800000u, 0x7f80, "+inf"},
+        {0xff800000u, 0xff80, "-inf"},
+        {0x00012345u, 0x0001, "subnormal, below the tie: down"},
+        {0x00018000u, 0x0002, "subnormal tie, 0x0001 odd: up"},
+        {0x00008000u, 0x0000, "half the smallest bf16 subnormal: tie, to +0"},
+        {0x80008000u, 0x8000, "its negative: to -0"},
+        {0x00000001u, 0x0000, "the smallest fp32 subnormal: to 0"},
+        {0x007fffffu, 0x0080, "the largest fp32 subnormal: up to the smallest normal, 2^-126"},
+        {0x00800000u, 0x0080, "2^-126: exact"},
+    };
+    for (const Case& c : cases) {
+        SCOPED_TRACE(::testing::Message() << c.what << std::hex << " (0x" << c.in << ")");
+        const float x = f32_of(c.in);
+        EXPECT_EQ(bf16_ref(x), c.out) << "the test's own reference disagrees with the table";
+        EXPECT_EQ(bf16_from_float(x), c.out);
+        EXPECT_EQ(bits_of(bf16_round(x)), (uint32_t)c.out << 16);
+        EXPECT_EQ(bits_of(bf16_to_float(c.out)), (uint32_t)c.out << 16);  // widening puts the bits on top
+    }
+    // The same cases as values.
+    EXPECT_EQ(bf16_round(1.0f + ldexpf(1, -8)), 1.0f);
+    EXPECT_EQ(bf16_round(1.0f + 3 * ldexpf(1, -8)), 1.0f + ldexpf(1, -6));
+    EXPECT_EQ(bf16_round(1.0f + ldexpf(1, -8) + ldexpf(1, -23)), 1.0f + ldexpf(1, -7));
+    EXPECT_EQ(bf16_round(-2.5f), -2.5f);
+    EXPECT_EQ(bf16_round(FLT_MAX), INFINITY);
+    EXPECT_EQ(bf16_round(-INFINITY), -INFINITY);
+    EXPECT_TRUE(std::signbit(bf16_round(-0.0f)));
+    // NaN stays NaN, including payloads whose top 16 bits alone would read as infinity (0x7f800001)
+    // and all-ones, where adding the rounding half-ulp would wrap the 32 bits.
+    for (uint32_t nan : {0x7fc00000u, 0x7f800001u, 0xff800001u, 0x7fbfffffu, 0x7fffffffu, 0xffffffffu}) {
+        SCOPED_TRACE(::testing::Message() << std::hex << "NaN 0x" << nan);
+        const bf16 h = bf16_from_float(f32_of(nan));
+        EXPECT_TRUE(std::isnan(bf16_to_float(h))) << std::hex << "got 0x" << h;
+        EXPECT_TRUE(std::isnan(bf16_round(f32_of(nan))));
+    }
+}
+
+// bf16_from_float against bf16_ref on random finite fp32 bit patterns (every exponent, both signs,
+// subnormals), each also with its low 16 bits set to a tie (0x8000) and to just below and above it
+// (0x7fff, 0x8001), which random bits would hit only 1 time in 65536.
+TEST(Bf16, RoundsToNearestEvenOnRandomBitPatterns) {
+    Rng r{131};
+    size_t n = 0, up = 0, ties_down = 0, ties_up = 0, bad = 0;
+    for (int k = 0; k < 300000; k++) {
+        const uint32_t u = (uint32_t)rng_u64(&r);
+        if ((u & 0x7f800000u) == 0x7f800000u) continue;  // inf/NaN: covered above
+        for (uint32_t v : {u, (u & 0xffff0000u) | 0x8000u, (u & 0xffff0000u) | 0x7fffu, (u & 0xffff0000u) | 0x8001u}) {
+            const float x = f32_of(v);
+            const uint16_t want = bf16_ref(x), got = bf16_from_float(x);
+            n++;
+            if (got != want && bad++ < 10)
+                ADD_FAILURE() << std::hex << "x = 0x" << v << ": got 0x" << got << ", nearest-even is 0x" << want;
+            up += want != (v >> 16);
+            if ((v & 0xffffu) == 0x8000u) (want == (v >> 16) ? ties_down : ties_up)++;
+        }
+    }
+    EXPECT_EQ(bad, 0u) << "of " << n;
+    // the draw really exercised both directions and both tie outcomes
+    EXPECT_GT(up, n / 4);
+    EXPECT_GT(ties_down, 100000u);
+    EXPECT_GT(ties_up, 100000u);
+}
+
+// The array conversions against each other and the scalar rounding, on N(0, 1) values mixed with
+// raw random bit patterns (all exponents, NaN 1 in 256) and the specials; from_bf16_cpu on all
+// 65536 bf16 patterns. N is not a multiple of anything, so OpenMP's chunks have ragged edges.
+TEST(Bf16, ArrayConversionsAgree) {
+    const size_t N = 100003;
+    Rng r{132};
+    vf x(N);
+    for (size_t i = 0; i < N; i++) x[i] = i % 2 ? rng_normal(&r) : f32_of((uint32_t)rng_u64(&r));
+    const uint32_t specials[] = {0x7f800000u, 0xff800000u, 0x7fc00000u, 0x7f800001u, 0xffffffffu,
+                                 0x7f7fffffu, 0x7f7f8000u, 0x00018000u, 0x80000000u, 0x3f818000u, 0x3f808000u};
+    for (size_t i = 0; i < sizeof(specials) / 4; i++) x[1000 * i + 1] = f32_of(specials[i]);
+
+    std::vector<bf16> h(N);
+    to_bf16_cpu(h.data(), x.data(), N);
+    vf wide(N), rounded = x;
+    from_bf16_cpu(wide.data(), h.data(), N);
+    round_bf16_cpu(rounded.data(), N);
+    // bit for bit: the same integer code on every path, NaN payloads included
+    EXPECT_EQ(0, memcmp(rounded.data(), wide.data(), N * sizeof(float))) << "round != from(to(x))";
+    size_t bad = 0, nans = 0;
+    for (size_t i = 0; i < N; i++) {
+        if (std::isnan(x[i])) {
+            nans++;
+            if (!std::isnan(wide[i]) && bad++ < 10) ADD_FAILURE() << "NaN lost at " << i;
+        } else if (h[i] != bf16_ref(x[i]) && bad++ < 10) {
+            ADD_FAILURE() << std::hex << "x = 0x" << bits_of(x[i]) << ": 0x" << h[i] << ", want 0x" << bf16_ref(x[i]);
+        }
+    }
+    EXPECT_EQ(bad, 0u);
+    EXPECT_GT(nans, 50u);  // ~N/512 random NaNs + 3 specials: the NaN path ran
+
+    std::vector<bf16> all(65536);
+    for (uint32_t i = 0; i < 65536; i++) all[i] = (bf16)i;
+    vf f(65536);
+    from_bf16_cpu(f.data(), all.data(), 65536);
+    for (uint32_t i = 0; i < 65536; i++) {
+        ASSERT_EQ(bits_of(f[i]), i << 16) << "widening must be exact: 0x" << std::hex << i;
+        const int e = (i >> 7) & 0xff;
+        if (e != 255) {  // not inf/NaN: the value its fields say
+            ASSERT_EQ((double)f[i], bf16_bits_value((uint16_t)i)) << std::hex << "0x" << i;
+        }
+    }
+}
+
+// The bf16 CPU matmuls against the double reference on the widened operands. Tolerance kBf16Sum =
+// 1e-5 (relative norm): a product of two bf16 values (8 significant bits each) has at most 16 and
+// is exact in fp32, so the only error is the fp32 rounding of the sums, ~6e-8 per addition, at
+// most ~1e-6 over these <= 64-term random-signed sums (~1e-7 measured). 1e-5 leaves 10x over that
+// bound and still fails anything that rounds the accumulator to bf16 (2^-9 ~ 2e-3 per step) or
+// misreads the operands (O(1)).
+// The shapes hit the loop edges: odd T (the last row alone), OC % 4 != 0 (outputs one at a time),
+// OC < 4 (no 4-wide block at all), IC not a multiple of any vector width.
+TEST(MatmulBf16, ForwardAndAccumulatingBackward) {
+    static const double kBf16Sum = 1e-5;  // fp32 sums of exact products; see above
+    struct Shape {
+        int T, IC, OC;
+    };
+    for (const Shape& s : {Shape{7, 37, 10}, Shape{1, 16, 3}, Shape{9, 64, 13}, Shape{6, 33, 8}})
+        for (bool full : {true, false}) {  // full: bias, dinp and db; else all three null
+            const int T = s.T, IC = s.IC, OC = s.OC;
+            SCOPED_TRACE(::testing::Message() << "T=" << T << " IC=" << IC << " OC=" << OC << " full=" << full);
+            Rng r{140u + (uint64_t)T * 100 + OC + full};
+            const std::vector<bf16> x = randn_bf16(&r, (size_t)T * IC), w = randn_bf16(&r, (size_t)OC * IC);
+            const std::vector<bf16> dy = randn_bf16(&r, (size_t)T * OC);
+            const vf b = randn(&r, OC);
+            const vd X = widen(x), W = widen(w), DY = widen(dy), B = full ? widen(b) : vd();
+
+            vf y = randn(&r, (size_t)T * OC, 100.0f);  // garbage the forward must overwrite
+            matmul_forward_cpu(y.data(), x.data(), w.data(), full ? b.data() : nullptr, T, IC, OC);
+            EXPECT_LT(rel_err(y, matmul_ref(X, W, B, T, IC, OC)), kBf16Sum);
+
+            vd dx_ref((size_t)T * IC, 0.0), dw_ref((size_t)OC * IC, 0.0), db_ref(OC, 0.0);
+            for (int t = 0; t < T; t++)
+                for (int o = 0; o < OC; o++) {
+                    const double g = DY[t * OC + o];
+                    db_ref[o] += g;
+                    for (int i = 0; i < IC; i++) {
+                        dx_ref[t * IC + i] += g * W[o * IC + i];
+                        dw_ref[o * IC + i] += g * X[t * IC + i];
+                    }
+                }
+            // nonzero starting values of the same size as what is added: an op that overwrote, or
+            // added twice, is off by O(1)
+            const vf dx0 = randn(&r, (size_t)T * IC, 3.0f), dw0 = randn(&r, (size_t)OC * IC, 3.0f),
+                     db0 = randn(&r, OC, 3.0f);
+            vf dx = dx0, dw = dw0, db = db0;
+            matmul_backward_cpu(full ? dx.data() : nullptr, dw.data(), full ? db.data() : nullptr, dy.data(), x.data(),
+                                w.data(), T, IC, OC);
+            EXPECT_LT(rel_err(added(dw, dw0), dw_ref), kBf16Sum);
+            if (full) {
+                EXPECT_LT(rel_err(added(dx, dx0), dx_ref), kBf16Sum);
+                EXPECT_LT(rel_err(added(db, db0), db_ref), kBf16Sum);
+            } else {
+                EXPECT_EQ(dx, dx0) << "dinp == null must not be written";
+                EXPECT_EQ(db, db0) << "db == null must not be written";
+            }
+        }
 }
