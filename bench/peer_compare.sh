@@ -4,7 +4,8 @@
 # 4 kv heads, ffn 5632, vocab 32000) at growing sequence lengths, and causal attention alone.
 # Needs a copy of ../shared/peer_pytorch.py in .peer/ (shared/ does not travel to a lent GPU).
 #   bash bench/peer_compare.sh [max_seq]        (default 131072)
-# Note the precisions: fpdt's CUDA backend is fp32 today; the peers run bf16.
+# Both sides run bf16 (fpdt's --precision default on the GPU). fpdt's attention kernels are the
+# simple first pair, not tensor-core flash kernels yet: expect the attention-bound sizes to lag.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 max=${1:-131072}
