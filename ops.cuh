@@ -145,35 +145,36 @@ static __global__ void matmul_bias_kernel(float* out, const float* b, size_t N, 
 // cuBLAS is column-major; a row-major (R, C) array is the same bytes as a column-major (C, R) one,
 // its transpose. So with out' = out^T (OC, T), inp' = inp^T (IC, T), w' = w^T (IC, OC), all
 // column-major, out = inp w^T becomes out' = (inp w^T)^T = w inp^T = (w')^T inp':
-// sgemm(op_T, op_N, m=OC, n=T, k=IC, A=w lda=IC, B=inp ldb=IC, C=out ldc=OC), beta = 0 (overwrite).
-// Math mode: CUBLAS_PEDANTIC_MATH (= compute type CUBLAS_COMPUTE_32F_PEDANTIC) is the only mode
-// that promises standard fp32 arithmetic with fp32 internal storage. CUBLAS_DEFAULT_MATH already
-// excludes TF32 for sgemm, but it only promises "at least fp32 precision", which admits the BF16x9
-// emulation newer cuBLAS/GPUs can substitute; this fp32 path is the reference the bf16 path will be
-// checked against, so it pins plain fp32. The handle is shared: every fp32 launcher sets its mode.
-static inline void matmul_forward_gpu(cublasHandle_t blas, cudaStream_t stream, float* out, const float* inp,
-                                      const float* w, const float* b, size_t T, int IC, int OC) {
-    if (T == 0 || OC <= 0) return;
-    const float one = 1.0f, zero = 0.0f;
+// gemm(op_T, op_N, m=OC, n=T, k=IC, A=w lda=IC, B=inp ldb=IC, C=out ldc=OC), beta = 0 (overwrite).
+// Operands X = float or bf16, the result fp32 (cublasGemmEx). Compute types: for fp32,
+// CUBLAS_COMPUTE_32F_PEDANTIC, the only one that promises standard fp32 arithmetic with fp32
+// internal storage (plain CUBLAS_COMPUTE_32F only promises "at least fp32 precision", which admits
+// TF32 or the BF16x9 emulation newer cuBLAS/GPUs can substitute): the fp32 path is the reference
+// the bf16 path is checked against. For bf16, CUBLAS_COMPUTE_32F: tensor cores, fp32 accumulation.
+template <typename X> struct BlasType;
+template <> struct BlasType<float> {
+    static constexpr cudaDataType_t type = CUDA_R_32F;
+    static constexpr cublasComputeType_t compute = CUBLAS_COMPUTE_32F_PEDANTIC;
+};
+template <> struct BlasType<bf16> {
+    static constexpr cudaDataType_t type = CUDA_R_16BF;
+    static constexpr cublasComputeType_t compute = CUBLAS_COMPUTE_32F;
+};
+// C (m, n) = A' B' + beta C, column-major, A' = op(A) (m, k), B' = op(B) (k, n); fp32 C.
+template <typename X>
+static inline void gemm(cublasHandle_t blas, cudaStream_t stream, bool ta, bool tb, int m, int n, int k, const X* A,
+                        int lda, const X* B, int ldb, float beta, float* C, int ldc) {
+    const float one = 1.0f;
     CUBLAS_CHECK(cublasSetStream(blas, stream));
-    CUBLAS_CHECK(cublasSetMathMode(blas, CUBLAS_PEDANTIC_MATH));
-    CUBLAS_CHECK(cublasSgemm(blas, CUBLAS_OP_T, CUBLAS_OP_N, OC, blas_dim(T, "T"), IC, &one, w, IC, inp, IC,
-                             &zero, out, OC));
-    if (b) {
-        matmul_bias_kernel<<<elementwise_grid(T * OC), 256, 0, stream>>>(out, b, T * OC, OC);
-        CUDA_LAUNCHED();
-    }
+    CUBLAS_CHECK(cublasGemmEx(blas, ta ? CUBLAS_OP_T : CUBLAS_OP_N, tb ? CUBLAS_OP_T : CUBLAS_OP_N, m, n, k, &one, A,
+                              BlasType<X>::type, lda, B, BlasType<X>::type, ldb, &beta, C, CUDA_R_32F, ldc,
+                              BlasType<X>::compute, CUBLAS_GEMM_DEFAULT));
 }
-// bf16 operands, fp32 out: the same product through cublasGemmEx on the tensor cores, with fp32
-// accumulation (CUBLAS_COMPUTE_32F) and an fp32 result. Default math: the bf16 path is for speed.
-static inline void matmul_forward_gpu(cublasHandle_t blas, cudaStream_t stream, float* out, const bf16* inp,
-                                      const bf16* w, const float* b, size_t T, int IC, int OC) {
+template <typename X>
+static inline void matmul_forward_gpu(cublasHandle_t blas, cudaStream_t stream, float* out, const X* inp, const X* w,
+                                      const float* b, size_t T, int IC, int OC) {
     if (T == 0 || OC <= 0) return;
-    const float one = 1.0f, zero = 0.0f;
-    CUBLAS_CHECK(cublasSetStream(blas, stream));
-    CUBLAS_CHECK(cublasSetMathMode(blas, CUBLAS_DEFAULT_MATH));
-    CUBLAS_CHECK(cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, OC, blas_dim(T, "T"), IC, &one, w, CUDA_R_16BF, IC, inp,
-                              CUDA_R_16BF, IC, &zero, out, CUDA_R_32F, OC, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    gemm(blas, stream, true, false, OC, blas_dim(T, "T"), IC, w, IC, inp, IC, 0.0f, out, OC);
     if (b) {
         matmul_bias_kernel<<<elementwise_grid(T * OC), 256, 0, stream>>>(out, b, T * OC, OC);
         CUDA_LAUNCHED();
@@ -234,39 +235,16 @@ static __global__ void matmul_db_kernel(float* db, const X* dout, size_t T, int 
 // Column-major view as in matmul_forward_gpu (x' = x^T for every row-major array), beta = 1 to
 // accumulate:
 //   dinp = dout w        ->  dinp' (IC, T) = w' (IC, OC) dout' (OC, T):
-//                            sgemm(op_N, op_N, m=IC, n=T, k=OC, A=w lda=IC, B=dout ldb=OC, C=dinp ldc=IC)
+//                            gemm(op_N, op_N, m=IC, n=T, k=OC, A=w lda=IC, B=dout ldb=OC, C=dinp ldc=IC)
 //   dw = dout^T inp      ->  dw' (IC, OC) = inp' (IC, T) (dout')^T (T, OC):
-//                            sgemm(op_N, op_T, m=IC, n=OC, k=T, A=inp lda=IC, B=dout ldb=OC, C=dw ldc=IC)
+//                            gemm(op_N, op_T, m=IC, n=OC, k=T, A=inp lda=IC, B=dout ldb=OC, C=dw ldc=IC)
+template <typename X>
 static inline void matmul_backward_gpu(cublasHandle_t blas, cudaStream_t stream, float* dinp, float* dw, float* db,
-                                       const float* dout, const float* inp, const float* w, size_t T, int IC,
-                                       int OC) {
+                                       const X* dout, const X* inp, const X* w, size_t T, int IC, int OC) {
     if (T == 0 || OC <= 0) return;
-    const float one = 1.0f;
     const int Ti = blas_dim(T, "T");
-    CUBLAS_CHECK(cublasSetStream(blas, stream));
-    CUBLAS_CHECK(cublasSetMathMode(blas, CUBLAS_PEDANTIC_MATH));  // plain fp32: see matmul_forward_gpu
-    if (dinp)
-        CUBLAS_CHECK(cublasSgemm(blas, CUBLAS_OP_N, CUBLAS_OP_N, IC, Ti, OC, &one, w, IC, dout, OC, &one, dinp, IC));
-    CUBLAS_CHECK(cublasSgemm(blas, CUBLAS_OP_N, CUBLAS_OP_T, IC, OC, Ti, &one, inp, IC, dout, OC, &one, dw, IC));
-    if (db) {
-        matmul_db_kernel<<<ceil_div(OC, 32), dim3(32, COLSUM_ROWS), 0, stream>>>(db, dout, T, OC);
-        CUDA_LAUNCHED();
-    }
-}
-// bf16 operands, fp32 results: the same two products through cublasGemmEx (see the bf16
-// matmul_forward_gpu), accumulating into the fp32 dinp and dw (beta = 1).
-static inline void matmul_backward_gpu(cublasHandle_t blas, cudaStream_t stream, float* dinp, float* dw, float* db,
-                                       const bf16* dout, const bf16* inp, const bf16* w, size_t T, int IC, int OC) {
-    if (T == 0 || OC <= 0) return;
-    const float one = 1.0f;
-    const int Ti = blas_dim(T, "T");
-    CUBLAS_CHECK(cublasSetStream(blas, stream));
-    CUBLAS_CHECK(cublasSetMathMode(blas, CUBLAS_DEFAULT_MATH));
-    if (dinp)
-        CUBLAS_CHECK(cublasGemmEx(blas, CUBLAS_OP_N, CUBLAS_OP_N, IC, Ti, OC, &one, w, CUDA_R_16BF, IC, dout, CUDA_R_16BF,
-                                  OC, &one, dinp, CUDA_R_32F, IC, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-    CUBLAS_CHECK(cublasGemmEx(blas, CUBLAS_OP_N, CUBLAS_OP_T, IC, OC, Ti, &one, inp, CUDA_R_16BF, IC, dout, CUDA_R_16BF,
-                              OC, &one, dw, CUDA_R_32F, IC, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    if (dinp) gemm(blas, stream, false, false, IC, Ti, OC, w, IC, dout, OC, 1.0f, dinp, IC);
+    gemm(blas, stream, false, true, IC, OC, Ti, inp, IC, dout, OC, 1.0f, dw, IC);
     if (db) {
         matmul_db_kernel<<<ceil_div(OC, 32), dim3(32, COLSUM_ROWS), 0, stream>>>(db, dout, T, OC);
         CUDA_LAUNCHED();

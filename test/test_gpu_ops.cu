@@ -106,54 +106,10 @@ struct MatShape {
     size_t T;
     int IC, OC;
 };
-static const MatShape kMatShapes[] = {{37, 64, 100}, {100, 100, 64}, {1, 100, 100}, {257, 64, 33}, {1000, 100, 128}};
+static const std::vector<MatShape> kMatShapes = {{37, 64, 100}, {100, 100, 64}, {1, 100, 100}, {257, 64, 33}, {1000, 100, 128}};
 
-TEST_F(GpuOps, MatmulForward) {
-    Rng r{101};
-    for (const MatShape& sh : kMatShapes)
-        for (bool bias : {true, false}) {
-            SCOPED_TRACE(::testing::Message() << "T=" << sh.T << " IC=" << sh.IC << " OC=" << sh.OC
-                                              << " bias=" << bias);
-            const size_t T = sh.T;
-            const int IC = sh.IC, OC = sh.OC;
-            const vf inp = randn(&r, T * IC), w = randn(&r, (size_t)OC * IC, 0.1f), b = randn(&r, OC);
-            vf out(T * OC);
-            matmul_forward_cpu(out.data(), inp.data(), w.data(), bias ? b.data() : nullptr, T, IC, OC);
-            DevBuf<float> d_out(randn(&r, T * OC, 10.0f)), d_inp(inp), d_w(w), d_b(b);  // garbage must vanish
-            matmul_forward_gpu(blas, stream, d_out.p, d_inp.p, d_w.p, bias ? d_b.p : nullptr, T, IC, OC);
-            EXPECT_LT(rel_err(d_out.get(), out), kMatmul);
-        }
-}
+// (the matmul tests, fp32 and bf16, are at the end: they share a body templated on the operand type)
 
-TEST_F(GpuOps, MatmulBackwardAccumulates) {
-    Rng r{102};
-    for (const MatShape& sh : kMatShapes)
-        for (int variant = 0; variant < 4; variant++) {
-            const bool with_dinp = !(variant & 1), with_db = !(variant & 2);
-            SCOPED_TRACE(::testing::Message() << "T=" << sh.T << " IC=" << sh.IC << " OC=" << sh.OC
-                                              << " dinp=" << with_dinp << " db=" << with_db);
-            const size_t T = sh.T;
-            const int IC = sh.IC, OC = sh.OC;
-            const vf dout = randn(&r, T * OC), inp = randn(&r, T * IC), w = randn(&r, (size_t)OC * IC, 0.1f);
-            const vf dinp0 = randn(&r, T * IC), dw0 = randn(&r, (size_t)OC * IC), db0 = randn(&r, OC);
-            vf dinp = dinp0, dw = dw0, db = db0;
-            matmul_backward_cpu(with_dinp ? dinp.data() : nullptr, dw.data(), with_db ? db.data() : nullptr,
-                                dout.data(), inp.data(), w.data(), T, IC, OC);
-            DevBuf<float> d_dinp(dinp0), d_dw(dw0), d_db(db0), d_dout(dout), d_inp(inp), d_w(w);
-            matmul_backward_gpu(blas, stream, with_dinp ? d_dinp.p : nullptr, d_dw.p, with_db ? d_db.p : nullptr,
-                                d_dout.p, d_inp.p, d_w.p, T, IC, OC);
-            const vf g_dinp = d_dinp.get(), g_dw = d_dw.get(), g_db = d_db.get();
-            EXPECT_LT(rel_err(added(g_dw, dw0), added(dw, dw0)), kMatmul);
-            if (with_dinp)
-                EXPECT_LT(rel_err(added(g_dinp, dinp0), added(dinp, dinp0)), kMatmul);
-            else
-                EXPECT_EQ(max_abs_diff(g_dinp, dinp0), 0.0) << "dinp == null must not be written";
-            if (with_db)
-                EXPECT_LT(rel_err(added(g_db, db0), added(db, db0)), kMatmul);
-            else
-                EXPECT_EQ(max_abs_diff(g_db, db0), 0.0) << "db == null must not be written";
-        }
-}
 
 // ----------------------------------------------------------------------------
 // LayerNorm / RMSNorm
@@ -445,45 +401,56 @@ TEST_F(GpuOps, Bf16ConversionsMatchCpuBitForBit) {
 // k-block of products at once, then accumulate in fp32; the CPU sums lanes of a vector), ~1e-6 for
 // K <= 1000 as for the fp32 matmuls. 1e-4 still fails a wrong transpose or leading dimension (O(1))
 // and an accumulator kept in bf16 (2^-9 ~ 2e-3 per addition).
-static const MatShape kBf16MatShapes[] = {{37, 64, 100}, {1, 100, 100}, {257, 64, 33},
-                                          {1000, 100, 128}, {33, 37, 13}, {7, 5, 3}};
+static const std::vector<MatShape> kBf16MatShapes = {{37, 64, 100}, {1, 100, 100}, {257, 64, 33},
+                                                    {1000, 100, 128}, {33, 37, 13}, {7, 5, 3}};
 
-TEST_F(GpuOps, MatmulBf16Forward) {
-    Rng r{711};
-    for (const MatShape& sh : kBf16MatShapes)
+// Random operands of either type: fp32 values, or bf16 ones (already rounded).
+template <typename X> static std::vector<X> randn_as(Rng* r, size_t n, float scale = 1.0f);
+template <> std::vector<float> randn_as<float>(Rng* r, size_t n, float scale) { return randn(r, n, scale); }
+template <> std::vector<bf16> randn_as<bf16>(Rng* r, size_t n, float scale) { return randn_bf16(r, n, scale); }
+
+// matmul_forward_gpu<X> against matmul_forward_cpu<X>, with and without bias; the output starts
+// as garbage, which must vanish.
+template <typename X>
+static void check_matmul_forward(cublasHandle_t blas, cudaStream_t stream, uint64_t seed, const std::vector<MatShape>& shapes) {
+    Rng r{seed};
+    for (const MatShape& sh : shapes)
         for (bool bias : {true, false}) {
             SCOPED_TRACE(::testing::Message() << "T=" << sh.T << " IC=" << sh.IC << " OC=" << sh.OC
                                               << " bias=" << bias);
             const size_t T = sh.T;
             const int IC = sh.IC, OC = sh.OC;
-            const std::vector<bf16> inp = randn_bf16(&r, T * IC), w = randn_bf16(&r, (size_t)OC * IC, 0.1f);
+            const std::vector<X> inp = randn_as<X>(&r, T * IC), w = randn_as<X>(&r, (size_t)OC * IC, 0.1f);
             const vf b = randn(&r, OC);
             vf out(T * OC);
             matmul_forward_cpu(out.data(), inp.data(), w.data(), bias ? b.data() : nullptr, T, IC, OC);
-            DevBuf<float> d_out(randn(&r, T * OC, 10.0f)), d_b(b);  // garbage must vanish
-            DevBuf<bf16> d_inp(inp), d_w(w);
+            DevBuf<float> d_out(randn(&r, T * OC, 10.0f)), d_b(b);
+            DevBuf<X> d_inp(inp), d_w(w);
             matmul_forward_gpu(blas, stream, d_out.p, d_inp.p, d_w.p, bias ? d_b.p : nullptr, T, IC, OC);
             EXPECT_LT(rel_err(d_out.get(), out), kMatmul);
         }
 }
 
-TEST_F(GpuOps, MatmulBf16BackwardAccumulates) {
-    Rng r{712};
-    for (const MatShape& sh : kBf16MatShapes)
+// matmul_backward_gpu<X> against matmul_backward_cpu<X>: what each ADDED to random starting
+// dinp, dw, db; null dinp / db must stay untouched.
+template <typename X>
+static void check_matmul_backward(cublasHandle_t blas, cudaStream_t stream, uint64_t seed, const std::vector<MatShape>& shapes) {
+    Rng r{seed};
+    for (const MatShape& sh : shapes)
         for (int variant = 0; variant < 4; variant++) {
             const bool with_dinp = !(variant & 1), with_db = !(variant & 2);
             SCOPED_TRACE(::testing::Message() << "T=" << sh.T << " IC=" << sh.IC << " OC=" << sh.OC
                                               << " dinp=" << with_dinp << " db=" << with_db);
             const size_t T = sh.T;
             const int IC = sh.IC, OC = sh.OC;
-            const std::vector<bf16> dout = randn_bf16(&r, T * OC), inp = randn_bf16(&r, T * IC),
-                                    w = randn_bf16(&r, (size_t)OC * IC, 0.1f);
+            const std::vector<X> dout = randn_as<X>(&r, T * OC), inp = randn_as<X>(&r, T * IC),
+                                 w = randn_as<X>(&r, (size_t)OC * IC, 0.1f);
             const vf dinp0 = randn(&r, T * IC), dw0 = randn(&r, (size_t)OC * IC), db0 = randn(&r, OC);
             vf dinp = dinp0, dw = dw0, db = db0;
             matmul_backward_cpu(with_dinp ? dinp.data() : nullptr, dw.data(), with_db ? db.data() : nullptr,
                                 dout.data(), inp.data(), w.data(), T, IC, OC);
             DevBuf<float> d_dinp(dinp0), d_dw(dw0), d_db(db0);
-            DevBuf<bf16> d_dout(dout), d_inp(inp), d_w(w);
+            DevBuf<X> d_dout(dout), d_inp(inp), d_w(w);
             matmul_backward_gpu(blas, stream, with_dinp ? d_dinp.p : nullptr, d_dw.p, with_db ? d_db.p : nullptr,
                                 d_dout.p, d_inp.p, d_w.p, T, IC, OC);
             const vf g_dinp = d_dinp.get(), g_dw = d_dw.get(), g_db = d_db.get();
@@ -498,3 +465,8 @@ TEST_F(GpuOps, MatmulBf16BackwardAccumulates) {
                 EXPECT_EQ(max_abs_diff(g_db, db0), 0.0) << "db == null must not be written";
         }
 }
+
+TEST_F(GpuOps, MatmulForward) { check_matmul_forward<float>(blas, stream, 101, kMatShapes); }
+TEST_F(GpuOps, MatmulBackwardAccumulates) { check_matmul_backward<float>(blas, stream, 102, kMatShapes); }
+TEST_F(GpuOps, MatmulBf16Forward) { check_matmul_forward<bf16>(blas, stream, 711, kBf16MatShapes); }
+TEST_F(GpuOps, MatmulBf16BackwardAccumulates) { check_matmul_backward<bf16>(blas, stream, 712, kBf16MatShapes); }
