@@ -228,9 +228,13 @@ static bool choose_device(const Args& a, Ctx* ctx, GpuCtx* g) {
     if (n == 0) return false;
     g->device = comm_world().local_rank % n;
     CUDA_CHECK(cudaSetDevice(g->device));
-    CUDA_CHECK(cudaStreamCreateWithFlags(&g->compute, cudaStreamNonBlocking));
-    CUDA_CHECK(cudaStreamCreateWithFlags(&g->h2d, cudaStreamNonBlocking));
-    CUDA_CHECK(cudaStreamCreateWithFlags(&g->d2h, cudaStreamNonBlocking));
+    // The copy streams also run the small bf16 narrowing/widening kernels of the host store: at
+    // the highest priority, so that the link is not left idle behind the attention kernels.
+    int least = 0, greatest = 0;
+    CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+    CUDA_CHECK(cudaStreamCreateWithPriority(&g->compute, cudaStreamNonBlocking, least));
+    CUDA_CHECK(cudaStreamCreateWithPriority(&g->h2d, cudaStreamNonBlocking, greatest));
+    CUDA_CHECK(cudaStreamCreateWithPriority(&g->d2h, cudaStreamNonBlocking, greatest));
     CUBLAS_CHECK(cublasCreate(&g->blas));
     ctx->gpu = true;
     ctx->g = g;
@@ -375,6 +379,7 @@ static int cmd_train(int argc, char** argv) {
         bool finite = std::isfinite(loss);
         float norm = NAN;
         if (finite) norm = model_update(&M, opt, step + 1, &finite);
+        dev_sync(&M.ctx);  // the update's kernels belong to this step's time
         const double dt = now_s() - t0;
         if (trace.on) {
             if (M.ctx.gpu) trace_gpu_finish(&M.ctx);

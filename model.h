@@ -595,10 +595,10 @@ static inline void chunk_forward(Model* M, int l, int i, const float* x, float* 
     store_put(ctx, &M->v, i, 2);
     if (for_backward) store_put(ctx, &M->q, i, 2);
 
-    // attention of q_i over k_j, v_j for j <= i, double-buffered: fetch j+1 while j computes
+    // attention of q_i over k_j, v_j for j <= i, double-buffered: fetch j+1 while j computes.
+    // k_0, v_0 were fetched at the end of chunk i-1's attention (below), behind its MLP.
     dev_zero(ctx, M->o, C * Hl * D * sizeof(float));
     dev_fill(ctx, M->lsew, -INFINITY, C * Hl);
-    if (i > 0) store_prefetch(ctx, &M->k, 0, 0), store_prefetch(ctx, &M->v, 0, 0);
     for (int j = 0; j <= i; j++) {
         if (j + 1 < i) store_prefetch(ctx, &M->k, j + 1, (j + 1) % 2), store_prefetch(ctx, &M->v, j + 1, (j + 1) % 2);
         const float* kj = j == i ? ki : store_use(ctx, &M->k, j, j % 2);
@@ -606,6 +606,9 @@ static inline void chunk_forward(Model* M, int l, int i, const float* x, float* 
         TraceScope ts(ctx, "attention block", TRACK_COMPUTE, i);
         OP(ctx, attention_forward, M->o, M->lsew, qi, kj, vj, C, C, Hl, Hkvl, D, j == i);
     }
+    // Both callers (layer_forward, layer_backward's phase 1) run the chunks in order: the next
+    // chunk's first key/value block can come in now, while this chunk finishes.
+    if (i + 1 < M->u) store_prefetch(ctx, &M->k, 0, 0), store_prefetch(ctx, &M->v, 0, 0);
     if (for_backward) {
         dev_copy(ctx, store_out(ctx, &M->lse, i, 2), M->lsew, C * Hl * sizeof(float));
         store_put(ctx, &M->lse, i, 2);
@@ -692,8 +695,15 @@ static inline void layer_backward(Model* M, int l) {
     // Phase 2, attention backward: outer loop over kv chunks j, inner over query chunks i >= j,
     // from the last down to j so that the last visit, i == j, leaves the final dQ_j in its slot.
     ChunkStore* qset[] = {&M->q, &M->dout, &M->lse, &M->delta};
+    // The copy-in stream runs in order, so each j queues its copies by when they are needed: the
+    // first query chunk of the inner loop, then the next kv chunk, then what the end of j needs.
     store_prefetch(ctx, &M->k, 0, 0), store_prefetch(ctx, &M->v, 0, 0);
     for (int j = 0; j < u; j++) {
+        auto prefetch = [&](int i) {
+            for (ChunkStore* s : qset) store_prefetch(ctx, s, i, i % 2);
+            if (j > 0) store_prefetch(ctx, &M->dq, i, i % 2);  // on the first visit dQ_i starts at zero
+        };
+        prefetch(u - 1);
         if (j + 1 < u) store_prefetch(ctx, &M->k, j + 1, (j + 1) % 2), store_prefetch(ctx, &M->v, j + 1, (j + 1) % 2);
         store_prefetch(ctx, &M->ckpt, l * u + j, 0);  // for the QKV backward at the end of this j
         store_prefetch(ctx, &M->dx, j, 0);
@@ -701,11 +711,6 @@ static inline void layer_backward(Model* M, int l) {
         const float* vj = store_use(ctx, &M->v, j, j % 2);
         dev_zero(ctx, M->dk, C * Hkvl * D * sizeof(float));
         dev_zero(ctx, M->dv, C * Hkvl * D * sizeof(float));
-        auto prefetch = [&](int i) {
-            for (ChunkStore* s : qset) store_prefetch(ctx, s, i, i % 2);
-            if (j > 0) store_prefetch(ctx, &M->dq, i, i % 2);  // on the first visit dQ_i starts at zero
-        };
-        prefetch(u - 1);
         float* dqi = nullptr;
         for (int i = u - 1; i >= j; i--) {
             if (i - 1 >= j) prefetch(i - 1);

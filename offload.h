@@ -21,8 +21,8 @@
 // On the CPU backend the copies are memcpy, done in order. On the GPU they are cudaMemcpyAsync on
 // the copy streams, ordered by events only (no host synchronisation):
 //   prefetch: copy-in waits for compute to be done with the slot's old contents and for the
-//             store's last copy-out (it may be the chunk we fetch), then copies, then records
-//             `ready`;  use: compute waits for `ready`;
+//             copy-out of the chunk it fetches (`chunk_put`), then copies, then records `ready`;
+//   use: compute waits for `ready`;
 //   out: compute waits for the slot's last copy-out to finish before overwriting it;
 //   put: copy-out waits for compute to have produced the value, copies, records `put_done`.
 #pragma once
@@ -205,8 +205,11 @@ struct ChunkStore {
     int nslots = 0;
     int in_slot[3] = {-1, -1, -1};  // which chunk a slot was last filled with (for checks)
     // GPU events (cudaEvent_t is CUevent_st*; declared in every build so that code compiled by g++
-    // and by nvcc agrees on the layout of this struct and of Model)
-    CUevent_st *ready[3] = {}, *put_done[3] = {}, *last_put = nullptr;
+    // and by nvcc agrees on the layout of this struct and of Model): per slot, its copy-in landed
+    // and its last copy-out finished; per chunk, its last copy-out finished (a fetch of that chunk
+    // waits for it, and for nothing else on the copy-out stream)
+    CUevent_st *ready[3] = {}, *put_done[3] = {};
+    std::vector<CUevent_st*> chunk_put;
 };
 
 // Takes the store's memory: the chunks from the host arena (offload) or the device arena, and
@@ -235,7 +238,8 @@ static inline void store_init(Ctx* ctx, ChunkStore* s, const char* name, size_t 
             CUDA_CHECK(cudaEventCreateWithFlags(&s->ready[k], cudaEventDisableTiming));
             CUDA_CHECK(cudaEventCreateWithFlags(&s->put_done[k], cudaEventDisableTiming));
         }
-        CUDA_CHECK(cudaEventCreateWithFlags(&s->last_put, cudaEventDisableTiming));
+        s->chunk_put.assign(nchunks, nullptr);
+        for (CUevent_st*& e : s->chunk_put) CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
     }
 #endif
     (void)ctx;
@@ -243,13 +247,15 @@ static inline void store_init(Ctx* ctx, ChunkStore* s, const char* name, size_t 
 
 static inline void store_free(Ctx* ctx, ChunkStore* s) {
 #ifdef __CUDACC__
-    if (ctx->gpu)
-        for (CUevent_st** e : {&s->ready[0], &s->ready[1], &s->ready[2], &s->put_done[0], &s->put_done[1],
-                               &s->put_done[2], &s->last_put})
+    if (ctx->gpu) {
+        for (CUevent_st** e : {&s->ready[0], &s->ready[1], &s->ready[2], &s->put_done[0], &s->put_done[1], &s->put_done[2]})
             if (*e) {
                 CUDA_CHECK(cudaEventDestroy(*e));
                 *e = nullptr;
             }
+        for (CUevent_st* e : s->chunk_put) CUDA_CHECK(cudaEventDestroy(e));
+        s->chunk_put.clear();
+    }
 #endif
     (void)ctx, (void)s;
 }
@@ -277,8 +283,11 @@ static inline void store_prefetch(Ctx* ctx, ChunkStore* s, int chunk, int slot) 
 #ifdef __CUDACC__
     if (ctx->gpu) {
         GpuCtx* g = ctx->g;
-        stream_after(g->h2d, g->compute);                        // compute is done with the slot
-        CUDA_CHECK(cudaStreamWaitEvent(g->h2d, s->last_put, 0));  // the host copy is complete
+        store_host_ptr(s, chunk);                                         // (checks the chunk number)
+        stream_after(g->h2d, g->compute);                                 // compute is done with the slot,
+        CUDA_CHECK(cudaStreamWaitEvent(g->h2d, s->put_done[slot], 0));    // so is its last copy-out,
+        CUDA_CHECK(cudaStreamWaitEvent(g->h2d, s->chunk_put[chunk], 0));  // and the host copy is complete
+                                                                          // (an event never recorded waits for nothing)
         TraceScope ts(ctx, s->name, TRACK_COPY_IN, chunk, s->host_bytes);
         if (s->compact) {  // bf16 over the link, widened on the copy stream (it owns wire_in)
             CUDA_CHECK(cudaMemcpyAsync(s->wire_in, store_host_ptr(s, chunk), s->host_bytes, cudaMemcpyHostToDevice, g->h2d));
@@ -331,7 +340,7 @@ static inline void store_put(Ctx* ctx, ChunkStore* s, int chunk, int slot) {
             CUDA_CHECK(cudaMemcpyAsync(store_host_ptr(s, chunk), s->slot[slot], s->chunk_bytes, cudaMemcpyDeviceToHost, g->d2h));
         }
         CUDA_CHECK(cudaEventRecord(s->put_done[slot], g->d2h));
-        CUDA_CHECK(cudaEventRecord(s->last_put, g->d2h));
+        CUDA_CHECK(cudaEventRecord(s->chunk_put[chunk], g->d2h));
         return;
     }
 #endif
