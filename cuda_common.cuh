@@ -29,4 +29,10 @@ struct GpuCtx {
 };
 
 static inline unsigned ceil_div(size_t a, size_t b) { return (unsigned)((a + b - 1) / b); }
+
+// Elementwise launches: 256 threads a block and at most 65536 blocks; the kernels' grid-stride
+// loops (size_t indices) cover the rest, so N may pass 2^31.
+static inline unsigned elementwise_grid(size_t n) { return (unsigned)std::min<size_t>((n + 255) / 256, 65536); }
+#define GRID_STRIDE_LOOP(i, n) \
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < (n); i += (size_t)gridDim.x * blockDim.x)
 #endif

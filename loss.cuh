@@ -174,14 +174,11 @@ static __global__ void adamw_kernel(float* p, const float* g, float* m, float* v
     }
 }
 
-// grid for a grid-stride loop over n elements, 256 threads per block
-static inline unsigned loss_grid(size_t n) { return (unsigned)std::min<size_t>(ceil_div(n, 256), 65536); }
-
 static inline void adamw_gpu(cudaStream_t stream, float* p, const float* g, float* m, float* v, size_t n, float lr,
                              float b1, float b2, float eps, float wd, bool decay, int t) {
     if (n == 0) return;
     const float c1 = 1.0f - powf(b1, (float)t), c2 = 1.0f - powf(b2, (float)t);  // as adamw_cpu
-    adamw_kernel<<<loss_grid(n), 256, 0, stream>>>(p, g, m, v, n, lr, b1, b2, eps, wd, decay, c1, c2);
+    adamw_kernel<<<elementwise_grid(n), 256, 0, stream>>>(p, g, m, v, n, lr, b1, b2, eps, wd, decay, c1, c2);
     CUDA_LAUNCHED();
 }
 
@@ -232,7 +229,7 @@ static __global__ void scale_kernel(float* g, size_t n, float s) {
 
 static inline void scale_gpu(cudaStream_t stream, float* g, size_t n, float s) {
     if (n == 0) return;
-    scale_kernel<<<loss_grid(n), 256, 0, stream>>>(g, n, s);
+    scale_kernel<<<elementwise_grid(n), 256, 0, stream>>>(g, n, s);
     CUDA_LAUNCHED();
 }
 #endif

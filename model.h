@@ -441,14 +441,14 @@ static __global__ void a2a_unpack_kernel(float* dst, const float* recv, int cols
 static inline void a2a_pack_gpu(cudaStream_t s, float* send, const float* src, int cols, int first, bool kv, int nh,
                                 size_t cl, int D, int Hl, int Hkvl, int H, int Hkv, int P) {
     if (cl == 0 || nh == 0) return;
-    a2a_pack_kernel<<<std::min(ceil_div((size_t)P * cl * nh * D, 256), 65535u), 256, 0, s>>>(send, src, cols, first, kv,
+    a2a_pack_kernel<<<elementwise_grid((size_t)P * cl * nh * D), 256, 0, s>>>(send, src, cols, first, kv,
                                                                                            nh, cl, D, Hl, Hkvl, H, Hkv, P);
     CUDA_LAUNCHED();
 }
 static inline void a2a_unpack_gpu(cudaStream_t s, float* dst, const float* recv, int cols, int first, bool kv, int nh,
                                   size_t cl, int D, int Hl, int Hkvl, int H, int Hkv, int P) {
     if (cl == 0) return;
-    a2a_unpack_kernel<<<std::min(ceil_div(cl * (kv ? Hkv : H) * D, 256), 65535u), 256, 0, s>>>(
+    a2a_unpack_kernel<<<elementwise_grid(cl * (kv ? Hkv : H) * D), 256, 0, s>>>(
         dst, recv, cols, first, kv, nh, cl, D, Hl, Hkvl, H, Hkv, P);
     CUDA_LAUNCHED();
 }
@@ -771,6 +771,7 @@ static __global__ void accumulate_kernel(double* acc, const float* x, size_t n) 
     }
 }
 static inline void accumulate_gpu(cudaStream_t s, double* acc, const float* x, size_t n) {
+    if (n == 0) return;
     accumulate_kernel<<<1, 256, 0, s>>>(acc, x, n);
     CUDA_LAUNCHED();
 }

@@ -109,7 +109,7 @@ static inline void dev_fill(Ctx* ctx, float* dev, float v, size_t n) {
 #ifdef __CUDACC__
     if (n == 0) return;
     if (ctx->gpu) {
-        fill_kernel<<<std::min(ceil_div(n, 256), 65535u), 256, 0, ctx->g->compute>>>(dev, v, n);
+        fill_kernel<<<elementwise_grid(n), 256, 0, ctx->g->compute>>>(dev, v, n);
         CUDA_LAUNCHED();
         return;
     }
@@ -122,7 +122,7 @@ static inline void dev_iota(Ctx* ctx, int32_t* dev, int32_t first, size_t n) {
 #ifdef __CUDACC__
     if (n == 0) return;
     if (ctx->gpu) {
-        iota_kernel<<<std::min(ceil_div(n, 256), 65535u), 256, 0, ctx->g->compute>>>(dev, first, n);
+        iota_kernel<<<elementwise_grid(n), 256, 0, ctx->g->compute>>>(dev, first, n);
         CUDA_LAUNCHED();
         return;
     }

@@ -19,12 +19,6 @@
 #include <climits>
 #include "cuda_common.cuh"
 
-// Elementwise launches: 256 threads a block and at most 65536 blocks; the kernels' grid-stride
-// loops (size_t indices) cover the rest, so N may pass 2^31.
-static inline unsigned elementwise_grid(size_t n) { return (unsigned)std::min<size_t>((n + 255) / 256, 65536); }
-#define GRID_STRIDE_LOOP(i, n) \
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < (n); i += (size_t)gridDim.x * blockDim.x)
-
 // Sum over the 32 lanes of a warp, returned to every lane. The xor butterfly adds the same pairs in
 // every lane (a + b == b + a exactly), so all lanes hold the same bits.
 static __device__ __forceinline__ float warp_sum(float v) {
