@@ -7,6 +7,7 @@
 // Sections: command line; evaluation; train; sample; plan; main. Checkpoints are in checkpoint.h.
 #include <cuda_runtime.h>
 #include <omp.h>
+#include <functional>
 #include <map>
 #include <set>
 #include <string>
@@ -565,13 +566,136 @@ static int cmd_plan(int argc, char** argv) {
 }
 
 // ----------------------------------------------------------------------------
+// bench: the building blocks of a step on this device, each timed as the median of --reps runs
+// after one warm-up, in the PyTorch peer's conventions (../shared/peer_pytorch.py): a matmul is
+// 2 M N K FLOPs, causal attention forward 2 S^2 H D, its backward 2.5 times that.
+
+static std::string now_iso() {  // the date a benchmark ran, UTC
+    char b[32];
+    const time_t t = time(nullptr);
+    strftime(b, sizeof b, "%Y-%m-%d %H:%M UTC", gmtime(&t));
+    return b;
+}
+
+static double median_seconds(Ctx* ctx, int reps, const std::function<void()>& fn) {
+    fn();
+    dev_sync(ctx);
+    std::vector<double> t;
+    for (int r = 0; r < reps; r++) {
+        const double t0 = now_s();
+        fn();
+        dev_sync(ctx);
+        t.push_back(now_s() - t0);
+    }
+    std::sort(t.begin(), t.end());
+    return t[t.size() / 2];
+}
+
+static int cmd_bench(int argc, char** argv) {
+    Args a = parse_args(argc, argv, {"device", "size", "seq", "heads", "kv-heads", "head-dim", "reps", "help"});
+    if (a.help) {
+        printf("usage: ./fpdt bench [--device auto|cpu|gpu] [--size N] [--seq S] [--heads H] [--kv-heads K]\n"
+               "                    [--head-dim D] [--reps R]\n"
+               "  times an N x N x N matmul (fp32 and bf16 operands), one causal attention block of S tokens\n"
+               "  (forward; backward with delta) and, on a GPU, pinned copies of its q each way.\n"
+               "  Defaults on a GPU: N 8192, S 8192, H 32, K = H, D 128 (the peer's attention case);\n"
+               "  on the CPU: N 512, S 1024, H 4, D 64. R 5.\n");
+        return 0;
+    }
+    Ctx ctx;
+    GpuCtx gpu;
+    const bool on_gpu = choose_device(a, &ctx, &gpu);
+    const size_t N = a.integer("size", on_gpu ? 8192 : 512, 1, 1 << 16);
+    const size_t S = a.integer("seq", on_gpu ? 8192 : 1024, 1, 1 << 22);
+    const int H = (int)a.integer("heads", on_gpu ? 32 : 4, 1, 1024);
+    const int KV = (int)a.integer("kv-heads", H, 1, 1024);
+    const int D = (int)a.integer("head-dim", on_gpu ? 128 : 64, 2, 512);
+    const int reps = (int)a.integer("reps", 5, 1, 1000);
+    if (H % KV) fatal_all("--kv-heads %d does not divide --heads %d", KV, H);
+    if (D % 2) fatal_all("--head-dim %d must be even", D);
+    const size_t qn = S * H * D, kn = S * KV * D;
+    // device buffers (shapes in the comments), taken like the model's: a dry run, then one allocation
+    Arena dev, host;
+    dev.name = "device", dev.kind = Mem::Device, host.name = "host", host.kind = Mem::Pinned;
+    float *A, *B, *Cm, *q, *k, *v, *o, *lse, *dout, *delta, *dq, *dk, *dv, *pinned;
+    bf16 *Ab, *Bb;
+    auto layout = [&]() {
+        A = arena_alloc<float>(&dev, N * N, "bench"), B = arena_alloc<float>(&dev, N * N, "bench");  // (N, N) each
+        Cm = arena_alloc<float>(&dev, N * N, "bench");                                                // (N, N)
+        Ab = arena_alloc<bf16>(&dev, N * N, "bench"), Bb = arena_alloc<bf16>(&dev, N * N, "bench");   // (N, N) each
+        q = arena_alloc<float>(&dev, qn, "bench"), o = arena_alloc<float>(&dev, qn, "bench");         // (S, H, D)
+        dout = arena_alloc<float>(&dev, qn, "bench"), dq = arena_alloc<float>(&dev, qn, "bench");     // (S, H, D)
+        k = arena_alloc<float>(&dev, kn, "bench"), v = arena_alloc<float>(&dev, kn, "bench");         // (S, K, D)
+        dk = arena_alloc<float>(&dev, kn, "bench"), dv = arena_alloc<float>(&dev, kn, "bench");       // (S, K, D)
+        lse = arena_alloc<float>(&dev, S * H, "bench"), delta = arena_alloc<float>(&dev, S * H, "bench");  // (S, H)
+        pinned = arena_alloc<float>(&host, on_gpu ? qn : 1, "bench");                                 // (S, H, D)
+    };
+    dev.count_only = host.count_only = true;
+    layout();
+    dev.cap = dev.peak, host.cap = host.peak;
+    dev.used = host.used = 0, dev.count_only = host.count_only = false, dev.items.clear(), host.items.clear();
+    arena_back(&ctx, &dev);
+    arena_back(&ctx, &host);
+    layout();
+    auto randn = [&](float* d, size_t n, uint64_t seed) {  // fresh N(0, 1) values, uploaded
+        Rng r{seed};
+        std::vector<float> h(n);
+        for (float& x : h) x = rng_normal(&r);
+        dev_upload(&ctx, d, h.data(), n * sizeof(float));
+    };
+    randn(A, N * N, 1), randn(B, N * N, 2), randn(q, qn, 3), randn(k, kn, 4), randn(v, kn, 5), randn(dout, qn, 6);
+    OP(&ctx, to_bf16, Ab, A, N * N);
+    OP(&ctx, to_bf16, Bb, B, N * N);
+    printf("bench | %s | reps %d, median after one warm-up | %s\n", device_name(ctx).c_str(), reps, now_iso().c_str());
+
+    const double mm = 2.0 * N * N * N;
+    const double t32 = median_seconds(&ctx, reps, [&] { MATMUL(&ctx, matmul_forward, Cm, A, B, nullptr, N, (int)N, (int)N); });
+    const double t16 = median_seconds(&ctx, reps, [&] {
+        MATMUL(&ctx, matmul_forward, Cm, (const bf16*)Ab, (const bf16*)Bb, nullptr, N, (int)N, (int)N);
+    });
+    printf("matmul fp32 N=%zu: %.3f ms, %.3g TFLOP/s\n", N, t32 * 1e3, mm / t32 / 1e12);
+    printf("matmul bf16 N=%zu: %.3f ms, %.3g TFLOP/s (fp32 sums)\n", N, t16 * 1e3, mm / t16 / 1e12);
+
+    const double af = 2.0 * S * S * H * D;
+    const double tf = median_seconds(&ctx, reps, [&] {
+        dev_zero(&ctx, o, qn * sizeof(float));
+        dev_fill(&ctx, lse, -INFINITY, S * H);
+        OP(&ctx, attention_forward, o, lse, q, k, v, S, S, H, KV, D, true);
+    });
+    const double tb = median_seconds(&ctx, reps, [&] {
+        dev_zero(&ctx, dq, qn * sizeof(float));
+        dev_zero(&ctx, dk, kn * sizeof(float));
+        dev_zero(&ctx, dv, kn * sizeof(float));
+        OP(&ctx, attention_delta, delta, dout, o, S, H, D);
+        OP(&ctx, attention_backward, dq, dk, dv, dout, q, k, v, lse, delta, S, S, H, KV, D, true);
+    });
+    printf("attention causal S=%zu H=%d KV=%d D=%d fp32: fwd %.3f ms %.3g TFLOP/s, bwd %.3f ms %.3g TFLOP/s\n", S, H,
+           KV, D, tf * 1e3, af / tf / 1e12, tb * 1e3, 2.5 * af / tb / 1e12);
+    if (on_gpu) {
+        const size_t bytes = qn * sizeof(float);
+        const double th = median_seconds(&ctx, reps, [&] {
+            CUDA_CHECK(cudaMemcpyAsync(q, pinned, bytes, cudaMemcpyHostToDevice, gpu.h2d));
+        });
+        const double td = median_seconds(&ctx, reps, [&] {
+            CUDA_CHECK(cudaMemcpyAsync(pinned, q, bytes, cudaMemcpyDeviceToHost, gpu.d2h));
+        });
+        printf("copy pinned %.1f MiB: host->device %.1f GB/s, device->host %.1f GB/s\n", bytes / 1048576.0,
+               bytes / th / 1e9, bytes / td / 1e9);
+    }
+    arena_unback(&ctx, &dev);
+    arena_unback(&ctx, &host);
+    return 0;
+}
+
+// ----------------------------------------------------------------------------
 
 static void usage() {
     printf("fpdt: train GPT- and Llama-style models on very long sequences with the Fully Pipelined\n"
            "Distributed Transformer (chunked attention, host offload, Ulysses sequence parallelism).\n\n"
            "usage: ./fpdt train  [flags]   train (./fpdt train --help); mpirun -np P ./fpdt train ... for P ranks\n"
            "       ./fpdt sample --out DIR  generate from a checkpoint\n"
-           "       ./fpdt plan --model M --seq S [--chunk-size C] [--gpus P]   memory and chunk-size plan\n");
+           "       ./fpdt plan --model M --seq S [--chunk-size C] [--gpus P]   memory and chunk-size plan\n"
+           "       ./fpdt bench [--device gpu]   time the building blocks (matmul, attention, copies)\n");
 }
 
 int main(int argc, char** argv) {
@@ -586,8 +710,9 @@ int main(int argc, char** argv) {
     if (cmd == "train") rc = cmd_train(argc, argv);
     else if (cmd == "sample") rc = cmd_sample(argc, argv);
     else if (cmd == "plan") rc = cmd_plan(argc, argv);
+    else if (cmd == "bench") rc = cmd_bench(argc, argv);
     else if (cmd == "-h" || cmd == "--help" || cmd == "help") usage(), rc = 0;
-    else fatal_all("unknown command '%s' (expected train, sample or plan; see ./fpdt --help)", cmd.c_str());
+    else fatal_all("unknown command '%s' (expected train, sample, plan or bench; see ./fpdt --help)", cmd.c_str());
     comm_finalize();
     return rc;
 }

@@ -36,7 +36,10 @@ done
 big="--model medium --seq 16384 --chunk-size 4096 --offload 1 --steps 3 --eval-every 0"
 ./fpdt train $big --device gpu > "$out/train_gpu_big.log" 2>&1; rc_big=$?
 
-# 3. the PyTorch peers, when present
+# 3. the building blocks on the GPU (matmul fp32/bf16, one attention block, pinned copies)
+./fpdt bench --device gpu > "$out/bench.log" 2>&1; rc_bench=$?
+
+# 4. the PyTorch peers, when present
 if [ -f .peer/peer_pytorch.py ]; then
     timeout 120 python3 .peer/peer_pytorch.py attention --seq 8192 --heads 32 --kv-heads 32 --head-dim 128 > "$out/peer.log" 2>&1
 fi
@@ -57,7 +60,8 @@ for f in gpu_fp32 gpu_bf16 cpu_fp32 cpu_bf16 gpu_big; do
         "$(grep -o 'peak device memory.*' "$out/train_$f.log")"
 done
 printf "gpu_big: %s (exit %s)\n" "$big" "$rc_big"
+cat "$out/bench.log"
 [ -f "$out/peer.log" ] && grep -E "peer=" "$out/peer.log"
-bad=0
+bad=$(( rc_bench != 0 ))
 for k in "${!rc_run[@]}"; do [ "${rc_run[$k]}" = 0 ] || bad=1; done
 exit $(( ${failed:-0} > 0 || bad != 0 || rc_big != 0 ))

@@ -179,6 +179,7 @@ TEST(BadInput, OneClearLineAndNonZeroExit) {
         {"./fpdt frobnicate", "unknown command 'frobnicate'"},
         {"./fpdt sample --out " + d + "/nothing", "no valid checkpoint"},
         {"./fpdt plan --model tiny --seq 100 --chunk-size 30", "does not divide"},
+        {"./fpdt bench --device cpu --heads 4 --kv-heads 3", "--kv-heads 3 does not divide --heads 4"},
     };
     for (const Bad& c : cases) {
         Out r = run(c.args);
@@ -189,6 +190,16 @@ TEST(BadInput, OneClearLineAndNonZeroExit) {
     }
     Out ok = run(T + "--data " + d + "/good.bin");  // and the good shard trains
     EXPECT_EQ(ok.rc, 0) << ok.out;
+}
+
+// bench times each building block and says what it timed (no speed is asserted: that is for
+// benchmarks, not tests).
+TEST(Bench, TimesEachBuildingBlock) {
+    Out r = run("./fpdt bench --device cpu --size 64 --seq 128 --heads 2 --head-dim 16 --reps 2");
+    ASSERT_EQ(r.rc, 0) << r.out;
+    for (const char* s : {"bench | cpu", "matmul fp32 N=64:", "matmul bf16 N=64:", "attention causal S=128 H=2 KV=2 D=16"})
+        EXPECT_NE(r.out.find(s), std::string::npos) << s << "\n" << r.out;
+    EXPECT_GT(number_after(r.out, "matmul fp32 N=64: "), 0) << r.out;
 }
 
 TEST(Help, ListsFlagsAndModels) {
