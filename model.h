@@ -322,9 +322,37 @@ static inline void model_create(Model* M, const Config& c, const RunCfg& r, bool
     model_layout(M);  // dry run: how much of each
     if (count_only) return;
     size_t need_dev = M->dev.peak, need_host = M->host.peak;
-    if (r.device_cap && r.device_cap < need_dev)
-        fatal_all("device memory: this run needs %.1f MiB but --device-mem allows %.1f MiB (try a smaller "
-                  "--chunk-size or --offload 1)", need_dev / 1048576.0, r.device_cap / 1048576.0);
+    // The device limit: --device-mem, or what the GPU has free, whichever is less. Above it, say
+    // what would fit: the longest chunk (a divisor of S, a multiple of P) that, offloaded, does.
+    size_t dev_limit = r.device_cap;
+    const char* limit = "--device-mem allows";
+#ifdef __CUDACC__
+    if (M->ctx.gpu) {
+        size_t free_b = 0, total_b = 0;
+        CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
+        if (!dev_limit || free_b < dev_limit) dev_limit = free_b, limit = "the GPU has free";
+    }
+#endif
+    if (dev_limit && dev_limit < need_dev) {
+        std::vector<size_t> chunks;  // divisors of S, largest first
+        for (size_t k = 1; k * k <= r.seq; k++)
+            if (r.seq % k == 0) chunks.push_back(k), chunks.push_back(r.seq / k);
+        std::sort(chunks.rbegin(), chunks.rend());
+        char hint[256] = "no chunk size fits, even offloaded: add ranks, or a smaller model";
+        for (size_t C : chunks) {
+            RunCfg t = r;
+            t.chunk = C, t.offload = C < r.seq;
+            if (!check_shape(c, t).empty()) continue;
+            Model T;
+            model_create(&T, c, t, true);
+            if (T.dev.peak > dev_limit || (r.host_cap && T.host.peak > r.host_cap)) continue;
+            snprintf(hint, sizeof hint, "the planner suggests --chunk-size %zu%s (%.1f MiB on the device, %.1f MiB host)",
+                     C, t.offload ? " --offload 1" : "", T.dev.peak / 1048576.0, T.host.peak / 1048576.0);
+            break;
+        }
+        fatal_all("device memory: this run needs %.1f MiB but %s %.1f MiB; %s; see ./fpdt plan",
+                  need_dev / 1048576.0, limit, dev_limit / 1048576.0, hint);
+    }
     if (r.host_cap && r.host_cap < need_host)
         fatal_all("host memory: this run's host store needs %.1f MiB but --host-mem allows %.1f MiB "
                   "(shorten --seq or add ranks)", need_host / 1048576.0, r.host_cap / 1048576.0);

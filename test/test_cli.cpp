@@ -138,6 +138,23 @@ TEST(Plan, PredictsTheMeasuredPeaks) {
     EXPECT_NE(big.out.find("copies hide behind attention from chunk"), std::string::npos) << big.out;
 }
 
+// A run that does not fit the device says so before allocating, with the planner's suggestion,
+// and the suggested flags then run within the same limit.
+TEST(Plan, OutOfDeviceMemorySuggestsAChunkThatFits) {
+    const std::string args = TINY + "--seq 4096 --steps 1 --device-mem 0.01";
+    Out r = run(args);
+    EXPECT_NE(r.rc, 0) << r.out;
+    EXPECT_EQ(count_lines(r.out), 1) << r.out;
+    EXPECT_NE(r.out.find("device memory: this run needs"), std::string::npos) << r.out;
+    const size_t at = r.out.find("the planner suggests ");
+    ASSERT_NE(at, std::string::npos) << r.out;
+    const std::string flags = r.out.substr(at + 21, r.out.find(" (", at) - at - 21);  // "--chunk-size C --offload 1"
+    EXPECT_EQ(flags.rfind("--chunk-size ", 0), 0u) << flags;
+    Out ok = run(args + " " + flags);
+    ASSERT_EQ(ok.rc, 0) << flags << "\n" << ok.out;
+    EXPECT_LE(number_after(ok.out, "peak device memory "), 0.01 * 1024) << ok.out;
+}
+
 // Bad input: one clear line naming the problem, a non-zero exit, never a crash.
 struct Bad {
     std::string args, expect;
@@ -171,7 +188,7 @@ TEST(BadInput, OneClearLineAndNonZeroExit) {
         {T + "--chunk-size 24", "does not divide --seq 64"},
         {T + "--offload 1", "needs chunking"},
         {T + "--chunk-size 16 --offload 1 --host-mem 0.00001", "host memory"},
-        {T + "--chunk-size 16 --device-mem 0.0005", "device memory"},
+        {T + "--chunk-size 16 --device-mem 0.0005", "no chunk size fits, even offloaded"},
         {T + "--resume", "need --out"},
         {T + "--resume=0 --out " + d, "--resume takes no value"},
         {T + "--out --resume", "--out needs a value"},
