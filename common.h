@@ -200,7 +200,7 @@ static inline void trace_write(const Trace* t, const char* path, int rank) {
 
 // ----------------------------------------------------------------------------
 // The execution context every op and copy receives: which backend runs the math, the GPU's
-// streams (compute, copy-in, copy-out; communication is queued on compute), and the trace.
+// streams (compute, copy-in, copy-out, communication), and the trace.
 
 struct GpuCtx;  // cuda_common.cuh: streams, cuBLAS handle (only nvcc-built code touches it)
 struct Ctx {

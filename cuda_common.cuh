@@ -1,6 +1,6 @@
 // cuda_common.cuh: what every CUDA twin needs: checks on every CUDA and cuBLAS call, the GPU
-// context (compute, host-to-device and device-to-host streams, as in ../shared/DESIGN.md point 7,
-// with communication queued on the compute stream; the cuBLAS handle), and launch sizes.
+// context (compute, host-to-device, device-to-host and communication streams, as in
+// ../shared/DESIGN.md point 7; the cuBLAS handle), and launch sizes.
 // Only nvcc sees this file (everything CUDA sits behind #ifdef __CUDACC__).
 #pragma once
 #ifdef __CUDACC__
@@ -21,10 +21,11 @@
 // after every kernel launch
 #define CUDA_LAUNCHED() CUDA_CHECK(cudaGetLastError())
 
-// The GPU half of Ctx: compute, host-to-device and device-to-host streams, ordered by events.
+// The GPU half of Ctx: compute, host-to-device, device-to-host and communication (NCCL) streams,
+// ordered by events.
 struct GpuCtx {
     int device = 0;
-    cudaStream_t compute = nullptr, h2d = nullptr, d2h = nullptr;
+    cudaStream_t compute = nullptr, h2d = nullptr, d2h = nullptr, comm = nullptr;
     cublasHandle_t blas = nullptr;
 };
 

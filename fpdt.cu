@@ -236,6 +236,7 @@ static bool choose_device(const Args& a, Ctx* ctx, GpuCtx* g) {
     CUDA_CHECK(cudaStreamCreateWithPriority(&g->compute, cudaStreamNonBlocking, least));
     CUDA_CHECK(cudaStreamCreateWithPriority(&g->h2d, cudaStreamNonBlocking, greatest));
     CUDA_CHECK(cudaStreamCreateWithPriority(&g->d2h, cudaStreamNonBlocking, greatest));
+    CUDA_CHECK(cudaStreamCreateWithPriority(&g->comm, cudaStreamNonBlocking, greatest));  // NCCL's kernels
     CUBLAS_CHECK(cublasCreate(&g->blas));
     ctx->gpu = true;
     ctx->g = g;

@@ -482,13 +482,24 @@ static inline void a2a_unpack_gpu(cudaStream_t s, float* dst, const float* recv,
 }
 #endif
 
+#ifdef __CUDACC__
+// NCCL work runs on the communication stream, after everything compute has queued so far and
+// before anything compute queues next (so a trace scope on the compute stream spans it).
+template <typename F>
+static inline void on_comm_stream(Ctx* ctx, F nccl_calls) {
+    stream_after(ctx->g->comm, ctx->g->compute);
+    nccl_calls(ctx->g->comm);
+    stream_after(ctx->g->compute, ctx->g->comm);
+}
+#endif
+
 // The all-to-all itself: recv (P, n) on every rank = block r of each rank's send. On the GPU:
 // NCCL when each rank has its own GPU, else pinned host staging and MPI (synchronous).
 static inline void a2a_exchange(Model* M, const float* send, float* recv, size_t n) {
     Ctx* ctx = &M->ctx;
     if (!ctx->gpu) return comm_alltoall(send, recv, n);
 #ifdef __CUDACC__
-    if (nccl_comm()) return comm_alltoall_nccl(send, recv, n, ctx->g->compute);
+    if (nccl_comm()) return on_comm_stream(ctx, [&](cudaStream_t s) { comm_alltoall_nccl(send, recv, n, s); });
 #endif
     dev_download(ctx, M->stage, send, M->run.P * n * sizeof(float));
     comm_alltoall(M->stage, M->stage + M->run.P * n, n);
@@ -896,8 +907,11 @@ static inline float model_update(Model* M, const AdamW& opt, int t, bool* finite
     // through it when ranks share a GPU)
 #ifdef __CUDACC__
     const bool nccl = ctx->gpu && nccl_comm();
-    if (nccl && M->run.zero) NCCL_CHECK(ncclReduceScatter(M->grads, M->grad_shard, n, ncclFloat, ncclSum, nccl_comm(), ctx->g->compute));
-    if (nccl && !M->run.zero) NCCL_CHECK(ncclAllReduce(M->grads, M->grads, N, ncclFloat, ncclSum, nccl_comm(), ctx->g->compute));
+    if (nccl)
+        on_comm_stream(ctx, [&](cudaStream_t s) {
+            if (M->run.zero) NCCL_CHECK(ncclReduceScatter(M->grads, M->grad_shard, n, ncclFloat, ncclSum, nccl_comm(), s));
+            else NCCL_CHECK(ncclAllReduce(M->grads, M->grads, N, ncclFloat, ncclSum, nccl_comm(), s));
+        });
 #else
     const bool nccl = false;
 #endif
@@ -934,7 +948,7 @@ static inline float model_update(Model* M, const AdamW& opt, int t, bool* finite
     }
 #ifdef __CUDACC__
     if (nccl && M->run.zero)  // every rank's updated shard to every rank, in place
-        NCCL_CHECK(ncclAllGather(M->params + lo, M->params, n, ncclFloat, nccl_comm(), ctx->g->compute));
+        on_comm_stream(ctx, [&](cudaStream_t s) { NCCL_CHECK(ncclAllGather(M->params + lo, M->params, n, ncclFloat, nccl_comm(), s)); });
 #endif
     if (M->run.zero && M->run.P > 1 && !nccl) {  // every rank's updated shard to every rank
         float* buf = ctx->gpu ? M->stage : M->params;

@@ -15,6 +15,7 @@ struct GpuOnce {  // one set of streams and a cuBLAS handle for the whole test p
         CUDA_CHECK(cudaStreamCreateWithFlags(&g.compute, cudaStreamNonBlocking));
         CUDA_CHECK(cudaStreamCreateWithFlags(&g.h2d, cudaStreamNonBlocking));
         CUDA_CHECK(cudaStreamCreateWithFlags(&g.d2h, cudaStreamNonBlocking));
+        CUDA_CHECK(cudaStreamCreateWithFlags(&g.comm, cudaStreamNonBlocking));
         CUBLAS_CHECK(cublasCreate(&g.blas));
     }
 };
