@@ -469,15 +469,15 @@ static __global__ void a2a_unpack_kernel(float* dst, const float* recv, int cols
 static inline void a2a_pack_gpu(cudaStream_t s, float* send, const float* src, int cols, int first, bool kv, int nh,
                                 size_t cl, int D, int Hl, int Hkvl, int H, int Hkv, int P) {
     if (cl == 0 || nh == 0) return;
-    a2a_pack_kernel<<<elementwise_grid((size_t)P * cl * nh * D), 256, 0, s>>>(send, src, cols, first, kv,
-                                                                                           nh, cl, D, Hl, Hkvl, H, Hkv, P);
+    a2a_pack_kernel<<<elementwise_grid((size_t)P * cl * nh * D), 256, 0, s>>>(send, src, cols, first, kv, nh, cl, D, Hl,
+                                                                              Hkvl, H, Hkv, P);
     CUDA_LAUNCHED();
 }
 static inline void a2a_unpack_gpu(cudaStream_t s, float* dst, const float* recv, int cols, int first, bool kv, int nh,
                                   size_t cl, int D, int Hl, int Hkvl, int H, int Hkv, int P) {
     if (cl == 0) return;
-    a2a_unpack_kernel<<<elementwise_grid(cl * (kv ? Hkv : H) * D), 256, 0, s>>>(
-        dst, recv, cols, first, kv, nh, cl, D, Hl, Hkvl, H, Hkv, P);
+    a2a_unpack_kernel<<<elementwise_grid(cl * (kv ? Hkv : H) * D), 256, 0, s>>>(dst, recv, cols, first, kv, nh, cl, D, Hl,
+                                                                                Hkvl, H, Hkv, P);
     CUDA_LAUNCHED();
 }
 #endif
