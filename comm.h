@@ -91,13 +91,15 @@ static inline int mpi_count(size_t n) {
 }
 
 // recv (P, n) = block r of every rank's send (P, n): rank r's send block s goes to rank s.
-static inline void comm_alltoall(const float* send, float* recv, size_t n) {
+// recv (P, n) = block r of every rank's send (P, n); values of `elem` bytes: 4 (fp32) or 2 (bf16).
+static inline void comm_alltoall(const void* send, void* recv, size_t n, size_t elem) {
     Comm& c = comm_world();
     if (c.size == 1) {
-        if (recv != send) memcpy(recv, send, n * sizeof(float));
+        if (recv != send) memcpy(recv, send, n * elem);
         return;
     }
-    MPI_CHECK(MPI_Alltoall(send, mpi_count(n), MPI_FLOAT, recv, mpi_count(n), MPI_FLOAT, MPI_COMM_WORLD));
+    MPI_Datatype t = elem == 2 ? MPI_UINT16_T : MPI_FLOAT;
+    MPI_CHECK(MPI_Alltoall(send, mpi_count(n), t, recv, mpi_count(n), t, MPI_COMM_WORLD));
 }
 
 static inline void comm_allreduce(float* buf, size_t n) {
@@ -171,12 +173,13 @@ static inline void comm_nccl_init() {
 }
 
 // recv (P, n) = block r of every rank's send (P, n), as grouped point-to-point transfers
-static inline void comm_alltoall_nccl(const float* send, float* recv, size_t n, cudaStream_t s) {
+static inline void comm_alltoall_nccl(const void* send, void* recv, size_t n, size_t elem, cudaStream_t s) {
     const Comm& c = comm_world();
+    const ncclDataType_t t = elem == 2 ? ncclBfloat16 : ncclFloat;
     NCCL_CHECK(ncclGroupStart());
     for (int r = 0; r < c.size; r++) {
-        NCCL_CHECK(ncclSend(send + r * n, n, ncclFloat, r, nccl_comm(), s));
-        NCCL_CHECK(ncclRecv(recv + r * n, n, ncclFloat, r, nccl_comm(), s));
+        NCCL_CHECK(ncclSend((const char*)send + r * n * elem, n, t, r, nccl_comm(), s));
+        NCCL_CHECK(ncclRecv((char*)recv + r * n * elem, n, t, r, nccl_comm(), s));
     }
     NCCL_CHECK(ncclGroupEnd());
 }

@@ -6,7 +6,7 @@
 // Precision (--precision): fp32 throughout, or bf16 mixed precision: the matmuls read bf16
 // operands (the weights' bf16 copy, activations rounded as they go in) and sum in fp32; the layer
 // inputs, q, k, v and dO are rounded to bf16 where they are stored (round_stored) and kept in bf16
-// on the host when offloaded; master weights, gradients, AdamW moments, the attention's O, LSE and
+// on the host when offloaded; the all-to-alls carry bf16 (on one rank too); master weights, gradients, AdamW moments, the attention's O, LSE and
 // dQ accumulators, the loss and the O(C) working set stay fp32.
 //
 // Notation (../shared/DESIGN.md): S sequence length (global), P ranks, C chunk length (global),
@@ -410,46 +410,53 @@ static inline int kv_head(const Model* M, int r, int m) {
     return a2a_head(r, m, true, M->Hl, M->Hkvl, M->cfg.n_head, M->cfg.n_kv_head, M->run.P);
 }
 
-// The packing on each side of the all-to-all, as loops (CPU) and kernels (GPU).
+// The packing on each side of the all-to-all, as loops (CPU) and kernels (GPU). W is the type on
+// the wire: float, or bf16 in bf16 mode (half the bytes; the values are rounded as they are packed).
 // pack: send (P, cl, nh, D)[r, t, m, :] = src (cl, cols)[t, (first + head(r, m)) D : ...]
-static inline void a2a_pack_cpu(float* send, const float* src, int cols, int first, bool kv, int nh, size_t cl, int D,
+template <typename W>
+static inline void a2a_pack_cpu(W* send, const float* src, int cols, int first, bool kv, int nh, size_t cl, int D,
                                 int Hl, int Hkvl, int H, int Hkv, int P) {
     for (int r = 0; r < P; r++)
         for (size_t t = 0; t < cl; t++)
             for (int m = 0; m < nh; m++) {
                 const int h = first + a2a_head(r, m, kv, Hl, Hkvl, H, Hkv, P);
-                memcpy(send + ((r * cl + t) * nh + m) * D, src + t * cols + (size_t)h * D, D * sizeof(float));
+                W* o = send + ((r * cl + t) * nh + m) * D;
+                const float* s = src + t * cols + (size_t)h * D;
+                for (int e = 0; e < D; e++) store_as(o + e, s[e]);
             }
 }
 // unpack: dst (cl, cols)[t, (first + hh) D + e] += sum over every (r, m) holding head hh of
 // recv (P, cl, nh, D)[r, t, m, e], in rank order (replicated kv heads sum their gradients).
-static inline void a2a_unpack_cpu(float* dst, const float* recv, int cols, int first, bool kv, int nh, size_t cl, int D,
+template <typename W>
+static inline void a2a_unpack_cpu(float* dst, const W* recv, int cols, int first, bool kv, int nh, size_t cl, int D,
                                   int Hl, int Hkvl, int H, int Hkv, int P) {
     for (int r = 0; r < P; r++)
         for (size_t t = 0; t < cl; t++)
             for (int m = 0; m < nh; m++) {
                 const int h = first + a2a_head(r, m, kv, Hl, Hkvl, H, Hkv, P);
-                const float* s = recv + ((r * cl + t) * nh + m) * D;
+                const W* s = recv + ((r * cl + t) * nh + m) * D;
                 float* o = dst + t * cols + (size_t)h * D;
-                for (int e = 0; e < D; e++) o[e] += s[e];
+                for (int e = 0; e < D; e++) o[e] += to_f32(s[e]);
             }
 }
 #ifdef __CUDACC__
 // twin of a2a_pack_cpu: one thread per value of send
-static __global__ void a2a_pack_kernel(float* send, const float* src, int cols, int first, bool kv, int nh, size_t cl, int D,
-                                int Hl, int Hkvl, int H, int Hkv, int P) {
+template <typename W>
+static __global__ void a2a_pack_kernel(W* send, const float* src, int cols, int first, bool kv, int nh, size_t cl, int D,
+                                       int Hl, int Hkvl, int H, int Hkv, int P) {
     const size_t n = (size_t)P * cl * nh * D;
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
         const int e = (int)(i % D), m = (int)(i / D % nh);
         const size_t t = i / ((size_t)D * nh) % cl;
         const int r = (int)(i / ((size_t)D * nh * cl));
-        send[i] = src[t * cols + (size_t)(first + a2a_head(r, m, kv, Hl, Hkvl, H, Hkv, P)) * D + e];
+        store_as(send + i, src[t * cols + (size_t)(first + a2a_head(r, m, kv, Hl, Hkvl, H, Hkv, P)) * D + e]);
     }
 }
 // twin of a2a_unpack_cpu: one thread per (t, head of this kind, e), summing its sources in rank
 // order, so replicated heads add up deterministically
-static __global__ void a2a_unpack_kernel(float* dst, const float* recv, int cols, int first, bool kv, int nh, size_t cl,
-                                  int D, int Hl, int Hkvl, int H, int Hkv, int P) {
+template <typename W>
+static __global__ void a2a_unpack_kernel(float* dst, const W* recv, int cols, int first, bool kv, int nh, size_t cl,
+                                         int D, int Hl, int Hkvl, int H, int Hkv, int P) {
     const int nheads = kv ? Hkv : H;
     const size_t n = cl * nheads * D;
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
@@ -460,20 +467,22 @@ static __global__ void a2a_unpack_kernel(float* dst, const float* recv, int cols
         for (int r = 0; r < P; r++)
             for (int m = 0; m < nh; m++)
                 if (a2a_head(r, m, kv, Hl, Hkvl, H, Hkv, P) == hh) {
-                    acc += recv[((r * cl + t) * nh + m) * D + e];
+                    acc += to_f32(recv[((r * cl + t) * nh + m) * D + e]);
                     any = true;
                 }
         if (any) dst[t * cols + (size_t)(first + hh) * D + e] += acc;
     }
 }
-static inline void a2a_pack_gpu(cudaStream_t s, float* send, const float* src, int cols, int first, bool kv, int nh,
+template <typename W>
+static inline void a2a_pack_gpu(cudaStream_t s, W* send, const float* src, int cols, int first, bool kv, int nh,
                                 size_t cl, int D, int Hl, int Hkvl, int H, int Hkv, int P) {
     if (cl == 0 || nh == 0) return;
     a2a_pack_kernel<<<elementwise_grid((size_t)P * cl * nh * D), 256, 0, s>>>(send, src, cols, first, kv, nh, cl, D, Hl,
                                                                               Hkvl, H, Hkv, P);
     CUDA_LAUNCHED();
 }
-static inline void a2a_unpack_gpu(cudaStream_t s, float* dst, const float* recv, int cols, int first, bool kv, int nh,
+template <typename W>
+static inline void a2a_unpack_gpu(cudaStream_t s, float* dst, const W* recv, int cols, int first, bool kv, int nh,
                                   size_t cl, int D, int Hl, int Hkvl, int H, int Hkv, int P) {
     if (cl == 0) return;
     a2a_unpack_kernel<<<elementwise_grid(cl * (kv ? Hkv : H) * D), 256, 0, s>>>(dst, recv, cols, first, kv, nh, cl, D, Hl,
@@ -493,45 +502,68 @@ static inline void on_comm_stream(Ctx* ctx, F nccl_calls) {
 }
 #endif
 
-// The all-to-all itself: recv (P, n) on every rank = block r of each rank's send. On the GPU:
-// NCCL when each rank has its own GPU, else pinned host staging and MPI (synchronous).
-static inline void a2a_exchange(Model* M, const float* send, float* recv, size_t n) {
+// The all-to-all itself: recv (P, n) on every rank = block r of each rank's send, values of `elem`
+// bytes (4, or 2 on a bf16 wire). On the GPU: NCCL when each rank has its own GPU, else pinned
+// host staging and MPI (synchronous).
+static inline void a2a_exchange(Model* M, const void* send, void* recv, size_t n, size_t elem) {
     Ctx* ctx = &M->ctx;
-    if (!ctx->gpu) return comm_alltoall(send, recv, n);
+    if (!ctx->gpu) return comm_alltoall(send, recv, n, elem);
 #ifdef __CUDACC__
-    if (nccl_comm()) return on_comm_stream(ctx, [&](cudaStream_t s) { comm_alltoall_nccl(send, recv, n, s); });
+    if (nccl_comm()) return on_comm_stream(ctx, [&](cudaStream_t s) { comm_alltoall_nccl(send, recv, n, elem, s); });
 #endif
-    dev_download(ctx, M->stage, send, M->run.P * n * sizeof(float));
-    comm_alltoall(M->stage, M->stage + M->run.P * n, n);
-    dev_upload(ctx, recv, M->stage + M->run.P * n, M->run.P * n * sizeof(float));
+    const size_t bytes = M->run.P * n * elem;
+    char* stage = (char*)M->stage;  // (2, P, n) values: what goes, what comes
+    dev_download(ctx, stage, send, bytes);
+    comm_alltoall(stage, stage + bytes, n, elem);
+    dev_upload(ctx, recv, stage + bytes, bytes);
 }
 
 // sequence -> heads: src (cl, src_cols) holds this rank's tokens; the D values of global head
 // `first + head(r, m)` go to local head m of rank r. dst (C, nh, D) is the whole chunk.
+// bf16 mode: the values travel as bf16 and arrive rounded (on one rank too, so that P changes
+// nothing).
 static inline void a2a_to_heads(Model* M, int chunk, const float* src, int src_cols, int first, bool kv, int nh,
                                 float* dst) {
     Ctx* ctx = &M->ctx;
-    TraceScope ts(ctx, "all-to-all (to heads)", TRACK_COMM, chunk, M->C * nh * M->D * 4);
     const int P = M->run.P;
-    float* send = P == 1 ? dst : M->a2a_send;  // one rank: the packing is the whole job
-    OP(ctx, a2a_pack, send, src, src_cols, first, kv, nh, M->cl, M->D, M->Hl, M->Hkvl, M->cfg.n_head, M->cfg.n_kv_head, P);
-    if (P > 1) a2a_exchange(M, send, dst, M->cl * nh * M->D);
+    const size_t n = M->cl * nh * M->D;  // values per rank
+    const bool b16 = M->run.bf16;
+    TraceScope ts(ctx, "all-to-all (to heads)", TRACK_COMM, chunk, P * n * (b16 ? 2 : 4));
+    const int H = M->cfg.n_head, Hkv = M->cfg.n_kv_head;
+    if (!b16) {
+        float* send = P == 1 ? dst : M->a2a_send;  // one rank: the packing is the whole job
+        OP(ctx, a2a_pack, send, src, src_cols, first, kv, nh, M->cl, M->D, M->Hl, M->Hkvl, H, Hkv, P);
+        if (P > 1) a2a_exchange(M, send, dst, n, sizeof(float));
+        return;
+    }
+    bf16 *send = (bf16*)M->a2a_send, *recv = send + P * n;  // (P, cl, nh, D) each, in a2a_send's bytes
+    OP(ctx, a2a_pack, send, src, src_cols, first, kv, nh, M->cl, M->D, M->Hl, M->Hkvl, H, Hkv, P);
+    if (P > 1) a2a_exchange(M, send, recv, n, sizeof(bf16));
+    OP(ctx, from_bf16, dst, P > 1 ? recv : send, P * n);
 }
 
 // heads -> sequence: src (C, nh, D) for this rank's heads; dst (cl, dst_cols) += the D values for
 // global head `first + head(r, m)` of every rank r. Accumulating makes replicated kv heads sum
-// their gradients; callers zero dst first.
+// their gradients; callers zero dst first. bf16 mode: src travels rounded to bf16, as above.
 static inline void a2a_to_seq(Model* M, int chunk, const float* src, int nh, float* dst, int dst_cols, int first,
                               bool kv) {
     Ctx* ctx = &M->ctx;
-    TraceScope ts(ctx, "all-to-all (to sequence)", TRACK_COMM, chunk, M->C * nh * M->D * 4);
     const int P = M->run.P;
-    const float* recv = src;
-    if (P > 1) {
-        a2a_exchange(M, src, M->a2a_send, M->cl * nh * M->D);
-        recv = M->a2a_send;
+    const size_t n = M->cl * nh * M->D;  // values per rank
+    const bool b16 = M->run.bf16;
+    TraceScope ts(ctx, "all-to-all (to sequence)", TRACK_COMM, chunk, P * n * (b16 ? 2 : 4));
+    const int H = M->cfg.n_head, Hkv = M->cfg.n_kv_head;
+    if (!b16) {
+        const float* recv = src;
+        if (P > 1) a2a_exchange(M, src, M->a2a_send, n, sizeof(float)), recv = M->a2a_send;
+        OP(ctx, a2a_unpack, dst, recv, dst_cols, first, kv, nh, M->cl, M->D, M->Hl, M->Hkvl, H, Hkv, P);
+        return;
     }
-    OP(ctx, a2a_unpack, dst, recv, dst_cols, first, kv, nh, M->cl, M->D, M->Hl, M->Hkvl, M->cfg.n_head, M->cfg.n_kv_head, P);
+    bf16 *send = (bf16*)M->a2a_send, *recv = send + P * n;  // (P, cl, nh, D) each, in a2a_send's bytes
+    OP(ctx, to_bf16, send, src, P * n);
+    if (P > 1) a2a_exchange(M, send, recv, n, sizeof(bf16));
+    OP(ctx, a2a_unpack, dst, (const bf16*)(P > 1 ? recv : send), dst_cols, first, kv, nh, M->cl, M->D, M->Hl, M->Hkvl,
+       H, Hkv, P);
 }
 
 // ----------------------------------------------------------------------------

@@ -45,6 +45,9 @@ static inline int blas_dim(size_t n, const char* what) {
 
 HOST_DEVICE static inline float to_f32(float x) { return x; }
 HOST_DEVICE static inline float to_f32(bf16 x) { return bf16_to_float(x); }
+// *p = x in p's type (rounded to nearest even for bf16)
+HOST_DEVICE static inline void store_as(float* p, float x) { *p = x; }
+HOST_DEVICE static inline void store_as(bf16* p, float x) { *p = bf16_from_float(x); }
 
 // out (n) = x (n) rounded to bf16
 static inline void to_bf16_cpu(bf16* out, const float* x, size_t n) {

@@ -1,22 +1,28 @@
 // Run under mpirun (test/test_mpi.cpp does): the Ulysses all-to-all layout across real MPI
 // processes. Every value encodes (global token, qkv column), so the heads layout can be checked
 // element by element, and the way back must reproduce the input exactly (kv heads replicated on
-// several ranks come back summed, once per replica).
+// several ranks come back summed, once per replica). In bf16 mode the values travel as bf16, so
+// they are chosen exact in bf16 (consecutive bf16 values from 1.0 up) and sent 2^-10 too large,
+// less than half a bf16 ulp: they must arrive rounded back to the codes, which an fp32 wire would
+// not do.
 #include <gtest/gtest.h>
 #include "model.h"
 
-static void check_layout(const char* name) {
+static void check_layout(const char* name, bool b16) {
     const Comm& cm = comm_world();
     RunCfg r;
-    r.seq = 64, r.chunk = 16, r.P = cm.size, r.rank = cm.rank;
+    r.seq = 64, r.chunk = 16, r.P = cm.size, r.rank = cm.rank, r.bf16 = b16;
     Model M;
     model_create(&M, *find_preset(name), r, false);
     const int H = M.cfg.n_head, Hkv = M.cfg.n_kv_head, D = M.D, Q3 = M.Q3;
     const int replicas = Hkv >= cm.size ? 1 : cm.size / Hkv;
     for (int c = 0; c < M.u; c++) {
-        auto value = [&](size_t g, int col) { return (float)(g * 1000 + col); };  // exact in fp32
+        auto value = [&](size_t g, int col) {  // distinct, and exact in fp32 (and in bf16: 0x3f80 + 64 * 192 < inf)
+            return b16 ? bf16_to_float((bf16)(0x3f80 + g * Q3 + col)) : (float)(g * 1000 + col);
+        };
         for (size_t t = 0; t < M.cl; t++)
-            for (int col = 0; col < Q3; col++) M.qkv[t * Q3 + col] = value(c * M.C + cm.rank * M.cl + t, col);
+            for (int col = 0; col < Q3; col++)
+                M.qkv[t * Q3 + col] = value(c * M.C + cm.rank * M.cl + t, col) * (b16 ? 1.0f + 0x1p-10f : 1.0f);
         std::vector<float> q(M.C * M.Hl * D), k(M.C * M.Hkvl * D), v(M.C * M.Hkvl * D);
         a2a_to_heads(&M, c, M.qkv, Q3, 0, false, M.Hl, q.data());
         a2a_to_heads(&M, c, M.qkv, Q3, H, true, M.Hkvl, k.data());
@@ -37,13 +43,16 @@ static void check_layout(const char* name) {
         a2a_to_seq(&M, c, v.data(), M.Hkvl, back.data(), Q3, H + Hkv, true);
         for (size_t t = 0; t < M.cl; t++)
             for (int col = 0; col < Q3; col++)
-                ASSERT_EQ(back[t * Q3 + col], M.qkv[t * Q3 + col] * (col < H * D ? 1 : replicas)) << t << " " << col;
+                ASSERT_EQ(back[t * Q3 + col], value(c * M.C + cm.rank * M.cl + t, col) * (col < H * D ? 1 : replicas))
+                    << t << " " << col;
     }
     model_free(&M);
 }
 
-TEST(Ulysses, LayoutRoundTripsLlamaGQA) { check_layout("tiny"); }
-TEST(Ulysses, LayoutRoundTripsGpt) { check_layout("gpt-tiny"); }
+TEST(Ulysses, LayoutRoundTripsLlamaGQA) { check_layout("tiny", false); }
+TEST(Ulysses, LayoutRoundTripsGpt) { check_layout("gpt-tiny", false); }
+TEST(Ulysses, LayoutRoundTripsLlamaGQAOnABf16Wire) { check_layout("tiny", true); }
+TEST(Ulysses, LayoutRoundTripsGptOnABf16Wire) { check_layout("gpt-tiny", true); }
 
 int main(int argc, char** argv) {
     ::testing::InitGoogleTest(&argc, argv);
