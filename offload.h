@@ -20,11 +20,13 @@
 // exact and offload on or off computes the same numbers.
 // On the CPU backend the copies are memcpy, done in order. On the GPU they are cudaMemcpyAsync on
 // the copy streams, ordered by events only (no host synchronisation):
-//   prefetch: copy-in waits for compute to be done with the slot's old contents and for the
-//             copy-out of the chunk it fetches (`chunk_put`), then copies, then records `ready`;
+//   prefetch: copy-in waits for compute and the slot's last copy-out to be done with the slot,
+//             and for the copy-out of the chunk it fetches (`chunk_put`), then copies, then
+//             records `ready`;
 //   use: compute waits for `ready`;
-//   out: compute waits for the slot's last copy-out to finish before overwriting it;
-//   put: copy-out waits for compute to have produced the value, copies, records `put_done`.
+//   out: compute waits for the slot's last copy-out and copy-in before overwriting it;
+//   put: copy-out waits for compute to have produced the value and for any copy-in still
+//        reading the host chunk, copies, records `put_done` and `chunk_put`.
 #pragma once
 #include "common.h"
 #include "ops.cuh"  // the bf16 conversions
@@ -320,7 +322,10 @@ static inline T* store_out(Ctx* ctx, ChunkStore* s, int chunk, int slot) {
     if (!s->on_host) return (T*)store_host_ptr(s, chunk);
     s->in_slot[slot] = chunk;
 #ifdef __CUDACC__
-    if (ctx->gpu) CUDA_CHECK(cudaStreamWaitEvent(ctx->g->compute, s->put_done[slot], 0));
+    if (ctx->gpu) {  // the slot's last copy-out has read it, and no copy-in is still writing it
+        CUDA_CHECK(cudaStreamWaitEvent(ctx->g->compute, s->put_done[slot], 0));
+        CUDA_CHECK(cudaStreamWaitEvent(ctx->g->compute, s->ready[slot], 0));
+    }
 #endif
     (void)ctx;
     return (T*)s->slot[slot];
@@ -332,6 +337,8 @@ static inline void store_put(Ctx* ctx, ChunkStore* s, int chunk, int slot) {
     if (ctx->gpu) {
         GpuCtx* g = ctx->g;
         stream_after(g->d2h, g->compute);  // the value has been produced
+        for (int k = 0; k < s->nslots; k++)  // and no copy-in still reads the host chunk it replaces
+            if (s->in_slot[k] == chunk) CUDA_CHECK(cudaStreamWaitEvent(g->d2h, s->ready[k], 0));
         TraceScope ts(ctx, s->name, TRACK_COPY_OUT, chunk, s->host_bytes);
         if (s->compact) {  // narrowed on the copy stream (it owns wire_out), bf16 over the link
             to_bf16_gpu(g->d2h, s->wire_out, (const float*)s->slot[slot], s->chunk_bytes / 4);
