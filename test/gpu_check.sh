@@ -12,7 +12,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 make -j"$(nproc)" fpdt build/fpdt_tests build/mpi_layout > "$out/build.log" 2>&1 || { tail -30 "$out/build.log"; exit 1; }
 
 # 1. the GPU tests (CUDA twins against the CPU references, the whole model, the program)
-./build/fpdt_tests --gtest_filter='*Gpu*' --gtest_color=no 2>&1 | tee "$out/gpu_tests.log" | grep -E "^\[  (FAILED|PASSED|SKIPPED) |Failure|error" | head -40
+# (every step has a time limit: a hang must not eat a lent GPU's few minutes; exit 124 = timed out)
+timeout 300 ./build/fpdt_tests --gtest_filter='*Gpu*' --gtest_color=no > "$out/gpu_tests.log" 2>&1; rc_tests=$?
+grep -E "^\[  (FAILED|PASSED|SKIPPED) |Failure|error" "$out/gpu_tests.log" | head -40
 passed=$(sed -n 's/^\[  PASSED  \] \([0-9]*\) test.*/\1/p' "$out/gpu_tests.log" | tail -1)
 failed=$(sed -n 's/^\[  FAILED  \] \([0-9]*\) test.*, listed below.*/\1/p' "$out/gpu_tests.log" | tail -1)
 skipped=$(sed -n 's/^\[  SKIPPED \] \([0-9]*\) test.*, listed below.*/\1/p' "$out/gpu_tests.log" | tail -1)
@@ -20,8 +22,8 @@ skipped=$(sed -n 's/^\[  SKIPPED \] \([0-9]*\) test.*, listed below.*/\1/p' "$ou
 # 1b. compute-sanitizer: memory errors in every GPU test, shared-memory races in the kernels
 san="not run"
 if [ "${1:-}" = "--sanitize" ]; then
-    compute-sanitizer --tool memcheck --error-exitcode 9 ./build/fpdt_tests --gtest_filter='GpuOps*:Gpu.*:Families/GpuModel*-GpuOps.AddInplacePast2e31' > "$out/memcheck.log" 2>&1; mc=$?
-    compute-sanitizer --tool racecheck --error-exitcode 9 ./build/fpdt_tests --gtest_filter='Gpu.Attention*' > "$out/racecheck.log" 2>&1; rc=$?
+    timeout 300 compute-sanitizer --tool memcheck --error-exitcode 9 ./build/fpdt_tests --gtest_filter='GpuOps*:Gpu.*:Families/GpuModel*-GpuOps.AddInplacePast2e31' > "$out/memcheck.log" 2>&1; mc=$?
+    timeout 180 compute-sanitizer --tool racecheck --error-exitcode 9 ./build/fpdt_tests --gtest_filter='Gpu.Attention*' > "$out/racecheck.log" 2>&1; rc=$?
     san="memcheck exit $mc, racecheck exit $rc ($(grep -h 'ERROR SUMMARY' "$out/memcheck.log" "$out/racecheck.log" | tr '\n' ' '))"
 fi
 
@@ -29,15 +31,15 @@ fi
 args="--model small --seq 4096 --chunk-size 1024 --offload 1 --steps 4 --eval-every 0 --seed 7"
 declare -A rc_run
 for p in fp32 bf16; do
-    ./fpdt train $args --precision $p --device gpu > "$out/train_gpu_$p.log" 2>&1; rc_run[gpu_$p]=$?
-    OMP_NUM_THREADS=$(nproc) ./fpdt train $args --precision $p --device cpu > "$out/train_cpu_$p.log" 2>&1; rc_run[cpu_$p]=$?
+    timeout 120 ./fpdt train $args --precision $p --device gpu > "$out/train_gpu_$p.log" 2>&1; rc_run[gpu_$p]=$?
+    OMP_NUM_THREADS=$(nproc) timeout 120 ./fpdt train $args --precision $p --device cpu > "$out/train_cpu_$p.log" 2>&1; rc_run[cpu_$p]=$?
 done
 # and a longer bf16 run on the GPU alone, for step time and memory at a larger size
 big="--model medium --seq 16384 --chunk-size 4096 --offload 1 --steps 3 --eval-every 0"
-./fpdt train $big --device gpu > "$out/train_gpu_big.log" 2>&1; rc_big=$?
+timeout 150 ./fpdt train $big --device gpu > "$out/train_gpu_big.log" 2>&1; rc_big=$?
 
 # 3. the building blocks on the GPU (matmul fp32/bf16, one attention block, pinned copies)
-./fpdt bench --device gpu > "$out/bench.log" 2>&1; rc_bench=$?
+timeout 90 ./fpdt bench --device gpu > "$out/bench.log" 2>&1; rc_bench=$?
 
 # 4. the PyTorch peers, when present
 if [ -f .peer/peer_pytorch.py ]; then
@@ -46,7 +48,7 @@ fi
 
 echo
 echo "=== fpdt GPU check: $(head -1 "$out/gpu.txt") ==="
-printf "GPU tests: %s passed, %s failed, %s skipped\n" "${passed:-0}" "${failed:-0}" "${skipped:-0}"
+printf "GPU tests: %s passed, %s failed, %s skipped (exit %s)\n" "${passed:-0}" "${failed:-0}" "${skipped:-0}" "$rc_tests"
 printf "compute-sanitizer: %s\n" "$san"
 printf "train (%s): exit codes %s\n" "$args" "$(for k in "${!rc_run[@]}"; do printf "%s=%s " "$k" "${rc_run[$k]}"; done)"
 printf "%-5s %-6s %-12s %-12s %-10s\n" prec step "loss gpu" "loss cpu" "rel diff"
@@ -64,4 +66,4 @@ cat "$out/bench.log"
 [ -f "$out/peer.log" ] && grep -E "peer=" "$out/peer.log"
 bad=$(( rc_bench != 0 ))
 for k in "${!rc_run[@]}"; do [ "${rc_run[$k]}" = 0 ] || bad=1; done
-exit $(( ${failed:-0} > 0 || bad != 0 || rc_big != 0 ))
+exit $(( rc_tests != 0 || ${failed:-0} > 0 || bad != 0 || rc_big != 0 ))
