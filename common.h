@@ -101,6 +101,14 @@ struct Arena {
 
 static inline size_t align_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
 
+// An empty arena. A layout runs twice, each time in fresh arenas: a dry run (count_only) to count
+// the bytes, then the real one with cap set to that count.
+static inline Arena arena_new(const char* name, Mem kind) {
+    Arena a;
+    a.name = name, a.kind = kind;
+    return a;
+}
+
 // Takes `bytes` from the arena; `what` names the buffer in the error when it does not fit.
 static inline void* arena_take(Arena* a, size_t bytes, const char* what) {
     size_t n = align_up(bytes, 256);

@@ -616,8 +616,7 @@ static int cmd_bench(int argc, char** argv) {
     if (D % 2) fatal_all("--head-dim %d must be even", D);
     const size_t qn = S * H * D, kn = S * KV * D;
     // device buffers (shapes in the comments), taken like the model's: a dry run, then one allocation
-    Arena dev, host;
-    dev.name = "device", dev.kind = Mem::Device, host.name = "host", host.kind = Mem::Pinned;
+    Arena dev = arena_new("device", Mem::Device), host = arena_new("host", Mem::Pinned);
     float *A, *B, *Cm, *q, *k, *v, *o, *lse, *dout, *delta, *dq, *dk, *dv, *pinned;
     bf16 *Ab, *Bb;
     auto layout = [&]() {
@@ -632,9 +631,10 @@ static int cmd_bench(int argc, char** argv) {
         pinned = arena_alloc<float>(&host, on_gpu ? qn : 1, "bench");                                 // (S, H, D)
     };
     dev.count_only = host.count_only = true;
-    layout();
-    dev.cap = dev.peak, host.cap = host.peak;
-    dev.used = host.used = 0, dev.count_only = host.count_only = false, dev.items.clear(), host.items.clear();
+    layout();  // dry run: how much of each
+    const size_t need_dev = dev.peak, need_host = host.peak;
+    dev = arena_new("device", Mem::Device), host = arena_new("host", Mem::Pinned);
+    dev.cap = need_dev, host.cap = need_host;
     arena_back(&ctx, &dev);
     arena_back(&ctx, &host);
     layout();

@@ -284,10 +284,8 @@ static inline void model_layout(Model* M) {
 }
 
 static inline void reset_arenas(Model* M) {
-    M->dev = Arena();
-    M->dev.name = "device", M->dev.kind = Mem::Device;
-    M->host = Arena();
-    M->host.name = "host", M->host.kind = Mem::Pinned;
+    M->dev = arena_new("device", Mem::Device);
+    M->host = arena_new("host", Mem::Pinned);
 }
 
 // Sets the derived shape and, unless count_only, allocates everything. With count_only nothing is
