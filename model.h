@@ -40,13 +40,26 @@
 
 enum Family { GPT = 0, LLAMA = 1 };
 
+enum RopeScaling { ROPE_NONE = 0, ROPE_LINEAR = 1, ROPE_LLAMA3 = 2 };
+
 struct Config {
-    const char* name;
+    char name[32];  // a preset's name, or the name an imported model was given
     int family;
     int n_layer, d_model, n_head, n_kv_head, ffn, vocab;
     float rope_theta, norm_eps;
     const char* note;
+    // The presets leave these at their defaults; imported models (data/hf.py) and the RoPE flags
+    // set them, and checkpoints carry them.
+    int head_dim = 0;             // D; 0: d_model / n_head
+    bool tie_embeddings = false;  // llama: the LM head is wte (gpt always ties)
+    int rope_scaling = ROPE_NONE; // ROPE_LINEAR: positions / rope_factor; ROPE_LLAMA3: Llama 3.1's frequency bands
+    float rope_factor = 1.0f, rope_low_freq_factor = 1.0f, rope_high_freq_factor = 4.0f;
+    int rope_original_max_pos = 8192;  // ROPE_LLAMA3: the context the frequencies were trained for
 };
+
+// Head size D, and whether the LM head is the embedding matrix.
+static inline int head_dim(const Config& c) { return c.head_dim ? c.head_dim : c.d_model / c.n_head; }
+static inline bool tied_head(const Config& c) { return c.family == GPT || c.tie_embeddings; }
 
 // gpt: LayerNorm, GELU MLP (4x), biases, multi-head attention, RoPE, tied embeddings.
 // llama: RMSNorm, SwiGLU MLP, no biases, grouped-query attention, RoPE, untied embeddings.
@@ -86,7 +99,7 @@ struct ParamInfo {
 
 static inline std::vector<ParamInfo> param_table(const Config& c, size_t* total) {
     const bool gpt = c.family == GPT;
-    const size_t d = c.d_model, D = d / c.n_head, Q3 = (c.n_head + 2 * c.n_kv_head) * D;
+    const size_t d = c.d_model, D = head_dim(c), Q3 = (c.n_head + 2 * c.n_kv_head) * D;
     const size_t F2 = gpt ? c.ffn : 2 * (size_t)c.ffn;
     std::vector<ParamInfo> t;
     size_t off = 0;
@@ -112,7 +125,7 @@ static inline std::vector<ParamInfo> param_table(const Config& c, size_t* total)
     }
     add("lnf_w", 1, d, false);
     if (gpt) add("lnf_b", 1, d, false);
-    if (!gpt) add("lm_head", c.vocab, d, true);
+    if (!tied_head(c)) add("lm_head", c.vocab, d, true);
     *total = off;
     return t;
 }
@@ -134,7 +147,7 @@ static inline ModelW model_views(const Config& c, const std::vector<ParamInfo>& 
     w.wte = get("wte");
     w.lnf_w = get("lnf_w");
     w.lnf_b = get("lnf_b");
-    w.head = c.family == GPT ? w.wte : get("lm_head");
+    w.head = tied_head(c) ? w.wte : get("lm_head");
     for (int l = 0; l < c.n_layer; l++) {
         std::string p = "h." + std::to_string(l) + ".";
         w.layer.push_back({get(p + "ln1_w"), get(p + "ln1_b"), get(p + "qkv_w"), get(p + "qkv_b"), get(p + "o_w"),
@@ -162,8 +175,8 @@ struct RunCfg {
 static inline std::string check_shape(const Config& c, const RunCfg& r) {
     char b[512];
     const size_t C = r.chunk ? r.chunk : r.seq;
-    const int D = c.d_model / c.n_head;
-    if (c.d_model % c.n_head) snprintf(b, sizeof b, "model %s: d_model %d is not a multiple of n_head %d", c.name, c.d_model, c.n_head);
+    const int D = head_dim(c);
+    if (!c.head_dim && c.d_model % c.n_head) snprintf(b, sizeof b, "model %s: d_model %d is not a multiple of n_head %d", c.name, c.d_model, c.n_head);
     else if (D % 2 || D > 512) snprintf(b, sizeof b, "model %s: head size %d must be even and at most 512", c.name, D);
     else if (c.n_head % c.n_kv_head) snprintf(b, sizeof b, "model %s: n_head %d is not a multiple of n_kv_head %d", c.name, c.n_head, c.n_kv_head);
     else if (r.seq < 1) snprintf(b, sizeof b, "--seq must be at least 1");
@@ -295,7 +308,7 @@ static inline void model_create(Model* M, const Config& c, const RunCfg& r, bool
     if (!err.empty()) fatal_all("%s", err.c_str());
     M->cfg = c;
     M->run = r;
-    M->D = c.d_model / c.n_head;
+    M->D = head_dim(c);
     M->Hl = c.n_head / r.P;
     M->Hkvl = c.n_kv_head >= r.P ? c.n_kv_head / r.P : 1;
     M->Q3 = (c.n_head + 2 * c.n_kv_head) * M->D;

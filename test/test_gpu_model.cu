@@ -50,7 +50,8 @@ static bool load_fixture(const char* name, Fixture* fx, Config* cfg, size_t* S) 
     EXPECT_TRUE(ok) << err;
     if (!ok || !fx->find("config") || !fx->find("config_f")) return false;
     const std::vector<int32_t>& v = fx->find("config")->i;
-    *cfg = Config{name, v[0], v[1], v[2], v[3], v[4], v[5], v[6], fx->find("config_f")->f[0], fx->find("config_f")->f[1], ""};
+    *cfg = Config{"", v[0], v[1], v[2], v[3], v[4], v[5], v[6], fx->find("config_f")->f[0], fx->find("config_f")->f[1], ""};
+    snprintf(cfg->name, sizeof cfg->name, "%s", name);
     *S = v[7];
     return true;
 }

@@ -24,7 +24,8 @@ static Loaded load(const char* file) {
     const FixtureTensor* c = L.fx.find("config");
     const FixtureTensor* cf = L.fx.find("config_f");
     const std::vector<int32_t>& v = c->i;
-    L.cfg = Config{file, v[0], v[1], v[2], v[3], v[4], v[5], v[6], cf->f[0], cf->f[1], ""};
+    L.cfg = Config{"", v[0], v[1], v[2], v[3], v[4], v[5], v[6], cf->f[0], cf->f[1], ""};
+    snprintf(L.cfg.name, sizeof L.cfg.name, "%s", file);
     L.seq = v[7];
     return L;
 }
