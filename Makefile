@@ -1,6 +1,9 @@
 # fpdt: `make` builds ./fpdt, `make test` builds and runs the GoogleTest suite.
-# nvcc compiles the program (CUDA runtime API only, never libcuda: the binary starts on a machine
-# without a GPU or driver and runs on the CPU there). MPI comes from OpenMPI's mpicxx wrapper.
+# With the CUDA toolkit's nvcc (on PATH, or NVCC=/path/to/nvcc) the program is built by nvcc and
+# has both backends: CUDA runtime API only, never libcuda, so the binary starts on a machine
+# without a GPU or driver and runs on the CPU there. Without nvcc (or with NVCC=false) the same
+# sources are built by g++ into a CPU-only ./fpdt, and the GPU tests are left out of the suite.
+# MPI comes from OpenMPI's mpicxx wrapper.
 NVCC ?= nvcc
 CXX ?= g++
 MPI_CFLAGS := $(shell mpicxx --showme:compile 2>/dev/null)
@@ -8,25 +11,45 @@ MPI_LIBS := $(shell mpicxx --showme:link 2>/dev/null)
 ifeq ($(MPI_LIBS),)
 $(error OpenMPI not found: install it with `apt-get install -y libopenmpi-dev openmpi-bin`)
 endif
+HAVE_NVCC := $(shell $(NVCC) --version >/dev/null 2>&1 && echo 1)
+BUILD_KIND := $(if $(HAVE_NVCC),cuda,cpu)
 HOST_FLAGS := -O3 -fopenmp -Wall -Wno-unused-function
 DEFS := -DOMPI_SKIP_MPICXX
-# Hopper (H100/H200) code, plus PTX that newer GPUs can compile at load time
-GPU_ARCH ?= -gencode arch=compute_90,code=sm_90 -gencode arch=compute_90,code=compute_90
+# Device code for Ampere (A100, sm_80; also runs on sm_86/sm_89) and Hopper (H100/H200, sm_90),
+# plus PTX that newer GPUs compile at load time. A GPU on this machine of another major
+# architecture (nvidia-smi's compute_cap) is added. Override: make GPU_ARCH="-gencode ...".
+comma := ,
+LOCAL_SM := $(shell nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' .')
+EXTRA_SM := $(if $(filter-out 80 86 87 89 90,$(LOCAL_SM)),-gencode arch=compute_$(LOCAL_SM)$(comma)code=sm_$(LOCAL_SM))
+GPU_ARCH ?= -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
+	-gencode arch=compute_90,code=compute_90 $(EXTRA_SM)
 NVCC_FLAGS := -O3 -std=c++17 $(GPU_ARCH) $(DEFS) -Xcompiler "$(HOST_FLAGS)" $(MPI_CFLAGS)
 CXXFLAGS_T := -O2 -g -std=c++17 $(DEFS) $(HOST_FLAGS) $(MPI_CFLAGS) -I.
 HEADERS := $(wildcard *.h *.cuh data/*.h)
 TEST_SRC := $(wildcard test/test_*.cpp)  # one binary; test/mpi_layout.cpp is its own (run under mpirun)
 TEST_OBJ := $(TEST_SRC:test/%.cpp=build/%.o)
-# GPU tests: built by nvcc into the same binary; they skip themselves where there is no GPU
-GPU_TEST_SRC := $(wildcard test/test_gpu*.cu)
+# GPU tests: built by nvcc into the same binary; they skip themselves where there is no GPU.
+# Without nvcc they are not built at all.
+GPU_TEST_SRC := $(if $(HAVE_NVCC),$(wildcard test/test_gpu*.cu))
 GPU_TEST_OBJ := $(GPU_TEST_SRC:test/%.cu=build/%.o)
 CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(shell which $(NVCC)))
-CUDA_LIBS := -L$(CUDA_HOME)/lib64 -lcudart -lcublas -lnccl
+CUDA_LIBS := $(if $(HAVE_NVCC),-L$(CUDA_HOME)/lib64 -lcudart -lcublas -lnccl)
 
 all: fpdt
 
-fpdt: fpdt.cu $(HEADERS)
+# build/kind holds "cuda" or "cpu": switching between the two rebuilds ./fpdt
+build/kind: FORCE
+	@mkdir -p build
+	@[ "$$(cat $@ 2>/dev/null)" = "$(BUILD_KIND)" ] || echo $(BUILD_KIND) > $@
+
+fpdt: fpdt.cu $(HEADERS) build/kind
+ifeq ($(HAVE_NVCC),1)
 	$(NVCC) $(NVCC_FLAGS) fpdt.cu -o $@ -lcudart -lcublas -lnccl -lgomp $(MPI_LIBS)
+	@echo "built ./fpdt with nvcc: CPU and CUDA backends ($(filter code=%,$(subst $(comma), ,$(GPU_ARCH))))"
+else
+	$(CXX) -x c++ -O3 -std=c++17 $(DEFS) $(HOST_FLAGS) $(MPI_CFLAGS) fpdt.cu -x none -o $@ $(MPI_LIBS)
+	@echo "built ./fpdt with $(CXX): CPU backend only ('$(NVCC)' not found; install the CUDA toolkit for the GPU backend)"
+endif
 
 build/%.o: test/%.cpp $(HEADERS) test/*.h
 	@mkdir -p build
@@ -36,8 +59,8 @@ build/%.o: test/%.cu $(HEADERS) test/*.h test/*.cuh
 	@mkdir -p build
 	$(NVCC) $(NVCC_FLAGS) -I. -c $< -o $@
 
-build/fpdt_tests: $(TEST_OBJ) $(GPU_TEST_OBJ)
-	$(CXX) $(CXXFLAGS_T) $^ -o $@ -lgtest -lgtest_main -pthread $(MPI_LIBS) $(CUDA_LIBS)
+build/fpdt_tests: $(TEST_OBJ) $(GPU_TEST_OBJ) build/kind
+	$(CXX) $(CXXFLAGS_T) $(filter %.o,$^) -o $@ -lgtest -lgtest_main -pthread $(MPI_LIBS) $(CUDA_LIBS)
 
 build/mpi_layout: test/mpi_layout.cpp $(HEADERS)
 	@mkdir -p build
@@ -89,4 +112,4 @@ fuzz: build/fuzz_shard build/fuzz_checkpoint
 clean:
 	rm -rf fpdt build
 
-.PHONY: all test clean
+.PHONY: all test clean FORCE

@@ -5,7 +5,6 @@
 //   ./fpdt plan --model M --seq S   predicted memory and the break-even chunk size
 //
 // Sections: command line; evaluation; train; sample; plan; main. Checkpoints are in checkpoint.h.
-#include <cuda_runtime.h>
 #include <omp.h>
 #include <functional>
 #include <map>
@@ -13,7 +12,6 @@
 #include <string>
 #include <vector>
 #include "checkpoint.h"
-#include "cuda_common.cuh"
 #include "data/data.h"
 #include "model.h"
 
@@ -210,23 +208,35 @@ static bool stop_on_nonfinite(const Args& a) {
     return m == "stop";
 }
 
+// GPUs visible to this process; always 0 in the CPU-only build (made by g++ where there is no nvcc).
 static int gpu_count() {
+#ifdef __CUDACC__
     int n = 0;
     if (cudaGetDeviceCount(&n) != cudaSuccess) {
         cudaGetLastError();  // no driver or no device: the CPU it is
         return 0;
     }
     return n;
+#else
+    return 0;
+#endif
 }
 
 // --device: cpu, gpu, or (default) the GPU when there is one. On the GPU each rank takes device
 // local_rank % count (several ranks may share one: their all-to-alls go through MPI on host memory).
-static bool choose_device(const Args& a, Ctx* ctx, GpuCtx* g) {
+static bool choose_device(const Args& a, Ctx* ctx) {
     std::string dev = a.str("device", "auto");
     if (dev != "auto" && dev != "cpu" && dev != "gpu") fatal_all("--device: '%s' (expected auto, cpu or gpu)", dev.c_str());
+#ifndef __CUDACC__
+    if (dev == "gpu") fatal_all("--device gpu: this ./fpdt is the CPU-only build (made without nvcc); rebuild with the CUDA toolkit");
+    (void)ctx;
+    return false;
+#else
     const int n = dev == "cpu" ? 0 : gpu_count();
     if (dev == "gpu" && n == 0) fatal_all("--device gpu: no CUDA device is visible (driver and GPU needed); use --device cpu");
     if (n == 0) return false;
+    static GpuCtx gpu_ctx;  // one per process: its streams live as long as the program
+    GpuCtx* g = &gpu_ctx;
     g->device = comm_world().local_rank % n;
     CUDA_CHECK(cudaSetDevice(g->device));
     // The copy streams also run the small bf16 narrowing/widening kernels of the host store: at
@@ -242,6 +252,7 @@ static bool choose_device(const Args& a, Ctx* ctx, GpuCtx* g) {
     ctx->g = g;
     ctx->gpu_mark = gpu_mark;
     return true;
+#endif
 }
 
 // --comm: how GPU buffers move between ranks. NCCL needs a GPU per rank on each machine; ranks
@@ -260,15 +271,23 @@ static bool choose_comm(const Args& a, const Ctx& ctx) {
     if (c == "nccl" && !own_gpu)
         fatal_all("--comm nccl: more ranks on a machine than it has GPUs (NCCL needs a GPU per rank); use --comm mpi");
     if (!own_gpu) return false;
+#ifdef __CUDACC__
     comm_nccl_init();
     return true;
+#else
+    return false;  // not reached: the CPU-only build never chooses a GPU
+#endif
 }
 
 static std::string device_name(const Ctx& ctx) {
     if (!ctx.gpu) return "cpu (" + std::to_string(omp_get_max_threads()) + " threads)";
+#ifndef __CUDACC__
+    return "gpu";  // not reached: the CPU-only build never chooses a GPU
+#else
     cudaDeviceProp p;
     CUDA_CHECK(cudaGetDeviceProperties(&p, ctx.g->device));
     return std::string("gpu ") + std::to_string(ctx.g->device) + " (" + p.name + ")";
+#endif
 }
 
 static int cmd_train(int argc, char** argv) {
@@ -282,8 +301,7 @@ static int cmd_train(int argc, char** argv) {
     if (cm.local_size > 1 && !getenv("OMP_NUM_THREADS"))  // ranks on one machine share its cores
         omp_set_num_threads(std::max(1, omp_get_num_procs() / cm.local_size));
     Model M;
-    GpuCtx gpu;
-    choose_device(a, &M.ctx, &gpu);
+    choose_device(a, &M.ctx);
     M.nccl = choose_comm(a, M.ctx);
     RunCfg r;
     r.seq = a.integer("seq", 64, 1, 1ll << 40);
@@ -373,7 +391,9 @@ static int cmd_train(int argc, char** argv) {
         opt.lr = lr_t;
         trace.on = !trace_path.empty() && step == trace_step;
         trace.origin = now_s();
+#ifdef __CUDACC__
         if (trace.on && M.ctx.gpu) trace_gpu_start(&M.ctx);
+#endif
         const double t0 = now_s();
         read_into(&M, data, step);
         const float loss = model_forward_backward(&M, true);
@@ -384,7 +404,9 @@ static int cmd_train(int argc, char** argv) {
         dev_sync(&M.ctx);  // the update's kernels belong to this step's time
         const double dt = now_s() - t0;
         if (trace.on) {
+#ifdef __CUDACC__
             if (M.ctx.gpu) trace_gpu_finish(&M.ctx);
+#endif
             if (cm.rank == 0) trace_write(&trace, trace_path.c_str(), cm.rank);
             trace.on = false;
             trace.events.clear();
@@ -604,8 +626,7 @@ static int cmd_bench(int argc, char** argv) {
         return 0;
     }
     Ctx ctx;
-    GpuCtx gpu;
-    const bool on_gpu = choose_device(a, &ctx, &gpu);
+    const bool on_gpu = choose_device(a, &ctx);
     const size_t N = a.integer("size", on_gpu ? 8192 : 512, 1, 1 << 16);
     const size_t S = a.integer("seq", on_gpu ? 8192 : 1024, 1, 1 << 22);
     const int H = (int)a.integer("heads", on_gpu ? 32 : 4, 1, 1024);
@@ -672,17 +693,19 @@ static int cmd_bench(int argc, char** argv) {
     });
     printf("attention causal S=%zu H=%d KV=%d D=%d fp32: fwd %.3f ms %.3g TFLOP/s, bwd %.3f ms %.3g TFLOP/s\n", S, H,
            KV, D, tf * 1e3, af / tf / 1e12, tb * 1e3, 2.5 * af / tb / 1e12);
+#ifdef __CUDACC__
     if (on_gpu) {
         const size_t bytes = qn * sizeof(float);
         const double th = median_seconds(&ctx, reps, [&] {
-            CUDA_CHECK(cudaMemcpyAsync(q, pinned, bytes, cudaMemcpyHostToDevice, gpu.h2d));
+            CUDA_CHECK(cudaMemcpyAsync(q, pinned, bytes, cudaMemcpyHostToDevice, ctx.g->h2d));
         });
         const double td = median_seconds(&ctx, reps, [&] {
-            CUDA_CHECK(cudaMemcpyAsync(pinned, q, bytes, cudaMemcpyDeviceToHost, gpu.d2h));
+            CUDA_CHECK(cudaMemcpyAsync(pinned, q, bytes, cudaMemcpyDeviceToHost, ctx.g->d2h));
         });
         printf("copy pinned %.1f MiB: host->device %.1f GB/s, device->host %.1f GB/s\n", bytes / 1048576.0,
                bytes / th / 1e9, bytes / td / 1e9);
     }
+#endif
     arena_unback(&ctx, &dev);
     arena_unback(&ctx, &host);
     return 0;
