@@ -1,6 +1,6 @@
 // cuda_common.cuh: what every CUDA twin needs: checks on every CUDA and cuBLAS call, the GPU
-// context (compute, host-to-device, device-to-host and communication streams, as in
-// ../shared/DESIGN.md point 7; the cuBLAS handle), and launch sizes.
+// context (compute, host-to-device, device-to-host and communication streams, see docs/method.md;
+// the cuBLAS handle), and launch sizes.
 // Only nvcc sees this file (everything CUDA sits behind #ifdef __CUDACC__).
 #pragma once
 #ifdef __CUDACC__

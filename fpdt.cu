@@ -99,6 +99,46 @@ static void print_models() {
 }
 
 // ----------------------------------------------------------------------------
+// The run's record. Rank 0 prints to stdout and, with --out, appends every line to OUT/main.log,
+// including the step lines that stdout shows only every --log-every steps.
+
+struct RunLog {
+    FILE* file = nullptr;  // OUT/main.log, or null
+};
+static RunLog& run_log() {
+    static RunLog L;
+    return L;
+}
+
+// One line (no trailing newline in fmt) to the log file and, if show, to stdout. Rank 0 only.
+static void log_line(bool show, const char* fmt, ...) __attribute__((format(printf, 2, 3)));
+static void log_line(bool show, const char* fmt, ...) {
+    if (comm_world().rank != 0) return;
+    char buf[4096];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    if (show) printf("%s\n", buf), fflush(stdout);
+    if (run_log().file) fprintf(run_log().file, "%s\n", buf), fflush(run_log().file);
+}
+
+// "1:05" or "2:03:07"
+static std::string clock_str(double seconds) {
+    const long t = (long)std::max(0.0, seconds + 0.5);
+    char b[32];
+    if (t >= 3600) snprintf(b, sizeof b, "%ld:%02ld:%02ld", t / 3600, t / 60 % 60, t % 60);
+    else snprintf(b, sizeof b, "%ld:%02ld", t / 60, t % 60);
+    return b;
+}
+
+// --log-every 0 (auto): every step of the first 10, then about 50 lines over the run.
+static int auto_log_every(int steps) { return std::max(1, (steps + 49) / 50); }
+static bool shown_step(int step, int steps, int every, bool special) {
+    return special || step <= 10 || step == steps || step % every == 0;
+}
+
+// ----------------------------------------------------------------------------
 // Evaluation: mean loss over held-out sequences, and for the passkey task the retrieval accuracy
 // of the answer symbols, by the distance between each key and its question (buckets 4x apart).
 
@@ -115,7 +155,7 @@ static int distance_bucket(size_t dist) {
 }
 
 static void evaluate(Model* M, DataSource* data, int nseq, int step) {
-    std::vector<double> acc(2 + 2 * NBUCKET, 0.0);  // loss sum, answers; then per bucket: right, total
+    std::vector<double> acc(4 + 2 * NBUCKET, 0.0);  // loss sum, answers, right and total beyond a chunk; per bucket: right, total
     bool task = false;
     for (int k = 0; k < nseq; k++) {
         read_into(M, data, EVAL_STEP0 + k);
@@ -129,24 +169,30 @@ static void evaluate(Model* M, DataSource* data, int nseq, int step) {
             if ((int)(o / M->cl) != M->run.rank) continue;
             int32_t truth;
             data->read(EVAL_STEP0 + k, ans[a], 1, &truth);
-            acc[2 + 2 * b] += M->preds[c * M->cl + o % M->cl] == truth;
-            acc[3 + 2 * b] += 1;
+            const bool right = M->preds[c * M->cl + o % M->cl] == truth;
+            acc[4 + 2 * b] += right;
+            acc[5 + 2 * b] += 1;
+            if (dist[a] >= M->C && M->u > 1) acc[2] += right, acc[3] += 1;  // the key sat in an earlier chunk
         }
     }
-    comm_allreduce(acc.data() + 2, 2 * NBUCKET);  // each rank counted the answers it holds
+    comm_allreduce(acc.data() + 2, 2 + 2 * NBUCKET);  // each rank counted the answers it holds
     if (comm_world().rank != 0) return;
-    for (int b = 0; b < NBUCKET; b++) acc[1] += acc[3 + 2 * b];
-    printf("eval step %d | loss %.6f", step, acc[0] / nseq);
+    for (int b = 0; b < NBUCKET; b++) acc[1] += acc[5 + 2 * b];
+    std::string line = "eval step " + std::to_string(step) + " | seq " + std::to_string(M->run.seq);
+    char b[128];
+    snprintf(b, sizeof b, " | loss %.6f", acc[0] / nseq);
+    line += b;
     if (task) {
         double right = 0;
-        for (int b = 0; b < NBUCKET; b++) right += acc[2 + 2 * b];
-        printf(" | passkey %.1f%% of %.0f | by distance:", 100 * right / acc[1], acc[1]);
+        for (int k = 0; k < NBUCKET; k++) right += acc[4 + 2 * k];
+        snprintf(b, sizeof b, " | passkey %.1f%% of %.0f", 100 * right / acc[1], acc[1]), line += b;
+        if (acc[3] > 0) snprintf(b, sizeof b, " | key in an earlier chunk: %.1f%% of %.0f", 100 * acc[2] / acc[3], acc[3]), line += b;
+        line += " | by distance:";
         const char* names[NBUCKET] = {"<16", "<64", "<256", "<1K", "<4K", "<16K", "<64K", "<256K", "<1M", "<4M", ">=4M"};
-        for (int b = 0; b < NBUCKET; b++)
-            if (acc[3 + 2 * b] > 0) printf(" %s %.0f%%", names[b], 100 * acc[2 + 2 * b] / acc[3 + 2 * b]);
+        for (int k = 0; k < NBUCKET; k++)
+            if (acc[5 + 2 * k] > 0) snprintf(b, sizeof b, " %s %.0f%%", names[k], 100 * acc[4 + 2 * k] / acc[5 + 2 * k]), line += b;
     }
-    printf("\n");
-    fflush(stdout);
+    log_line(true, "%s", line.c_str());
 }
 
 // ----------------------------------------------------------------------------
@@ -156,17 +202,22 @@ static const std::vector<std::string> train_flags = {
     "model", "seq", "chunk-size", "offload", "steps", "lr", "warmup", "min-lr-frac", "weight-decay", "clip", "seed",
     "beta1", "beta2", "adam-eps",
     "data", "device", "out", "save-every", "resume", "exit-after", "eval-every", "eval-seqs", "trace", "zero",
-    "device-mem", "host-mem", "on-nonfinite", "max-bad-steps", "comm", "precision", "help"};
+    "device-mem", "host-mem", "on-nonfinite", "max-bad-steps", "comm", "precision", "start-seq", "start-steps",
+    "log-every", "help"};
 
 static void train_help() {
     printf(
         "usage: ./fpdt train [flags]        (P ranks: mpirun -np P ./fpdt train [flags])\n"
         "  --model NAME        model preset (default small; list below)\n"
-        "  --seq N             sequence length in tokens, global (default 64)\n"
-        "  --chunk-size C      FPDT chunk length, global; must divide --seq (default: --seq, no chunking)\n"
-        "  --offload 0|1       keep sequence-sized tensors in host memory (default 0)\n"
+        "  --seq N             sequence length in tokens, global (default 4096; on a GPU 65536)\n"
+        "  --chunk-size C      FPDT chunk length, global; must divide --seq (default: the largest divisor\n"
+        "                      of --seq up to 1024, on a GPU 16384; --seq itself when that is shorter)\n"
+        "  --offload 0|1       keep sequence-sized tensors in host memory (default 1 when chunked)\n"
+        "  --start-seq N       train the first --start-steps steps at this shorter sequence, then at --seq\n"
+        "                      (context extension); 0 = off (default 256 when --seq is left at its default)\n"
+        "  --start-steps K     steps at --start-seq (default 2/3 of --steps)\n"
         "  --zero 0|1          ZeRO-1: shard the optimizer state across ranks (default 0)\n"
-        "  --steps N           total steps; the learning-rate schedule depends on it alone (default 5000)\n"
+        "  --steps N           total steps; the learning-rate schedule depends on it alone (default 1500)\n"
         "  --lr X              peak learning rate (default 3e-3)\n"
         "  --warmup N          linear warmup steps (default: steps/20)\n"
         "  --min-lr-frac X     cosine decays to lr*X (default 0.1)\n"
@@ -183,7 +234,10 @@ static void train_help() {
         "  --save-every N      checkpoint every N steps and at the end (needs --out)\n"
         "  --exit-after N      stop after step N with a checkpoint (a time-boxed job); continue with --resume\n"
         "  --resume            continue from the newest valid checkpoint in --out\n"
-        "  --eval-every N      evaluate every N steps and at the end, 0 = never (default 500)\n"
+        "  --eval-every N      evaluate every N steps, at the end of --start-steps and at the end, 0 = never\n"
+        "                      (default 500)\n"
+        "  --log-every N       print every Nth step line (the first 10 and the last always); 0 = about 50\n"
+        "                      lines a run (default). With --out, OUT/main.log gets every line\n"
         "  --eval-seqs N       held-out sequences per evaluation (default 64)\n"
         "  --trace FILE        write one step's schedule (the second) as Chrome trace JSON (open in Perfetto)\n"
         "  --device-mem GiB    refuse to start if the device arena would exceed this\n"
@@ -290,6 +344,32 @@ static std::string device_name(const Ctx& ctx) {
 #endif
 }
 
+// The default chunk: the largest divisor of seq that is at most cap and a multiple of the P ranks
+// (seq itself when seq <= cap, or when no divisor of at least 64 tokens is found).
+static size_t default_chunk(size_t seq, int P, size_t cap) {
+    if (seq <= cap) return seq;
+    for (size_t c = cap; c >= 64; c--)
+        if (seq % c == 0 && c % P == 0) return c;
+    return seq;
+}
+
+// Rebuilds M for another run shape (the sequence length of a curriculum phase) and carries its
+// weights and AdamW state over; the parameter layout does not depend on the sequence.
+static void model_reshape(Model* M, const Config& cfg, const RunCfg& r) {
+    std::vector<float> w(M->n_padded), m(M->shard_n), v(M->shard_n);
+    dev_download(&M->ctx, w.data(), M->params, w.size() * sizeof(float));
+    dev_download(&M->ctx, m.data(), M->opt_m, m.size() * sizeof(float));
+    dev_download(&M->ctx, v.data(), M->opt_v, v.size() * sizeof(float));
+    Model N;
+    N.ctx = M->ctx, N.nccl = M->nccl;
+    model_free(M);  // first, so the two never hold memory at once
+    model_create(&N, cfg, r, false);
+    dev_upload(&N.ctx, N.params, w.data(), w.size() * sizeof(float));
+    dev_upload(&N.ctx, N.opt_m, m.data(), m.size() * sizeof(float));
+    dev_upload(&N.ctx, N.opt_v, v.data(), v.size() * sizeof(float));
+    *M = N;
+}
+
 static int cmd_train(int argc, char** argv) {
     Args a = parse_args(argc, argv, train_flags);
     if (a.help) {
@@ -303,16 +383,27 @@ static int cmd_train(int argc, char** argv) {
     Model M;
     choose_device(a, &M.ctx);
     M.nccl = choose_comm(a, M.ctx);
+    // The defaults are the default run: FPDT itself (several chunks, offloaded) on a sequence long
+    // enough to need it, reached from a short start as context extension does.
     RunCfg r;
-    r.seq = a.integer("seq", 64, 1, 1ll << 40);
-    r.chunk = a.integer("chunk-size", r.seq, 1, 1ll << 40);
-    r.offload = a.flag01("offload", false);
+    const bool gpu = M.ctx.gpu;
+    r.P = cm.size, r.rank = cm.rank;
+    r.seq = a.integer("seq", gpu ? 65536 : 4096, 1, 1ll << 40);
+    r.chunk = a.integer("chunk-size", default_chunk(r.seq, r.P, gpu ? 16384 : 1024), 1, 1ll << 40);
+    r.offload = a.flag01("offload", r.chunk < r.seq);
     r.zero = a.flag01("zero", false);
     r.bf16 = precision_bf16(a, M.ctx.gpu);
-    r.P = cm.size, r.rank = cm.rank;
     r.device_cap = (size_t)(a.real("device-mem", 0, 0, 1e6) * 1073741824.0);
     r.host_cap = (size_t)(a.real("host-mem", 0, 0, 1e6) * 1073741824.0);
-    const int steps = (int)a.integer("steps", 5000, 1, 1 << 30);
+    const int steps = (int)a.integer("steps", 1500, 1, 1 << 30);
+    // The short start: its own RunCfg, chunked like the main phase where the chunk divides it.
+    const size_t start_seq = a.integer("start-seq", a.has("seq") ? 0 : (gpu ? 4096 : 256), 0, r.seq);
+    const int start_steps = start_seq ? (int)a.integer("start-steps", steps * 2 / 3, 0, steps) : 0;
+    if (a.has("start-steps") && !start_seq) fatal_all("--start-steps needs --start-seq N (the shorter sequence to start at)");
+    RunCfg r0 = r;
+    r0.seq = start_seq;
+    r0.chunk = start_seq % r.chunk == 0 ? r.chunk : start_seq;
+    r0.offload = r.offload && r0.chunk < start_seq;
     AdamW opt;
     const float lr = (float)a.real("lr", 3e-3, 0, 10);
     opt.wd = (float)a.real("weight-decay", 0.1, 0, 10);
@@ -336,8 +427,10 @@ static int cmd_train(int argc, char** argv) {
     for (const char* p = getenv("FPDT_FAULT_NAN_STEPS"); p && *p; p += strcspn(p, ","), p += (*p == ',')) fault_steps.insert(atoi(p));
     if ((save_every || exit_after || a.has("resume")) && out.empty())
         fatal_all("--save-every, --exit-after and --resume need --out DIR");
+    const int log_every = (int)a.integer("log-every", 0, 0, 1 << 30);
     std::string err = check_shape(cfg, r);
     if (!err.empty()) fatal_all("%s", err.c_str());
+    if (start_steps && !(err = check_shape(cfg, r0)).empty()) fatal_all("--start-seq %zu: %s", start_seq, err.c_str());
     if (!out.empty() && cm.rank == 0) {  // find a bad --out now, not at the first save hours later
         (void)!system(("mkdir -p '" + out + "' 2>/dev/null").c_str());
         std::string probe = out + "/.fpdt_write_test.tmp";
@@ -348,10 +441,20 @@ static int cmd_train(int argc, char** argv) {
     }
     DataSource* data = data_open(a.str("data", "passkey"), cfg.vocab, r.seq, seed, &err);
     if (!data) fatal_all("%s", err.c_str());
+    DataSource* data0 = start_steps ? data_open(a.str("data", "passkey"), cfg.vocab, start_seq, seed, &err) : nullptr;
+    if (start_steps && !data0) fatal_all("--start-seq %zu: %s", start_seq, err.c_str());
+    if (!out.empty() && cm.rank == 0) {
+        const std::string path = out + "/main.log";
+        run_log().file = fopen(path.c_str(), "a");
+        if (!run_log().file) fatal("--out %s: cannot write %s: %s", out.c_str(), path.c_str(), strerror(errno));
+        std::string cmd = "command:";
+        for (int i = 0; i < argc; i++) cmd += std::string(" ") + argv[i];
+        log_line(false, "%s", cmd.c_str());
+    }
 
     Trace trace;
     M.ctx.trace = &trace;
-    model_create(&M, cfg, r, false);
+    model_create(&M, cfg, r, false);  // the main phase's model first: a run that cannot fit fails now
     model_init_params(&M, seed);
     int start = 0;
     if (a.has("resume")) {
@@ -363,24 +466,40 @@ static int cmd_train(int argc, char** argv) {
                       "schedule depends on it)", (unsigned long long)h.total_steps, steps);
         if (start == steps && cm.rank == 0) printf("resume: the checkpoint is at step %d: nothing left to do\n", start);
     }
+    const bool in_start = start < start_steps;
+    const size_t main_dev = M.dev.cap, main_host = M.host.cap;
+    if (in_start) model_reshape(&M, cfg, r0);
     if (cm.rank == 0) {
-        printf("fpdt train | model %s (%s, %d layers, d %d, %d/%d heads, %.2fM params) | data %s\n", cfg.name,
-               cfg.family == GPT ? "gpt" : "llama", cfg.n_layer, cfg.d_model, cfg.n_head, cfg.n_kv_head,
-               M.n_params / 1e6, data->describe().c_str());
-        printf("seq %zu | chunk %zu (%d chunks) | offload %s | ranks %d%s | device %s, %s | steps %d%s\n", r.seq, M.C,
-               M.u, r.offload ? "on" : "off", r.P, (std::string(r.zero ? " ZeRO-1" : "") + (M.nccl ? " NCCL" : "")).c_str(),
-               device_name(M.ctx).c_str(), r.bf16 ? "bf16" : "fp32", steps,
-               start ? (" | resumed at step " + std::to_string(start)).c_str() : "");
-        printf("memory (arenas, this rank): device %.1f MiB, host %.1f MiB, taken once at start\n",
-               M.dev.cap / 1048576.0, M.host.cap / 1048576.0);
-        fflush(stdout);
+        log_line(true, "fpdt train | model %s (%s, %d layers, d %d, %d/%d heads, %.2fM params) | data %s", cfg.name,
+                 cfg.family == GPT ? "gpt" : "llama", cfg.n_layer, cfg.d_model, cfg.n_head, cfg.n_kv_head,
+                 M.n_params / 1e6, data->describe().c_str());
+        const size_t C = r.chunk;
+        log_line(true, "seq %zu | chunk %zu (%zu chunks) | offload %s | ranks %d%s | device %s, %s | steps %d%s", r.seq, C,
+                 r.seq / C, r.offload ? "on" : "off", r.P, (std::string(r.zero ? " ZeRO-1" : "") + (M.nccl ? " NCCL" : "")).c_str(),
+                 device_name(M.ctx).c_str(), r.bf16 ? "bf16" : "fp32", steps,
+                 start ? (" | resumed at step " + std::to_string(start)).c_str() : "");
+        if (start_steps)
+            log_line(true, "start: steps 1-%d at seq %zu (chunk %zu: %zu chunk%s, offload %s), then seq %zu from step %d",
+                     start_steps, start_seq, r0.chunk, start_seq / r0.chunk, start_seq / r0.chunk == 1 ? "" : "s",
+                     r0.offload ? "on" : "off", r.seq, start_steps + 1);
+        log_line(true, "memory (arenas, this rank): device %.1f MiB, host %.1f MiB at seq %zu, taken once at start%s",
+                 main_dev / 1048576.0, main_host / 1048576.0, r.seq, start_steps ? " (and again after the start)" : "");
     }
     const int end = exit_after ? std::min(exit_after, steps) : steps;
     const int trace_step = std::min(start + 1, end - 1);  // this run's second step, past the warm-up
+    const int every = log_every ? log_every : auto_log_every(steps);
     double t_total = now_s(), tokens_done = 0;
+    double step_s[2] = {0, 0};  // each phase's recent time per step (start, main), for the estimate
     int bad_run = 0, step = start;
     for (step = start; step < steps; step++) {
         if (exit_after && step >= exit_after) break;
+        if (step == start_steps && step > 0 && M.run.seq != r.seq) {  // the start is over: on to --seq
+            model_reshape(&M, cfg, r);
+            log_line(true, "step %d: seq %zu -> %zu | chunk %zu (%d chunks) | offload %s", step, start_seq, r.seq, M.C, M.u,
+                     r.offload ? "on" : "off");
+        }
+        DataSource* src = step < start_steps ? data0 : data;
+        const int phase = step < start_steps ? 0 : 1;
         // learning rate: linear warmup, then cosine down to lr * min_frac at the last step
         float lr_t = lr;
         if (step < warmup) lr_t = lr * (step + 1) / warmup;
@@ -395,7 +514,7 @@ static int cmd_train(int argc, char** argv) {
         if (trace.on && M.ctx.gpu) trace_gpu_start(&M.ctx);
 #endif
         const double t0 = now_s();
-        read_into(&M, data, step);
+        read_into(&M, src, step);
         const float loss = model_forward_backward(&M, true);
         if (fault_steps.count(step + 1) && cm.rank == 0) dev_fill(&M.ctx, M.grads, NAN, 1);  // as a blow-up would
         bool finite = std::isfinite(loss);
@@ -411,12 +530,17 @@ static int cmd_train(int argc, char** argv) {
             trace.on = false;
             trace.events.clear();
         }
-        tokens_done += r.seq;
-        if (cm.rank == 0) {
-            printf("step %d/%d | loss %.6f | lr %.3e | norm %.4f | %.0f tok/s | %.1f ms/step%s\n", step + 1, steps,
-                   loss, lr_t, norm, r.seq / dt, dt * 1e3, finite ? "" : " | NON-FINITE: update skipped");
-            fflush(stdout);
-        }
+        tokens_done += M.run.seq;
+        // time left: this phase's steps at its recent pace; the main phase, before it has run, at
+        // the start's pace scaled by the sequence (a guess the first main steps replace)
+        step_s[phase] = step_s[phase] ? 0.9 * step_s[phase] + 0.1 * dt : dt;
+        const int left0 = std::max(0, start_steps - step - 1), left1 = steps - std::max(step + 1, start_steps);
+        const double main_s = step_s[1] ? step_s[1] : step_s[0] * r.seq / std::max<size_t>(start_seq, 1);
+        const double left_s = left0 * step_s[0] + left1 * main_s;
+        log_line(shown_step(step + 1, steps, every, !finite || step + 1 == start_steps || step + 1 == end),
+                 "step %d/%d | loss %.6f | lr %.3e | norm %.4f | %.0f tok/s | %.1f ms/step | %s elapsed, %s left%s",
+                 step + 1, steps, loss, lr_t, norm, M.run.seq / dt, dt * 1e3, clock_str(now_s() - t_total).c_str(),
+                 clock_str(left_s).c_str(), finite ? "" : " | NON-FINITE: update skipped");
         if (!finite) {
             // the update was skipped: weights and optimizer state are those of the last good
             // step, so nothing non-finite can reach a checkpoint
@@ -427,22 +551,23 @@ static int cmd_train(int argc, char** argv) {
             bad_run = 0;
         }
         const bool last = step + 1 == steps || step + 1 == exit_after;
-        if (eval_every && ((step + 1) % eval_every == 0 || last)) evaluate(&M, data, eval_seqs, step + 1);
+        if (eval_every && ((step + 1) % eval_every == 0 || last || step + 1 == start_steps))
+            evaluate(&M, src, eval_seqs, step + 1);
         if (!out.empty() && ((save_every && (step + 1) % save_every == 0) || last)) {
             save_checkpoint(&M, out, step + 1, seed, steps);
-            if (cm.rank == 0) printf("saved %s\n", ckpt_path(out, step + 1).c_str());
+            log_line(true, "saved %s", ckpt_path(out, step + 1).c_str());
         }
     }
     t_total = now_s() - t_total;
     double peaks[2] = {(double)M.dev.peak, (double)M.host.peak};
     comm_allreduce_max(peaks, 2);
-    if (cm.rank == 0) {
-        printf("done: %d steps in %.1f s, %.0f tok/s | peak device memory %.1f MiB | peak host memory %.1f MiB%s\n",
-               step - start, t_total, tokens_done / std::max(t_total, 1e-9), peaks[0] / 1048576.0, peaks[1] / 1048576.0,
-               r.P > 1 ? " (max over ranks)" : "");
-        if (exit_after && step < steps) printf("exit-after %d: stopped; continue with --resume\n", exit_after);
-    }
+    log_line(true, "done: %d steps in %.1f s, %.0f tok/s | peak device memory %.1f MiB | peak host memory %.1f MiB%s",
+             step - start, t_total, tokens_done / std::max(t_total, 1e-9), peaks[0] / 1048576.0, peaks[1] / 1048576.0,
+             r.P > 1 ? " (max over ranks)" : "");
+    if (exit_after && step < steps) log_line(true, "exit-after %d: stopped; continue with --resume", exit_after);
+    if (run_log().file) fclose(run_log().file), run_log().file = nullptr;
     delete data;
+    delete data0;
     model_free(&M);
     return 0;
 }
@@ -590,7 +715,7 @@ static int cmd_plan(int argc, char** argv) {
 
 // ----------------------------------------------------------------------------
 // bench: the building blocks of a step on this device, each timed as the median of --reps runs
-// after one warm-up, in the PyTorch peer's conventions (../shared/peer_pytorch.py): a matmul is
+// after one warm-up, in the PyTorch peer's FLOP conventions (bench/peer_compare.sh): a matmul is
 // 2 M N K FLOPs, causal attention forward 2 S^2 H D, its backward 2.5 times that.
 
 static std::string now_iso() {  // the date a benchmark ran, UTC

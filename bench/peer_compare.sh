@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# fpdt against the PyTorch peers on the same GPU, in one run (../shared/DESIGN.md, "Numbers to
-# beat"): a training step of the peer's Llama (preset llama-peer: d 2048, 4 layers, 16 heads,
+# fpdt against the PyTorch peers on the same GPU, in one run: a training step of the peer's Llama (preset llama-peer: d 2048, 4 layers, 16 heads,
 # 4 kv heads, ffn 5632, vocab 32000) at growing sequence lengths, and causal attention alone.
-# Needs a copy of ../shared/peer_pytorch.py in .peer/ (shared/ does not travel to a lent GPU).
+# The peers are a PyTorch script, peer_pytorch.py, kept outside this repository: put a copy in
+# .peer/ (git ignores it) to run them; without it only fpdt's side runs.
 #   bash bench/peer_compare.sh [max_seq]        (default 131072)
 # Both sides run bf16 (fpdt's --precision default on the GPU). fpdt's attention kernels are the
 # simple first pair, not tensor-core flash kernels yet: expect the attention-bound sizes to lag.
@@ -25,5 +25,5 @@ if [ -f .peer/peer_pytorch.py ]; then
         --ffn 5632 --vocab 32000 --seq 32768 --max-seq "$max" 2>&1 | grep -E "peer=|device="
     PYTHONUNBUFFERED=1 timeout 120 python3 .peer/peer_pytorch.py attention --seq 32768 --heads 32 --kv-heads 32 --head-dim 128 2>&1 | grep -E "peer="
 else
-    echo "no .peer/peer_pytorch.py: copy ../shared/peer_pytorch.py there to run the PyTorch peers"
+    echo "no .peer/peer_pytorch.py: put the PyTorch peer script there to run the peers"
 fi

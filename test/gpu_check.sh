@@ -3,7 +3,7 @@
 # chunking and offload on the GPU and on the CPU in fp32 and bf16, and print a short table last.
 #   bash test/gpu_check.sh              (a few minutes on an H100/H200 with 16 cores; not yet timed)
 #   bash test/gpu_check.sh --sanitize   also compute-sanitizer memcheck and racecheck on the GPU tests
-# If a copy of ../shared/peer_pytorch.py sits in .peer/, the PyTorch peers run too.
+# If the PyTorch peer script (peer_pytorch.py, kept outside this repository) sits in .peer/, it runs too.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-build/gpu_check}
