@@ -239,7 +239,7 @@ static void train_help() {
         "  --log-every N       print every Nth step line (the first 10 and the last always); 0 = about 50\n"
         "                      lines a run (default). With --out, OUT/main.log gets every line\n"
         "  --eval-seqs N       held-out sequences per evaluation (default 64)\n"
-        "  --trace FILE        write one step's schedule (the second) as Chrome trace JSON (open in Perfetto)\n"
+        "  --trace FILE        write one step's schedule (the second at --seq) as Chrome trace JSON (Perfetto)\n"
         "  --device-mem GiB    refuse to start if the device arena would exceed this\n"
         "  --host-mem GiB      refuse to start if the host arena would exceed this\n"
         "  --on-nonfinite skip|stop   a NaN/Inf loss or gradient: skip the step (default) or stop\n"
@@ -486,7 +486,8 @@ static int cmd_train(int argc, char** argv) {
                  main_dev / 1048576.0, main_host / 1048576.0, r.seq, start_steps ? " (and again after the start)" : "");
     }
     const int end = exit_after ? std::min(exit_after, steps) : steps;
-    const int trace_step = std::min(start + 1, end - 1);  // this run's second step, past the warm-up
+    // the step traced: this run's second step at --seq (past the warm-up and any short start)
+    const int trace_step = std::max(0, std::min(std::max(start, start_steps) + 1, end - 1));
     const int every = log_every ? log_every : auto_log_every(steps);
     double t_total = now_s(), tokens_done = 0;
     double step_s[2] = {0, 0};  // each phase's recent time per step (start, main), for the estimate
