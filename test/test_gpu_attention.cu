@@ -13,10 +13,7 @@
 // Ops that accumulate (+=) start from random values of the same size as what they add, so an op
 // that overwrote, or added twice, would fail.
 //
-// Build (not part of `make test`, which has no nvcc step for tests yet):
-//   nvcc -std=c++17 -O2 -DOMPI_SKIP_MPICXX $(mpicxx --showme:compile) -I. -Xcompiler -fopenmp
-//        -c test/test_gpu_attention.cu -o build/tga.o   (one line)
-//   g++ -fopenmp build/tga.o -o build/tga -lgtest -lgtest_main -pthread -L/usr/local/cuda/lib64 -lcudart
+// Built into build/fpdt_tests by `make test` where nvcc is present; skipped without a GPU.
 #include <gtest/gtest.h>
 #include <cuda_runtime.h>
 #include <cmath>
@@ -41,12 +38,6 @@ class Gpu : public ::testing::Test {
     }
 };
 
-// n values scale * N(0, 1) + shift: fresh, never all zeros.
-static vf randn(Rng* r, size_t n, float scale = 1.0f, float shift = 0.0f) {
-    vf a(n);
-    for (auto& x : a) x = scale * rng_normal(r) + shift;
-    return a;
-}
 
 // ----------------------------------------------------------------------------
 // Attention

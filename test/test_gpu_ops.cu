@@ -52,12 +52,6 @@ static const double kMatmul = 1e-4;  // matmuls: fp32 sums in a different order
 // ----------------------------------------------------------------------------
 // Helpers
 
-// n values scale * N(0, 1) + shift: fresh, never all zeros.
-static vf randn(Rng* r, size_t n, float scale = 1.0f, float shift = 0.0f) {
-    vf a(n);
-    for (float& x : a) x = scale * rng_normal(r) + shift;
-    return a;
-}
 // n integers uniform in [0, hi)
 static vi randint(Rng* r, size_t n, int32_t hi) {
     vi a(n);

@@ -40,12 +40,6 @@ static const double kFwd = 1e-5;   // fp32 forward vs double reference
 // ----------------------------------------------------------------------------
 // Helpers
 
-// n values scale * N(0, 1) + shift: fresh, never all zeros.
-static vf randn(Rng* r, size_t n, float scale = 1.0f, float shift = 0.0f) {
-    vf a(n);
-    for (float& x : a) x = scale * rng_normal(r) + shift;
-    return a;
-}
 static vd widen(const vf& a) { return vd(a.begin(), a.end()); }
 
 // L = sum(y * R)

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstddef>
 #include <vector>
+#include "common.h"
 
 // ||a - b|| / ||b|| over n values, summed in double (0 when both are exactly zero).
 template <typename A, typename B>
@@ -24,4 +25,11 @@ template <typename A, typename B>
 double rel_err(const std::vector<A>& a, const std::vector<B>& b) {
     EXPECT_EQ(a.size(), b.size());
     return rel_err(a.data(), b.data(), std::min(a.size(), b.size()));
+}
+
+// n values scale * N(0, 1) + shift from r: fresh, never all zeros.
+static inline std::vector<float> randn(Rng* r, size_t n, float scale = 1.0f, float shift = 0.0f) {
+    std::vector<float> a(n);
+    for (float& x : a) x = scale * rng_normal(r) + shift;
+    return a;
 }
