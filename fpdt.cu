@@ -496,8 +496,8 @@ static int cmd_train(int argc, char** argv) {
         if (exit_after && step >= exit_after) break;
         if (step == start_steps && step > 0 && M.run.seq != r.seq) {  // the start is over: on to --seq
             model_reshape(&M, cfg, r);
-            log_line(true, "step %d: seq %zu -> %zu | chunk %zu (%d chunks) | offload %s", step, start_seq, r.seq, M.C, M.u,
-                     r.offload ? "on" : "off");
+            log_line(true, "seq %zu -> %zu from step %d | chunk %zu (%d chunks) | offload %s", start_seq, r.seq, step + 1, M.C,
+                     M.u, r.offload ? "on" : "off");
         }
         DataSource* src = step < start_steps ? data0 : data;
         const int phase = step < start_steps ? 0 : 1;

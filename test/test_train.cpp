@@ -1,0 +1,90 @@
+// The training loop's own behaviour, run through the real ./fpdt: the short start of context
+// extension (--start-seq), and what a run prints and logs (--log-every, OUT/main.log).
+#include <gtest/gtest.h>
+#include <fstream>
+#include <sstream>
+#include "test/cli.h"
+
+static const std::string TINY = "./fpdt train --device cpu --model tiny --eval-every 0 ";
+
+// The start phase is a plain run at the short sequence: its steps print the losses of a run at
+// --seq 64 with the same --steps (the learning-rate schedule depends on --steps alone), and the
+// main phase continues from its weights and AdamW state, chunked and offloaded.
+TEST(Curriculum, StartIsAShortRunAndTheMainPhaseContinuesIt) {
+    Out a = run(TINY + "--seq 256 --chunk-size 64 --start-seq 64 --start-steps 3 --steps 5 --seed 3");
+    Out b = run(TINY + "--seq 64 --steps 5 --seed 3");
+    ASSERT_EQ(a.rc, 0) << a.out;
+    ASSERT_EQ(b.rc, 0) << b.out;
+    std::vector<std::string> la = loss_lines(a.out), lb = loss_lines(b.out);
+    ASSERT_EQ(la.size(), 5u) << a.out;
+    ASSERT_EQ(lb.size(), 5u) << b.out;
+    for (int i = 0; i < 3; i++) EXPECT_EQ(la[i], lb[i]) << "step " << i + 1;
+    EXPECT_NE(a.out.find("start: steps 1-3 at seq 64"), std::string::npos) << a.out;
+    EXPECT_NE(a.out.find("seq 64 -> 256 from step 4 | chunk 64 (4 chunks) | offload on"), std::string::npos) << a.out;
+    // the main phase learns on from the start's weights: its loss is no fresh model's (~5.6)
+    std::vector<double> l = losses(a.out);
+    EXPECT_LT(l[3], l[0] - 0.3) << a.out;
+}
+
+// Stopping inside the start phase and resuming crosses the switch exactly as a run that never
+// stopped.
+TEST(Curriculum, ResumeAcrossTheSwitchIsExact) {
+    const std::string d = tmpdir();
+    const std::string args = TINY + "--seq 256 --chunk-size 64 --start-seq 64 --start-steps 3 --steps 5 --seed 4 ";
+    Out whole = run(args);
+    ASSERT_EQ(run(args + "--exit-after 2 --out " + d).rc, 0);
+    Out rest = run(args + "--resume --out " + d);
+    ASSERT_EQ(rest.rc, 0) << rest.out;
+    std::vector<std::string> lw = loss_lines(whole.out), lr = loss_lines(rest.out);
+    ASSERT_EQ(lw.size(), 5u) << whole.out;
+    ASSERT_EQ(lr.size(), 3u) << rest.out;
+    for (int i = 0; i < 3; i++) EXPECT_EQ(lr[i], lw[i + 2]) << "step " << i + 3;
+}
+
+TEST(Curriculum, BadStartIsOneLine) {
+    Out r = run(TINY + "--seq 256 --start-seq 96 --steps 2");  // 256's default chunk is 256; 96 alone is fine
+    EXPECT_EQ(r.rc, 0) << r.out;
+    r = run(TINY + "--seq 256 --start-steps 2 --steps 2");
+    EXPECT_NE(r.rc, 0);
+    EXPECT_NE(r.out.find("--start-steps needs --start-seq"), std::string::npos) << r.out;
+    r = run(TINY + "--seq 256 --start-seq 512 --steps 2");
+    EXPECT_NE(r.rc, 0);
+    EXPECT_NE(r.out.find("--start-seq"), std::string::npos) << r.out;
+    EXPECT_EQ(count_lines(r.out), 1) << r.out;
+}
+
+// stdout shows the first 10 steps, every --log-every'th and the last; main.log has every line.
+TEST(Log, StepLinesEveryNAndAllInMainLog) {
+    const std::string d = tmpdir();
+    Out r = run(TINY + "--seq 64 --steps 25 --log-every 10 --out " + d);
+    ASSERT_EQ(r.rc, 0) << r.out;
+    std::vector<double> shown = losses(r.out);
+    EXPECT_EQ(shown.size(), 12u) << r.out;  // 1-10, 20, 25
+    EXPECT_NE(r.out.find("step 20/25 | loss"), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find("step 25/25 | loss"), std::string::npos) << r.out;
+    EXPECT_EQ(r.out.find("step 15/25 | loss"), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find(" elapsed, "), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find(" left"), std::string::npos) << r.out;
+    std::ifstream f(d + "/main.log");
+    ASSERT_TRUE(f.good());
+    std::stringstream ss;
+    ss << f.rdbuf();
+    const std::string log = ss.str();
+    EXPECT_EQ(losses(log).size(), 25u) << log;
+    EXPECT_EQ(log.rfind("command: ./fpdt train", 0), 0u) << log;
+    EXPECT_NE(log.find("done: 25 steps"), std::string::npos) << log;
+    // the auto interval: about 50 lines whatever --steps is
+    r = run(TINY + "--seq 32 --steps 200 --eval-every 0");
+    ASSERT_EQ(r.rc, 0) << r.out;
+    EXPECT_EQ(losses(r.out).size(), 10u + 50u - 2u) << r.out;  // 1-10, then every 4th: 12 .. 200
+}
+
+// The defaults are the default run: several offloaded chunks of a long sequence after a short start.
+TEST(Defaults, TheDefaultRunIsChunkedAndOffloaded) {
+    Out r = run("./fpdt train --device cpu --steps 1 --eval-every 0 --start-steps 0");
+    ASSERT_EQ(r.rc, 0) << r.out;
+    EXPECT_NE(r.out.find("seq 4096 | chunk 1024 (4 chunks) | offload on"), std::string::npos) << r.out;
+    r = run("./fpdt train --help");
+    EXPECT_NE(r.out.find("--start-seq"), std::string::npos);
+    EXPECT_NE(r.out.find("--log-every"), std::string::npos);
+}
