@@ -11,19 +11,20 @@ static const std::string TINY = "./fpdt train --device cpu --model tiny --eval-e
 // --seq 64 with the same --steps (the learning-rate schedule depends on --steps alone), and the
 // main phase continues from its weights and AdamW state, chunked and offloaded.
 TEST(Curriculum, StartIsAShortRunAndTheMainPhaseContinuesIt) {
-    Out a = run(TINY + "--seq 256 --chunk-size 64 --start-seq 64 --start-steps 3 --steps 5 --seed 3");
-    Out b = run(TINY + "--seq 64 --steps 5 --seed 3");
+    Out a = run(TINY + "--seq 256 --chunk-size 64 --start-seq 64 --start-steps 8 --steps 10 --seed 3");
+    Out b = run(TINY + "--seq 64 --steps 10 --seed 3");
     ASSERT_EQ(a.rc, 0) << a.out;
     ASSERT_EQ(b.rc, 0) << b.out;
     std::vector<std::string> la = loss_lines(a.out), lb = loss_lines(b.out);
-    ASSERT_EQ(la.size(), 5u) << a.out;
-    ASSERT_EQ(lb.size(), 5u) << b.out;
-    for (int i = 0; i < 3; i++) EXPECT_EQ(la[i], lb[i]) << "step " << i + 1;
-    EXPECT_NE(a.out.find("start: steps 1-3 at seq 64"), std::string::npos) << a.out;
-    EXPECT_NE(a.out.find("seq 64 -> 256 from step 4 | chunk 64 (4 chunks) | offload on"), std::string::npos) << a.out;
+    ASSERT_EQ(la.size(), 10u) << a.out;
+    ASSERT_EQ(lb.size(), 10u) << b.out;
+    for (int i = 0; i < 8; i++) EXPECT_EQ(la[i], lb[i]) << "step " << i + 1;
+    EXPECT_NE(la[8], lb[8]);  // from step 9 on the sequence is longer
+    EXPECT_NE(a.out.find("start: steps 1-8 at seq 64"), std::string::npos) << a.out;
+    EXPECT_NE(a.out.find("seq 64 -> 256 from step 9 | chunk 64 (4 chunks) | offload on"), std::string::npos) << a.out;
     // the main phase learns on from the start's weights: its loss is no fresh model's (~5.6)
     std::vector<double> l = losses(a.out);
-    EXPECT_LT(l[3], l[0] - 0.3) << a.out;
+    EXPECT_LT(l[8], l[0] - 0.3) << a.out;
 }
 
 // Stopping inside the start phase and resuming crosses the switch exactly as a run that never
