@@ -213,8 +213,9 @@ static void train_help() {
         "  --chunk-size C      FPDT chunk length, global; must divide --seq (default: the largest divisor\n"
         "                      of --seq up to 1024, on a GPU 16384; --seq itself when that is shorter)\n"
         "  --offload 0|1       keep sequence-sized tensors in host memory (default 1 when chunked)\n"
-        "  --start-seq N       train the first --start-steps steps at this shorter sequence, then at --seq\n"
-        "                      (context extension); 0 = off (default 256 when --seq is left at its default)\n"
+        "  --start-seq N       train the first --start-steps steps at this shorter sequence (in as many\n"
+        "                      chunks as --seq has), then at --seq (context extension); 0 = off\n"
+        "                      (default 256 when --seq is left at its default)\n"
         "  --start-steps K     steps at --start-seq (default 2/3 of --steps)\n"
         "  --zero 0|1          ZeRO-1: shard the optimizer state across ranks (default 0)\n"
         "  --steps N           total steps; the learning-rate schedule depends on it alone (default 1500)\n"
@@ -396,13 +397,15 @@ static int cmd_train(int argc, char** argv) {
     r.device_cap = (size_t)(a.real("device-mem", 0, 0, 1e6) * 1073741824.0);
     r.host_cap = (size_t)(a.real("host-mem", 0, 0, 1e6) * 1073741824.0);
     const int steps = (int)a.integer("steps", 1500, 1, 1 << 30);
-    // The short start: its own RunCfg, chunked like the main phase where the chunk divides it.
+    // The short start: its own RunCfg, in as many chunks as the main phase where they divide it
+    // (so the start runs FPDT too, and a key in an earlier chunk is within its reach).
     const size_t start_seq = a.integer("start-seq", a.has("seq") ? 0 : (gpu ? 4096 : 256), 0, r.seq);
     const int start_steps = start_seq ? (int)a.integer("start-steps", steps * 2 / 3, 0, steps) : 0;
     if (a.has("start-steps") && !start_seq) fatal_all("--start-steps needs --start-seq N (the shorter sequence to start at)");
     RunCfg r0 = r;
     r0.seq = start_seq;
-    r0.chunk = start_seq % r.chunk == 0 ? r.chunk : start_seq;
+    const size_t u = r.seq / std::max<size_t>(r.chunk, 1);
+    r0.chunk = start_seq && start_seq % u == 0 && (start_seq / u) % r.P == 0 ? start_seq / u : start_seq;
     r0.offload = r.offload && r0.chunk < start_seq;
     AdamW opt;
     const float lr = (float)a.real("lr", 3e-3, 0, 10);

@@ -7,12 +7,12 @@
 
 static const std::string TINY = "./fpdt train --device cpu --model tiny --eval-every 0 ";
 
-// The start phase is a plain run at the short sequence: its steps print the losses of a run at
-// --seq 64 with the same --steps (the learning-rate schedule depends on --steps alone), and the
+// The start phase is a plain run at the short sequence in as many chunks: its steps print the
+// losses of a run at --seq 64 --chunk-size 16 with the same --steps (the learning-rate schedule depends on --steps alone), and the
 // main phase continues from its weights and AdamW state, chunked and offloaded.
 TEST(Curriculum, StartIsAShortRunAndTheMainPhaseContinuesIt) {
     Out a = run(TINY + "--seq 256 --chunk-size 64 --start-seq 64 --start-steps 8 --steps 10 --seed 3");
-    Out b = run(TINY + "--seq 64 --steps 10 --seed 3");
+    Out b = run(TINY + "--seq 64 --chunk-size 16 --offload 1 --steps 10 --seed 3");
     ASSERT_EQ(a.rc, 0) << a.out;
     ASSERT_EQ(b.rc, 0) << b.out;
     std::vector<std::string> la = loss_lines(a.out), lb = loss_lines(b.out);
@@ -20,7 +20,7 @@ TEST(Curriculum, StartIsAShortRunAndTheMainPhaseContinuesIt) {
     ASSERT_EQ(lb.size(), 10u) << b.out;
     for (int i = 0; i < 8; i++) EXPECT_EQ(la[i], lb[i]) << "step " << i + 1;
     EXPECT_NE(la[8], lb[8]);  // from step 9 on the sequence is longer
-    EXPECT_NE(a.out.find("start: steps 1-8 at seq 64"), std::string::npos) << a.out;
+    EXPECT_NE(a.out.find("start: steps 1-8 at seq 64 (chunk 16: 4 chunks, offload on)"), std::string::npos) << a.out;
     EXPECT_NE(a.out.find("seq 64 -> 256 from step 9 | chunk 64 (4 chunks) | offload on"), std::string::npos) << a.out;
     // the main phase learns on from the start's weights: its loss is no fresh model's (~5.6)
     std::vector<double> l = losses(a.out);
@@ -43,7 +43,7 @@ TEST(Curriculum, ResumeAcrossTheSwitchIsExact) {
 }
 
 TEST(Curriculum, BadStartIsOneLine) {
-    Out r = run(TINY + "--seq 256 --start-seq 96 --steps 2");  // 256's default chunk is 256; 96 alone is fine
+    Out r = run(TINY + "--seq 256 --chunk-size 64 --start-seq 96 --steps 2");  // 96 is not 4 chunks: one chunk
     EXPECT_EQ(r.rc, 0) << r.out;
     r = run(TINY + "--seq 256 --start-steps 2 --steps 2");
     EXPECT_NE(r.rc, 0);
