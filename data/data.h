@@ -292,10 +292,10 @@ static inline bool data_open_shard(const std::string& path, int vocab, int* fd_o
 // punctuation), none of which occur in the filler, so the last five tokens can only be predicted
 // by finding the key in the past. Training sequences (step < PASSKEY_EVAL_STEP0) also repeat the
 // question after the key ("practice"): one retrieval per sequence is too little signal for a small
-// model to learn from in minutes on a CPU. The span between the key and the final question is cut
-// into equal slots, one question at a random place in each: 8 slots, or one per 64 tokens when
-// that is more, so that retrieval keeps the same share of a long sequence's loss as of a short
-// one's and is practised at every distance the sequence holds. Held-out sequences (steps
+// model to learn from in minutes on a CPU. Up to 8 questions at random places after the key; on a
+// long sequence (more than 8 slots of 64 tokens after the key) one in every such slot, so that
+// retrieval keeps its share of a long sequence's loss and is practised at every distance the
+// sequence holds. Held-out sequences (steps
 // from PASSKEY_EVAL_STEP0 on) hold the one question at the end, so evaluation measures retrieval
 // from the key itself, at the distance answer() reports.
 // Every token is an O(1) function of (seed, step, position): a rank reading [start, start+n)
@@ -311,8 +311,8 @@ struct PasskeyTask : DataSource {
 
     static constexpr size_t DIGITS = 5;
     static constexpr size_t INSERT = 1 + DIGITS;  // TOK_KEY or TOK_QUERY, then the symbols
-    static constexpr size_t PRACTICE = 8;         // practice questions per training sequence, at least,
-    static constexpr size_t PRACTICE_EVERY = 64;  // or one per this many tokens after the key
+    static constexpr size_t PRACTICE = 8;         // practice questions tried per training sequence,
+    static constexpr size_t PRACTICE_EVERY = 64;  // or one per this many tokens after the key when more
 
     PasskeyTask(uint64_t seed_, size_t seq_) : seed(seed_), seq(seq_) {
         // A fixed pseudo-random sequence of sentences (its own fixed seed: the same filler for every
@@ -340,13 +340,20 @@ struct PasskeyTask : DataSource {
         p.offset = data_splitmix64(&state) % pattern.size();
         p.key = 1 + (size_t)(data_splitmix64(&state) % (seq + 1 - 2 * INSERT));  // uniform in [1, seq+1-12]
         for (size_t d = 0; d < DIGITS; d++) p.symbols[d] = PASSKEY_SYMBOLS[d][data_splitmix64(&state) % 10];
-        // practice questions: [lo, hi) after the key cut into n slots of w >= INSERT tokens, one
-        // question [q, q+6) inside each, so they never overlap
+        // practice questions in [lo, hi) after the key, never overlapping. Up to 8 tries at random
+        // places, a try that overlaps an earlier question dropped; where the span holds more than 8
+        // slots of 64 tokens, one question at a random place in each slot instead.
         const size_t lo = p.key + INSERT, hi = query_pos();
-        if (step < PASSKEY_EVAL_STEP0 && hi >= lo + INSERT) {
-            const size_t span = hi - lo, n = std::min(span / INSERT, std::max(PRACTICE, span / PRACTICE_EVERY));
-            const size_t w = span / n;
-            for (size_t m = 0; m < n; m++) p.practice.push_back(lo + m * w + (size_t)(data_splitmix64(&state) % (w - INSERT + 1)));
+        const size_t span = hi > lo ? hi - lo : 0, slots = span / PRACTICE_EVERY;
+        if (step < PASSKEY_EVAL_STEP0 && slots > PRACTICE) {
+            for (size_t m = 0; m < slots; m++)
+                p.practice.push_back(lo + m * PRACTICE_EVERY + (size_t)(data_splitmix64(&state) % (PRACTICE_EVERY - INSERT + 1)));
+        }
+        for (size_t m = 0; step < PASSKEY_EVAL_STEP0 && slots <= PRACTICE && m < PRACTICE && span >= INSERT; m++) {
+            size_t q = lo + (size_t)(data_splitmix64(&state) % (span - INSERT + 1));
+            bool clear = true;
+            for (size_t o : p.practice) clear &= (q + INSERT <= o || o + INSERT <= q);
+            if (clear) p.practice.push_back(q);
         }
         return p;
     }
