@@ -9,50 +9,241 @@
 #pragma once
 #include <cmath>
 #include "common.h"
+#include "ops.cuh"  // cpu_simd: the instruction set the CPU loops run on
+
+// The CPU functions tile the work as FlashAttention does: a block of ATTN_CPU_ROWS output rows of
+// one head (query rows for the forward pass and dq, key rows for dk and dv) against tiles of
+// ATTN_CPU_TILE rows of the other side. A tile's scores are a small matmul into a scratch buffer,
+// its inner loops run over the tile or over D for the compiler to vectorize, and a causal block
+// visits only the tiles at or below the diagonal. The blocks are the parallel tasks (each writes
+// only its own rows, so no atomics), and each output is summed in the same order whatever the
+// thread count. The block bodies are compiled once per instruction set (ops.cuh, cpu_simd).
+#define ATTN_CPU_ROWS 32  // output rows of one task
+#define ATTN_CPU_TILE 64  // rows of the other side per tile
+
+// The arguments of one attention call, shared by the three block functions.
+struct AttnCpu {
+    float *o, *lse, *dq, *dk, *dv;                  // outputs
+    const float *q, *k, *v, *dout, *lse_in, *delta;  // inputs
+    size_t Tq, Tk;
+    int Hq, Hkv, D;
+    bool causal;
+    float scale;
+};
+static inline size_t attn_min_cpu(size_t a, size_t b) { return a < b ? a : b; }
+// Floats of scratch one thread needs: two transposed (D, TILE) tiles, the scores and their
+// gradients (ROWS, TILE) each, and (ROWS, D) + 2 ROWS for the forward pass's running state.
+static inline size_t attn_cpu_scratch(int D) {
+    return 2 * (size_t)D * ATTN_CPU_TILE + 2 * ATTN_CPU_ROWS * ATTN_CPU_TILE + (size_t)ATTN_CPU_ROWS * D +
+           2 * ATTN_CPU_ROWS;
+}
+// dst (D, TILE) = rows r0 .. r0+n-1 of head h of x (T, H, D), transposed (columns past n unset)
+static inline __attribute__((always_inline)) void attn_transpose_cpu(float* __restrict dst, const float* x,
+                                                                     size_t r0, int n, int H, int h, int D) {
+    for (int c = 0; c < n; c++) {
+        const float* xr = x + ((r0 + c) * H + h) * D;
+        for (int d = 0; d < D; d++) dst[d * ATTN_CPU_TILE + c] = xr[d];
+    }
+}
+// s (TILE) = x (D) . each column of t (D, TILE): one row of a tile's scores, unscaled
+static inline __attribute__((always_inline)) void attn_row_dots_cpu(float* __restrict s, const float* __restrict x,
+                                                                    const float* __restrict t, int D) {
+#pragma omp simd
+    for (int c = 0; c < ATTN_CPU_TILE; c++) s[c] = 0.0f;
+    for (int d = 0; d < D; d++) {
+        const float a = x[d];
+#pragma omp simd
+        for (int c = 0; c < ATTN_CPU_TILE; c++) s[c] += a * t[d * ATTN_CPU_TILE + c];
+    }
+}
+
+// Forward, query rows t0 .. t0+ROWS-1 of head h, key tiles in order. Per row an online softmax
+// over tiles: m the running max, l = sum_j e^(s_j - m), acc = sum_j e^(s_j - m) v_j; then this
+// block's lse_b = m + log l and o_b = acc / l merge into (o, lse) by log-sum-exp (see above).
+static inline __attribute__((always_inline)) void attention_forward_rows(const AttnCpu& a, size_t t0, int h,
+                                                                         float* scratch) {
+    const int D = a.D, hk = h / (a.Hq / a.Hkv);
+    const int nq = (int)attn_min_cpu(ATTN_CPU_ROWS, a.Tq - t0);
+    float* kt = scratch;                       // (D, TILE) the key tile, transposed
+    float* s = kt + 2 * D * ATTN_CPU_TILE;     // (ROWS, TILE) scores, then e^(s - m)
+    float* acc = s + 2 * ATTN_CPU_ROWS * ATTN_CPU_TILE;  // (ROWS, D)
+    float* m = acc + ATTN_CPU_ROWS * D;        // (ROWS) running max
+    float* l = m + ATTN_CPU_ROWS;              // (ROWS) running sum
+    for (int r = 0; r < nq; r++) {
+        m[r] = -INFINITY, l[r] = 0.0f;
+        for (int d = 0; d < D; d++) acc[r * D + d] = 0.0f;
+    }
+    // keys the block sees: a causal block (Tq == Tk) stops at its last row's diagonal
+    const size_t kend = a.causal ? attn_min_cpu(t0 + nq, a.Tk) : a.Tk;
+    for (size_t j0 = 0; j0 < kend; j0 += ATTN_CPU_TILE) {
+        const int nk = (int)attn_min_cpu(ATTN_CPU_TILE, kend - j0);
+        attn_transpose_cpu(kt, a.k, j0, nk, a.Hkv, hk, D);
+        for (int r = 0; r < nq; r++) {
+            const size_t t = t0 + r;
+            const int nv = a.causal ? (t < j0 ? 0 : (int)attn_min_cpu(nk, t + 1 - j0)) : nk;  // keys row t sees
+            if (nv == 0) continue;
+            float* sr = s + r * ATTN_CPU_TILE;
+            attn_row_dots_cpu(sr, a.q + (t * a.Hq + h) * D, kt, D);
+            float mx = m[r];
+            for (int c = 0; c < nv; c++) {
+                sr[c] *= a.scale;
+                mx = fmaxf(mx, sr[c]);
+            }
+            const float rescale = expf(m[r] - mx);  // 0 on the first tile, where m = -inf
+            float sum = 0.0f;
+            for (int c = 0; c < nv; c++) {
+                sr[c] = expf(sr[c] - mx);
+                sum += sr[c];
+            }
+            l[r] = l[r] * rescale + sum;
+            m[r] = mx;
+            float* ar = acc + r * D;
+#pragma omp simd
+            for (int d = 0; d < D; d++) ar[d] *= rescale;
+            for (int c = 0; c < nv; c++) {
+                const float p = sr[c];
+                const float* vr = a.v + ((j0 + c) * a.Hkv + hk) * D;
+#pragma omp simd
+                for (int d = 0; d < D; d++) ar[d] += p * vr[d];
+            }
+        }
+    }
+    for (int r = 0; r < nq; r++) {
+        if (m[r] == -INFINITY) continue;  // no keys: nothing to merge
+        const size_t t = t0 + r;
+        const float lb = m[r] + logf(l[r]);  // this block's log-sum-exp
+        float* orow = a.o + (t * a.Hq + h) * D;
+        float* L = a.lse + t * a.Hq + h;
+        const float lnew = (*L == -INFINITY) ? lb : fmaxf(*L, lb) + log1pf(expf(-fabsf(*L - lb)));
+        const float wa = (*L == -INFINITY) ? 0.0f : expf(*L - lnew), wb = expf(lb - lnew) / l[r];
+        for (int d = 0; d < D; d++) orow[d] = orow[d] * wa + acc[r * D + d] * wb;
+        *L = lnew;
+    }
+}
+
+// Backward, first pass: dq for query rows t0 .. t0+ROWS-1 of head h, keys in order:
+//   dq_t += scale sum_j P_tj (dO_t.v_j - delta_t) k_j,  P_tj = e^(scale q_t.k_j - lse_t).
+static inline __attribute__((always_inline)) void attention_backward_dq_rows(const AttnCpu& a, size_t t0, int h,
+                                                                             float* scratch) {
+    const int D = a.D, hk = h / (a.Hq / a.Hkv);
+    const int nq = (int)attn_min_cpu(ATTN_CPU_ROWS, a.Tq - t0);
+    float* kt = scratch;                   // (D, TILE) key tile, transposed
+    float* vt = kt + D * ATTN_CPU_TILE;    // (D, TILE) value tile, transposed
+    float* s = vt + D * ATTN_CPU_TILE;     // (TILE) one row's scores, then dS
+    float* dp = s + ATTN_CPU_ROWS * ATTN_CPU_TILE;  // (TILE) one row's dO_t.v_j
+    const size_t kend = a.causal ? attn_min_cpu(t0 + nq, a.Tk) : a.Tk;
+    for (size_t j0 = 0; j0 < kend; j0 += ATTN_CPU_TILE) {
+        const int nk = (int)attn_min_cpu(ATTN_CPU_TILE, kend - j0);
+        attn_transpose_cpu(kt, a.k, j0, nk, a.Hkv, hk, D);
+        attn_transpose_cpu(vt, a.v, j0, nk, a.Hkv, hk, D);
+        for (int r = 0; r < nq; r++) {
+            const size_t t = t0 + r;
+            const int nv = a.causal ? (t < j0 ? 0 : (int)attn_min_cpu(nk, t + 1 - j0)) : nk;
+            if (nv == 0) continue;
+            attn_row_dots_cpu(s, a.q + (t * a.Hq + h) * D, kt, D);
+            attn_row_dots_cpu(dp, a.dout + (t * a.Hq + h) * D, vt, D);
+            const float L = a.lse_in[t * a.Hq + h], dl = a.delta[t * a.Hq + h];
+            for (int c = 0; c < nv; c++) s[c] = expf(s[c] * a.scale - L) * (dp[c] - dl) * a.scale;
+            float* dqr = a.dq + (t * a.Hq + h) * D;
+            for (int c = 0; c < nv; c++) {
+                const float ds = s[c];
+                const float* kr = a.k + ((j0 + c) * a.Hkv + hk) * D;
+#pragma omp simd
+                for (int d = 0; d < D; d++) dqr[d] += ds * kr[d];
+            }
+        }
+    }
+}
+
+// Backward, second pass: dk, dv for key rows j0 .. j0+ROWS-1 of kv head hk; for each query head
+// h of its group, then query rows t in order (t >= j if causal):
+//   dv_j += sum_t P_tj dO_t,   dk_j += scale sum_t P_tj (dO_t.v_j - delta_t) q_t.
+static inline __attribute__((always_inline)) void attention_backward_dkdv_rows(const AttnCpu& a, size_t j0, int hk,
+                                                                               float* scratch) {
+    const int D = a.D, group = a.Hq / a.Hkv;
+    const int nk = (int)attn_min_cpu(ATTN_CPU_ROWS, a.Tk - j0);
+    float* qt = scratch;                   // (D, TILE) query tile, transposed
+    float* dot = qt + D * ATTN_CPU_TILE;   // (D, TILE) output-gradient tile, transposed
+    float* p = dot + D * ATTN_CPU_TILE;    // (TILE) one key row's P_tj
+    float* ds = p + ATTN_CPU_ROWS * ATTN_CPU_TILE;  // (TILE) then its dS_tj, first dO_t.v_j
+    for (int h = hk * group; h < (hk + 1) * group; h++)
+        for (size_t q0 = a.causal ? j0 : 0; q0 < a.Tq; q0 += ATTN_CPU_TILE) {
+            const int nt = (int)attn_min_cpu(ATTN_CPU_TILE, a.Tq - q0);
+            attn_transpose_cpu(qt, a.q, q0, nt, a.Hq, h, D);
+            attn_transpose_cpu(dot, a.dout, q0, nt, a.Hq, h, D);
+            const float* L = a.lse_in + h;  // L[t * Hq], delta[t * Hq]
+            const float* dl = a.delta + h;
+            for (int c = 0; c < nk; c++) {
+                const size_t j = j0 + c;
+                const int lo = a.causal && j > q0 ? (int)attn_min_cpu(j - q0, nt) : 0;  // first query row seeing j
+                if (lo >= nt) continue;
+                const float* kr = a.k + (j * a.Hkv + hk) * D;
+                const float* vr = a.v + (j * a.Hkv + hk) * D;
+                attn_row_dots_cpu(p, kr, qt, D);
+                attn_row_dots_cpu(ds, vr, dot, D);
+                for (int i = lo; i < nt; i++) {
+                    const size_t t = q0 + i;
+                    p[i] = expf(p[i] * a.scale - L[t * a.Hq]);
+                    ds[i] = p[i] * (ds[i] - dl[t * a.Hq]) * a.scale;
+                }
+                float* dkr = a.dk + (j * a.Hkv + hk) * D;
+                float* dvr = a.dv + (j * a.Hkv + hk) * D;
+                for (int i = lo; i < nt; i++) {
+                    const float* qr = a.q + ((q0 + i) * a.Hq + h) * D;
+                    const float* dor = a.dout + ((q0 + i) * a.Hq + h) * D;
+                    const float pi = p[i], dsi = ds[i];
+#pragma omp simd
+                    for (int d = 0; d < D; d++) {
+                        dvr[d] += pi * dor[d];
+                        dkr[d] += dsi * qr[d];
+                    }
+                }
+            }
+        }
+}
+
+// The three block functions once per instruction set, and a parallel loop over (block, head)
+// tasks that calls the one this CPU runs.
+typedef void (*AttnRowsFn)(const AttnCpu&, size_t, int, float*);
+#define ATTN_CPU_VARIANTS(BODY)                                                                              \
+    static void BODY##_base(const AttnCpu& a, size_t r0, int h, float* s) { BODY(a, r0, h, s); }             \
+    ATTN_CPU_SIMD_VARIANTS(BODY)                                                                              \
+    static inline AttnRowsFn BODY##_pick() { return ATTN_CPU_PICK(BODY); }
+#ifdef CPU_SIMD_VARIANTS
+#define ATTN_CPU_SIMD_VARIANTS(BODY)                                                                          \
+    CPU_AVX512 static void BODY##_avx512(const AttnCpu& a, size_t r0, int h, float* s) { BODY(a, r0, h, s); } \
+    CPU_AVX2 static void BODY##_avx2(const AttnCpu& a, size_t r0, int h, float* s) { BODY(a, r0, h, s); }
+#define ATTN_CPU_PICK(BODY) cpu_simd() == 2 ? BODY##_avx512 : cpu_simd() == 1 ? BODY##_avx2 : BODY##_base
+#else
+#define ATTN_CPU_SIMD_VARIANTS(BODY)
+#define ATTN_CPU_PICK(BODY) BODY##_base
+#endif
+ATTN_CPU_VARIANTS(attention_forward_rows)
+ATTN_CPU_VARIANTS(attention_backward_dq_rows)
+ATTN_CPU_VARIANTS(attention_backward_dkdv_rows)
+
+// rows (T) in blocks of ATTN_CPU_ROWS, times H heads: one task each, scheduled dynamically
+// (causal blocks near the end have more keys), each thread with its own scratch
+static inline void attn_cpu_run(AttnRowsFn rows, const AttnCpu& a, size_t T, int H) {
+    const size_t nb = (T + ATTN_CPU_ROWS - 1) / ATTN_CPU_ROWS;
+    if (nb == 0 || H <= 0) return;
+#pragma omp parallel
+    {
+        std::vector<float> scratch(attn_cpu_scratch(a.D));
+#pragma omp for schedule(dynamic)
+        for (size_t i = 0; i < nb * H; i++) rows(a, (nb - 1 - i / H) * ATTN_CPU_ROWS, (int)(i % H), scratch.data());
+    }
+}
 
 // One (q_i, k_j, v_j) block, merged into the running (o, lse). Before the first block of a query
-// chunk o must be 0 and lse -INFINITY. Single pass with an online softmax per (t, h), so no score
-// buffer is needed; then  lse' = log(e^lse + e^lse_b),  o' = o e^(lse - lse') + o_b e^(lse_b - lse').
+// chunk o must be 0 and lse -INFINITY. lse' = log(e^lse + e^lse_b), o' = o e^(lse - lse') +
+// o_b e^(lse_b - lse'), with (o_b, lse_b) this block's attention (attention_forward_rows).
 static inline void attention_forward_cpu(float* o, float* lse, const float* q, const float* k, const float* v,
                                          size_t Tq, size_t Tk, int Hq, int Hkv, int D, bool causal) {
-    const float scale = 1.0f / sqrtf((float)D);
-    const int group = Hq / Hkv;
-#pragma omp parallel for collapse(2) schedule(static)
-    for (size_t t = 0; t < Tq; t++)
-        for (int h = 0; h < Hq; h++) {
-            const float* qr = q + (t * Hq + h) * D;
-            const int hk = h / group;
-            float acc[512];  // D <= 512, checked by the model config
-            for (int d = 0; d < D; d++) acc[d] = 0.0f;
-            float m = -INFINITY, l = 0.0f;
-            const size_t nk = causal ? t + 1 : Tk;
-            for (size_t j = 0; j < nk; j++) {
-                const float* kr = k + (j * Hkv + hk) * D;
-                float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-                for (int d = 0; d < D; d++) s += qr[d] * kr[d];
-                s *= scale;
-                if (s > m) {  // new running max: rescale what we have
-                    const float r = expf(m - s);
-                    l *= r;
-                    for (int d = 0; d < D; d++) acc[d] *= r;
-                    m = s;
-                }
-                const float p = expf(s - m);
-                l += p;
-                const float* vr = v + (j * Hkv + hk) * D;
-#pragma omp simd
-                for (int d = 0; d < D; d++) acc[d] += p * vr[d];
-            }
-            if (nk == 0) continue;
-            const float lb = m + logf(l);  // this block's log-sum-exp
-            float* orow = o + (t * Hq + h) * D;
-            float* L = lse + t * Hq + h;
-            const float lnew = (*L == -INFINITY) ? lb : fmaxf(*L, lb) + log1pf(expf(-fabsf(*L - lb)));
-            const float a = (*L == -INFINITY) ? 0.0f : expf(*L - lnew), b = expf(lb - lnew) / l;
-            for (int d = 0; d < D; d++) orow[d] = orow[d] * a + acc[d] * b;
-            *L = lnew;
-        }
+    AttnCpu a = {};
+    a.o = o, a.lse = lse, a.q = q, a.k = k, a.v = v;
+    a.Tq = Tq, a.Tk = Tk, a.Hq = Hq, a.Hkv = Hkv, a.D = D, a.causal = causal, a.scale = 1.0f / sqrtf((float)D);
+    attn_cpu_run(attention_forward_rows_pick(), a, Tq, Hq);
 }
 
 // delta (Tq, Hq) = rowsum(dO * O), once per query chunk before its backward blocks.
@@ -60,6 +251,7 @@ static inline void attention_delta_cpu(float* delta, const float* dout, const fl
 #pragma omp parallel for schedule(static)
     for (size_t r = 0; r < Tq * Hq; r++) {
         float s = 0.0f;
+#pragma omp simd reduction(+ : s)
         for (int d = 0; d < D; d++) s += dout[r * D + d] * o[r * D + d];
         delta[r] = s;
     }
@@ -67,61 +259,15 @@ static inline void attention_delta_cpu(float* delta, const float* dout, const fl
 
 // Backward of one block. With P = exp(S - lse) and dS = P (dO V^T - delta):
 //   dq (Tq, Hq, D) += scale dS K;   dk (Tk, Hkv, D) += scale dS^T Q;   dv (Tk, Hkv, D) += P^T dO.
-// Two passes, each parallel over what it writes (query rows, then key rows), so no atomics.
+// Two passes, each parallel over what it writes (query blocks, then key blocks), so no atomics.
 static inline void attention_backward_cpu(float* dq, float* dk, float* dv, const float* dout, const float* q,
                                           const float* k, const float* v, const float* lse, const float* delta,
                                           size_t Tq, size_t Tk, int Hq, int Hkv, int D, bool causal) {
-    const float scale = 1.0f / sqrtf((float)D);
-    const int group = Hq / Hkv;
-#pragma omp parallel for collapse(2) schedule(static)
-    for (size_t t = 0; t < Tq; t++)
-        for (int h = 0; h < Hq; h++) {
-            const float* qr = q + (t * Hq + h) * D;
-            const float* dor = dout + (t * Hq + h) * D;
-            float* dqr = dq + (t * Hq + h) * D;
-            const int hk = h / group;
-            const float L = lse[t * Hq + h], dl = delta[t * Hq + h];
-            const size_t nk = causal ? t + 1 : Tk;
-            for (size_t j = 0; j < nk; j++) {
-                const float* kr = k + (j * Hkv + hk) * D;
-                const float* vr = v + (j * Hkv + hk) * D;
-                float s = 0.0f, dp = 0.0f;
-#pragma omp simd reduction(+ : s, dp)
-                for (int d = 0; d < D; d++) {
-                    s += qr[d] * kr[d];
-                    dp += dor[d] * vr[d];
-                }
-                const float ds = expf(s * scale - L) * (dp - dl) * scale;
-#pragma omp simd
-                for (int d = 0; d < D; d++) dqr[d] += ds * kr[d];
-            }
-        }
-#pragma omp parallel for collapse(2) schedule(static)
-    for (size_t j = 0; j < Tk; j++)
-        for (int hk = 0; hk < Hkv; hk++) {
-            const float* kr = k + (j * Hkv + hk) * D;
-            const float* vr = v + (j * Hkv + hk) * D;
-            float* dkr = dk + (j * Hkv + hk) * D;
-            float* dvr = dv + (j * Hkv + hk) * D;
-            for (int h = hk * group; h < (hk + 1) * group; h++)
-                for (size_t t = causal ? j : 0; t < Tq; t++) {
-                    const float* qr = q + (t * Hq + h) * D;
-                    const float* dor = dout + (t * Hq + h) * D;
-                    float s = 0.0f, dp = 0.0f;
-#pragma omp simd reduction(+ : s, dp)
-                    for (int d = 0; d < D; d++) {
-                        s += qr[d] * kr[d];
-                        dp += dor[d] * vr[d];
-                    }
-                    const float p = expf(s * scale - lse[t * Hq + h]);
-                    const float ds = p * (dp - delta[t * Hq + h]) * scale;
-#pragma omp simd
-                    for (int d = 0; d < D; d++) {
-                        dvr[d] += p * dor[d];
-                        dkr[d] += ds * qr[d];
-                    }
-                }
-        }
+    AttnCpu a = {};
+    a.dq = dq, a.dk = dk, a.dv = dv, a.dout = dout, a.q = q, a.k = k, a.v = v, a.lse_in = lse, a.delta = delta;
+    a.Tq = Tq, a.Tk = Tk, a.Hq = Hq, a.Hkv = Hkv, a.D = D, a.causal = causal, a.scale = 1.0f / sqrtf((float)D);
+    attn_cpu_run(attention_backward_dq_rows_pick(), a, Tq, Hq);
+    attn_cpu_run(attention_backward_dkdv_rows_pick(), a, Tk, Hkv);
 }
 
 // ----------------------------------------------------------------------------

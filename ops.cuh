@@ -93,45 +93,154 @@ static inline void round_bf16_gpu(cudaStream_t stream, float* x, size_t n) {
 #endif
 
 // ----------------------------------------------------------------------------
+// Instruction sets. The hot CPU loops (gemm_tile, the attention blocks) are plain C++ written for
+// the compiler to vectorize; they are compiled three times, for AVX-512, for AVX2 + FMA and for
+// the compiler's baseline target, and the caller picks one at run time from what the CPU reports
+// (cpu_simd), so one binary runs on any x86-64 machine and uses the vector units it finds. Only
+// these functions get the wider instruction sets (function attributes, not -m flags), so nothing
+// else can reach an instruction the CPU lacks. Elsewhere (not x86-64, or not GCC/Clang) there is
+// only the baseline build. FMA rounds once where mul + add rounds twice: results differ in the
+// last bits between machines, never between runs or thread counts on one machine.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define CPU_SIMD_VARIANTS
+#define CPU_AVX512 __attribute__((target("avx512f,avx512vl,fma,prefer-vector-width=512")))
+#define CPU_AVX2 __attribute__((target("avx2,fma")))
+// 2: AVX-512 (F + VL), 1: AVX2 + FMA, 0: neither. FPDT_CPU_SIMD=0|1|2 caps it (comparisons).
+static inline int cpu_simd_detect() {
+    int l = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") ? 2
+            : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")       ? 1
+                                                                                    : 0;
+    const char* cap = getenv("FPDT_CPU_SIMD");
+    if (cap && *cap >= '0' && *cap <= '2' && cap[1] == 0) l = std::min(l, *cap - '0');
+    return l;
+}
+static int cpu_simd_level = -1;  // the variant in use; -1 until the first call (a test may lower it)
+static inline int cpu_simd() {
+    if (cpu_simd_level < 0) cpu_simd_level = cpu_simd_detect();
+    return cpu_simd_level;
+}
+#endif
+
+// ----------------------------------------------------------------------------
+// The CPU matrix multiply under both matmul functions:
+//   C (M, N) += A (M, K) B (K, N),  A's (m, k) at a[m rsa + k csa], B's (k, n) at b[k rsb + n csb],
+// C fp32 row-major (ldc), X fp32 or bf16 (widened to fp32 when packed, so bf16 products are exact
+// and every sum is fp32). Blocked as BLIS blocks it: C in tiles of GEMM_MC x GEMM_NC, one tile a
+// task; for each slice of GEMM_KC values of k (in order) the tile's A rows and B columns are
+// copied into micro-panels (A: MR rows, k-major; B: NR columns, k-major; zero-padded at the
+// edges), and an MR x NR register block of C is accumulated as a sum of outer products, its inner
+// loop over NR adjacent columns for the compiler to vectorize. Each element of C is the same sum
+// in the same order whatever the thread count (tiles split the outputs, never k).
+//
+// The loops are compiled once per instruction set (CPU_SIMD_VARIANTS below).
+static const int GEMM_MC = 96, GEMM_NC = 128, GEMM_KC = 256;
+
+// dst (kc, R) k-major = rows [0, rows) of src (element (r, k) at src[r rs + k cs]), zero rows to R
+// (read along whichever of r and k is contiguous in src)
+template <typename X>
+static inline void gemm_pack(float* __restrict dst, const X* __restrict src, size_t rs, size_t cs, int rows, int R,
+                             int kc) {
+    if (rows < R) memset(dst, 0, (size_t)kc * R * sizeof(float));
+    if (cs == 1)
+        for (int r = 0; r < rows; r++)
+            for (int k = 0; k < kc; k++) dst[k * R + r] = to_f32(src[r * rs + k]);
+    else
+        for (int k = 0; k < kc; k++)
+            for (int r = 0; r < rows; r++) dst[k * R + r] = to_f32(src[r * rs + k * cs]);
+}
+
+// c (m, n) += ap (kc, MR)^T bp (kc, NR) for the m <= MR, n <= NR valid rows and columns
+template <int MR, int NR>
+static inline __attribute__((always_inline)) void gemm_micro(float* c, size_t ldc, int m, int n, const float* ap,
+                                                             const float* bp, int kc) {
+    float acc[MR][NR] = {};
+    for (int k = 0; k < kc; k++)
+        for (int r = 0; r < MR; r++) {
+            const float a = ap[k * MR + r];
+#pragma omp simd
+            for (int j = 0; j < NR; j++) acc[r][j] += a * bp[k * NR + j];
+        }
+    for (int r = 0; r < m; r++)
+        for (int j = 0; j < n; j++) c[r * ldc + j] += acc[r][j];
+}
+
+// One C tile: rows [m0, m0 + mc), columns [n0, n0 + nc); apack (GEMM_MC x GEMM_KC) and bpack
+// (GEMM_KC x GEMM_NC) are this thread's scratch.
+template <int MR, int NR, typename X>
+static inline __attribute__((always_inline)) void gemm_tile(float* c, size_t ldc, const X* a, size_t rsa, size_t csa,
+                                                            const X* b, size_t rsb, size_t csb, size_t m0, int mc,
+                                                            size_t n0, int nc, size_t K, float* apack, float* bpack) {
+    static_assert(GEMM_MC % MR == 0 && GEMM_NC % NR == 0, "tiles are whole micro-panels");
+    for (size_t k0 = 0; k0 < K; k0 += GEMM_KC) {
+        const int kc = (int)std::min<size_t>(GEMM_KC, K - k0);
+        for (int i = 0; i < mc; i += MR)
+            gemm_pack(apack + (size_t)i * kc, a + (m0 + i) * rsa + k0 * csa, rsa, csa, std::min(MR, mc - i), MR, kc);
+        for (int j = 0; j < nc; j += NR)
+            gemm_pack(bpack + (size_t)j * kc, b + k0 * rsb + (n0 + j) * csb, csb, rsb, std::min(NR, nc - j), NR, kc);
+        for (int j = 0; j < nc; j += NR)  // a B micro-panel stays in L1 while the A panels stream past
+            for (int i = 0; i < mc; i += MR)
+                gemm_micro<MR, NR>(c + (m0 + i) * ldc + n0 + j, ldc, std::min(MR, mc - i), std::min(NR, nc - j),
+                                   apack + (size_t)i * kc, bpack + (size_t)j * kc, kc);
+    }
+}
+
+// The register block per instruction set: MR x NR accumulators in 12-16 vector registers.
+#ifdef CPU_SIMD_VARIANTS
+template <typename X>
+CPU_AVX512 static void gemm_tile_avx512(float* c, size_t ldc, const X* a, size_t rsa, size_t csa, const X* b,
+                                        size_t rsb, size_t csb, size_t m0, int mc, size_t n0, int nc, size_t K,
+                                        float* ap, float* bp) {
+    gemm_tile<8, 32>(c, ldc, a, rsa, csa, b, rsb, csb, m0, mc, n0, nc, K, ap, bp);
+}
+template <typename X>
+CPU_AVX2 static void gemm_tile_avx2(float* c, size_t ldc, const X* a, size_t rsa, size_t csa, const X* b,
+                                    size_t rsb, size_t csb, size_t m0, int mc, size_t n0, int nc, size_t K, float* ap,
+                                    float* bp) {
+    gemm_tile<6, 16>(c, ldc, a, rsa, csa, b, rsb, csb, m0, mc, n0, nc, K, ap, bp);
+}
+#endif
+template <typename X>
+static void gemm_tile_base(float* c, size_t ldc, const X* a, size_t rsa, size_t csa, const X* b, size_t rsb,
+                           size_t csb, size_t m0, int mc, size_t n0, int nc, size_t K, float* ap, float* bp) {
+    gemm_tile<4, 16>(c, ldc, a, rsa, csa, b, rsb, csb, m0, mc, n0, nc, K, ap, bp);
+}
+
+template <typename X>
+static inline void gemm_cpu(float* c, size_t ldc, const X* a, size_t rsa, size_t csa, const X* b, size_t rsb,
+                            size_t csb, size_t M, size_t N, size_t K) {
+    if (M == 0 || N == 0 || K == 0) return;
+    typedef void (*TileFn)(float*, size_t, const X*, size_t, size_t, const X*, size_t, size_t, size_t, int, size_t,
+                           int, size_t, float*, float*);
+#ifdef CPU_SIMD_VARIANTS
+    const TileFn tile = cpu_simd() == 2 ? gemm_tile_avx512<X> : cpu_simd() == 1 ? gemm_tile_avx2<X> : gemm_tile_base<X>;
+#else
+    const TileFn tile = gemm_tile_base<X>;
+#endif
+    const size_t tm = (M + GEMM_MC - 1) / GEMM_MC, tn = (N + GEMM_NC - 1) / GEMM_NC;  // tiles down, across
+#pragma omp parallel
+    {
+        std::vector<float> ap((size_t)GEMM_MC * GEMM_KC), bp((size_t)GEMM_KC * GEMM_NC);  // this thread's panels
+#pragma omp for schedule(dynamic)
+        for (size_t t = 0; t < tm * tn; t++) {
+            const size_t m0 = (t / tn) * GEMM_MC, n0 = (t % tn) * GEMM_NC;
+            tile(c, ldc, a, rsa, csa, b, rsb, csb, m0, (int)std::min<size_t>(GEMM_MC, M - m0), n0,
+                 (int)std::min<size_t>(GEMM_NC, N - n0), K, ap.data(), bp.data());
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------
 // matmul: out (T, OC) = inp (T, IC) @ W (OC, IC)^T + b (OC), b may be null
 
 // X is float, or bf16 for bf16 operands (each product of two bf16 values is exact in fp32; the
-// sums are fp32 either way). Blocks of 2 rows x 4 outputs: each loaded x and w value feeds several
-// products, which is what makes the loop compute-bound rather than load-bound; the edges take one
-// output at a time.
+// sums are fp32 either way). out = b (or 0), then out += inp W^T through gemm_cpu, which reads W
+// (OC, IC) as the (K = IC, N = OC) matrix W^T.
 template <typename X>
 static inline void matmul_forward_cpu(float* out, const X* inp, const X* w, const float* b, size_t T, int IC, int OC) {
 #pragma omp parallel for schedule(static)
-    for (size_t t0 = 0; t0 < T; t0 += 2) {
-        const bool two = t0 + 1 < T;
-        const X* x0 = inp + t0 * IC;
-        const X* x1 = two ? x0 + IC : x0;
-        int o = 0;
-        for (; o + 4 <= OC; o += 4) {
-            const X *w0 = w + (size_t)o * IC, *w1 = w0 + IC, *w2 = w1 + IC, *w3 = w2 + IC;
-            float a0 = 0, a1 = 0, a2 = 0, a3 = 0, c0 = 0, c1 = 0, c2 = 0, c3 = 0;
-#pragma omp simd reduction(+ : a0, a1, a2, a3, c0, c1, c2, c3)
-            for (int i = 0; i < IC; i++) {
-                const float p = to_f32(x0[i]), q = to_f32(x1[i]);
-                const float v0 = to_f32(w0[i]), v1 = to_f32(w1[i]), v2 = to_f32(w2[i]), v3 = to_f32(w3[i]);
-                a0 += p * v0, a1 += p * v1, a2 += p * v2, a3 += p * v3;
-                c0 += q * v0, c1 += q * v1, c2 += q * v2, c3 += q * v3;
-            }
-            const float a[4] = {a0, a1, a2, a3}, c[4] = {c0, c1, c2, c3};
-            for (int k = 0; k < 4; k++) {
-                out[t0 * OC + o + k] = a[k] + (b ? b[o + k] : 0.0f);
-                if (two) out[(t0 + 1) * OC + o + k] = c[k] + (b ? b[o + k] : 0.0f);
-            }
-        }
-        for (; o < OC; o++)
-            for (size_t t = t0; t < t0 + (two ? 2 : 1); t++) {
-                const X *x = inp + t * IC, *wr = w + (size_t)o * IC;
-                float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-                for (int i = 0; i < IC; i++) acc += to_f32(x[i]) * to_f32(wr[i]);
-                out[t * OC + o] = acc + (b ? b[o] : 0.0f);
-            }
-    }
+    for (size_t t = 0; t < T; t++)
+        for (int o = 0; o < OC; o++) out[t * OC + o] = b ? b[o] : 0.0f;
+    gemm_cpu(out, OC, inp, IC, 1, w, 1, IC, T, OC, IC);
 }
 #ifdef __CUDACC__
 // out (T, OC) += b (OC) broadcast over rows: the "+ b[o]" of matmul_forward_cpu.
@@ -184,31 +293,15 @@ static inline void matmul_forward_gpu(cublasHandle_t blas, cudaStream_t stream, 
 template <typename X>
 static inline void matmul_backward_cpu(float* dinp, float* dw, float* db, const X* dout, const X* inp, const X* w,
                                        size_t T, int IC, int OC) {
-    if (dinp) {
+    if (dinp) gemm_cpu(dinp, IC, dout, OC, 1, w, IC, 1, T, IC, OC);  // (T, OC) @ (OC, IC)
+    gemm_cpu(dw, IC, dout, 1, OC, inp, IC, 1, OC, IC, T);            // dout^T (OC, T) @ inp (T, IC)
+    if (db) {
 #pragma omp parallel for schedule(static)
-        for (size_t t = 0; t < T; t++) {
-            float* dx = dinp + t * IC;
-            const X* dy = dout + t * OC;
-            for (int o = 0; o < OC; o++) {
-                const float g = to_f32(dy[o]);
-                const X* wr = w + (size_t)o * IC;
-#pragma omp simd
-                for (int i = 0; i < IC; i++) dx[i] += g * to_f32(wr[i]);
-            }
+        for (int o = 0; o < OC; o++) {
+            float bsum = 0.0f;
+            for (size_t t = 0; t < T; t++) bsum += to_f32(dout[t * OC + o]);
+            db[o] += bsum;
         }
-    }
-#pragma omp parallel for schedule(static)
-    for (int o = 0; o < OC; o++) {
-        float* dwr = dw + (size_t)o * IC;
-        float bsum = 0.0f;
-        for (size_t t = 0; t < T; t++) {
-            const float g = to_f32(dout[t * OC + o]);
-            const X* x = inp + t * IC;
-            bsum += g;
-#pragma omp simd
-            for (int i = 0; i < IC; i++) dwr[i] += g * to_f32(x[i]);
-        }
-        if (db) db[o] += bsum;
     }
 }
 #ifdef __CUDACC__

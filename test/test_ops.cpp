@@ -782,3 +782,138 @@ TEST(MatmulBf16, ForwardAndAccumulatingBackward) {
             }
         }
 }
+
+// ----------------------------------------------------------------------------
+// The blocked CPU loops at their edges, in every instruction-set variant this CPU can run
+// (ops.cuh, cpu_simd): shapes that are not multiples of the tiles, against double references.
+
+// Runs body once per variant level 0 .. what the CPU has, restoring the level afterwards.
+static void for_each_simd_level(const std::function<void()>& body) {
+#ifdef CPU_SIMD_VARIANTS
+    const int top = cpu_simd_detect();
+    for (int l = 0; l <= top; l++) {
+        SCOPED_TRACE("cpu_simd level " + std::to_string(l));
+        cpu_simd_level = l;
+        body();
+    }
+    cpu_simd_level = top;
+#else
+    body();
+#endif
+}
+
+// matmul of either operand type over shapes that cross GEMM_MC, GEMM_NC and GEMM_KC (and fit
+// inside one tile), forward overwriting and backward accumulating, against double sums.
+template <typename X>
+static void check_blocked_matmul(const std::vector<X>& x, const std::vector<X>& w, const std::vector<X>& dy,
+                                 const vd& X_, const vd& W, const vd& DY, const vf& b, int T, int IC, int OC,
+                                 double tol) {
+    vd y_ref((size_t)T * OC), dx_ref((size_t)T * IC, 0.0), dw_ref((size_t)OC * IC, 0.0), db_ref(OC, 0.0);
+    for (int t = 0; t < T; t++)
+        for (int o = 0; o < OC; o++) {
+            double s = b[o];
+            for (int i = 0; i < IC; i++) s += X_[(size_t)t * IC + i] * W[(size_t)o * IC + i];
+            y_ref[(size_t)t * OC + o] = s;
+            const double g = DY[(size_t)t * OC + o];
+            db_ref[o] += g;
+            for (int i = 0; i < IC; i++) {
+                dx_ref[(size_t)t * IC + i] += g * W[(size_t)o * IC + i];
+                dw_ref[(size_t)o * IC + i] += g * X_[(size_t)t * IC + i];
+            }
+        }
+    Rng r{777u + (uint64_t)T};
+    const vf dx0 = randn(&r, (size_t)T * IC, 3.0f), dw0 = randn(&r, (size_t)OC * IC, 3.0f), db0 = randn(&r, OC, 3.0f);
+    for_each_simd_level([&] {
+        vf y = randn(&r, (size_t)T * OC, 100.0f);  // garbage the forward must overwrite
+        matmul_forward_cpu(y.data(), x.data(), w.data(), b.data(), T, IC, OC);
+        EXPECT_LT(rel_err(y, y_ref), tol);
+        vf dx = dx0, dw = dw0, db = db0;
+        matmul_backward_cpu(dx.data(), dw.data(), db.data(), dy.data(), x.data(), w.data(), T, IC, OC);
+        EXPECT_LT(rel_err(added(dx, dx0), dx_ref), tol);
+        EXPECT_LT(rel_err(added(dw, dw0), dw_ref), tol);
+        EXPECT_LT(rel_err(added(db, db0), db_ref), tol);
+    });
+}
+
+TEST(MatmulBlocked, TileEdgesInEveryVariant) {
+    struct Shape {
+        int T, IC, OC;
+    };
+    for (const Shape& s : {Shape{GEMM_MC + 1, GEMM_KC + 44, GEMM_NC + 2}, Shape{3, 5, 7}, Shape{2 * GEMM_MC, 64, 33},
+                           Shape{37, 2 * GEMM_KC + 1, 260}}) {
+        const int T = s.T, IC = s.IC, OC = s.OC;
+        SCOPED_TRACE(::testing::Message() << "T=" << T << " IC=" << IC << " OC=" << OC);
+        Rng r{900u + (uint64_t)T * 7 + IC};
+        {
+            SCOPED_TRACE("fp32");
+            const vf x = randn(&r, (size_t)T * IC), w = randn(&r, (size_t)OC * IC), dy = randn(&r, (size_t)T * OC);
+            check_blocked_matmul(x, w, dy, widen(x), widen(w), widen(dy), randn(&r, OC), T, IC, OC, kFwd);
+        }
+        {
+            SCOPED_TRACE("bf16");
+            const std::vector<bf16> x = randn_bf16(&r, (size_t)T * IC), w = randn_bf16(&r, (size_t)OC * IC),
+                                    dy = randn_bf16(&r, (size_t)T * OC);
+            check_blocked_matmul(x, w, dy, widen(x), widen(w), widen(dy), randn(&r, OC), T, IC, OC, kFwd);
+        }
+    }
+}
+
+// Attention over several query blocks and key tiles (ATTN_CPU_ROWS, ATTN_CPU_TILE): lengths that
+// are not multiples of either, causal diagonal tiles, Tq != Tk, grouped-query heads, D = 2 and
+// D = 256. The forward against attention_ref; the backward against the analytic gradients in
+// double (the finite-difference tests above pin those formulas on small blocks):
+//   P = e^(S - lse), dP = dO V^T, dS = P (dP - rowsum(dO O)), dq = scale dS K, dk = scale dS^T Q, dv = P^T dO.
+static void check_tiled_attention(int Tq, int Tk, int Hq, int Hkv, int D, bool causal, uint64_t seed) {
+    SCOPED_TRACE(::testing::Message() << "Tq=" << Tq << " Tk=" << Tk << " Hq=" << Hq << " Hkv=" << Hkv << " D=" << D
+                                      << " causal=" << causal);
+    Rng r{seed};
+    const vf q = randn(&r, (size_t)Tq * Hq * D), k = randn(&r, (size_t)Tk * Hkv * D),
+             v = randn(&r, (size_t)Tk * Hkv * D), R = randn(&r, (size_t)Tq * Hq * D);
+    const vd Q = widen(q), K = widen(k), V = widen(v);
+    const AttnRef f = attention_ref(Q, K, V, Tq, Tk, Hq, Hkv, D, causal ? kCausal : kFull);
+    const double scale = 1.0 / sqrt((double)D);
+    vd dq_ref(q.size(), 0.0), dk_ref(k.size(), 0.0), dv_ref(v.size(), 0.0);
+    for (int t = 0; t < Tq; t++)
+        for (int h = 0; h < Hq; h++) {
+            const int hk = h / (Hq / Hkv);
+            const double* qr = &Q[((size_t)t * Hq + h) * D];
+            const float* dor = &R[((size_t)t * Hq + h) * D];
+            double delta = 0;
+            for (int c = 0; c < D; c++) delta += (double)dor[c] * f.o[((size_t)t * Hq + h) * D + c];
+            for (int j = 0; j < (causal ? t + 1 : Tk); j++) {
+                const double* kr = &K[((size_t)j * Hkv + hk) * D];
+                const double* vr = &V[((size_t)j * Hkv + hk) * D];
+                double s = 0, dp = 0;
+                for (int c = 0; c < D; c++) s += qr[c] * kr[c], dp += dor[c] * vr[c];
+                const double p = exp(s * scale - f.lse[(size_t)t * Hq + h]), ds = p * (dp - delta) * scale;
+                for (int c = 0; c < D; c++) {
+                    dq_ref[((size_t)t * Hq + h) * D + c] += ds * kr[c];
+                    dk_ref[((size_t)j * Hkv + hk) * D + c] += ds * qr[c];
+                    dv_ref[((size_t)j * Hkv + hk) * D + c] += p * dor[c];
+                }
+            }
+        }
+    const vf dq0 = randn(&r, q.size()), dk0 = randn(&r, k.size()), dv0 = randn(&r, v.size());
+    for_each_simd_level([&] {
+        vf o(q.size(), 0.0f), lse((size_t)Tq * Hq, -INFINITY), delta((size_t)Tq * Hq);
+        attention_forward_cpu(o.data(), lse.data(), q.data(), k.data(), v.data(), Tq, Tk, Hq, Hkv, D, causal);
+        EXPECT_LT(rel_err(o, f.o), kFwd);
+        EXPECT_LT(rel_err(lse, f.lse), kFwd);
+        attention_delta_cpu(delta.data(), R.data(), o.data(), Tq, Hq, D);
+        vf dq = dq0, dk = dk0, dv = dv0;
+        attention_backward_cpu(dq.data(), dk.data(), dv.data(), R.data(), q.data(), k.data(), v.data(), lse.data(),
+                               delta.data(), Tq, Tk, Hq, Hkv, D, causal);
+        EXPECT_LT(rel_err(added(dq, dq0), dq_ref), 1e-5);
+        EXPECT_LT(rel_err(added(dk, dk0), dk_ref), 1e-5);
+        EXPECT_LT(rel_err(added(dv, dv0), dv_ref), 1e-5);
+    });
+}
+
+TEST(AttentionTiled, TileEdgesInEveryVariant) {
+    const int rows = ATTN_CPU_ROWS, tile = ATTN_CPU_TILE;
+    check_tiled_attention(2 * tile + 3, 2 * tile + 3, 4, 2, 2, true, 1001);   // causal diagonals, GQA, D = 2
+    check_tiled_attention(rows + 1, tile + 5, 2, 1, 256, false, 1002);        // Tq != Tk, D = 256
+    check_tiled_attention(tile, tile, 2, 2, 64, true, 1003);                  // exact multiples
+    check_tiled_attention(2 * tile + 1, rows - 1, 3, 1, 8, false, 1004);       // Tq > Tk, one partial tile
+    check_tiled_attention(1, 3, 1, 1, 4, false, 1005);                        // one query row
+}
