@@ -168,7 +168,7 @@ static const std::vector<std::string> train_flags = {
     "model", "seq", "chunk-size", "offload", "steps", "lr", "warmup", "min-lr-frac", "weight-decay", "clip", "seed",
     "beta1", "beta2", "adam-eps",
     "data", "device", "out", "save-every", "resume", "exit-after", "eval-every", "eval-seqs", "trace", "zero",
-    "device-mem", "host-mem", "on-nonfinite", "max-bad-steps", "comm", "precision", "overwrite", "help"};
+    "device-mem", "host-mem", "on-nonfinite", "max-bad-steps", "comm", "precision", "overwrite", "watchdog", "help"};
 
 static void train_help() {
     printf(
@@ -203,7 +203,9 @@ static void train_help() {
         "  --device-mem GiB    refuse to start if the device arena would exceed this\n"
         "  --host-mem GiB      refuse to start if the host arena would exceed this\n"
         "  --on-nonfinite skip|stop   a NaN/Inf loss or gradient: skip the step (default) or stop\n"
-        "  --max-bad-steps N   stop after N non-finite steps in a row (default 5)\n\n");
+        "  --max-bad-steps N   stop after N non-finite steps in a row (default 5)\n"
+        "  --watchdog S        several ranks: a rank waiting S seconds inside one MPI collective ends the job,\n"
+        "                      naming the step and the collective; 0 = off (default 1800)\n\n");
     print_models();
 }
 
@@ -403,6 +405,7 @@ static int cmd_train(int argc, char** argv) {
     const std::string trace_path = a.str("trace", "");
     const bool stop_on_bad = stop_on_nonfinite(a);
     const int max_bad = (int)a.integer("max-bad-steps", 5, 1, 1 << 30);
+    if (cm.size > 1) comm_watchdog_start((double)a.integer("watchdog", 1800, 0, 1 << 30));
     // Fault injection for tests: FPDT_FAULT_NAN_STEPS="3,4" poisons a gradient at those steps.
     std::set<int> fault_steps;
     for (const char* p = getenv("FPDT_FAULT_NAN_STEPS"); p && *p; p += strcspn(p, ","), p += (*p == ',')) fault_steps.insert(atoi(p));
@@ -467,6 +470,7 @@ static int cmd_train(int argc, char** argv) {
             lr_t = lr * (min_frac + (1 - min_frac) * 0.5f * (1 + cosf(3.14159265f * std::min(1.0f, p))));
         }
         opt.lr = lr_t;
+        watchdog().step = step + 1;
         trace.on = !trace_path.empty() && step == trace_step;
         trace.origin = now_s();
         if (trace.on && M.ctx.gpu) trace_gpu_start(&M.ctx);

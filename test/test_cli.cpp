@@ -339,20 +339,20 @@ TEST(Reliability, OutIsNeverAShellCommand) {
 TEST(Reliability, FreshRunIntoOldCheckpointsIsRefusedOrOverwritten) {
     std::string d = tmpdir();
     const std::string out = " --out " + d + "/o";
-    ASSERT_EQ(run(TINY + "--seq 64 --steps 10 --save-every 5" + out).rc, 0);
-    Out refused = run(TINY + "--seq 64 --steps 10 --save-every 1 --exit-after 3 --lr 1e-3" + out);
+    ASSERT_EQ(run(TINY + "--seq 64 --steps 4 --save-every 2" + out).rc, 0);
+    Out refused = run(TINY + "--seq 64 --steps 4 --save-every 1 --exit-after 3 --lr 1e-3" + out);
     EXPECT_NE(refused.rc, 0);
-    EXPECT_NE(refused.out.find("holds checkpoints of an earlier run (ckpt_00000010 and 1 more): continue it with --resume, "
+    EXPECT_NE(refused.out.find("holds checkpoints of an earlier run (ckpt_00000004 and 1 more): continue it with --resume, "
                                "or pass --overwrite"), std::string::npos) << refused.out;
     EXPECT_EQ(count_lines(refused.out), 1) << refused.out;
-    Out fresh = run(TINY + "--seq 64 --steps 10 --save-every 1 --exit-after 3 --lr 1e-3 --overwrite" + out);
+    Out fresh = run(TINY + "--seq 64 --steps 4 --save-every 1 --exit-after 3 --lr 1e-3 --overwrite" + out);
     ASSERT_EQ(fresh.rc, 0) << fresh.out;
     Out ls = run("ls " + d + "/o");
     EXPECT_EQ(ls.out, "ckpt_00000002\nckpt_00000003\n");  // this run's newest two, nothing of the old run
     ASSERT_EQ(rename((d + "/o/ckpt_00000003").c_str(), (d + "/o/ckpt_3").c_str()), 0);  // any width
-    Out resumed = run(TINY + "--seq 64 --steps 10 --lr 1e-3 --resume --exit-after 4" + out);
+    Out resumed = run(TINY + "--seq 64 --steps 4 --lr 1e-3 --resume" + out);
     EXPECT_NE(resumed.out.find("resumed at step 3"), std::string::npos) << resumed.out;
-    Out both = run(TINY + "--seq 64 --steps 10 --resume --overwrite" + out);
+    Out both = run(TINY + "--seq 64 --steps 4 --resume --overwrite" + out);
     EXPECT_NE(both.out.find("choose one"), std::string::npos) << both.out;
 }
 
