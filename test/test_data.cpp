@@ -646,3 +646,33 @@ TEST(Passkey, Errors) {
     EXPECT_HAS(e, "vocab >= 260");
     EXPECT_HAS(e, "256");
 }
+
+// A shard rewritten under a running job with ids the model cannot take is an error naming the
+// file and the step, not an out-of-range embedding row; the identity names the file, its size
+// and a fingerprint that changes with its bytes.
+TEST(Shard, RewrittenMidRunNamesTheFileAndStep) {
+    TempDir dir;
+    std::vector<int32_t> toks(50, 7);
+    write_shard(dir.file("w.bin"), SHARD_MAGIC_U16, SHARD_VERSION_U16, toks);
+    std::string err;
+    std::unique_ptr<DataSource> d(data_open(dir.file("w.bin"), 100, 16, 7, &err));
+    ASSERT_TRUE(d) << err;
+    const std::string id = d->identity();
+    EXPECT_EQ(id.rfind("files 1: w.bin 1124 ", 0), 0u) << id;
+    toks[3] = 500;  // past the vocab of 100
+    write_shard(dir.file("w.bin"), SHARD_MAGIC_U16, SHARD_VERSION_U16, toks);  // same size, same inode
+    fatal_throws();
+    std::vector<int32_t> out(17);
+    try {
+        d->read(4, 0, 17, out.data());  // step 5's window starts at 4*16 mod 34 = 30: token 3 is not in it
+        d->read(0, 0, 17, out.data());
+        ADD_FAILURE() << "no error";
+    } catch (const FpdtError& e) {
+        EXPECT_NE(e.msg.find(dir.file("w.bin") + " changed since it was opened: token 3 is now id 500"), std::string::npos) << e.msg;
+        EXPECT_NE(e.msg.find("(read at step 1)"), std::string::npos) << e.msg;
+    }
+    fatal_hook() = nullptr;
+    std::unique_ptr<DataSource> e(data_open(dir.file("w.bin"), 1000, 16, 7, &err));
+    ASSERT_TRUE(e) << err;
+    EXPECT_NE(e->identity(), id);
+}
