@@ -158,7 +158,7 @@ static const std::vector<std::string> train_flags = {
     "model", "seq", "chunk-size", "offload", "steps", "lr", "warmup", "min-lr-frac", "weight-decay", "clip", "seed",
     "beta1", "beta2", "adam-eps",
     "data", "device", "out", "save-every", "resume", "exit-after", "eval-every", "eval-seqs", "trace", "zero",
-    "device-mem", "host-mem", "on-nonfinite", "max-bad-steps", "comm", "precision", "help"};
+    "device-mem", "host-mem", "on-nonfinite", "max-bad-steps", "comm", "precision", "rope-theta", "rope-scale", "help"};
 
 static void train_help() {
     printf(
@@ -191,7 +191,10 @@ static void train_help() {
         "  --device-mem GiB    refuse to start if the device arena would exceed this\n"
         "  --host-mem GiB      refuse to start if the host arena would exceed this\n"
         "  --on-nonfinite skip|stop   a NaN/Inf loss or gradient: skip the step (default) or stop\n"
-        "  --max-bad-steps N   stop after N non-finite steps in a row (default 5)\n\n");
+        "  --max-bad-steps N   stop after N non-finite steps in a row (default 5)\n"
+        "  --rope-theta X      RoPE base (default: the model's); stored in the checkpoints\n"
+        "  --rope-scale F      linear RoPE position interpolation: positions / F, for context extension\n"
+        "                      (default 1: off); stored in the checkpoints\n\n");
     print_models();
 }
 
@@ -271,6 +274,19 @@ static std::string device_name(const Ctx& ctx) {
     return std::string("gpu ") + std::to_string(ctx.g->device) + " (" + p.name + ")";
 }
 
+// --rope-theta and --rope-scale change the model's RoPE (context extension); the checkpoint
+// carries the result.
+static void apply_rope_flags(const Args& a, Config* c) {
+    if (a.has("rope-theta")) c->rope_theta = (float)a.real("rope-theta", c->rope_theta, 1.0, 1e12);
+    if (!a.has("rope-scale")) return;
+    const double f = a.real("rope-scale", 1.0, 1.0, 1e6);
+    if (c->rope_scaling == ROPE_LLAMA3)
+        fatal_all("--rope-scale: model %s already uses llama3 RoPE scaling (factor %g); linear interpolation "
+                  "does not combine with it", c->name, c->rope_factor);
+    if (c->rope_scaling == ROPE_LINEAR) c->rope_factor *= (float)f;  // interpolating an interpolated model
+    else if (f != 1.0) c->rope_scaling = ROPE_LINEAR, c->rope_factor = (float)f;
+}
+
 static int cmd_train(int argc, char** argv) {
     Args a = parse_args(argc, argv, train_flags);
     if (a.help) {
@@ -278,7 +294,8 @@ static int cmd_train(int argc, char** argv) {
         return 0;
     }
     const Comm& cm = comm_world();
-    const Config& cfg = model_arg(a, "small");
+    Config cfg = model_arg(a, "small");
+    apply_rope_flags(a, &cfg);
     if (cm.local_size > 1 && !getenv("OMP_NUM_THREADS"))  // ranks on one machine share its cores
         omp_set_num_threads(std::max(1, omp_get_num_procs() / cm.local_size));
     Model M;
