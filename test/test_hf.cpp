@@ -1,0 +1,263 @@
+// Pretrained Hugging Face Llama models in and out (data/hf.py), real tokenizers (data/tokenize.py),
+// and starting a run from an imported model (./fpdt train --init). The fixtures are tiny random
+// LlamaForCausalLM models made by test/make_hf_fixture.py with transformers: their logits, loss
+// and every parameter gradient, computed by transformers, are what fpdt must reproduce.
+//
+// The scripts need python3 with numpy and safetensors (tokenize.py: tokenizers; the round trip
+// through transformers: torch and transformers): without them the tests skip and say so.
+#include <gtest/gtest.h>
+#include <cmath>
+#include <fstream>
+#include <map>
+#include <sstream>
+#include "checkpoint.h"
+#include "model.h"
+#include "test/cli.h"
+#include "test/fixture.h"
+#include "test/testutil.h"
+
+static bool python_has(const std::string& modules) {
+    static std::map<std::string, bool> known;
+    if (!known.count(modules)) known[modules] = run("python3 -c 'import " + modules + "'").rc == 0;
+    return known[modules];
+}
+#define NEED_PYTHON(modules)                                                                             \
+    do {                                                                                                 \
+        if (!python_has(modules)) GTEST_SKIP() << "python3 lacks " << modules << " (pip install it)";   \
+    } while (0)
+
+static std::string read_text(const std::string& path) {
+    std::ifstream f(path);
+    std::stringstream s;
+    s << f.rdbuf();
+    return s.str();
+}
+
+// The model configuration of a format-2 manifest, read here independently of checkpoint.h (a
+// check of what data/hf.py writes), and the shard's parameters.
+struct Imported {
+    Config cfg{};
+    std::vector<float> params;
+    std::map<std::string, std::string> kv;
+};
+static Imported read_imported(const std::string& ckpt) {
+    Imported I;
+    std::istringstream in(read_text(ckpt + "/manifest.txt"));
+    std::string line;
+    while (std::getline(in, line)) {
+        size_t sp = line.find(' ');
+        if (sp != std::string::npos && !I.kv.count(line.substr(0, sp))) I.kv[line.substr(0, sp)] = line.substr(sp + 1);
+    }
+    auto i = [&](const char* k) { return atoi(I.kv["model." + std::string(k)].c_str()); };
+    auto f = [&](const char* k) { return strtof(I.kv["model." + std::string(k)].c_str(), nullptr); };
+    Config& c = I.cfg;
+    snprintf(c.name, sizeof c.name, "%s", I.kv["model.name"].c_str());
+    c.family = I.kv["model.family"] == "gpt" ? GPT : LLAMA;
+    c.n_layer = i("n_layer"), c.d_model = i("d_model"), c.n_head = i("n_head"), c.n_kv_head = i("n_kv_head");
+    c.head_dim = i("head_dim"), c.ffn = i("ffn"), c.vocab = i("vocab");
+    c.rope_theta = f("rope_theta"), c.norm_eps = f("norm_eps"), c.note = "";
+    c.tie_embeddings = i("tie_embeddings") != 0;
+    const std::string s = I.kv["model.rope_scaling"];
+    c.rope_scaling = s == "linear" ? ROPE_LINEAR : s == "llama3" ? ROPE_LLAMA3 : ROPE_NONE;
+    c.rope_factor = f("rope_factor"), c.rope_low_freq_factor = f("rope_low_freq_factor");
+    c.rope_high_freq_factor = f("rope_high_freq_factor"), c.rope_original_max_pos = i("rope_original_max_pos");
+    I.params.resize(atoll(I.kv["n_params"].c_str()));
+    FILE* fp = fopen((ckpt + "/shard_0.bin").c_str(), "rb");
+    EXPECT_NE(fp, nullptr) << ckpt;
+    if (fp) {
+        EXPECT_EQ(fread(I.params.data(), 4, I.params.size(), fp), I.params.size());
+        fclose(fp);
+    }
+    return I;
+}
+
+static std::string fixture_dir(const char* variant) { return std::string("test/fixtures/") + variant; }
+
+// python3 data/hf.py import FIXTURE DIR; returns DIR/ckpt_00000000.
+static std::string import_fixture(const char* variant, std::string* dir_out = nullptr) {
+    const std::string d = tmpdir() + "/imported";
+    Out r = run("python3 data/hf.py import " + fixture_dir(variant) + " " + d);
+    EXPECT_EQ(r.rc, 0) << r.out;
+    if (dir_out) *dir_out = d;
+    return d + "/ckpt_00000000";
+}
+
+class HfFixture : public ::testing::TestWithParam<const char*> {};
+
+// fpdt on the imported weights against transformers (float64, stored fp32): loss, logits and
+// every gradient to 1e-4 relative, unchunked and chunked with offload (and the head and MLP in
+// row blocks that leave remainders). The llama3 RoPE bands, the q/k permutation, GQA, head_dim
+// != d/H and the tied or untied head all enter: any of them wrong moves the loss by 1e-2 or more.
+TEST_P(HfFixture, ImportedModelMatchesTransformers) {
+    NEED_PYTHON("numpy, safetensors");
+    fatal_throws();
+    Imported I = read_imported(import_fixture(GetParam()));
+    Fixture fx;
+    std::string err;
+    ASSERT_TRUE(fixture_load(fixture_dir(GetParam()) + "/reference.bin", &fx, &err)) << err;
+    const std::vector<int32_t>& tok = fx.find("tokens")->i;
+    const size_t S = tok.size() - 1;
+    const float want = fx.find("loss")->f[0];
+    struct Case {
+        size_t chunk;
+        bool offload;
+        size_t rows;
+    };
+    for (Case k : {Case{0, false, 0}, Case{S / 4, true, 5}, Case{S / 2, false, 0}}) {
+        SCOPED_TRACE(::testing::Message() << GetParam() << " chunk " << k.chunk << " offload " << k.offload);
+        RunCfg r;
+        r.seq = S, r.chunk = k.chunk, r.offload = k.offload, r.head_rows = r.mlp_rows = k.rows;
+        Model M;
+        model_create(&M, I.cfg, r, false);
+        ASSERT_EQ(M.n_params, I.params.size());
+        memcpy(M.params, I.params.data(), I.params.size() * 4);
+        model_set_token_arrays(&M, tok.data(), tok.data() + 1);
+        std::vector<float> logits(S * I.cfg.vocab);
+        M.logits_out = logits.data();
+        const float loss = model_forward_backward(&M, true);
+        EXPECT_NEAR(loss, want, 1e-4 * want);
+        EXPECT_LT(rel_err(logits.data(), fx.find("logits")->f.data(), logits.size()), 1e-4);
+        for (const ParamInfo& p : M.table) {
+            const FixtureTensor* g = fx.find("grad." + p.name);
+            ASSERT_NE(g, nullptr) << p.name;
+            ASSERT_EQ(g->numel(), p.numel()) << p.name;
+            EXPECT_LT(rel_err(M.grads + p.offset, g->f.data(), p.numel()), 1e-4) << p.name;
+        }
+        model_free(&M);
+    }
+}
+
+// The manifest carries the whole model: what config.json said, in fpdt's fields.
+TEST_P(HfFixture, ManifestCarriesTheModel) {
+    NEED_PYTHON("numpy, safetensors");
+    Imported I = read_imported(import_fixture(GetParam()));
+    const bool tied = std::string(GetParam()) == "hf_tied";
+    EXPECT_EQ(I.kv["fpdt-checkpoint"], "2");
+    EXPECT_EQ(I.kv["step"], "0");
+    EXPECT_EQ(I.kv["optimizer"], "0");
+    EXPECT_EQ(I.kv["model.name"], GetParam());
+    EXPECT_EQ(I.cfg.n_layer, 2);
+    EXPECT_EQ(I.cfg.d_model, 24);
+    EXPECT_EQ(I.cfg.n_head, 4);
+    EXPECT_EQ(I.cfg.n_kv_head, 2);
+    EXPECT_EQ(I.cfg.head_dim, 8);
+    EXPECT_EQ(I.cfg.ffn, 40);
+    EXPECT_EQ(I.cfg.vocab, 272);
+    EXPECT_EQ(I.cfg.tie_embeddings, tied);
+    EXPECT_EQ(I.cfg.rope_scaling, ROPE_LLAMA3);
+    EXPECT_EQ(I.cfg.rope_factor, 4.0f);
+    EXPECT_EQ(I.cfg.rope_low_freq_factor, 1.0f);
+    EXPECT_EQ(I.cfg.rope_high_freq_factor, 8.0f);
+    EXPECT_EQ(I.cfg.rope_original_max_pos, 1024);
+    EXPECT_EQ(I.cfg.rope_theta, 10000.0f);
+    EXPECT_EQ(I.cfg.norm_eps, 1e-5f);
+    size_t n = 0;
+    param_table(I.cfg, &n);
+    EXPECT_EQ(n, I.params.size());
+}
+
+// Export of the imported step-0 checkpoint gives back every tensor of the original, bit for bit
+// (and nothing else): the q/k permutation and its inverse, the stacking and the splitting.
+TEST_P(HfFixture, ExportOfTheImportIsBitExact) {
+    NEED_PYTHON("numpy, safetensors");
+    std::string d;
+    import_fixture(GetParam(), &d);
+    const std::string out = tmpdir() + "/exported";
+    Out e = run("python3 data/hf.py export " + d + " " + out);
+    ASSERT_EQ(e.rc, 0) << e.out;
+    Out c = run("python3 -c \"\nimport glob, numpy as np\nfrom safetensors.numpy import load_file\n"
+                "a = load_file('" + out + "/model.safetensors')\nb = {}\n"
+                "for f in glob.glob('" + fixture_dir(GetParam()) + "/*.safetensors'): b.update(load_file(f))\n"
+                "diff = sorted(set(a) ^ set(b)) + [k for k in b if k in a and not (a[k].dtype == b[k].dtype and "
+                "a[k].shape == b[k].shape and np.array_equal(a[k].view(np.uint32), b[k].view(np.uint32)))]\n"
+                "print('differ:', diff if diff else 'none', 'of', len(b))\n\"");
+    ASSERT_EQ(c.rc, 0) << c.out;
+    EXPECT_NE(c.out.find("differ: none of "), std::string::npos) << c.out;
+    EXPECT_EQ(number_after(c.out, "differ: none of "), std::string(GetParam()) == "hf_tied" ? 20 : 21) << c.out;
+}
+
+INSTANTIATE_TEST_SUITE_P(Variants, HfFixture, ::testing::Values("hf_tied", "hf_untied"));
+
+// data/hf.py's vectorized FNV-1a 64 is checkpoint.h's, byte for byte, on lengths around its
+// word and block edges.
+TEST(HfScript, ChecksumIsCheckpointFnv1a) {
+    NEED_PYTHON("numpy");
+    const std::string d = tmpdir();
+    for (size_t n : {0, 1, 63, 64, 65, 1000, 100003}) {
+        std::vector<uint8_t> b(n);
+        Rng r{n + 1};
+        for (uint8_t& x : b) x = (uint8_t)rng_u64(&r);
+        const std::string path = d + "/bytes";
+        FILE* f = fopen(path.c_str(), "wb");
+        ASSERT_NE(f, nullptr);
+        fwrite(b.data(), 1, n, f);
+        fclose(f);
+        Out o = run("python3 -c \"import sys; sys.path.append('data'); import hf; print(hf.Fnv1a64().update(open('" + path +
+                    "', 'rb').read()).hexdigest())\"");
+        ASSERT_EQ(o.rc, 0) << o.out;
+        char want[32];
+        snprintf(want, sizeof want, "%016llx", (unsigned long long)fnv1a(0xcbf29ce484222325ull, b.data(), n));
+        EXPECT_EQ(o.out.substr(0, 16), want) << n << " bytes";
+    }
+}
+
+// Bad input to hf.py: one clear line naming the problem, a non-zero exit, nothing written.
+TEST(HfScript, BadInputIsOneClearLine) {
+    NEED_PYTHON("numpy, safetensors");
+    const std::string d = tmpdir();
+    // variants of the tied fixture, each with one thing wrong
+    auto variant = [&](const std::string& name, const std::string& python) {
+        const std::string v = d + "/" + name;
+        Out r = run("mkdir -p " + v + " && cp " + fixture_dir("hf_tied") + "/config.json " + fixture_dir("hf_tied") +
+                    "/model.safetensors " + v + " && cd " + v +
+                    " && python3 -c \"\nimport json, numpy as np\nfrom safetensors.numpy import load_file, save_file\n"
+                    "c = json.load(open('config.json'))\nt = load_file('model.safetensors')\n" + python +
+                    "\njson.dump(c, open('config.json', 'w'))\nsave_file(t, 'model.safetensors')\n\"");
+        EXPECT_EQ(r.rc, 0) << name << ": " << r.out;
+        return v;
+    };
+    const std::string trunc = variant("truncated", "");
+    (void)!system(("truncate -s 40000 " + trunc + "/model.safetensors").c_str());
+    (void)!system(("mkdir -p " + d + "/empty").c_str());
+    const std::string noweights = variant("noweights", "");
+    (void)!system(("rm " + noweights + "/model.safetensors").c_str());
+    struct Bad {
+        std::string dir, expect;
+    };
+    std::vector<Bad> cases = {
+        {d + "/empty", "no config.json"},
+        {d + "/nosuch", "not a directory"},
+        {variant("qwen", "c['architectures'] = ['Qwen2ForCausalLM']; c['model_type'] = 'qwen2'"), "architectures: Qwen2ForCausalLM"},
+        {variant("attnbias", "c['attention_bias'] = True"), "attention_bias"},
+        {variant("qbias", "t['model.layers.0.self_attn.q_proj.bias'] = np.zeros(32, np.float32)"), "model.layers.0.self_attn.q_proj.bias is a bias"},
+        {variant("window", "c['sliding_window'] = 4096"), "sliding_window"},
+        {variant("moe", "c['num_local_experts'] = 8"), "num_local_experts"},
+        {variant("gelu", "c['hidden_act'] = 'gelu'"), "hidden_act"},
+        {variant("yarn", "c['rope_parameters']['rope_type'] = 'yarn'"), "rope_parameters.rope_type: 'yarn'"},
+        {variant("missing", "del t['model.layers.1.mlp.up_proj.weight']"), "model.layers.1.mlp.up_proj.weight is missing"},
+        {variant("shape", "c['intermediate_size'] = 48"), "has shape [40, 24], config.json says [48, 24]"},
+        {noweights, "no model.safetensors"},
+        {trunc, "not a valid safetensors file"},
+    };
+    for (const Bad& c : cases) {
+        const std::string out = d + "/out_" + std::to_string(&c - cases.data());
+        Out r = run("python3 data/hf.py import " + c.dir + " " + out);
+        EXPECT_NE(r.rc, 0) << c.dir << "\n" << r.out;
+        EXPECT_NE(r.out.find(c.expect), std::string::npos) << c.dir << "\n" << r.out;
+        EXPECT_EQ(count_lines(r.out), 1) << c.dir << "\n" << r.out;
+        EXPECT_NE(run("ls " + out + "/ckpt_00000000/manifest.txt").rc, 0) << c.dir << ": wrote a checkpoint anyway";
+    }
+    // export of something that is not a checkpoint, or a corrupt one
+    std::string imp;
+    import_fixture("hf_tied", &imp);
+    (void)!system(("cp -r " + imp + "/ckpt_00000000 " + d + "/corrupt && printf 'x' | dd of=" + d +
+                   "/corrupt/shard_0.bin bs=1 seek=100 conv=notrunc 2>/dev/null").c_str());
+    for (const Bad& c : std::vector<Bad>{{d + "/empty", "no valid checkpoint"},
+                                         {d + "/corrupt", "checksum mismatch"},
+                                         {fixture_dir("hf_tied") + "/config.json", "not a format-2 checkpoint"}}) {
+        Out r = run("python3 data/hf.py export " + c.dir + " " + d + "/exp");
+        EXPECT_NE(r.rc, 0) << c.dir << "\n" << r.out;
+        EXPECT_NE(r.out.find(c.expect), std::string::npos) << c.dir << "\n" << r.out;
+        EXPECT_EQ(count_lines(r.out), 1) << c.dir << "\n" << r.out;
+    }
+}
