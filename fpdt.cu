@@ -446,11 +446,46 @@ static int cmd_train(int argc, char** argv) {
 // sample: greedy (or temperature) generation from the newest checkpoint in --out. Simple on
 // purpose: the whole window is recomputed for every new token.
 
+// The prompt: --prompt-ids (a real tokenizer's ids, BOS included: data/tokenize.py --encode), or
+// for a byte-level model TOK_BOS and the bytes of --prompt.
+static std::vector<int32_t> sample_prompt(const Args& a, const char* model, int vocab) {
+    std::vector<int32_t> seq;
+    if (a.has("prompt") && a.has("prompt-ids")) fatal("--prompt and --prompt-ids: give one of them");
+    if (a.has("prompt-ids")) {
+        const std::string s = a.str("prompt-ids", "");
+        for (size_t i = 0; i < s.size();) {
+            if (s[i] == ',' || s[i] == ' ') {
+                i++;
+                continue;
+            }
+            char* end = nullptr;
+            errno = 0;
+            const long v = strtol(s.c_str() + i, &end, 10);
+            if (end == s.c_str() + i || errno || (*end && *end != ',' && *end != ' ') || v < 0 || v >= vocab)
+                fatal("--prompt-ids: '%s' is not a token id of model %s (vocab %d)", s.substr(i, s.find_first_of(", ", i) - i).c_str(), model, vocab);
+            seq.push_back((int32_t)v);
+            i = end - s.c_str();
+        }
+        if (seq.empty()) fatal("--prompt-ids: no ids in '%s'", s.c_str());
+        return seq;
+    }
+    if (vocab != BYTE_VOCAB)
+        fatal("model %s has a vocab of %d, not fpdt's byte vocab (%d): give the prompt as --prompt-ids (python3 "
+              "data/tokenize.py --tokenizer TOK --encode TEXT prints them)", model, vocab, BYTE_VOCAB);
+    seq = encode_bytes(a.str("prompt", ""));
+    seq.insert(seq.begin(), TOK_BOS);
+    return seq;
+}
+
 static int cmd_sample(int argc, char** argv) {
-    Args a = parse_args(argc, argv, {"out", "prompt", "tokens", "temperature", "seed", "help"});
+    Args a = parse_args(argc, argv, {"out", "prompt", "prompt-ids", "ids", "tokens", "temperature", "seed", "help"});
     if (a.help) {
-        printf("usage: ./fpdt sample --out DIR [--prompt TEXT] [--tokens N] [--temperature T] [--seed N]\n"
-               "  generates from the newest checkpoint in DIR; temperature 0 (default) is greedy\n");
+        printf("usage: ./fpdt sample --out DIR [--prompt TEXT | --prompt-ids I,J,...] [--ids 0|1] [--tokens N]\n"
+               "                    [--temperature T] [--seed N]\n"
+               "  generates from the newest checkpoint in DIR; temperature 0 (default) is greedy.\n"
+               "  A byte-level model (vocab 260) reads --prompt and prints text; any other model (a real\n"
+               "  tokenizer's) reads --prompt-ids and prints token ids (--ids 1 forces ids). Between ids\n"
+               "  and text: python3 data/tokenize.py --tokenizer TOK --encode TEXT / --decode -\n");
         return 0;
     }
     if (comm_world().size > 1) fatal_all("sample runs as one process (no mpirun)");
@@ -464,8 +499,9 @@ static int cmd_sample(int argc, char** argv) {
     if (!cfg) fatal("%s: unknown model '%s'", path.c_str(), model.c_str());
     const int ntok = (int)a.integer("tokens", 64, 1, 1 << 20);
     const float temp = (float)a.real("temperature", 0.0, 0.0, 100.0);
-    std::vector<int32_t> seq = encode_bytes(a.str("prompt", ""));
-    seq.insert(seq.begin(), TOK_BOS);
+    const bool ids = a.flag01("ids", cfg->vocab != BYTE_VOCAB);
+    std::vector<int32_t> seq = sample_prompt(a, cfg->name, cfg->vocab);
+    const int32_t pad = cfg->vocab > TOK_PAD ? TOK_PAD : 0;  // unseen (causal): any valid id will do
     RunCfg r;
     r.seq = align_up(seq.size() + ntok, 16);
     Model M;
@@ -476,9 +512,11 @@ static int cmd_sample(int argc, char** argv) {
     std::vector<float> logits(temp > 0 ? r.seq * cfg->vocab : 0);  // greedy reads the predictions
     M.logits_out = temp > 0 ? logits.data() : nullptr;
     Rng rng{(uint64_t)a.integer("seed", 1, 0, LLONG_MAX)};
-    printf("%s", a.str("prompt", "").c_str());
+    for (size_t i = 0; i < seq.size(); i++)  // the prompt, as what follows it will print
+        if (ids) printf("%s%d", i ? " " : "", seq[i]);
+        else if (i > 0 || seq[i] != TOK_BOS) printf("%s", decode_token(seq[i]).c_str());
     for (int k = 0; k < ntok; k++) {
-        std::vector<int32_t> window(r.seq + 1, TOK_PAD);  // the padding after the end cannot be seen (causal)
+        std::vector<int32_t> window(r.seq + 1, pad);  // the padding after the end cannot be seen (causal)
         std::copy(seq.begin(), seq.end(), window.begin());
         model_set_tokens(&M, [&](size_t s, size_t n, int32_t* o) { memcpy(o, window.data() + s, n * 4); });
         model_forward_backward(&M, false);
@@ -493,7 +531,8 @@ static int cmd_sample(int argc, char** argv) {
             for (next = 0; next < cfg->vocab - 1 && (x -= p[next]) > 0; next++) {}
         }
         seq.push_back(next);
-        printf("%s", decode_token(next).c_str());
+        if (ids) printf(" %d", next);
+        else printf("%s", decode_token(next).c_str());
         fflush(stdout);
     }
     printf("\n");

@@ -11,6 +11,7 @@
 #include <map>
 #include <sstream>
 #include "checkpoint.h"
+#include "data/data.h"
 #include "model.h"
 #include "test/cli.h"
 #include "test/fixture.h"
@@ -259,5 +260,173 @@ TEST(HfScript, BadInputIsOneClearLine) {
         EXPECT_NE(r.rc, 0) << c.dir << "\n" << r.out;
         EXPECT_NE(r.out.find(c.expect), std::string::npos) << c.dir << "\n" << r.out;
         EXPECT_EQ(count_lines(r.out), 1) << c.dir << "\n" << r.out;
+    }
+}
+
+// ----------------------------------------------------------------------------
+// data/tokenize.py with a byte-level BPE trained here by `tokenizers` (no download): 260 ids, so
+// that the tiny preset trains on the shard; BOS <|begin_of_text|> and EOS <|end_of_text|>.
+
+static std::string make_tokenizer(const std::string& d) {
+    Out r = run("cd " + d + " && python3 -c \"\n"
+                "import random\n"
+                "from tokenizers import Tokenizer, models, trainers, pre_tokenizers, decoders\n"
+                "t = Tokenizer(models.BPE())\n"
+                "t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)\n"
+                "t.decoder = decoders.ByteLevel()\n"
+                "tr = trainers.BpeTrainer(vocab_size=260, special_tokens=['<|begin_of_text|>', '<|end_of_text|>'],\n"
+                "                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet())\n"
+                "random.seed(7)\n"
+                "words = ['the', 'quick', 'brown', 'fox', 'long', 'context', 'h\\u00e9llo', 'na\\u00efve', '\\u6f22\\u5b57']\n"
+                "docs = [' '.join(random.choice(words) for _ in range(n)) + '\\n' for n in (300, 40, 5)]\n"
+                "docs.append(''.join(random.choice(words) + random.choice([' ', '\\n', '\\n\\n', '  ']) for _ in range(250000)))\n"
+                "t.train_from_iterator(docs[:3], tr)\n"
+                "t.save('tokenizer.json')\n"
+                "for i, doc in enumerate(docs): open('doc%d.txt' % i, 'w', encoding='utf-8', newline='').write(doc)\n"
+                "print(t.get_vocab_size())\n\"");
+    EXPECT_EQ(r.rc, 0) << r.out;
+    EXPECT_NE(r.out.find("260"), std::string::npos) << r.out;
+    return d + "/tokenizer.json";
+}
+
+static std::vector<uint32_t> read_u32_shard(const std::string& path, std::vector<int32_t>* header) {
+    std::vector<uint32_t> tok;
+    FILE* f = fopen(path.c_str(), "rb");
+    if (!f) return tok;
+    header->resize(256);
+    if (fread(header->data(), 4, 256, f) == 256) {
+        tok.resize((*header)[2] > 0 ? (*header)[2] : 0);
+        tok.resize(fread(tok.data(), 4, tok.size(), f));
+    }
+    fclose(f);
+    return tok;
+}
+
+// The shard: llm.c's uint32 header, BOS doc EOS for every file in order (a glob's sorted), the
+// ids of each document decode (--decode, from stdin) to exactly its text, including a 1.4 MB
+// document read in 1 MiB pieces; --encode gives the same ids; and ./fpdt trains on it.
+TEST(Tokenize, RoundTripBosEosAndAShardFpdtReads) {
+    NEED_PYTHON("tokenizers");
+    const std::string d = tmpdir(), tok = make_tokenizer(d);
+    Out r = run("python3 data/tokenize.py --tokenizer " + d + " --piece-mb 1 " + d + "/all.bin '" + d + "/doc*.txt'");
+    ASSERT_EQ(r.rc, 0) << r.out;
+    EXPECT_NE(r.out.find("tokenize: 4/4 files"), std::string::npos) << r.out;  // the progress line
+    std::vector<int32_t> h;
+    std::vector<uint32_t> t = read_u32_shard(d + "/all.bin", &h);
+    ASSERT_EQ(h.size(), 256u);
+    EXPECT_EQ(h[0], 20240801);
+    EXPECT_EQ(h[1], 7);
+    ASSERT_EQ((size_t)h[2], t.size());
+    std::vector<std::vector<uint32_t>> docs;
+    for (size_t i = 0; i < t.size(); i++) {
+        ASSERT_LT(t[i], 260u);
+        if (t[i] == 0) docs.emplace_back();
+        else if (t[i] != 1) {
+            ASSERT_FALSE(docs.empty()) << "the shard does not start with BOS";
+            docs.back().push_back(t[i]);
+        } else {
+            ASSERT_TRUE(i + 1 == t.size() || t[i + 1] == 0) << "EOS not followed by BOS at " << i;
+        }
+    }
+    ASSERT_EQ(docs.size(), 4u);
+    EXPECT_EQ(t.back(), 1u);
+    for (size_t k = 0; k < docs.size(); k++) {
+        const std::string ids = d + "/ids" + std::to_string(k) + ".txt";
+        std::ofstream f(ids);
+        for (uint32_t x : docs[k]) f << x << ' ';
+        f.close();
+        Out dec = run("python3 data/tokenize.py --tokenizer " + tok + " --decode - < " + ids + " > " + ids + ".out");
+        ASSERT_EQ(dec.rc, 0) << dec.out;
+        const std::string want = read_text(d + "/doc" + std::to_string(k) + ".txt");
+        EXPECT_GT(want.size(), 0u);
+        EXPECT_TRUE(read_text(ids + ".out") == want + "\n") << "document " << k << " did not round-trip";
+    }
+    EXPECT_GT(read_text(d + "/doc3.txt").size(), (size_t)1 << 20);  // really more than one piece
+    Out enc = run("python3 data/tokenize.py --tokenizer " + tok + " --encode \"$(cat " + d + "/doc2.txt)\"");
+    ASSERT_EQ(enc.rc, 0) << enc.out;
+    std::string want = "0";
+    for (uint32_t x : docs[2]) want += "," + std::to_string(x);
+    EXPECT_EQ(enc.out, want.substr(0, want.rfind(',')) + "\n") << "(--encode of the text less its last newline)";
+    Out train = run("./fpdt train --device cpu --model tiny --eval-every 0 --seq 64 --steps 2 --data " + d + "/all.bin");
+    ASSERT_EQ(train.rc, 0) << train.out;
+    EXPECT_EQ(losses(train.out).size(), 2u) << train.out;
+    EXPECT_NE(train.out.find("1 shard, " + std::to_string(t.size()) + " tokens"), std::string::npos) << train.out;
+}
+
+TEST(Tokenize, BadInputIsOneClearLine) {
+    NEED_PYTHON("tokenizers");
+    const std::string d = tmpdir(), tok = make_tokenizer(d);
+    (void)!system(("printf 'not json' > " + d + "/bad.json && printf '\\377\\376' > " + d + "/latin.txt").c_str());
+    const std::string T = "python3 data/tokenize.py --tokenizer " + tok + " ";
+    struct Bad {
+        std::string args, expect;
+    };
+    for (const Bad& c : std::vector<Bad>{
+             {"python3 data/tokenize.py --tokenizer " + d + "/none.json out.bin x", "no such file"},
+             {"python3 data/tokenize.py --tokenizer " + d + "/bad.json " + d + "/o.bin " + d + "/doc0.txt", "not a tokenizer.json"},
+             {"python3 data/tokenize.py --tokenizer /tmp " + d + "/o.bin " + d + "/doc0.txt", "no tokenizer.json in that directory"},
+             {T + d + "/o.bin " + d + "/missing.txt", "missing.txt: no such file"},
+             {T + d + "/o.bin '" + d + "/*.none'", "no files match"},
+             {T + d + "/o.txt " + d + "/doc0.txt", "must end in .bin"},
+             {T + d + "/o.bin " + d + "/latin.txt", "not UTF-8"},
+             {T + d + "/o.bin", "needs OUT.bin and at least one input"},
+             {T + "--decode '1 2 x'", "'x' is not a token id"},
+             {T + "--decode '1 999'", "id 999 is outside the vocab of 260"},
+             {T + "--bos '<nope>' " + d + "/o.bin " + d + "/doc0.txt", "--bos <nope>"},
+         }) {
+        Out r = run(c.args);
+        EXPECT_NE(r.rc, 0) << c.args << "\n" << r.out;
+        EXPECT_NE(r.out.find(c.expect), std::string::npos) << c.args << "\n" << r.out;
+        EXPECT_EQ(count_lines(r.out), 1) << c.args << "\n" << r.out;
+    }
+    EXPECT_NE(run("ls " + d + "/o.bin").rc, 0) << "a failed run left a shard";
+}
+
+// ----------------------------------------------------------------------------
+// The RoPE flags change the model (a base or an interpolation factor of 1 changes nothing), and
+// sample's prompt ids: bytes models keep printing text, --ids 1 prints ids, bad ids are one line.
+
+TEST(RopeFlags, ChangeTheLossAndCheckTheirValues) {
+    const std::string T = "./fpdt train --device cpu --model tiny --eval-every 0 --seq 64 --steps 2 ";
+    Out base = run(T), same = run(T + "--rope-theta 10000 --rope-scale 1"), theta = run(T + "--rope-theta 500000"),
+        scale = run(T + "--rope-scale 4");
+    for (const Out* o : {&base, &same, &theta, &scale}) ASSERT_EQ(o->rc, 0) << o->out;
+    EXPECT_EQ(loss_lines(same.out), loss_lines(base.out));
+    EXPECT_NE(losses(theta.out)[1], losses(base.out)[1]);
+    EXPECT_NE(losses(scale.out)[1], losses(base.out)[1]);
+    EXPECT_NE(losses(scale.out)[1], losses(theta.out)[1]);
+    for (const char* bad : {"--rope-theta 0.5", "--rope-scale 0.5", "--rope-scale x"}) {
+        Out r = run(T + bad);
+        EXPECT_NE(r.rc, 0) << bad;
+        EXPECT_NE(r.out.find(std::string(bad).substr(0, 12)), std::string::npos) << r.out;
+        EXPECT_EQ(count_lines(r.out), 1) << r.out;
+    }
+}
+
+TEST(Sample, PromptIdsAndIdsOutput) {
+    const std::string d = tmpdir();
+    Out t = run("./fpdt train --device cpu --model tiny --eval-every 0 --seq 64 --steps 2 --out " + d);
+    ASSERT_EQ(t.rc, 0) << t.out;
+    Out text = run("./fpdt sample --out " + d + " --prompt ab --tokens 6");
+    Out ids = run("./fpdt sample --out " + d + " --prompt-ids 256,97,98 --tokens 6 --ids 1");
+    ASSERT_EQ(text.rc, 0) << text.out;
+    ASSERT_EQ(ids.rc, 0) << ids.out;
+    EXPECT_EQ(text.out.substr(0, 2), "ab");
+    // the same generation, as ids: the prompt, then one id per token
+    std::istringstream in(ids.out);
+    std::vector<int> v;
+    for (int x; in >> x;) v.push_back(x);
+    ASSERT_EQ(v.size(), 9u) << ids.out;
+    EXPECT_EQ(v[0], 256);
+    EXPECT_EQ(v[1], 97);
+    EXPECT_EQ(v[2], 98);
+    std::string decoded = "ab";
+    for (size_t i = 3; i < v.size(); i++) decoded += decode_token(v[i]);
+    EXPECT_EQ(text.out, decoded + "\n");
+    for (const char* bad : {" --prompt-ids 256,x", " --prompt-ids 256,260", " --prompt-ids ,", " --prompt a --prompt-ids 1"}) {
+        Out r = run("./fpdt sample --out " + d + bad);
+        EXPECT_NE(r.rc, 0) << bad;
+        EXPECT_NE(r.out.find("--prompt"), std::string::npos) << r.out;
+        EXPECT_EQ(count_lines(r.out), 1) << r.out;
     }
 }
