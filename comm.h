@@ -85,6 +85,27 @@ static inline void comm_finalize() {
     exit(1);
 }
 
+// An error that some ranks may see and others not (a file missing on one machine, a GPU's own
+// free memory): every rank calls this at the same point with its own error ("" when fine). When
+// any rank has one, the lowest such rank prints it, naming itself, and every rank exits 1. A
+// collective, so every rank must reach it; an error found where the others may be elsewhere goes
+// through fatal(), which aborts the job (comm_fatal_hook).
+static inline void fatal_any(const std::string& err) {
+    Comm& c = comm_world();
+    if (c.size == 1 || fatal_hook() != comm_fatal_hook) {
+        if (!err.empty()) fatal("%s", err.c_str());
+        return;
+    }
+    int mine = err.empty() ? INT_MAX : c.rank, first = INT_MAX;
+    MPI_CHECK(MPI_Allreduce(&mine, &first, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD));
+    if (first == INT_MAX) return;
+    if (c.rank == first) fprintf(stderr, "fpdt (rank %d of %d): %s\n", c.rank, c.size, err.c_str());
+    fflush(stderr);
+    MPI_Barrier(MPI_COMM_WORLD);  // the message is out before any rank exits
+    MPI_Finalize();
+    exit(1);
+}
+
 static inline int mpi_count(size_t n) {
     if (n > (size_t)INT_MAX) fatal("a message of %zu elements is too large for one MPI call", n);
     return (int)n;
@@ -142,6 +163,14 @@ static inline void comm_gather(const float* mine, float* all, size_t n) {
         return;
     }
     MPI_CHECK(MPI_Gather(mine, mpi_count(n), MPI_FLOAT, all, mpi_count(n), MPI_FLOAT, 0, MPI_COMM_WORLD));
+}
+// rank 0 receives every rank's value into all (P)
+static inline void comm_gather_u64(uint64_t mine, uint64_t* all) {
+    if (comm_world().size == 1) {
+        all[0] = mine;
+        return;
+    }
+    MPI_CHECK(MPI_Gather(&mine, 1, MPI_UINT64_T, all, 1, MPI_UINT64_T, 0, MPI_COMM_WORLD));
 }
 static inline void comm_barrier() {
     if (comm_world().size > 1) MPI_CHECK(MPI_Barrier(MPI_COMM_WORLD));

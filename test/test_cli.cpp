@@ -66,15 +66,45 @@ TEST(Checkpoint, ResumeNeedsTheSameSteps) {
     ASSERT_EQ(run(TINY + "--seq 64 --steps 6 --exit-after 3 --out " + d).rc, 0);
     Out r = run(TINY + "--seq 64 --steps 8 --resume --out " + d);
     EXPECT_NE(r.rc, 0);
-    EXPECT_NE(r.out.find("a run of --steps 6, not 8"), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find("was made with total_steps 6, this run has 8 (--steps"), std::string::npos) << r.out;
+}
+
+// --resume checks what the checkpoint was made with: a different --seq, --data, --seed or model
+// changes what every step computes, and is refused naming the field, the old and the new value.
+// A checkpoint past --steps is refused too.
+TEST(Checkpoint, ResumeRefusesAnotherIdentity) {
+    std::string d = tmpdir();
+    { std::ofstream(d + "/a.txt") << std::string(3000, 'a'); }
+    { std::ofstream(d + "/b.txt") << std::string(3000, 'b'); }
+    const std::string out = " --out " + d + "/o";
+    ASSERT_EQ(run(TINY + "--seq 64 --steps 6 --exit-after 3 --data " + d + "/a.txt" + out).rc, 0);
+    struct Case {
+        std::string args, expect;
+    };
+    for (const Case& c : std::vector<Case>{
+             {"--seq 128 --steps 6 --data " + d + "/a.txt", "was made with data.seq 64, this run has 128 (--seq"},
+             {"--seq 64 --steps 6 --data " + d + "/b.txt", "was made with data.source files 1: a.txt 3000 "},
+             {"--seq 64 --steps 6 --seed 1 --data " + d + "/a.txt", "was made with seed 1337, this run has 1 (--seed"},
+             {"--seq 64 --steps 2 --data " + d + "/a.txt", "is at step 3, past --steps 2"},
+         }) {
+        Out r = run(TINY + c.args + " --resume" + out);
+        EXPECT_NE(r.rc, 0) << r.out;
+        EXPECT_NE(r.out.find(c.expect), std::string::npos) << c.args << "\n" << r.out;
+        EXPECT_EQ(count_lines(r.out), 1) << r.out;
+    }
+    Out gm = run("./fpdt train --device cpu --model gpt-tiny --eval-every 0 --seq 64 --steps 6 --resume --data " + d + "/a.txt" + out);
+    EXPECT_NE(gm.out.find("was made with model.name tiny, this run has gpt-tiny (--model"), std::string::npos) << gm.out;
+    Out ok = run(TINY + "--seq 64 --steps 6 --chunk-size 32 --data " + d + "/a.txt --resume" + out);
+    EXPECT_EQ(ok.rc, 0) << ok.out;
+    EXPECT_NE(ok.out.find("changed since it was saved: chunk 64 -> 32"), std::string::npos) << ok.out;
 }
 
 TEST(Checkpoint, CorruptNewestFallsBackToThePrevious) {
     std::string d = tmpdir();
     const std::string args = TINY + "--seq 64 --steps 6 --save-every 2 --out " + d;
     ASSERT_EQ(run(args + " --exit-after 4").rc, 0);
-    {  // flip a byte in the middle of the newest checkpoint
-        std::fstream f(d + "/ckpt_00000004.bin", std::ios::in | std::ios::out | std::ios::binary);
+    {  // flip a byte in the middle of the newest checkpoint's shard
+        std::fstream f(d + "/ckpt_00000004/shard_0.bin", std::ios::in | std::ios::out | std::ios::binary);
         ASSERT_TRUE(f.good());
         f.seekp(20000);
         f.put('\x5a');
@@ -246,7 +276,7 @@ TEST(Faults, NonFiniteStepsAreSkippedOrStop) {
     EXPECT_NE(limit.rc, 0);
     EXPECT_NE(limit.out.find("3 non-finite steps in a row"), std::string::npos) << limit.out;
     // the newest checkpoints (after the skipped steps) hold finite numbers and resume
-    for (const char* f : {"/ckpt_00000005.bin", "/ckpt_00000006.bin"}) {
+    for (const char* f : {"/ckpt_00000005/shard_0.bin", "/ckpt_00000006/shard_0.bin"}) {
         FILE* fp = fopen((d + f).c_str(), "rb");
         ASSERT_NE(fp, nullptr) << f;
         fseek(fp, 0, SEEK_END);
@@ -256,7 +286,7 @@ TEST(Faults, NonFiniteStepsAreSkippedOrStop) {
         ASSERT_EQ(fread(all.data(), 4, all.size(), fp), all.size());
         fclose(fp);
         size_t bad = 0;
-        for (size_t i = 32; i < all.size(); i++) bad += !std::isfinite(all[i]);  // past the 128-byte header
+        for (size_t i = 0; i < all.size(); i++) bad += !std::isfinite(all[i]);  // params, m, v: fp32, no header
         EXPECT_EQ(bad, 0u) << f;
     }
 }
@@ -269,7 +299,7 @@ TEST(Checkpoint, KilledWhileWritingKeepsThePreviousOne) {
         std::string d = tmpdir();
         Out k = run("./fpdt train --device cpu --model medium --seq 32 --steps 1000 --eval-every 0 --save-every 1 --out " + d +
                     " > " + d + "/log 2>&1 & p=$!; "
-                    "for i in $(seq 600); do ls " + d + "/ckpt_*.bin >/dev/null 2>&1 && ls " + d +
+                    "for i in $(seq 600); do ls " + d + "/ckpt_*/manifest.txt >/dev/null 2>&1 && ls " + d +
                     "/*.tmp >/dev/null 2>&1 && break; sleep 0.05; done; kill -9 $p; wait $p; "
                     "ls " + d + "/*.tmp >/dev/null 2>&1 && echo KILLED_MID_WRITE; ls " + d);
         if (k.out.find("KILLED_MID_WRITE") == std::string::npos) continue;  // the write finished first: again

@@ -430,3 +430,147 @@ TEST(Sample, PromptIdsAndIdsOutput) {
         EXPECT_EQ(count_lines(r.out), 1) << r.out;
     }
 }
+
+// ----------------------------------------------------------------------------
+// ./fpdt train --init: the imported model as a real run starts it, on one process and two.
+
+// An llm.c uint32 shard of these tokens.
+static void write_u32_shard(const std::string& path, const std::vector<int32_t>& tok) {
+    std::vector<int32_t> h(256, 0);
+    h[0] = 20240801, h[1] = 7, h[2] = (int32_t)tok.size();
+    FILE* f = fopen(path.c_str(), "wb");
+    ASSERT_NE(f, nullptr);
+    fwrite(h.data(), 4, 256, f);
+    fwrite(tok.data(), 4, tok.size(), f);
+    fclose(f);
+}
+
+static const std::string INIT_RUN = "./fpdt train --device cpu --precision fp32 --eval-every 0 --seq 64 ";
+
+// Step 1 of `--init` on the fixture's tokens with --lr 0 prints transformers' loss, and its summed
+// gradient (the FPDT_TEST_GRADS_OUT hook, --clip 0) is transformers' gradient, to 1e-4: unchunked,
+// chunked with offload, and over 2 ranks (Ulysses: 2 of the 4 query heads and 1 of the 2 kv heads
+// each) with ZeRO-1 off.
+TEST_P(HfFixture, InitStepOneMatchesTransformersOnOneAndTwoRanks) {
+    NEED_PYTHON("numpy, safetensors");
+    std::string d;
+    const std::string ckpt = import_fixture(GetParam(), &d);
+    Imported I = read_imported(ckpt);
+    Fixture fx;
+    std::string err;
+    ASSERT_TRUE(fixture_load(fixture_dir(GetParam()) + "/reference.bin", &fx, &err)) << err;
+    const std::string t = tmpdir(), shard = t + "/tokens.bin", grads = t + "/grads.bin";
+    write_u32_shard(shard, fx.find("tokens")->i);
+    const float want = fx.find("loss")->f[0];
+    struct How {
+        std::string launch, chunking;
+    };
+    for (const How& h : {How{"", ""}, How{"", "--chunk-size 16 --offload 1 "},
+                         How{mpirun(2) + "-x OMP_NUM_THREADS=1 -x FPDT_TEST_GRADS_OUT ", "--chunk-size 16 --offload 1 "}}) {
+        const std::string how = h.launch, chunking = h.chunking;
+        remove(grads.c_str());
+        Out r = run("OMP_NUM_THREADS=1 FPDT_TEST_GRADS_OUT=" + grads + " " + how + INIT_RUN + chunking + "--init " + d +
+                    " --steps 1 --lr 0 --clip 0 --data " + shard);
+        SCOPED_TRACE(how + chunking);
+        ASSERT_EQ(r.rc, 0) << r.out;
+        EXPECT_NE(r.out.find("weights from " + ckpt), std::string::npos) << r.out;
+        std::vector<double> l = losses(r.out);
+        ASSERT_EQ(l.size(), 1u) << r.out;
+        EXPECT_NEAR(l[0], want, 1e-4 * want) << r.out;
+        std::vector<float> g(I.params.size());
+        FILE* f = fopen(grads.c_str(), "rb");
+        ASSERT_NE(f, nullptr) << "no gradient written\n" << r.out;
+        EXPECT_EQ(fread(g.data(), 4, g.size(), f), g.size());
+        fclose(f);
+        size_t n = 0;
+        for (const ParamInfo& p : param_table(I.cfg, &n)) {
+            const FixtureTensor* ref = fx.find("grad." + p.name);
+            ASSERT_NE(ref, nullptr) << p.name;
+            EXPECT_LT(rel_err(g.data() + p.offset, ref->f.data(), p.numel()), 1e-4) << p.name;
+        }
+    }
+}
+
+// Where torch and transformers are installed: train a few steps from the import, export the
+// checkpoint after step 3, load it with AutoModelForCausalLM, and its loss on step 4's window is
+// the loss fpdt printed for step 4 (computed from the same weights).
+TEST_P(HfFixture, ExportAfterTrainingGivesFpdtsLossInTransformers) {
+    NEED_PYTHON("numpy, safetensors");
+    if (!python_has("torch, transformers")) GTEST_SKIP() << "python3 lacks torch and transformers: the round trip through transformers is not checked";
+    std::string d;
+    import_fixture(GetParam(), &d);
+    const std::string t = tmpdir(), shard = t + "/tokens.bin", out = t + "/run", hf = t + "/hf";
+    std::vector<int32_t> tok(64 * 6 + 1);
+    Rng rng{99};
+    for (int32_t& x : tok) x = (int32_t)(rng_u64(&rng) % 272);
+    write_u32_shard(shard, tok);
+    Out r = run(INIT_RUN + "--init " + d + " --steps 4 --lr 1e-2 --warmup 0 --save-every 3 --data " + shard + " --out " + out);
+    ASSERT_EQ(r.rc, 0) << r.out;
+    std::vector<double> l = losses(r.out);
+    ASSERT_EQ(l.size(), 4u) << r.out;
+    EXPECT_LT(l[3], l[0]) << "training did not move the weights: " << r.out;
+    Out e = run("python3 data/hf.py export " + out + "/ckpt_00000003 " + hf);
+    ASSERT_EQ(e.rc, 0) << e.out;
+    const size_t start = 3 * 64 % (tok.size() - 64);  // data/data.h: step k's window starts at k S mod (N - S)
+    Out p = run("python3 -c \"\nimport numpy as np, torch, transformers\n"
+                "m = transformers.AutoModelForCausalLM.from_pretrained('" + hf + "', attn_implementation='eager').float()\n"
+                "t = torch.tensor(np.fromfile('" + shard + "', dtype='<u4', offset=1024).astype(np.int64)[" +
+                std::to_string(start) + ":" + std::to_string(start + 65) + "])\n"
+                "with torch.no_grad():\n"
+                "    z = m(t[None, :64]).logits[0]\n"
+                "print('loss %.6f' % torch.nn.functional.cross_entropy(z.double(), t[1:]).item())\n\" 2>&1 | grep -v Warning");
+    ASSERT_EQ(p.rc, 0) << p.out;
+    const double hl = number_after(p.out, "loss ");
+    EXPECT_NEAR(hl, l[3], 1e-4 * l[3]) << p.out << r.out;
+}
+
+// --init's rules: --model must agree (naming the field that does not), a bad DIR is one line,
+// an imported model cannot be --resume'd itself, and --init with --out and --resume continues a
+// run exactly (a time-boxed job restarted with the same flags).
+TEST(Init, ModelMustAgreeAndResumeContinues) {
+    NEED_PYTHON("numpy, safetensors");
+    std::string d;
+    import_fixture("hf_tied", &d);
+    const std::string t = tmpdir(), shard = t + "/tokens.bin";
+    std::vector<int32_t> tok(64 * 4 + 1);
+    Rng rng{5};
+    for (int32_t& x : tok) x = (int32_t)(rng_u64(&rng) % 272);
+    write_u32_shard(shard, tok);
+    const std::string R = INIT_RUN + "--steps 3 --data " + shard + " ";
+    struct Bad {
+        std::string args, expect;
+    };
+    for (const Bad& c : std::vector<Bad>{
+             {R + "--init " + d + " --model tiny", "--model tiny disagrees with --init " + d + "/ckpt_00000000: model.d_model is 24 there, 64 in the preset"},
+             {R + "--init " + t + "/nosuch", "--init " + t + "/nosuch: no such directory"},
+             {R + "--init " + t, "no valid checkpoint"},
+             {R + "--init " + d + " --resume --out " + d, "holds parameters only"},
+             {R + "--init " + d + " --rope-scale 2", "already uses llama3 RoPE scaling"},
+         }) {
+        Out r = run(c.args);
+        EXPECT_NE(r.rc, 0) << c.args << "\n" << r.out;
+        EXPECT_NE(r.out.find(c.expect), std::string::npos) << c.args << "\n" << r.out;
+        EXPECT_EQ(count_lines(r.out), 1) << c.args << "\n" << r.out;
+    }
+    Out whole = run(R + "--init " + d);
+    Out part = run(R + "--init " + d + " --out " + t + "/o --exit-after 2");
+    Out rest = run(R + "--init " + d + " --out " + t + "/o --resume");
+    for (const Out* o : {&whole, &part, &rest}) ASSERT_EQ(o->rc, 0) << o->out;
+    std::vector<std::string> a = loss_lines(whole.out), b = loss_lines(part.out), c = loss_lines(rest.out);
+    b.insert(b.end(), c.begin(), c.end());
+    EXPECT_EQ(a, b);
+    // the run's checkpoints carry the imported model, and sample builds it from them (ids out)
+    Out s = run("./fpdt sample --out " + t + "/o --prompt-ids 1,2,3 --tokens 4");
+    ASSERT_EQ(s.rc, 0) << s.out;
+    EXPECT_EQ(s.out.substr(0, 6), "1 2 3 ") << s.out;
+    std::istringstream in(s.out);
+    int x, n = 0;
+    while (in >> x) {
+        n++;
+        EXPECT_LT(x, 272);
+    }
+    EXPECT_EQ(n, 7) << s.out;
+    Out bytes = run("./fpdt sample --out " + t + "/o --prompt hello");
+    EXPECT_NE(bytes.rc, 0);
+    EXPECT_NE(bytes.out.find("--prompt-ids"), std::string::npos) << bytes.out;
+}
