@@ -194,3 +194,16 @@ TEST(CheckpointFormat, SaveLoadAndRotation) {
     }
     model_free(&A);
 }
+
+// The fuzzer's seeds (test/fuzz_seeds.py, written from Python as an importer would) are valid
+// manifests, so that `make fuzz` starts past the field order and the checksum.
+TEST(CheckpointFormat, FuzzSeedsAreValidManifests) {
+    Dir d;
+    ASSERT_EQ(system(("python3 test/fuzz_seeds.py " + d.path).c_str()), 0);
+    for (const char* name : {"llama", "gpt"}) {
+        std::ifstream f(d.path + "/checkpoint/" + name);
+        const std::string text((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+        Manifest m;
+        EXPECT_EQ(parse_manifest(text, name, &m), "") << text;
+    }
+}
