@@ -494,6 +494,21 @@ TEST_P(HfFixture, InitStepOneMatchesTransformersOnOneAndTwoRanks) {
     }
 }
 
+// transformers' loss (float32 model, eager attention) on the window of 65 tokens from `start` of
+// a uint32 shard, for the model in hf_dir.
+static double transformers_loss(const std::string& hf_dir, const std::string& shard, size_t start) {
+    Out p = run("python3 -c \"\nimport numpy as np, torch, transformers\n"
+                "m = transformers.AutoModelForCausalLM.from_pretrained('" + hf_dir + "', attn_implementation='eager').float()\n"
+                "t = torch.tensor(np.fromfile('" + shard + "', dtype='<u4', offset=1024).astype(np.int64)[" +
+                std::to_string(start) + ":" + std::to_string(start + 65) + "])\n"
+                "with torch.no_grad():\n"
+                "    z = m(t[None, :64]).logits[0]\n"
+                "print('loss %.6f' % torch.nn.functional.cross_entropy(z.double(), t[1:]).item())\n\" 2>&1 | grep -v Warning");
+    EXPECT_EQ(p.rc, 0) << p.out;
+    EXPECT_NE(p.out.find("loss "), std::string::npos) << p.out;
+    return number_after(p.out, "loss ");
+}
+
 // Where torch and transformers are installed: train a few steps from the import, export the
 // checkpoint after step 3, load it with AutoModelForCausalLM, and its loss on step 4's window is
 // the loss fpdt printed for step 4 (computed from the same weights).
@@ -515,16 +530,42 @@ TEST_P(HfFixture, ExportAfterTrainingGivesFpdtsLossInTransformers) {
     Out e = run("python3 data/hf.py export " + out + "/ckpt_00000003 " + hf);
     ASSERT_EQ(e.rc, 0) << e.out;
     const size_t start = 3 * 64 % (tok.size() - 64);  // data/data.h: step k's window starts at k S mod (N - S)
-    Out p = run("python3 -c \"\nimport numpy as np, torch, transformers\n"
-                "m = transformers.AutoModelForCausalLM.from_pretrained('" + hf + "', attn_implementation='eager').float()\n"
-                "t = torch.tensor(np.fromfile('" + shard + "', dtype='<u4', offset=1024).astype(np.int64)[" +
-                std::to_string(start) + ":" + std::to_string(start + 65) + "])\n"
-                "with torch.no_grad():\n"
-                "    z = m(t[None, :64]).logits[0]\n"
-                "print('loss %.6f' % torch.nn.functional.cross_entropy(z.double(), t[1:]).item())\n\" 2>&1 | grep -v Warning");
+    EXPECT_NEAR(transformers_loss(hf, shard, start), l[3], 1e-4 * l[3]) << r.out;
+}
+
+// Context extension: a model without RoPE scaling, fine-tuned with --rope-theta and --rope-scale
+// (linear interpolation), exports rope_theta and a linear rope_scaling that transformers applies
+// as fpdt did: the same loss after training.
+TEST(HfScript, RopeFlagsExportToTransformers) {
+    NEED_PYTHON("numpy, safetensors");
+    if (!python_has("torch, transformers")) GTEST_SKIP() << "python3 lacks torch and transformers: the round trip through transformers is not checked";
+    const std::string t = tmpdir(), plain = t + "/plain", d = t + "/imp", shard = t + "/tokens.bin", out = t + "/run", hf = t + "/hf";
+    Out v = run("mkdir -p " + plain + " && cp " + fixture_dir("hf_tied") + "/* " + plain + " && cd " + plain +
+                " && python3 -c \"\nimport json\nc = json.load(open('config.json'))\n"
+                "c['rope_parameters'] = {'rope_type': 'default', 'rope_theta': 10000.0}\njson.dump(c, open('config.json', 'w'))\n\"");
+    ASSERT_EQ(v.rc, 0) << v.out;
+    Out i = run("python3 data/hf.py import " + plain + " " + d);
+    ASSERT_EQ(i.rc, 0) << i.out;
+    EXPECT_NE(i.out.find("rope none"), std::string::npos) << i.out;
+    std::vector<int32_t> tok(64 * 6 + 1);
+    Rng rng{17};
+    for (int32_t& x : tok) x = (int32_t)(rng_u64(&rng) % 272);
+    write_u32_shard(shard, tok);
+    Out r = run(INIT_RUN + "--init " + d + " --rope-theta 20000 --rope-scale 2 --steps 3 --lr 1e-2 --warmup 0 --save-every 2 --data " +
+                shard + " --out " + out);
+    ASSERT_EQ(r.rc, 0) << r.out;
+    std::vector<double> l = losses(r.out);
+    ASSERT_EQ(l.size(), 3u) << r.out;
+    Out e = run("python3 data/hf.py export " + out + "/ckpt_00000002 " + hf + " && grep -A 3 rope " + hf + "/config.json");
+    ASSERT_EQ(e.rc, 0) << e.out;
+    EXPECT_NE(e.out.find("\"rope_theta\": 20000"), std::string::npos) << e.out;
+    EXPECT_NE(e.out.find("\"linear\""), std::string::npos) << e.out;
+    const double hl = transformers_loss(hf, shard, 2 * 64 % (tok.size() - 64));
+    EXPECT_NEAR(hl, l[2], 1e-4 * l[2]) << r.out;
+    // and without the flags the loss differs: they really changed the model
+    Out p = run(INIT_RUN + "--init " + d + " --steps 3 --lr 1e-2 --warmup 0 --data " + shard);
     ASSERT_EQ(p.rc, 0) << p.out;
-    const double hl = number_after(p.out, "loss ");
-    EXPECT_NEAR(hl, l[3], 1e-4 * l[3]) << p.out << r.out;
+    EXPECT_GT(fabs(losses(p.out)[2] - l[2]), 1e-3) << p.out << r.out;
 }
 
 // --init's rules: --model must agree (naming the field that does not), a bad DIR is one line,
