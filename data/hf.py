@@ -628,6 +628,9 @@ def cmd_export(ckpt_arg, out_dir):
         from safetensors.numpy import save_file
     except ImportError:
         fail("needs safetensors (pip install safetensors)")
+    if os.path.exists(os.path.join(out_dir, "model.safetensors.index.json")):
+        fail("%s holds model.safetensors.index.json (a sharded model, which transformers would load instead): "
+             "export into another directory" % out_dir)
     path, (c, params) = find_checkpoint(ckpt_arg)
     tensors, off = {}, 0
     for name, shape in param_table(c):

@@ -248,15 +248,21 @@ TEST(HfScript, BadInputIsOneClearLine) {
         EXPECT_EQ(count_lines(r.out), 1) << c.dir << "\n" << r.out;
         EXPECT_NE(run("ls " + out + "/ckpt_00000000/manifest.txt").rc, 0) << c.dir << ": wrote a checkpoint anyway";
     }
-    // export of something that is not a checkpoint, or a corrupt one
+    // export of something that is not a checkpoint, or a corrupt one, or into a sharded model's directory
     std::string imp;
     import_fixture("hf_tied", &imp);
     (void)!system(("cp -r " + imp + "/ckpt_00000000 " + d + "/corrupt && printf 'x' | dd of=" + d +
                    "/corrupt/shard_0.bin bs=1 seek=100 conv=notrunc 2>/dev/null").c_str());
+    (void)!system(("cp -r " + fixture_dir("hf_untied") + " " + d + "/sharded").c_str());
+    Out sh = run("python3 data/hf.py export " + imp + " " + d + "/sharded");
+    EXPECT_NE(sh.rc, 0) << sh.out;
+    EXPECT_NE(sh.out.find("holds model.safetensors.index.json"), std::string::npos) << sh.out;
+    EXPECT_EQ(count_lines(sh.out), 1) << sh.out;
     for (const Bad& c : std::vector<Bad>{{d + "/empty", "no valid checkpoint"},
                                          {d + "/corrupt", "checksum mismatch"},
                                          {fixture_dir("hf_tied") + "/config.json", "not a format-2 checkpoint"}}) {
         Out r = run("python3 data/hf.py export " + c.dir + " " + d + "/exp");
+        EXPECT_NE(run("ls " + d + "/exp/model.safetensors").rc, 0) << c.dir << ": exported anyway";
         EXPECT_NE(r.rc, 0) << c.dir << "\n" << r.out;
         EXPECT_NE(r.out.find(c.expect), std::string::npos) << c.dir << "\n" << r.out;
         EXPECT_EQ(count_lines(r.out), 1) << c.dir << "\n" << r.out;
