@@ -213,7 +213,7 @@ static const std::vector<std::string> train_flags = {
     "beta1", "beta2", "adam-eps",
     "data", "device", "out", "save-every", "resume", "exit-after", "eval-every", "eval-seqs", "trace", "zero",
     "device-mem", "host-mem", "on-nonfinite", "max-bad-steps", "comm", "precision", "start-seq", "start-steps",
-    "log-every", "overwrite", "watchdog", "help"};
+    "log-every", "overwrite", "watchdog", "rope-theta", "rope-scale", "init", "help"};
 
 static void train_help() {
     printf(
@@ -258,7 +258,12 @@ static void train_help() {
         "  --on-nonfinite skip|stop   a NaN/Inf loss or gradient: skip the step (default) or stop\n"
         "  --max-bad-steps N   stop after N non-finite steps in a row (default 5)\n"
         "  --watchdog S        several ranks: a rank waiting S seconds inside one MPI collective ends the job,\n"
-        "                      naming the step and the collective; 0 = off (default 1800)\n\n");
+        "                      naming the step and the collective; 0 = off (default 1800)\n"
+        "  --init DIR          start from the weights of a checkpoint (an imported model: data/hf.py import), the\n"
+        "                      newest valid one in DIR or DIR itself: its model, a fresh optimizer, step 1\n"
+        "  --rope-theta X      RoPE base (default: the model's); stored in the checkpoints\n"
+        "  --rope-scale F      linear RoPE position interpolation: positions / F, for context extension\n"
+        "                      (default 1: off); stored in the checkpoints\n\n");
     print_models();
 }
 
@@ -391,6 +396,19 @@ static void model_reshape(Model* M, const Config& cfg, const RunCfg& r) {
     *M = N;
 }
 
+// --rope-theta and --rope-scale change the model's RoPE (context extension); the checkpoint
+// carries the result.
+static void apply_rope_flags(const Args& a, Config* c) {
+    if (a.has("rope-theta")) c->rope_theta = (float)a.real("rope-theta", c->rope_theta, 1.0, 1e12);
+    if (!a.has("rope-scale")) return;
+    const double f = a.real("rope-scale", 1.0, 1.0, 1e6);
+    if (c->rope_scaling == ROPE_LLAMA3)
+        fatal_all("--rope-scale: model %s already uses llama3 RoPE scaling (factor %g); linear interpolation "
+                  "does not combine with it", c->name, c->rope_factor);
+    if (c->rope_scaling == ROPE_LINEAR) c->rope_factor *= (float)f;  // interpolating an interpolated model
+    else if (f != 1.0) c->rope_scaling = ROPE_LINEAR, c->rope_factor = (float)f;
+}
+
 // --out, before anything is computed: rank 0 creates it (parents too, no shell), locks it for this
 // run, clears what a killed save left, and refuses a fresh run into a directory with checkpoints
 // unless --overwrite; then every rank checks that it sees rank 0's files there and can write its
@@ -467,6 +485,40 @@ static std::string settings_changes(const std::string& was, const std::string& n
     return out.empty() ? "" : " (changed since it was saved: " + out + ")";
 }
 
+// --init DIR: a ckpt_<step>/ directory, or the newest valid one in DIR (a damaged newer one is
+// reported and skipped): its manifest (the model it describes) and all its parameters. Returns
+// its path, or "" with *err set.
+static std::string init_checkpoint(const std::string& dir, Manifest* man, std::vector<float>* params, std::string* err) {
+    struct stat st;
+    if (stat((dir + "/manifest.txt").c_str(), &st) == 0) {  // a checkpoint itself
+        std::vector<float> m, v;
+        *err = read_manifest(dir, man);
+        if (err->empty()) *err = read_checkpoint_state(dir, *man, 0, man->n_params, 0, 0, params, &m, &v);
+        if (!err->empty()) *err = "--init: " + *err;
+        return err->empty() ? dir : "";
+    }
+    if (stat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
+        *err = "--init " + dir + ": no such directory (expected a ckpt_<step>/ directory or one holding them)";
+        return "";
+    }
+    const std::string path = find_checkpoint(dir, man, params);
+    if (path.empty()) *err = "--init " + dir + ": no valid checkpoint (a ckpt_<step>/ directory with its manifest.txt) there";
+    return path;
+}
+
+// --init with --model: the preset must describe the checkpoint's model; the first field that
+// differs is named (the name itself may differ).
+static void check_init_model(const Config& preset, const Config& init, const std::string& path) {
+    Manifest a, b;
+    a.cfg = preset, b.cfg = init;
+    auto fa = manifest_fields(a), fb = manifest_fields(b);
+    for (size_t i = 0; i < fa.size(); i++)
+        if (fa[i].first.rfind("model.", 0) == 0 && fa[i].first != "model.name" && fa[i].second != fb[i].second)
+            fatal_all("--model %s disagrees with --init %s: %s is %s there, %s in the preset (leave out --model: the "
+                      "checkpoint carries its model)", preset.name, path.c_str(), fa[i].first.c_str(), fb[i].second.c_str(),
+                      fa[i].second.c_str());
+}
+
 static int cmd_train(int argc, char** argv) {
     Args a = parse_args(argc, argv, train_flags);
     if (a.help) {
@@ -474,7 +526,19 @@ static int cmd_train(int argc, char** argv) {
         return 0;
     }
     const Comm& cm = comm_world();
-    const Config& cfg = model_arg(a, "small");
+    Config cfg = model_arg(a, "small");
+    // --init: the weights and the model of an imported or earlier checkpoint (fresh optimizer, step 1)
+    std::string init_path;
+    std::vector<float> init_params;
+    if (a.has("init")) {
+        Manifest im;
+        std::string ierr;
+        init_path = init_checkpoint(a.str("init", ""), &im, &init_params, &ierr);
+        fatal_any(ierr);
+        if (a.has("model")) check_init_model(cfg, im.cfg, init_path);
+        cfg = im.cfg;
+    }
+    apply_rope_flags(a, &cfg);
     Model M;
     choose_device(a, &M.ctx);
     M.nccl = choose_comm(a, M.ctx);
@@ -558,6 +622,7 @@ static int cmd_train(int argc, char** argv) {
     M.ctx.trace = &trace;
     model_create(&M, cfg, r, false);  // the main phase's model first: a run that cannot fit fails now
     model_init_params(&M, seed);
+    if (!init_path.empty()) dev_upload(&M.ctx, M.params, init_params.data(), M.n_params * sizeof(float));
     int start = 0;
     Manifest id;  // this run's identity, stored in its checkpoints and checked on --resume
     id.cfg = cfg, id.seq = r.seq, id.seed = seed, id.total_steps = steps, id.source = data->identity();
@@ -582,7 +647,8 @@ static int cmd_train(int argc, char** argv) {
         log_line(true, "seq %zu | chunk %zu (%zu chunks) | offload %s | ranks %d%s | device %s, %s | steps %d%s", r.seq, C,
                  r.seq / C, r.offload ? "on" : "off", r.P, (std::string(r.zero ? " ZeRO-1" : "") + (M.nccl ? " NCCL" : "")).c_str(),
                  device_name(M.ctx).c_str(), r.bf16 ? "bf16" : "fp32", steps,
-                 resume ? (" | resumed at step " + std::to_string(start) + changed).c_str() : "");
+                 resume ? (" | resumed at step " + std::to_string(start) + changed).c_str()
+                 : !init_path.empty() ? (" | weights from " + init_path).c_str() : "");
         if (start_steps)
             log_line(true, "start: steps 1-%d at seq %zu (chunk %zu: %zu chunk%s, offload %s), then seq %zu from step %d",
                      start_steps, start_seq, r0.chunk, start_seq / r0.chunk, start_seq / r0.chunk == 1 ? "" : "s",
@@ -627,6 +693,14 @@ static int cmd_train(int argc, char** argv) {
         bool finite = std::isfinite(loss);
         float norm = NAN;
         if (finite) norm = model_update(&M, opt, step + 1, &finite);
+        if (const char* gpath = getenv("FPDT_TEST_GRADS_OUT"))  // test hook: the summed gradient of the first step
+            if (step == start && cm.rank == 0) {  // (unclipped with --clip 0; whole with --zero 0)
+                std::vector<float> gr(M.n_params);
+                dev_download(&M.ctx, gr.data(), M.grads, M.n_params * sizeof(float));
+                FILE* gf = fopen(gpath, "wb");
+                if (!gf || fwrite(gr.data(), 4, gr.size(), gf) != gr.size() || fclose(gf) != 0)
+                    fatal("FPDT_TEST_GRADS_OUT %s: cannot write", gpath);
+            }
         dev_sync(&M.ctx);  // the update's kernels belong to this step's time
         const double dt = now_s() - t0;
         if (trace.on) {
@@ -683,11 +757,46 @@ static int cmd_train(int argc, char** argv) {
 // sample: greedy (or temperature) generation from the newest checkpoint in --out. Simple on
 // purpose: the whole window is recomputed for every new token.
 
+// The prompt: --prompt-ids (a real tokenizer's ids, BOS included: data/tokenize.py --encode), or
+// for a byte-level model TOK_BOS and the bytes of --prompt.
+static std::vector<int32_t> sample_prompt(const Args& a, const char* model, int vocab) {
+    std::vector<int32_t> seq;
+    if (a.has("prompt") && a.has("prompt-ids")) fatal("--prompt and --prompt-ids: give one of them");
+    if (a.has("prompt-ids")) {
+        const std::string s = a.str("prompt-ids", "");
+        for (size_t i = 0; i < s.size();) {
+            if (s[i] == ',' || s[i] == ' ') {
+                i++;
+                continue;
+            }
+            char* end = nullptr;
+            errno = 0;
+            const long v = strtol(s.c_str() + i, &end, 10);
+            if (end == s.c_str() + i || errno || (*end && *end != ',' && *end != ' ') || v < 0 || v >= vocab)
+                fatal("--prompt-ids: '%s' is not a token id of model %s (vocab %d)", s.substr(i, s.find_first_of(", ", i) - i).c_str(), model, vocab);
+            seq.push_back((int32_t)v);
+            i = end - s.c_str();
+        }
+        if (seq.empty()) fatal("--prompt-ids: no ids in '%s'", s.c_str());
+        return seq;
+    }
+    if (vocab != BYTE_VOCAB)
+        fatal("model %s has a vocab of %d, not fpdt's byte vocab (%d): give the prompt as --prompt-ids (python3 "
+              "data/tokenize.py --tokenizer TOK --encode TEXT prints them)", model, vocab, BYTE_VOCAB);
+    seq = encode_bytes(a.str("prompt", ""));
+    seq.insert(seq.begin(), TOK_BOS);
+    return seq;
+}
+
 static int cmd_sample(int argc, char** argv) {
-    Args a = parse_args(argc, argv, {"out", "prompt", "tokens", "temperature", "seed", "help"});
+    Args a = parse_args(argc, argv, {"out", "prompt", "prompt-ids", "ids", "tokens", "temperature", "seed", "help"});
     if (a.help) {
-        printf("usage: ./fpdt sample --out DIR [--prompt TEXT] [--tokens N] [--temperature T] [--seed N]\n"
-               "  generates from the newest checkpoint in DIR; temperature 0 (default) is greedy\n");
+        printf("usage: ./fpdt sample --out DIR [--prompt TEXT | --prompt-ids I,J,...] [--ids 0|1] [--tokens N]\n"
+               "                    [--temperature T] [--seed N]\n"
+               "  generates from the newest checkpoint in DIR; temperature 0 (default) is greedy.\n"
+               "  A byte-level model (vocab 260) reads --prompt and prints text; any other model (a real\n"
+               "  tokenizer's) reads --prompt-ids and prints token ids (--ids 1 forces ids). Between ids\n"
+               "  and text: python3 data/tokenize.py --tokenizer TOK --encode TEXT / --decode -\n");
         return 0;
     }
     if (comm_world().size > 1) fatal_all("sample runs as one process (no mpirun)");
@@ -700,8 +809,9 @@ static int cmd_sample(int argc, char** argv) {
     const Config* cfg = &man.cfg;  // the checkpoint describes its own model
     const int ntok = (int)a.integer("tokens", 64, 1, 1 << 20);
     const float temp = (float)a.real("temperature", 0.0, 0.0, 100.0);
-    std::vector<int32_t> seq = encode_bytes(a.str("prompt", ""));
-    seq.insert(seq.begin(), TOK_BOS);
+    const bool ids = a.flag01("ids", cfg->vocab != BYTE_VOCAB);
+    std::vector<int32_t> seq = sample_prompt(a, cfg->name, cfg->vocab);
+    const int32_t pad = cfg->vocab > TOK_PAD ? TOK_PAD : 0;  // unseen (causal): any valid id will do
     RunCfg r;
     r.seq = align_up(seq.size() + ntok, 16);
     Model M;
@@ -714,9 +824,11 @@ static int cmd_sample(int argc, char** argv) {
     std::vector<float> logits(temp > 0 ? r.seq * cfg->vocab : 0);  // greedy reads the predictions
     M.logits_out = temp > 0 ? logits.data() : nullptr;
     Rng rng{(uint64_t)a.integer("seed", 1, 0, LLONG_MAX)};
-    printf("%s", a.str("prompt", "").c_str());
+    for (size_t i = 0; i < seq.size(); i++)  // the prompt, as what follows it will print
+        if (ids) printf("%s%d", i ? " " : "", seq[i]);
+        else if (i > 0 || seq[i] != TOK_BOS) printf("%s", decode_token(seq[i]).c_str());
     for (int k = 0; k < ntok; k++) {
-        std::vector<int32_t> window(r.seq + 1, TOK_PAD);  // the padding after the end cannot be seen (causal)
+        std::vector<int32_t> window(r.seq + 1, pad);  // the padding after the end cannot be seen (causal)
         std::copy(seq.begin(), seq.end(), window.begin());
         model_set_tokens(&M, [&](size_t s, size_t n, int32_t* o) { memcpy(o, window.data() + s, n * 4); });
         model_forward_backward(&M, false);
@@ -731,7 +843,8 @@ static int cmd_sample(int argc, char** argv) {
             for (next = 0; next < cfg->vocab - 1 && (x -= p[next]) > 0; next++) {}
         }
         seq.push_back(next);
-        printf("%s", decode_token(next).c_str());
+        if (ids) printf(" %d", next);
+        else printf("%s", decode_token(next).c_str());
         fflush(stdout);
     }
     printf("\n");

@@ -674,8 +674,8 @@ static inline void chunk_forward(Model* M, int l, int i, const float* x, float* 
     a2a_to_heads(M, i, M->qkv, M->Q3, c.n_head, true, Hkvl, ki);
     a2a_to_heads(M, i, M->qkv, M->Q3, c.n_head + c.n_kv_head, true, Hkvl, vi);
     set_positions(M, i);
-    OP(ctx, rope, qi, M->pos, C, Hl, D, c.rope_theta, +1);
-    OP(ctx, rope, ki, M->pos, C, Hkvl, D, c.rope_theta, +1);
+    OP(ctx, rope, qi, M->pos, C, Hl, D, rope_params(c), +1);
+    OP(ctx, rope, ki, M->pos, C, Hkvl, D, rope_params(c), +1);
     round_stored(M, qi, C * Hl * D), round_stored(M, ki, C * Hkvl * D), round_stored(M, vi, C * Hkvl * D);
     store_put(ctx, &M->k, i, 2);
     store_put(ctx, &M->v, i, 2);
@@ -819,8 +819,8 @@ static inline void layer_backward(Model* M, int l) {
         // dQ_j, dK_j, dV_j are final: undo RoPE, back to the sequence layout, through the QKV
         // projection and the first norm (recomputed from the checkpoint) into dx_j.
         set_positions(M, j);
-        OP(ctx, rope, dqi, M->pos, C, Hl, D, c.rope_theta, -1);
-        OP(ctx, rope, M->dk, M->pos, C, Hkvl, D, c.rope_theta, -1);
+        OP(ctx, rope, dqi, M->pos, C, Hl, D, rope_params(c), -1);
+        OP(ctx, rope, M->dk, M->pos, C, Hkvl, D, rope_params(c), -1);
         dev_zero(ctx, M->dqkv, cl * M->Q3 * sizeof(float));
         a2a_to_seq(M, j, dqi, Hl, M->dqkv, M->Q3, 0, false);
         a2a_to_seq(M, j, M->dk, Hkvl, M->dqkv, M->Q3, c.n_head, true);

@@ -618,13 +618,49 @@ static inline void swiglu_backward_gpu(cudaStream_t stream, float* dinp, const f
 
 // ----------------------------------------------------------------------------
 // RoPE, in place on x (T, nh, D) at global positions pos[t], interleaved pairs:
-// (x0, x1) -> (x0 cos a - x1 sin a, x0 sin a + x1 cos a), a = pos * theta^(-2i/D). The backward
+// (x0, x1) -> (x0 cos a - x1 sin a, x0 sin a + x1 cos a), a = pos * inv_freq(i). The backward
 // is the inverse rotation (sign = -1) applied to the gradient. Angles in double: at position 2M
 // the float angle would be off by a tenth of a radian.
+//
+// inv_freq(i) = theta^(-2i/D), then scaled (RopeParams.scaling, the Config's rope_* fields):
+//   ROPE_LINEAR (1): / factor, i.e. position interpolation: positions / factor
+//   ROPE_LLAMA3 (2): Llama 3.1's bands (transformers' _compute_llama3_parameters): with the
+//     wavelength w = 2 pi / inv_freq and the original context L, w < L / high_freq_factor keeps
+//     its frequency, w > L / low_freq_factor is divided by factor, and in between
+//     s = (L / w - low) / (high - low) blends them: inv_freq ((1 - s) / factor + s).
+// (Hugging Face pairs values i and i + D/2 instead of 2i and 2i + 1; data/hf.py permutes the q
+// and k rows of imported weights so that both compute the same thing.)
 
-static inline void rope_cpu(float* x, const int32_t* pos, size_t T, int nh, int D, float theta, int sign) {
-    double inv[256];  // theta^(-2i/D) for the D/2 <= 256 pairs, the same for every token
-    for (int i = 0; i < D / 2; i++) inv[i] = pow((double)theta, -2.0 * i / D);
+struct RopeParams {
+    double theta;
+    int scaling;  // 0 none, 1 linear, 2 llama3 (model.h's RopeScaling)
+    double factor, low_freq_factor, high_freq_factor;
+    double original_max_pos;
+};
+
+// From a model.h Config (a template: ops.cuh comes before Config).
+template <typename Cfg>
+static inline RopeParams rope_params(const Cfg& c) {
+    return {c.rope_theta, c.rope_scaling, c.rope_factor, c.rope_low_freq_factor, c.rope_high_freq_factor,
+            (double)c.rope_original_max_pos};
+}
+
+// The rotation's angle per position for pair i of D: the same function on the host and the device.
+HOST_DEVICE static inline double rope_inv_freq(const RopeParams& p, int i, int D) {
+    const double inv = pow(p.theta, -2.0 * i / D);
+    if (p.scaling == 1) return inv / p.factor;
+    if (p.scaling != 2) return inv;
+    const double wavelen = 2.0 * 3.14159265358979323846 / inv;
+    const double L = p.original_max_pos;
+    if (wavelen < L / p.high_freq_factor) return inv;
+    if (wavelen > L / p.low_freq_factor) return inv / p.factor;
+    const double s = (L / wavelen - p.low_freq_factor) / (p.high_freq_factor - p.low_freq_factor);
+    return (1.0 - s) * inv / p.factor + s * inv;
+}
+
+static inline void rope_cpu(float* x, const int32_t* pos, size_t T, int nh, int D, RopeParams rp, int sign) {
+    double inv[256];  // inv_freq(i) for the D/2 <= 256 pairs, the same for every token
+    for (int i = 0; i < D / 2; i++) inv[i] = rope_inv_freq(rp, i, D);
 #pragma omp parallel for schedule(static)
     for (size_t t = 0; t < T; t++)
         for (int i = 0; i < D / 2; i++) {
@@ -639,15 +675,15 @@ static inline void rope_cpu(float* x, const int32_t* pos, size_t T, int nh, int 
         }
 }
 #ifdef __CUDACC__
-// (x0, x1) -> (x0 c - x1 s, x0 s + x1 c), c = cos a, s = sign sin a, a = pos[t] theta^(-2i/D), all
+// (x0, x1) -> (x0 c - x1 s, x0 s + x1 c), c = cos a, s = sign sin a, a = pos[t] inv_freq(i), all
 // heads of token t: twin of rope_cpu. One thread per (t, i) pair; the angle in double exactly as
-// the CPU computes it, then rounded to float.
-static __global__ void rope_kernel(float* x, const int32_t* pos, size_t T, int nh, int D, float theta, int sign) {
+// the CPU computes it (rope_inv_freq), then rounded to float.
+static __global__ void rope_kernel(float* x, const int32_t* pos, size_t T, int nh, int D, RopeParams rp, int sign) {
     const int half = D / 2;
     GRID_STRIDE_LOOP(j, T * half) {
         const size_t t = j / half;
         const int i = (int)(j - t * half);
-        const double a = (double)pos[t] * pow((double)theta, -2.0 * i / D);
+        const double a = (double)pos[t] * rope_inv_freq(rp, i, D);
         double sn, cs;
         sincos(a, &sn, &cs);
         const float c = (float)cs, s = (float)(sign * sn);
@@ -659,10 +695,10 @@ static __global__ void rope_kernel(float* x, const int32_t* pos, size_t T, int n
         }
     }
 }
-static inline void rope_gpu(cudaStream_t stream, float* x, const int32_t* pos, size_t T, int nh, int D, float theta,
+static inline void rope_gpu(cudaStream_t stream, float* x, const int32_t* pos, size_t T, int nh, int D, RopeParams rp,
                             int sign) {
     if (T == 0 || D < 2 || nh <= 0) return;
-    rope_kernel<<<elementwise_grid(T * (D / 2)), 256, 0, stream>>>(x, pos, T, nh, D, theta, sign);
+    rope_kernel<<<elementwise_grid(T * (D / 2)), 256, 0, stream>>>(x, pos, T, nh, D, rp, sign);
     CUDA_LAUNCHED();
 }
 #endif

@@ -214,18 +214,23 @@ TEST_F(GpuOps, Rope) {
     const int nh = 3;
     vi pos = randint(&r, T, 1 << 24);  // up to 16M
     pos[0] = 0, pos[1] = 1, pos[2] = 2097151, pos[3] = 2000000, pos[4] = INT_MAX, pos[5] = 1 << 30;
+    // plain, linear position interpolation, and llama3's bands (Llama 3.1's numbers)
+    const RopeParams scalings[] = {{0, 0, 1, 1, 4, 8192}, {0, 1, 4, 1, 4, 8192}, {0, 2, 8, 1, 4, 8192}};
     for (int D : {16, 64, 128})
         for (float theta : {10000.0f, 500000.0f})
-            for (int sign : {1, -1}) {
-                SCOPED_TRACE(::testing::Message() << "D=" << D << " theta=" << theta << " sign=" << sign);
-                const vf x0 = randn(&r, T * nh * D);
-                vf x = x0;
-                rope_cpu(x.data(), pos.data(), T, nh, D, theta, sign);
-                DevBuf<float> d_x(x0);
-                DevBuf<int32_t> d_pos(pos);
-                rope_gpu(stream, d_x.p, d_pos.p, T, nh, D, theta, sign);
-                EXPECT_LT(rel_err(d_x.get(), x), kElem);
-            }
+            for (RopeParams rp : scalings)
+                for (int sign : {1, -1}) {
+                    rp.theta = theta;
+                    SCOPED_TRACE(::testing::Message() << "D=" << D << " theta=" << theta << " scaling=" << rp.scaling
+                                                      << " sign=" << sign);
+                    const vf x0 = randn(&r, T * nh * D);
+                    vf x = x0;
+                    rope_cpu(x.data(), pos.data(), T, nh, D, rp, sign);
+                    DevBuf<float> d_x(x0);
+                    DevBuf<int32_t> d_pos(pos);
+                    rope_gpu(stream, d_x.p, d_pos.p, T, nh, D, rp, sign);
+                    EXPECT_LT(rel_err(d_x.get(), x), kElem);
+                }
 }
 
 // ----------------------------------------------------------------------------

@@ -131,18 +131,37 @@ static vd swiglu_ref(const vd& x, int T, int F) {  // x (T, 2F) = [gate | up]
     return y;
 }
 
-static vd rope_ref(const vd& x, const std::vector<int32_t>& pos, int nh, int D, double theta, int sign) {
+// An independent float64 RoPE: the frequency of pair i written in terms of the ratio of the
+// original context to the wavelength (what transformers' llama3 computes as old_context_len /
+// wavelen), not in terms of bands of the wavelength as ops.cuh writes it.
+struct RopeRef {
+    double theta = 10000;
+    int scaling = 0;  // 0 none, 1 linear, 2 llama3
+    double factor = 1, low = 1, high = 4, orig = 8192;
+};
+static double rope_ref_freq(const RopeRef& p, int i, int D) {
+    const double base = 1.0 / pow(p.theta, (2.0 * i) / D);
+    if (p.scaling == 1) return base / p.factor;
+    if (p.scaling == 0) return base;
+    const double ratio = p.orig * base / (2 * M_PI);  // original context / wavelength
+    if (ratio > p.high) return base;                  // short wavelengths: unchanged
+    if (ratio < p.low) return base / p.factor;        // long ones: interpolated
+    const double s = (ratio - p.low) / (p.high - p.low);
+    return base * (s + (1 - s) / p.factor);
+}
+static vd rope_ref(const vd& x, const std::vector<int32_t>& pos, int nh, int D, const RopeRef& rp, int sign) {
     vd y = x;
     for (size_t t = 0; t < pos.size(); t++)
         for (int h = 0; h < nh; h++)
             for (int i = 0; i < D / 2; i++) {
-                const double a = sign * (double)pos[t] * pow(theta, -2.0 * i / D);
+                const double a = sign * (double)pos[t] * rope_ref_freq(rp, i, D);
                 const size_t p = (t * nh + h) * D + 2 * i;
                 y[p] = x[p] * cos(a) - x[p + 1] * sin(a);
                 y[p + 1] = x[p] * sin(a) + x[p + 1] * cos(a);
             }
     return y;
 }
+static RopeParams rope_of(const RopeRef& r) { return {r.theta, r.scaling, r.factor, r.low, r.high, r.orig}; }
 
 static vd embedding_ref(const vd& wte, const std::vector<int32_t>& tok, int C) {
     vd y(tok.size() * C);
@@ -302,29 +321,51 @@ TEST(Activation, SwiGLUForwardAndOverwritingBackward) {
     EXPECT_LT(rel_err(dx, fd_grad(X, [&] { return dot(swiglu_ref(X, T, F), R); })), kGrad);
 }
 
-// RoPE at small and large positions (2^21: where a float angle would be off by ~0.1 rad).
+// RoPE at small and large positions (2^21: where a float angle would be off by ~0.1 rad), plain
+// and with each scaling: linear, and llama3 with its three bands all in use (D 32, theta 10^4:
+// wavelengths 6.3 .. 4.4e4; original context 8192 over high 4 and low 1 puts the edges at 2048
+// and 8192, so some pairs keep their frequency, some are blended, some divided by the factor).
 TEST(Rope, ForwardBackwardAndInverseAtLargePositions) {
-    const int nh = 3, D = 16;
-    const float theta = 10000.0f;
+    const int nh = 3, D = 32;
     const std::vector<int32_t> pos = {0, 1, 7, 999983, 1000000, 2097152};
     const int T = (int)pos.size();
+    RopeRef none, linear, llama3, llama3b;
+    linear.scaling = 1, linear.factor = 4;
+    llama3.scaling = 2, llama3.factor = 8, llama3.low = 1, llama3.high = 4, llama3.orig = 8192;
+    llama3b.scaling = 2, llama3b.theta = 500000, llama3b.factor = 32, llama3b.low = 2, llama3b.high = 8, llama3b.orig = 4096;
+    // the llama3 cases really have pairs in all three bands
+    for (const RopeRef* p : {&llama3, &llama3b}) {
+        int kept = 0, divided = 0, blended = 0;
+        for (int i = 0; i < D / 2; i++) {
+            const double b = 1.0 / pow(p->theta, 2.0 * i / D), f = rope_ref_freq(*p, i, D);
+            kept += f == b, divided += fabs(f - b / p->factor) < 1e-18, blended += f != b && fabs(f - b / p->factor) >= 1e-18;
+        }
+        EXPECT_GT(kept, 0);
+        EXPECT_GT(divided, 0);
+        EXPECT_GT(blended, 0);
+    }
     Rng r{41};
-    vf x = randn(&r, T * nh * D), R = randn(&r, T * nh * D);
-    vd X = widen(x);
+    for (const RopeRef* rp : {&none, &linear, &llama3, &llama3b}) {
+        SCOPED_TRACE(::testing::Message() << "scaling " << rp->scaling << " theta " << rp->theta);
+        vf x = randn(&r, T * nh * D), R = randn(&r, T * nh * D);
+        vd X = widen(x);
+        vf y = x;
+        rope_cpu(y.data(), pos.data(), T, nh, D, rope_of(*rp), +1);
+        EXPECT_LT(rel_err(y, rope_ref(X, pos, nh, D, *rp, +1)), kFwd);
+        if (rp->scaling) {
+            EXPECT_GT(rel_err(y, rope_ref(X, pos, nh, D, none, +1)), 1e-2) << "scaling changed nothing";
+        }
 
-    vf y = x;
-    rope_cpu(y.data(), pos.data(), T, nh, D, theta, +1);
-    EXPECT_LT(rel_err(y, rope_ref(X, pos, nh, D, theta, +1)), kFwd);
+        // rope(+1) then rope(-1) is the identity: a rotation and its inverse, a few fp32 roundings.
+        vf back = y;
+        rope_cpu(back.data(), pos.data(), T, nh, D, rope_of(*rp), -1);
+        EXPECT_LT(rel_err(back, x), 1e-6);
 
-    // rope(+1) then rope(-1) is the identity: a rotation and its inverse, a few fp32 roundings.
-    vf back = y;
-    rope_cpu(back.data(), pos.data(), T, nh, D, theta, -1);
-    EXPECT_LT(rel_err(back, x), 1e-6);
-
-    // Backward: the inverse rotation applied to the gradient (it is linear, so dL/dx = rope^T R).
-    vf g = R;
-    rope_cpu(g.data(), pos.data(), T, nh, D, theta, -1);
-    EXPECT_LT(rel_err(g, fd_grad(X, [&] { return dot(rope_ref(X, pos, nh, D, theta, +1), R); })), kGrad);
+        // Backward: the inverse rotation applied to the gradient (it is linear, so dL/dx = rope^T R).
+        vf g = R;
+        rope_cpu(g.data(), pos.data(), T, nh, D, rope_of(*rp), -1);
+        EXPECT_LT(rel_err(g, fd_grad(X, [&] { return dot(rope_ref(X, pos, nh, D, *rp, +1), R); })), kGrad);
+    }
 }
 
 TEST(Embedding, ForwardAndAccumulatingBackwardWithRepeatedTokens) {
