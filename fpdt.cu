@@ -167,7 +167,8 @@ static void train_help() {
         "  --seq N             sequence length in tokens, global (default 64)\n"
         "  --chunk-size C      FPDT chunk length, global; must divide --seq (default: --seq, no chunking)\n"
         "  --offload 0|1       keep sequence-sized tensors in host memory (default 0)\n"
-        "  --zero 0|1          ZeRO-1: shard the optimizer state across ranks (default 0)\n"
+        "  --zero 0|1|2|3      ZeRO stage: shard across ranks 1 the optimizer state, 2 and the gradients,\n"
+        "                      3 and the weights (gathered layer by layer) (default 0)\n"
         "  --steps N           total steps; the learning-rate schedule depends on it alone (default 5000)\n"
         "  --lr X              peak learning rate (default 3e-3)\n"
         "  --warmup N          linear warmup steps (default: steps/20)\n"
@@ -289,7 +290,7 @@ static int cmd_train(int argc, char** argv) {
     r.seq = a.integer("seq", 64, 1, 1ll << 40);
     r.chunk = a.integer("chunk-size", r.seq, 1, 1ll << 40);
     r.offload = a.flag01("offload", false);
-    r.zero = a.flag01("zero", false);
+    r.zero = (int)a.integer("zero", 0, 0, 3);
     r.bf16 = precision_bf16(a, M.ctx.gpu);
     r.P = cm.size, r.rank = cm.rank;
     r.device_cap = (size_t)(a.real("device-mem", 0, 0, 1e6) * 1073741824.0);
@@ -350,7 +351,7 @@ static int cmd_train(int argc, char** argv) {
                cfg.family == GPT ? "gpt" : "llama", cfg.n_layer, cfg.d_model, cfg.n_head, cfg.n_kv_head,
                M.n_params / 1e6, data->describe().c_str());
         printf("seq %zu | chunk %zu (%d chunks) | offload %s | ranks %d%s | device %s, %s | steps %d%s\n", r.seq, M.C,
-               M.u, r.offload ? "on" : "off", r.P, (std::string(r.zero ? " ZeRO-1" : "") + (M.nccl ? " NCCL" : "")).c_str(),
+               M.u, r.offload ? "on" : "off", r.P, (std::string(r.zero ? " ZeRO-" + std::to_string(r.zero) : "") + (M.nccl ? " NCCL" : "")).c_str(),
                device_name(M.ctx).c_str(), r.bf16 ? "bf16" : "fp32", steps,
                start ? (" | resumed at step " + std::to_string(start)).c_str() : "");
         printf("memory (arenas, this rank): device %.1f MiB, host %.1f MiB, taken once at start\n",
@@ -377,7 +378,7 @@ static int cmd_train(int argc, char** argv) {
         const double t0 = now_s();
         read_into(&M, data, step);
         const float loss = model_forward_backward(&M, true);
-        if (fault_steps.count(step + 1) && cm.rank == 0) dev_fill(&M.ctx, M.grads, NAN, 1);  // as a blow-up would
+        if (fault_steps.count(step + 1) && cm.rank == 0) dev_fill(&M.ctx, M.grads ? M.grads : M.grad_shard, NAN, 1);  // as a blow-up would
         bool finite = std::isfinite(loss);
         float norm = NAN;
         if (finite) norm = model_update(&M, opt, step + 1, &finite);
@@ -498,7 +499,7 @@ static int cmd_plan(int argc, char** argv) {
     Args a = parse_args(argc, argv, {"model", "seq", "chunk-size", "gpus", "offload", "zero", "gpu-mem", "host-mem",
                                      "tflops", "link-gbps", "precision", "help"});
     if (a.help || !a.has("model") || !a.has("seq")) {
-        printf("usage: ./fpdt plan --model NAME --seq N [--chunk-size C] [--gpus P] [--offload 0|1] [--zero 0|1]\n"
+        printf("usage: ./fpdt plan --model NAME --seq N [--chunk-size C] [--gpus P] [--offload 0|1] [--zero 0-3]\n"
                "                   [--gpu-mem GiB] [--host-mem GiB] [--tflops X] [--link-gbps Y] [--precision fp32|bf16]\n"
                "  predicted peak device and host bytes per rank (the same allocation sequence as ./fpdt train),\n"
                "  the longest sequence that fits, and the smallest chunk at which copies hide behind attention.\n"
@@ -513,7 +514,7 @@ static int cmd_plan(int argc, char** argv) {
     r.chunk = a.integer("chunk-size", r.seq, 1, 1ll << 40);
     r.P = (int)a.integer("gpus", 1, 1, 1 << 16);
     r.offload = a.flag01("offload", r.chunk < r.seq);
-    r.zero = a.flag01("zero", false);
+    r.zero = (int)a.integer("zero", 0, 0, 3);
     r.bf16 = precision_bf16(a, true);  // a plan is for a GPU run
     const double gpu_mem = a.real("gpu-mem", 80, 0, 1e6) * 1073741824.0, host_mem = a.real("host-mem", 512, 0, 1e9) * 1073741824.0;
     const double flops = a.real("tflops", 400, 1e-3, 1e6) * 1e12, bw = a.real("link-gbps", 50, 1e-3, 1e6) * 1e9;
@@ -525,13 +526,13 @@ static int cmd_plan(int argc, char** argv) {
     std::map<std::string, size_t> parts[2];
     for (auto& it : M.dev.items) parts[0][it.first.rfind("store:", 0) == 0 ? "store chunks (device)" : it.first] += it.second;
     for (auto& it : M.host.items) parts[1][it.first.rfind("store:", 0) == 0 ? "store (sequence-sized)" : it.first] += it.second;
-    printf("plan: model %s, seq %zu, chunk %zu (%d chunks), %d rank(s), offload %s, ZeRO-1 %s, %s\n", c.name, r.seq,
-           M.C, M.u, r.P, r.offload ? "on" : "off", r.zero ? "on" : "off", r.bf16 ? "bf16" : "fp32");
+    printf("plan: model %s, seq %zu, chunk %zu (%d chunks), %d rank(s), offload %s, ZeRO stage %d, %s\n", c.name, r.seq,
+           M.C, M.u, r.P, r.offload ? "on" : "off", r.zero, r.bf16 ? "bf16" : "fp32");
     printf("  bytes per rank:\n");
     const char* where[2] = {"device", "host"};
     for (int k = 0; k < 2; k++) {
         printf("  %-6s %10.1f MiB\n", where[k], (k ? host : dev) / 1048576.0);
-        for (auto& it : parts[k]) printf("    %-26s %10.1f MiB\n", it.first.c_str(), it.second / 1048576.0);
+        for (auto& it : parts[k]) printf("    %-42s %10.1f MiB\n", it.first.c_str(), it.second / 1048576.0);
     }
     printf("  fits: device %s (%.1f of %.1f GiB), host %s (%.1f of %.1f GiB)\n", dev <= gpu_mem ? "yes" : "NO",
            dev / 1073741824.0, gpu_mem / 1073741824.0, host <= host_mem ? "yes" : "NO", host / 1073741824.0,
