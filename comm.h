@@ -10,7 +10,10 @@
 // message naming the rank, so a dead or failing rank never leaves the others hanging.
 #pragma once
 #include <mpi.h>
+#include <unistd.h>
+#include <atomic>
 #include <climits>
+#include <thread>
 #include "common.h"
 
 #define MPI_CHECK(call)                                                                \
@@ -51,6 +54,55 @@ static inline void comm_fatal_hook(const char* msg) {
     }
 }
 
+// ----------------------------------------------------------------------------
+// Watchdog (--watchdog S): a rank that waits inside one MPI collective for longer than S seconds
+// (another rank stopped, hung, or stuck in a collective of its own) prints the step and the
+// collective, naming itself, and exits 1, upon which the launcher ends the job. Only time spent
+// inside a collective counts, so a long computation or checkpoint write between them does not.
+
+struct Watchdog {
+    std::atomic<const char*> what{nullptr};  // the collective this rank is in, or null
+    std::atomic<double> since{0};            // when it entered it
+    std::atomic<long long> step{0};          // the step being computed (for the message)
+    double timeout = 0;                      // 0: off
+};
+static inline Watchdog& watchdog() {
+    static Watchdog w;
+    return w;
+}
+struct CommWait {  // marks the time inside one collective
+    explicit CommWait(const char* what) {
+        watchdog().since = now_s();
+        watchdog().what = what;
+    }
+    ~CommWait() { watchdog().what = nullptr; }
+};
+#define MPI_COLLECTIVE(what, call) \
+    do {                           \
+        CommWait wait_(what);      \
+        MPI_CHECK(call);           \
+    } while (0)
+
+static inline void comm_watchdog_start(double seconds) {
+    Watchdog& w = watchdog();
+    if (w.timeout > 0 || seconds <= 0) return;
+    w.timeout = seconds;
+    std::thread([] {
+        Watchdog& w = watchdog();
+        for (;;) {
+            sleep(1);
+            const char* what = w.what;
+            const double waited = now_s() - w.since;
+            if (what && waited > w.timeout) {
+                fprintf(stderr, "fpdt (rank %d of %d): watchdog: step %lld: waited %.0f s in %s for the other ranks "
+                        "(--watchdog %.0f); ending the job\n", comm_world().rank, comm_world().size, w.step.load(), waited, what, w.timeout);
+                fflush(stderr);
+                _exit(1);
+            }
+        }
+    }).detach();
+}
+
 static inline void comm_init(int* argc, char*** argv) {
     Comm& c = comm_world();
     if (!launched_by_mpi()) return;
@@ -85,6 +137,27 @@ static inline void comm_finalize() {
     exit(1);
 }
 
+// An error that some ranks may see and others not (a file missing on one machine, a GPU's own
+// free memory): every rank calls this at the same point with its own error ("" when fine). When
+// any rank has one, the lowest such rank prints it, naming itself, and every rank exits 1. A
+// collective, so every rank must reach it; an error found where the others may be elsewhere goes
+// through fatal(), which aborts the job (comm_fatal_hook).
+static inline void fatal_any(const std::string& err) {
+    Comm& c = comm_world();
+    if (c.size == 1 || fatal_hook() != comm_fatal_hook) {
+        if (!err.empty()) fatal("%s", err.c_str());
+        return;
+    }
+    int mine = err.empty() ? INT_MAX : c.rank, first = INT_MAX;
+    MPI_COLLECTIVE("all-reduce (errors)", MPI_Allreduce(&mine, &first, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD));
+    if (first == INT_MAX) return;
+    if (c.rank == first) fprintf(stderr, "fpdt (rank %d of %d): %s\n", c.rank, c.size, err.c_str());
+    fflush(stderr);
+    MPI_Barrier(MPI_COMM_WORLD);  // the message is out before any rank exits
+    MPI_Finalize();
+    exit(1);
+}
+
 static inline int mpi_count(size_t n) {
     if (n > (size_t)INT_MAX) fatal("a message of %zu elements is too large for one MPI call", n);
     return (int)n;
@@ -99,22 +172,22 @@ static inline void comm_alltoall(const void* send, void* recv, size_t n, size_t 
         return;
     }
     MPI_Datatype t = elem == 2 ? MPI_UINT16_T : MPI_FLOAT;
-    MPI_CHECK(MPI_Alltoall(send, mpi_count(n), t, recv, mpi_count(n), t, MPI_COMM_WORLD));
+    MPI_COLLECTIVE("all-to-all", MPI_Alltoall(send, mpi_count(n), t, recv, mpi_count(n), t, MPI_COMM_WORLD));
 }
 
 static inline void comm_allreduce(float* buf, size_t n) {
     if (comm_world().size == 1) return;
     for (size_t o = 0; o < n; o += (size_t)1 << 30)
-        MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, buf + o, mpi_count(std::min(n - o, (size_t)1 << 30)), MPI_FLOAT,
+        MPI_COLLECTIVE("all-reduce", MPI_Allreduce(MPI_IN_PLACE, buf + o, mpi_count(std::min(n - o, (size_t)1 << 30)), MPI_FLOAT,
                                 MPI_SUM, MPI_COMM_WORLD));
 }
 static inline void comm_allreduce(double* buf, size_t n) {
     if (comm_world().size == 1) return;
-    MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, buf, mpi_count(n), MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD));
+    MPI_COLLECTIVE("all-reduce", MPI_Allreduce(MPI_IN_PLACE, buf, mpi_count(n), MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD));
 }
 static inline void comm_allreduce_max(double* buf, size_t n) {
     if (comm_world().size == 1) return;
-    MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, buf, mpi_count(n), MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD));
+    MPI_COLLECTIVE("all-reduce (max)", MPI_Allreduce(MPI_IN_PLACE, buf, mpi_count(n), MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD));
 }
 
 // ZeRO-1: buf (P * n) is summed across ranks and rank r keeps block r in shard (n).
@@ -123,17 +196,17 @@ static inline void comm_reduce_scatter(const float* buf, float* shard, size_t n)
         memcpy(shard, buf, n * sizeof(float));
         return;
     }
-    MPI_CHECK(MPI_Reduce_scatter_block(buf, shard, mpi_count(n), MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD));
+    MPI_COLLECTIVE("reduce-scatter", MPI_Reduce_scatter_block(buf, shard, mpi_count(n), MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD));
 }
 // buf (P * n) = every rank's block; this rank's block is already in place at buf + rank * n.
 static inline void comm_allgather(float* buf, size_t n) {
     if (comm_world().size == 1) return;
-    MPI_CHECK(MPI_Allgather(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, buf, mpi_count(n), MPI_FLOAT, MPI_COMM_WORLD));
+    MPI_COLLECTIVE("all-gather", MPI_Allgather(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, buf, mpi_count(n), MPI_FLOAT, MPI_COMM_WORLD));
 }
 // Rank 0's buf (n bytes) to every rank.
 static inline void comm_broadcast(void* buf, size_t n) {
     if (comm_world().size == 1) return;
-    MPI_CHECK(MPI_Bcast(buf, mpi_count(n), MPI_BYTE, 0, MPI_COMM_WORLD));
+    MPI_COLLECTIVE("broadcast", MPI_Bcast(buf, mpi_count(n), MPI_BYTE, 0, MPI_COMM_WORLD));
 }
 // rank 0 receives every rank's n floats into all (P * n)
 static inline void comm_gather(const float* mine, float* all, size_t n) {
@@ -141,10 +214,18 @@ static inline void comm_gather(const float* mine, float* all, size_t n) {
         memcpy(all, mine, n * sizeof(float));
         return;
     }
-    MPI_CHECK(MPI_Gather(mine, mpi_count(n), MPI_FLOAT, all, mpi_count(n), MPI_FLOAT, 0, MPI_COMM_WORLD));
+    MPI_COLLECTIVE("gather", MPI_Gather(mine, mpi_count(n), MPI_FLOAT, all, mpi_count(n), MPI_FLOAT, 0, MPI_COMM_WORLD));
+}
+// rank 0 receives every rank's value into all (P)
+static inline void comm_gather_u64(uint64_t mine, uint64_t* all) {
+    if (comm_world().size == 1) {
+        all[0] = mine;
+        return;
+    }
+    MPI_COLLECTIVE("gather (checksums)", MPI_Gather(&mine, 1, MPI_UINT64_T, all, 1, MPI_UINT64_T, 0, MPI_COMM_WORLD));
 }
 static inline void comm_barrier() {
-    if (comm_world().size > 1) MPI_CHECK(MPI_Barrier(MPI_COMM_WORLD));
+    if (comm_world().size > 1) MPI_COLLECTIVE("barrier", MPI_Barrier(MPI_COMM_WORLD));
 }
 
 #ifdef __CUDACC__

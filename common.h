@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <sys/stat.h>
 #include <algorithm>
 #include <chrono>
 #include <string>
@@ -81,6 +82,18 @@ static inline void (*&fatal_hook())(const char*) {
 // Tests call this so that fatal() throws instead of exiting.
 static inline void fatal_throws() {
     fatal_hook() = [](const char* m) { throw FpdtError{m}; };
+}
+
+// mkdir -p without a shell: creates path and its missing parents (mode 0755). Returns "" or why not.
+static inline std::string make_dirs(const std::string& path) {
+    for (size_t i = 1; i <= path.size(); i++) {
+        if (i < path.size() && path[i] != '/') continue;
+        const std::string p = path.substr(0, i);
+        if (mkdir(p.c_str(), 0755) != 0 && errno != EEXIST) return p + ": cannot create: " + strerror(errno);
+    }
+    struct stat st;
+    if (stat(path.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) return path + ": not a directory";
+    return "";
 }
 
 // ----------------------------------------------------------------------------

@@ -7,6 +7,8 @@
 // Sections: command line; evaluation; train; sample; plan; main. Checkpoints are in checkpoint.h.
 #include <cuda_runtime.h>
 #include <omp.h>
+#include <sched.h>
+#include <csignal>
 #include <functional>
 #include <map>
 #include <set>
@@ -41,8 +43,12 @@ struct Args {
         if (!has(k)) return def;
         const std::string& s = kv.at(k);
         char* end = nullptr;
+        errno = 0;
         double v = strtod(s.c_str(), &end);
         if (s.empty() || *end || !std::isfinite(v)) fatal_all("--%s: '%s' is not a number", k, s.c_str());
+        // a value that is not zero but would be taken as 0 (it underflows a double, or the float it is stored in)
+        if ((v == 0 && errno == ERANGE) || (v != 0 && (float)v == 0))
+            fatal_all("--%s: '%s' is too small to be told from 0; write 0 if 0 is meant", k, s.c_str());
         if (v < lo || v > hi) fatal_all("--%s: %g is out of range (expected %g to %g)", k, v, lo, hi);
         return v;
     }
@@ -50,7 +56,7 @@ struct Args {
 };
 
 // Flags that take no value.
-static bool is_switch(const std::string& k) { return k == "resume"; }
+static bool is_switch(const std::string& k) { return k == "resume" || k == "overwrite" || k == "help"; }
 
 static Args parse_args(int argc, char** argv, const std::vector<std::string>& allowed) {
     Args a;
@@ -68,6 +74,10 @@ static Args parse_args(int argc, char** argv, const std::vector<std::string>& al
         for (const std::string& x : allowed) known |= (x == k);
         if (!known) fatal_all("unknown flag --%s for '%s' (see ./fpdt %s --help)", k.c_str(), argv[1], argv[1]);
         if (is_switch(k) && eq != std::string::npos) fatal_all("--%s takes no value", k.c_str());
+        if (k == "help") {
+            a.help = true;
+            continue;
+        }
         if (eq == std::string::npos) {
             if (is_switch(k)) v = "1";
             else if (i + 1 < argc && std::string(argv[i + 1]).rfind("--", 0) != 0) v = argv[++i];
@@ -158,7 +168,7 @@ static const std::vector<std::string> train_flags = {
     "model", "seq", "chunk-size", "offload", "steps", "lr", "warmup", "min-lr-frac", "weight-decay", "clip", "seed",
     "beta1", "beta2", "adam-eps",
     "data", "device", "out", "save-every", "resume", "exit-after", "eval-every", "eval-seqs", "trace", "zero",
-    "device-mem", "host-mem", "on-nonfinite", "max-bad-steps", "comm", "precision", "help"};
+    "device-mem", "host-mem", "on-nonfinite", "max-bad-steps", "comm", "precision", "overwrite", "watchdog", "help"};
 
 static void train_help() {
     printf(
@@ -186,13 +196,17 @@ static void train_help() {
         "  --save-every N      checkpoint every N steps and at the end (needs --out)\n"
         "  --exit-after N      stop after step N with a checkpoint (a time-boxed job); continue with --resume\n"
         "  --resume            continue from the newest valid checkpoint in --out\n"
+        "  --overwrite         start afresh in an --out that holds checkpoints: they are deleted first\n"
+        "                      (without it, a run that is not --resume refuses such an --out)\n"
         "  --eval-every N      evaluate every N steps and at the end, 0 = never (default 500)\n"
         "  --eval-seqs N       held-out sequences per evaluation (default 64)\n"
         "  --trace FILE        write one step's schedule (the second) as Chrome trace JSON (open in Perfetto)\n"
         "  --device-mem GiB    refuse to start if the device arena would exceed this\n"
         "  --host-mem GiB      refuse to start if the host arena would exceed this\n"
         "  --on-nonfinite skip|stop   a NaN/Inf loss or gradient: skip the step (default) or stop\n"
-        "  --max-bad-steps N   stop after N non-finite steps in a row (default 5)\n\n");
+        "  --max-bad-steps N   stop after N non-finite steps in a row (default 5)\n"
+        "  --watchdog S        several ranks: a rank waiting S seconds inside one MPI collective ends the job,\n"
+        "                      naming the step and the collective; 0 = off (default 1800)\n\n");
     print_models();
 }
 
@@ -226,7 +240,8 @@ static bool choose_device(const Args& a, Ctx* ctx, GpuCtx* g) {
     std::string dev = a.str("device", "auto");
     if (dev != "auto" && dev != "cpu" && dev != "gpu") fatal_all("--device: '%s' (expected auto, cpu or gpu)", dev.c_str());
     const int n = dev == "cpu" ? 0 : gpu_count();
-    if (dev == "gpu" && n == 0) fatal_all("--device gpu: no CUDA device is visible (driver and GPU needed); use --device cpu");
+    if (dev == "gpu" && n == 0)  // a machine of its own may lack it: this rank alone ends the job
+        fatal("--device gpu: no CUDA device is visible (driver and GPU needed); use --device cpu");
     if (n == 0) return false;
     g->device = comm_world().local_rank % n;
     CUDA_CHECK(cudaSetDevice(g->device));
@@ -266,10 +281,89 @@ static bool choose_comm(const Args& a, const Ctx& ctx) {
 }
 
 static std::string device_name(const Ctx& ctx) {
-    if (!ctx.gpu) return "cpu (" + std::to_string(omp_get_max_threads()) + " threads)";
+    if (!ctx.gpu) {
+        const char* why = getenv("FPDT_THREADS_CHOSEN");
+        return "cpu (" + std::to_string(omp_get_max_threads()) + " threads per rank" + (why ? std::string(": ") + why : "") + ")";
+    }
     cudaDeviceProp p;
     CUDA_CHECK(cudaGetDeviceProperties(&p, ctx.g->device));
     return std::string("gpu ") + std::to_string(ctx.g->device) + " (" + p.name + ")";
+}
+
+// --out, before anything is computed: rank 0 creates it (parents too, no shell), locks it for this
+// run, clears what a killed save left, and refuses a fresh run into a directory with checkpoints
+// unless --overwrite; then every rank checks that it sees rank 0's files there and can write its
+// own (each rank writes its own checkpoint shard, so --out must be shared). Any rank's problem
+// ends every rank.
+static void prepare_out(const std::string& out, bool resume, bool overwrite) {
+    const Comm& cm = comm_world();
+    char token[64] = {0};  // rank 0's probe file holds it; the others must read it back
+    snprintf(token, sizeof token, "%d %.6f", (int)getpid(), now_s());
+    comm_broadcast(token, sizeof token);
+    const std::string probe0 = out + "/.fpdt_probe_0.tmp";
+    std::string err;
+    if (cm.rank == 0) {
+        err = make_dirs(out);
+        if (!err.empty()) err = "--out " + out + ": cannot write there (" + err + ")";
+        if (err.empty()) err = lock_out_dir(out);
+        if (err.empty()) remove_stale_tmp(out);
+        std::vector<std::string> old = err.empty() ? checkpoint_like_names(out) : std::vector<std::string>();
+        if (!old.empty() && !resume && !overwrite)
+            err = "--out " + out + " holds checkpoints of an earlier run (" + old.back() +
+                  (old.size() > 1 ? " and " + std::to_string(old.size() - 1) + " more" : std::string()) +
+                  "): continue it with --resume, or pass --overwrite to delete them and start afresh";
+        if (err.empty() && overwrite) err = remove_checkpoints(out);
+        if (err.empty()) {
+            FILE* f = fopen(probe0.c_str(), "wb");
+            if (!f || fputs(token, f) < 0) err = "--out " + out + ": cannot write there: " + strerror(errno);
+            if (f && fclose(f) != 0 && err.empty()) err = "--out " + out + ": cannot write there: " + strerror(errno);
+        }
+    }
+    fatal_any(err);
+    comm_barrier();
+    if (cm.rank != 0) {
+        char seen[64] = {0};
+        FILE* f = fopen(probe0.c_str(), "rb");
+        const bool same = f && fread(seen, 1, sizeof seen - 1, f) > 0 && strcmp(seen, token) == 0;
+        if (f) fclose(f);
+        const std::string mine = out + "/.fpdt_probe_" + std::to_string(cm.rank) + ".tmp";
+        FILE* g = same ? fopen(mine.c_str(), "wb") : nullptr;
+        if (!same)
+            err = "--out " + out + ": this rank does not see rank 0's files there (every rank writes its own "
+                  "checkpoint shard: --out must be a directory all ranks share)";
+        else if (!g || fclose(g) != 0) err = "--out " + out + ": cannot write there: " + strerror(errno);
+        remove(mine.c_str());
+    }
+    fatal_any(err);
+    if (cm.rank == 0) remove(probe0.c_str());
+}
+
+// The settings that may change across a --resume (what the losses do not depend on), one line.
+static std::string run_settings(const RunCfg& r, size_t chunk) {
+    return "ranks " + std::to_string(r.P) + " | chunk " + std::to_string(chunk) + " | offload " + (r.offload ? "on" : "off") +
+           " | ZeRO-1 " + (r.zero ? "on" : "off") + " | precision " + (r.bf16 ? "bf16" : "fp32");
+}
+
+// " (since the checkpoint: ranks 1 -> 2, ...)" for the settings that differ; "" when none do.
+static std::string settings_changes(const std::string& was, const std::string& now) {
+    auto split = [](const std::string& s) {
+        std::vector<std::string> v;
+        for (size_t a = 0; a < s.size();) {
+            size_t b = s.find(" | ", a);
+            if (b == std::string::npos) b = s.size();
+            v.push_back(s.substr(a, b - a));
+            a = b + 3;
+        }
+        return v;
+    };
+    std::vector<std::string> a = split(was), b = split(now);
+    std::string out;
+    for (size_t i = 0; i < a.size() && a.size() == b.size(); i++) {
+        const size_t sp = b[i].rfind(' ');
+        if (a[i] != b[i] && sp != std::string::npos && a[i].compare(0, sp + 1, b[i], 0, sp + 1) == 0)
+            out += (out.empty() ? "" : ", ") + b[i].substr(0, sp) + " " + a[i].substr(sp + 1) + " -> " + b[i].substr(sp + 1);
+    }
+    return out.empty() ? "" : " (changed since it was saved: " + out + ")";
 }
 
 static int cmd_train(int argc, char** argv) {
@@ -280,8 +374,6 @@ static int cmd_train(int argc, char** argv) {
     }
     const Comm& cm = comm_world();
     const Config& cfg = model_arg(a, "small");
-    if (cm.local_size > 1 && !getenv("OMP_NUM_THREADS"))  // ranks on one machine share its cores
-        omp_set_num_threads(std::max(1, omp_get_num_procs() / cm.local_size));
     Model M;
     GpuCtx gpu;
     choose_device(a, &M.ctx, &gpu);
@@ -314,36 +406,43 @@ static int cmd_train(int argc, char** argv) {
     const std::string trace_path = a.str("trace", "");
     const bool stop_on_bad = stop_on_nonfinite(a);
     const int max_bad = (int)a.integer("max-bad-steps", 5, 1, 1 << 30);
+    if (cm.size > 1) comm_watchdog_start((double)a.integer("watchdog", 1800, 0, 1 << 30));
     // Fault injection for tests: FPDT_FAULT_NAN_STEPS="3,4" poisons a gradient at those steps.
     std::set<int> fault_steps;
     for (const char* p = getenv("FPDT_FAULT_NAN_STEPS"); p && *p; p += strcspn(p, ","), p += (*p == ',')) fault_steps.insert(atoi(p));
-    if ((save_every || exit_after || a.has("resume")) && out.empty())
-        fatal_all("--save-every, --exit-after and --resume need --out DIR");
+    const bool resume = a.has("resume");
+    if ((save_every || exit_after || resume || a.has("overwrite")) && out.empty())
+        fatal_all("--save-every, --exit-after, --resume and --overwrite need --out DIR");
+    if (resume && a.has("overwrite")) fatal_all("--resume continues the checkpoints in --out, --overwrite deletes them: choose one");
     std::string err = check_shape(cfg, r);
     if (!err.empty()) fatal_all("%s", err.c_str());
-    if (!out.empty() && cm.rank == 0) {  // find a bad --out now, not at the first save hours later
-        (void)!system(("mkdir -p '" + out + "' 2>/dev/null").c_str());
-        std::string probe = out + "/.fpdt_write_test.tmp";
-        FILE* f = fopen(probe.c_str(), "wb");
-        if (!f) fatal("--out %s: cannot write there: %s", out.c_str(), strerror(errno));
-        fclose(f);
-        remove(probe.c_str());
+    if (!out.empty()) prepare_out(out, resume, a.has("overwrite"));  // now, not at the first save hours later
+    if (!trace_path.empty()) {  // rank 0 writes it, after step 2: find out now whether it can
+        std::string terr;
+        if (cm.rank == 0) {
+            FILE* f = fopen((trace_path + ".tmp").c_str(), "w");
+            if (!f) terr = "--trace " + trace_path + ": cannot open for writing: " + strerror(errno);
+            else fclose(f), remove((trace_path + ".tmp").c_str());
+        }
+        fatal_any(terr);
     }
     DataSource* data = data_open(a.str("data", "passkey"), cfg.vocab, r.seq, seed, &err);
-    if (!data) fatal_all("%s", err.c_str());
+    fatal_any(data ? "" : err);  // a file missing on one machine is an error on one rank only
 
     Trace trace;
     M.ctx.trace = &trace;
     model_create(&M, cfg, r, false);
     model_init_params(&M, seed);
     int start = 0;
-    if (a.has("resume")) {
-        CkptHeader h;
-        start = (int)load_checkpoint(&M, out, &h);
-        if (h.seed != seed) fatal_all("--resume: the checkpoint was made with --seed %llu, not %llu", (unsigned long long)h.seed, (unsigned long long)seed);
-        if ((int)h.total_steps != steps)  // the learning-rate schedule is a function of --steps
-            fatal_all("--resume: the checkpoint belongs to a run of --steps %llu, not %d (the learning-rate "
-                      "schedule depends on it)", (unsigned long long)h.total_steps, steps);
+    Manifest id;  // this run's identity, stored in its checkpoints and checked on --resume
+    id.cfg = cfg, id.seq = r.seq, id.seed = seed, id.total_steps = steps, id.source = data->identity();
+    const std::string settings = run_settings(r, M.C);
+    std::string changed;  // what differs from the settings the checkpoint was saved with
+    if (resume) {
+        Manifest man;
+        const std::string path = load_checkpoint(&M, out, id, &man);
+        start = (int)man.step;
+        changed = settings_changes(read_run_settings(path), settings);
         if (start == steps && cm.rank == 0) printf("resume: the checkpoint is at step %d: nothing left to do\n", start);
     }
     if (cm.rank == 0) {
@@ -353,7 +452,7 @@ static int cmd_train(int argc, char** argv) {
         printf("seq %zu | chunk %zu (%d chunks) | offload %s | ranks %d%s | device %s, %s | steps %d%s\n", r.seq, M.C,
                M.u, r.offload ? "on" : "off", r.P, (std::string(r.zero ? " ZeRO-" + std::to_string(r.zero) : "") + (M.nccl ? " NCCL" : "")).c_str(),
                device_name(M.ctx).c_str(), r.bf16 ? "bf16" : "fp32", steps,
-               start ? (" | resumed at step " + std::to_string(start)).c_str() : "");
+               resume ? (" | resumed at step " + std::to_string(start) + changed).c_str() : "");
         printf("memory (arenas, this rank): device %.1f MiB, host %.1f MiB, taken once at start\n",
                M.dev.cap / 1048576.0, M.host.cap / 1048576.0);
         fflush(stdout);
@@ -372,6 +471,7 @@ static int cmd_train(int argc, char** argv) {
             lr_t = lr * (min_frac + (1 - min_frac) * 0.5f * (1 + cosf(3.14159265f * std::min(1.0f, p))));
         }
         opt.lr = lr_t;
+        watchdog().step = step + 1;
         trace.on = !trace_path.empty() && step == trace_step;
         trace.origin = now_s();
         if (trace.on && M.ctx.gpu) trace_gpu_start(&M.ctx);
@@ -392,7 +492,7 @@ static int cmd_train(int argc, char** argv) {
         }
         tokens_done += r.seq;
         if (cm.rank == 0) {
-            printf("step %d/%d | loss %.6f | lr %.3e | norm %.4f | %.0f tok/s | %.1f ms/step%s\n", step + 1, steps,
+            printf("step %d/%d | loss %.6f | lr %.3e | norm %.6g | %.0f tok/s | %.1f ms/step%s\n", step + 1, steps,
                    loss, lr_t, norm, r.seq / dt, dt * 1e3, finite ? "" : " | NON-FINITE: update skipped");
             fflush(stdout);
         }
@@ -408,8 +508,8 @@ static int cmd_train(int argc, char** argv) {
         const bool last = step + 1 == steps || step + 1 == exit_after;
         if (eval_every && ((step + 1) % eval_every == 0 || last)) evaluate(&M, data, eval_seqs, step + 1);
         if (!out.empty() && ((save_every && (step + 1) % save_every == 0) || last)) {
-            save_checkpoint(&M, out, step + 1, seed, steps);
-            if (cm.rank == 0) printf("saved %s\n", ckpt_path(out, step + 1).c_str());
+            const std::string saved = save_checkpoint(&M, out, step + 1, id, settings);
+            if (cm.rank == 0) printf("saved %s\n", saved.c_str());
         }
     }
     t_total = now_s() - t_total;
@@ -439,13 +539,12 @@ static int cmd_sample(int argc, char** argv) {
     }
     if (comm_world().size > 1) fatal_all("sample runs as one process (no mpirun)");
     if (!a.has("out")) fatal_all("sample needs --out DIR (the directory a training run saved to)");
-    std::string dir = a.str("out", ""), path;
-    CkptHeader h;
+    std::string dir = a.str("out", "");
+    Manifest man;
     std::vector<float> blob;
-    if (!find_checkpoint(dir, &h, &blob, &path)) fatal("--out %s: no valid checkpoint (ckpt_*.bin) there", dir.c_str());
-    const std::string model(h.model, strnlen(h.model, sizeof h.model));
-    const Config* cfg = find_preset(model);
-    if (!cfg) fatal("%s: unknown model '%s'", path.c_str(), model.c_str());
+    const std::string path = find_checkpoint(dir, &man, &blob);
+    if (path.empty()) fatal("--out %s: no valid checkpoint (a ckpt_<step>/ directory with its manifest.txt) there", dir.c_str());
+    const Config* cfg = &man.cfg;  // the checkpoint describes its own model
     const int ntok = (int)a.integer("tokens", 64, 1, 1 << 20);
     const float temp = (float)a.real("temperature", 0.0, 0.0, 100.0);
     std::vector<int32_t> seq = encode_bytes(a.str("prompt", ""));
@@ -453,10 +552,12 @@ static int cmd_sample(int argc, char** argv) {
     RunCfg r;
     r.seq = align_up(seq.size() + ntok, 16);
     Model M;
+    std::string err = check_shape(*cfg, r);
+    if (!err.empty()) fatal("%s: %s", path.c_str(), err.c_str());
     model_create(&M, *cfg, r, false);
-    if (!checkpoint_fits(h, &M))
-        fatal("%s: its parameters do not fit model '%s' as this build defines it", path.c_str(), model.c_str());
-    dev_upload(&M.ctx, M.params, blob.data(), h.n_params * sizeof(float));
+    if (M.n_params != man.n_params)  // parse_manifest checked this against the same table
+        fatal("%s: its %llu parameters do not fit its model", path.c_str(), (unsigned long long)man.n_params);
+    dev_upload(&M.ctx, M.params, blob.data(), man.n_params * sizeof(float));
     std::vector<float> logits(temp > 0 ? r.seq * cfg->vocab : 0);  // greedy reads the predictions
     M.logits_out = temp > 0 ? logits.data() : nullptr;
     Rng rng{(uint64_t)a.integer("seed", 1, 0, LLONG_MAX)};
@@ -548,12 +649,15 @@ static int cmd_plan(int argc, char** argv) {
         plan_sizes(c, t, &dv, &hs);
         return dv <= gpu_mem && hs <= host_mem;
     };
-    while (hi < (1ull << 30) && fits(hi)) lo = hi, hi *= 2;
+    const size_t max_units = (size_t)INT32_MAX / M.C;  // positions are int32 (RoPE)
+    while (hi <= max_units && fits(hi)) lo = hi, hi *= 2;
+    hi = std::min(hi, max_units + 1);
     while (hi - lo > 1) {
-        size_t mid = (lo + hi) / 2;
+        size_t mid = lo + (hi - lo) / 2;
         (fits(mid) ? lo : hi) = mid;
     }
-    if (lo) printf("  longest sequence that fits at chunk %zu: %zu tokens (%zu chunks)\n", M.C, lo * M.C, lo);
+    if (lo) printf("  longest sequence that fits at chunk %zu: %zu tokens (%zu chunks)%s\n", M.C, lo * M.C, lo,
+                   lo == max_units ? ", the int32 position limit, not memory" : "");
     else printf("  no sequence fits at chunk %zu with these memory limits\n", M.C);
     // Break-even chunk: one attention block (C x C for Hl heads) must take at least as long as
     // the copies it waits on. Forward: fetch k_j, v_j (2 C Hkvl D values) vs 4 C^2 Hl D FLOPs.
@@ -700,7 +804,42 @@ static void usage() {
            "       ./fpdt bench [--device gpu]   time the building blocks (matmul, attention, copies)\n");
 }
 
+// Threads per rank, chosen before the OpenMP runtime starts: when OMP_NUM_THREADS is unset, the
+// cores this process may use (its affinity) divided by the ranks on this machine (the launcher's
+// count), at least 1; when the ranks' threads outnumber those cores and OMP_WAIT_POLICY is unset,
+// a passive wait policy (spinning threads would take the cores from the ranks doing the work).
+// libgomp reads its environment when it loads, before main: a changed wait policy needs the
+// program to start again (exec, same pid, before MPI_Init). FPDT_THREADS_CHOSEN carries the
+// reason to the run header.
+static void choose_threads(char** argv) {
+    if (getenv("FPDT_THREADS_CHOSEN")) return;  // chosen already: this is the re-started program
+    cpu_set_t set;
+    const int cores = sched_getaffinity(0, sizeof set, &set) == 0 ? CPU_COUNT(&set) : (int)sysconf(_SC_NPROCESSORS_ONLN);
+    int local = 1;  // ranks on this machine, as the launcher says
+    for (const char* v : {"OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "PMI_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE"})
+        if (getenv(v) && atoi(getenv(v)) > 0) {
+            local = atoi(getenv(v));
+            break;
+        }
+    const char* user = getenv("OMP_NUM_THREADS");
+    const int threads = user && atoi(user) > 0 ? atoi(user) : std::max(1, cores / local);
+    std::string why = user ? "OMP_NUM_THREADS=" + std::string(user)
+                           : std::to_string(cores) + " core" + (cores == 1 ? "" : "s") + " / " + std::to_string(local) + " rank" +
+                                 (local == 1 ? "" : "s") + " on this machine";
+    const bool passive = !getenv("OMP_WAIT_POLICY") && threads > 1 && (long)threads * local > cores;
+    if (passive) why += "; passive wait: " + std::to_string((long)threads * local) + " threads share " + std::to_string(cores) + " cores";
+    setenv("FPDT_THREADS_CHOSEN", why.c_str(), 1);
+    if (!user) setenv("OMP_NUM_THREADS", std::to_string(threads).c_str(), 1);
+    if (passive) {
+        setenv("OMP_WAIT_POLICY", "passive", 1);
+        execv("/proc/self/exe", argv);  // returns only on failure: then the count below still holds
+    }
+    omp_set_num_threads(threads);
+}
+
 int main(int argc, char** argv) {
+    choose_threads(argv);
+    signal(SIGXFSZ, SIG_IGN);  // a file-size limit makes a write fail (an error message), not kill the run
     comm_init(&argc, &argv);
     int rc = 1;
     std::string cmd = argc > 1 ? argv[1] : "train";

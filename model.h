@@ -186,6 +186,7 @@ static inline std::string check_shape(const Config& c, const RunCfg& r) {
     else if (D % 2 || D > 512) snprintf(b, sizeof b, "model %s: head size %d must be even and at most 512", c.name, D);
     else if (c.n_head % c.n_kv_head) snprintf(b, sizeof b, "model %s: n_head %d is not a multiple of n_kv_head %d", c.name, c.n_head, c.n_kv_head);
     else if (r.seq < 1) snprintf(b, sizeof b, "--seq must be at least 1");
+    else if (r.seq > (size_t)INT32_MAX) snprintf(b, sizeof b, "--seq %zu: positions past 2^31-1 = 2147483647 do not fit the int32 positions RoPE is given", r.seq);
     else if (r.seq % C) snprintf(b, sizeof b, "--chunk-size %zu does not divide --seq %zu (S %% C must be 0)", C, r.seq);
     else if (C % r.P) snprintf(b, sizeof b, "--chunk-size %zu is not a multiple of the %d ranks (C %% P must be 0)", C, r.P);
     else if (c.n_head % r.P) snprintf(b, sizeof b, "model %s has %d heads, not a multiple of the %d ranks (H %% P must be 0)", c.name, c.n_head, r.P);
@@ -399,8 +400,11 @@ static inline void model_create(Model* M, const Config& c, const RunCfg& r, bool
                      C, t.offload ? " --offload 1" : "", T.dev.peak / 1048576.0, T.host.peak / 1048576.0);
             break;
         }
-        fatal_all("device memory: this run needs %.1f MiB but %s %.1f MiB; %s; see ./fpdt plan",
-                  need_dev / 1048576.0, limit, dev_limit / 1048576.0, hint);
+        char msg[768];
+        snprintf(msg, sizeof msg, "device memory: this run needs %.1f MiB but %s %.1f MiB; %s; see ./fpdt plan",
+                 need_dev / 1048576.0, limit, dev_limit / 1048576.0, hint);
+        if (dev_limit != r.device_cap) fatal("%s", msg);  // this GPU's own free memory: maybe this rank alone
+        fatal_all("%s", msg);
     }
     if (r.host_cap && r.host_cap < need_host)
         fatal_all("host memory: this run's host store needs %.1f MiB but --host-mem allows %.1f MiB "

@@ -66,6 +66,10 @@ struct DataSource {
     virtual void read(uint64_t step, size_t start, size_t n, int32_t* out) = 0;
     // One line, e.g. "passkey task (seed 1337)" or "3 shards, 1234567 tokens (data/tiny_*.bin)".
     virtual std::string describe() const = 0;
+    // One line that changes whenever the tokens would: "passkey", or for files their sorted names
+    // (without directories), sizes and a fingerprint of their first and last bytes. A checkpoint
+    // stores it (data.source), and --resume refuses another.
+    virtual std::string identity() const = 0;
     // Tasks with a retrieval answer: the positions (indices into the seq+1 tokens) whose tokens are
     // answers, and for each the distance in tokens between where its key was hidden and where it
     // is asked. Returns false for plain data.
@@ -149,7 +153,9 @@ struct FileStream : DataSource {
     std::vector<int> fds;  // owned; closed in the destructor
     uint64_t total = 0;    // N, tokens in the stream
     size_t seq = 0;
+    int vocab = 0;           // every token read is checked against it (a file rewritten mid-run)
     std::string description;
+    std::string ident;       // identity()
     std::vector<uint8_t> buf;  // staging for raw bytes of one read
 
     FileStream() {}
@@ -195,9 +201,16 @@ struct FileStream : DataSource {
                 buf.resize(m * (size_t)s.token_bytes);
                 if (!data_pread_all(s.fd, buf.data(), buf.size(), s.data_offset + a * (uint64_t)s.token_bytes))
                     data_fatal("data: " + s.path + ": read of tokens [" + std::to_string(a) + ", " +
-                               std::to_string(b) + ") failed (" +
+                               std::to_string(b) + ") at step " + std::to_string(step + 1) + " failed (" +
                                (errno ? strerror(errno) : "file is shorter than when it was opened") + ")");
-                for (size_t j = 0; j < m; j++) out[j] = (int32_t)data_le(&buf[j * s.token_bytes], s.token_bytes);
+                for (size_t j = 0; j < m; j++) {
+                    const uint32_t id = data_le(&buf[j * s.token_bytes], s.token_bytes);
+                    if (id >= (uint32_t)vocab)
+                        data_fatal("data: " + s.path + " changed since it was opened: token " + std::to_string(a + j) +
+                                   " is now id " + std::to_string(id) + ", not below the vocab size " +
+                                   std::to_string(vocab) + " (read at step " + std::to_string(step + 1) + ")");
+                    out[j] = (int32_t)id;
+                }
             }
             out += m;
             lo += m;
@@ -206,13 +219,19 @@ struct FileStream : DataSource {
     }
 
     std::string describe() const override { return description; }
+    std::string identity() const override { return ident; }
 };
 
 // Opens `path` for reading and checks that it is a regular file; *size its length in bytes.
+// stat() first: a FIFO or a device is refused before open() could block on it (and O_NONBLOCK
+// covers one swapped in between).
 static inline bool data_open_regular(const std::string& path, int* fd_out, uint64_t* size, std::string* err) {
-    int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return data_fail(err, "data: " + path + ": cannot open (" + strerror(errno) + ")");
     struct stat st;
+    if (stat(path.c_str(), &st) != 0) return data_fail(err, "data: " + path + ": cannot open (" + strerror(errno) + ")");
+    if (!S_ISREG(st.st_mode))
+        return data_fail(err, "data: " + path + ": not a regular file (expected a .bin shard or a text file)");
+    int fd = open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0) return data_fail(err, "data: " + path + ": cannot open (" + strerror(errno) + ")");
     if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
         close(fd);
         return data_fail(err, "data: " + path + ": not a regular file (expected a .bin shard or a text file)");
@@ -239,7 +258,7 @@ static inline bool data_open_shard(const std::string& path, int vocab, int* fd_o
     if (!data_pread_all(fd, header, SHARD_HEADER_BYTES, 0)) return fail("cannot read the header");
     int32_t magic = (int32_t)data_le(header + 0, 4);
     int32_t version = (int32_t)data_le(header + 4, 4);
-    int32_t count = (int32_t)data_le(header + 8, 4);
+    const uint32_t count = data_le(header + 8, 4);  // int32 in llm.c's writer; read unsigned, up to 2^32-1
     int token_bytes, want_version;
     if (magic == SHARD_MAGIC_U16) {
         token_bytes = 2;
@@ -254,7 +273,7 @@ static inline bool data_open_shard(const std::string& path, int vocab, int* fd_o
     if (version != want_version)
         return fail("bad version " + std::to_string(version) + " for magic " + std::to_string(magic) +
                     " (expected " + std::to_string(want_version) + ")");
-    if (count <= 0) return fail("header says " + std::to_string(count) + " tokens (expected more than 0)");
+    if (count == 0) return fail("header says 0 tokens (expected more than 0)");
     uint64_t want_size = SHARD_HEADER_BYTES + (uint64_t)count * token_bytes;
     if (size != want_size)
         return fail("file is " + std::to_string(size) + " bytes but its header says " + std::to_string(count) +
@@ -367,6 +386,7 @@ struct PasskeyTask : DataSource {
         for (size_t q : p.practice) overlay(q, TOK_QUERY);
     }
 
+    std::string identity() const override { return "passkey"; }
     std::string describe() const override {
         return "passkey task (seed " + std::to_string(seed) + "): find a 5-symbol key hidden in " +
                std::to_string(seq + 1) + " tokens";
@@ -384,6 +404,49 @@ struct PasskeyTask : DataSource {
         return true;
     }
 };
+
+// FileStream::identity(): "files N: name size fingerprint, ..." over the sorted paths, names
+// without their directories (the data may move), each with its size in bytes and an FNV-1a 64
+// of its first and last 4 KiB; past 8 files, the first and the last and one hash over all. One
+// line: bytes outside printable ASCII become %XX.
+static inline std::string data_files_identity(const std::vector<std::string>& paths,
+                                              const std::vector<FileStream::Segment>& segments) {
+    std::vector<std::string> items;
+    uint64_t all = 0xcbf29ce484222325ull;
+    auto mix = [](uint64_t h, const void* p, size_t n) {
+        for (size_t i = 0; i < n; i++) h = (h ^ ((const uint8_t*)p)[i]) * 0x100000001B3ull;
+        return h;
+    };
+    for (const std::string& p : paths) {
+        int fd = -1;
+        for (const FileStream::Segment& s : segments)
+            if (s.path == p) fd = s.fd;
+        struct stat st;
+        uint64_t size = fd >= 0 && fstat(fd, &st) == 0 ? (uint64_t)st.st_size : 0, h = 0xcbf29ce484222325ull;
+        std::vector<uint8_t> b(std::min<uint64_t>(size, 4096));
+        if (fd >= 0 && data_pread_all(fd, b.data(), b.size(), 0)) h = mix(h, b.data(), b.size());
+        if (fd >= 0 && data_pread_all(fd, b.data(), b.size(), size - b.size())) h = mix(h, b.data(), b.size());
+        std::string name = p.substr(p.rfind('/') == std::string::npos ? 0 : p.rfind('/') + 1), safe;
+        for (unsigned char ch : name) {
+            char e[8];
+            snprintf(e, sizeof e, "%%%02X", ch);
+            safe += ch > 0x20 && ch < 0x7f && ch != '%' && ch != ',' ? std::string(1, (char)ch) : std::string(e);
+        }
+        char f[64];
+        snprintf(f, sizeof f, " %llu %016llx", (unsigned long long)size, (unsigned long long)h);
+        items.push_back(safe + f);
+        all = mix(all, items.back().data(), items.back().size() + 1);
+    }
+    std::string id = "files " + std::to_string(paths.size()) + ": ";
+    if (items.size() <= 8)
+        for (size_t i = 0; i < items.size(); i++) id += (i ? ", " : "") + items[i];
+    else {
+        char h[32];
+        snprintf(h, sizeof h, "%016llx", (unsigned long long)all);
+        id += items.front() + " .. " + items.back() + ", all " + h;
+    }
+    return id;
+}
 
 // ----------------------------------------------------------------------------
 // data_open: the spec is a built-in task's name, a file path, or a glob.
@@ -416,7 +479,8 @@ inline DataSource* data_open(const std::string& spec, int vocab, size_t seq, uin
 
     // files: one path, or a glob (sorted bytewise, whatever the locale)
     std::vector<std::string> paths;
-    if (spec.find_first_of("*?[") != std::string::npos) {
+    struct stat literal;
+    if (spec.find_first_of("*?[") != std::string::npos && stat(spec.c_str(), &literal) != 0) {  // a file of that name first
         glob_t g;
         int rc = glob(spec.c_str(), 0, nullptr, &g);
         if (rc == 0)
@@ -455,6 +519,7 @@ inline DataSource* data_open(const std::string& spec, int vocab, size_t seq, uin
 
     FileStream* fs = new FileStream();
     fs->seq = seq;
+    fs->vocab = vocab;
     size_t used_files = 0;
     for (const std::string& p : paths) {
         int fd;
@@ -495,6 +560,7 @@ inline DataSource* data_open(const std::string& spec, int vocab, size_t seq, uin
         delete fs;
         return nullptr;
     }
+    fs->ident = data_files_identity(paths, fs->segments);
     fs->description = std::to_string(used_files) + (shards ? " shard" : " text file") + (used_files == 1 ? "" : "s") +
                       ", " + std::to_string(fs->total) + " tokens (" + spec + ")";
     return fs;

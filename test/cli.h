@@ -1,5 +1,6 @@
 // cli.h: helpers for tests that run the real ./fpdt (and mpirun) and read what it prints.
 #pragma once
+#include <ftw.h>
 #include <sys/wait.h>
 #include <cstdio>
 #include <cstdlib>
@@ -79,7 +80,9 @@ static inline std::string tmpdir() {
     if (!hooked) {
         hooked = true;
         atexit([] {
-            for (const std::string& d : made) (void)!system(("rm -rf '" + d + "'").c_str());
+            for (const std::string& d : made)  // no shell: a walk that removes depth first
+                nftw(d.c_str(), [](const char* f, const struct stat*, int, struct FTW*) { return ::remove(f); }, 16,
+                     FTW_DEPTH | FTW_PHYS);
         });
     }
     char t[] = "/tmp/fpdt_test_XXXXXX";

@@ -1,10 +1,12 @@
-// fuzz_checkpoint.cpp: libFuzzer target for read_checkpoint_file (checkpoint.h) on untrusted bytes.
-// Build and run: `make fuzz` (clang++ -fsanitize=fuzzer,address,undefined), with
-// test/fuzz_checkpoint.dict (the magic) and a seed corpus holding one small valid checkpoint, so
-// that the fuzzer starts past the magic, size and checksum checks.
+// fuzz_checkpoint.cpp: libFuzzer target for parse_manifest (checkpoint.h) on untrusted bytes: the
+// manifest.txt of a checkpoint (format 2), the one piece of a checkpoint whose fields size what a
+// reader allocates and reads. Build and run: `make fuzz` (clang++ -fsanitize=fuzzer,address,
+// undefined), with test/fuzz_checkpoint.dict (the keys) and a seed corpus holding valid manifests
+// (test/fuzz_seeds.py), so that the fuzzer starts past the field order and the checksum.
 //
-// The input is the whole file, read through fmemopen(). A bad file must come back as a message;
-// one that is accepted must be self-consistent. Crashes, leaks and UB are the sanitizers' business.
+// A bad manifest must come back as a message; one that is accepted must be self-consistent: its
+// parameter count is its model's, and its slices cover [0, n_params) in order. Crashes, leaks, UB
+// and huge allocations are the sanitizers' business.
 #include <cstdint>
 #include <cstdio>
 #include <string>
@@ -13,15 +15,19 @@
 #include "checkpoint.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
-    // fmemopen() may refuse a zero-length buffer; an empty file is /dev/null.
-    FILE* f = size ? fmemopen((void*)data, size, "rb") : fopen("/dev/null", "rb");
-    if (!f) __builtin_trap();
-    CkptHeader h;
-    std::vector<float> payload;
-    std::string err = read_checkpoint_file(f, "fuzz.bin", &h, &payload);
-    fclose(f);
-    if (err.empty() &&
-        (payload.size() != 3 * h.n_params || size != sizeof h + payload.size() * sizeof(float)))
-        __builtin_trap();  // accepted, so header and payload must agree with the file
+    const std::string text((const char*)data, size);
+    Manifest m;
+    const std::string err = parse_manifest(text, "fuzz/manifest.txt", &m);
+    if (!err.empty()) {
+        if (err.find('\n') != std::string::npos) __builtin_trap();  // one line
+        return 0;
+    }
+    size_t count = 0;
+    param_table(m.cfg, &count);
+    if (count != m.n_params || m.shards.empty() || m.shards.front().lo != 0 || m.shards.back().hi != m.n_params)
+        __builtin_trap();
+    for (size_t r = 1; r < m.shards.size(); r++)
+        if (m.shards[r].lo != m.shards[r - 1].hi || m.shards[r].hi < m.shards[r].lo) __builtin_trap();
+    if (m.total_steps && m.step > m.total_steps) __builtin_trap();
     return 0;
 }

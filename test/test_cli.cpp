@@ -2,6 +2,8 @@
 // resume, the trace, the planner, and every bad input getting one clear line and a non-zero exit.
 #include <gtest/gtest.h>
 #include <cmath>
+#include <sys/stat.h>
+#include <unistd.h>
 #include <fstream>
 #include "test/cli.h"
 
@@ -66,15 +68,45 @@ TEST(Checkpoint, ResumeNeedsTheSameSteps) {
     ASSERT_EQ(run(TINY + "--seq 64 --steps 6 --exit-after 3 --out " + d).rc, 0);
     Out r = run(TINY + "--seq 64 --steps 8 --resume --out " + d);
     EXPECT_NE(r.rc, 0);
-    EXPECT_NE(r.out.find("a run of --steps 6, not 8"), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find("was made with total_steps 6, this run has 8 (--steps"), std::string::npos) << r.out;
+}
+
+// --resume checks what the checkpoint was made with: a different --seq, --data, --seed or model
+// changes what every step computes, and is refused naming the field, the old and the new value.
+// A checkpoint past --steps is refused too.
+TEST(Checkpoint, ResumeRefusesAnotherIdentity) {
+    std::string d = tmpdir();
+    { std::ofstream(d + "/a.txt") << std::string(3000, 'a'); }
+    { std::ofstream(d + "/b.txt") << std::string(3000, 'b'); }
+    const std::string out = " --out " + d + "/o";
+    ASSERT_EQ(run(TINY + "--seq 64 --steps 6 --exit-after 3 --data " + d + "/a.txt" + out).rc, 0);
+    struct Case {
+        std::string args, expect;
+    };
+    for (const Case& c : std::vector<Case>{
+             {"--seq 128 --steps 6 --data " + d + "/a.txt", "was made with data.seq 64, this run has 128 (--seq"},
+             {"--seq 64 --steps 6 --data " + d + "/b.txt", "was made with data.source files 1: a.txt 3000 "},
+             {"--seq 64 --steps 6 --seed 1 --data " + d + "/a.txt", "was made with seed 1337, this run has 1 (--seed"},
+             {"--seq 64 --steps 2 --data " + d + "/a.txt", "is at step 3, past --steps 2"},
+         }) {
+        Out r = run(TINY + c.args + " --resume" + out);
+        EXPECT_NE(r.rc, 0) << r.out;
+        EXPECT_NE(r.out.find(c.expect), std::string::npos) << c.args << "\n" << r.out;
+        EXPECT_EQ(count_lines(r.out), 1) << r.out;
+    }
+    Out gm = run("./fpdt train --device cpu --model gpt-tiny --eval-every 0 --seq 64 --steps 6 --resume --data " + d + "/a.txt" + out);
+    EXPECT_NE(gm.out.find("was made with model.name tiny, this run has gpt-tiny (--model"), std::string::npos) << gm.out;
+    Out ok = run(TINY + "--seq 64 --steps 6 --chunk-size 32 --data " + d + "/a.txt --resume" + out);
+    EXPECT_EQ(ok.rc, 0) << ok.out;
+    EXPECT_NE(ok.out.find("changed since it was saved: chunk 64 -> 32"), std::string::npos) << ok.out;
 }
 
 TEST(Checkpoint, CorruptNewestFallsBackToThePrevious) {
     std::string d = tmpdir();
     const std::string args = TINY + "--seq 64 --steps 6 --save-every 2 --out " + d;
     ASSERT_EQ(run(args + " --exit-after 4").rc, 0);
-    {  // flip a byte in the middle of the newest checkpoint
-        std::fstream f(d + "/ckpt_00000004.bin", std::ios::in | std::ios::out | std::ios::binary);
+    {  // flip a byte in the middle of the newest checkpoint's shard
+        std::fstream f(d + "/ckpt_00000004/shard_0.bin", std::ios::in | std::ios::out | std::ios::binary);
         ASSERT_TRUE(f.good());
         f.seekp(20000);
         f.put('\x5a');
@@ -246,7 +278,7 @@ TEST(Faults, NonFiniteStepsAreSkippedOrStop) {
     EXPECT_NE(limit.rc, 0);
     EXPECT_NE(limit.out.find("3 non-finite steps in a row"), std::string::npos) << limit.out;
     // the newest checkpoints (after the skipped steps) hold finite numbers and resume
-    for (const char* f : {"/ckpt_00000005.bin", "/ckpt_00000006.bin"}) {
+    for (const char* f : {"/ckpt_00000005/shard_0.bin", "/ckpt_00000006/shard_0.bin"}) {
         FILE* fp = fopen((d + f).c_str(), "rb");
         ASSERT_NE(fp, nullptr) << f;
         fseek(fp, 0, SEEK_END);
@@ -256,7 +288,7 @@ TEST(Faults, NonFiniteStepsAreSkippedOrStop) {
         ASSERT_EQ(fread(all.data(), 4, all.size(), fp), all.size());
         fclose(fp);
         size_t bad = 0;
-        for (size_t i = 32; i < all.size(); i++) bad += !std::isfinite(all[i]);  // past the 128-byte header
+        for (size_t i = 0; i < all.size(); i++) bad += !std::isfinite(all[i]);  // params, m, v: fp32, no header
         EXPECT_EQ(bad, 0u) << f;
     }
 }
@@ -269,7 +301,7 @@ TEST(Checkpoint, KilledWhileWritingKeepsThePreviousOne) {
         std::string d = tmpdir();
         Out k = run("./fpdt train --device cpu --model medium --seq 32 --steps 1000 --eval-every 0 --save-every 1 --out " + d +
                     " > " + d + "/log 2>&1 & p=$!; "
-                    "for i in $(seq 600); do ls " + d + "/ckpt_*.bin >/dev/null 2>&1 && ls " + d +
+                    "for i in $(seq 600); do ls " + d + "/ckpt_*/manifest.txt >/dev/null 2>&1 && ls " + d +
                     "/*.tmp >/dev/null 2>&1 && break; sleep 0.05; done; kill -9 $p; wait $p; "
                     "ls " + d + "/*.tmp >/dev/null 2>&1 && echo KILLED_MID_WRITE; ls " + d);
         if (k.out.find("KILLED_MID_WRITE") == std::string::npos) continue;  // the write finished first: again
@@ -278,6 +310,158 @@ TEST(Checkpoint, KilledWhileWritingKeepsThePreviousOne) {
                     "--resume --out " + d + " 2>&1 | head -3");
         EXPECT_NE(r.out.find("resumed at step"), std::string::npos) << k.out << r.out;
         EXPECT_EQ(r.out.find("warning"), std::string::npos) << r.out;  // the .tmp is never mistaken for a checkpoint
+        EXPECT_NE(run("ls -d " + d + "/*.tmp").rc, 0) << "the killed save's .tmp is still there";
     }
     EXPECT_TRUE(caught) << "never caught a checkpoint mid-write in 5 tries";
+}
+
+// ----------------------------------------------------------------------------
+// Reliability (issue 10): hostile paths, stale and shared --out directories, FIFOs, full disks.
+
+// --out is never pasted into a shell: quotes and semicolons are just characters of a directory
+// name (parents created too), and nothing in the program runs a shell at all.
+TEST(Reliability, OutIsNeverAShellCommand) {
+    std::string d = tmpdir();
+    const std::string evil = d + "/x'; touch " + d + "/PWNED; echo '";
+    Out r = run(TINY + "--seq 64 --steps 1 --out \"" + evil + "\"");
+    EXPECT_EQ(r.rc, 0) << r.out;
+    EXPECT_NE(access((d + "/PWNED").c_str(), F_OK), 0) << "the --out string ran as a command";
+    EXPECT_EQ(access((evil + "/ckpt_00000001/manifest.txt").c_str(), F_OK), 0) << r.out;
+    Out q = run(TINY + "--seq 64 --steps 1 --out \"" + d + "/it's here/deeper\"");
+    EXPECT_EQ(q.rc, 0) << q.out;
+    Out grep = run("grep -n 'system(\\|popen(\\|exec[lv]p*(\"/bin/sh' *.h *.cu *.cuh data/*.h");
+    EXPECT_EQ(grep.out, "") << "a shell in the program's sources";
+}
+
+// The issue's case: a fresh run into a directory holding another run's checkpoints is refused
+// (it used to be rotated away by them); --overwrite deletes them and starts afresh, and --resume
+// then continues the new run. A checkpoint is found by its number, whatever the name's width.
+TEST(Reliability, FreshRunIntoOldCheckpointsIsRefusedOrOverwritten) {
+    std::string d = tmpdir();
+    const std::string out = " --out " + d + "/o";
+    ASSERT_EQ(run(TINY + "--seq 64 --steps 4 --save-every 2" + out).rc, 0);
+    Out refused = run(TINY + "--seq 64 --steps 4 --save-every 1 --exit-after 3 --lr 1e-3" + out);
+    EXPECT_NE(refused.rc, 0);
+    EXPECT_NE(refused.out.find("holds checkpoints of an earlier run (ckpt_00000004 and 1 more): continue it with --resume, "
+                               "or pass --overwrite"), std::string::npos) << refused.out;
+    EXPECT_EQ(count_lines(refused.out), 1) << refused.out;
+    Out fresh = run(TINY + "--seq 64 --steps 4 --save-every 1 --exit-after 3 --lr 1e-3 --overwrite" + out);
+    ASSERT_EQ(fresh.rc, 0) << fresh.out;
+    Out ls = run("ls " + d + "/o");
+    EXPECT_EQ(ls.out, "ckpt_00000002\nckpt_00000003\n");  // this run's newest two, nothing of the old run
+    ASSERT_EQ(rename((d + "/o/ckpt_00000003").c_str(), (d + "/o/ckpt_3").c_str()), 0);  // any width
+    Out resumed = run(TINY + "--seq 64 --steps 4 --lr 1e-3 --resume" + out);
+    EXPECT_NE(resumed.out.find("resumed at step 3"), std::string::npos) << resumed.out;
+    Out both = run(TINY + "--seq 64 --steps 4 --resume --overwrite" + out);
+    EXPECT_NE(both.out.find("choose one"), std::string::npos) << both.out;
+}
+
+// Two runs cannot share an --out: the second is refused while the first holds its lock.
+TEST(Reliability, OutIsLocked) {
+    std::string d = tmpdir();
+    Out r = run("(" + TINY + "--seq 64 --steps 100000 --out " + d + "/o > " + d + "/log 2>&1 & p=$!; "
+                "for i in $(seq 300); do grep -q 'step 1/' " + d + "/log && break; sleep 0.1; done; " +
+                TINY + "--seq 64 --steps 3 --resume --out " + d + "/o; echo rc=$?; kill $p; wait $p)");
+    EXPECT_NE(r.out.find("another fpdt run is using it (pid "), std::string::npos) << r.out;
+    EXPECT_GT(number_after(r.out, "rc="), 0) << r.out;
+}
+
+// A FIFO given as --data (any name) or standing where a checkpoint's files should be is an error
+// (or skipped), never a hang.
+TEST(Reliability, FifosAreErrorsNotHangs) {
+    std::string d = tmpdir();
+    for (const char* f : {"/f.txt", "/f.bin", "/f"}) ASSERT_EQ(mkfifo((d + f).c_str(), 0644), 0);
+    for (const char* f : {"/f.txt", "/f.bin", "/f"}) {
+        Out r = run("timeout 20 " + TINY + "--seq 64 --steps 1 --data " + d + f);
+        EXPECT_NE(r.rc, 124) << f << " hung";
+        EXPECT_NE(r.rc, 0) << r.out;
+        EXPECT_NE(r.out.find("not a regular file"), std::string::npos) << r.out;
+        EXPECT_EQ(count_lines(r.out), 1) << r.out;
+    }
+    ASSERT_EQ(mkdir((d + "/o").c_str(), 0755), 0);
+    ASSERT_EQ(mkfifo((d + "/o/ckpt_00000009").c_str(), 0644), 0);  // a FIFO named like a checkpoint
+    ASSERT_EQ(mkdir((d + "/o/ckpt_00000008").c_str(), 0755), 0);
+    ASSERT_EQ(mkfifo((d + "/o/ckpt_00000008/manifest.txt").c_str(), 0644), 0);
+    for (const std::string& cmd : {TINY + "--seq 64 --steps 1 --resume --out " + d + "/o", "./fpdt sample --out " + d + "/o"}) {
+        Out r = run("timeout 20 " + cmd);
+        EXPECT_NE(r.rc, 124) << cmd << " hung";
+        EXPECT_NE(r.rc, 0) << r.out;
+        EXPECT_NE(r.out.find("manifest.txt: not a regular file"), std::string::npos) << r.out;
+        EXPECT_NE(r.out.find("no valid checkpoint"), std::string::npos) << r.out;
+    }
+}
+
+// A save that does not fit is refused before it writes, saying how much room it needs; a write
+// that fails midway (here a file-size limit) removes its .tmp. Either way the run ends non-zero
+// and nothing partial is left. (The first needs a small tmpfs: root only, skipped otherwise.)
+TEST(Reliability, FullDiskSaysHowMuchAndLeavesNoTmp) {
+    std::string d = tmpdir();
+    Out lim = run("ulimit -f 1000; " + TINY + "--seq 64 --steps 1 --out " + d + "/o");
+    EXPECT_NE(lim.rc, 0) << lim.out;
+    EXPECT_NE(lim.out.find("shard_0.bin failed: File too large (" + d + "/o/ckpt_00000001.tmp removed)"), std::string::npos) << lim.out;
+    EXPECT_EQ(run("ls " + d + "/o").out, "") << "something of the failed save is left";
+    const std::string mnt = d + "/small";
+    ASSERT_EQ(mkdir(mnt.c_str(), 0755), 0);
+    if (run("mount -t tmpfs -o size=1m tmpfs " + mnt).rc != 0) GTEST_SKIP() << "cannot mount a small tmpfs here";
+    Out full = run(TINY + "--seq 64 --steps 1 --out " + mnt);
+    run("umount " + mnt);
+    EXPECT_NE(full.rc, 0) << full.out;
+    EXPECT_NE(full.out.find("saving step 1 needs 1.5 MiB (one checkpoint; the newest one before it is kept) but only 1.0 MiB are free"),
+              std::string::npos) << full.out;
+}
+
+// Smaller things: numbers that would silently become 0, --help with a value, a --trace that
+// cannot be written (found before training), a literal file name with glob characters, a shard
+// header count of 2^31 or more, a shard that changes under a running job (the file and the step
+// named), --seq past the int32 positions in plan, and the gradient norm to 6 significant digits.
+TEST(Reliability, SmallerThings) {
+    std::string d = tmpdir();
+    const std::string T = TINY + "--seq 64 --steps 1 ";
+    for (const Bad& c : std::vector<Bad>{
+             {T + "--lr 1e-400", "--lr: '1e-400' is too small to be told from 0"},
+             {T + "--adam-eps 1e-60", "--adam-eps: '1e-60' is too small"},
+             {T + "--help=1", "--help takes no value"},
+             {T + "--trace /proc/nope/t.json", "--trace /proc/nope/t.json: cannot open for writing"},
+             {"./fpdt plan --model tiny --chunk-size 1 --precision fp32 --seq 2147483648", "positions past 2^31-1"},
+             {"./fpdt plan --model tiny --seq 4294967297", "positions past 2^31-1"},
+         }) {
+        Out r = run(c.args);
+        EXPECT_NE(r.rc, 0) << c.args << "\n" << r.out;
+        EXPECT_NE(r.out.find(c.expect), std::string::npos) << c.args << "\n" << r.out;
+        EXPECT_EQ(count_lines(r.out), 1) << c.args << "\n" << r.out;
+    }
+    { std::ofstream(d + "/set[1].txt") << std::string(500, 'z'); }
+    Out lit = run(T + "--data '" + d + "/set[1].txt'");
+    EXPECT_EQ(lit.rc, 0) << lit.out;
+    EXPECT_NE(lit.out.find("set[1].txt"), std::string::npos) << lit.out;
+    {
+        std::ofstream f(d + "/huge.bin", std::ios::binary);
+        std::vector<int32_t> h(256, 0);
+        h[0] = 20240520, h[1] = 1, h[2] = (int32_t)0x80000000u;  // 2^31 tokens
+        f.write((const char*)h.data(), 1024);
+    }
+    Out huge = run(T + "--data " + d + "/huge.bin");
+    EXPECT_NE(huge.out.find("its header says 2147483648 tokens"), std::string::npos) << huge.out;
+    {
+        std::ofstream f(d + "/s.bin", std::ios::binary);
+        std::vector<int32_t> h(256, 0);
+        h[0] = 20240520, h[1] = 1, h[2] = 100000;
+        f.write((const char*)h.data(), 1024);
+        std::vector<uint16_t> toks(100000, 97);
+        f.write((const char*)toks.data(), toks.size() * 2);
+    }
+    Out changed = run("(" + TINY + "--seq 64 --steps 100000 --data " + d + "/s.bin > " + d + "/log 2>&1 & p=$!; "
+                      "for i in $(seq 300); do grep -q 'step 2/' " + d + "/log && break; sleep 0.1; done; "
+                      "truncate -s 1100 " + d + "/s.bin; timeout 30 tail --pid=$p -f /dev/null; wait $p; echo rc=$?; cat " + d + "/log)");
+    EXPECT_GT(number_after(changed.out, "rc="), 0) << changed.out;
+    EXPECT_NE(changed.out.find(d + "/s.bin: read of tokens ["), std::string::npos) << changed.out;
+    EXPECT_NE(changed.out.find(") at step "), std::string::npos) << changed.out;
+    Out norm = run(T);
+    const size_t at = norm.out.find("| norm ");
+    ASSERT_NE(at, std::string::npos) << norm.out;
+    const std::string value = norm.out.substr(at + 7, norm.out.find(' ', at + 7) - at - 7);
+    int digits = 0;
+    for (size_t i = 0, lead = 1; i < value.size() && value[i] != 'e'; i++)
+        if (isdigit((unsigned char)value[i]) && !(lead && value[i] == '0')) digits++, lead = 0;
+    EXPECT_EQ(digits, 6) << value;
 }

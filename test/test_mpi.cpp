@@ -1,6 +1,7 @@
 // Sequence parallelism across real MPI processes (mpirun, as CI runs it): the same losses as one
 // process, the all-to-all layout, per-rank memory, and errors and dead ranks ending the job.
 #include <gtest/gtest.h>
+#include <fstream>
 #include "test/cli.h"
 
 // One thread per rank: the ranks share CI's two cores.
@@ -126,4 +127,106 @@ TEST(Mpi, EvaluationAgreesWithOneProcess) {
         EXPECT_NEAR(number_after(e, "loss "), number_after(e1, "loss "), 1e-5 * number_after(e1, "loss ")) << e << "\n" << e1;
         EXPECT_EQ(e.substr(e.find("passkey")), e1.substr(e1.find("passkey"))) << np << " ranks";
     }
+}
+
+// Checkpoint format 2 re-cuts on load: a run saved by 2 ranks with ZeRO-1 continues on 4 ranks
+// without it, and one saved by 4 with ZeRO-1 on one process, printing the losses of an unbroken
+// single-process run (each rank wrote only its own shard); the header says what changed.
+TEST(Mpi, CheckpointsResumeOnOtherRanksAndZero) {
+    const std::string args = "./fpdt train --device cpu --model tiny --eval-every 0 --seq 64 --chunk-size 16 --steps 6 ";
+    Out whole = run("OMP_NUM_THREADS=1 " + args);
+    ASSERT_EQ(whole.rc, 0) << whole.out;
+    std::vector<double> ref = losses(whole.out);
+    ASSERT_EQ(ref.size(), 6u);
+    struct Leg {
+        std::string first, second;
+    };
+    for (const Leg& leg : {Leg{mpi(2) + args + "--zero 1", mpi(4) + args}, Leg{mpi(4) + args + "--zero 1", "OMP_NUM_THREADS=1 " + args}}) {
+        std::string d = tmpdir();
+        Out a = run(leg.first + " --exit-after 3 --out " + d);
+        ASSERT_EQ(a.rc, 0) << a.out;
+        Out ls = run("ls " + d + "/ckpt_00000003");
+        EXPECT_NE(ls.out.find(leg.first.find("-np 4") != std::string::npos ? "shard_3.bin" : "shard_1.bin"), std::string::npos) << ls.out;
+        Out b = run(leg.second + " --resume --out " + d);
+        ASSERT_EQ(b.rc, 0) << b.out;
+        std::vector<double> l = losses(a.out), l2 = losses(b.out);
+        l.insert(l.end(), l2.begin(), l2.end());
+        ASSERT_EQ(l.size(), 6u) << a.out << b.out;
+        for (size_t i = 0; i < 6; i++) EXPECT_NEAR(l[i], ref[i], 1e-5 * ref[i]) << leg.second << " step " << i + 1;
+        EXPECT_NE(b.out.find("changed since it was saved: ranks "), std::string::npos) << b.out;
+        EXPECT_NE(b.out.find("ZeRO-1 on -> off"), std::string::npos) << b.out;
+    }
+}
+
+// An error only one rank sees (its --data file missing, its --out not the one rank 0 made, no
+// GPU on its machine) prints that rank's message, naming it, and ends every rank, non-zero,
+// within seconds: never a silent hang. The per-rank path comes from the launcher's rank variable.
+TEST(Mpi, OneRankFailingEndsEveryRank) {
+    std::string d = tmpdir();
+    { std::ofstream(d + "/r0.txt") << std::string(2000, 'a'); }
+    const std::string T = "./fpdt train --device cpu --model tiny --seq 64 --steps 3 --eval-every 0 ";
+    struct Case {
+        std::string cmd, expect;
+    };
+    std::vector<Case> cases = {
+        {"sh -c 'exec " + T + "--data " + d + "/r${OMPI_COMM_WORLD_RANK}.txt'", "(rank 1 of 2): data: " + d + "/r1.txt: cannot open"},
+        {"sh -c 'exec " + T + "--out " + d + "/o${OMPI_COMM_WORLD_RANK}'", "(rank 1 of 2): --out " + d + "/o1: this rank does not see rank 0's files"},
+    };
+    if (run("nvidia-smi -L").rc != 0)
+        cases.push_back({"./fpdt train --device gpu --model tiny --seq 64 --steps 3", "of 2): --device gpu: no CUDA device is visible"});
+    for (const Case& c : cases) {
+        Out r = run("(t0=$(date +%s); timeout 60 " + mpi(2) + c.cmd + "; echo \"rc=$? secs=$(( $(date +%s) - t0 ))\")");
+        EXPECT_GT(number_after(r.out, "rc="), 0) << r.out;
+        EXPECT_NE(number_after(r.out, "rc="), 124) << "hung: " << r.out;
+        EXPECT_LT(number_after(r.out, "secs="), 30) << r.out;
+        EXPECT_NE(r.out.find(c.expect), std::string::npos) << c.cmd << "\n" << r.out;
+    }
+}
+
+// Threads per rank when OpenMP's environment is unset: the cores this rank may use over the ranks
+// on its machine, and the header says so; where the ranks' threads outnumber the cores, a passive
+// wait policy, which takes effect (the program restarts itself before OpenMP reads it: libgomp
+// reports it). And the point of it: 4 ranks on this machine take at most about 3x the time per
+// step of one process (spinning threads on shared cores took 25x).
+TEST(Mpi, ThreadsPerRankAndPassiveWait) {
+    const std::string unset = "env -u OMP_NUM_THREADS -u OMP_WAIT_POLICY ";
+    const std::string T = "./fpdt train --device cpu --model tiny --seq 512 --chunk-size 128 --steps 3 --eval-every 0";
+    Out one = run(unset + T), four = run(unset + mpirun(4) + T);
+    ASSERT_EQ(one.rc, 0) << one.out;
+    ASSERT_EQ(four.rc, 0) << four.out;
+    EXPECT_NE(four.out.find(" threads per rank: "), std::string::npos) << four.out;
+    EXPECT_NE(four.out.find(" / 4 ranks on this machine"), std::string::npos) << four.out;
+    auto step_ms = [](const std::string& out) {  // the fastest step after the first (warm-up)
+        double best = 1e30;
+        for (size_t p = out.find("step 2/"); p != std::string::npos; p = out.find("\nstep ", p + 1)) {
+            const size_t e = out.find(" ms/step", p), b = out.rfind("| ", e);
+            best = std::min(best, atof(out.c_str() + b + 2));
+        }
+        return best;
+    };
+    const double t1 = step_ms(one.out), t4 = step_ms(four.out);
+    EXPECT_LT(t4, 3.0 * t1) << "4 ranks " << t4 << " ms/step, one process " << t1 << "\n" << four.out;
+    printf("per step: one process %.1f ms, 4 ranks %.1f ms (%.2fx)\n", t1, t4, t4 / t1);
+    // as many threads per rank as the machine has cores: 4 ranks' threads outnumber them anywhere
+    Out spin = run("env -u OMP_WAIT_POLICY OMP_DISPLAY_ENV=true OMP_NUM_THREADS=$(nproc) " + mpirun(4) +
+                   "-x OMP_NUM_THREADS -x OMP_DISPLAY_ENV ./fpdt train --device cpu --model tiny --seq 64 --steps 1 --eval-every 0");
+    ASSERT_EQ(spin.rc, 0) << spin.out;
+    EXPECT_NE(spin.out.find("OMP_WAIT_POLICY = 'PASSIVE'"), std::string::npos) << spin.out;
+    EXPECT_NE(spin.out.find("; passive wait: "), std::string::npos) << spin.out;
+}
+
+// A rank that stops making progress (SIGSTOP) leaves the others waiting in a collective: with
+// --watchdog 2 one of them names the step and the collective and the job ends, non-zero.
+TEST(Mpi, WatchdogEndsAJobWithAStoppedRank) {
+    std::string d = tmpdir();
+    Out r = run("(out=" + d + "/log; " + mpi(2) +
+                "./fpdt train --device cpu --model tiny --seq 64 --steps 100000 --eval-every 0 --watchdog 2 > $out 2>&1 & m=$!; "
+                "for i in $(seq 300); do grep -q 'step 3/' $out && break; sleep 0.1; done; "
+                "s=$(pgrep -P $m | tail -1); kill -STOP $s; t0=$(date +%s); "
+                "timeout 60 tail --pid=$m -f /dev/null; rc=$?; kill -9 $s $m 2>/dev/null; wait $m; "
+                "echo \"rc=$rc secs=$(( $(date +%s) - t0 ))\"; cat $out)");
+    EXPECT_EQ(number_after(r.out, "rc="), 0) << "the job did not end: " << r.out;
+    EXPECT_LT(number_after(r.out, "secs="), 30) << r.out;
+    EXPECT_NE(r.out.find("watchdog: step "), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find("(--watchdog 2); ending the job"), std::string::npos) << r.out;
 }
