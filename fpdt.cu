@@ -341,7 +341,7 @@ static void prepare_out(const std::string& out, bool resume, bool overwrite) {
 // The settings that may change across a --resume (what the losses do not depend on), one line.
 static std::string run_settings(const RunCfg& r, size_t chunk) {
     return "ranks " + std::to_string(r.P) + " | chunk " + std::to_string(chunk) + " | offload " + (r.offload ? "on" : "off") +
-           " | ZeRO-1 " + (r.zero ? "on" : "off") + " | precision " + (r.bf16 ? "bf16" : "fp32");
+           " | ZeRO stage " + std::to_string(r.zero) + " | precision " + (r.bf16 ? "bf16" : "fp32");
 }
 
 // " (since the checkpoint: ranks 1 -> 2, ...)" for the settings that differ; "" when none do.

@@ -133,11 +133,11 @@ static inline void zero_reduce_scatter(Model* M, int g, float* buf, int slot) {
     if (ctx->gpu) {  // ranks sharing a GPU: through host memory (synchronous)
         float* h = M->stage;  // (n) the group, then (mine) this rank's part
         dev_download(ctx, h, buf, n * sizeof(float));
-        MPI_CHECK(MPI_Reduce_scatter(h, h + n, counts.data(), MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD));
+        MPI_COLLECTIVE("reduce-scatter (ZeRO gradients)", MPI_Reduce_scatter(h, h + n, counts.data(), MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD));
         dev_upload(ctx, dst, h + n, mine * sizeof(float));
         return;
     }
-    MPI_CHECK(MPI_Reduce_scatter(buf, dst, counts.data(), MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD));
+    MPI_COLLECTIVE("reduce-scatter (ZeRO gradients)", MPI_Reduce_scatter(buf, dst, counts.data(), MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD));
 }
 
 // ZeRO-3: group g's weights from every rank's shard into buf (its range), bf16 copy in low.
@@ -176,11 +176,11 @@ static inline void zero_gather_begin(Model* M, int g, float* buf, int slot) {
     if (ctx->gpu) {  // ranks sharing a GPU: through host memory (synchronous)
         float* h = M->stage;  // (mine) this rank's part, then (n) the group
         dev_download(ctx, h, src, mine * sizeof(float));
-        MPI_CHECK(MPI_Allgatherv(h, mpi_count(mine), MPI_FLOAT, h + mine, counts.data(), displs.data(), MPI_FLOAT, MPI_COMM_WORLD));
+        MPI_COLLECTIVE("all-gather (ZeRO-3 weights)", MPI_Allgatherv(h, mpi_count(mine), MPI_FLOAT, h + mine, counts.data(), displs.data(), MPI_FLOAT, MPI_COMM_WORLD));
         dev_upload(ctx, buf, h + mine, n * sizeof(float));
         return;
     }
-    MPI_CHECK(MPI_Allgatherv(src, mpi_count(mine), MPI_FLOAT, buf, counts.data(), displs.data(), MPI_FLOAT, MPI_COMM_WORLD));
+    MPI_COLLECTIVE("all-gather (ZeRO-3 weights)", MPI_Allgatherv(src, mpi_count(mine), MPI_FLOAT, buf, counts.data(), displs.data(), MPI_FLOAT, MPI_COMM_WORLD));
 }
 
 static inline void zero_gather_wait(Model* M, int g, float* buf, bf16* low_buf, int slot) {

@@ -95,3 +95,54 @@ TEST(Zero, Llama8BAt2MTokensFitsFour80GBGpus) {
     EXPECT_LT(number_after(z3.out, "fits: device yes ("), 70.0) << z3.out;
     EXPECT_NE(z1.out.find("fits: device NO"), std::string::npos) << z1.out;
 }
+
+// Checkpoint format 2 under ZeRO-3: each rank writes the weights, m and v of the slice it owns,
+// and a run saved by 4 ranks with --zero 3 continues at P = 2 with --zero 1, and on one process,
+// with the losses of an unbroken run (1e-5).
+TEST(Zero, Stage3CheckpointResumesOnOtherRanksAndStages) {
+    const std::string args = "./fpdt train --device cpu --model tiny --eval-every 0 --seq 64 --chunk-size 16 --steps 6 ";
+    Out whole = run("OMP_NUM_THREADS=1 " + args);
+    ASSERT_EQ(whole.rc, 0) << whole.out;
+    std::vector<double> ref = losses(whole.out);
+    ASSERT_EQ(ref.size(), 6u);
+    for (const std::string& second : {mpi1(2) + args + "--zero 1", "OMP_NUM_THREADS=1 " + args}) {
+        std::string d = tmpdir();
+        Out a = run(mpi1(4) + args + "--zero 3 --exit-after 3 --out " + d);
+        ASSERT_EQ(a.rc, 0) << a.out;
+        EXPECT_NE(run("ls " + d + "/ckpt_00000003").out.find("shard_3.bin"), std::string::npos);
+        Out b = run(second + " --resume --out " + d);
+        ASSERT_EQ(b.rc, 0) << b.out;
+        std::vector<double> l = losses(a.out), l2 = losses(b.out);
+        l.insert(l.end(), l2.begin(), l2.end());
+        ASSERT_EQ(l.size(), 6u) << a.out << b.out;
+        for (size_t i = 0; i < 6; i++) EXPECT_NEAR(l[i], ref[i], 1e-5 * ref[i]) << second << " step " << i + 1;
+        EXPECT_NE(b.out.find("ZeRO stage 3 -> "), std::string::npos) << b.out;
+    }
+}
+
+// A 2-rank --zero 3 run that saves every step, SIGKILLed (every process) at a random moment after
+// its first checkpoint, always leaves one that resumes, and the resumed run prints the losses of
+// an uninterrupted run.
+TEST(Zero, Stage3KilledAnywhereResumesExactly) {
+    const std::string args = mpi1(2) + "./fpdt train --device cpu --model tiny --eval-every 0 --seq 64 --chunk-size 16 --steps 30 --zero 3 ";
+    Out whole = run(args);
+    ASSERT_EQ(whole.rc, 0) << whole.out;
+    std::vector<double> ref = losses(whole.out);
+    ASSERT_EQ(ref.size(), 30u);
+    for (int attempt = 0; attempt < 2; attempt++) {
+        std::string d = tmpdir();
+        Out k = run(args + "--save-every 1 --out " + d + " > " + d + "/log 2>&1 & m=$!; "
+                    "for i in $(seq 600); do ls " + d + "/ckpt_*/manifest.txt >/dev/null 2>&1 && break; sleep 0.02; done; "
+                    "sleep 0.$((RANDOM % 10)); kill -9 $(pgrep -P $m) $m 2>/dev/null; wait $m; ls " + d);
+        Out r = run(args + "--save-every 1 --resume --out " + d);
+        ASSERT_EQ(r.rc, 0) << k.out << r.out;
+        const double at = number_after(r.out, "resumed at step ");
+        std::vector<double> l = losses(r.out);
+        if (at < 0) {  // killed after the last save: nothing left to do
+            EXPECT_NE(r.out.find("nothing left to do"), std::string::npos) << r.out;
+            continue;
+        }
+        ASSERT_EQ(l.size() + (size_t)at, 30u) << r.out;
+        for (size_t i = 0; i < l.size(); i++) EXPECT_NEAR(l[i], ref[at + i], 1e-6 * ref[at + i]) << "step " << at + i + 1;
+    }
+}
