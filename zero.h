@@ -39,6 +39,9 @@
 // communication stream after an event of the compute stream and waited for by an event, so a
 // gather of the next layer and the reduce-scatter of the last one overlap the current layer.
 // The sequence-parallel group is the sharding group (all P ranks), as in DeepSpeed.
+// Known limit of the overlap: the Ulysses all-to-alls share the communication stream and compute
+// waits for that stream after each of them (ulysses.h, on_comm_stream), so a prefetched gather
+// still in flight is waited for at the layer's first all-to-all; a second NCCL stream would lift it.
 #pragma once
 #include "comm.h"
 #include "loss.cuh"
