@@ -402,7 +402,7 @@ static inline void ckpt_params_slice_host(Model* M, uint64_t lo, uint64_t hi, st
     const uint64_t k = hi - lo, mo = M->run.zero ? lo - (uint64_t)M->run.rank * M->shard_n : lo;  // offset in opt_m/opt_v
     w->resize(k), m->resize(k), v->resize(k);
     if (!k) return;
-    dev_download(&M->ctx, w->data(), M->params + lo, k * sizeof(float));
+    dev_download(&M->ctx, w->data(), M->params + (M->run.zero >= 3 ? mo : lo), k * sizeof(float));  // ZeRO-3: the shard
     dev_download(&M->ctx, m->data(), M->opt_m + mo, k * sizeof(float));
     dev_download(&M->ctx, v->data(), M->opt_v + mo, k * sizeof(float));
 }
@@ -414,6 +414,7 @@ static inline void ckpt_load_ranges(const Model* M, uint64_t* p_lo, uint64_t* p_
     *p_lo = 0, *p_hi = n;
     *m_lo = std::min(n, M->run.zero ? (uint64_t)M->run.rank * M->shard_n : 0);
     *m_hi = std::min(n, *m_lo + M->shard_n);
+    if (M->run.zero >= 3) *p_lo = *m_lo, *p_hi = *m_hi;  // ZeRO-3 holds the weights of its slice only (zero.h)
 }
 
 // Loaded state into the model: params [p_lo, p_hi) and moments [m_lo, m_hi) of ckpt_load_ranges
@@ -423,7 +424,13 @@ static inline void ckpt_state_to_model(Model* M, const std::vector<float>& param
     std::vector<float> pm(M->shard_n, 0.0f), pv(M->shard_n, 0.0f);
     std::copy(m.begin(), m.end(), pm.begin());
     std::copy(v.begin(), v.end(), pv.begin());
-    dev_upload(&M->ctx, M->params, params.data(), params.size() * sizeof(float));
+    if (M->run.zero >= 3) {  // this rank's slice of the weights, padded like the moments
+        std::vector<float> pw(M->shard_n, 0.0f);
+        std::copy(params.begin(), params.end(), pw.begin());
+        dev_upload(&M->ctx, M->params, pw.data(), M->shard_n * sizeof(float));
+    } else {
+        dev_upload(&M->ctx, M->params, params.data(), params.size() * sizeof(float));
+    }
     dev_upload(&M->ctx, M->opt_m, pm.data(), M->shard_n * sizeof(float));
     dev_upload(&M->ctx, M->opt_v, pv.data(), M->shard_n * sizeof(float));
 }

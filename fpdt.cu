@@ -227,7 +227,8 @@ static void train_help() {
         "                      chunks as --seq has), then at --seq (context extension); 0 = off\n"
         "                      (default 256 when --seq is left at its default)\n"
         "  --start-steps K     steps at --start-seq (default 96% of --steps)\n"
-        "  --zero 0|1          ZeRO-1: shard the optimizer state across ranks (default 0)\n"
+        "  --zero 0|1|2|3      ZeRO stage: shard across ranks 1 the optimizer state, 2 and the gradients,\n"
+        "                      3 and the weights (gathered layer by layer) (default 0)\n"
         "  --steps N           total steps; the learning-rate schedule depends on it alone (default 2600)\n"
         "  --lr X              peak learning rate (default 3e-3)\n"
         "  --warmup N          linear warmup steps (default: steps/20)\n"
@@ -382,7 +383,8 @@ static size_t default_chunk(size_t seq, int P, size_t cap) {
 // Rebuilds M for another run shape (the sequence length of a curriculum phase) and carries its
 // weights and AdamW state over; the parameter layout does not depend on the sequence.
 static void model_reshape(Model* M, const Config& cfg, const RunCfg& r) {
-    std::vector<float> w(M->n_padded), m(M->shard_n), v(M->shard_n);
+    // the weights this rank holds: all of them, or its shard under ZeRO-3
+    std::vector<float> w(M->run.zero >= 3 ? M->shard_n : M->n_padded), m(M->shard_n), v(M->shard_n);
     dev_download(&M->ctx, w.data(), M->params, w.size() * sizeof(float));
     dev_download(&M->ctx, m.data(), M->opt_m, m.size() * sizeof(float));
     dev_download(&M->ctx, v.data(), M->opt_v, v.size() * sizeof(float));
@@ -460,7 +462,7 @@ static void prepare_out(const std::string& out, bool resume, bool overwrite) {
 // The settings that may change across a --resume (what the losses do not depend on), one line.
 static std::string run_settings(const RunCfg& r, size_t chunk) {
     return "ranks " + std::to_string(r.P) + " | chunk " + std::to_string(chunk) + " | offload " + (r.offload ? "on" : "off") +
-           " | ZeRO-1 " + (r.zero ? "on" : "off") + " | precision " + (r.bf16 ? "bf16" : "fp32");
+           " | ZeRO stage " + std::to_string(r.zero) + " | precision " + (r.bf16 ? "bf16" : "fp32");
 }
 
 // " (since the checkpoint: ranks 1 -> 2, ...)" for the settings that differ; "" when none do.
@@ -550,7 +552,7 @@ static int cmd_train(int argc, char** argv) {
     r.seq = a.integer("seq", gpu ? 65536 : 4096, 1, 1ll << 40);
     r.chunk = a.integer("chunk-size", default_chunk(r.seq, r.P, gpu ? 16384 : 1024), 1, 1ll << 40);
     r.offload = a.flag01("offload", r.chunk < r.seq);
-    r.zero = a.flag01("zero", false);
+    r.zero = (int)a.integer("zero", 0, 0, 3);
     r.bf16 = precision_bf16(a, M.ctx.gpu);
     r.device_cap = (size_t)(a.real("device-mem", 0, 0, 1e6) * 1073741824.0);
     r.host_cap = (size_t)(a.real("host-mem", 0, 0, 1e6) * 1073741824.0);
@@ -622,7 +624,12 @@ static int cmd_train(int argc, char** argv) {
     M.ctx.trace = &trace;
     model_create(&M, cfg, r, false);  // the main phase's model first: a run that cannot fit fails now
     model_init_params(&M, seed);
-    if (!init_path.empty()) dev_upload(&M.ctx, M.params, init_params.data(), M.n_params * sizeof(float));
+    if (!init_path.empty()) {  // the imported weights (this rank's slice under ZeRO-3), fresh AdamW moments
+        uint64_t p_lo, p_hi, m_lo, m_hi;
+        ckpt_load_ranges(&M, &p_lo, &p_hi, &m_lo, &m_hi);
+        const std::vector<float> mine(init_params.begin() + p_lo, init_params.begin() + p_hi), zeros(m_hi - m_lo, 0.0f);
+        ckpt_state_to_model(&M, mine, zeros, zeros);
+    }
     int start = 0;
     Manifest id;  // this run's identity, stored in its checkpoints and checked on --resume
     id.cfg = cfg, id.seq = r.seq, id.seed = seed, id.total_steps = steps, id.source = data->identity();
@@ -645,7 +652,7 @@ static int cmd_train(int argc, char** argv) {
                  M.n_params / 1e6, data->describe().c_str());
         const size_t C = r.chunk;
         log_line(true, "seq %zu | chunk %zu (%zu chunks) | offload %s | ranks %d%s | device %s, %s | steps %d%s", r.seq, C,
-                 r.seq / C, r.offload ? "on" : "off", r.P, (std::string(r.zero ? " ZeRO-1" : "") + (M.nccl ? " NCCL" : "")).c_str(),
+                 r.seq / C, r.offload ? "on" : "off", r.P, (std::string(r.zero ? " ZeRO-" + std::to_string(r.zero) : "") + (M.nccl ? " NCCL" : "")).c_str(),
                  device_name(M.ctx).c_str(), r.bf16 ? "bf16" : "fp32", steps,
                  resume ? (" | resumed at step " + std::to_string(start) + changed).c_str()
                  : !init_path.empty() ? (" | weights from " + init_path).c_str() : "");
@@ -689,7 +696,7 @@ static int cmd_train(int argc, char** argv) {
         const double t0 = now_s();
         read_into(&M, src, step);
         const float loss = model_forward_backward(&M, true);
-        if (fault_steps.count(step + 1) && cm.rank == 0) dev_fill(&M.ctx, M.grads, NAN, 1);  // as a blow-up would
+        if (fault_steps.count(step + 1) && cm.rank == 0) dev_fill(&M.ctx, M.grads ? M.grads : M.grad_shard, NAN, 1);  // as a blow-up would
         bool finite = std::isfinite(loss);
         float norm = NAN;
         if (finite) norm = model_update(&M, opt, step + 1, &finite);
@@ -866,7 +873,7 @@ static int cmd_plan(int argc, char** argv) {
     Args a = parse_args(argc, argv, {"model", "seq", "chunk-size", "gpus", "offload", "zero", "gpu-mem", "host-mem",
                                      "tflops", "link-gbps", "precision", "help"});
     if (a.help || !a.has("model") || !a.has("seq")) {
-        printf("usage: ./fpdt plan --model NAME --seq N [--chunk-size C] [--gpus P] [--offload 0|1] [--zero 0|1]\n"
+        printf("usage: ./fpdt plan --model NAME --seq N [--chunk-size C] [--gpus P] [--offload 0|1] [--zero 0-3]\n"
                "                   [--gpu-mem GiB] [--host-mem GiB] [--tflops X] [--link-gbps Y] [--precision fp32|bf16]\n"
                "  predicted peak device and host bytes per rank (the same allocation sequence as ./fpdt train),\n"
                "  the longest sequence that fits, and the smallest chunk at which copies hide behind attention.\n"
@@ -881,7 +888,7 @@ static int cmd_plan(int argc, char** argv) {
     r.chunk = a.integer("chunk-size", r.seq, 1, 1ll << 40);
     r.P = (int)a.integer("gpus", 1, 1, 1 << 16);
     r.offload = a.flag01("offload", r.chunk < r.seq);
-    r.zero = a.flag01("zero", false);
+    r.zero = (int)a.integer("zero", 0, 0, 3);
     r.bf16 = precision_bf16(a, true);  // a plan is for a GPU run
     const double gpu_mem = a.real("gpu-mem", 80, 0, 1e6) * 1073741824.0, host_mem = a.real("host-mem", 512, 0, 1e9) * 1073741824.0;
     const double flops = a.real("tflops", 400, 1e-3, 1e6) * 1e12, bw = a.real("link-gbps", 50, 1e-3, 1e6) * 1e9;
@@ -893,13 +900,13 @@ static int cmd_plan(int argc, char** argv) {
     std::map<std::string, size_t> parts[2];
     for (auto& it : M.dev.items) parts[0][it.first.rfind("store:", 0) == 0 ? "store chunks (device)" : it.first] += it.second;
     for (auto& it : M.host.items) parts[1][it.first.rfind("store:", 0) == 0 ? "store (sequence-sized)" : it.first] += it.second;
-    printf("plan: model %s, seq %zu, chunk %zu (%d chunks), %d rank(s), offload %s, ZeRO-1 %s, %s\n", c.name, r.seq,
-           M.C, M.u, r.P, r.offload ? "on" : "off", r.zero ? "on" : "off", r.bf16 ? "bf16" : "fp32");
+    printf("plan: model %s, seq %zu, chunk %zu (%d chunks), %d rank(s), offload %s, ZeRO stage %d, %s\n", c.name, r.seq,
+           M.C, M.u, r.P, r.offload ? "on" : "off", r.zero, r.bf16 ? "bf16" : "fp32");
     printf("  bytes per rank:\n");
     const char* where[2] = {"device", "host"};
     for (int k = 0; k < 2; k++) {
         printf("  %-6s %10.1f MiB\n", where[k], (k ? host : dev) / 1048576.0);
-        for (auto& it : parts[k]) printf("    %-26s %10.1f MiB\n", it.first.c_str(), it.second / 1048576.0);
+        for (auto& it : parts[k]) printf("    %-42s %10.1f MiB\n", it.first.c_str(), it.second / 1048576.0);
     }
     printf("  fits: device %s (%.1f of %.1f GiB), host %s (%.1f of %.1f GiB)\n", dev <= gpu_mem ? "yes" : "NO",
            dev / 1073741824.0, gpu_mem / 1073741824.0, host <= host_mem ? "yes" : "NO", host / 1073741824.0,

@@ -163,7 +163,7 @@ static inline void crossentropy_gpu(cudaStream_t stream, float* logits, float* l
 // + wd p [if decay]), c1 = 1 - b1^t and c2 = 1 - b2^t computed on the host. CPU twin: adamw_cpu.
 static __global__ void adamw_kernel(float* p, const float* g, float* m, float* v, size_t n, float lr, float b1, float b2,
                              float eps, float wd, bool decay, float c1, float c2) {
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+    GRID_STRIDE_LOOP(i, n) {
         const float gi = g[i];
         const float mi = b1 * m[i] + (1.0f - b1) * gi;
         const float vi = b2 * v[i] + (1.0f - b2) * gi * gi;
@@ -223,7 +223,7 @@ static inline void sumsq_gpu(cudaStream_t stream, const float* g, size_t n, doub
 
 // g (n) *= s. CPU twin: scale_cpu.
 static __global__ void scale_kernel(float* g, size_t n, float s) {
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+    GRID_STRIDE_LOOP(i, n)
         g[i] *= s;
 }
 

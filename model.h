@@ -1,7 +1,7 @@
 // model.h: model configurations, parameters, and the FPDT schedule — the layer forward and
-// backward as chunk loops over op calls, with the host store, the all-to-alls and the
-// checkpoint recompute. Written once over the ops; the backend behind the ops and copies decides
-// where it runs.
+// backward as chunk loops over op calls, with the host store (offload.h), the all-to-alls
+// (ulysses.h) and the recompute from each layer's stored input. Written once over the ops; the
+// backend behind the ops and copies decides where it runs.
 //
 // Precision (--precision): fp32 throughout, or bf16 mixed precision: the matmuls read bf16
 // operands (the weights' bf16 copy, activations rounded as they go in) and sum in fp32; the layer
@@ -9,9 +9,13 @@
 // on the host when offloaded; the all-to-alls carry bf16 (on one rank too); master weights, gradients, AdamW moments, the attention's O, LSE and
 // dQ accumulators, the loss and the O(C) working set stay fp32.
 //
-// Notation (../shared/DESIGN.md): S sequence length (global), P ranks, C chunk length (global),
-// u = S/C chunks, cl = C/P tokens of a chunk on this rank, H/Hkv query/kv heads, Hl/Hkvl the heads
-// of this rank after the all-to-all, D head size, d model width.
+// Notation: S sequence length (global), P ranks, C chunk length (global), u = S/C chunks,
+// cl = C/P tokens of a chunk on this rank, H/Hkv query/kv heads, Hl/Hkvl the heads of this rank
+// after the all-to-all, D head size, d model width, V vocab, L layers, F the MLP's hidden width
+// (F2 = 2F for SwiGLU's gate and up halves), Q3 = (H + 2 Hkv) D the QKV projection's width.
+// The residual stream's gradient over the backward pass (the store `dresid`): at layer l's start
+// dL/d(output of l); after phase 1 dL/d(x_mid of l) (the residual after attention); after phase 2
+// dL/d(input of l), which is layer l-1's output gradient.
 #pragma once
 #include <map>
 #include <string>
@@ -139,9 +143,11 @@ struct ModelW {
     std::vector<LayerW> layer;
 };
 
-static inline ModelW model_views(const Config& c, const std::vector<ParamInfo>& table, float* base) {
+// With [lo, hi): base holds only that range of the array (a ZeRO buffer); tensors outside it are null.
+static inline ModelW model_views(const Config& c, const std::vector<ParamInfo>& table, float* base, size_t lo = 0,
+                                 size_t hi = SIZE_MAX) {
     std::map<std::string, float*> at;
-    for (const ParamInfo& p : table) at[p.name] = base ? base + p.offset : nullptr;
+    for (const ParamInfo& p : table) at[p.name] = base && p.offset >= lo && p.offset < hi ? base + (p.offset - lo) : nullptr;
     auto get = [&](const std::string& n) { return at.count(n) ? at[n] : nullptr; };
     ModelW w;
     w.wte = get("wte");
@@ -163,7 +169,7 @@ static inline ModelW model_views(const Config& c, const std::vector<ParamInfo>& 
 struct RunCfg {
     size_t seq = 0, chunk = 0;  // global S and C (chunk 0 = the whole sequence)
     bool offload = false;
-    bool zero = false;  // ZeRO-1: optimizer state sharded across ranks
+    int zero = 0;       // ZeRO stage (zero.h): 1 optimizer state, 2 and gradients, 3 and weights sharded
     int P = 1, rank = 0;
     size_t device_cap = 0, host_cap = 0;  // refuse to start above these bytes (0 = no limit)
     size_t head_rows = 0;                 // LM head rows at once (0: as many as fit 64M logits)
@@ -207,14 +213,26 @@ struct Model {
     // memory
     Arena dev, host;
     std::vector<ParamInfo> table;
-    size_t n_params = 0, n_padded = 0, shard_n = 0;  // padded to a multiple of P for ZeRO-1
-    float *params, *grads, *grad_shard, *opt_m, *opt_v;  // grad_shard (shard_n): ZeRO-1 on P > 1 ranks
-    bf16* wlow = nullptr;  // (n_padded) bf16 mode: the weights rounded to bf16, what the matmuls read
-    ModelW w, g;
-    // host store (../shared/DESIGN.md point 6)
+    size_t n_params = 0, n_padded = 0, shard_n = 0;  // padded to a multiple of P; shard_n = n_padded / P under ZeRO
+    float* params;      // (n_padded) the fp32 weights; ZeRO-3: (shard_n) this rank's slice only
+    float* grads;       // (n_padded) ZeRO 0/1; null under ZeRO-2/3
+    float* grad_shard;  // (shard_n) this rank's summed gradients: ZeRO-1 on P > 1 ranks, ZeRO-2/3
+    float *opt_m, *opt_v;  // (shard_n) AdamW moments of this rank's slice
+    bf16* wlow = nullptr;  // (n_padded) bf16 mode, ZeRO 0-2: the weights rounded to bf16, what the matmuls read
+    ModelW w, g;        // every tensor's weights and gradients (ZeRO-2/3: pointed into the buffers below)
+    // ZeRO-2/3 (zero.h): tensor groups (0 wte, 1 + l layer l, L + 1 the tail) as flat ranges
+    std::vector<size_t> group_lo, group_hi;
+    size_t group_max = 0;                 // the largest layer or tail group
+    float *gbuf[2] = {}, *gbuf_wte = nullptr;        // (group_max) x2, (V d): gradients in flight
+    float *wgather[2] = {}, *wgather_wte = nullptr;  // ZeRO-3 (group_max) x2, (V d): gathered weights
+    bf16 *wgather_low[2] = {}, *wgather_wte_low = nullptr;  // ZeRO-3 bf16 mode: their bf16 copies
+    int wslot_holds[2] = {-1, -1};        // the group each gathered slot holds
+    CUevent_st *zero_gathered[3] = {}, *zero_rs_done[3] = {};  // GPU: per slot (2: the embedding's)
+    // host store (offload.h): per-chunk tensors that grow with the sequence
     ChunkStore tokens, targets;  // (u, cl) int32
-    ChunkStore ckpt;             // ((L+1) u, cl*d): the input of every layer, and the last layer's output
-    ChunkStore dx;               // (u, cl*d): the gradient flowing back, updated in place layer by layer
+    ChunkStore layer_in;         // ((L+1) u, cl*d): the input of every layer, and the last layer's output
+                                 // (what the backward recomputes each layer from: activation checkpoints)
+    ChunkStore dresid;           // (u, cl*d): the residual stream's gradient, updated in place (see the header)
     ChunkStore q, k, v;          // (u, C*Hl*D), (u, C*Hkvl*D) x2: one layer's
     ChunkStore lse, dout, delta, dq;  // (u, C*Hl), (u, C*Hl*D), (u, C*Hl), (u, C*Hl*D)
     // working set (device), shapes per buffer
@@ -244,16 +262,35 @@ struct Model {
     float* logits_out = nullptr;  // test hook: if set, (Sl, V) host logits are written here
 };
 
+#include "ulysses.h"  // the all-to-all (reads the Model above)
+#include "zero.h"     // the sharding: groups, gathers, reduce-scatters, the optimizer step
+
 static inline void model_layout(Model* M) {
     const Config& c = M->cfg;
     Arena *dev = &M->dev, *host = &M->host;
     const size_t d = c.d_model, cl = M->cl, C = M->C, L = c.n_layer;
     const size_t HD = (size_t)c.n_head * M->D, qc = C * M->Hl * M->D, kvc = C * M->Hkvl * M->D;
     const bool off = M->run.offload;
-    M->params = arena_alloc<float>(dev, M->n_padded, "weights");
-    M->grads = arena_alloc<float>(dev, M->n_padded, "gradients");
-    // one rank's shard is the whole array: it then updates the gradients where they are
-    M->grad_shard = M->run.zero && M->run.P > 1 ? arena_alloc<float>(dev, M->shard_n, "optimizer: gradient shard") : nullptr;
+    const int stage = M->run.zero;
+    const size_t V_d = (size_t)c.vocab * d;
+    M->params = stage >= 3 ? arena_alloc<float>(dev, M->shard_n, "weights (this rank's shard)")
+                           : arena_alloc<float>(dev, M->n_padded, "weights");
+    M->grads = stage <= 1 ? arena_alloc<float>(dev, M->n_padded, "gradients") : nullptr;
+    // ZeRO-1 on one rank: its shard is the whole array, updated where it is
+    M->grad_shard = stage == 1 && M->run.P > 1 ? arena_alloc<float>(dev, M->shard_n, "optimizer: gradient shard")
+                    : stage >= 2 ? arena_alloc<float>(dev, M->shard_n, "gradients (this rank's shard)") : nullptr;
+    if (stage >= 2) {
+        for (float*& b : M->gbuf) b = arena_alloc<float>(dev, M->group_max, "gradients: layer in flight (x2)");
+        M->gbuf_wte = arena_alloc<float>(dev, V_d, "gradients: embedding (wte)");
+    }
+    if (stage >= 3) {
+        for (float*& b : M->wgather) b = arena_alloc<float>(dev, M->group_max, "weights: gathered layer (x2)");
+        M->wgather_wte = arena_alloc<float>(dev, V_d, "weights: gathered embedding (wte)");
+        if (M->run.bf16) {
+            for (bf16*& b : M->wgather_low) b = arena_alloc<bf16>(dev, M->group_max, "weights (bf16 copy): gathered layer (x2)");
+            M->wgather_wte_low = arena_alloc<bf16>(dev, V_d, "weights (bf16 copy): gathered embedding");
+        }
+    }
     M->opt_m = arena_alloc<float>(dev, M->shard_n, "optimizer: AdamW m");
     M->opt_v = arena_alloc<float>(dev, M->shard_n, "optimizer: AdamW v");
     // bf16 mode: layer inputs, q, k, v and dO are stored in bf16 (the schedule rounds them before
@@ -261,8 +298,8 @@ static inline void model_layout(Model* M) {
     const bool b16 = M->run.bf16;
     store_init(&M->ctx, &M->tokens, "store: tokens", cl * 4, M->u, off, 2, dev, host);
     store_init(&M->ctx, &M->targets, "store: targets", cl * 4, M->u, off, 2, dev, host);
-    store_init(&M->ctx, &M->ckpt, "store: layer inputs", cl * d * 4, (L + 1) * M->u, off, 3, dev, host, b16);
-    store_init(&M->ctx, &M->dx, "store: gradient", cl * d * 4, M->u, off, 2, dev, host);
+    store_init(&M->ctx, &M->layer_in, "store: layer inputs", cl * d * 4, (L + 1) * M->u, off, 3, dev, host, b16);
+    store_init(&M->ctx, &M->dresid, "store: gradient", cl * d * 4, M->u, off, 2, dev, host);
     store_init(&M->ctx, &M->q, "store: q", qc * 4, M->u, off, 3, dev, host, b16);
     store_init(&M->ctx, &M->k, "store: k", kvc * 4, M->u, off, 3, dev, host, b16);
     store_init(&M->ctx, &M->v, "store: v", kvc * 4, M->u, off, 3, dev, host, b16);
@@ -284,7 +321,7 @@ static inline void model_layout(Model* M) {
     M->logits = work(M->hr * c.vocab), M->y = work(cl * d), M->dy = work(cl * d);
     M->lossw = work(M->hr);
     if (b16) {
-        M->wlow = arena_alloc<bf16>(dev, M->n_padded, "weights (bf16 copy)");
+        if (stage < 3) M->wlow = arena_alloc<bf16>(dev, M->n_padded, "weights (bf16 copy)");
         M->cast_a = arena_alloc<bf16>(dev, M->ncast, "working set");
         M->cast_b = arena_alloc<bf16>(dev, M->ncast, "working set");
     }
@@ -294,7 +331,7 @@ static inline void model_layout(Model* M) {
     M->scratch = arena_alloc<double>(dev, sumsq_gpu_scratch(M->shard_n), "working set");
     M->preds = arena_alloc<int32_t>(host, M->Sl, "predictions");
     if (M->ctx.gpu && M->run.P > 1 && !M->nccl)  // MPI reads host memory: device buffers are staged through it
-        M->stage = arena_alloc<float>(host, std::max(2 * qc, M->n_padded + M->shard_n), "MPI staging");
+        M->stage = arena_alloc<float>(host, std::max({2 * qc, M->n_padded + M->shard_n, 2 * V_d, 2 * M->group_max}), "MPI staging");
 }
 
 static inline void reset_arenas(Model* M) {
@@ -329,6 +366,7 @@ static inline void model_create(Model* M, const Config& c, const RunCfg& r, bool
     M->table = param_table(c, &M->n_params);
     M->n_padded = align_up(M->n_params, r.P);
     M->shard_n = r.zero ? M->n_padded / r.P : M->n_padded;
+    zero_set_groups(M);
     reset_arenas(M);
     M->dev.count_only = M->host.count_only = true;
     model_layout(M);  // dry run: how much of each
@@ -377,21 +415,33 @@ static inline void model_create(Model* M, const Config& c, const RunCfg& r, bool
     arena_back(&M->ctx, &M->dev);  // on the CPU backend the "device" is host memory
     arena_back(&M->ctx, &M->host);
     model_layout(M);
-    M->w = model_views(c, M->table, M->params);
+    M->w = model_views(c, M->table, r.zero >= 3 ? nullptr : M->params);  // ZeRO-2/3: set group by group (zero.h)
     M->g = model_views(c, M->table, M->grads);
+#ifdef __CUDACC__
+    if (M->ctx.gpu && r.zero >= 2)
+        for (int k = 0; k < 3; k++) {
+            CUDA_CHECK(cudaEventCreateWithFlags(&M->zero_gathered[k], cudaEventDisableTiming));
+            CUDA_CHECK(cudaEventCreateWithFlags(&M->zero_rs_done[k], cudaEventDisableTiming));
+        }
+#endif
 }
 
 static inline void model_free(Model* M) {
     dev_sync(&M->ctx);
-    for (ChunkStore* s : {&M->tokens, &M->targets, &M->ckpt, &M->dx, &M->q, &M->k, &M->v, &M->lse, &M->dout,
+    for (ChunkStore* s : {&M->tokens, &M->targets, &M->layer_in, &M->dresid, &M->q, &M->k, &M->v, &M->lse, &M->dout,
                           &M->delta, &M->dq})
         store_free(&M->ctx, s);
+#ifdef __CUDACC__
+    for (CUevent_st* e : {M->zero_gathered[0], M->zero_gathered[1], M->zero_gathered[2], M->zero_rs_done[0],
+                          M->zero_rs_done[1], M->zero_rs_done[2]})
+        if (e) CUDA_CHECK(cudaEventDestroy(e));
+#endif
     arena_unback(&M->ctx, &M->dev);
     arena_unback(&M->ctx, &M->host);
 }
 
 // GPT-2 style init: N(0, 0.02), residual projections scaled by 1/sqrt(2L), norms 1, biases 0.
-// Every rank draws the same numbers from the seed.
+// Every rank draws the same numbers from the seed; under ZeRO-3 each keeps its slice.
 static inline void model_init_params(Model* M, uint64_t seed) {
     Rng rng{seed * 0x2545F4914F6CDD1Dull + 1};
     std::vector<float> host(M->n_padded, 0.0f);
@@ -403,182 +453,10 @@ static inline void model_init_params(Model* M, uint64_t seed) {
         const float std = 0.02f / (resid ? sqrtf(2.0f * M->cfg.n_layer) : 1.0f);
         for (size_t i = 0; i < p.numel(); i++) x[i] = norm_w ? 1.0f : bias ? 0.0f : std * rng_normal(&rng);
     }
-    dev_upload(&M->ctx, M->params, host.data(), M->n_padded * sizeof(float));
+    if (M->run.zero >= 3) dev_upload(&M->ctx, M->params, host.data() + M->run.rank * M->shard_n, M->shard_n * sizeof(float));
+    else dev_upload(&M->ctx, M->params, host.data(), M->n_padded * sizeof(float));
     dev_zero(&M->ctx, M->opt_m, M->shard_n * sizeof(float));
     dev_zero(&M->ctx, M->opt_v, M->shard_n * sizeof(float));
-}
-
-// ----------------------------------------------------------------------------
-// Ulysses all-to-all. Rank r holds, of chunk c, the global tokens [c C + r cl, c C + (r+1) cl).
-// Query heads are split evenly (rank r: r Hl .. r Hl + Hl - 1); kv heads too when Hkv >= P, and
-// replicated when Hkv < P (each rank gets the one its query heads read).
-
-// Global head held as local head m by rank r (kv: the key/value heads).
-HOST_DEVICE static inline int a2a_head(int r, int m, bool kv, int Hl, int Hkvl, int H, int Hkv, int P) {
-    if (!kv) return r * Hl + m;
-    return Hkv >= P ? r * Hkvl + m : (r * Hl) / (H / Hkv);
-}
-static inline int q_head(const Model* M, int r, int m) {
-    return a2a_head(r, m, false, M->Hl, M->Hkvl, M->cfg.n_head, M->cfg.n_kv_head, M->run.P);
-}
-static inline int kv_head(const Model* M, int r, int m) {
-    return a2a_head(r, m, true, M->Hl, M->Hkvl, M->cfg.n_head, M->cfg.n_kv_head, M->run.P);
-}
-
-// The packing on each side of the all-to-all, as loops (CPU) and kernels (GPU). W is the type on
-// the wire: float, or bf16 in bf16 mode (half the bytes; the values are rounded as they are packed).
-// pack: send (P, cl, nh, D)[r, t, m, :] = src (cl, cols)[t, (first + head(r, m)) D : ...]
-template <typename W>
-static inline void a2a_pack_cpu(W* send, const float* src, int cols, int first, bool kv, int nh, size_t cl, int D,
-                                int Hl, int Hkvl, int H, int Hkv, int P) {
-    for (int r = 0; r < P; r++)
-        for (size_t t = 0; t < cl; t++)
-            for (int m = 0; m < nh; m++) {
-                const int h = first + a2a_head(r, m, kv, Hl, Hkvl, H, Hkv, P);
-                W* o = send + ((r * cl + t) * nh + m) * D;
-                const float* s = src + t * cols + (size_t)h * D;
-                for (int e = 0; e < D; e++) store_as(o + e, s[e]);
-            }
-}
-// unpack: dst (cl, cols)[t, (first + hh) D + e] += sum over every (r, m) holding head hh of
-// recv (P, cl, nh, D)[r, t, m, e], in rank order (replicated kv heads sum their gradients).
-template <typename W>
-static inline void a2a_unpack_cpu(float* dst, const W* recv, int cols, int first, bool kv, int nh, size_t cl, int D,
-                                  int Hl, int Hkvl, int H, int Hkv, int P) {
-    for (int r = 0; r < P; r++)
-        for (size_t t = 0; t < cl; t++)
-            for (int m = 0; m < nh; m++) {
-                const int h = first + a2a_head(r, m, kv, Hl, Hkvl, H, Hkv, P);
-                const W* s = recv + ((r * cl + t) * nh + m) * D;
-                float* o = dst + t * cols + (size_t)h * D;
-                for (int e = 0; e < D; e++) o[e] += to_f32(s[e]);
-            }
-}
-#ifdef __CUDACC__
-// twin of a2a_pack_cpu: one thread per value of send
-template <typename W>
-static __global__ void a2a_pack_kernel(W* send, const float* src, int cols, int first, bool kv, int nh, size_t cl, int D,
-                                       int Hl, int Hkvl, int H, int Hkv, int P) {
-    const size_t n = (size_t)P * cl * nh * D;
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        const int e = (int)(i % D), m = (int)(i / D % nh);
-        const size_t t = i / ((size_t)D * nh) % cl;
-        const int r = (int)(i / ((size_t)D * nh * cl));
-        store_as(send + i, src[t * cols + (size_t)(first + a2a_head(r, m, kv, Hl, Hkvl, H, Hkv, P)) * D + e]);
-    }
-}
-// twin of a2a_unpack_cpu: one thread per (t, head of this kind, e), summing its sources in rank
-// order, so replicated heads add up deterministically
-template <typename W>
-static __global__ void a2a_unpack_kernel(float* dst, const W* recv, int cols, int first, bool kv, int nh, size_t cl,
-                                         int D, int Hl, int Hkvl, int H, int Hkv, int P) {
-    const int nheads = kv ? Hkv : H;
-    const size_t n = cl * nheads * D;
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        const int e = (int)(i % D), hh = (int)(i / D % nheads);
-        const size_t t = i / ((size_t)D * nheads);
-        float acc = 0.0f;
-        bool any = false;
-        for (int r = 0; r < P; r++)
-            for (int m = 0; m < nh; m++)
-                if (a2a_head(r, m, kv, Hl, Hkvl, H, Hkv, P) == hh) {
-                    acc += to_f32(recv[((r * cl + t) * nh + m) * D + e]);
-                    any = true;
-                }
-        if (any) dst[t * cols + (size_t)(first + hh) * D + e] += acc;
-    }
-}
-template <typename W>
-static inline void a2a_pack_gpu(cudaStream_t s, W* send, const float* src, int cols, int first, bool kv, int nh,
-                                size_t cl, int D, int Hl, int Hkvl, int H, int Hkv, int P) {
-    if (cl == 0 || nh == 0) return;
-    a2a_pack_kernel<<<elementwise_grid((size_t)P * cl * nh * D), 256, 0, s>>>(send, src, cols, first, kv, nh, cl, D, Hl,
-                                                                              Hkvl, H, Hkv, P);
-    CUDA_LAUNCHED();
-}
-template <typename W>
-static inline void a2a_unpack_gpu(cudaStream_t s, float* dst, const W* recv, int cols, int first, bool kv, int nh,
-                                  size_t cl, int D, int Hl, int Hkvl, int H, int Hkv, int P) {
-    if (cl == 0) return;
-    a2a_unpack_kernel<<<elementwise_grid(cl * (kv ? Hkv : H) * D), 256, 0, s>>>(dst, recv, cols, first, kv, nh, cl, D, Hl,
-                                                                                Hkvl, H, Hkv, P);
-    CUDA_LAUNCHED();
-}
-#endif
-
-#ifdef __CUDACC__
-// NCCL work runs on the communication stream, after everything compute has queued so far and
-// before anything compute queues next (so a trace scope on the compute stream spans it).
-template <typename F>
-static inline void on_comm_stream(Ctx* ctx, F nccl_calls) {
-    stream_after(ctx->g->comm, ctx->g->compute);
-    nccl_calls(ctx->g->comm);
-    stream_after(ctx->g->compute, ctx->g->comm);
-}
-#endif
-
-// The all-to-all itself: recv (P, n) on every rank = block r of each rank's send, values of `elem`
-// bytes (4, or 2 on a bf16 wire). On the GPU: NCCL when each rank has its own GPU, else pinned
-// host staging and MPI (synchronous).
-static inline void a2a_exchange(Model* M, const void* send, void* recv, size_t n, size_t elem) {
-    Ctx* ctx = &M->ctx;
-    if (!ctx->gpu) return comm_alltoall(send, recv, n, elem);
-#ifdef __CUDACC__
-    if (nccl_comm()) return on_comm_stream(ctx, [&](cudaStream_t s) { comm_alltoall_nccl(send, recv, n, elem, s); });
-#endif
-    const size_t bytes = M->run.P * n * elem;
-    char* stage = (char*)M->stage;  // (2, P, n) values: what goes, what comes
-    dev_download(ctx, stage, send, bytes);
-    comm_alltoall(stage, stage + bytes, n, elem);
-    dev_upload(ctx, recv, stage + bytes, bytes);
-}
-
-// sequence -> heads: src (cl, src_cols) holds this rank's tokens; the D values of global head
-// `first + head(r, m)` go to local head m of rank r. dst (C, nh, D) is the whole chunk.
-// bf16 mode: the values travel as bf16 and arrive rounded (on one rank too, so that P changes
-// nothing).
-static inline void a2a_to_heads(Model* M, int chunk, const float* src, int src_cols, int first, bool kv, int nh,
-                                float* dst) {
-    Ctx* ctx = &M->ctx;
-    const int P = M->run.P;
-    const size_t n = M->cl * nh * M->D;  // values per rank
-    const bool b16 = M->run.bf16;
-    TraceScope ts(ctx, "all-to-all (to heads)", TRACK_COMM, chunk, P * n * (b16 ? 2 : 4));
-    const int H = M->cfg.n_head, Hkv = M->cfg.n_kv_head;
-    if (!b16) {
-        float* send = P == 1 ? dst : M->a2a_send;  // one rank: the packing is the whole job
-        OP(ctx, a2a_pack, send, src, src_cols, first, kv, nh, M->cl, M->D, M->Hl, M->Hkvl, H, Hkv, P);
-        if (P > 1) a2a_exchange(M, send, dst, n, sizeof(float));
-        return;
-    }
-    bf16 *send = (bf16*)M->a2a_send, *recv = send + P * n;  // (P, cl, nh, D) each, in a2a_send's bytes
-    OP(ctx, a2a_pack, send, src, src_cols, first, kv, nh, M->cl, M->D, M->Hl, M->Hkvl, H, Hkv, P);
-    if (P > 1) a2a_exchange(M, send, recv, n, sizeof(bf16));
-    OP(ctx, from_bf16, dst, P > 1 ? recv : send, P * n);
-}
-
-// heads -> sequence: src (C, nh, D) for this rank's heads; dst (cl, dst_cols) += the D values for
-// global head `first + head(r, m)` of every rank r. Accumulating makes replicated kv heads sum
-// their gradients; callers zero dst first. bf16 mode: src travels rounded to bf16, as above.
-static inline void a2a_to_seq(Model* M, int chunk, const float* src, int nh, float* dst, int dst_cols, int first,
-                              bool kv) {
-    Ctx* ctx = &M->ctx;
-    const int P = M->run.P;
-    const size_t n = M->cl * nh * M->D;  // values per rank
-    const bool b16 = M->run.bf16;
-    TraceScope ts(ctx, "all-to-all (to sequence)", TRACK_COMM, chunk, P * n * (b16 ? 2 : 4));
-    const int H = M->cfg.n_head, Hkv = M->cfg.n_kv_head;
-    if (!b16) {
-        const float* recv = src;
-        if (P > 1) a2a_exchange(M, src, M->a2a_send, n, sizeof(float)), recv = M->a2a_send;
-        OP(ctx, a2a_unpack, dst, recv, dst_cols, first, kv, nh, M->cl, M->D, M->Hl, M->Hkvl, H, Hkv, P);
-        return;
-    }
-    bf16 *send = (bf16*)M->a2a_send, *recv = send + P * n;  // (P, cl, nh, D) each, in a2a_send's bytes
-    OP(ctx, to_bf16, send, src, P * n);
-    if (P > 1) a2a_exchange(M, send, recv, n, sizeof(bf16));
-    OP(ctx, a2a_unpack, dst, (const bf16*)(P > 1 ? recv : send), dst_cols, first, kv, nh, M->cl, M->D, M->Hl, M->Hkvl,
-       H, Hkv, P);
 }
 
 // ----------------------------------------------------------------------------
@@ -614,7 +492,15 @@ static inline void model_set_token_arrays(Model* M, const int32_t* tokens, const
 // The matmuls of the schedule. fp32: as they are. bf16: both operands rounded to bf16 (the
 // activation into cast_a/cast_b, the weight from its copy at the same offset in wlow), fp32 sums,
 // fp32 results.
-static inline const bf16* low(const Model* M, const float* w) { return M->wlow + (w - M->params); }
+// ZeRO-3: the weights live in the gathered buffers, each with its bf16 copy.
+static inline const bf16* low(const Model* M, const float* w) {
+    if (M->run.zero < 3) return M->wlow + (w - M->params);
+    if (w >= M->wgather_wte && w < M->wgather_wte + (size_t)M->cfg.vocab * M->cfg.d_model)
+        return M->wgather_wte_low + (w - M->wgather_wte);
+    for (int s = 0; s < 2; s++)
+        if (w >= M->wgather[s] && w < M->wgather[s] + M->group_max) return M->wgather_low[s] + (w - M->wgather[s]);
+    fatal("internal: a weight outside the gathered buffers");
+}
 static inline void mm_forward(Model* M, float* out, const float* inp, const float* w, const float* b, size_t T, int IC,
                               int OC) {
     Ctx* ctx = &M->ctx;
@@ -667,40 +553,37 @@ static inline void chunk_forward(Model* M, int l, int i, const float* x, float* 
         OP(ctx, norm_forward, M->ln1, M->mean1, M->rstd1, x, w.ln1_w, w.ln1_b, cl, d, M->rms, c.norm_eps);
         mm_forward(M, M->qkv, M->ln1, w.qkv_w, w.qkv_b, cl, d, M->Q3);  // (cl, Q3)
     }
-    float* qi = store_out(ctx, &M->q, i, 2);  // (C, Hl, D)
-    float* ki = store_out(ctx, &M->k, i, 2);  // (C, Hkvl, D)
-    float* vi = store_out(ctx, &M->v, i, 2);  // (C, Hkvl, D)
-    a2a_to_heads(M, i, M->qkv, M->Q3, 0, false, Hl, qi);
-    a2a_to_heads(M, i, M->qkv, M->Q3, c.n_head, true, Hkvl, ki);
-    a2a_to_heads(M, i, M->qkv, M->Q3, c.n_head + c.n_kv_head, true, Hkvl, vi);
+    float* qi = store_produce(ctx, &M->q, i, SLOT_NEW);  // (C, Hl, D)
+    float* ki = store_produce(ctx, &M->k, i, SLOT_NEW);  // (C, Hkvl, D)
+    float* vi = store_produce(ctx, &M->v, i, SLOT_NEW);  // (C, Hkvl, D)
+    qkv_to_heads(M, i, M->qkv, qi, ki, vi);
     set_positions(M, i);
     OP(ctx, rope, qi, M->pos, C, Hl, D, rope_params(c), +1);
     OP(ctx, rope, ki, M->pos, C, Hkvl, D, rope_params(c), +1);
     round_stored(M, qi, C * Hl * D), round_stored(M, ki, C * Hkvl * D), round_stored(M, vi, C * Hkvl * D);
-    store_put(ctx, &M->k, i, 2);
-    store_put(ctx, &M->v, i, 2);
-    if (for_backward) store_put(ctx, &M->q, i, 2);
+    store_put(ctx, &M->k, i, SLOT_NEW);
+    store_put(ctx, &M->v, i, SLOT_NEW);
+    if (for_backward) store_put(ctx, &M->q, i, SLOT_NEW);
 
     // attention of q_i over k_j, v_j for j <= i, double-buffered: fetch j+1 while j computes.
     // k_0, v_0 were fetched at the end of chunk i-1's attention (below), behind its MLP.
     dev_zero(ctx, M->o, C * Hl * D * sizeof(float));
     dev_fill(ctx, M->lsew, -INFINITY, C * Hl);
     for (int j = 0; j <= i; j++) {
-        if (j + 1 < i) store_prefetch(ctx, &M->k, j + 1, (j + 1) % 2), store_prefetch(ctx, &M->v, j + 1, (j + 1) % 2);
-        const float* kj = j == i ? ki : store_use(ctx, &M->k, j, j % 2);
-        const float* vj = j == i ? vi : store_use(ctx, &M->v, j, j % 2);
+        if (j + 1 < i) store_prefetch(ctx, &M->k, j + 1, slot_of(j + 1)), store_prefetch(ctx, &M->v, j + 1, slot_of(j + 1));
+        const float* kj = j == i ? ki : store_use(ctx, &M->k, j, slot_of(j));
+        const float* vj = j == i ? vi : store_use(ctx, &M->v, j, slot_of(j));
         TraceScope ts(ctx, "attention block", TRACK_COMPUTE, i);
         OP(ctx, attention_forward, M->o, M->lsew, qi, kj, vj, C, C, Hl, Hkvl, D, j == i);
     }
     // Both callers (layer_forward, layer_backward's phase 1) run the chunks in order: the next
     // chunk's first key/value block can come in now, while this chunk finishes.
-    if (i + 1 < M->u) store_prefetch(ctx, &M->k, 0, 0), store_prefetch(ctx, &M->v, 0, 0);
+    if (i + 1 < M->u) store_prefetch(ctx, &M->k, 0, slot_of(0)), store_prefetch(ctx, &M->v, 0, slot_of(0));
     if (for_backward) {
-        dev_copy(ctx, store_out(ctx, &M->lse, i, 2), M->lsew, C * Hl * sizeof(float));
-        store_put(ctx, &M->lse, i, 2);
+        dev_copy(ctx, store_produce(ctx, &M->lse, i, SLOT_NEW), M->lsew, C * Hl * sizeof(float));
+        store_put(ctx, &M->lse, i, SLOT_NEW);
     }
-    dev_zero(ctx, M->oloc, cl * HD * sizeof(float));
-    a2a_to_seq(M, i, M->o, Hl, M->oloc, (int)HD, 0, false);
+    o_to_seq(M, i, M->o, M->oloc);
 
     TraceScope ts(ctx, "out proj + mlp", TRACK_COMPUTE, i);
     mm_forward(M, M->xmid, M->oloc, w.o_w, w.o_b, cl, (int)HD, d);  // (cl, d)
@@ -713,46 +596,110 @@ static inline void chunk_forward(Model* M, int l, int i, const float* x, float* 
         mm_forward(M, out + r0 * d, M->act, w.proj_w, w.proj_b, n, c.ffn, d);
     }
     OP(ctx, add_inplace, out, M->xmid, cl * d);  // residual
-    round_stored(M, out, cl * d);                // the next layer's input: a checkpoint
+    round_stored(M, out, cl * d);                // the next layer's input (kept: the backward recomputes from it)
 }
 
 static inline void layer_forward(Model* M, int l) {
     Ctx* ctx = &M->ctx;
     const int u = M->u;
     ctx->layer = l;
-    store_prefetch(ctx, &M->ckpt, l * u, 0);
+    store_prefetch(ctx, &M->layer_in, l * u, slot_of(0));
     for (int i = 0; i < u; i++) {
-        if (i + 1 < u) store_prefetch(ctx, &M->ckpt, l * u + i + 1, (i + 1) % 2);
-        const float* x = store_use(ctx, &M->ckpt, l * u + i, i % 2);
-        float* out = store_out(ctx, &M->ckpt, (l + 1) * u + i, 2);
+        if (i + 1 < u) store_prefetch(ctx, &M->layer_in, l * u + i + 1, slot_of(i + 1));
+        const float* x = store_use(ctx, &M->layer_in, l * u + i, slot_of(i));
+        float* out = store_produce(ctx, &M->layer_in, (l + 1) * u + i, SLOT_NEW);
         chunk_forward(M, l, i, x, out, false);
-        store_put(ctx, &M->ckpt, (l + 1) * u + i, 2);
+        store_put(ctx, &M->layer_in, (l + 1) * u + i, SLOT_NEW);
     }
 }
 
-// Backward of layer l. dx holds dL/d(output of layer l) and is turned, in place, into
-// dL/d(input of layer l). Parameter gradients accumulate into M->g.
-static inline void layer_backward(Model* M, int l) {
+// Backward of layer l, phase 2 (attention): outer loop over kv chunks j, inner over query chunks
+// i >= j, from the last down to j so that the last visit, i == j, leaves the final dQ_j in its
+// slot. Then dQ_j, dK_j, dV_j go back through RoPE, the all-to-all, the QKV projection and the
+// first norm, taking dresid_j from dL/d(x_mid of l) to dL/d(input of l).
+static inline void layer_backward_attention(Model* M, int l) {
     const Config& c = M->cfg;
     const LayerW& w = M->w.layer[l];
     const LayerW& g = M->g.layer[l];
     Ctx* ctx = &M->ctx;
     const int u = M->u, D = M->D, Hl = M->Hl, Hkvl = M->Hkvl;
+    const size_t cl = M->cl, C = M->C, d = c.d_model;
+    ChunkStore* qset[] = {&M->q, &M->dout, &M->lse, &M->delta};
+    // The copy-in stream runs in order, so each j queues its copies by when they are needed: the
+    // first query chunk of the inner loop, then the next kv chunk, then what the end of j needs.
+    store_prefetch(ctx, &M->k, 0, slot_of(0)), store_prefetch(ctx, &M->v, 0, slot_of(0));
+    for (int j = 0; j < u; j++) {
+        auto prefetch = [&](int i) {
+            for (ChunkStore* s : qset) store_prefetch(ctx, s, i, slot_of(i));
+            if (j > 0) store_prefetch(ctx, &M->dq, i, slot_of(i));  // on the first visit dQ_i starts at zero
+        };
+        prefetch(u - 1);
+        if (j + 1 < u) store_prefetch(ctx, &M->k, j + 1, slot_of(j + 1)), store_prefetch(ctx, &M->v, j + 1, slot_of(j + 1));
+        store_prefetch(ctx, &M->layer_in, l * u + j, SLOT_SINGLE);  // for the QKV backward at the end of this j
+        store_prefetch(ctx, &M->dresid, j, SLOT_SINGLE);
+        const float* kj = store_use(ctx, &M->k, j, slot_of(j));
+        const float* vj = store_use(ctx, &M->v, j, slot_of(j));
+        dev_zero(ctx, M->dk, C * Hkvl * D * sizeof(float));
+        dev_zero(ctx, M->dv, C * Hkvl * D * sizeof(float));
+        float* dqi = nullptr;
+        for (int i = u - 1; i >= j; i--) {
+            if (i - 1 >= j) prefetch(i - 1);
+            const float* qi = store_use(ctx, &M->q, i, slot_of(i));
+            const float* doi = store_use(ctx, &M->dout, i, slot_of(i));
+            const float* lsei = store_use(ctx, &M->lse, i, slot_of(i));
+            const float* dli = store_use(ctx, &M->delta, i, slot_of(i));
+            if (j == 0) {
+                dqi = store_produce(ctx, &M->dq, i, slot_of(i));
+                dev_zero(ctx, dqi, C * Hl * D * sizeof(float));
+            } else {
+                dqi = store_use(ctx, &M->dq, i, slot_of(i));
+            }
+            {
+                TraceScope ts(ctx, "attention block backward", TRACK_COMPUTE, i);
+                OP(ctx, attention_backward, dqi, M->dk, M->dv, doi, qi, kj, vj, lsei, dli, C, C, Hl, Hkvl, D, i == j);
+            }
+            if (i != j) store_put(ctx, &M->dq, i, slot_of(i));
+        }
+        // dQ_j, dK_j, dV_j are final: undo RoPE, back to the sequence layout, through the QKV
+        // projection and the first norm (recomputed from the layer input) into dresid_j.
+        set_positions(M, j);
+        OP(ctx, rope, dqi, M->pos, C, Hl, D, rope_params(c), -1);
+        OP(ctx, rope, M->dk, M->pos, C, Hkvl, D, rope_params(c), -1);
+        dqkv_to_seq(M, j, dqi, M->dk, M->dv, M->dqkv);
+        const float* x = store_use(ctx, &M->layer_in, l * u + j, SLOT_SINGLE);
+        float* dres = store_use(ctx, &M->dresid, j, SLOT_SINGLE);  // (cl, d) dL/d(x_mid), made dL/d(layer input)
+        TraceScope ts(ctx, "qkv backward", TRACK_COMPUTE, j);
+        OP(ctx, norm_forward, M->ln1, M->mean1, M->rstd1, x, w.ln1_w, w.ln1_b, cl, d, M->rms, c.norm_eps);
+        dev_zero(ctx, M->dln, cl * d * sizeof(float));
+        mm_backward(M, M->dln, g.qkv_w, g.qkv_b, M->dqkv, M->ln1, w.qkv_w, cl, d, M->Q3);
+        OP(ctx, norm_backward, dres, g.ln1_w, g.ln1_b, M->dln, x, w.ln1_w, M->mean1, M->rstd1, cl, d, M->rms);
+        store_put(ctx, &M->dresid, j, SLOT_SINGLE);
+    }
+}
+
+// Backward of layer l. The store dresid holds dL/d(output of layer l) and is turned, in place,
+// into dL/d(input of layer l). Parameter gradients accumulate into M->g.
+static inline void layer_backward(Model* M, int l) {
+    const Config& c = M->cfg;
+    const LayerW& w = M->w.layer[l];
+    const LayerW& g = M->g.layer[l];
+    Ctx* ctx = &M->ctx;
+    const int u = M->u, D = M->D, Hl = M->Hl;
     const size_t cl = M->cl, C = M->C, d = c.d_model, HD = (size_t)c.n_head * M->D;
     ctx->layer = l;
 
-    // Phase 1, chunk by chunk: recompute the forward from the checkpoint (storing q, k, v, lse),
-    // then back through the MLP and the output projection down to dO_i; dx_i becomes dL/dx_mid.
-    store_prefetch(ctx, &M->ckpt, l * u, 0);
-    store_prefetch(ctx, &M->dx, 0, 0);
+    // Phase 1, chunk by chunk: recompute the forward from the layer input (storing q, k, v, lse),
+    // then back through the MLP and the output projection down to dO_i; dresid_i becomes dL/dx_mid.
+    store_prefetch(ctx, &M->layer_in, l * u, slot_of(0));
+    store_prefetch(ctx, &M->dresid, 0, slot_of(0));
     for (int i = 0; i < u; i++) {
         if (i + 1 < u) {
-            store_prefetch(ctx, &M->ckpt, l * u + i + 1, (i + 1) % 2);
-            store_prefetch(ctx, &M->dx, i + 1, (i + 1) % 2);
+            store_prefetch(ctx, &M->layer_in, l * u + i + 1, slot_of(i + 1));
+            store_prefetch(ctx, &M->dresid, i + 1, slot_of(i + 1));
         }
-        const float* x = store_use(ctx, &M->ckpt, l * u + i, i % 2);
+        const float* x = store_use(ctx, &M->layer_in, l * u + i, slot_of(i));
         chunk_forward(M, l, i, x, nullptr, true);
-        float* dyi = store_use(ctx, &M->dx, i, i % 2);  // (cl, d)
+        float* dres = store_use(ctx, &M->dresid, i, slot_of(i));  // (cl, d) dL/d(layer output), made dL/d(x_mid)
         {
             TraceScope ts(ctx, "mlp backward", TRACK_COMPUTE, i);
             dev_zero(ctx, M->dln, cl * d * sizeof(float));
@@ -760,80 +707,24 @@ static inline void layer_backward(Model* M, int l) {
                 const size_t n = std::min(M->mr, cl - r0);
                 mlp_hidden(M, l, r0, n);
                 dev_zero(ctx, M->dact, n * c.ffn * sizeof(float));
-                mm_backward(M, M->dact, g.proj_w, g.proj_b, dyi + r0 * d, M->act, w.proj_w, n, c.ffn, d);
+                mm_backward(M, M->dact, g.proj_w, g.proj_b, dres + r0 * d, M->act, w.proj_w, n, c.ffn, d);
                 if (c.family == GPT) OP(ctx, gelu_backward, M->dfch, M->fch, M->dact, n * c.ffn);
                 else OP(ctx, swiglu_backward, M->dfch, M->fch, M->dact, n, c.ffn);
                 mm_backward(M, M->dln + r0 * d, g.fc_w, g.fc_b, M->dfch, M->ln2 + r0 * d, w.fc_w, n, d, M->F2);
             }
-            OP(ctx, norm_backward, dyi, g.ln2_w, g.ln2_b, M->dln, M->xmid, w.ln2_w, M->mean2, M->rstd2, cl, d, M->rms);
+            OP(ctx, norm_backward, dres, g.ln2_w, g.ln2_b, M->dln, M->xmid, w.ln2_w, M->mean2, M->rstd2, cl, d, M->rms);
             dev_zero(ctx, M->doloc, cl * HD * sizeof(float));
-            mm_backward(M, M->doloc, g.o_w, g.o_b, dyi, M->oloc, w.o_w, cl, (int)HD, d);
+            mm_backward(M, M->doloc, g.o_w, g.o_b, dres, M->oloc, w.o_w, cl, (int)HD, d);
         }
-        store_put(ctx, &M->dx, i, i % 2);
-        float* doi = store_out(ctx, &M->dout, i, 2);  // (C, Hl, D)
-        a2a_to_heads(M, i, M->doloc, (int)HD, 0, false, Hl, doi);
+        store_put(ctx, &M->dresid, i, slot_of(i));
+        float* doi = store_produce(ctx, &M->dout, i, SLOT_NEW);  // (C, Hl, D)
+        do_to_heads(M, i, M->doloc, doi);
         round_stored(M, doi, C * Hl * D);
-        OP(ctx, attention_delta, store_out(ctx, &M->delta, i, 2), doi, M->o, C, Hl, D);
-        store_put(ctx, &M->dout, i, 2);
-        store_put(ctx, &M->delta, i, 2);
+        OP(ctx, attention_delta, store_produce(ctx, &M->delta, i, SLOT_NEW), doi, M->o, C, Hl, D);
+        store_put(ctx, &M->dout, i, SLOT_NEW);
+        store_put(ctx, &M->delta, i, SLOT_NEW);
     }
-
-    // Phase 2, attention backward: outer loop over kv chunks j, inner over query chunks i >= j,
-    // from the last down to j so that the last visit, i == j, leaves the final dQ_j in its slot.
-    ChunkStore* qset[] = {&M->q, &M->dout, &M->lse, &M->delta};
-    // The copy-in stream runs in order, so each j queues its copies by when they are needed: the
-    // first query chunk of the inner loop, then the next kv chunk, then what the end of j needs.
-    store_prefetch(ctx, &M->k, 0, 0), store_prefetch(ctx, &M->v, 0, 0);
-    for (int j = 0; j < u; j++) {
-        auto prefetch = [&](int i) {
-            for (ChunkStore* s : qset) store_prefetch(ctx, s, i, i % 2);
-            if (j > 0) store_prefetch(ctx, &M->dq, i, i % 2);  // on the first visit dQ_i starts at zero
-        };
-        prefetch(u - 1);
-        if (j + 1 < u) store_prefetch(ctx, &M->k, j + 1, (j + 1) % 2), store_prefetch(ctx, &M->v, j + 1, (j + 1) % 2);
-        store_prefetch(ctx, &M->ckpt, l * u + j, 0);  // for the QKV backward at the end of this j
-        store_prefetch(ctx, &M->dx, j, 0);
-        const float* kj = store_use(ctx, &M->k, j, j % 2);
-        const float* vj = store_use(ctx, &M->v, j, j % 2);
-        dev_zero(ctx, M->dk, C * Hkvl * D * sizeof(float));
-        dev_zero(ctx, M->dv, C * Hkvl * D * sizeof(float));
-        float* dqi = nullptr;
-        for (int i = u - 1; i >= j; i--) {
-            if (i - 1 >= j) prefetch(i - 1);
-            const float* qi = store_use(ctx, &M->q, i, i % 2);
-            const float* doi = store_use(ctx, &M->dout, i, i % 2);
-            const float* lsei = store_use(ctx, &M->lse, i, i % 2);
-            const float* dli = store_use(ctx, &M->delta, i, i % 2);
-            if (j == 0) {
-                dqi = store_out(ctx, &M->dq, i, i % 2);
-                dev_zero(ctx, dqi, C * Hl * D * sizeof(float));
-            } else {
-                dqi = store_use(ctx, &M->dq, i, i % 2);
-            }
-            {
-                TraceScope ts(ctx, "attention block backward", TRACK_COMPUTE, i);
-                OP(ctx, attention_backward, dqi, M->dk, M->dv, doi, qi, kj, vj, lsei, dli, C, C, Hl, Hkvl, D, i == j);
-            }
-            if (i != j) store_put(ctx, &M->dq, i, i % 2);
-        }
-        // dQ_j, dK_j, dV_j are final: undo RoPE, back to the sequence layout, through the QKV
-        // projection and the first norm (recomputed from the checkpoint) into dx_j.
-        set_positions(M, j);
-        OP(ctx, rope, dqi, M->pos, C, Hl, D, rope_params(c), -1);
-        OP(ctx, rope, M->dk, M->pos, C, Hkvl, D, rope_params(c), -1);
-        dev_zero(ctx, M->dqkv, cl * M->Q3 * sizeof(float));
-        a2a_to_seq(M, j, dqi, Hl, M->dqkv, M->Q3, 0, false);
-        a2a_to_seq(M, j, M->dk, Hkvl, M->dqkv, M->Q3, c.n_head, true);
-        a2a_to_seq(M, j, M->dv, Hkvl, M->dqkv, M->Q3, c.n_head + c.n_kv_head, true);
-        const float* x = store_use(ctx, &M->ckpt, l * u + j, 0);
-        float* dxj = store_use(ctx, &M->dx, j, 0);
-        TraceScope ts(ctx, "qkv backward", TRACK_COMPUTE, j);
-        OP(ctx, norm_forward, M->ln1, M->mean1, M->rstd1, x, w.ln1_w, w.ln1_b, cl, d, M->rms, c.norm_eps);
-        dev_zero(ctx, M->dln, cl * d * sizeof(float));
-        mm_backward(M, M->dln, g.qkv_w, g.qkv_b, M->dqkv, M->ln1, w.qkv_w, cl, d, M->Q3);
-        OP(ctx, norm_backward, dxj, g.ln1_w, g.ln1_b, M->dln, x, w.ln1_w, M->mean1, M->rstd1, cl, d, M->rms);
-        store_put(ctx, &M->dx, j, 0);
-    }
+    layer_backward_attention(M, l);
 }
 
 // acc[0] += sum of x (n), in double, in order (a single thread block on the GPU, so the sum does
@@ -864,7 +755,7 @@ static inline void accumulate_gpu(cudaStream_t s, double* acc, const float* x, s
 #endif
 
 // The LM head and its cross-entropy, chunk by chunk: the (S, V) logits never exist. With grads,
-// also back through the head and the final norm, leaving dL/d(last layer output) in dx.
+// also back through the head and the final norm, leaving dL/d(last layer output) in dresid.
 // This rank's sum of token losses goes to M->acc[0]; predictions to M->preds.
 static inline void head_pass(Model* M, bool grads) {
     const Config& c = M->cfg;
@@ -873,11 +764,11 @@ static inline void head_pass(Model* M, bool grads) {
     const int u = M->u, L = c.n_layer;
     const float dscale = 1.0f / (float)M->run.seq;  // mean over the whole sequence, all ranks
     ctx->layer = L;
-    store_prefetch(ctx, &M->ckpt, L * u, 0), store_prefetch(ctx, &M->targets, 0, 0);
+    store_prefetch(ctx, &M->layer_in, L * u, slot_of(0)), store_prefetch(ctx, &M->targets, 0, slot_of(0));
     for (int i = 0; i < u; i++) {
-        if (i + 1 < u) store_prefetch(ctx, &M->ckpt, L * u + i + 1, (i + 1) % 2), store_prefetch(ctx, &M->targets, i + 1, (i + 1) % 2);
-        const float* x = store_use(ctx, &M->ckpt, L * u + i, i % 2);
-        const int32_t* tg = store_use<int32_t>(ctx, &M->targets, i, i % 2);
+        if (i + 1 < u) store_prefetch(ctx, &M->layer_in, L * u + i + 1, slot_of(i + 1)), store_prefetch(ctx, &M->targets, i + 1, slot_of(i + 1));
+        const float* x = store_use(ctx, &M->layer_in, L * u + i, slot_of(i));
+        const int32_t* tg = store_use<int32_t>(ctx, &M->targets, i, slot_of(i));
         TraceScope ts(ctx, "head + loss", TRACK_COMPUTE, i);
         OP(ctx, norm_forward, M->y, M->mean1, M->rstd1, x, M->w.lnf_w, M->w.lnf_b, cl, d, M->rms, c.norm_eps);
         if (grads) dev_zero(ctx, M->dy, cl * d * sizeof(float));
@@ -892,10 +783,10 @@ static inline void head_pass(Model* M, bool grads) {
                 mm_backward(M, M->dy + r0 * d, M->g.head, nullptr, M->logits, M->y + r0 * d, M->w.head, n, d, c.vocab);
         }
         if (!grads) continue;
-        float* dxi = store_out(ctx, &M->dx, i, i % 2);
-        dev_zero(ctx, dxi, cl * d * sizeof(float));
-        OP(ctx, norm_backward, dxi, M->g.lnf_w, M->g.lnf_b, M->dy, x, M->w.lnf_w, M->mean1, M->rstd1, cl, d, M->rms);
-        store_put(ctx, &M->dx, i, i % 2);
+        float* dlast = store_produce(ctx, &M->dresid, i, slot_of(i));  // (cl, d) dL/d(last layer output)
+        dev_zero(ctx, dlast, cl * d * sizeof(float));
+        OP(ctx, norm_backward, dlast, M->g.lnf_w, M->g.lnf_b, M->dy, x, M->w.lnf_w, M->mean1, M->rstd1, cl, d, M->rms);
+        store_put(ctx, &M->dresid, i, slot_of(i));
     }
 }
 
@@ -906,102 +797,52 @@ static inline float model_forward_backward(Model* M, bool grads) {
     Ctx* ctx = &M->ctx;
     const size_t cl = M->cl, d = c.d_model;
     const int u = M->u, L = c.n_layer;
-    if (grads) dev_zero(ctx, M->grads, M->n_padded * sizeof(float));
-    if (M->run.bf16) OP(ctx, to_bf16, M->wlow, M->params, M->n_padded);  // the weights may have changed since the last pass
+    if (grads && M->grads) dev_zero(ctx, M->grads, M->n_padded * sizeof(float));
+    if (M->run.bf16 && M->wlow) OP(ctx, to_bf16, M->wlow, M->params, M->n_padded);  // the weights may have changed since the last pass
+    zero_pass_begin(M, grads);  // ZeRO-3: the embedding's weights, layer 0's on their way
     ctx->layer = -1;
-    store_prefetch(ctx, &M->tokens, 0, 0);
+    store_prefetch(ctx, &M->tokens, 0, slot_of(0));
     for (int i = 0; i < u; i++) {  // embedding -> layer 0's input
-        if (i + 1 < u) store_prefetch(ctx, &M->tokens, i + 1, (i + 1) % 2);
-        const int32_t* tok = store_use<int32_t>(ctx, &M->tokens, i, i % 2);
+        if (i + 1 < u) store_prefetch(ctx, &M->tokens, i + 1, slot_of(i + 1));
+        const int32_t* tok = store_use<int32_t>(ctx, &M->tokens, i, slot_of(i));
         TraceScope ts(ctx, "embedding", TRACK_COMPUTE, i);
-        float* x0 = store_out(ctx, &M->ckpt, i, 2);  // (cl, d)
+        float* x0 = store_produce(ctx, &M->layer_in, i, SLOT_NEW);  // (cl, d)
         OP(ctx, embedding_forward, x0, tok, M->w.wte, cl, d);
         round_stored(M, x0, cl * d);
-        store_put(ctx, &M->ckpt, i, 2);
+        store_put(ctx, &M->layer_in, i, SLOT_NEW);
     }
-    for (int l = 0; l < L; l++) layer_forward(M, l);
+    for (int l = 0; l < L; l++) {
+        zero_weights_for(M, group_of_layer(l), l + 1 < L ? group_of_layer(l + 1) : tail_group(M));
+        layer_forward(M, l);
+    }
     dev_zero(ctx, M->acc, sizeof(double));
+    zero_weights_for(M, tail_group(M), grads ? group_of_layer(L - 1) : -1);
+    if (grads) zero_grads_for(M, tail_group(M));
     head_pass(M, grads);
     if (grads) {
-        for (int l = L - 1; l >= 0; l--) layer_backward(M, l);
-        ctx->layer = -1;
-        store_prefetch(ctx, &M->tokens, 0, 0), store_prefetch(ctx, &M->dx, 0, 0);
-        for (int i = 0; i < u; i++) {
-            if (i + 1 < u) store_prefetch(ctx, &M->tokens, i + 1, (i + 1) % 2), store_prefetch(ctx, &M->dx, i + 1, (i + 1) % 2);
-            const int32_t* tok = store_use<int32_t>(ctx, &M->tokens, i, i % 2);
-            const float* dxi = store_use(ctx, &M->dx, i, i % 2);
-            TraceScope ts(ctx, "embedding backward", TRACK_COMPUTE, i);
-            OP(ctx, embedding_backward, M->g.wte, tok, dxi, cl, d);
+        zero_grads_done(M, tail_group(M));  // the final norm's and an untied head's gradients are final
+        for (int l = L - 1; l >= 0; l--) {
+            zero_weights_for(M, group_of_layer(l), l > 0 ? group_of_layer(l - 1) : -1);
+            zero_grads_for(M, group_of_layer(l));
+            layer_backward(M, l);
+            zero_grads_done(M, group_of_layer(l));  // reduce-scattered while the next layer computes
         }
+        ctx->layer = -1;
+        store_prefetch(ctx, &M->tokens, 0, slot_of(0)), store_prefetch(ctx, &M->dresid, 0, slot_of(0));
+        for (int i = 0; i < u; i++) {
+            if (i + 1 < u) store_prefetch(ctx, &M->tokens, i + 1, slot_of(i + 1)), store_prefetch(ctx, &M->dresid, i + 1, slot_of(i + 1));
+            const int32_t* tok = store_use<int32_t>(ctx, &M->tokens, i, slot_of(i));
+            const float* dembed = store_use(ctx, &M->dresid, i, slot_of(i));  // (cl, d) dL/d(layer 0 input)
+            TraceScope ts(ctx, "embedding backward", TRACK_COMPUTE, i);
+            OP(ctx, embedding_backward, M->g.wte, tok, dembed, cl, d);
+        }
+        zero_grads_done(M, 0);  // wte: the embedding's (and a tied head's) gradient is final
     }
+    zero_pass_end(M);
     double loss = 0.0;
     dev_download(ctx, &loss, M->acc, sizeof(double));  // waits for the whole pass: the one sync
     comm_allreduce(&loss, 1);
     return (float)(loss / M->run.seq);
 }
 
-// Sum the gradients over the group, clip to max_norm (0 = no clipping), AdamW step. With ZeRO-1
-// each rank updates its shard of the flat array and the shards are gathered back.
-// Returns the global gradient norm (before clipping).
-struct AdamW {
-    float lr, beta1 = 0.9f, beta2 = 0.95f, eps = 1e-8f, wd = 0.1f, clip = 1.0f;
-};
-static inline float model_update(Model* M, const AdamW& opt, int t, bool* finite) {
-    Ctx* ctx = &M->ctx;
-    const size_t n = M->shard_n, N = M->n_padded, lo = M->run.zero ? (size_t)M->run.rank * n : 0;
-    float* g = M->grad_shard ? M->grad_shard : M->grads;
-    // sum over the group: NCCL on GPU buffers, or MPI on host memory (the GPU's gradients staged
-    // through it when ranks share a GPU)
-#ifdef __CUDACC__
-    const bool nccl = ctx->gpu && nccl_comm();
-    if (nccl)
-        on_comm_stream(ctx, [&](cudaStream_t s) {
-            if (M->run.zero) NCCL_CHECK(ncclReduceScatter(M->grads, M->grad_shard, n, ncclFloat, ncclSum, nccl_comm(), s));
-            else NCCL_CHECK(ncclAllReduce(M->grads, M->grads, N, ncclFloat, ncclSum, nccl_comm(), s));
-        });
-#else
-    const bool nccl = false;
-#endif
-    if (M->run.P > 1 && !nccl) {
-        float* buf = ctx->gpu ? M->stage : M->grads;
-        if (ctx->gpu) dev_download(ctx, buf, M->grads, N * sizeof(float));
-        if (M->run.zero) {
-            float* out = ctx->gpu ? buf + N : M->grad_shard;
-            comm_reduce_scatter(buf, out, n);
-            if (ctx->gpu) dev_upload(ctx, M->grad_shard, out, n * sizeof(float));
-        } else {
-            comm_allreduce(buf, N);
-            if (ctx->gpu) dev_upload(ctx, M->grads, buf, N * sizeof(float));
-        }
-    }
-    double ss = 0.0;
-#ifdef __CUDACC__
-    if (ctx->gpu) {
-        sumsq_gpu(ctx->g->compute, g, n, M->acc + 1, M->scratch);
-        dev_download(ctx, &ss, M->acc + 1, sizeof(double));
-    } else
-#endif
-        ss = sumsq_cpu(g, n);
-    if (M->run.zero) comm_allreduce(&ss, 1);
-    const float norm = (float)sqrt(ss);
-    *finite = std::isfinite(norm);
-    if (!*finite) return norm;
-    if (opt.clip > 0 && norm > opt.clip) OP(ctx, scale, g, n, opt.clip / norm);
-    for (const ParamInfo& p : M->table) {  // each tensor's overlap with this rank's range
-        const size_t a = std::max(p.offset, lo), b = std::min(p.offset + p.numel(), lo + n);
-        if (a >= b) continue;
-        OP(ctx, adamw, M->params + a, g + (a - lo), M->opt_m + (a - lo), M->opt_v + (a - lo), b - a, opt.lr, opt.beta1,
-           opt.beta2, opt.eps, opt.wd, p.decay, t);
-    }
-#ifdef __CUDACC__
-    if (nccl && M->run.zero)  // every rank's updated shard to every rank, in place
-        on_comm_stream(ctx, [&](cudaStream_t s) { NCCL_CHECK(ncclAllGather(M->params + lo, M->params, n, ncclFloat, nccl_comm(), s)); });
-#endif
-    if (M->run.zero && M->run.P > 1 && !nccl) {  // every rank's updated shard to every rank
-        float* buf = ctx->gpu ? M->stage : M->params;
-        if (ctx->gpu) dev_download(ctx, buf, M->params, N * sizeof(float));
-        comm_allgather(buf, n);
-        if (ctx->gpu) dev_upload(ctx, M->params, buf, N * sizeof(float));
-    }
-    return norm;
-}
+// The optimizer step, model_update, is in zero.h (it is the sharding's).

@@ -12,8 +12,15 @@
 // The schedule (model.h) only ever calls:
 //   store_prefetch(s, chunk, slot)   start bringing a chunk to the device (host-to-device stream)
 //   store_use(s, chunk, slot)        make compute wait for it; the device pointer
-//   store_out(s, chunk, slot)        where compute may write a chunk's new value
+//   store_produce(s, chunk, slot)    hand out a slot for compute to write a chunk's new value in
 //   store_put(s, chunk, slot)        send that value home (device-to-host stream)
+// Slots, by name (the schedule never writes a bare slot number):
+//   slot_of(i)   chunk i of a store read in order: chunks alternate between slots 0 and 1, so
+//                chunk i+1 is fetched into one while chunk i is read from the other
+//   SLOT_NEW     slot 2: the chunk being produced (a layer output, q/k/v, lse, dO, delta), while
+//                slots 0 and 1 still hold chunks being read
+//   SLOT_SINGLE  slot 0, for a store read one chunk at a time, nothing fetched ahead (phase 2 of
+//                the backward reads chunk j's layer input and gradient once per kv chunk j)
 // A store may keep its host copy in bf16 (--precision bf16, offloaded): slots stay fp32, and the
 // copies narrow (slot -> bf16 wire buffer -> host) and widen (host -> wire -> slot) on the copy
 // streams. The schedule rounds such values to bf16 before it puts them, so the narrowing is
@@ -24,7 +31,7 @@
 //             and for the copy-out of the chunk it fetches (`chunk_put`), then copies, then
 //             records `ready`;
 //   use: compute waits for `ready`;
-//   out: compute waits for the slot's last copy-out and copy-in before overwriting it;
+//   produce: compute waits for the slot's last copy-out and copy-in before overwriting it;
 //   put: copy-out waits for compute to have produced the value and for any copy-in still
 //        reading the host chunk, copies, records `put_done` and `chunk_put`.
 #pragma once
@@ -87,12 +94,11 @@ static inline void arena_unback(Ctx* ctx, Arena* a) {
 #ifdef __CUDACC__
 // x (n) = v; twin of the loop in dev_fill
 static __global__ void fill_kernel(float* x, float v, size_t n) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) x[i] = v;
+    GRID_STRIDE_LOOP(i, n) x[i] = v;
 }
 // pos (n) = first + i; twin of the loop in dev_iota
 static __global__ void iota_kernel(int32_t* pos, int32_t first, size_t n) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-        pos[i] = first + (int32_t)i;
+    GRID_STRIDE_LOOP(i, n) pos[i] = first + (int32_t)i;
 }
 #endif
 
@@ -192,6 +198,9 @@ static inline void dev_sync(Ctx* ctx) {
 
 // ----------------------------------------------------------------------------
 // The host store
+
+enum { SLOT_SINGLE = 0, SLOT_NEW = 2 };            // see the header
+static inline int slot_of(int chunk) { return chunk % 2; }
 
 struct CUevent_st;
 struct ChunkStore {
@@ -318,7 +327,7 @@ static inline T* store_use(Ctx* ctx, ChunkStore* s, int chunk, int slot) {
 }
 
 template <typename T = float>
-static inline T* store_out(Ctx* ctx, ChunkStore* s, int chunk, int slot) {
+static inline T* store_produce(Ctx* ctx, ChunkStore* s, int chunk, int slot) {
     if (!s->on_host) return (T*)store_host_ptr(s, chunk);
     s->in_slot[slot] = chunk;
 #ifdef __CUDACC__

@@ -24,9 +24,7 @@ static void check_layout(const char* name, bool b16) {
             for (int col = 0; col < Q3; col++)
                 M.qkv[t * Q3 + col] = value(c * M.C + cm.rank * M.cl + t, col) * (b16 ? 1.0f + 0x1p-10f : 1.0f);
         std::vector<float> q(M.C * M.Hl * D), k(M.C * M.Hkvl * D), v(M.C * M.Hkvl * D);
-        a2a_to_heads(&M, c, M.qkv, Q3, 0, false, M.Hl, q.data());
-        a2a_to_heads(&M, c, M.qkv, Q3, H, true, M.Hkvl, k.data());
-        a2a_to_heads(&M, c, M.qkv, Q3, H + Hkv, true, M.Hkvl, v.data());
+        qkv_to_heads(&M, c, M.qkv, q.data(), k.data(), v.data());
         for (size_t tt = 0; tt < M.C; tt++)
             for (int e = 0; e < D; e++) {
                 for (int m = 0; m < M.Hl; m++)
@@ -37,10 +35,8 @@ static void check_layout(const char* name, bool b16) {
                               value(c * M.C + tt, (H + Hkv + kv_head(&M, cm.rank, m)) * D + e));
                 }
             }
-        std::vector<float> back(M.cl * Q3, 0.0f);
-        a2a_to_seq(&M, c, q.data(), M.Hl, back.data(), Q3, 0, false);
-        a2a_to_seq(&M, c, k.data(), M.Hkvl, back.data(), Q3, H, true);
-        a2a_to_seq(&M, c, v.data(), M.Hkvl, back.data(), Q3, H + Hkv, true);
+        std::vector<float> back(M.cl * Q3, -1.0f);  // dqkv_to_seq overwrites it
+        dqkv_to_seq(&M, c, q.data(), k.data(), v.data(), back.data());
         for (size_t t = 0; t < M.cl; t++)
             for (int col = 0; col < Q3; col++)
                 ASSERT_EQ(back[t * Q3 + col], value(c * M.C + cm.rank * M.cl + t, col) * (col < H * D ? 1 : replicas))
