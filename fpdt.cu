@@ -226,7 +226,7 @@ static void train_help() {
         "  --start-seq N       train the first --start-steps steps at this shorter sequence (in as many\n"
         "                      chunks as --seq has), then at --seq (context extension); 0 = off\n"
         "                      (default 256 when --seq is left at its default)\n"
-        "  --start-steps K     steps at --start-seq (default 99% of --steps)\n"
+        "  --start-steps K     steps at --start-seq (default 99%% of --steps)\n"
         "  --zero 0|1|2|3      ZeRO stage: shard across ranks 1 the optimizer state, 2 and the gradients,\n"
         "                      3 and the weights (gathered layer by layer) (default 0)\n"
         "  --steps N           total steps; the learning-rate schedule depends on it alone (default 2600)\n"
