@@ -30,6 +30,9 @@ static inline std::string mpirun(int np) {
     return "mpirun --allow-run-as-root --oversubscribe -np " + std::to_string(np) + " ";
 }
 
+// The same, one OpenMP thread per rank (the ranks share this machine's cores).
+static inline std::string mpi(int np) { return mpirun(np) + "-x OMP_NUM_THREADS=1 "; }
+
 // The losses of the "step N/M | loss X" lines, in order.
 static inline std::vector<double> losses(const std::string& out) {
     std::vector<double> v;

@@ -5,7 +5,6 @@
 #include "test/cli.h"
 
 // One thread per rank: the ranks share CI's two cores.
-static std::string mpi(int np) { return mpirun(np) + "-x OMP_NUM_THREADS=1 "; }
 
 TEST(Mpi, LayoutRoundTripsAcrossProcesses) {
     for (int np : {2, 4}) {
@@ -16,7 +15,7 @@ TEST(Mpi, LayoutRoundTripsAcrossProcesses) {
 }
 
 // P = 2 and 4 print the single-process losses (to 1e-5 relative), both families, offload on and
-// off, ZeRO-1 on and off. Only the order of fp32 sums differs (all-reduce, reduce-scatter).
+// off, every ZeRO stage. Only the order of fp32 sums differs (all-reduce, reduce-scatter).
 TEST(Mpi, SameLossesAsOneProcess) {
     for (const char* model : {"tiny", "gpt-tiny"}) {
         const std::string args = std::string("./fpdt train --device cpu --eval-every 0 --seq 64 --steps 3 --chunk-size 16 --model ") + model;
@@ -25,9 +24,13 @@ TEST(Mpi, SameLossesAsOneProcess) {
         std::vector<double> lr = losses(ref.out);
         ASSERT_EQ(lr.size(), 3u);
         for (int np : {2, 4})
-            for (const char* extra : {"", " --offload 1", " --zero 1", " --offload 1 --zero 1"}) {
+            for (const char* extra : {"", " --offload 1", " --zero 1", " --offload 1 --zero 1", " --zero 2", " --zero 3",
+                                      " --zero 2 --offload 1", " --zero 3 --offload 1"}) {
                 Out r = run(mpi(np) + args + extra);
                 ASSERT_EQ(r.rc, 0) << r.out;
+                if (const char* z = strstr(extra, "--zero ")) {  // the header names the stage
+                    EXPECT_NE(r.out.find(std::string(" ZeRO-") + z[7]), std::string::npos) << r.out;
+                }
                 std::vector<double> l = losses(r.out);
                 ASSERT_EQ(l.size(), 3u) << r.out;  // rank 0 alone prints step lines
                 for (size_t i = 0; i < l.size(); i++)
@@ -130,8 +133,10 @@ TEST(Mpi, EvaluationAgreesWithOneProcess) {
 }
 
 // Checkpoint format 2 re-cuts on load: a run saved by 2 ranks with ZeRO-1 continues on 4 ranks
-// without it, and one saved by 4 with ZeRO-1 on one process, printing the losses of an unbroken
-// single-process run (each rank wrote only its own shard); the header says what changed.
+// without it, one saved by 4 with ZeRO-1 on one process, and one saved by 4 with ZeRO-3 (each
+// rank holding only its slice of the weights) at P = 2 with ZeRO-1 and on one process, printing
+// the losses of an unbroken single-process run (each rank wrote only its own shard); the header
+// says what changed.
 TEST(Mpi, CheckpointsResumeOnOtherRanksAndZero) {
     const std::string args = "./fpdt train --device cpu --model tiny --eval-every 0 --seq 64 --chunk-size 16 --steps 6 ";
     Out whole = run("OMP_NUM_THREADS=1 " + args);
@@ -139,9 +144,13 @@ TEST(Mpi, CheckpointsResumeOnOtherRanksAndZero) {
     std::vector<double> ref = losses(whole.out);
     ASSERT_EQ(ref.size(), 6u);
     struct Leg {
-        std::string first, second;
+        std::string first, second, change;
     };
-    for (const Leg& leg : {Leg{mpi(2) + args + "--zero 1", mpi(4) + args}, Leg{mpi(4) + args + "--zero 1", "OMP_NUM_THREADS=1 " + args}}) {
+    const std::string one = "OMP_NUM_THREADS=1 " + args;
+    for (const Leg& leg : {Leg{mpi(2) + args + "--zero 1", mpi(4) + args, "ZeRO stage 1 -> 0"},
+                           Leg{mpi(4) + args + "--zero 1", one, "ZeRO stage 1 -> 0"},
+                           Leg{mpi(4) + args + "--zero 3", mpi(2) + args + "--zero 1", "ZeRO stage 3 -> 1"},
+                           Leg{mpi(4) + args + "--zero 3", one, "ZeRO stage 3 -> 0"}}) {
         std::string d = tmpdir();
         Out a = run(leg.first + " --exit-after 3 --out " + d);
         ASSERT_EQ(a.rc, 0) << a.out;
@@ -154,7 +163,7 @@ TEST(Mpi, CheckpointsResumeOnOtherRanksAndZero) {
         ASSERT_EQ(l.size(), 6u) << a.out << b.out;
         for (size_t i = 0; i < 6; i++) EXPECT_NEAR(l[i], ref[i], 1e-5 * ref[i]) << leg.second << " step " << i + 1;
         EXPECT_NE(b.out.find("changed since it was saved: ranks "), std::string::npos) << b.out;
-        EXPECT_NE(b.out.find("ZeRO stage 1 -> 0"), std::string::npos) << b.out;
+        EXPECT_NE(b.out.find(leg.change), std::string::npos) << b.out;
     }
 }
 
