@@ -702,6 +702,7 @@ static int cmd_train(int argc, char** argv) {
         if (finite) norm = model_update(&M, opt, step + 1, &finite);
         if (const char* gpath = getenv("FPDT_TEST_GRADS_OUT"))  // test hook: the summed gradient of the first step
             if (step == start && cm.rank == 0) {  // (unclipped with --clip 0; whole with --zero 0)
+                if (!M.grads) fatal("FPDT_TEST_GRADS_OUT needs --zero 0 or 1: under ZeRO-2 and 3 no rank holds the whole gradient");
                 std::vector<float> gr(M.n_params);
                 dev_download(&M.ctx, gr.data(), M.grads, M.n_params * sizeof(float));
                 FILE* gf = fopen(gpath, "wb");
