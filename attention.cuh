@@ -13,13 +13,19 @@
 
 // The CPU functions tile the work as FlashAttention does: a block of ATTN_CPU_ROWS output rows of
 // one head (query rows for the forward pass and dq, key rows for dk and dv) against tiles of
-// ATTN_CPU_TILE rows of the other side. A tile's scores are a small matmul into a scratch buffer,
-// its inner loops run over the tile or over D for the compiler to vectorize, and a causal block
-// visits only the tiles at or below the diagonal. The blocks are the parallel tasks (each writes
-// only its own rows, so no atomics), and each output is summed in the same order whatever the
-// thread count. The block bodies are compiled once per instruction set (ops.cuh, cpu_simd).
-#define ATTN_CPU_ROWS 32  // output rows of one task
-#define ATTN_CPU_TILE 64  // rows of the other side per tile
+// ATTN_CPU_TILE rows of the other side, and a causal block visits only the tiles at or below the
+// diagonal. Each tile is three steps: its scores, a small matmul; the softmax (or its gradient)
+// over the tile, element-wise with the vectorizable exp below; and a second small matmul that
+// adds the tile's share to the block's output rows. Both matmuls run through attn_mm, a register
+// block of MR x NR accumulators as in ops.cuh's gemm_micro, on operands copied into this thread's
+// scratch (the block's own rows once, each tile's rows once per tile) and zero-padded to whole
+// register blocks, so its loops have no edge cases and read no memory outside the scratch.
+// The blocks are the parallel tasks (each writes only its own rows, so no atomics), and each
+// output is summed in the same order whatever the thread count. The block bodies are compiled
+// once per instruction set with that set's register block (ops.cuh, cpu_simd).
+#define ATTN_CPU_ROWS 48  // output rows of one task: a multiple of every MR below (8, 6, 4)
+#define ATTN_CPU_TILE 64  // rows of the other side per tile: a multiple of every NR (32, 16)
+#define ATTN_CPU_NR_MAX 32
 
 // The arguments of one attention call, shared by the three block functions.
 struct AttnCpu {
@@ -31,82 +37,138 @@ struct AttnCpu {
     float scale;
 };
 static inline size_t attn_min_cpu(size_t a, size_t b) { return a < b ? a : b; }
-// Floats of scratch one thread needs: two transposed (D, TILE) tiles, the scores and their
-// gradients (ROWS, TILE) each, and (ROWS, D) + 2 ROWS for the forward pass's running state.
+static inline int attn_round_up(int x, int m) { return (x + m - 1) / m * m; }
+// Floats of scratch one thread needs (the dk/dv block, the largest): its key and value rows
+// (ROWS, D) each; a tile's queries and output gradients transposed (D, TILE) and as rows
+// (TILE, Dp) each; scores and their gradients (ROWS, TILE) each; the accumulated dk, dv
+// (ROWS, Dp) each; per-row and per-column statistics. Dp = D rounded up to a register block.
 static inline size_t attn_cpu_scratch(int D) {
-    return 2 * (size_t)D * ATTN_CPU_TILE + 2 * ATTN_CPU_ROWS * ATTN_CPU_TILE + (size_t)ATTN_CPU_ROWS * D +
-           2 * ATTN_CPU_ROWS;
+    const size_t R = ATTN_CPU_ROWS, T = ATTN_CPU_TILE, Dp = (size_t)attn_round_up(D, ATTN_CPU_NR_MAX);
+    return 2 * R * D + 2 * D * T + 2 * T * Dp + 2 * R * T + 2 * R * Dp + 2 * R + 2 * T;
 }
-// dst (D, TILE) = rows r0 .. r0+n-1 of head h of x (T, H, D), transposed (columns past n unset)
-static inline __attribute__((always_inline)) void attn_transpose_cpu(float* __restrict dst, const float* x,
-                                                                     size_t r0, int n, int H, int h, int D) {
+
+// e^x in fp32 for the softmax loops, written so the compiler can vectorize it (libm's expf is a
+// call per element): e^x = 2^n e^f with n = round(x / ln 2) and f = x - n ln 2 in [-ln2/2, ln2/2]
+// (ln 2 in two parts, so f keeps its low bits), e^f by Cephes expf's polynomial (degree 7), and
+// 2^n put straight into the exponent bits. Within 2 ulp of e^x; 0 below -87.33 (where fp32 turns
+// subnormal), +inf above 88 (e^88 = 1.7e38, near fp32's largest), NaN for NaN. The softmax only
+// calls it on s - max s <= 0 and on s - lse, a few ulp above 0 at most.
+static inline __attribute__((always_inline)) float attn_exp(float x) {
+    const float lo = -87.33654f, hi = 88.0f;  // lo = ln 2^-126
+    const float xc = x < lo ? lo : (x > hi ? hi : x);
+    const float n = (xc * 1.44269504f + 12582912.0f) - 12582912.0f;  // round to nearest: + 1.5 * 2^23, back
+    const float f = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * f + 1.3981999507e-3f;
+    p = p * f + 8.3334519073e-3f;
+    p = p * f + 4.1665795894e-2f;
+    p = p * f + 1.6666665459e-1f;
+    p = p * f + 5.0000001201e-1f;
+    p = (p * f * f + f) + 1.0f;
+    const int bits = ((int)n + 127) << 23;  // 2^n, n in [-126, 127]
+    float two_n;
+    memcpy(&two_n, &bits, sizeof bits);
+    return x < lo ? 0.0f : (x > hi ? INFINITY : p * two_n);  // NaN fails both tests and stays NaN
+}
+
+// c (R, N) = [or +=] a (R, K) b (K, N); a's (r, k) at a[r lda + k], b's (k, n) at b[k ldb + n],
+// c's (r, n) at c[r ldc + n]. R a multiple of MR, N of NR: MR x NR sums are kept in registers
+// (their inner loop over NR adjacent columns vectorizes), k in order, so every element of c is
+// the same sum in the same order whatever the blocks around it.
+template <int MR, int NR, bool ADD>
+static inline __attribute__((always_inline)) void attn_mm(float* __restrict c, int ldc, const float* __restrict a,
+                                                          int lda, const float* __restrict b, int ldb, int R, int N,
+                                                          int K) {
+    for (int n0 = 0; n0 < N; n0 += NR)
+        for (int r0 = 0; r0 < R; r0 += MR) {
+            float acc[MR][NR] = {};
+            for (int k = 0; k < K; k++)
+                for (int r = 0; r < MR; r++) {
+                    const float x = a[(r0 + r) * lda + k];
+#pragma omp simd
+                    for (int n = 0; n < NR; n++) acc[r][n] += x * b[k * ldb + n0 + n];
+                }
+            for (int r = 0; r < MR; r++)
+#pragma omp simd
+                for (int n = 0; n < NR; n++) c[(r0 + r) * ldc + n0 + n] = ADD ? c[(r0 + r) * ldc + n0 + n] + acc[r][n] : acc[r][n];
+        }
+}
+
+// dst (rows, ld) = rows r0 .. r0+n-1 of head h of x (T, H, D), zero in columns D .. ld and rows
+// n .. rows (the padding the matmuls read)
+static inline __attribute__((always_inline)) void attn_rows_cpu(float* __restrict dst, int rows, int ld, const float* x,
+                                                                size_t r0, int n, int H, int h, int D) {
+    for (int r = 0; r < rows; r++) {
+        float* dr = dst + (size_t)r * ld;
+        if (r < n) memcpy(dr, x + ((r0 + r) * H + h) * D, D * sizeof(float));
+        memset(dr + (r < n ? D : 0), 0, (ld - (r < n ? D : 0)) * sizeof(float));
+    }
+}
+// dst (D, TILE) = the same n rows transposed, zero in columns n .. TILE
+static inline __attribute__((always_inline)) void attn_cols_cpu(float* __restrict dst, const float* x, size_t r0, int n,
+                                                                int H, int h, int D) {
     for (int c = 0; c < n; c++) {
         const float* xr = x + ((r0 + c) * H + h) * D;
         for (int d = 0; d < D; d++) dst[d * ATTN_CPU_TILE + c] = xr[d];
     }
+    for (int d = 0; d < D; d++)
+        for (int c = n; c < ATTN_CPU_TILE; c++) dst[d * ATTN_CPU_TILE + c] = 0.0f;
 }
-// s (TILE) = x (D) . each column of t (D, TILE): one row of a tile's scores, unscaled
-static inline __attribute__((always_inline)) void attn_row_dots_cpu(float* __restrict s, const float* __restrict x,
-                                                                    const float* __restrict t, int D) {
-#pragma omp simd
-    for (int c = 0; c < ATTN_CPU_TILE; c++) s[c] = 0.0f;
-    for (int d = 0; d < D; d++) {
-        const float a = x[d];
-#pragma omp simd
-        for (int c = 0; c < ATTN_CPU_TILE; c++) s[c] += a * t[d * ATTN_CPU_TILE + c];
-    }
+// The keys query row t sees in the tile of n keys from j0 (all n unless causal: keys j <= t).
+static inline __attribute__((always_inline)) int attn_seen_cpu(const AttnCpu& a, size_t t, size_t j0, int n) {
+    return a.causal ? (t < j0 ? 0 : (int)attn_min_cpu(n, t + 1 - j0)) : n;
 }
 
 // Forward, query rows t0 .. t0+ROWS-1 of head h, key tiles in order. Per row an online softmax
 // over tiles: m the running max, l = sum_j e^(s_j - m), acc = sum_j e^(s_j - m) v_j; then this
 // block's lse_b = m + log l and o_b = acc / l merge into (o, lse) by log-sum-exp (see above).
+template <int MR, int NR>
 static inline __attribute__((always_inline)) void attention_forward_rows(const AttnCpu& a, size_t t0, int h,
                                                                          float* scratch) {
-    const int D = a.D, hk = h / (a.Hq / a.Hkv);
-    const int nq = (int)attn_min_cpu(ATTN_CPU_ROWS, a.Tq - t0);
-    float* kt = scratch;                       // (D, TILE) the key tile, transposed
-    float* s = kt + 2 * D * ATTN_CPU_TILE;     // (ROWS, TILE) scores, then e^(s - m)
-    float* acc = s + 2 * ATTN_CPU_ROWS * ATTN_CPU_TILE;  // (ROWS, D)
-    float* m = acc + ATTN_CPU_ROWS * D;        // (ROWS) running max
-    float* l = m + ATTN_CPU_ROWS;              // (ROWS) running sum
-    for (int r = 0; r < nq; r++) {
-        m[r] = -INFINITY, l[r] = 0.0f;
-        for (int d = 0; d < D; d++) acc[r * D + d] = 0.0f;
-    }
+    const int D = a.D, Dp = attn_round_up(D, NR), hk = h / (a.Hq / a.Hkv), T = ATTN_CPU_TILE;
+    const int nq = (int)attn_min_cpu(ATTN_CPU_ROWS, a.Tq - t0), rq = attn_round_up(nq, MR);
+    float* qb = scratch;      // (rq, D) this block's query rows
+    float* kt = qb + rq * D;  // (D, TILE) the key tile, transposed
+    float* vb = kt + D * T;   // (TILE, Dp) the value tile
+    float* s = vb + T * Dp;   // (rq, TILE) scores, then e^(s - m) (0 in the padding rows: their q is 0)
+    float* acc = s + rq * T;  // (rq, Dp)
+    float* m = acc + rq * Dp; // (nq) running max
+    float* l = m + nq;        // (nq) running sum
+    attn_rows_cpu(qb, rq, D, a.q, t0, nq, a.Hq, h, D);
+    memset(acc, 0, (size_t)rq * Dp * sizeof(float));
+    for (int r = 0; r < nq; r++) m[r] = -INFINITY, l[r] = 0.0f;
     // keys the block sees: a causal block (Tq == Tk) stops at its last row's diagonal
     const size_t kend = a.causal ? attn_min_cpu(t0 + nq, a.Tk) : a.Tk;
-    for (size_t j0 = 0; j0 < kend; j0 += ATTN_CPU_TILE) {
-        const int nk = (int)attn_min_cpu(ATTN_CPU_TILE, kend - j0);
-        attn_transpose_cpu(kt, a.k, j0, nk, a.Hkv, hk, D);
+    for (size_t j0 = 0; j0 < kend; j0 += T) {
+        const int nk = (int)attn_min_cpu(T, kend - j0);
+        attn_cols_cpu(kt, a.k, j0, nk, a.Hkv, hk, D);
+        attn_rows_cpu(vb, nk, Dp, a.v, j0, nk, a.Hkv, hk, D);
+        attn_mm<MR, NR, false>(s, T, qb, D, kt, T, rq, attn_round_up(nk, NR), D);  // s = q_t . k_j
         for (int r = 0; r < nq; r++) {
-            const size_t t = t0 + r;
-            const int nv = a.causal ? (t < j0 ? 0 : (int)attn_min_cpu(nk, t + 1 - j0)) : nk;  // keys row t sees
-            if (nv == 0) continue;
-            float* sr = s + r * ATTN_CPU_TILE;
-            attn_row_dots_cpu(sr, a.q + (t * a.Hq + h) * D, kt, D);
+            const int nv = attn_seen_cpu(a, t0 + r, j0, nk);
+            float* sr = s + r * T;
             float mx = m[r];
-            for (int c = 0; c < nv; c++) {
-                sr[c] *= a.scale;
-                mx = fmaxf(mx, sr[c]);
+#pragma omp simd reduction(max : mx)
+            for (int c = 0; c < nv; c++) mx = sr[c] * a.scale > mx ? sr[c] * a.scale : mx;
+            if (mx == -INFINITY) {  // no keys yet: this row's weights are all 0
+                memset(sr, 0, nk * sizeof(float));
+                continue;
             }
             const float rescale = expf(m[r] - mx);  // 0 on the first tile, where m = -inf
             float sum = 0.0f;
-            for (int c = 0; c < nv; c++) {
-                sr[c] = expf(sr[c] - mx);
-                sum += sr[c];
+#pragma omp simd reduction(+ : sum)
+            for (int c = 0; c < nk; c++) {
+                const float p = c < nv ? attn_exp(sr[c] * a.scale - mx) : 0.0f;
+                sr[c] = p;
+                sum += p;
             }
             l[r] = l[r] * rescale + sum;
             m[r] = mx;
-            float* ar = acc + r * D;
+            float* ar = acc + r * Dp;
 #pragma omp simd
-            for (int d = 0; d < D; d++) ar[d] *= rescale;
-            for (int c = 0; c < nv; c++) {
-                const float p = sr[c];
-                const float* vr = a.v + ((j0 + c) * a.Hkv + hk) * D;
-#pragma omp simd
-                for (int d = 0; d < D; d++) ar[d] += p * vr[d];
-            }
+            for (int d = 0; d < Dp; d++) ar[d] *= rescale;
         }
+        attn_mm<MR, NR, true>(acc, Dp, s, T, vb, Dp, rq, Dp, nk);  // acc += sum_j p_j v_j
     }
     for (int r = 0; r < nq; r++) {
         if (m[r] == -INFINITY) continue;  // no keys: nothing to merge
@@ -116,103 +178,119 @@ static inline __attribute__((always_inline)) void attention_forward_rows(const A
         float* L = a.lse + t * a.Hq + h;
         const float lnew = (*L == -INFINITY) ? lb : fmaxf(*L, lb) + log1pf(expf(-fabsf(*L - lb)));
         const float wa = (*L == -INFINITY) ? 0.0f : expf(*L - lnew), wb = expf(lb - lnew) / l[r];
-        for (int d = 0; d < D; d++) orow[d] = orow[d] * wa + acc[r * D + d] * wb;
+        for (int d = 0; d < D; d++) orow[d] = orow[d] * wa + acc[r * Dp + d] * wb;
         *L = lnew;
     }
 }
 
-// Backward, first pass: dq for query rows t0 .. t0+ROWS-1 of head h, keys in order:
+// Backward, first pass: dq for query rows t0 .. t0+ROWS-1 of head h, key tiles in order:
 //   dq_t += scale sum_j P_tj (dO_t.v_j - delta_t) k_j,  P_tj = e^(scale q_t.k_j - lse_t).
+template <int MR, int NR>
 static inline __attribute__((always_inline)) void attention_backward_dq_rows(const AttnCpu& a, size_t t0, int h,
                                                                              float* scratch) {
-    const int D = a.D, hk = h / (a.Hq / a.Hkv);
-    const int nq = (int)attn_min_cpu(ATTN_CPU_ROWS, a.Tq - t0);
-    float* kt = scratch;                   // (D, TILE) key tile, transposed
-    float* vt = kt + D * ATTN_CPU_TILE;    // (D, TILE) value tile, transposed
-    float* s = vt + D * ATTN_CPU_TILE;     // (TILE) one row's scores, then dS
-    float* dp = s + ATTN_CPU_ROWS * ATTN_CPU_TILE;  // (TILE) one row's dO_t.v_j
+    const int D = a.D, Dp = attn_round_up(D, NR), hk = h / (a.Hq / a.Hkv), T = ATTN_CPU_TILE;
+    const int nq = (int)attn_min_cpu(ATTN_CPU_ROWS, a.Tq - t0), rq = attn_round_up(nq, MR);
+    float* qb = scratch;       // (rq, D) this block's query rows
+    float* ob = qb + rq * D;   // (rq, D) and their output gradients dO
+    float* kt = ob + rq * D;   // (D, TILE) the key tile, transposed
+    float* vt = kt + D * T;    // (D, TILE) the value tile, transposed
+    float* kb = vt + D * T;    // (TILE, Dp) the key tile as rows
+    float* s = kb + T * Dp;    // (rq, TILE) scores, then dS (0 in the padding rows: their q is 0)
+    float* dp = s + rq * T;    // (rq, TILE) dO_t . v_j
+    float* dqb = dp + rq * T;  // (rq, Dp) dq of the block's rows
+    attn_rows_cpu(qb, rq, D, a.q, t0, nq, a.Hq, h, D);
+    attn_rows_cpu(ob, rq, D, a.dout, t0, nq, a.Hq, h, D);
+    attn_rows_cpu(dqb, rq, Dp, a.dq, t0, nq, a.Hq, h, D);
     const size_t kend = a.causal ? attn_min_cpu(t0 + nq, a.Tk) : a.Tk;
-    for (size_t j0 = 0; j0 < kend; j0 += ATTN_CPU_TILE) {
-        const int nk = (int)attn_min_cpu(ATTN_CPU_TILE, kend - j0);
-        attn_transpose_cpu(kt, a.k, j0, nk, a.Hkv, hk, D);
-        attn_transpose_cpu(vt, a.v, j0, nk, a.Hkv, hk, D);
+    for (size_t j0 = 0; j0 < kend; j0 += T) {
+        const int nk = (int)attn_min_cpu(T, kend - j0), nkp = attn_round_up(nk, NR);
+        attn_cols_cpu(kt, a.k, j0, nk, a.Hkv, hk, D);
+        attn_cols_cpu(vt, a.v, j0, nk, a.Hkv, hk, D);
+        attn_rows_cpu(kb, nk, Dp, a.k, j0, nk, a.Hkv, hk, D);
+        attn_mm<MR, NR, false>(s, T, qb, D, kt, T, rq, nkp, D);   // s = q_t . k_j
+        attn_mm<MR, NR, false>(dp, T, ob, D, vt, T, rq, nkp, D);  // dp = dO_t . v_j
         for (int r = 0; r < nq; r++) {
             const size_t t = t0 + r;
-            const int nv = a.causal ? (t < j0 ? 0 : (int)attn_min_cpu(nk, t + 1 - j0)) : nk;
-            if (nv == 0) continue;
-            attn_row_dots_cpu(s, a.q + (t * a.Hq + h) * D, kt, D);
-            attn_row_dots_cpu(dp, a.dout + (t * a.Hq + h) * D, vt, D);
+            const int nv = attn_seen_cpu(a, t, j0, nk);
             const float L = a.lse_in[t * a.Hq + h], dl = a.delta[t * a.Hq + h];
-            for (int c = 0; c < nv; c++) s[c] = expf(s[c] * a.scale - L) * (dp[c] - dl) * a.scale;
-            float* dqr = a.dq + (t * a.Hq + h) * D;
-            for (int c = 0; c < nv; c++) {
-                const float ds = s[c];
-                const float* kr = a.k + ((j0 + c) * a.Hkv + hk) * D;
+            float* sr = s + r * T;
+            const float* dpr = dp + r * T;
 #pragma omp simd
-                for (int d = 0; d < D; d++) dqr[d] += ds * kr[d];
-            }
+            for (int c = 0; c < nk; c++)
+                sr[c] = c < nv ? attn_exp(sr[c] * a.scale - L) * (dpr[c] - dl) * a.scale : 0.0f;
         }
+        attn_mm<MR, NR, true>(dqb, Dp, s, T, kb, Dp, rq, Dp, nk);  // dq_t += dS_tj k_j
     }
+    for (int r = 0; r < nq; r++) memcpy(a.dq + ((t0 + r) * a.Hq + h) * D, dqb + r * Dp, D * sizeof(float));
 }
 
 // Backward, second pass: dk, dv for key rows j0 .. j0+ROWS-1 of kv head hk; for each query head
-// h of its group, then query rows t in order (t >= j if causal):
+// h of its group, then query tiles in order (queries t >= j if causal):
 //   dv_j += sum_t P_tj dO_t,   dk_j += scale sum_t P_tj (dO_t.v_j - delta_t) q_t.
+template <int MR, int NR>
 static inline __attribute__((always_inline)) void attention_backward_dkdv_rows(const AttnCpu& a, size_t j0, int hk,
                                                                                float* scratch) {
-    const int D = a.D, group = a.Hq / a.Hkv;
-    const int nk = (int)attn_min_cpu(ATTN_CPU_ROWS, a.Tk - j0);
-    float* qt = scratch;                   // (D, TILE) query tile, transposed
-    float* dot = qt + D * ATTN_CPU_TILE;   // (D, TILE) output-gradient tile, transposed
-    float* p = dot + D * ATTN_CPU_TILE;    // (TILE) one key row's P_tj
-    float* ds = p + ATTN_CPU_ROWS * ATTN_CPU_TILE;  // (TILE) then its dS_tj, first dO_t.v_j
+    const int D = a.D, Dp = attn_round_up(D, NR), group = a.Hq / a.Hkv, T = ATTN_CPU_TILE;
+    const int nk = (int)attn_min_cpu(ATTN_CPU_ROWS, a.Tk - j0), rk = attn_round_up(nk, MR);
+    float* kb = scratch;       // (rk, D) this block's key rows
+    float* vb = kb + rk * D;   // (rk, D) and value rows
+    float* qt = vb + rk * D;   // (D, TILE) the query tile, transposed
+    float* ot = qt + D * T;    // (D, TILE) its output gradients dO, transposed
+    float* qr = ot + D * T;    // (TILE, Dp) the query tile as rows
+    float* orr = qr + T * Dp;  // (TILE, Dp) dO as rows
+    float* p = orr + T * Dp;   // (rk, TILE) P^T: key row j, query column t (0 in the padding rows)
+    float* ds = p + rk * T;    // (rk, TILE) dO_t . v_j, then dS^T
+    float* dkb = ds + rk * T;  // (rk, Dp) dk of the block's rows
+    float* dvb = dkb + rk * Dp;  // (rk, Dp) dv
+    float* L = dvb + rk * Dp;  // (TILE) the tile's lse
+    float* dl = L + T;         // (TILE) and delta
+    attn_rows_cpu(kb, rk, D, a.k, j0, nk, a.Hkv, hk, D);
+    attn_rows_cpu(vb, rk, D, a.v, j0, nk, a.Hkv, hk, D);
+    attn_rows_cpu(dkb, rk, Dp, a.dk, j0, nk, a.Hkv, hk, D);
+    attn_rows_cpu(dvb, rk, Dp, a.dv, j0, nk, a.Hkv, hk, D);
     for (int h = hk * group; h < (hk + 1) * group; h++)
-        for (size_t q0 = a.causal ? j0 : 0; q0 < a.Tq; q0 += ATTN_CPU_TILE) {
-            const int nt = (int)attn_min_cpu(ATTN_CPU_TILE, a.Tq - q0);
-            attn_transpose_cpu(qt, a.q, q0, nt, a.Hq, h, D);
-            attn_transpose_cpu(dot, a.dout, q0, nt, a.Hq, h, D);
-            const float* L = a.lse_in + h;  // L[t * Hq], delta[t * Hq]
-            const float* dl = a.delta + h;
-            for (int c = 0; c < nk; c++) {
-                const size_t j = j0 + c;
-                const int lo = a.causal && j > q0 ? (int)attn_min_cpu(j - q0, nt) : 0;  // first query row seeing j
-                if (lo >= nt) continue;
-                const float* kr = a.k + (j * a.Hkv + hk) * D;
-                const float* vr = a.v + (j * a.Hkv + hk) * D;
-                attn_row_dots_cpu(p, kr, qt, D);
-                attn_row_dots_cpu(ds, vr, dot, D);
-                for (int i = lo; i < nt; i++) {
-                    const size_t t = q0 + i;
-                    p[i] = expf(p[i] * a.scale - L[t * a.Hq]);
-                    ds[i] = p[i] * (ds[i] - dl[t * a.Hq]) * a.scale;
-                }
-                float* dkr = a.dk + (j * a.Hkv + hk) * D;
-                float* dvr = a.dv + (j * a.Hkv + hk) * D;
-                for (int i = lo; i < nt; i++) {
-                    const float* qr = a.q + ((q0 + i) * a.Hq + h) * D;
-                    const float* dor = a.dout + ((q0 + i) * a.Hq + h) * D;
-                    const float pi = p[i], dsi = ds[i];
+        for (size_t q0 = a.causal ? j0 : 0; q0 < a.Tq; q0 += T) {
+            const int nt = (int)attn_min_cpu(T, a.Tq - q0), ntp = attn_round_up(nt, NR);
+            attn_cols_cpu(qt, a.q, q0, nt, a.Hq, h, D);
+            attn_cols_cpu(ot, a.dout, q0, nt, a.Hq, h, D);
+            attn_rows_cpu(qr, nt, Dp, a.q, q0, nt, a.Hq, h, D);
+            attn_rows_cpu(orr, nt, Dp, a.dout, q0, nt, a.Hq, h, D);
+            for (int c = 0; c < nt; c++) L[c] = a.lse_in[(q0 + c) * a.Hq + h], dl[c] = a.delta[(q0 + c) * a.Hq + h];
+            attn_mm<MR, NR, false>(p, T, kb, D, qt, T, rk, ntp, D);   // p = k_j . q_t
+            attn_mm<MR, NR, false>(ds, T, vb, D, ot, T, rk, ntp, D);  // ds = v_j . dO_t
+            for (int r = 0; r < nk; r++) {
+                const size_t j = j0 + r;
+                const int lo = a.causal && j > q0 ? (int)attn_min_cpu(j - q0, nt) : 0;  // first query seeing j
+                float* pr = p + r * T;
+                float* dsr = ds + r * T;
 #pragma omp simd
-                    for (int d = 0; d < D; d++) {
-                        dvr[d] += pi * dor[d];
-                        dkr[d] += dsi * qr[d];
-                    }
+                for (int c = 0; c < nt; c++) {
+                    const float pc = c >= lo ? attn_exp(pr[c] * a.scale - L[c]) : 0.0f;
+                    pr[c] = pc;
+                    dsr[c] = pc * (dsr[c] - dl[c]) * a.scale;
                 }
             }
+            attn_mm<MR, NR, true>(dvb, Dp, p, T, orr, Dp, rk, Dp, nt);  // dv_j += P_tj dO_t
+            attn_mm<MR, NR, true>(dkb, Dp, ds, T, qr, Dp, rk, Dp, nt);  // dk_j += dS_tj q_t
         }
+    for (int r = 0; r < nk; r++) {
+        memcpy(a.dk + ((j0 + r) * a.Hkv + hk) * D, dkb + r * Dp, D * sizeof(float));
+        memcpy(a.dv + ((j0 + r) * a.Hkv + hk) * D, dvb + r * Dp, D * sizeof(float));
+    }
 }
 
-// The three block functions once per instruction set, and a parallel loop over (block, head)
-// tasks that calls the one this CPU runs.
+// The three block functions once per instruction set with its register block (MR x NR as in
+// ops.cuh's gemm_tile variants), and a parallel loop over (block, head) tasks that calls the one
+// this CPU runs.
 typedef void (*AttnRowsFn)(const AttnCpu&, size_t, int, float*);
 #define ATTN_CPU_VARIANTS(BODY)                                                                              \
-    static void BODY##_base(const AttnCpu& a, size_t r0, int h, float* s) { BODY(a, r0, h, s); }             \
+    static void BODY##_base(const AttnCpu& a, size_t r0, int h, float* s) { BODY<4, 16>(a, r0, h, s); }      \
     ATTN_CPU_SIMD_VARIANTS(BODY)                                                                              \
     static inline AttnRowsFn BODY##_pick() { return ATTN_CPU_PICK(BODY); }
 #ifdef CPU_SIMD_VARIANTS
 #define ATTN_CPU_SIMD_VARIANTS(BODY)                                                                          \
-    CPU_AVX512 static void BODY##_avx512(const AttnCpu& a, size_t r0, int h, float* s) { BODY(a, r0, h, s); } \
-    CPU_AVX2 static void BODY##_avx2(const AttnCpu& a, size_t r0, int h, float* s) { BODY(a, r0, h, s); }
+    CPU_AVX512 static void BODY##_avx512(const AttnCpu& a, size_t r0, int h, float* s) { BODY<8, 32>(a, r0, h, s); } \
+    CPU_AVX2 static void BODY##_avx2(const AttnCpu& a, size_t r0, int h, float* s) { BODY<6, 16>(a, r0, h, s); }
 #define ATTN_CPU_PICK(BODY) cpu_simd() == 2 ? BODY##_avx512 : cpu_simd() == 1 ? BODY##_avx2 : BODY##_base
 #else
 #define ATTN_CPU_SIMD_VARIANTS(BODY)

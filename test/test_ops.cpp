@@ -957,4 +957,23 @@ TEST(AttentionTiled, TileEdgesInEveryVariant) {
     check_tiled_attention(tile, tile, 2, 2, 64, true, 1003);                  // exact multiples
     check_tiled_attention(2 * tile + 1, rows - 1, 3, 1, 8, false, 1004);       // Tq > Tk, one partial tile
     check_tiled_attention(1, 3, 1, 1, 4, false, 1005);                        // one query row
+    check_tiled_attention(2 * rows + 5, 2 * rows + 5, 2, 1, 40, true, 1006);  // D between register widths
+    check_tiled_attention(tile + 9, 2 * tile + 1, 2, 2, 33, false, 1007);     // odd D, Tq != Tk
+}
+
+// attn_exp, the softmax's vectorizable e^x, against exp in double over its whole range (2
+// ulp), and its edges: 0 below ln 2^-126 and for -inf, +inf above 88 and for +inf, NaN for NaN.
+TEST(AttentionTiled, ExpWithinTwoUlp) {
+    double worst = 0;
+    for (int i = 0; i <= 2000000; i++) {
+        const float x = -87.3f + (88.0f + 87.3f) * (float)i / 2000000.0f;
+        const double e = exp((double)x), got = attn_exp(x);
+        const double ulp = std::nextafter((float)e, INFINITY) - (float)e;
+        worst = std::max(worst, fabs(got - e) / ulp);
+    }
+    EXPECT_LT(worst, 2.0);
+    for (float x : {-87.4f, -100.0f, -1e30f, -INFINITY}) EXPECT_EQ(attn_exp(x), 0.0f) << x;
+    for (float x : {88.01f, 1e30f, INFINITY}) EXPECT_EQ(attn_exp(x), INFINITY) << x;
+    EXPECT_TRUE(std::isnan(attn_exp(NAN)));
+    EXPECT_EQ(attn_exp(0.0f), 1.0f);
 }
