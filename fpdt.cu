@@ -226,10 +226,10 @@ static void train_help() {
         "  --start-seq N       train the first --start-steps steps at this shorter sequence (in as many\n"
         "                      chunks as --seq has), then at --seq (context extension); 0 = off\n"
         "                      (default 256 when --seq is left at its default)\n"
-        "  --start-steps K     steps at --start-seq (default 99%% of --steps)\n"
+        "  --start-steps K     steps at --start-seq (default 95%% of --steps)\n"
         "  --zero 0|1|2|3      ZeRO stage: shard across ranks 1 the optimizer state, 2 and the gradients,\n"
         "                      3 and the weights (gathered layer by layer) (default 0)\n"
-        "  --steps N           total steps; the learning-rate schedule depends on it alone (default 2600)\n"
+        "  --steps N           total steps; the learning-rate schedule depends on it alone (default 6000)\n"
         "  --lr X              peak learning rate (default 3e-3)\n"
         "  --warmup N          linear warmup steps (default: steps/20)\n"
         "  --min-lr-frac X     cosine decays to lr*X (default 0.1)\n"
@@ -556,11 +556,11 @@ static int cmd_train(int argc, char** argv) {
     r.bf16 = precision_bf16(a, M.ctx.gpu);
     r.device_cap = (size_t)(a.real("device-mem", 0, 0, 1e6) * 1073741824.0);
     r.host_cap = (size_t)(a.real("host-mem", 0, 0, 1e6) * 1073741824.0);
-    const int steps = (int)a.integer("steps", 2600, 1, 1 << 30);
+    const int steps = (int)a.integer("steps", 6000, 1, 1 << 30);
     // The short start: its own RunCfg, in as many chunks as the main phase where they divide it
     // (so the start runs FPDT too, and a key in an earlier chunk is within its reach).
     const size_t start_seq = a.integer("start-seq", a.has("seq") ? 0 : (gpu ? 4096 : 256), 0, r.seq);
-    const int start_steps = start_seq ? (int)a.integer("start-steps", (int)(steps * 99ll / 100), 0, steps) : 0;
+    const int start_steps = start_seq ? (int)a.integer("start-steps", (int)(steps * 95ll / 100), 0, steps) : 0;
     if (a.has("start-steps") && !start_seq) fatal_all("--start-steps needs --start-seq N (the shorter sequence to start at)");
     RunCfg r0 = r;
     r0.seq = start_seq;

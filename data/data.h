@@ -311,10 +311,13 @@ static inline bool data_open_shard(const std::string& path, int vocab, int* fd_o
 // punctuation), none of which occur in the filler, so the last five tokens can only be predicted
 // by finding the key in the past. Training sequences (step < PASSKEY_EVAL_STEP0) also repeat the
 // question after the key ("practice"): one retrieval per sequence is too little signal for a small
-// model to learn from in minutes on a CPU. Up to 8 questions at random places after the key; on a
-// long sequence (more than 8 slots of 64 tokens after the key) one in every such slot, so that
-// retrieval keeps its share of a long sequence's loss and is practised at every distance the
-// sequence holds. Held-out sequences (steps
+// model to learn from in minutes on a CPU. On a short span after the key (up to 8 slots of 64
+// tokens) up to 8 questions at random places. On a longer one the questions are spaced
+// geometrically, the m-th at a distance in [32 2^m, 48 2^m) after the key (32, 64, 128, ... up to
+// the end): an answer can be copied from the question before it as well as from the key, so
+// evenly spaced questions would only ever teach copying from 64 tokens back; spaced this way each
+// needs a look at least a quarter of its distance back, at every scale the sequence holds (at 4096
+// tokens up to 2000 and more). Held-out sequences (steps
 // from PASSKEY_EVAL_STEP0 on) hold the one question at the end, so evaluation measures retrieval
 // from the key itself, at the distance answer() reports.
 // Every token is an O(1) function of (seed, step, position): a rank reading [start, start+n)
@@ -331,7 +334,8 @@ struct PasskeyTask : DataSource {
     static constexpr size_t DIGITS = 5;
     static constexpr size_t INSERT = 1 + DIGITS;  // TOK_KEY or TOK_QUERY, then the symbols
     static constexpr size_t PRACTICE = 8;         // practice questions tried per training sequence,
-    static constexpr size_t PRACTICE_EVERY = 64;  // or one per this many tokens after the key when more
+    static constexpr size_t PRACTICE_EVERY = 64;  // on a span of up to PRACTICE slots of this many tokens;
+    static constexpr size_t PRACTICE_FIRST = 32;  // on a longer one at distances from 32, doubling
 
     PasskeyTask(uint64_t seed_, size_t seq_) : seed(seed_), seq(seq_) {
         // A fixed pseudo-random sequence of sentences (its own fixed seed: the same filler for every
@@ -359,14 +363,13 @@ struct PasskeyTask : DataSource {
         p.offset = data_splitmix64(&state) % pattern.size();
         p.key = 1 + (size_t)(data_splitmix64(&state) % (seq + 1 - 2 * INSERT));  // uniform in [1, seq+1-12]
         for (size_t d = 0; d < DIGITS; d++) p.symbols[d] = PASSKEY_SYMBOLS[d][data_splitmix64(&state) % 10];
-        // practice questions in [lo, hi) after the key, never overlapping. Up to 8 tries at random
-        // places, a try that overlaps an earlier question dropped; where the span holds more than 8
-        // slots of 64 tokens, one question at a random place in each slot instead.
+        // practice questions in [lo, hi) after the key, never overlapping (see above)
         const size_t lo = p.key + INSERT, hi = query_pos();
         const size_t span = hi > lo ? hi - lo : 0, slots = span / PRACTICE_EVERY;
-        if (step < PASSKEY_EVAL_STEP0 && slots > PRACTICE) {
-            for (size_t m = 0; m < slots; m++)
-                p.practice.push_back(lo + m * PRACTICE_EVERY + (size_t)(data_splitmix64(&state) % (PRACTICE_EVERY - INSERT + 1)));
+        for (size_t g = PRACTICE_FIRST; step < PASSKEY_EVAL_STEP0 && slots > PRACTICE; g *= 2) {  // long: geometric
+            const size_t q = lo + g + (size_t)(data_splitmix64(&state) % (g / 2));
+            if (q + INSERT > hi) break;
+            p.practice.push_back(q);
         }
         for (size_t m = 0; step < PASSKEY_EVAL_STEP0 && slots <= PRACTICE && m < PRACTICE && span >= INSERT; m++) {
             size_t q = lo + (size_t)(data_splitmix64(&state) % (span - INSERT + 1));
@@ -397,7 +400,7 @@ struct PasskeyTask : DataSource {
         for (size_t q : p.practice) overlay(q, TOK_QUERY);
     }
 
-    std::string identity() const override { return "passkey"; }
+    std::string identity() const override { return "passkey 2"; }  // 2: geometric practice
     std::string describe() const override {
         return "passkey task (seed " + std::to_string(seed) + "): find a 5-symbol key hidden in " +
                std::to_string(seq + 1) + " tokens";

@@ -560,27 +560,35 @@ TEST(Passkey, TrainingHasPracticeQuestions) {
     const size_t seq = 4096;
     std::unique_ptr<DataSource> d = passkey(seq, test_seed());
     int with_several = 0;  // sequences with at least 3 practice questions
-    size_t most = 0;
+    size_t most = 0, farthest = 0;  // over the long spans
     for (uint64_t k = 0; k < 200; k++) {
         PasskeySeq s;
         check_passkey_seq(d.get(), k, seq, &s);
         if (HasFatalFailure()) return;
-        size_t practice = s.queries.size() - 1;
-        // up to 8 tries, or one question per 64-token slot of the span between key and question
-        const size_t span = (seq - 5) - (s.key + 6);
-        if (span / 64 > 8) ASSERT_EQ(practice, span / 64) << "step " << k << " key " << s.key;
-        else ASSERT_LE(practice, 8u) << "step " << k << " key " << s.key;
+        const size_t practice = s.queries.size() - 1, lo = s.key + 6, hi = seq - 5;
         for (size_t q = 0; q + 1 < s.queries.size(); q++) {  // in order, inside the span, never overlapping
-            ASSERT_GE(s.queries[q], s.key + 6);
+            ASSERT_GE(s.queries[q], lo);
             ASSERT_GE(s.queries[q + 1], s.queries[q] + 6);
         }
-        most = std::max(most, practice);
+        if ((hi - lo) / 64 > 8) {
+            // a long span: question m at a distance in [32 2^m, 48 2^m) after the key, as many as fit
+            for (size_t m = 0; m < practice; m++) {
+                ASSERT_GE(s.queries[m] - lo, 32u << m) << "step " << k << " question " << m;
+                ASSERT_LT(s.queries[m] - lo, 48u << m) << "step " << k << " question " << m;
+            }
+            ASSERT_GT(lo + (48u << practice) + 5, hi) << "step " << k << ": room for one more question";
+            if (practice) farthest = std::max(farthest, s.queries[practice - 1] - lo);
+            most = std::max(most, practice);
+        } else {
+            ASSERT_LE(practice, 8u) << "step " << k << " key " << s.key;  // a short span: up to 8 tries
+        }
         with_several += practice >= 3;
     }
-    // a key at a uniform depth leaves room for many tries in most sequences; only a key in the last
-    // ~1% of the sequence leaves fewer than 3 possible
-    EXPECT_GE(with_several, 180) << "of 200 training sequences";
-    EXPECT_GE(most, 50u);  // a shallow key: about 4080 / 64
+    // a key at a uniform depth leaves room for several questions in most sequences; only a key in
+    // the last ~5% of the sequence leaves fewer than 3
+    EXPECT_GE(with_several, 170) << "of 200 training sequences";
+    EXPECT_EQ(most, 7u);            // a shallow key: questions from 32 to 2048-3071 tokens after it
+    EXPECT_GE(farthest, 2048u);     // practice at the distances the held-out question asks about
 }
 
 TEST(Passkey, FillerIsText) {
