@@ -407,6 +407,16 @@ static inline void ckpt_params_slice_host(Model* M, uint64_t lo, uint64_t hi, st
     dev_download(&M->ctx, v->data(), M->opt_v + mo, k * sizeof(float));
 }
 
+// Everything this rank holds, downloaded: its weights (all of them, or its shard under ZeRO-3)
+// and its moments (shard_n each). ckpt_state_to_model puts it back into a model of another run
+// shape (fpdt.cu's model_reshape: the parameter layout does not depend on the sequence).
+static inline void ckpt_model_to_host(Model* M, std::vector<float>* w, std::vector<float>* m, std::vector<float>* v) {
+    w->resize(M->run.zero >= 3 ? M->shard_n : M->n_padded), m->resize(M->shard_n), v->resize(M->shard_n);
+    dev_download(&M->ctx, w->data(), M->params, w->size() * sizeof(float));
+    dev_download(&M->ctx, m->data(), M->opt_m, m->size() * sizeof(float));
+    dev_download(&M->ctx, v->data(), M->opt_v, v->size() * sizeof(float));
+}
+
 // What this rank loads: the parameters [p_lo, p_hi) (today every rank holds them all) and the
 // moments [m_lo, m_hi) it updates (its ZeRO-1 shard, or all of them).
 static inline void ckpt_load_ranges(const Model* M, uint64_t* p_lo, uint64_t* p_hi, uint64_t* m_lo, uint64_t* m_hi) {
@@ -418,7 +428,7 @@ static inline void ckpt_load_ranges(const Model* M, uint64_t* p_lo, uint64_t* p_
 }
 
 // Loaded state into the model: params [p_lo, p_hi) and moments [m_lo, m_hi) of ckpt_load_ranges
-// (the padding past n_params stays zero).
+// (the padding past n_params stays zero), or what ckpt_model_to_host took from a model.
 static inline void ckpt_state_to_model(Model* M, const std::vector<float>& params, const std::vector<float>& m,
                                        const std::vector<float>& v) {
     std::vector<float> pm(M->shard_n, 0.0f), pv(M->shard_n, 0.0f);

@@ -383,18 +383,13 @@ static size_t default_chunk(size_t seq, int P, size_t cap) {
 // Rebuilds M for another run shape (the sequence length of a curriculum phase) and carries its
 // weights and AdamW state over; the parameter layout does not depend on the sequence.
 static void model_reshape(Model* M, const Config& cfg, const RunCfg& r) {
-    // the weights this rank holds: all of them, or its shard under ZeRO-3
-    std::vector<float> w(M->run.zero >= 3 ? M->shard_n : M->n_padded), m(M->shard_n), v(M->shard_n);
-    dev_download(&M->ctx, w.data(), M->params, w.size() * sizeof(float));
-    dev_download(&M->ctx, m.data(), M->opt_m, m.size() * sizeof(float));
-    dev_download(&M->ctx, v.data(), M->opt_v, v.size() * sizeof(float));
+    std::vector<float> w, m, v;  // what this rank holds (checkpoint.h)
+    ckpt_model_to_host(M, &w, &m, &v);
     Model N;
     N.ctx = M->ctx, N.nccl = M->nccl;
     model_free(M);  // first, so the two never hold memory at once
     model_create(&N, cfg, r, false);
-    dev_upload(&N.ctx, N.params, w.data(), w.size() * sizeof(float));
-    dev_upload(&N.ctx, N.opt_m, m.data(), m.size() * sizeof(float));
-    dev_upload(&N.ctx, N.opt_v, v.data(), v.size() * sizeof(float));
+    ckpt_state_to_model(&N, w, m, v);
     *M = N;
 }
 

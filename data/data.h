@@ -120,14 +120,6 @@ static inline bool data_ends_with(const std::string& s, const std::string& suffi
     return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
-// splitmix64: a tiny, well-mixed PRNG whose output is the same on every machine and compiler.
-static inline uint64_t data_splitmix64(uint64_t* state) {
-    uint64_t z = (*state += 0x9E3779B97F4A7C15ULL);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-    return z ^ (z >> 31);
-}
-
 // ----------------------------------------------------------------------------
 // File streams: llm.c shards or plain text, several files concatenated into one token stream.
 //
@@ -344,8 +336,8 @@ struct PasskeyTask : DataSource {
             "the grass is green. ", "the sky is blue. ", "the sun is yellow. ", "here we go. ",
             "there and back again. ", "the sea is deep. ", "snow is white. ", "the night is dark. ",
         };
-        uint64_t state = 0x5eed5eed5eedULL;
-        for (int i = 0; i < 256; i++) pattern += sentences[data_splitmix64(&state) % 8];
+        Rng state{0x5eed5eed5eedULL};
+        for (int i = 0; i < 256; i++) pattern += sentences[rng_u64(&state) % 8];
     }
 
     // What step k hides: the filler offset, where the key goes, its symbols, the practice gap.
@@ -357,22 +349,22 @@ struct PasskeyTask : DataSource {
     };
     size_t query_pos() const { return seq + 1 - INSERT; }  // TOK_QUERY; the symbols follow to the end
     Plan plan(uint64_t step) const {
-        uint64_t state = seed ^ (step * 0xD1B54A32D192ED03ULL);  // distinct stream per (seed, step)
-        data_splitmix64(&state);                                  // one warm-up draw
+        Rng state{seed ^ (step * 0xD1B54A32D192ED03ULL)};  // distinct stream per (seed, step)
+        rng_u64(&state);  // one warm-up draw
         Plan p;
-        p.offset = data_splitmix64(&state) % pattern.size();
-        p.key = 1 + (size_t)(data_splitmix64(&state) % (seq + 1 - 2 * INSERT));  // uniform in [1, seq+1-12]
-        for (size_t d = 0; d < DIGITS; d++) p.symbols[d] = PASSKEY_SYMBOLS[d][data_splitmix64(&state) % 10];
+        p.offset = rng_u64(&state) % pattern.size();
+        p.key = 1 + (size_t)(rng_u64(&state) % (seq + 1 - 2 * INSERT));  // uniform in [1, seq+1-12]
+        for (size_t d = 0; d < DIGITS; d++) p.symbols[d] = PASSKEY_SYMBOLS[d][rng_u64(&state) % 10];
         // practice questions in [lo, hi) after the key, never overlapping (see above)
         const size_t lo = p.key + INSERT, hi = query_pos();
         const size_t span = hi > lo ? hi - lo : 0, slots = span / PRACTICE_EVERY;
         for (size_t g = PRACTICE_FIRST; step < PASSKEY_EVAL_STEP0 && slots > PRACTICE; g *= 2) {  // long: geometric
-            const size_t q = lo + g + (size_t)(data_splitmix64(&state) % (g / 2));
+            const size_t q = lo + g + (size_t)(rng_u64(&state) % (g / 2));
             if (q + INSERT > hi) break;
             p.practice.push_back(q);
         }
         for (size_t m = 0; step < PASSKEY_EVAL_STEP0 && slots <= PRACTICE && m < PRACTICE && span >= INSERT; m++) {
-            size_t q = lo + (size_t)(data_splitmix64(&state) % (span - INSERT + 1));
+            size_t q = lo + (size_t)(rng_u64(&state) % (span - INSERT + 1));
             bool clear = true;
             for (size_t o : p.practice) clear &= (q + INSERT <= o || o + INSERT <= q);
             if (clear) p.practice.push_back(q);
