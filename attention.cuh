@@ -362,8 +362,9 @@ static inline void attention_backward_cpu(float* dq, float* dk, float* dv, const
 // kept in registers: DPL = D/32 rounded up to a power of two values per lane, a template
 // parameter so the slice is a register array (DPL <= 16 because D <= 512).
 // Tiles are stored with an odd row pitch (D | 1), so lane i reading row i hits 32 distinct banks.
-// The backward kernels accumulate in the same order as the CPU loops (keys in order for dq;
-// heads, then queries in order for dk/dv), starting from the values already in dq, dk, dv.
+// The backward kernels visit keys in order for dq and heads, then queries in order for dk/dv, as
+// the CPU blocks do, starting from the values already in dq, dk, dv; the CPU sums each tile's
+// share in registers before adding it, so the two agree to rounding, not bit for bit.
 #ifdef __CUDACC__
 #include "cuda_common.cuh"
 
