@@ -16,8 +16,8 @@
 // ATTN_CPU_TILE rows of the other side, and a causal block visits only the tiles at or below the
 // diagonal. Each tile is three steps: its scores, a small matmul; the softmax (or its gradient)
 // over the tile, element-wise with the vectorizable exp below; and a second small matmul that
-// adds the tile's share to the block's output rows. Both matmuls run through attn_mm, a register
-// block of MR x NR accumulators as in ops.cuh's gemm_micro, on operands copied into this thread's
+// adds the tile's share to the block's output rows. Both matmuls run through attn_mm, ops.cuh's
+// register block of MR x NR accumulators (gemm_micro), on operands copied into this thread's
 // scratch (the block's own rows once, each tile's rows once per tile) and zero-padded to whole
 // register blocks, so its loops have no edge cases and read no memory outside the scratch.
 // The blocks are the parallel tasks (each writes only its own rows, so no atomics), and each
@@ -72,26 +72,14 @@ static inline __attribute__((always_inline)) float attn_exp(float x) {
 }
 
 // c (R, N) = [or +=] a (R, K) b (K, N); a's (r, k) at a[r lda + k], b's (k, n) at b[k ldb + n],
-// c's (r, n) at c[r ldc + n]. R a multiple of MR, N of NR: MR x NR sums are kept in registers
-// (their inner loop over NR adjacent columns vectorizes), k in order, so every element of c is
-// the same sum in the same order whatever the blocks around it.
+// c's (r, n) at c[r ldc + n]. R a multiple of MR, N of NR: whole register blocks of ops.cuh's
+// gemm_micro, so every element of c is the same sum in the same order whatever the blocks around it.
 template <int MR, int NR, bool ADD>
-static inline __attribute__((always_inline)) void attn_mm(float* __restrict c, int ldc, const float* __restrict a,
-                                                          int lda, const float* __restrict b, int ldb, int R, int N,
-                                                          int K) {
+static inline __attribute__((always_inline)) void attn_mm(float* c, int ldc, const float* a, int lda, const float* b,
+                                                          int ldb, int R, int N, int K) {
     for (int n0 = 0; n0 < N; n0 += NR)
-        for (int r0 = 0; r0 < R; r0 += MR) {
-            float acc[MR][NR] = {};
-            for (int k = 0; k < K; k++)
-                for (int r = 0; r < MR; r++) {
-                    const float x = a[(r0 + r) * lda + k];
-#pragma omp simd
-                    for (int n = 0; n < NR; n++) acc[r][n] += x * b[k * ldb + n0 + n];
-                }
-            for (int r = 0; r < MR; r++)
-#pragma omp simd
-                for (int n = 0; n < NR; n++) c[(r0 + r) * ldc + n0 + n] = ADD ? c[(r0 + r) * ldc + n0 + n] + acc[r][n] : acc[r][n];
-        }
+        for (int r0 = 0; r0 < R; r0 += MR)
+            gemm_micro<MR, NR, ADD>(c + (size_t)r0 * ldc + n0, ldc, MR, NR, a + (size_t)r0 * lda, lda, 1, b + n0, ldb, K);
 }
 
 // dst (rows, ld) = rows r0 .. r0+n-1 of head h of x (T, H, D), zero in columns D .. ld and rows
@@ -100,8 +88,9 @@ static inline __attribute__((always_inline)) void attn_rows_cpu(float* __restric
                                                                 size_t r0, int n, int H, int h, int D) {
     for (int r = 0; r < rows; r++) {
         float* dr = dst + (size_t)r * ld;
-        if (r < n) memcpy(dr, x + ((r0 + r) * H + h) * D, D * sizeof(float));
-        memset(dr + (r < n ? D : 0), 0, (ld - (r < n ? D : 0)) * sizeof(float));
+        const int kept = r < n ? D : 0;  // values copied; the rest of the row is padding
+        if (kept) memcpy(dr, x + ((r0 + r) * H + h) * D, kept * sizeof(float));
+        memset(dr + kept, 0, (ld - kept) * sizeof(float));
     }
 }
 // dst (D, TILE) = the same n rows transposed, zero in columns n .. TILE

@@ -149,19 +149,24 @@ static inline void gemm_pack(float* __restrict dst, const X* __restrict src, siz
             for (int r = 0; r < rows; r++) dst[k * R + r] = to_f32(src[r * rs + k * cs]);
 }
 
-// c (m, n) += ap (kc, MR)^T bp (kc, NR) for the m <= MR, n <= NR valid rows and columns
-template <int MR, int NR>
-static inline __attribute__((always_inline)) void gemm_micro(float* c, size_t ldc, int m, int n, const float* ap,
-                                                             const float* bp, int kc) {
+// c (m, n) += a (MR, kc) b (kc, NR) for the m <= MR, n <= NR valid rows and columns, or with ADD
+// false c = the product; a's (r, k) at a[r ars + k aks], b's (k, j) at b[k bks + j]. The MR x NR
+// sums stay in registers, k in order. gemm_tile calls it on packed micro-panels (a k-major:
+// ars 1, aks MR; bks NR), the CPU attention (attention.cuh) on rows in its scratch.
+template <int MR, int NR, bool ADD = true>
+static inline __attribute__((always_inline)) void gemm_micro(float* c, size_t ldc, int m, int n, const float* a,
+                                                             size_t ars, size_t aks, const float* b, size_t bks,
+                                                             int kc) {
     float acc[MR][NR] = {};
     for (int k = 0; k < kc; k++)
         for (int r = 0; r < MR; r++) {
-            const float a = ap[k * MR + r];
+            const float x = a[r * ars + k * aks];
 #pragma omp simd
-            for (int j = 0; j < NR; j++) acc[r][j] += a * bp[k * NR + j];
+            for (int j = 0; j < NR; j++) acc[r][j] += x * b[k * bks + j];
         }
     for (int r = 0; r < m; r++)
-        for (int j = 0; j < n; j++) c[r * ldc + j] += acc[r][j];
+#pragma omp simd
+        for (int j = 0; j < n; j++) c[r * ldc + j] = ADD ? c[r * ldc + j] + acc[r][j] : acc[r][j];
 }
 
 // One C tile: rows [m0, m0 + mc), columns [n0, n0 + nc); apack (GEMM_MC x GEMM_KC) and bpack
@@ -180,7 +185,7 @@ static inline __attribute__((always_inline)) void gemm_tile(float* c, size_t ldc
         for (int j = 0; j < nc; j += NR)  // a B micro-panel stays in L1 while the A panels stream past
             for (int i = 0; i < mc; i += MR)
                 gemm_micro<MR, NR>(c + (m0 + i) * ldc + n0 + j, ldc, std::min(MR, mc - i), std::min(NR, nc - j),
-                                   apack + (size_t)i * kc, bpack + (size_t)j * kc, kc);
+                                   apack + (size_t)i * kc, 1, MR, bpack + (size_t)j * kc, NR, kc);
     }
 }
 
