@@ -358,12 +358,16 @@ struct PasskeyTask : DataSource {
         // practice questions in [lo, hi) after the key, never overlapping (see above)
         const size_t lo = p.key + INSERT, hi = query_pos();
         const size_t span = hi > lo ? hi - lo : 0, slots = span / PRACTICE_EVERY;
-        for (size_t g = PRACTICE_FIRST; step < PASSKEY_EVAL_STEP0 && slots > PRACTICE; g *= 2) {  // long: geometric
-            const size_t q = lo + g + (size_t)(rng_u64(&state) % (g / 2));
-            if (q + INSERT > hi) break;
-            p.practice.push_back(q);
+        if (step >= PASSKEY_EVAL_STEP0) return p;  // held out: no practice
+        if (slots > PRACTICE) {  // a long span: one question per doubling of the distance
+            for (size_t g = PRACTICE_FIRST;; g *= 2) {
+                const size_t q = lo + g + (size_t)(rng_u64(&state) % (g / 2));
+                if (q + INSERT > hi) break;
+                p.practice.push_back(q);
+            }
+            return p;
         }
-        for (size_t m = 0; step < PASSKEY_EVAL_STEP0 && slots <= PRACTICE && m < PRACTICE && span >= INSERT; m++) {
+        for (size_t m = 0; m < PRACTICE && span >= INSERT; m++) {  // a short one: up to 8 random tries
             size_t q = lo + (size_t)(rng_u64(&state) % (span - INSERT + 1));
             bool clear = true;
             for (size_t o : p.practice) clear &= (q + INSERT <= o || o + INSERT <= q);
