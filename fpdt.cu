@@ -407,10 +407,12 @@ static void apply_rope_flags(const Args& a, Config* c) {
 }
 
 // --out, before anything is computed: rank 0 creates it (parents too, no shell), locks it for this
-// run, clears what a killed save left, and refuses a fresh run into a directory with checkpoints
-// unless --overwrite; then every rank checks that it sees rank 0's files there and can write its
-// own (each rank writes its own checkpoint shard, so --out must be shared). Any rank's problem
-// ends every rank.
+// run, refuses names it would take for checkpoints that are not of the kind it makes (a link, a
+// FIFO: it neither follows nor deletes them), clears what a killed save left, and refuses a fresh
+// run into a directory with checkpoints unless --overwrite; then every rank checks that it sees
+// rank 0's files there and can write its own (each rank writes its own checkpoint shard, so --out
+// must be shared). Any rank's problem ends every rank. The probe files are opened without
+// following a link and removed only when this run made them.
 static void prepare_out(const std::string& out, bool resume, bool overwrite) {
     const Comm& cm = comm_world();
     char token[64] = {0};  // rank 0's probe file holds it; the others must read it back
@@ -418,37 +420,40 @@ static void prepare_out(const std::string& out, bool resume, bool overwrite) {
     comm_broadcast(token, sizeof token);
     const std::string probe0 = out + "/.fpdt_probe_0.tmp";
     std::string err;
+    int fd = -1;
     if (cm.rank == 0) {
         err = make_dirs(out);
         if (!err.empty()) err = "--out " + out + ": cannot write there (" + err + ")";
         if (err.empty()) err = lock_out_dir(out);
-        if (err.empty()) remove_stale_tmp(out);
+        const std::vector<std::string> foreign = err.empty() ? foreign_checkpoint_names(out) : std::vector<std::string>();
+        if (!foreign.empty()) err = "--out " + out + ": " + foreign[0] + ": move it out of --out";
+        if (err.empty()) err = remove_stale_tmp(out);
         std::vector<std::string> old = err.empty() ? checkpoint_like_names(out) : std::vector<std::string>();
         if (!old.empty() && !resume && !overwrite)
             err = "--out " + out + " holds checkpoints of an earlier run (" + old.back() +
                   (old.size() > 1 ? " and " + std::to_string(old.size() - 1) + " more" : std::string()) +
                   "): continue it with --resume, or pass --overwrite to delete them and start afresh";
         if (err.empty() && overwrite) err = remove_checkpoints(out);
-        if (err.empty()) {
-            FILE* f = fopen(probe0.c_str(), "wb");
-            if (!f || fputs(token, f) < 0) err = "--out " + out + ": cannot write there: " + strerror(errno);
-            if (f && fclose(f) != 0 && err.empty()) err = "--out " + out + ": cannot write there: " + strerror(errno);
-        }
+        if (err.empty() && !(err = open_regular(probe0, Open::Write, false, &fd)).empty()) err = "--out " + out + ": cannot write there: " + err;
+        if (fd >= 0 && (!ckpt_write_all(fd, token, strlen(token)) || close(fd) != 0))
+            err = "--out " + out + ": cannot write there: " + strerror(errno);
     }
     fatal_any(err);
     comm_barrier();
     if (cm.rank != 0) {
         char seen[64] = {0};
-        FILE* f = fopen(probe0.c_str(), "rb");
-        const bool same = f && fread(seen, 1, sizeof seen - 1, f) > 0 && strcmp(seen, token) == 0;
-        if (f) fclose(f);
+        uint64_t size = 0;
+        const bool same = open_regular(probe0, Open::Read, false, &fd, &size).empty() && read(fd, seen, sizeof seen - 1) > 0 &&
+                          strcmp(seen, token) == 0;
+        if (fd >= 0) close(fd);
         const std::string mine = out + "/.fpdt_probe_" + std::to_string(cm.rank) + ".tmp";
-        FILE* g = same ? fopen(mine.c_str(), "wb") : nullptr;
         if (!same)
             err = "--out " + out + ": this rank does not see rank 0's files there (every rank writes its own "
                   "checkpoint shard: --out must be a directory all ranks share)";
-        else if (!g || fclose(g) != 0) err = "--out " + out + ": cannot write there: " + strerror(errno);
-        remove(mine.c_str());
+        else if (!(err = open_regular(mine, Open::Write, false, &fd)).empty())
+            err = "--out " + out + ": cannot write there: " + err;
+        else
+            close(fd), remove(mine.c_str());
     }
     fatal_any(err);
     if (cm.rank == 0) remove(probe0.c_str());
@@ -820,6 +825,8 @@ static int cmd_sample(int argc, char** argv) {
     Model M;
     std::string err = check_shape(*cfg, r);
     if (!err.empty()) fatal("%s: %s", path.c_str(), err.c_str());
+    if (temp > 0 && !(err = check_host_bytes("--temperature: the logits of " + std::to_string(r.seq) + " positions", (double)r.seq * cfg->vocab * 4)).empty())
+        fatal("%s (lower --tokens or sample greedily)", err.c_str());
     model_create(&M, *cfg, r, false);
     if (M.n_params != man.n_params)  // parse_manifest checked this against the same table
         fatal("%s: its %llu parameters do not fit its model", path.c_str(), (unsigned long long)man.n_params);
@@ -1118,12 +1125,17 @@ int main(int argc, char** argv) {
         static char* av[] = {argv[0], train, nullptr};
         argv = av, argc = 2;
     }
-    if (cmd == "train") rc = cmd_train(argc, argv);
-    else if (cmd == "sample") rc = cmd_sample(argc, argv);
-    else if (cmd == "plan") rc = cmd_plan(argc, argv);
-    else if (cmd == "bench") rc = cmd_bench(argc, argv);
-    else if (cmd == "-h" || cmd == "--help" || cmd == "help") usage(), rc = 0;
-    else fatal_all("unknown command '%s' (expected train, sample, plan or bench; see ./fpdt --help)", cmd.c_str());
+    try {  // every size from the input is checked before it is allocated; this catches what was not
+        if (cmd == "train") rc = cmd_train(argc, argv);
+        else if (cmd == "sample") rc = cmd_sample(argc, argv);
+        else if (cmd == "plan") rc = cmd_plan(argc, argv);
+        else if (cmd == "bench") rc = cmd_bench(argc, argv);
+        else if (cmd == "-h" || cmd == "--help" || cmd == "help") usage(), rc = 0;
+        else fatal_all("unknown command '%s' (expected train, sample, plan or bench; see ./fpdt --help)", cmd.c_str());
+    } catch (const std::bad_alloc&) {
+        fatal("out of memory (an allocation failed; this machine has %.1f GiB): ./fpdt plan shows what a run needs",
+              machine_memory_bytes() / 1073741824.0);
+    }
     comm_finalize();
     return rc;
 }

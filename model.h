@@ -409,6 +409,13 @@ static inline void model_create(Model* M, const Config& c, const RunCfg& r, bool
     if (r.host_cap && r.host_cap < need_host)
         fatal_all("host memory: this run's host store needs %.1f MiB but --host-mem allows %.1f MiB "
                   "(shorten --seq or add ranks)", need_host / 1048576.0, r.host_cap / 1048576.0);
+    // host memory (the CPU backend's "device" arena is host memory too), for every rank on this
+    // machine, against what the machine has: a model from a forged manifest is refused here
+    const int local = std::max(1, comm_world().local_size);
+    const double host_bytes = ((double)need_host + (M->ctx.gpu ? 0.0 : (double)need_dev)) * local;
+    err = check_host_bytes(std::string("host memory: this run's arenas") + (local > 1 ? " (" + std::to_string(local) +
+                           " ranks on this machine)" : std::string()), host_bytes);
+    if (!err.empty()) fatal("%s; see ./fpdt plan", err.c_str());
     reset_arenas(M);
     M->dev.cap = need_dev;
     M->host.cap = std::max<size_t>(need_host, 256);

@@ -207,7 +207,7 @@ struct ChunkStore {
     const char* name = "";
     size_t chunk_bytes = 0;  // bytes per chunk on the device (in a slot)
     size_t host_bytes = 0;   // bytes per chunk where the data lives (half of chunk_bytes when compact)
-    int nchunks = 0;
+    size_t nchunks = 0;      // 64 bits: (layers + 1) x chunks for the layer inputs can pass 2^31
     bool on_host = false;  // offloaded: data in the host arena, staged through slots
     bool compact = false;  // on_host with fp32 slots and a bf16 host copy
     char* data = nullptr;  // (nchunks, host_bytes), host arena if on_host, else device arena
@@ -226,7 +226,7 @@ struct ChunkStore {
 // Takes the store's memory: the chunks from the host arena (offload) or the device arena, and
 // nslots device staging buffers when offloaded. bf16: an offloaded store of fp32 values keeps its
 // host copy in bf16 (the values must be bf16-rounded when put); without offload it changes nothing.
-static inline void store_init(Ctx* ctx, ChunkStore* s, const char* name, size_t chunk_bytes, int nchunks,
+static inline void store_init(Ctx* ctx, ChunkStore* s, const char* name, size_t chunk_bytes, size_t nchunks,
                               bool offload, int nslots, Arena* dev, Arena* host, bool bf16_host = false) {
     s->name = name;
     s->chunk_bytes = chunk_bytes;
@@ -272,7 +272,7 @@ static inline void store_free(Ctx* ctx, ChunkStore* s) {
 }
 
 static inline char* store_host_ptr(ChunkStore* s, int chunk) {
-    if (chunk < 0 || chunk >= s->nchunks) fatal("internal: store %s has no chunk %d", s->name, chunk);
+    if (chunk < 0 || (size_t)chunk >= s->nchunks) fatal("internal: store %s has no chunk %d", s->name, chunk);
     return s->data + (size_t)chunk * s->host_bytes;
 }
 

@@ -214,23 +214,14 @@ struct FileStream : DataSource {
     std::string identity() const override { return ident; }
 };
 
-// Opens `path` for reading and checks that it is a regular file; *size its length in bytes.
-// stat() first: a FIFO or a device is refused before open() could block on it (and O_NONBLOCK
-// covers one swapped in between).
+// Opens `path` for reading, only if it is a regular file (common.h's open_regular: a FIFO or a
+// device is refused before anything could block on it); *size its length in bytes.
 static inline bool data_open_regular(const std::string& path, int* fd_out, uint64_t* size, std::string* err) {
-    struct stat st;
-    if (stat(path.c_str(), &st) != 0) return data_fail(err, "data: " + path + ": cannot open (" + strerror(errno) + ")");
-    if (!S_ISREG(st.st_mode))
-        return data_fail(err, "data: " + path + ": not a regular file (expected a .bin shard or a text file)");
-    int fd = open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
-    if (fd < 0) return data_fail(err, "data: " + path + ": cannot open (" + strerror(errno) + ")");
-    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-        close(fd);
-        return data_fail(err, "data: " + path + ": not a regular file (expected a .bin shard or a text file)");
-    }
-    *fd_out = fd;
-    *size = (uint64_t)st.st_size;
-    return true;
+    const std::string e = open_regular(path, Open::Read, true, fd_out, size);
+    if (e.empty()) return true;
+    if (e.find(": not a regular file") != std::string::npos)
+        return data_fail(err, "data: " + e + "; expected a .bin shard or a text file");
+    return data_fail(err, "data: " + path + ": cannot open (" + e.substr(path.size() + 2) + ")");
 }
 
 // Opens one llm.c shard and checks everything once: header, exact size, and every token < vocab

@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 #include <fstream>
+#include "checkpoint.h"
 #include "test/cli.h"
 
 static const std::string TINY = "./fpdt train --device cpu --model tiny --eval-every 0 ";
@@ -382,13 +383,23 @@ TEST(Reliability, FifosAreErrorsNotHangs) {
     ASSERT_EQ(mkfifo((d + "/o/ckpt_00000009").c_str(), 0644), 0);  // a FIFO named like a checkpoint
     ASSERT_EQ(mkdir((d + "/o/ckpt_00000008").c_str(), 0755), 0);
     ASSERT_EQ(mkfifo((d + "/o/ckpt_00000008/manifest.txt").c_str(), 0644), 0);
-    for (const std::string& cmd : {TINY + "--seq 64 --steps 1 --resume --out " + d + "/o", "./fpdt sample --out " + d + "/o"}) {
+    const std::string resume = TINY + "--seq 64 --steps 1 --resume --out " + d + "/o", sample = "./fpdt sample --out " + d + "/o";
+    Out t = run("timeout 20 " + resume);  // a run refuses the FIFO named like a checkpoint
+    EXPECT_NE(t.rc, 124) << "hung";
+    EXPECT_NE(t.out.find("/o/ckpt_00000009: a FIFO, not a checkpoint directory"), std::string::npos) << t.out;
+    EXPECT_EQ(count_lines(t.out), 1) << t.out;
+    Out s = run("timeout 20 " + sample);  // sample skips it, saying so
+    EXPECT_NE(s.out.find("skipping " + d + "/o/ckpt_00000009: a FIFO"), std::string::npos) << s.out;
+    ASSERT_EQ(unlink((d + "/o/ckpt_00000009").c_str()), 0);
+    for (const std::string& cmd : {resume, sample}) {
         Out r = run("timeout 20 " + cmd);
         EXPECT_NE(r.rc, 124) << cmd << " hung";
         EXPECT_NE(r.rc, 0) << r.out;
-        EXPECT_NE(r.out.find("manifest.txt: not a regular file"), std::string::npos) << r.out;
+        EXPECT_NE(r.out.find("manifest.txt: not a regular file (a FIFO)"), std::string::npos) << r.out;
         EXPECT_NE(r.out.find("no valid checkpoint"), std::string::npos) << r.out;
     }
+    EXPECT_NE(s.rc, 124) << "hung";
+    EXPECT_NE(s.out.find("no valid checkpoint"), std::string::npos) << s.out;
 }
 
 // A save that does not fit is refused before it writes, saying how much room it needs; a write
@@ -464,4 +475,147 @@ TEST(Reliability, SmallerThings) {
     for (size_t i = 0, lead = 1; i < value.size() && value[i] != 'e'; i++)
         if (isdigit((unsigned char)value[i]) && !(lead && value[i] == '0')) digits++, lead = 0;
     EXPECT_EQ(digits, 6) << value;
+}
+
+// ----------------------------------------------------------------------------
+// Reliability, round three (issue 24): nothing outside --out is deleted or written through a link,
+// every file is checked before it is opened, every size before it is allocated.
+
+// A directory outside --out with a file in it, and whether that file is still there.
+static std::string victim_dir() {
+    const std::string v = tmpdir() + "/victim";
+    mkdir(v.c_str(), 0755);
+    std::ofstream(v + "/precious.txt") << "not fpdt's";
+    return v;
+}
+static bool intact(const std::string& victim) { return access((victim + "/precious.txt").c_str(), F_OK) == 0; }
+
+// A symbolic link under any name fpdt takes for a checkpoint or a save's leftover (the issue's
+// cases: ckpt_00000008, ckpt_00000007.tmp, ckpt_00000007.old.tmp, and a real checkpoint moved
+// elsewhere and linked back) is refused by --resume, a fresh run and --overwrite, naming it, and
+// nothing it points to is deleted; sample skips it, saying so.
+TEST(Reliability, NothingIsDeletedThroughALink) {
+    const std::string d = tmpdir() + "/o", v = victim_dir();
+    const std::string T = TINY + "--seq 64 --steps 10 --save-every 1 --out " + d;
+    ASSERT_EQ(run(T + " --exit-after 6").rc, 0);
+    for (const char* name : {"/ckpt_00000008", "/ckpt_00000007.tmp", "/ckpt_00000007.old.tmp"}) {
+        ASSERT_EQ(symlink(v.c_str(), (d + name).c_str()), 0);
+        for (const std::string& flags : {std::string(" --resume"), std::string(" --overwrite")}) {
+            Out r = run(T + flags);
+            EXPECT_NE(r.rc, 0) << name << flags << "\n" << r.out;
+            EXPECT_NE(r.out.find(d + name + ": a symbolic link, not a checkpoint directory (fpdt neither follows nor deletes it)"),
+                      std::string::npos) << name << flags << "\n" << r.out;
+            EXPECT_EQ(count_lines(r.out), 1) << r.out;
+            EXPECT_TRUE(intact(v)) << name << flags << " deleted a file through the link";
+        }
+        if (std::string(name) == "/ckpt_00000008") {
+            Out s = run("./fpdt sample --out " + d + " --tokens 2");
+            EXPECT_EQ(s.rc, 0) << s.out;
+            EXPECT_NE(s.out.find("warning: skipping " + d + name + ": a symbolic link"), std::string::npos) << s.out;
+        }
+        ASSERT_EQ(unlink((d + name).c_str()), 0);
+    }
+    // the newest checkpoint moved to "another disk" and linked back: refused, not passed over and emptied
+    ASSERT_EQ(rename((d + "/ckpt_00000006").c_str(), (v + "/ckpt_00000006").c_str()), 0);
+    ASSERT_EQ(symlink((v + "/ckpt_00000006").c_str(), (d + "/ckpt_00000006").c_str()), 0);
+    Out r = run(T + " --resume");
+    EXPECT_NE(r.rc, 0) << r.out;
+    EXPECT_NE(r.out.find("ckpt_00000006: a symbolic link"), std::string::npos) << r.out;
+    EXPECT_EQ(access((v + "/ckpt_00000006/manifest.txt").c_str(), F_OK), 0) << "the moved checkpoint was emptied";
+    EXPECT_EQ(access((v + "/ckpt_00000006/shard_0.bin").c_str(), F_OK), 0) << "the moved checkpoint was emptied";
+}
+
+// A copy of ckpt_5 named ckpt_00000009 is not taken for step 9: --resume says it skips it and
+// continues from ckpt_6; when the run reaches step 9 it stops rather than delete the copy.
+TEST(Reliability, ManifestStepMustMatchTheName) {
+    const std::string d = tmpdir() + "/o";
+    const std::string T = TINY + "--seq 64 --steps 10 --save-every 1 --out " + d;
+    ASSERT_EQ(run(T + " --exit-after 6").rc, 0);
+    ASSERT_EQ(run("cp -r " + d + "/ckpt_00000005 " + d + "/ckpt_00000009").rc, 0);
+    Out r = run(T + " --resume --exit-after 8");
+    EXPECT_EQ(r.rc, 0) << r.out;
+    EXPECT_NE(r.out.find("warning: skipping " + d + "/ckpt_00000009: its manifest is of step 5, its name says step 9"),
+              std::string::npos) << r.out;
+    EXPECT_NE(r.out.find("resumed at step 6"), std::string::npos) << r.out;
+    Out s = run(T + " --resume");
+    EXPECT_NE(s.rc, 0) << s.out;
+    EXPECT_NE(s.out.find("cannot save step 9: " + d + "/ckpt_00000009 holds a checkpoint of step 5, which fpdt does not delete"),
+              std::string::npos) << s.out;
+    EXPECT_EQ(access((d + "/ckpt_00000009/manifest.txt").c_str(), F_OK), 0) << "the copy was deleted";
+    EXPECT_EQ(access((d + "/ckpt_00000008/manifest.txt").c_str(), F_OK), 0) << "the newest valid checkpoint went";
+}
+
+// Every file fpdt opens is refused with one line when it is a FIFO (which would block forever)
+// or, inside --out, a link: the run's log, the lock file, the probe files, the --trace output
+// and its temporary. A FIFO given as --trace is not replaced by the trace.
+TEST(Reliability, SpecialFilesWhereOutputsGo) {
+    const std::string d = tmpdir(), v = victim_dir();
+    struct Case {
+        std::string make, args, expect;
+    };
+    for (const Case& c : std::vector<Case>{
+             {"mkfifo " + d + "/c/.fpdt.lock", "--out " + d + "/c", d + "/c/.fpdt.lock: not a regular file (a FIFO)"},
+             {"ln -s " + v + "/precious.txt " + d + "/e/.fpdt_probe_0.tmp", "--out " + d + "/e", "e/.fpdt_probe_0.tmp: not a regular file (a symbolic link)"},
+         }) {
+        const std::string sub = c.make.substr(c.make.rfind(' ') + 1);
+        ASSERT_EQ(run("mkdir -p " + sub.substr(0, sub.rfind('/')) + " && " + c.make).rc, 0) << c.make;
+        Out r = run("timeout 30 " + TINY + "--seq 64 --steps 2 " + c.args);
+        EXPECT_NE(r.rc, 124) << c.make << ": hung";
+        EXPECT_NE(r.rc, 0) << c.make << "\n" << r.out;
+        EXPECT_NE(r.out.find(c.expect), std::string::npos) << c.make << "\n" << r.out;
+        EXPECT_EQ(count_lines(r.out), 1) << c.make << "\n" << r.out;
+        struct stat st;
+        EXPECT_EQ(lstat(sub.c_str(), &st), 0);
+        EXPECT_FALSE(S_ISREG(st.st_mode)) << sub << " was replaced";
+    }
+    EXPECT_EQ(run("cat " + v + "/precious.txt").out, "not fpdt's") << "written through a link";
+}
+
+// A forged but self-consistent checkpoint of 2.7e11 parameters (vocab 2^24, d 2^14), with a
+// sparse shard of the size it claims: sample and --init refuse it naming the sizes, before
+// allocating (it used to end in std::bad_alloc, SIGABRT).
+TEST(Reliability, ForgedSizesAreRefusedBeforeAllocation) {
+    const std::string d = tmpdir() + "/forged", c = d + "/ckpt_00000001";
+    ASSERT_EQ(run("mkdir -p " + c).rc, 0);
+    Manifest m;
+    m.cfg = *find_preset("tiny");
+    snprintf(m.cfg.name, sizeof m.cfg.name, "forged");
+    m.cfg.vocab = 1 << 24, m.cfg.d_model = 1 << 14, m.cfg.n_head = m.cfg.n_kv_head = 128, m.cfg.head_dim = 128, m.cfg.n_layer = 1;
+    m.cfg.tie_embeddings = true;
+    m.step = 1, m.total_steps = 10, m.seq = 64, m.source = "passkey 2", m.optimizer = 0;
+    size_t n = 0;
+    param_table(m.cfg, &n);
+    ASSERT_GT(n, 2.7e11);
+    m.n_params = n;
+    m.shards.push_back({0, n, 0});
+    std::ofstream(c + "/manifest.txt") << manifest_text(m);
+    std::ofstream(c + "/shard_0.bin").close();
+    ASSERT_EQ(truncate((c + "/shard_0.bin").c_str(), (off_t)(n * 4)), 0) << "no sparse files here";
+    for (const std::string& cmd : {"./fpdt sample --out " + d, TINY + "--seq 64 --steps 1 --init " + d}) {
+        Out r = run(cmd);
+        EXPECT_EQ(r.rc, 1) << cmd << "\n" << r.out;
+        EXPECT_NE(r.out.find(c + ": loading " + std::to_string(n) + " parameters needs 10"), std::string::npos) << cmd << "\n" << r.out;
+        EXPECT_NE(r.out.find(" GiB of host memory, more than this machine has ("), std::string::npos) << cmd << "\n" << r.out;
+        EXPECT_LE(count_lines(r.out), 2) << r.out;  // the checkpoint skipped, then no valid one
+    }
+}
+
+// plan's products of counts are 64-bit: (layers + 1) x chunks passes 2^31 at --seq 715827883
+// in chunks of 1 token (it used to wrap to 17592185962496 MiB); the host bytes grow by the same
+// few hundred bytes per token on both sides of that edge and up to the int32 position limit.
+TEST(Reliability, PlanCountsPast2To31) {
+    auto host_mib = [](long long seq) {
+        Out r = run("./fpdt plan --model tiny --precision fp32 --chunk-size 1 --host-mem 1e6 --seq " + std::to_string(seq));
+        EXPECT_EQ(r.rc, 0) << r.out;
+        return number_after(r.out, "  host ");
+    };
+    const double a = host_mib(715827882), b = host_mib(715827883), top = host_mib(2147483647);
+    const double per_token = a / 715827882 * 1048576;
+    EXPECT_GT(per_token, 100);
+    EXPECT_LT(per_token, 4000);
+    EXPECT_NEAR(b, a, 0.11) << "one more token, one more chunk";
+    EXPECT_NEAR(top / 2147483647 * 1048576, per_token, 1) << top;
+    Out longest = run("./fpdt plan --model tiny --precision fp32 --chunk-size 1 --host-mem 1e6 --seq 64");
+    EXPECT_NE(longest.out.find("longest sequence that fits at chunk 1: 2147483647 tokens (2147483647 chunks), the int32 position limit"),
+              std::string::npos) << longest.out;
 }
