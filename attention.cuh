@@ -10,6 +10,9 @@
 #include <cmath>
 #include "common.h"
 #include "ops.cuh"  // cpu_simd: the instruction set the CPU loops run on
+#ifdef __CUDACC__
+#include "cuda_common.cuh"
+#endif
 
 // The CPU functions tile the work as FlashAttention does: a block of ATTN_CPU_ROWS output rows of
 // one head (query rows for the forward pass and dq, key rows for dk and dv) against tiles of
@@ -355,7 +358,6 @@ static inline void attention_backward_cpu(float* dq, float* dk, float* dv, const
 // the CPU blocks do, starting from the values already in dq, dk, dv; the CPU sums each tile's
 // share in registers before adding it, so the two agree to rounding, not bit for bit.
 #ifdef __CUDACC__
-#include "cuda_common.cuh"
 
 #define ATTN_ROWS 8   // warps per block = output rows per block
 #define ATTN_TILE 32  // rows per shared-memory tile: one per lane for the scores
