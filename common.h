@@ -265,7 +265,8 @@ struct TraceEvent {
     int track;
     double t0, t1;  // seconds from the start of the step
     size_t bytes;
-    int layer, chunk;
+    int layer;
+    int64_t chunk;  // (a layer_in chunk is a layer's: (L+1) u of them can pass 2^31)
     CUevent_st* ev[2];  // GPU: events around the work on its stream; their times replace t0, t1
 };
 struct Trace {
@@ -276,7 +277,7 @@ struct Trace {
 };
 
 static inline void trace_add(Trace* t, const char* name, int track, double t0, double t1, size_t bytes,
-                             int layer, int chunk, CUevent_st* e0 = nullptr, CUevent_st* e1 = nullptr) {
+                             int layer, int64_t chunk, CUevent_st* e0 = nullptr, CUevent_st* e1 = nullptr) {
     if (t && t->on) t->events.push_back({name, track, t0 - t->origin, t1 - t->origin, bytes, layer, chunk, {e0, e1}});
 }
 
@@ -306,8 +307,8 @@ static inline void trace_write(const Trace* t, const char* path, int rank) {
         const TraceEvent& e = t->events[i];
         fprintf(f,
                 "{\"ph\":\"X\",\"name\":\"%s\",\"pid\":%d,\"tid\":%d,\"ts\":%.3f,\"dur\":%.3f,"
-                "\"args\":{\"bytes\":%zu,\"layer\":%d,\"chunk\":%d}}%s\n",
-                e.name.c_str(), rank, e.track, e.t0 * 1e6, (e.t1 - e.t0) * 1e6, e.bytes, e.layer, e.chunk,
+                "\"args\":{\"bytes\":%zu,\"layer\":%d,\"chunk\":%lld}}%s\n",
+                e.name.c_str(), rank, e.track, e.t0 * 1e6, (e.t1 - e.t0) * 1e6, e.bytes, e.layer, (long long)e.chunk,
                 i + 1 < t->events.size() ? "," : "");
     }
     fprintf(f, "],\"displayTimeUnit\":\"ms\"}\n");
@@ -334,11 +335,12 @@ struct Ctx {
 struct TraceScope {
     Ctx* ctx;
     const char* name;
-    int track, chunk;
+    int track;
+    int64_t chunk;
     size_t bytes;
     double t0;
     CUevent_st* ev[2] = {};
-    TraceScope(Ctx* c, const char* n, int tr, int ch, size_t b = 0)
+    TraceScope(Ctx* c, const char* n, int tr, int64_t ch, size_t b = 0)
         : ctx(c), name(n), track(tr), chunk(ch), bytes(b), t0(c->trace && c->trace->on ? now_s() : 0) {
         if (ctx->gpu_mark) ctx->gpu_mark(ctx, track, name, true, &ev[0]);
     }

@@ -393,8 +393,8 @@ int main(int argc, char** argv) {
         else if (cmd == "-h" || cmd == "--help" || cmd == "help") usage(), rc = 0;
         else fatal_all("unknown command '%s' (expected train, sample, plan or bench; see ./fpdt --help)", cmd.c_str());
     } catch (const std::bad_alloc&) {
-        fatal("out of memory (an allocation failed; this machine has %.1f GiB): ./fpdt plan shows what a run needs",
-              machine_memory_bytes() / 1073741824.0);
+        fatal("out of memory: an allocation failed (this machine has %.1f GiB; a ulimit or cgroup may allow less); "
+              "./fpdt plan shows what a run needs", machine_memory_bytes() / 1073741824.0);
     }
     comm_finalize();
     return rc;

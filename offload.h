@@ -215,7 +215,7 @@ struct ChunkStore {
     char* slot[3] = {};    // device staging buffers (only when on_host)
     bf16 *wire_in = nullptr, *wire_out = nullptr;  // (chunk_bytes / 4) device: the bf16 side of the copies (compact)
     int nslots = 0;
-    int in_slot[3] = {-1, -1, -1};  // which chunk a slot was last filled with (for checks)
+    int64_t in_slot[3] = {-1, -1, -1};  // which chunk a slot was last filled with (for checks)
     // GPU events (cudaEvent_t is CUevent_st*; declared in every build so that code compiled by g++
     // and by nvcc agrees on the layout of this struct and of Model): per slot, its copy-in landed
     // and its last copy-out finished; per chunk, its last copy-out finished (a fetch of that chunk
@@ -272,8 +272,8 @@ static inline void store_free(Ctx* ctx, ChunkStore* s) {
     (void)ctx, (void)s;
 }
 
-static inline char* store_host_ptr(ChunkStore* s, int chunk) {
-    if (chunk < 0 || (size_t)chunk >= s->nchunks) fatal("internal: store %s has no chunk %d", s->name, chunk);
+static inline char* store_host_ptr(ChunkStore* s, int64_t chunk) {
+    if (chunk < 0 || (size_t)chunk >= s->nchunks) fatal("internal: store %s has no chunk %lld", s->name, (long long)chunk);
     return s->data + (size_t)chunk * s->host_bytes;
 }
 
@@ -289,7 +289,7 @@ static inline void stream_after(cudaStream_t to, cudaStream_t from) {
 }
 #endif
 
-static inline void store_prefetch(Ctx* ctx, ChunkStore* s, int chunk, int slot) {
+static inline void store_prefetch(Ctx* ctx, ChunkStore* s, int64_t chunk, int slot) {
     if (!s->on_host) return;
     s->in_slot[slot] = chunk;
 #ifdef __CUDACC__
@@ -317,9 +317,9 @@ static inline void store_prefetch(Ctx* ctx, ChunkStore* s, int chunk, int slot) 
 }
 
 template <typename T = float>
-static inline T* store_use(Ctx* ctx, ChunkStore* s, int chunk, int slot) {
+static inline T* store_use(Ctx* ctx, ChunkStore* s, int64_t chunk, int slot) {
     if (!s->on_host) return (T*)store_host_ptr(s, chunk);
-    if (s->in_slot[slot] != chunk) fatal("internal: %s chunk %d used before it was prefetched", s->name, chunk);
+    if (s->in_slot[slot] != chunk) fatal("internal: %s chunk %lld used before it was prefetched", s->name, (long long)chunk);
 #ifdef __CUDACC__
     if (ctx->gpu) CUDA_CHECK(cudaStreamWaitEvent(ctx->g->compute, s->ready[slot], 0));
 #endif
@@ -328,7 +328,7 @@ static inline T* store_use(Ctx* ctx, ChunkStore* s, int chunk, int slot) {
 }
 
 template <typename T = float>
-static inline T* store_produce(Ctx* ctx, ChunkStore* s, int chunk, int slot) {
+static inline T* store_produce(Ctx* ctx, ChunkStore* s, int64_t chunk, int slot) {
     if (!s->on_host) return (T*)store_host_ptr(s, chunk);
     s->in_slot[slot] = chunk;
 #ifdef __CUDACC__
@@ -341,7 +341,7 @@ static inline T* store_produce(Ctx* ctx, ChunkStore* s, int chunk, int slot) {
     return (T*)s->slot[slot];
 }
 
-static inline void store_put(Ctx* ctx, ChunkStore* s, int chunk, int slot) {
+static inline void store_put(Ctx* ctx, ChunkStore* s, int64_t chunk, int slot) {
     if (!s->on_host) return;
 #ifdef __CUDACC__
     if (ctx->gpu) {
@@ -367,7 +367,7 @@ static inline void store_put(Ctx* ctx, ChunkStore* s, int chunk, int slot) {
 }
 
 // A chunk's value from ordinary host memory (set-up: the tokens of a step).
-static inline void store_write(Ctx* ctx, ChunkStore* s, int chunk, const void* src) {
+static inline void store_write(Ctx* ctx, ChunkStore* s, int64_t chunk, const void* src) {
     if (s->compact) fatal("internal: store_write to the bf16 store %s", s->name);
     if (s->on_host) {
         dev_sync(ctx);  // no copy still reading the old value

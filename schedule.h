@@ -54,6 +54,9 @@
 // ----------------------------------------------------------------------------
 // Helpers: the matmuls in either precision, rounding what is stored, positions
 
+// Chunk i of layer l's input in the layer_in store, in 64 bits: (L+1) u chunks can pass 2^31.
+static inline int64_t layer_in_chunk(int l, int u, int i) { return (int64_t)l * u + i; }
+
 // The matmuls of the schedule. fp32: as they are. bf16: both operands rounded to bf16 (the
 // activation into cast_a/cast_b, the weight from its copy at the same offset in wlow), fp32 sums,
 // fp32 results.
@@ -171,13 +174,13 @@ static inline void layer_forward(Model* M, int l) {
     Ctx* ctx = &M->ctx;
     const int u = M->u;
     ctx->layer = l;
-    store_prefetch(ctx, &M->layer_in, l * u, slot_of(0));
+    store_prefetch(ctx, &M->layer_in, layer_in_chunk(l, u, 0), slot_of(0));
     for (int i = 0; i < u; i++) {
-        if (i + 1 < u) store_prefetch(ctx, &M->layer_in, l * u + i + 1, slot_of(i + 1));
-        const float* x = store_use(ctx, &M->layer_in, l * u + i, slot_of(i));
-        float* out = store_produce(ctx, &M->layer_in, (l + 1) * u + i, SLOT_NEW);
+        if (i + 1 < u) store_prefetch(ctx, &M->layer_in, layer_in_chunk(l, u, i + 1), slot_of(i + 1));
+        const float* x = store_use(ctx, &M->layer_in, layer_in_chunk(l, u, i), slot_of(i));
+        float* out = store_produce(ctx, &M->layer_in, layer_in_chunk(l + 1, u, i), SLOT_NEW);
         chunk_forward(M, l, i, x, out, false);
-        store_put(ctx, &M->layer_in, (l + 1) * u + i, SLOT_NEW);
+        store_put(ctx, &M->layer_in, layer_in_chunk(l + 1, u, i), SLOT_NEW);
     }
 }
 
@@ -221,10 +224,10 @@ static inline void head_pass(Model* M, bool grads) {
     const int u = M->u, L = c.n_layer;
     const float dscale = 1.0f / (float)M->run.seq;  // mean over the whole sequence, all ranks
     ctx->layer = L;
-    store_prefetch(ctx, &M->layer_in, L * u, slot_of(0)), store_prefetch(ctx, &M->targets, 0, slot_of(0));
+    store_prefetch(ctx, &M->layer_in, layer_in_chunk(L, u, 0), slot_of(0)), store_prefetch(ctx, &M->targets, 0, slot_of(0));
     for (int i = 0; i < u; i++) {
-        if (i + 1 < u) store_prefetch(ctx, &M->layer_in, L * u + i + 1, slot_of(i + 1)), store_prefetch(ctx, &M->targets, i + 1, slot_of(i + 1));
-        const float* x = store_use(ctx, &M->layer_in, L * u + i, slot_of(i));
+        if (i + 1 < u) store_prefetch(ctx, &M->layer_in, layer_in_chunk(L, u, i + 1), slot_of(i + 1)), store_prefetch(ctx, &M->targets, i + 1, slot_of(i + 1));
+        const float* x = store_use(ctx, &M->layer_in, layer_in_chunk(L, u, i), slot_of(i));
         const int32_t* tg = store_use<int32_t>(ctx, &M->targets, i, slot_of(i));
         TraceScope ts(ctx, "head + loss", TRACK_COMPUTE, i);
         OP(ctx, norm_forward, M->y, M->mean1, M->rstd1, x, M->w.lnf_w, M->w.lnf_b, cl, d, M->rms, c.norm_eps);
@@ -265,14 +268,14 @@ static inline void layer_backward(Model* M, int l) {
 
     // Phase 1, chunk by chunk: recompute the forward from the layer input (storing q, k, v, lse),
     // then back through the MLP and the output projection down to dO_i; dresid_i becomes dL/dx_mid.
-    store_prefetch(ctx, &M->layer_in, l * u, slot_of(0));
+    store_prefetch(ctx, &M->layer_in, layer_in_chunk(l, u, 0), slot_of(0));
     store_prefetch(ctx, &M->dresid, 0, slot_of(0));
     for (int i = 0; i < u; i++) {
         if (i + 1 < u) {
-            store_prefetch(ctx, &M->layer_in, l * u + i + 1, slot_of(i + 1));
+            store_prefetch(ctx, &M->layer_in, layer_in_chunk(l, u, i + 1), slot_of(i + 1));
             store_prefetch(ctx, &M->dresid, i + 1, slot_of(i + 1));
         }
-        const float* x = store_use(ctx, &M->layer_in, l * u + i, slot_of(i));
+        const float* x = store_use(ctx, &M->layer_in, layer_in_chunk(l, u, i), slot_of(i));
         chunk_forward(M, l, i, x, nullptr, true);
         float* dres = store_use(ctx, &M->dresid, i, slot_of(i));  // (cl, d) dL/d(layer output), made dL/d(x_mid)
         {
@@ -326,7 +329,7 @@ static inline void layer_backward_attention(Model* M, int l) {
         };
         prefetch(u - 1);
         if (j + 1 < u) store_prefetch(ctx, &M->k, j + 1, slot_of(j + 1)), store_prefetch(ctx, &M->v, j + 1, slot_of(j + 1));
-        store_prefetch(ctx, &M->layer_in, l * u + j, SLOT_SINGLE);  // for the QKV backward at the end of this j
+        store_prefetch(ctx, &M->layer_in, layer_in_chunk(l, u, j), SLOT_SINGLE);  // for the QKV backward at the end of this j
         store_prefetch(ctx, &M->dresid, j, SLOT_SINGLE);
         const float* kj = store_use(ctx, &M->k, j, slot_of(j));
         const float* vj = store_use(ctx, &M->v, j, slot_of(j));
@@ -357,7 +360,7 @@ static inline void layer_backward_attention(Model* M, int l) {
         OP(ctx, rope, dqi, M->pos, C, Hl, D, rope_params(c), -1);
         OP(ctx, rope, M->dk, M->pos, C, Hkvl, D, rope_params(c), -1);
         dqkv_to_seq(M, j, dqi, M->dk, M->dv, M->dqkv);
-        const float* x = store_use(ctx, &M->layer_in, l * u + j, SLOT_SINGLE);
+        const float* x = store_use(ctx, &M->layer_in, layer_in_chunk(l, u, j), SLOT_SINGLE);
         float* dres = store_use(ctx, &M->dresid, j, SLOT_SINGLE);  // (cl, d) dL/d(x_mid), made dL/d(layer input)
         TraceScope ts(ctx, "qkv backward", TRACK_COMPUTE, j);
         OP(ctx, norm_forward, M->ln1, M->mean1, M->rstd1, x, w.ln1_w, w.ln1_b, cl, d, M->rms, c.norm_eps);

@@ -204,13 +204,19 @@ static void prepare_out(const std::string& out, bool resume, bool overwrite) {
     if (cm.rank == 0) remove(probe0.c_str());
 }
 
-// The settings that may change across a --resume (what the losses do not depend on), one line.
-static std::string run_settings(const RunCfg& r, size_t chunk) {
+// The settings that may change across a --resume, one line of "name value" items: how the run is
+// cut (what the losses do not depend on), and the optimizer's (a run may lower its learning rate
+// when it resumes; the header then says so).
+static std::string run_settings(const RunCfg& r, size_t chunk, const AdamW& opt, float lr, int warmup, float min_frac) {
+    char o[256];
+    snprintf(o, sizeof o, " | lr %g | warmup %d | min-lr-frac %g | weight-decay %g | clip %g | beta1 %g | beta2 %g | adam-eps %g",
+             lr, warmup, min_frac, opt.wd, opt.clip, opt.beta1, opt.beta2, opt.eps);
     return "ranks " + std::to_string(r.P) + " | chunk " + std::to_string(chunk) + " | offload " + (r.offload ? "on" : "off") +
-           " | ZeRO stage " + std::to_string(r.zero) + " | precision " + (r.bf16 ? "bf16" : "fp32");
+           " | ZeRO stage " + std::to_string(r.zero) + " | precision " + (r.bf16 ? "bf16" : "fp32") + o;
 }
 
-// " (since the checkpoint: ranks 1 -> 2, ...)" for the settings that differ; "" when none do.
+// " (changed since it was saved: ranks 1 -> 2, lr 0.003 -> 0.001)" for the settings that differ,
+// matched by name (a checkpoint from before a setting was recorded lacks it); "" when none do.
 static std::string settings_changes(const std::string& was, const std::string& now) {
     auto split = [](const std::string& s) {
         std::vector<std::string> v;
@@ -222,13 +228,13 @@ static std::string settings_changes(const std::string& was, const std::string& n
         }
         return v;
     };
-    std::vector<std::string> a = split(was), b = split(now);
     std::string out;
-    for (size_t i = 0; i < a.size() && a.size() == b.size(); i++) {
-        const size_t sp = b[i].rfind(' ');
-        if (a[i] != b[i] && sp != std::string::npos && a[i].compare(0, sp + 1, b[i], 0, sp + 1) == 0)
-            out += (out.empty() ? "" : ", ") + b[i].substr(0, sp) + " " + a[i].substr(sp + 1) + " -> " + b[i].substr(sp + 1);
-    }
+    for (const std::string& n : split(now))
+        for (const std::string& w : split(was)) {
+            const size_t sp = n.rfind(' ');
+            if (w != n && sp != std::string::npos && w.compare(0, sp + 1, n, 0, sp + 1) == 0)
+                out += (out.empty() ? "" : ", ") + n.substr(0, sp) + " " + w.substr(sp + 1) + " -> " + n.substr(sp + 1);
+        }
     return out.empty() ? "" : " (changed since it was saved: " + out + ")";
 }
 
@@ -304,7 +310,8 @@ static bool read_train_flags(Train* T, int argc, char** argv) {
     T->trace_path = a.str("trace", "");
     T->stop_on_bad = stop_on_nonfinite(a);
     T->max_bad = (int)a.integer("max-bad-steps", 5, 1, 1 << 30);
-    if (comm_world().size > 1) comm_watchdog_start((double)a.integer("watchdog", 1800, 0, 1 << 30));
+    const long long watchdog_s = a.integer("watchdog", 1800, 0, 1 << 30);  // checked on one process too
+    if (comm_world().size > 1) comm_watchdog_start((double)watchdog_s);
     for (const char* p = getenv("FPDT_FAULT_NAN_STEPS"); p && *p; p += strcspn(p, ","), p += (*p == ','))
         T->fault_steps.insert(atoi(p));
     T->resume = a.has("resume"), T->overwrite = a.has("overwrite");
@@ -350,21 +357,21 @@ static void set_run_shape(Train* T) {
 static void prepare_outputs(Train* T) {
     if (!T->out.empty()) prepare_out(T->out, T->resume, T->overwrite);
     if (T->trace_path.empty()) return;
-    std::string terr;  // rank 0 writes it, after step 2: find out now whether it can
+    std::string terr;  // rank 0 writes it, after step 2: find out now whether it can (common.h)
     if (comm_world().rank == 0) {
-        FILE* f = fopen((T->trace_path + ".tmp").c_str(), "w");
-        if (!f) terr = "--trace " + T->trace_path + ": cannot open for writing: " + strerror(errno);
-        else fclose(f), remove((T->trace_path + ".tmp").c_str());
+        FILE* f = trace_open_tmp(T->trace_path, &terr);
+        if (f) fclose(f), remove((T->trace_path + ".tmp").c_str());
     }
     fatal_any(terr);
 }
 
-// OUT/main.log (rank 0), opened for appending, its first line the command.
+// OUT/main.log (rank 0), opened for appending, its first line the command. A regular file only,
+// never through a link (a FIFO there would block the run forever).
 static void open_run_log(const Train* T, int argc, char** argv) {
     if (T->out.empty() || comm_world().rank != 0) return;
-    const std::string path = T->out + "/main.log";
-    run_log().file = fopen(path.c_str(), "a");
-    if (!run_log().file) fatal("--out %s: cannot write %s: %s", T->out.c_str(), path.c_str(), strerror(errno));
+    std::string err;
+    run_log().file = fopen_regular(T->out + "/main.log", Open::Append, false, &err);
+    if (!run_log().file) fatal("--out %s: cannot write %s", T->out.c_str(), err.c_str());
     std::string cmd = "command:";
     for (int i = 0; i < argc; i++) cmd += std::string(" ") + argv[i];
     log_line(false, "%s", cmd.c_str());
@@ -405,7 +412,7 @@ static void init_or_resume(Train* T) {
     id.cfg = T->cfg, id.seq = T->r.seq, id.seed = T->seed, id.total_steps = T->steps, id.source = T->data->identity();
     if (T->start_steps)
         id.source += " | start-seq " + std::to_string(T->start_seq) + " for " + std::to_string(T->start_steps) + " steps";
-    T->settings = run_settings(T->r, M->C);
+    T->settings = run_settings(T->r, M->C, T->opt, T->lr, T->warmup, T->min_frac);
     if (T->resume) {
         Manifest man;
         const std::string path = load_checkpoint(M, T->out, id, &man);
@@ -465,8 +472,10 @@ static void write_test_grads(Model* M) {
     if (!M->grads) fatal("FPDT_TEST_GRADS_OUT needs --zero 0 or 1: under ZeRO-2 and 3 no rank holds the whole gradient");
     std::vector<float> gr(M->n_params);
     dev_download(&M->ctx, gr.data(), M->grads, M->n_params * sizeof(float));
-    FILE* gf = fopen(gpath, "wb");
-    if (!gf || fwrite(gr.data(), 4, gr.size(), gf) != gr.size() || fclose(gf) != 0) fatal("FPDT_TEST_GRADS_OUT %s: cannot write", gpath);
+    std::string err;
+    FILE* gf = fopen_regular(gpath, Open::Write, true, &err);
+    if (!gf || fwrite(gr.data(), 4, gr.size(), gf) != gr.size() || fclose(gf) != 0)
+        fatal("FPDT_TEST_GRADS_OUT %s: cannot write%s", gpath, err.empty() ? "" : (" (" + err + ")").c_str());
 }
 
 struct StepResult {

@@ -547,7 +547,8 @@ TEST(Reliability, ManifestStepMustMatchTheName) {
 
 // Every file fpdt opens is refused with one line when it is a FIFO (which would block forever)
 // or, inside --out, a link: the run's log, the lock file, the probe files, the --trace output
-// and its temporary. A FIFO given as --trace is not replaced by the trace.
+// and its temporary, all before the first step. A FIFO given as --trace is not replaced by the
+// trace (as root, --trace /dev/null was replaced by a file).
 TEST(Reliability, SpecialFilesWhereOutputsGo) {
     const std::string d = tmpdir(), v = victim_dir();
     struct Case {
@@ -556,6 +557,10 @@ TEST(Reliability, SpecialFilesWhereOutputsGo) {
     for (const Case& c : std::vector<Case>{
              {"mkfifo " + d + "/c/.fpdt.lock", "--out " + d + "/c", d + "/c/.fpdt.lock: not a regular file (a FIFO)"},
              {"ln -s " + v + "/precious.txt " + d + "/e/.fpdt_probe_0.tmp", "--out " + d + "/e", "e/.fpdt_probe_0.tmp: not a regular file (a symbolic link)"},
+             {"mkfifo " + d + "/a/main.log", "--out " + d + "/a", d + "/a/main.log: not a regular file (a FIFO)"},
+             {"ln -s " + v + "/precious.txt " + d + "/b/main.log", "--out " + d + "/b", d + "/b/main.log: not a regular file (a symbolic link)"},
+             {"mkfifo " + d + "/f/t.json", "--trace " + d + "/f/t.json", d + "/f/t.json: not a regular file (a FIFO)"},
+             {"ln -s " + v + "/precious.txt " + d + "/g/t.json.tmp", "--trace " + d + "/g/t.json", "t.json.tmp: not a regular file (a symbolic link)"},
          }) {
         const std::string sub = c.make.substr(c.make.rfind(' ') + 1);
         ASSERT_EQ(run("mkdir -p " + sub.substr(0, sub.rfind('/')) + " && " + c.make).rc, 0) << c.make;
@@ -618,4 +623,69 @@ TEST(Reliability, PlanCountsPast2To31) {
     Out longest = run("./fpdt plan --model tiny --precision fp32 --chunk-size 1 --host-mem 1e6 --seq 64");
     EXPECT_NE(longest.out.find("longest sequence that fits at chunk 1: 2147483647 tokens (2147483647 chunks), the int32 position limit"),
               std::string::npos) << longest.out;
+}
+
+// What --resume may change is named in the run header, the optimizer's settings included (a run
+// may lower its learning rate when it resumes); a changed --rope-theta or --rope-scale is refused
+// naming that flag, not --model; --watchdog is checked on one process too.
+TEST(Reliability, ResumeNamesWhatChanged) {
+    const std::string d = tmpdir() + "/o", T = TINY + "--seq 64 --steps 6 --out " + d;
+    ASSERT_EQ(run(T + " --exit-after 3").rc, 0);
+    Out r = run(T + " --resume --exit-after 4 --lr 1e-3 --warmup 2 --min-lr-frac 0.2 --weight-decay 0.05 --clip 0.5 "
+                    "--beta1 0.8 --beta2 0.9 --adam-eps 1e-7");
+    EXPECT_EQ(r.rc, 0) << r.out;
+    EXPECT_NE(r.out.find("resumed at step 3 (changed since it was saved: lr 0.003 -> 0.001, warmup 1 -> 2, min-lr-frac 0.1 -> "
+                         "0.2, weight-decay 0.1 -> 0.05, clip 1 -> 0.5, beta1 0.9 -> 0.8, beta2 0.95 -> 0.9, adam-eps 1e-08 -> 1e-07)"),
+              std::string::npos) << r.out;
+    for (const Bad& c : std::vector<Bad>{
+             {T + " --resume --rope-theta 5000", "was made with model.rope_theta 10000, this run has 5000 (--rope-theta; "},
+             {T + " --resume --rope-scale 2", "was made with model.rope_scaling none, this run has linear (--rope-scale; "},
+             {TINY + "--seq 64 --steps 1 --watchdog nan", "--watchdog: 'nan' is not a whole number"},
+         }) {
+        Out b = run(c.args);
+        EXPECT_NE(b.rc, 0) << c.args << "\n" << b.out;
+        EXPECT_NE(b.out.find(c.expect), std::string::npos) << c.args << "\n" << b.out;
+        EXPECT_EQ(count_lines(b.out), 1) << c.args << "\n" << b.out;
+    }
+}
+
+// No std::bad_alloc reaches the user: a checkpoint whose 2^29 parameters the machine could hold
+// but this process may not (ulimit -v) is one line, not an abort; and sample's logits at a
+// temperature (positions x vocab) are compared with the machine's memory before allocating.
+TEST(Reliability, OutOfMemoryIsOneLine) {
+    const std::string d = tmpdir() + "/big", c = d + "/ckpt_00000001";
+    ASSERT_EQ(run("mkdir -p " + c).rc, 0);
+    Manifest m;
+    m.cfg = *find_preset("tiny");
+    m.cfg.vocab = 1 << 20, m.cfg.d_model = 512, m.cfg.n_head = m.cfg.n_kv_head = 8, m.cfg.head_dim = 64, m.cfg.n_layer = 1;
+    m.cfg.tie_embeddings = true;
+    m.step = 1, m.total_steps = 10, m.seq = 64, m.source = "passkey 2", m.optimizer = 0;
+    size_t n = 0;
+    param_table(m.cfg, &n);
+    m.n_params = n;
+    m.shards.push_back({0, n, 0});
+    std::ofstream(c + "/manifest.txt") << manifest_text(m);
+    std::ofstream(c + "/shard_0.bin").close();
+    ASSERT_EQ(truncate((c + "/shard_0.bin").c_str(), (off_t)(n * 4)), 0);
+    for (const std::string& cmd : {"./fpdt sample --out " + d, TINY + "--seq 64 --steps 1 --init " + d}) {
+        Out r = run("ulimit -v 1500000; " + cmd);
+        EXPECT_EQ(r.rc, 1) << cmd << "\n" << r.out;
+        EXPECT_NE(r.out.find("fpdt: out of memory: an allocation failed"), std::string::npos) << cmd << "\n" << r.out;
+        EXPECT_EQ(count_lines(r.out), 1) << cmd << "\n" << r.out;
+    }
+    // a real checkpoint of a model with a 2^18 vocab (2M parameters), sampled at a temperature
+    // over 2^20 positions: 2^38 logits
+    const std::string e = tmpdir() + "/wide";
+    m.cfg.vocab = 1 << 18, m.cfg.d_model = 8, m.cfg.n_head = m.cfg.n_kv_head = 1, m.cfg.head_dim = 8;
+    param_table(m.cfg, &n);
+    std::vector<float> w(n, 0.01f);
+    m.n_params = n, m.shards = {{0, n, fnv1a(FNV_OFFSET, w.data(), n * 4)}};
+    ASSERT_EQ(run("mkdir -p " + e + "/ckpt_00000001").rc, 0);
+    std::ofstream(e + "/ckpt_00000001/manifest.txt") << manifest_text(m);
+    std::ofstream(e + "/ckpt_00000001/shard_0.bin", std::ios::binary).write((const char*)w.data(), n * 4);
+    Out s = run("./fpdt sample --out " + e + " --prompt-ids 1 --tokens 1048576 --temperature 1");
+    EXPECT_EQ(s.rc, 1) << s.out;
+    EXPECT_NE(s.out.find("--temperature: the logits of 1048592 positions needs 1024.0 GiB of host memory, more than this machine has"),
+              std::string::npos) << s.out;
+    EXPECT_EQ(count_lines(s.out), 1) << s.out;
 }
