@@ -665,8 +665,11 @@ def load_hf_config(hf_dir):
 
 
 def hf_tensors_in_fpdt_order(hf_dir, c):
-    """Checks every tensor of the directory against the config, and the memory the largest takes
-    to convert, then yields (fpdt name, float32 array)."""
+    """Checks the memory the largest tensor takes to convert (from the config alone), then every
+    tensor of the directory against the config, then yields (fpdt name, float32 array)."""
+    big, shape = max(((n, s) for n, s in param_table(c)), key=lambda t: int(np.prod(t[1])))
+    check_memory("%s: importing tensor %s (%d values; read, converted and written)" % (hf_dir, big, int(np.prod(shape))),
+                 16 * int(np.prod(shape)))
     where = open_hf_tensors(hf_dir)
     names = hf_names(c)
     wanted = {hn: shape for parts in names.values() for hn, shape in parts}
@@ -683,9 +686,6 @@ def hf_tensors_in_fpdt_order(hf_dir, c):
             continue  # checked below: it must be the embedding
         why = "a bias, which fpdt's llama family does not have" if hn.endswith(".bias") else "not part of a Llama model"
         fail("%s: tensor %s is %s" % (where[hn][0], hn, why))
-    big, shape = max(((n, s) for n, s in param_table(c)), key=lambda t: int(np.prod(t[1])))
-    check_memory("%s: importing tensor %s (%d values; read, converted and written)" % (hf_dir, big, int(np.prod(shape))),
-                 16 * int(np.prod(shape)))
     if c["tie_embeddings"] and "lm_head.weight" in where:
         if not np.array_equal(read_tensor(where, "lm_head.weight"), read_tensor(where, "model.embed_tokens.weight")):
             fail("%s: tie_word_embeddings is true but lm_head.weight differs from model.embed_tokens.weight" % hf_dir)

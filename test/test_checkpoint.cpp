@@ -251,6 +251,9 @@ TEST(CheckpointFormat, NothingIsDeletedThroughALink) {
     const std::string shard2 = d.path + "/ckpt_00000002/shard_0.bin";
     ASSERT_EQ(rename(shard2.c_str(), (victim.path + "/shard_0.bin").c_str()), 0);
     ASSERT_EQ(symlink((victim.path + "/shard_0.bin").c_str(), shard2.c_str()), 0);
+    Manifest m2;  // read, such a checkpoint is refused: a checkpoint is a directory of regular files
+    EXPECT_EQ(read_manifest(d.path + "/ckpt_00000002", &m2), "");
+    EXPECT_NE(check_shard_sizes(d.path + "/ckpt_00000002", m2).find("shard_0.bin: not a regular file (a symbolic link)"), std::string::npos);
     for (uint64_t s : {3, 4, 5}) EXPECT_EQ(save_error(s), "");
     EXPECT_EQ(access((d.path + "/ckpt_00000001/notes.txt").c_str(), F_OK), 0);
     EXPECT_EQ(access((d.path + "/ckpt_00000001/manifest.txt").c_str(), F_OK), 0);

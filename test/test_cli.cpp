@@ -508,11 +508,12 @@ TEST(Reliability, NothingIsDeletedThroughALink) {
             EXPECT_EQ(count_lines(r.out), 1) << r.out;
             EXPECT_TRUE(intact(v)) << name << flags << " deleted a file through the link";
         }
-        if (std::string(name) == "/ckpt_00000008") {
-            Out s = run("./fpdt sample --out " + d + " --tokens 2");
-            EXPECT_EQ(s.rc, 0) << s.out;
-            EXPECT_NE(s.out.find("warning: skipping " + d + name + ": a symbolic link"), std::string::npos) << s.out;
-        }
+        if (std::string(name) == "/ckpt_00000008")
+            for (const std::string& reader : {"./fpdt sample --tokens 2 --out " + d, TINY + "--seq 64 --steps 1 --init " + d}) {
+                Out s = run(reader);
+                EXPECT_EQ(s.rc, 0) << s.out;
+                EXPECT_NE(s.out.find("warning: skipping " + d + name + ": a symbolic link"), std::string::npos) << s.out;
+            }
         ASSERT_EQ(unlink((d + name).c_str()), 0);
     }
     // the newest checkpoint moved to "another disk" and linked back: refused, not passed over and emptied
@@ -552,26 +553,33 @@ TEST(Reliability, ManifestStepMustMatchTheName) {
 TEST(Reliability, SpecialFilesWhereOutputsGo) {
     const std::string d = tmpdir(), v = victim_dir();
     struct Case {
-        std::string make, args, expect;
+        std::string make, path, args, expect;  // `make PATH` puts the special file there
     };
+    const std::string ln = "ln -s " + v + "/precious.txt";
     for (const Case& c : std::vector<Case>{
-             {"mkfifo " + d + "/c/.fpdt.lock", "--out " + d + "/c", d + "/c/.fpdt.lock: not a regular file (a FIFO)"},
-             {"ln -s " + v + "/precious.txt " + d + "/e/.fpdt_probe_0.tmp", "--out " + d + "/e", "e/.fpdt_probe_0.tmp: not a regular file (a symbolic link)"},
-             {"mkfifo " + d + "/a/main.log", "--out " + d + "/a", d + "/a/main.log: not a regular file (a FIFO)"},
-             {"ln -s " + v + "/precious.txt " + d + "/b/main.log", "--out " + d + "/b", d + "/b/main.log: not a regular file (a symbolic link)"},
-             {"mkfifo " + d + "/f/t.json", "--trace " + d + "/f/t.json", d + "/f/t.json: not a regular file (a FIFO)"},
-             {"ln -s " + v + "/precious.txt " + d + "/g/t.json.tmp", "--trace " + d + "/g/t.json", "t.json.tmp: not a regular file (a symbolic link)"},
+             {"mkfifo", d + "/c/.fpdt.lock", "--out " + d + "/c", d + "/c/.fpdt.lock: not a regular file (a FIFO)"},
+             {ln, d + "/i/.fpdt.lock", "--out " + d + "/i", d + "/i/.fpdt.lock: not a regular file (a symbolic link)"},
+             {ln, d + "/e/.fpdt_probe_0.tmp", "--out " + d + "/e", "e/.fpdt_probe_0.tmp: not a regular file (a symbolic link)"},
+             {"mkfifo", d + "/a/main.log", "--out " + d + "/a", d + "/a/main.log: not a regular file (a FIFO)"},
+             {ln, d + "/b/main.log", "--out " + d + "/b", d + "/b/main.log: not a regular file (a symbolic link)"},
+             {"mkfifo", d + "/f/t.json", "--trace " + d + "/f/t.json", d + "/f/t.json: not a regular file (a FIFO)"},
+             {ln, d + "/g/t.json.tmp", "--trace " + d + "/g/t.json", "t.json.tmp: not a regular file (a symbolic link)"},
+             {"mknod -m 666 %s c 1 3", d + "/h/t.json", "--trace " + d + "/h/t.json", d + "/h/t.json: not a regular file (a character device)"},
          }) {
-        const std::string sub = c.make.substr(c.make.rfind(' ') + 1);
-        ASSERT_EQ(run("mkdir -p " + sub.substr(0, sub.rfind('/')) + " && " + c.make).rc, 0) << c.make;
+        const std::string& path = c.path;
+        const std::string make = c.make.find("%s") == std::string::npos ? c.make + " " + path
+                                 : c.make.substr(0, c.make.find("%s")) + path + c.make.substr(c.make.find("%s") + 2);
+        Out made = run("mkdir -p " + path.substr(0, path.rfind('/')) + " && " + make);
+        if (c.make.rfind("mknod", 0) == 0 && made.rc != 0) continue;  // a device node (a /dev/null twin): root only
+        ASSERT_EQ(made.rc, 0) << make;
         Out r = run("timeout 30 " + TINY + "--seq 64 --steps 2 " + c.args);
-        EXPECT_NE(r.rc, 124) << c.make << ": hung";
-        EXPECT_NE(r.rc, 0) << c.make << "\n" << r.out;
-        EXPECT_NE(r.out.find(c.expect), std::string::npos) << c.make << "\n" << r.out;
-        EXPECT_EQ(count_lines(r.out), 1) << c.make << "\n" << r.out;
+        EXPECT_NE(r.rc, 124) << make << ": hung";
+        EXPECT_NE(r.rc, 0) << make << "\n" << r.out;
+        EXPECT_NE(r.out.find(c.expect), std::string::npos) << make << "\n" << r.out;
+        EXPECT_EQ(count_lines(r.out), 1) << make << "\n" << r.out;
         struct stat st;
-        EXPECT_EQ(lstat(sub.c_str(), &st), 0);
-        EXPECT_FALSE(S_ISREG(st.st_mode)) << sub << " was replaced";
+        EXPECT_EQ(lstat(path.c_str(), &st), 0);
+        EXPECT_FALSE(S_ISREG(st.st_mode)) << path << " was replaced";
     }
     EXPECT_EQ(run("cat " + v + "/precious.txt").out, "not fpdt's") << "written through a link";
 }
@@ -688,4 +696,13 @@ TEST(Reliability, OutOfMemoryIsOneLine) {
     EXPECT_NE(s.out.find("--temperature: the logits of 1048592 positions needs 1024.0 GiB of host memory, more than this machine has"),
               std::string::npos) << s.out;
     EXPECT_EQ(count_lines(s.out), 1) << s.out;
+}
+
+// A run whose arenas this machine cannot hold is refused before allocating, naming both sizes.
+TEST(Reliability, ARunTooBigForTheMachineIsRefused) {
+    Out r = run("./fpdt train --device cpu --model llama3-70b --seq 64 --steps 1 --eval-every 0");
+    EXPECT_EQ(r.rc, 1) << r.out;
+    EXPECT_NE(r.out.find("host memory: this run's arenas needs "), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find(" GiB of host memory, more than this machine has ("), std::string::npos) << r.out;
+    EXPECT_EQ(count_lines(r.out), 1) << r.out;
 }

@@ -707,6 +707,8 @@ TEST(HfScript, ImportFailuresAreOneLineAndLeaveNothing) {
         {config_variant(d, "tiestr", "\"tie_word_embeddings\": true", "\"tie_word_embeddings\": \"false\""), out, "tie_word_embeddings: 'false' is not true or false"},
         {config_variant(d, "huge", "\"num_hidden_layers\": 2", "\"num_hidden_layers\": 1000000000"), out, "num_hidden_layers: 1000000000 is out of range (fpdt takes 1 to 4096)"},
         {config_variant(d, "l4097", "\"num_hidden_layers\": 2", "\"num_hidden_layers\": 4097"), out, "num_hidden_layers: 4097 is out of range"},
+        {config_variant(d, "wide", "\"vocab_size\": 272", "\"vocab_size\": 16777216, \"hidden_size\": 32768"), out,
+         "importing tensor wte (549755813888 values; read, converted and written) needs "},
         {index, out, "weight_map: ['a'] is not an object"},
         {fifo, out, fifo + "/model.safetensors: not a regular file (a FIFO)"},
         {fifocfg, out, fifocfg + "/config.json: not a regular file (a FIFO)"},
