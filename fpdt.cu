@@ -311,7 +311,7 @@ static bool choose_device(const Args& a, Ctx* ctx) {
 #else
     const int n = dev == "cpu" ? 0 : gpu_count();
     if (dev == "gpu" && n == 0)  // a machine of its own may lack it: this rank alone ends the job
-        fatal("--device gpu: no CUDA device is visible (driver and GPU needed); use --device cpu");
+        fatal("--device gpu: no CUDA device is visible (%s); use --device cpu", gpu_absence().c_str());
     if (n == 0) return false;
     static GpuCtx gpu_ctx;  // one per process: its streams live as long as the program
     GpuCtx* g = &gpu_ctx;
