@@ -465,3 +465,46 @@ TEST(Reliability, SmallerThings) {
         if (isdigit((unsigned char)value[i]) && !(lead && value[i] == '0')) digits++, lead = 0;
     EXPECT_EQ(digits, 6) << value;
 }
+
+// plan states the headroom a GPU run keeps outside its device arena (CUDA's kernels and cuBLAS;
+// NCCL's buffers too with several ranks), and a GPU fits only with it: a --gpu-mem above the
+// arena but below arena + headroom does not fit, one above both does.
+TEST(Plan, ShowsTheGpuHeadroomAndFitsWithIt) {
+    const std::string cfg = "./fpdt plan --model tiny --seq 256 --chunk-size 64";
+    Out one = run(cfg), four = run(cfg + " --gpus 4");
+    ASSERT_EQ(one.rc, 0) << one.out;
+    ASSERT_EQ(four.rc, 0) << four.out;
+    const double arena = number_after(one.out, "  device "), room = number_after(one.out, "headroom outside the device arena ");
+    const double room4 = number_after(four.out, "headroom outside the device arena ");
+    EXPECT_GT(room, 0) << one.out;
+    EXPECT_GT(room4, room) << four.out;
+    EXPECT_EQ(one.out.find("NCCL"), std::string::npos) << one.out;
+    EXPECT_NE(four.out.find(", NCCL "), std::string::npos) << four.out;
+    EXPECT_NE(one.out.find("(stated, not yet measured)"), std::string::npos) << one.out;
+    auto gib = [](double mib) { return std::to_string(mib / 1024.0); };
+    Out tight = run(cfg + " --gpu-mem " + gib(arena + room / 2)), roomy = run(cfg + " --gpu-mem " + gib(arena + room + 1));
+    EXPECT_NE(tight.out.find("fits: device NO ("), std::string::npos) << tight.out;
+    EXPECT_NE(tight.out.find("no sequence fits at chunk 64"), std::string::npos) << tight.out;
+    EXPECT_NE(roomy.out.find("fits: device yes ("), std::string::npos) << roomy.out;
+    EXPECT_NE(roomy.out.find(" headroom of "), std::string::npos) << roomy.out;
+}
+
+// --device gpu where no GPU can be used: one line saying why. The CUDA build names the runtime's
+// answer, the driver's and the runtime's CUDA versions and the device nodes (what tells a missing
+// driver from one too old for the runtime); the CPU-only build says it was built without nvcc.
+TEST(BadInput, DeviceGpuWithoutAGpuSaysWhy) {
+    if (run("nvidia-smi -L").rc == 0) GTEST_SKIP() << "a GPU is visible here";
+    Out r = run(TINY + "--seq 64 --steps 1 --device gpu");
+    EXPECT_NE(r.rc, 0) << r.out;
+    EXPECT_EQ(count_lines(r.out), 1) << r.out;
+    std::ifstream kind("build/kind");
+    std::string k;
+    kind >> k;
+    if (k == "cuda") {
+        EXPECT_NE(r.out.find("--device gpu: no CUDA device is visible ("), std::string::npos) << r.out;
+        EXPECT_NE(r.out.find("runtime is CUDA "), std::string::npos) << r.out;
+        EXPECT_NE(r.out.find("device nodes"), std::string::npos) << r.out;
+    } else {
+        EXPECT_NE(r.out.find("CPU-only ./fpdt (built without nvcc)"), std::string::npos) << r.out;
+    }
+}
