@@ -490,7 +490,10 @@ static inline size_t attn_smem_limit() {
     static int device = -1, limit = 0;
     int d = 0;
     CUDA_CHECK(cudaGetDevice(&d));
-    if (d != device) CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, d)), device = d;
+    if (d != device) {
+        CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, d));
+        device = d;
+    }
     return (size_t)limit;
 }
 // "" when this process's GPU runs the attention kernels for head size D, else why not (model_create
