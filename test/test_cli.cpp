@@ -508,3 +508,21 @@ TEST(BadInput, DeviceGpuWithoutAGpuSaysWhy) {
         EXPECT_NE(r.out.find("CPU-only ./fpdt (built without nvcc)"), std::string::npos) << r.out;
     }
 }
+
+// test/gpu_check.sh on a machine without a GPU (this one, CI) fails, with one line that says so,
+// and its summary table, instead of passing with no GPU test run; it builds nothing first. (On a
+// GPU machine it runs for minutes: not here.)
+TEST(GpuCheck, FailsWithAClearLineWithoutAGpu) {
+    if (run("nvidia-smi -L || ls /dev/nvidia0").rc == 0) GTEST_SKIP() << "a GPU is visible here";
+    const std::string d = tmpdir();
+    for (const char* how : {"", " --prebuilt"}) {
+        Out r = run("OUT=" + d + " bash test/gpu_check.sh" + how);
+        EXPECT_EQ(r.rc, 1) << r.out;
+        EXPECT_NE(r.out.find("gpu_check: FAILED: no GPU on this machine"), std::string::npos) << r.out;
+        EXPECT_NE(r.out.find("\npreflight    FAILED"), std::string::npos) << r.out;
+        EXPECT_EQ(r.out.find("building"), std::string::npos) << r.out;
+    }
+    Out bad = run("bash test/gpu_check.sh --fast");
+    EXPECT_EQ(bad.rc, 2) << bad.out;
+    EXPECT_NE(bad.out.find("unknown argument '--fast'"), std::string::npos) << bad.out;
+}
