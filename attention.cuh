@@ -10,6 +10,9 @@
 #include <cmath>
 #include "common.h"
 #include "ops.cuh"  // cpu_simd: the instruction set the CPU loops run on
+#ifdef __CUDACC__
+#include "cuda_common.cuh"
+#endif
 
 // The CPU functions tile the work as FlashAttention does: a block of ATTN_CPU_ROWS output rows of
 // one head (query rows for the forward pass and dq, key rows for dk and dv) against tiles of
@@ -379,8 +382,6 @@ static inline std::string attention_smem_check(int D, size_t limit, const std::s
 }
 
 #ifdef __CUDACC__
-#include "cuda_common.cuh"
-
 static __device__ __forceinline__ float attn_warp_sum(float x) {
     for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
     return x;  // the butterfly leaves the same bits in every lane

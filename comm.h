@@ -2,7 +2,7 @@
 // `mpirun -np P ./fpdt ...` (or srun). MPI moves CPU buffers (the CPU backend, and CI's real
 // multi-process tests). NCCL moves GPU buffers when every rank has a GPU of its own (its unique
 // id travels over MPI); ranks sharing a GPU (NCCL refuses that) stage GPU buffers through host
-// memory and MPI (model.h). Without mpirun the program is a group of one and MPI is not touched
+// memory and MPI (ulysses.h, zero.h). Without mpirun the program is a group of one and MPI is not touched
 // at all, so `./fpdt train` needs no launcher.
 //
 // Errors: a problem every rank sees alike (a bad flag, a bad shape) is reported once, by rank 0,
@@ -18,6 +18,11 @@
 #include <thread>
 #include <vector>
 #include "common.h"
+#ifdef __CUDACC__
+#include <nccl.h>
+#include <mutex>
+#include "cuda_common.cuh"  // CUDA_CHECK
+#endif
 
 #define MPI_CHECK(call)                                                                \
     do {                                                                               \
@@ -299,9 +304,6 @@ static inline GpuSharing gpu_sharing(const std::vector<std::string>& ids) {
 #ifdef __CUDACC__
 // ----------------------------------------------------------------------------
 // NCCL for GPU buffers, on the given stream (no host synchronisation).
-#include <nccl.h>
-#include <mutex>
-#include "cuda_common.cuh"  // CUDA_CHECK
 
 #define NCCL_CHECK(call)                                                                            \
     do {                                                                                            \

@@ -6,7 +6,7 @@
 #include <gtest/gtest.h>
 #include <cmath>
 #include <fstream>
-#include "model.h"
+#include "schedule.h"
 #include "test/cli.h"
 #include "test/fixture.h"
 #include "test/gpu_testutil.cuh"
