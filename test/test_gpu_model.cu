@@ -306,18 +306,24 @@ TEST(GpuTrain, ReplicatedKvHeadsOnFourRanks) {
     ASSERT_EQ(l1.size(), 3u) << one.out;
     ASSERT_EQ(l4.size(), 3u) << four.out;
     for (size_t i = 0; i < 3; i++) EXPECT_NEAR(l4[i], l1[i], 1e-5 * l1[i]) << "step " << i + 1;
+    // the free-memory check divided the GPU among the four, and the check after step 1 counts all four
+    EXPECT_NE(four.out.find("outside it "), std::string::npos) << four.out;
+    EXPECT_NE(four.out.find(" for the 4 ranks on this GPU"), std::string::npos) << four.out;
 }
 
 // --trace on the GPU: the events carry the GPU's own times (CUDA events on each operation's
 // stream): all four tracks are there, every event lies within the step (from its origin, ending
 // after it starts), and the host store's copies run beside the compute, so some copy-in overlaps
-// some compute event in time (on the CPU backend nothing overlaps).
+// some compute event in time (on the CPU backend nothing overlaps). And the run's check after its
+// first step: what CUDA, cuBLAS and the rest allocated outside the arena, within the headroom kept.
 TEST(GpuTrain, TraceHasTheGpuTimesAndCopiesOverlapCompute) {
     REQUIRE_GPU();
     const std::string t = tmpdir() + "/t.json";
     Out r = run("./fpdt train --device gpu --eval-every 0 --model small --seq 4096 --chunk-size 1024 --offload 1 --steps 3 "
                 "--trace " + t);
     ASSERT_EQ(r.rc, 0) << r.out;
+    EXPECT_GE(number_after(r.out, "memory after step 1 (GPU): arena "), 0) << r.out;
+    EXPECT_EQ(r.out.find("MORE than the headroom kept"), std::string::npos) << r.out;
     std::ifstream f(t);
     ASSERT_TRUE(f.good()) << r.out;
     struct Ev {
