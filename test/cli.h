@@ -4,6 +4,7 @@
 #include <sys/wait.h>
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
 #include <string>
 #include <vector>
 
@@ -92,4 +93,27 @@ static inline std::string tmpdir() {
     if (!mkdtemp(t)) return "/tmp";
     made.push_back(t);
     return t;
+}
+
+// The operations of a --trace file (Chrome trace-event JSON as common.h's trace_write writes it:
+// one event a line), in the file's order.
+struct TraceOp {
+    std::string name;
+    int track, layer, chunk;
+    double ts, dur;  // microseconds from the step's start
+};
+static inline std::vector<TraceOp> read_trace(const std::string& path) {
+    std::vector<TraceOp> ops;
+    std::ifstream f(path);
+    for (std::string line; std::getline(f, line);) {
+        if (line.find("\"ph\":\"X\"") == std::string::npos) continue;
+        auto num = [&](const char* key) {
+            const size_t p = line.find(key);
+            return p == std::string::npos ? -1.0 : atof(line.c_str() + p + strlen(key));
+        };
+        const size_t n = line.find("\"name\":\"") + 8;
+        ops.push_back({line.substr(n, line.find('"', n) - n), (int)num("\"tid\":"), (int)num("\"layer\":"),
+                       (int)num("\"chunk\":"), num("\"ts\":"), num("\"dur\":")});
+    }
+    return ops;
 }

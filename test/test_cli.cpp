@@ -148,6 +148,37 @@ TEST(Trace, ChromeJsonWithTracksAndBlockCounts) {
     EXPECT_GT(number_after(py.out, "comm "), 0);
 }
 
+// Phase 2 of the backward pass fetches kv chunk j + 1's first query-side chunk (q, dO, lse, delta
+// and dQ of chunk u - 1) as soon as j's block i = j + 1 is queued, not after j's QKV backward: on
+// the GPU a copy-in waits for all compute queued before it, so fetched earlier it runs beside j's
+// last block and QKV backward. The CPU backend runs everything in program order, so its trace
+// shows the order: in every layer, for every j >= 1, those copy-ins come before the QKV backward
+// of j - 1.
+TEST(Trace, PhaseTwoFetchesTheNextKvChunksFirstQueriesBeforeTheQkvBackward) {
+    const std::string f = tmpdir() + "/trace.json";
+    const int u = 4, L = 2, COMPUTE = 0, COPY_IN = 1;  // chunks, layers; the trace's tracks (common.h)
+    Out r = run(TINY + "--seq 256 --steps 1 --chunk-size 64 --offload 1 --trace " + f);
+    ASSERT_EQ(r.rc, 0) << r.out;
+    const std::vector<TraceOp> ops = read_trace(f);
+    ASSERT_GT(ops.size(), 100u) << r.out;
+    for (int l = 0; l < L; l++) {
+        std::vector<double> q_last, dq_last, qkv_bwd;  // in trace order: q / dQ copy-ins of chunk u-1, QKV backwards
+        for (const TraceOp& o : ops) {
+            if (o.layer != l) continue;
+            if (o.track == COPY_IN && o.chunk == u - 1 && o.name == "store: q") q_last.push_back(o.ts);
+            if (o.track == COPY_IN && o.chunk == u - 1 && o.name == "store: dQ") dq_last.push_back(o.ts);
+            if (o.track == COMPUTE && o.name == "qkv backward") qkv_bwd.push_back(o.ts);
+        }
+        ASSERT_EQ(q_last.size(), (size_t)u) << "layer " << l;   // once per kv chunk j
+        ASSERT_EQ(dq_last.size(), (size_t)u - 1) << "layer " << l;  // j >= 1 (j = 0 starts dQ at zero)
+        ASSERT_EQ(qkv_bwd.size(), (size_t)u) << "layer " << l;
+        for (int j = 1; j < u; j++) {
+            EXPECT_LT(q_last[j], qkv_bwd[j - 1]) << "layer " << l << ": q of chunk " << u - 1 << " for kv chunk " << j;
+            EXPECT_LT(dq_last[j - 1], qkv_bwd[j - 1]) << "layer " << l << ": dQ of chunk " << u - 1 << " for kv chunk " << j;
+        }
+    }
+}
+
 // `plan` predicts what `train` measures (the issue asks for 10%), in both precisions.
 TEST(Plan, PredictsTheMeasuredPeaks) {
     for (const char* cfg : {"--model tiny --seq 256 --chunk-size 64 --offload 1 --precision fp32",

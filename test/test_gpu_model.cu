@@ -324,36 +324,23 @@ TEST(GpuTrain, TraceHasTheGpuTimesAndCopiesOverlapCompute) {
     ASSERT_EQ(r.rc, 0) << r.out;
     EXPECT_GE(number_after(r.out, "memory after step 1 (GPU): arena "), 0) << r.out;
     EXPECT_EQ(r.out.find("MORE than the headroom kept"), std::string::npos) << r.out;
-    std::ifstream f(t);
-    ASSERT_TRUE(f.good()) << r.out;
-    struct Ev {
-        int tid;
-        double ts, dur;
-    };
-    std::vector<Ev> ev;
-    for (std::string line; std::getline(f, line);) {
-        const size_t a = line.find("\"tid\":"), b = line.find("\"ts\":"), c = line.find("\"dur\":");
-        if (line.find("\"ph\":\"X\"") == std::string::npos || a == std::string::npos || b == std::string::npos ||
-            c == std::string::npos)
-            continue;
-        ev.push_back({atoi(line.c_str() + a + 6), atof(line.c_str() + b + 5), atof(line.c_str() + c + 6)});
-    }
+    const std::vector<TraceOp> ev = read_trace(t);
     ASSERT_GT(ev.size(), 50u) << r.out;
     int per_track[N_TRACKS] = {0}, overlaps = 0;
     double end = 0;
-    for (const Ev& e : ev) {
-        ASSERT_GE(e.tid, 0);
-        ASSERT_LT(e.tid, N_TRACKS);
-        per_track[e.tid]++;
+    for (const TraceOp& e : ev) {
+        ASSERT_GE(e.track, 0);
+        ASSERT_LT(e.track, N_TRACKS);
+        per_track[e.track]++;
         EXPECT_GE(e.ts, 0.0);
         EXPECT_GE(e.dur, 0.0);
         end = std::max(end, e.ts + e.dur);
     }
     for (int k = 0; k < N_TRACKS; k++) EXPECT_GT(per_track[k], 0) << track_names[k];
-    for (const Ev& c : ev)
-        if (c.tid == TRACK_COPY_IN)
-            for (const Ev& m : ev)
-                if (m.tid == TRACK_COMPUTE && c.ts < m.ts + m.dur && m.ts < c.ts + c.dur) overlaps++;
+    for (const TraceOp& c : ev)
+        if (c.track == TRACK_COPY_IN)
+            for (const TraceOp& m : ev)
+                if (m.track == TRACK_COMPUTE && c.ts < m.ts + m.dur && m.ts < c.ts + c.dur) overlaps++;
     EXPECT_GT(overlaps, 0) << "no copy-in ran beside compute";
     printf("trace: %zu events over %.1f ms, %d copy-in/compute overlaps\n", ev.size(), end / 1e3, overlaps);
 }
