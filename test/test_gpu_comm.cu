@@ -142,12 +142,9 @@ TEST(GpuNccl, OneGpuPerRankThroughVisibleDevicesUsesNccl) {
 TEST(GpuNccl, StoppedRankEndsTheJobNamingTheCollective) {
     REQUIRE_GPUS(2);
     const std::string d = tmpdir();
-    Out r = run("(out=" + d + "/log; " + mpirun(2) + "./fpdt train --device gpu --comm nccl --model tiny --seq 256 "
-                "--chunk-size 64 --steps 100000 --eval-every 0 --watchdog 3 > $out 2>&1 & m=$!; "
-                "for i in $(seq 600); do grep -q 'step 3/' $out && break; sleep 0.1; done; "
-                "s=$(pgrep -P $m | tail -1); kill -STOP $s; t0=$(date +%s); "
-                "timeout 60 tail --pid=$m -f /dev/null; rc=$?; kill -9 $s $m 2>/dev/null; wait $m; "
-                "echo \"rc=$rc secs=$(( $(date +%s) - t0 ))\"; cat $out)");
+    Out r = run("(" + start_past_step_3(d, mpirun(2) + "./fpdt train --device gpu --comm nccl --model tiny --seq 256 "
+                                          "--chunk-size 64 --steps 100000 --eval-every 0 --watchdog 3") +
+                stop_a_rank_and_wait() + ")");
     EXPECT_EQ(number_after(r.out, "rc="), 0) << "the job did not end: " << r.out;
     EXPECT_LT(number_after(r.out, "secs="), 30) << r.out;
     EXPECT_NE(r.out.find("(--watchdog 3)"), std::string::npos) << r.out;

@@ -94,12 +94,10 @@ TEST(Mpi, BadWorldSizeIsOneMessage) {
     EXPECT_NE(r.out.find("not a multiple of the 3 ranks"), std::string::npos) << r.out;
 }
 
-// Shell that starts a long 2-rank run in the background (its output in $out = d/log, the mpirun
-// pid in $m) and waits, up to 30 s, until it has printed step 3: the start of the tests that then
+// A long 2-rank run in the background, past its step 3 (cli.h): the start of the tests that then
 // kill or stop one of its ranks.
 static std::string two_ranks_past_step_3(const std::string& d, const std::string& flags) {
-    return "out=" + d + "/log; " + mpi(2) + "./fpdt train --device cpu --model tiny --seq 64 --steps 100000 --eval-every 0" +
-           flags + " > $out 2>&1 & m=$!; for i in $(seq 300); do grep -q 'step 3/' $out && break; sleep 0.1; done; ";
+    return start_past_step_3(d, mpi(2) + "./fpdt train --device cpu --model tiny --seq 64 --steps 100000 --eval-every 0" + flags);
 }
 
 // A rank killed mid-run ends the whole job, non-zero, well within 60 s, and the report names it.
@@ -235,10 +233,7 @@ TEST(Mpi, ThreadsPerRankAndPassiveWait) {
 // --watchdog 2 one of them names the step and the collective and the job ends, non-zero.
 TEST(Mpi, WatchdogEndsAJobWithAStoppedRank) {
     std::string d = tmpdir();
-    Out r = run("(" + two_ranks_past_step_3(d, " --watchdog 2") +
-                "s=$(pgrep -P $m | tail -1); kill -STOP $s; t0=$(date +%s); "
-                "timeout 60 tail --pid=$m -f /dev/null; rc=$?; kill -9 $s $m 2>/dev/null; wait $m; "
-                "echo \"rc=$rc secs=$(( $(date +%s) - t0 ))\"; cat $out)");
+    Out r = run("(" + two_ranks_past_step_3(d, " --watchdog 2") + stop_a_rank_and_wait() + ")");
     EXPECT_EQ(number_after(r.out, "rc="), 0) << "the job did not end: " << r.out;
     EXPECT_LT(number_after(r.out, "secs="), 30) << r.out;
     EXPECT_NE(r.out.find("watchdog: step "), std::string::npos) << r.out;
