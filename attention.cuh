@@ -357,11 +357,31 @@ static inline void attention_backward_cpu(float* dq, float* dk, float* dv, const
 // The backward kernels visit keys in order for dq and heads, then queries in order for dk/dv, as
 // the CPU blocks do, starting from the values already in dq, dk, dv; the CPU sums each tile's
 // share in registers before adding it, so the two agree to rounding, not bit for bit.
-#ifdef __CUDACC__
-
 #define ATTN_ROWS 8   // warps per block = output rows per block
 #define ATTN_TILE 32  // rows per shared-memory tile: one per lane for the scores
 
+// Shared memory of one block (bytes) for head size D: the forward kernel's (its query rows, a key
+// and a value tile) and the backward kernels' (the larger of the two: the dk/dv kernel's rows,
+// two tiles and the tile's lse and delta). Past 48 KiB a kernel must opt in, up to what the GPU
+// allows per block: 163 KiB on sm_80, 99 KiB on sm_86 and sm_89, 227 KiB on sm_90.
+static inline size_t attn_fwd_smem(int D) { return (ATTN_ROWS * D + 2 * ATTN_TILE * (D | 1)) * sizeof(float); }
+static inline size_t attn_bwd_smem(int D) {
+    return (2 * ATTN_ROWS * D + 2 * ATTN_TILE * (D | 1) + 2 * ATTN_TILE) * sizeof(float);
+}
+// "" when the attention kernels for head size D fit a GPU (named `gpu`) that allows `limit` bytes
+// of shared memory per block, else one line saying so, with the largest head size that fits.
+static inline std::string attention_smem_check(int D, size_t limit, const std::string& gpu) {
+    if (attn_bwd_smem(D) <= limit) return "";
+    int fits = 0;
+    for (int e = 2; e <= 512; e += 2)
+        if (attn_bwd_smem(e) <= limit) fits = e;
+    char b[256];
+    snprintf(b, sizeof b, "head size %d: the GPU attention kernels need %.1f KiB of shared memory per block, and %s "
+             "allows %.1f KiB (head sizes up to %d fit here)", D, attn_bwd_smem(D) / 1024.0, gpu.c_str(), limit / 1024.0, fits);
+    return b;
+}
+
+#ifdef __CUDACC__
 static __device__ __forceinline__ float attn_warp_sum(float x) {
     for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
     return x;  // the butterfly leaves the same bits in every lane
@@ -466,10 +486,33 @@ static inline int attn_dpl(int D) {
     while (dpl * 32 < D) dpl *= 2;
     return dpl;
 }
+// The shared memory per block this process's GPU allows kernels that opt in (asked once per device).
+static inline size_t attn_smem_limit() {
+    static int device = -1, limit = 0;
+    int d = 0;
+    CUDA_CHECK(cudaGetDevice(&d));
+    if (d != device) {
+        CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, d));
+        device = d;
+    }
+    return (size_t)limit;
+}
+// "" when this process's GPU runs the attention kernels for head size D, else why not (model_create
+// asks at the start of a run; every attention call checks it too, before a launch could fail)
+static inline std::string attention_gpu_fits(int D) {
+    if (attn_bwd_smem(D) <= 48 * 1024) return "";  // every GPU since sm_35 allows that much
+    int d = 0;
+    CUDA_CHECK(cudaGetDevice(&d));
+    cudaDeviceProp p;
+    CUDA_CHECK(cudaGetDeviceProperties(&p, d));
+    return attention_smem_check(D, attn_smem_limit(), std::string(p.name) + " (sm_" + std::to_string(p.major) +
+                                                          std::to_string(p.minor) + ")");
+}
 static inline void attn_check(const char* what, int Hq, int Hkv, int D) {
     if (D < 1 || D > 512 || Hq < 1 || Hkv < 1 || Hq % Hkv)
         fatal("%s: head size %d must be in 1..512 and the query heads (%d) a multiple of the kv heads (%d)", what,
               D, Hq, Hkv);
+    if (attn_bwd_smem(D) > 48 * 1024 && attn_bwd_smem(D) > attn_smem_limit()) fatal("%s: %s", what, attention_gpu_fits(D).c_str());
 }
 // Launches kernel<DPL> with ATTN_ROWS warps and `smem` bytes of dynamic shared memory (opting in
 // past the default 48 KiB: D = 512 needs about 160 KiB).
@@ -493,7 +536,7 @@ static inline void attention_forward_gpu(cudaStream_t stream, float* o, float* l
                                          const float* v, size_t Tq, size_t Tk, int Hq, int Hkv, int D, bool causal) {
     attn_check("attention_forward_gpu", Hq, Hkv, D);
     if (Tq == 0 || Tk == 0) return;
-    const size_t smem = (ATTN_ROWS * D + 2 * ATTN_TILE * (D | 1)) * sizeof(float);
+    const size_t smem = attn_fwd_smem(D);
     const dim3 grid(ceil_div(Tq, ATTN_ROWS), Hq);
     ATTN_DISPATCH(D, attention_forward_kernel, grid, smem, stream, o, lse, q, k, v, Tq, Tk, Hq, Hkv, D, causal,
                   1.0f / sqrtf((float)D));
@@ -660,7 +703,7 @@ static inline void attention_backward_gpu(cudaStream_t stream, float* dq, float*
     attn_check("attention_backward_gpu", Hq, Hkv, D);
     if (Tq == 0 || Tk == 0) return;
     const float scale = 1.0f / sqrtf((float)D);
-    const size_t smem = (2 * ATTN_ROWS * D + 2 * ATTN_TILE * (D | 1) + 2 * ATTN_TILE) * sizeof(float);
+    const size_t smem = attn_bwd_smem(D);
     ATTN_DISPATCH(D, attention_backward_dq_kernel, dim3(ceil_div(Tq, ATTN_ROWS), Hq), smem, stream, dq, dout, q, k,
                   v, lse, delta, Tq, Tk, Hq, Hkv, D, causal, scale);
     ATTN_DISPATCH(D, attention_backward_dkdv_kernel, dim3(ceil_div(Tk, ATTN_ROWS), Hkv), smem, stream, dk, dv,

@@ -7,16 +7,21 @@
 //
 // Errors: a problem every rank sees alike (a bad flag, a bad shape) is reported once, by rank 0,
 // and every rank exits 1. A problem only one rank sees aborts the whole job (MPI_Abort) with a
-// message naming the rank, so a dead or failing rank never leaves the others hanging.
+// message naming the rank, so a dead or failing rank never leaves the others hanging; so does a
+// fault of the NCCL communicator, which the watchdog thread polls for.
 #pragma once
 #include <mpi.h>
 #include <unistd.h>
 #include <atomic>
 #include <climits>
+#include <string>
 #include <thread>
+#include <vector>
 #include "common.h"
 #ifdef __CUDACC__
 #include <nccl.h>
+#include <mutex>
+#include "cuda_common.cuh"  // CUDA_CHECK
 #endif
 
 #define MPI_CHECK(call)                                                                \
@@ -62,12 +67,21 @@ static inline void comm_fatal_hook(const char* msg) {
 // (another rank stopped, hung, or stuck in a collective of its own) prints the step and the
 // collective, naming itself, and exits 1, upon which the launcher ends the job. Only time spent
 // inside a collective counts, so a long computation or checkpoint write between them does not.
+// The same thread polls the communicator where one is set (poll: NCCL's asynchronous errors, and
+// an NCCL collective in flight for longer than S seconds; comm_nccl_init sets it): on a fault it
+// prints the step and the collective, aborts the communicator (abort_comm: ncclCommAbort, which
+// frees a GPU spinning in the collective) and then the job (MPI_Abort).
 
 struct Watchdog {
     std::atomic<const char*> what{nullptr};  // the collective this rank is in, or null
+    std::atomic<const char*> last{"none"};   // the collective this rank entered or issued last
     std::atomic<double> since{0};            // when it entered it
     std::atomic<long long> step{0};          // the step being computed (for the message)
     double timeout = 0;                      // 0: off
+    // "" or the communicator's fault in one line, naming the collective; called every second
+    std::atomic<std::string (*)(double timeout)> poll{nullptr};
+    std::atomic<void (*)()> abort_comm{nullptr};
+    bool started = false;
 };
 static inline Watchdog& watchdog() {
     static Watchdog w;
@@ -77,6 +91,7 @@ struct CommWait {  // marks the time inside one collective
     explicit CommWait(const char* what) {
         watchdog().since = now_s();
         watchdog().what = what;
+        watchdog().last = what;
     }
     ~CommWait() { watchdog().what = nullptr; }
 };
@@ -86,22 +101,45 @@ struct CommWait {  // marks the time inside one collective
         MPI_CHECK(call);           \
     } while (0)
 
+// FPDT_FAULT_COMM_ERROR=N (tests): from step N on, this rank's communicator reports a fault, as
+// ncclCommGetAsyncError reports a broken link, so that the watchdog's way of ending the job on a
+// communicator fault runs where there is no GPU and no NCCL.
+static inline std::string comm_fault_poll(double) {
+    const char* at = getenv("FPDT_FAULT_COMM_ERROR");
+    if (!at || atoll(at) <= 0 || watchdog().step < atoll(at)) return "";
+    return std::string(watchdog().last.load()) + ": injected communicator fault (FPDT_FAULT_COMM_ERROR=" + at + ")";
+}
+
+// Starts the watchdog thread (several ranks; once). seconds: the --watchdog limit, 0 = no limit
+// (communicator faults are still caught).
 static inline void comm_watchdog_start(double seconds) {
     Watchdog& w = watchdog();
-    if (w.timeout > 0 || seconds <= 0) return;
+    if (w.started) return;
+    w.started = true;
     w.timeout = seconds;
+    if (getenv("FPDT_FAULT_COMM_ERROR") && !w.poll) w.poll = comm_fault_poll;
     std::thread([] {
         Watchdog& w = watchdog();
+        const Comm& c = comm_world();
         for (;;) {
             sleep(1);
             const char* what = w.what;
             const double waited = now_s() - w.since;
-            if (what && waited > w.timeout) {
+            if (w.timeout > 0 && what && waited > w.timeout) {
                 fprintf(stderr, "fpdt (rank %d of %d): watchdog: step %lld: waited %.0f s in %s for the other ranks "
-                        "(--watchdog %.0f); ending the job\n", comm_world().rank, comm_world().size, w.step.load(), waited, what, w.timeout);
+                        "(--watchdog %.0f); ending the job\n", c.rank, c.size, w.step.load(), waited, what, w.timeout);
                 fflush(stderr);
                 _exit(1);
             }
+            std::string (*poll)(double) = w.poll;
+            const std::string fault = poll ? poll(w.timeout) : "";
+            if (fault.empty()) continue;
+            fprintf(stderr, "fpdt (rank %d of %d): step %lld: communicator fault in %s; ending the job\n", c.rank, c.size,
+                    w.step.load(), fault.c_str());
+            fflush(stderr);
+            if (void (*abort_comm)() = w.abort_comm) abort_comm();
+            MPI_Abort(MPI_COMM_WORLD, 1);
+            _exit(1);
         }
     }).detach();
 }
@@ -230,6 +268,38 @@ static inline void comm_gather_u64(uint64_t mine, uint64_t* all) {
 static inline void comm_barrier() {
     if (comm_world().size > 1) MPI_COLLECTIVE("barrier", MPI_Barrier(MPI_COMM_WORLD));
 }
+// Every rank's string (up to 255 bytes), in rank order.
+static inline std::vector<std::string> comm_allgather_str(const std::string& mine) {
+    const int W = 256;
+    std::vector<char> all((size_t)comm_world().size * W, 0), me(W, 0);
+    snprintf(me.data(), W, "%s", mine.c_str());
+    if (comm_world().size == 1) memcpy(all.data(), me.data(), W);
+    else MPI_COLLECTIVE("all-gather (names)", MPI_Allgather(me.data(), W, MPI_CHAR, all.data(), W, MPI_CHAR, MPI_COMM_WORLD));
+    std::vector<std::string> v;
+    for (int r = 0; r < comm_world().size; r++) v.push_back(std::string(all.data() + (size_t)r * W));
+    return v;
+}
+
+// Which ranks share a GPU, decided from the GPUs' identities (ids[r]: rank r's GPU's UUID, which
+// every process that uses that GPU sees alike), not from counts: a launcher that gives each rank a
+// GPU of its own through CUDA_VISIBLE_DEVICES shows every rank one device, its own, as device 0.
+// count[r]: the ranks (r included) on rank r's GPU; first, second: the lowest two ranks found on
+// one GPU (-1 when every rank has its own, which is what NCCL needs).
+struct GpuSharing {
+    std::vector<int> count;
+    int first = -1, second = -1;
+};
+static inline GpuSharing gpu_sharing(const std::vector<std::string>& ids) {
+    GpuSharing s;
+    s.count.assign(ids.size(), 0);
+    for (size_t r = 0; r < ids.size(); r++)
+        for (size_t q = 0; q < ids.size(); q++)
+            if (ids[q] == ids[r]) {
+                s.count[r]++;
+                if (q > r && s.first < 0) s.first = (int)r, s.second = (int)q;
+            }
+    return s;
+}
 
 #ifdef __CUDACC__
 // ----------------------------------------------------------------------------
@@ -246,13 +316,75 @@ static inline ncclComm_t& nccl_comm() {  // null: GPU buffers go through MPI on 
     return c;
 }
 
-// Every rank, after cudaSetDevice: rank 0 makes the unique id, MPI hands it to the others.
+// The NCCL collectives in flight, oldest first, so that the watchdog can name one that does not
+// complete: every issue site records an event on the communication stream behind its calls
+// (comm_nccl_issued), and the watchdog thread drops the entries whose event has completed. The
+// collectives run in order on that one stream, so when the ring is full the oldest entry can be
+// dropped: the newer ones cannot complete before it.
+struct NcclInFlight {
+    static const int N = 64;
+    std::mutex mu;
+    int device = 0;
+    cudaEvent_t ev[N] = {};
+    const char* what[N] = {};
+    unsigned long long head = 0, tail = 0;  // entries [head, tail) (mod N) are in flight
+    unsigned long long watched = ~0ull;     // the entry at the front when the watchdog last looked,
+    double watched_since = 0;               // and since when it has been there
+};
+static inline NcclInFlight& nccl_in_flight() {
+    static NcclInFlight f;
+    return f;
+}
+
+// After the NCCL calls of one collective on stream s.
+static inline void comm_nccl_issued(const char* what, cudaStream_t s) {
+    NcclInFlight& f = nccl_in_flight();
+    std::lock_guard<std::mutex> lock(f.mu);
+    if (f.tail - f.head == NcclInFlight::N) f.head++;
+    CUDA_CHECK(cudaEventRecord(f.ev[f.tail % NcclInFlight::N], s));
+    f.what[f.tail % NcclInFlight::N] = what;
+    f.tail++;
+    watchdog().last = what;
+}
+
+// The watchdog's poll (its thread, every second): NCCL's asynchronous error (a broken link, a
+// rank that died with the others inside a collective), or a collective that has been the oldest in
+// flight for more than `timeout` seconds (a rank stopped or hung; 0: no limit). "" when neither.
+static inline std::string comm_nccl_poll(double timeout) {
+    NcclInFlight& f = nccl_in_flight();
+    static bool device_set = false;  // this thread's current device: the one the events belong to
+    if (!device_set) device_set = cudaSetDevice(f.device) == cudaSuccess;
+    ncclResult_t async = ncclSuccess;
+    const ncclResult_t asked = ncclCommGetAsyncError(nccl_comm(), &async);
+    std::lock_guard<std::mutex> lock(f.mu);
+    while (f.head < f.tail && cudaEventQuery(f.ev[f.head % NcclInFlight::N]) == cudaSuccess) f.head++;
+    const std::string what = std::string("NCCL ") + (f.head < f.tail ? f.what[f.head % NcclInFlight::N] : watchdog().last.load());
+    if (asked != ncclSuccess) async = asked;
+    if (async != ncclSuccess && async != ncclInProgress)
+        return what + ": " + ncclGetErrorString(async) + " (" + ncclGetLastError(nccl_comm()) + ")";
+    if (f.head == f.tail || timeout <= 0) return "";
+    if (f.watched != f.head) f.watched = f.head, f.watched_since = now_s();
+    const double waited = now_s() - f.watched_since;
+    if (waited <= timeout) return "";
+    char b[256];
+    snprintf(b, sizeof b, ": not completed after %.0f s (--watchdog %.0f): another rank stopped or hung, or a link is down",
+             waited, timeout);
+    return what + b;
+}
+
+// Every rank, after cudaSetDevice: rank 0 makes the unique id, MPI hands it to the others. The
+// watchdog then polls the communicator.
 static inline void comm_nccl_init() {
     Comm& c = comm_world();
     ncclUniqueId id;
     if (c.rank == 0) NCCL_CHECK(ncclGetUniqueId(&id));
     comm_broadcast(&id, sizeof id);
     NCCL_CHECK(ncclCommInitRank(&nccl_comm(), c.size, id, c.rank));
+    NcclInFlight& f = nccl_in_flight();
+    CUDA_CHECK(cudaGetDevice(&f.device));
+    for (cudaEvent_t& e : f.ev) CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+    watchdog().abort_comm = [] { ncclCommAbort(nccl_comm()); };
+    watchdog().poll = comm_nccl_poll;
 }
 
 // recv (P, n) = block r of every rank's send (P, n), as grouped point-to-point transfers

@@ -139,7 +139,8 @@ static int cmd_plan(int argc, char** argv) {
         printf("usage: ./fpdt plan --model NAME --seq N [--chunk-size C] [--gpus P] [--offload 0|1] [--zero 0-3]\n"
                "                   [--gpu-mem GiB] [--host-mem GiB] [--tflops X] [--link-gbps Y] [--precision fp32|bf16]\n"
                "  predicted peak device and host bytes per rank (the same allocation sequence as ./fpdt train),\n"
-               "  the longest sequence that fits, and the smallest chunk at which copies hide behind attention.\n"
+               "  the headroom a GPU run keeps outside its device arena (CUDA's kernels, cuBLAS, NCCL), the\n"
+               "  longest sequence that fits, and the smallest chunk at which copies hide behind attention.\n"
                "  Defaults: one GPU, offload 1 when chunked (train defaults to 0: pass --offload to match a run),\n"
                "  80 GiB GPU, 512 GiB host, 400 TFLOP/s, 50 GB/s, bf16 (a GPU run's default precision).\n\n");
         print_models();
@@ -171,9 +172,15 @@ static int cmd_plan(int argc, char** argv) {
         printf("  %-6s %10.1f MiB\n", where[k], (k ? host : dev) / 1048576.0);
         for (auto& it : parts[k]) printf("    %-42s %10.1f MiB\n", it.first.c_str(), it.second / 1048576.0);
     }
-    printf("  fits: device %s (%.1f of %.1f GiB), host %s (%.1f of %.1f GiB)\n", dev <= gpu_mem ? "yes" : "NO",
-           dev / 1073741824.0, gpu_mem / 1073741824.0, host <= host_mem ? "yes" : "NO", host / 1073741824.0,
-           host_mem / 1073741824.0);
+    // what a GPU run allocates after its arena (CUDA's kernels, cuBLAS, with several ranks NCCL): kept aside
+    const size_t room = gpu_headroom(r.P > 1);
+    printf("  headroom outside the device arena %.1f MiB: CUDA's kernels and cuBLAS %.1f", room / 1048576.0,
+           GPU_HEADROOM_KERNELS / 1048576.0);
+    if (r.P > 1) printf(", NCCL %.1f", GPU_HEADROOM_NCCL / 1048576.0);
+    printf(" (stated, not yet measured)\n");
+    printf("  fits: device %s (%.1f + %.1f headroom of %.1f GiB), host %s (%.1f of %.1f GiB)\n",
+           dev + room <= gpu_mem ? "yes" : "NO", dev / 1073741824.0, room / 1073741824.0, gpu_mem / 1073741824.0,
+           host <= host_mem ? "yes" : "NO", host / 1073741824.0, host_mem / 1073741824.0);
     // Longest sequence at this chunk size: device bytes do not grow with S once offloaded, host
     // bytes grow linearly; search over multiples of the chunk.
     size_t lo = 0, hi = 1;
@@ -183,7 +190,7 @@ static int cmd_plan(int argc, char** argv) {
         t.offload = r.offload && units > 1;
         size_t dv, hs;
         plan_sizes(c, t, &dv, &hs);
-        return dv <= gpu_mem && hs <= host_mem;
+        return dv + room <= gpu_mem && hs <= host_mem;
     };
     const size_t max_units = (size_t)INT32_MAX / M.C;  // positions are int32 (RoPE)
     while (hi <= max_units && fits(hi)) lo = hi, hi *= 2;

@@ -253,6 +253,7 @@ struct Model {
     int32_t* preds;               // host (Sl): argmax prediction at every input position
     float* stage = nullptr;       // host (2 C Hl D, or the gradients): MPI staging of device buffers
     bool nccl = false;            // GPU buffers move by NCCL (set before model_create)
+    size_t gpu_free_before = 0;   // GPU: its free bytes just before the arena was taken (gpu_memory_after_step)
     float* logits_out = nullptr;  // test hook: if set, (Sl, V) host logits are written here
 };
 
@@ -354,6 +355,16 @@ static inline void model_layout(Model* M) {
         M->stage = arena_alloc<float>(host, std::max({2 * qc, M->n_padded + M->shard_n, 2 * V_d, 2 * M->group_max}), "MPI staging");
 }
 
+// Device memory a GPU run allocates after its arena is taken, which the free-memory check at the
+// start keeps aside (the CUDA context exists by then, so it is not in the free memory): the
+// kernels CUDA loads lazily at their first launch (fpdt's and cuBLAS's), cuBLAS's workspaces, and
+// with NCCL the buffers of its connections, which open at the first collectives. STATED, NOT
+// MEASURED: no GPU has run fpdt yet. A GPU run prints what it took after its first step
+// (gpu_memory_after_step; test/gpu_check.sh collects the line); measured numbers go here.
+static const size_t GPU_HEADROOM_KERNELS = (size_t)512 << 20;  // lazily loaded kernels, cuBLAS workspaces
+static const size_t GPU_HEADROOM_NCCL = (size_t)512 << 20;     // NCCL's connection buffers
+static inline size_t gpu_headroom(bool nccl) { return GPU_HEADROOM_KERNELS + (nccl ? GPU_HEADROOM_NCCL : 0); }
+
 static inline void reset_arenas(Model* M) {
     M->dev = arena_new("device", Mem::Device);
     M->host = arena_new("host", Mem::Pinned);
@@ -392,18 +403,32 @@ static inline void model_create(Model* M, const Config& c, const RunCfg& r, bool
     model_layout(M);  // dry run: how much of each
     if (count_only) return;
     size_t need_dev = M->dev.peak, need_host = M->host.peak;
-    // The device limit: --device-mem, or what the GPU has free, whichever is less. Above it, say
-    // what would fit: the longest chunk (a divisor of S, a multiple of P) that, offloaded, does.
+    // The device limit: --device-mem, or this rank's share of what the GPU has free less the
+    // headroom, whichever is less. Above it, say what would fit: the longest chunk (a divisor of S,
+    // a multiple of P) that, offloaded, does.
     size_t dev_limit = r.device_cap;
+    bool limited = dev_limit > 0;
     const char* limit = "--device-mem allows";
+    std::string limit_why;  // how the GPU's limit came about
 #ifdef __CUDACC__
     if (M->ctx.gpu) {
+        const std::string why = attention_gpu_fits(M->D);  // head size 512 on a GPU with 99 KiB per block
+        if (!why.empty()) fatal("model %s: %s", c.name, why.c_str());
         size_t free_b = 0, total_b = 0;
         CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
-        if (!dev_limit || free_b < dev_limit) dev_limit = free_b, limit = "the GPU has free";
+        M->gpu_free_before = free_b;
+        const int sharers = M->ctx.g->sharers;  // ranks on this GPU: each plans for its share
+        const size_t share = free_b / sharers, room = gpu_headroom(M->nccl), usable = share > room ? share - room : 0;
+        if (!dev_limit || usable < dev_limit) {
+            char b[256];
+            snprintf(b, sizeof b, " (%.1f MiB free%s, less %.1f MiB of headroom for CUDA's kernels, cuBLAS%s)",
+                     free_b / 1048576.0, sharers > 1 ? (", shared by " + std::to_string(sharers) + " ranks").c_str() : "",
+                     room / 1048576.0, M->nccl ? " and NCCL" : "");
+            dev_limit = usable, limited = true, limit = "the GPU allows", limit_why = b;
+        }
     }
 #endif
-    if (dev_limit && dev_limit < need_dev) {
+    if (limited && dev_limit < need_dev) {
         std::vector<size_t> chunks;  // divisors of S, largest first
         for (size_t k = 1; k * k <= r.seq; k++)
             if (r.seq % k == 0) chunks.push_back(k), chunks.push_back(r.seq / k);
@@ -421,8 +446,8 @@ static inline void model_create(Model* M, const Config& c, const RunCfg& r, bool
             break;
         }
         char msg[768];
-        snprintf(msg, sizeof msg, "device memory: this run needs %.1f MiB but %s %.1f MiB; %s; see ./fpdt plan",
-                 need_dev / 1048576.0, limit, dev_limit / 1048576.0, hint);
+        snprintf(msg, sizeof msg, "device memory: this run needs %.1f MiB but %s %.1f MiB%s; %s; see ./fpdt plan",
+                 need_dev / 1048576.0, limit, dev_limit / 1048576.0, limit_why.c_str(), hint);
         if (dev_limit != r.device_cap) fatal("%s", msg);  // this GPU's own free memory: maybe this rank alone
         fatal_all("%s", msg);
     }
@@ -450,6 +475,34 @@ static inline void model_create(Model* M, const Config& c, const RunCfg& r, bool
             CUDA_CHECK(cudaEventCreateWithFlags(&M->zero_gathered[k], cudaEventDisableTiming));
             CUDA_CHECK(cudaEventCreateWithFlags(&M->zero_rs_done[k], cudaEventDisableTiming));
         }
+#endif
+}
+
+// After a GPU run's first step: what this process has allocated on the GPU outside its arena
+// since the arena was taken (CUDA's lazily loaded kernels, cuBLAS's workspaces, NCCL's buffers),
+// against the headroom the start kept aside for it, in one line; *over when it took more (a run
+// planned at the limit could then fail). On a GPU that several ranks share, the figure is all of
+// theirs together, against all of their headroom. "" on the CPU.
+static inline std::string gpu_memory_after_step(const Model* M, int step, bool* over) {
+    *over = false;
+#ifdef __CUDACC__
+    if (!M->ctx.gpu) return "";
+    size_t free_b = 0, total_b = 0;
+    CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
+    const int sharers = M->ctx.g->sharers;
+    const double outside = ((double)M->gpu_free_before - (double)M->dev.cap * sharers - (double)free_b) / 1048576.0;
+    const double kept = (double)gpu_headroom(M->nccl) * sharers / 1048576.0;
+    *over = outside > kept;
+    char b[512];
+    snprintf(b, sizeof b, "memory after step %d (GPU): arena %.1f MiB, outside it %.1f MiB%s (CUDA's kernels, cuBLAS%s; "
+             "headroom kept %.1f MiB), %.1f of %.1f MiB free%s", step, M->dev.cap / 1048576.0, std::max(0.0, outside),
+             sharers > 1 ? (" for the " + std::to_string(sharers) + " ranks on this GPU").c_str() : "",
+             M->nccl ? ", NCCL" : "", kept, free_b / 1048576.0, total_b / 1048576.0,
+             *over ? "; MORE than the headroom kept (model.h, GPU_HEADROOM_*): a run planned at the limit could fail" : "");
+    return b;
+#else
+    (void)M, (void)step;
+    return "";
 #endif
 }
 

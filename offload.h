@@ -17,6 +17,9 @@
 // Slots, by name (the schedule never writes a bare slot number):
 //   slot_of(i)   chunk i of a store read in order: chunks alternate between slots 0 and 1, so
 //                chunk i+1 is fetched into one while chunk i is read from the other
+//   slot_of(i, flip)  the same alternation, swapped when flip is 1: for a store read in several
+//                runs, each run starting in the slot the run before did not end in (phase 2's
+//                query side), so a run's first chunk can come in while the last one's is in use
 //   SLOT_NEW     slot 2: the chunk being produced (a layer output, q/k/v, lse, dO, delta), while
 //                slots 0 and 1 still hold chunks being read
 //   SLOT_SINGLE  slot 0, for a store read one chunk at a time, nothing fetched ahead (phase 2 of
@@ -201,7 +204,7 @@ static inline void dev_sync(Ctx* ctx) {
 // The host store
 
 enum { SLOT_SINGLE = 0, SLOT_NEW = 2 };            // see the header
-static inline int slot_of(int chunk) { return chunk % 2; }
+static inline int slot_of(int chunk, int flip = 0) { return (chunk + flip) % 2; }
 
 struct CUevent_st;
 struct ChunkStore {

@@ -319,15 +319,21 @@ static inline void layer_backward_attention(Model* M, int l) {
     const int u = M->u, D = M->D, Hl = M->Hl, Hkvl = M->Hkvl;
     const size_t cl = M->cl, C = M->C, d = c.d_model;
     ChunkStore* qset[] = {&M->q, &M->dout, &M->lse, &M->delta};
-    // The copy-in stream runs in order, so each j queues its copies by when they are needed: the
-    // first query chunk of the inner loop, then the next kv chunk, then what the end of j needs.
+    // The query side (q, dO, lse, delta and dQ of chunk i) alternates between two slots as i runs
+    // down. A copy-in waits for all compute queued before it is issued, so j + 1's first chunk
+    // (u - 1) is fetched as soon as j's block i = j + 1 is queued, into the slot that block used:
+    // its copies run beside j's last block and QKV backward, instead of after them with compute
+    // waiting. Each j's slots are flipped (`flip`) so that j + 1's first chunk never lands in the
+    // slot of j's last one (i = j), whose dQ_j the QKV backward still reads.
+    auto prefetch = [&](int jj, int i, int flip) {  // chunk i of the query side, for kv chunk jj
+        for (ChunkStore* s : qset) store_prefetch(ctx, s, i, slot_of(i, flip));
+        if (jj > 0) store_prefetch(ctx, &M->dq, i, slot_of(i, flip));  // on the first visit dQ_i starts at zero
+    };
     store_prefetch(ctx, &M->k, 0, slot_of(0)), store_prefetch(ctx, &M->v, 0, slot_of(0));
-    for (int j = 0; j < u; j++) {
-        auto prefetch = [&](int i) {
-            for (ChunkStore* s : qset) store_prefetch(ctx, s, i, slot_of(i));
-            if (j > 0) store_prefetch(ctx, &M->dq, i, slot_of(i));  // on the first visit dQ_i starts at zero
-        };
-        prefetch(u - 1);
+    prefetch(0, u - 1, 0);
+    for (int j = 0, flip = 0; j < u; j++) {
+        const int next_flip = (flip + j + u) % 2;  // slot_of(u - 1, next_flip) != slot_of(j, flip)
+        // then, in the order needed: the next kv chunk, and what the end of this j needs
         if (j + 1 < u) store_prefetch(ctx, &M->k, j + 1, slot_of(j + 1)), store_prefetch(ctx, &M->v, j + 1, slot_of(j + 1));
         store_prefetch(ctx, &M->layer_in, layer_in_chunk(l, u, j), SLOT_SINGLE);  // for the QKV backward at the end of this j
         store_prefetch(ctx, &M->dresid, j, SLOT_SINGLE);
@@ -337,23 +343,26 @@ static inline void layer_backward_attention(Model* M, int l) {
         dev_zero(ctx, M->dv, C * Hkvl * D * sizeof(float));
         float* dqi = nullptr;
         for (int i = u - 1; i >= j; i--) {
-            if (i - 1 >= j) prefetch(i - 1);
-            const float* qi = store_use(ctx, &M->q, i, slot_of(i));
-            const float* doi = store_use(ctx, &M->dout, i, slot_of(i));
-            const float* lsei = store_use(ctx, &M->lse, i, slot_of(i));
-            const float* dli = store_use(ctx, &M->delta, i, slot_of(i));
+            if (i - 1 >= j) prefetch(j, i - 1, flip);
+            const int si = slot_of(i, flip);
+            const float* qi = store_use(ctx, &M->q, i, si);
+            const float* doi = store_use(ctx, &M->dout, i, si);
+            const float* lsei = store_use(ctx, &M->lse, i, si);
+            const float* dli = store_use(ctx, &M->delta, i, si);
             if (j == 0) {
-                dqi = store_produce(ctx, &M->dq, i, slot_of(i));
+                dqi = store_produce(ctx, &M->dq, i, si);
                 dev_zero(ctx, dqi, C * Hl * D * sizeof(float));
             } else {
-                dqi = store_use(ctx, &M->dq, i, slot_of(i));
+                dqi = store_use(ctx, &M->dq, i, si);
             }
             {
                 TraceScope ts(ctx, "attention block backward", TRACK_COMPUTE, i);
                 OP(ctx, attention_backward, dqi, M->dk, M->dv, doi, qi, kj, vj, lsei, dli, C, C, Hl, Hkvl, D, i == j);
             }
-            if (i != j) store_put(ctx, &M->dq, i, slot_of(i));
+            if (i != j) store_put(ctx, &M->dq, i, si);
+            if (i == j + 1) prefetch(j + 1, u - 1, next_flip);  // the next j's first chunk, into this block's slot
         }
+        flip = next_flip;
         // dQ_j, dK_j, dV_j are final: undo RoPE, back to the sequence layout, through the QKV
         // projection and the first norm (recomputed from the layer input) into dresid_j.
         set_positions(M, j);

@@ -121,8 +121,9 @@ static void train_help() {
         "  --host-mem GiB      refuse to start if the host arena would exceed this\n"
         "  --on-nonfinite skip|stop   a NaN/Inf loss or gradient: skip the step (default) or stop\n"
         "  --max-bad-steps N   stop after N non-finite steps in a row (default 5)\n"
-        "  --watchdog S        several ranks: a rank waiting S seconds inside one MPI collective ends the job,\n"
-        "                      naming the step and the collective; 0 = off (default 1800)\n"
+        "  --watchdog S        several ranks: a rank waiting S seconds inside one MPI collective, or whose\n"
+        "                      oldest NCCL collective has not completed in S seconds, ends the job, naming the\n"
+        "                      step and the collective; 0 = no limit (NCCL errors still end it) (default 1800)\n"
         "  --init DIR          start from the weights of a checkpoint (an imported model: data/hf.py import), the\n"
         "                      newest valid one in DIR or DIR itself: its model, a fresh optimizer, step 1\n"
         "  --rope-theta X      RoPE base (default: the model's); stored in the checkpoints\n"
@@ -535,6 +536,19 @@ static void log_step(Train* T, int step, const StepResult& s, int end) {
              clock_str(now_s() - T->t_total).c_str(), clock_str(left_s).c_str(), s.finite ? "" : " | NON-FINITE: update skipped");
 }
 
+// After the run's first step, and the first at --seq after a short start (a new arena): on a GPU,
+// what was allocated outside the arena since it was taken (CUDA's kernels, cuBLAS, NCCL) against
+// the headroom kept for it (model.h, gpu_memory_after_step). Rank 0 prints its line; another rank
+// whose allocations went past the headroom says so, naming itself.
+static void check_gpu_memory(const Train* T, int step) {
+    if (!T->M.ctx.gpu || (step != T->start && step != T->start_steps)) return;
+    bool over = false;
+    const std::string line = gpu_memory_after_step(&T->M, step + 1, &over);
+    const Comm& cm = comm_world();
+    if (cm.rank == 0) log_line(true, "%s", line.c_str());
+    else if (over) fprintf(stderr, "fpdt (rank %d of %d): %s\n", cm.rank, cm.size, line.c_str());
+}
+
 // A skipped update left the weights and optimizer state of the last good step, so nothing
 // non-finite can reach a checkpoint; --on-nonfinite stop, or --max-bad-steps in a row, ends the run.
 static void check_finite(Train* T, int step, bool finite) {
@@ -597,6 +611,7 @@ static int cmd_train(int argc, char** argv) {
         end_start_if_due(&T, step);
         const StepResult s = train_step(&T, step, !T.trace_path.empty() && step == trace_step);
         log_step(&T, step, s, end);
+        check_gpu_memory(&T, step);
         check_finite(&T, step, s.finite);
         evaluate_and_save(&T, step);
     }

@@ -105,6 +105,7 @@ static inline void zero_reduce_scatter(Model* M, int g, float* buf, int slot) {
                                              ncclFloat, ncclSum, r, nccl_comm(), G->comm));
             }
             NCCL_CHECK(ncclGroupEnd());
+            comm_nccl_issued("reduce-scatter (ZeRO gradients)", G->comm);
         }
         CUDA_CHECK(cudaEventRecord(M->zero_rs_done[slot], G->comm));  // the slot may be zeroed again after this
         return;
@@ -148,6 +149,7 @@ static inline void zero_gather_begin(Model* M, int g, float* buf, int slot) {
                                                 ncclFloat, r, nccl_comm(), G->comm));
             }
             NCCL_CHECK(ncclGroupEnd());
+            comm_nccl_issued("all-gather (ZeRO-3 weights)", G->comm);
         }
         CUDA_CHECK(cudaEventRecord(M->zero_gathered[slot], G->comm));
         return;
@@ -262,7 +264,7 @@ static inline float model_update(Model* M, const AdamW& opt, int t, bool* finite
 #ifdef __CUDACC__
     const bool nccl = ctx->gpu && nccl_comm();
     if (nccl && stage <= 1)
-        on_comm_stream(ctx, [&](cudaStream_t s) {
+        on_comm_stream(ctx, stage == 1 ? "reduce-scatter (gradients)" : "all-reduce (gradients)", [&](cudaStream_t s) {
             if (stage == 1) NCCL_CHECK(ncclReduceScatter(M->grads, M->grad_shard, n, ncclFloat, ncclSum, nccl_comm(), s));
             else NCCL_CHECK(ncclAllReduce(M->grads, M->grads, N, ncclFloat, ncclSum, nccl_comm(), s));
         });
@@ -304,7 +306,7 @@ static inline float model_update(Model* M, const AdamW& opt, int t, bool* finite
     if (stage == 0 || stage >= 3) return norm;
 #ifdef __CUDACC__
     if (nccl)  // every rank's updated shard to every rank, in place
-        on_comm_stream(ctx, [&](cudaStream_t s) { NCCL_CHECK(ncclAllGather(M->params + lo, M->params, n, ncclFloat, nccl_comm(), s)); });
+        on_comm_stream(ctx, "all-gather (weights)", [&](cudaStream_t s) { NCCL_CHECK(ncclAllGather(M->params + lo, M->params, n, ncclFloat, nccl_comm(), s)); });
 #endif
     if (M->run.P > 1 && !nccl) {  // every rank's updated shard to every rank
         float* buf = ctx->gpu ? M->stage : M->params;

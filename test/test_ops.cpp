@@ -977,3 +977,27 @@ TEST(AttentionTiled, ExpWithinTwoUlp) {
     EXPECT_TRUE(std::isnan(attn_exp(NAN)));
     EXPECT_EQ(attn_exp(0.0f), 1.0f);
 }
+
+// The GPU attention kernels' shared memory per block (attention.cuh) against what GPUs allow a
+// block that opts in: sm_80 163 KiB and sm_90 227 KiB hold every head size up to 512; sm_86 and
+// sm_89 allow 99 KiB, which head size 512 exceeds: a run is refused at its start with a line
+// naming the head size, the limit and the largest head size that fits there (checked here to be
+// the largest that does).
+TEST(AttentionGpuLimits, HeadSize512NeedsMoreSharedMemoryThanSm86Allows) {
+    const size_t sm80 = 163 * 1024, sm86 = 99 * 1024, sm90 = 227 * 1024;
+    for (int D = 2; D <= 512; D += 2) {
+        EXPECT_EQ(attention_smem_check(D, sm80, "sm_80"), "") << D;
+        EXPECT_EQ(attention_smem_check(D, sm90, "sm_90"), "") << D;
+        EXPECT_LE(attn_fwd_smem(D), attn_bwd_smem(D)) << D;  // the backward's is the one to check
+    }
+    EXPECT_EQ(attention_smem_check(128, sm86, "sm_86"), "");
+    const std::string why = attention_smem_check(512, sm86, "GPU X (sm_86)");
+    ASSERT_NE(why, "");
+    EXPECT_NE(why.find("head size 512"), std::string::npos) << why;
+    EXPECT_NE(why.find("GPU X (sm_86) allows 99.0 KiB"), std::string::npos) << why;
+    const size_t p = why.find("head sizes up to ");
+    ASSERT_NE(p, std::string::npos) << why;
+    const int fits = atoi(why.c_str() + p + 17);
+    EXPECT_LE(attn_bwd_smem(fits), sm86) << why;
+    EXPECT_GT(attn_bwd_smem(fits + 2), sm86) << why;
+}
