@@ -8,6 +8,7 @@
 // index, never over a reduction, so results do not depend on the thread count.
 #pragma once
 #include <cmath>
+#include <type_traits>
 #include "common.h"
 
 // ----------------------------------------------------------------------------
@@ -125,12 +126,13 @@ static inline int cpu_simd() {
 // The CPU matrix multiply under both matmul functions:
 //   C (M, N) += A (M, K) B (K, N),  A's (m, k) at a[m rsa + k csa], B's (k, n) at b[k rsb + n csb],
 // C fp32 row-major (ldc), X fp32 or bf16 (widened to fp32 when packed, so bf16 products are exact
-// and every sum is fp32). Blocked as BLIS blocks it: C in tiles of GEMM_MC x GEMM_NC, one tile a
-// task; for each slice of GEMM_KC values of k (in order) the tile's A rows and B columns are
-// copied into micro-panels (A: MR rows, k-major; B: NR columns, k-major; zero-padded at the
-// edges), and an MR x NR register block of C is accumulated as a sum of outer products, its inner
-// loop over NR adjacent columns for the compiler to vectorize. Each element of C is the same sum
-// in the same order whatever the thread count (tiles split the outputs, never k).
+// and every sum is fp32). Blocked as BLIS blocks it: k in slices of GEMM_KC values, in order; in
+// each slice C in tiles of GEMM_MC x GEMM_NC, one tile a task. A tile's B columns are copied into
+// micro-panels (NR columns, k-major, zero-padded at the edges) and so are its A rows (MR rows,
+// k-major) unless they can be read in place, and an MR x NR register block of C is accumulated
+// as a sum of outer products, its inner loop over NR adjacent columns for the compiler to
+// vectorize. Each element of C is the same sum in the same order whatever the thread count
+// (tiles split the outputs, never k).
 //
 // The loops are compiled once per instruction set (CPU_SIMD_VARIANTS below).
 static const int GEMM_MC = 96, GEMM_NC = 128, GEMM_KC = 256;
@@ -169,53 +171,66 @@ static inline __attribute__((always_inline)) void gemm_micro(float* c, size_t ld
         for (int j = 0; j < n; j++) c[r * ldc + j] = ADD ? c[r * ldc + j] + acc[r][j] : acc[r][j];
 }
 
-// One C tile: rows [m0, m0 + mc), columns [n0, n0 + nc); apack (GEMM_MC x GEMM_KC) and bpack
-// (GEMM_KC x GEMM_NC) are this thread's scratch.
+// One C tile, rows [m0, m0 + mc) and columns [n0, n0 + nc), gets its share of one slice of k,
+// [k0, k0 + kc). bpack (GEMM_KC x GEMM_NC, this thread's) holds the tile's B panel for that slice
+// when pack_b is false (the previous tile of this thread had the same columns), else it is packed
+// here. A's rows are read in place where they are fp32 with k contiguous (csa == 1): MR rows of
+// kc values each, as a packed A panel would hold them, with no copy; otherwise (bf16, k strided,
+// and the last MR rows where fewer than MR are left) they are packed into apack (GEMM_MC x GEMM_KC).
 template <int MR, int NR, typename X>
 static inline __attribute__((always_inline)) void gemm_tile(float* c, size_t ldc, const X* a, size_t rsa, size_t csa,
                                                             const X* b, size_t rsb, size_t csb, size_t m0, int mc,
-                                                            size_t n0, int nc, size_t K, float* apack, float* bpack) {
+                                                            size_t n0, int nc, size_t k0, int kc, bool pack_b,
+                                                            float* apack, float* bpack) {
     static_assert(GEMM_MC % MR == 0 && GEMM_NC % NR == 0, "tiles are whole micro-panels");
-    for (size_t k0 = 0; k0 < K; k0 += GEMM_KC) {
-        const int kc = (int)std::min<size_t>(GEMM_KC, K - k0);
-        for (int i = 0; i < mc; i += MR)
-            gemm_pack(apack + (size_t)i * kc, a + (m0 + i) * rsa + k0 * csa, rsa, csa, std::min(MR, mc - i), MR, kc);
+    if (pack_b)
         for (int j = 0; j < nc; j += NR)
             gemm_pack(bpack + (size_t)j * kc, b + k0 * rsb + (n0 + j) * csb, csb, rsb, std::min(NR, nc - j), NR, kc);
-        for (int j = 0; j < nc; j += NR)  // a B micro-panel stays in L1 while the A panels stream past
-            for (int i = 0; i < mc; i += MR)
-                gemm_micro<MR, NR>(c + (m0 + i) * ldc + n0 + j, ldc, std::min(MR, mc - i), std::min(NR, nc - j),
-                                   apack + (size_t)i * kc, 1, MR, bpack + (size_t)j * kc, NR, kc);
-    }
+    const bool a_in_place = std::is_same<X, float>::value && csa == 1;
+    for (int i = 0; i < mc; i += MR)
+        if (!a_in_place || mc - i < MR)
+            gemm_pack(apack + (size_t)i * kc, a + (m0 + i) * rsa + k0 * csa, rsa, csa, std::min(MR, mc - i), MR, kc);
+    for (int j = 0; j < nc; j += NR)  // a B micro-panel stays in L1 while the A panels stream past
+        for (int i = 0; i < mc; i += MR) {
+            float* ct = c + (m0 + i) * ldc + n0 + j;
+            const float* bp = bpack + (size_t)j * kc;
+            if (a_in_place && mc - i >= MR)
+                gemm_micro<MR, NR>(ct, ldc, MR, std::min(NR, nc - j), (const float*)(a + (m0 + i) * rsa + k0), rsa, 1,
+                                   bp, NR, kc);
+            else
+                gemm_micro<MR, NR>(ct, ldc, std::min(MR, mc - i), std::min(NR, nc - j), apack + (size_t)i * kc, 1,
+                                   MR, bp, NR, kc);
+        }
 }
 
 // The register block per instruction set: MR x NR accumulators in 12-16 vector registers.
+#define GEMM_TILE_ARGS                                                                                          \
+    float *c, size_t ldc, const X *a, size_t rsa, size_t csa, const X *b, size_t rsb, size_t csb, size_t m0,   \
+        int mc, size_t n0, int nc, size_t k0, int kc, bool pack_b, float *ap, float *bp
+#define GEMM_TILE_CALL c, ldc, a, rsa, csa, b, rsb, csb, m0, mc, n0, nc, k0, kc, pack_b, ap, bp
 #ifdef CPU_SIMD_VARIANTS
 template <typename X>
-CPU_AVX512 static void gemm_tile_avx512(float* c, size_t ldc, const X* a, size_t rsa, size_t csa, const X* b,
-                                        size_t rsb, size_t csb, size_t m0, int mc, size_t n0, int nc, size_t K,
-                                        float* ap, float* bp) {
-    gemm_tile<8, 32>(c, ldc, a, rsa, csa, b, rsb, csb, m0, mc, n0, nc, K, ap, bp);
+CPU_AVX512 static void gemm_tile_avx512(GEMM_TILE_ARGS) {
+    gemm_tile<8, 32>(GEMM_TILE_CALL);
 }
 template <typename X>
-CPU_AVX2 static void gemm_tile_avx2(float* c, size_t ldc, const X* a, size_t rsa, size_t csa, const X* b,
-                                    size_t rsb, size_t csb, size_t m0, int mc, size_t n0, int nc, size_t K, float* ap,
-                                    float* bp) {
-    gemm_tile<6, 16>(c, ldc, a, rsa, csa, b, rsb, csb, m0, mc, n0, nc, K, ap, bp);
+CPU_AVX2 static void gemm_tile_avx2(GEMM_TILE_ARGS) {
+    gemm_tile<6, 16>(GEMM_TILE_CALL);
 }
 #endif
 template <typename X>
-static void gemm_tile_base(float* c, size_t ldc, const X* a, size_t rsa, size_t csa, const X* b, size_t rsb,
-                           size_t csb, size_t m0, int mc, size_t n0, int nc, size_t K, float* ap, float* bp) {
-    gemm_tile<4, 16>(c, ldc, a, rsa, csa, b, rsb, csb, m0, mc, n0, nc, K, ap, bp);
+static void gemm_tile_base(GEMM_TILE_ARGS) {
+    gemm_tile<4, 16>(GEMM_TILE_CALL);
 }
 
+// The k slices in order, each a parallel loop over the C tiles; the tiles are visited column
+// panel by column panel, so a thread packs a B panel once for all the row tiles it takes there.
 template <typename X>
 static inline void gemm_cpu(float* c, size_t ldc, const X* a, size_t rsa, size_t csa, const X* b, size_t rsb,
                             size_t csb, size_t M, size_t N, size_t K) {
     if (M == 0 || N == 0 || K == 0) return;
     typedef void (*TileFn)(float*, size_t, const X*, size_t, size_t, const X*, size_t, size_t, size_t, int, size_t,
-                           int, size_t, float*, float*);
+                           int, size_t, int, bool, float*, float*);
 #ifdef CPU_SIMD_VARIANTS
     const TileFn tile = cpu_simd() == 2 ? gemm_tile_avx512<X> : cpu_simd() == 1 ? gemm_tile_avx2<X> : gemm_tile_base<X>;
 #else
@@ -225,11 +240,16 @@ static inline void gemm_cpu(float* c, size_t ldc, const X* a, size_t rsa, size_t
 #pragma omp parallel
     {
         std::vector<float> ap((size_t)GEMM_MC * GEMM_KC), bp((size_t)GEMM_KC * GEMM_NC);  // this thread's panels
+        for (size_t k0 = 0; k0 < K; k0 += GEMM_KC) {
+            const int kc = (int)std::min<size_t>(GEMM_KC, K - k0);
+            size_t packed_n0 = SIZE_MAX;  // the columns whose B panel bp holds for this slice
 #pragma omp for schedule(dynamic)
-        for (size_t t = 0; t < tm * tn; t++) {
-            const size_t m0 = (t / tn) * GEMM_MC, n0 = (t % tn) * GEMM_NC;
-            tile(c, ldc, a, rsa, csa, b, rsb, csb, m0, (int)std::min<size_t>(GEMM_MC, M - m0), n0,
-                 (int)std::min<size_t>(GEMM_NC, N - n0), K, ap.data(), bp.data());
+            for (size_t t = 0; t < tm * tn; t++) {
+                const size_t n0 = (t / tm) * GEMM_NC, m0 = (t % tm) * GEMM_MC;
+                tile(c, ldc, a, rsa, csa, b, rsb, csb, m0, (int)std::min<size_t>(GEMM_MC, M - m0), n0,
+                     (int)std::min<size_t>(GEMM_NC, N - n0), k0, kc, n0 != packed_n0, ap.data(), bp.data());
+                packed_n0 = n0;
+            }  // (the loop's barrier: a slice is added everywhere before the next begins)
         }
     }
 }
