@@ -17,34 +17,39 @@
 // diagonal. Each tile is three steps: its scores, a small matmul; the softmax (or its gradient)
 // over the tile, element-wise with the vectorizable exp below; and a second small matmul that
 // adds the tile's share to the block's output rows. Both matmuls run through attn_mm, ops.cuh's
-// register block of MR x NR accumulators (gemm_micro), on operands copied into this thread's
-// scratch (the block's own rows once, each tile's rows once per tile) and zero-padded to whole
-// register blocks, so its loops have no edge cases and read no memory outside the scratch.
-// The blocks are the parallel tasks (each writes only its own rows, so no atomics), and each
-// output is summed in the same order whatever the thread count. The block bodies are compiled
-// once per instruction set with that set's register block (ops.cuh, cpu_simd).
+// register block of MR x NR accumulators (gemm_micro). Their operands are laid out for it once
+// per call, head by head (attn_pack_cols, attn_pack_rows: the other side's rows transposed, and
+// as rows padded to whole register blocks), and each block copies its own rows into this
+// thread's scratch, zero-padded, so the loops have no edge cases and read no memory outside
+// those copies. The blocks are the parallel tasks (each writes only its own rows, so no atomics),
+// and each output is summed in the same order whatever the thread count. The block bodies are
+// compiled once per instruction set with that set's register block (ops.cuh, cpu_simd).
 #define ATTN_CPU_ROWS 48  // output rows of one task: a multiple of every MR below (8, 6, 4)
 #define ATTN_CPU_TILE 64  // rows of the other side per tile: a multiple of every NR (32, 16)
 #define ATTN_CPU_NR_MAX 32
 
-// The arguments of one attention call, shared by the three block functions.
+// The arguments of one attention call, shared by the three block functions, and the copies of
+// its inputs that the blocks read tile by tile: per head, x (T, H, D) transposed tile by tile,
+// (H, T / TILE, D, TILE), zero past row T, and x as rows padded with zeros to Dp = D rounded up
+// to the register block, (H, T, Dp).
 struct AttnCpu {
     float *o, *lse, *dq, *dk, *dv;                  // outputs
     const float *q, *k, *v, *dout, *lse_in, *delta;  // inputs
-    size_t Tq, Tk;
-    int Hq, Hkv, D;
+    const float *kt, *vt, *qt, *ot;                  // k, v, q, dout transposed (forward: kt; dq: kt, vt; dk/dv: qt, ot)
+    const float *kr, *vr, *qr, *orr;                 // and as padded rows (forward: vr; dq: kr; dk/dv: qr, orr)
+    size_t Tq, Tk, ntq, ntk;                         // rows, and tiles (rounded up)
+    int Hq, Hkv, D, Dp;
     bool causal;
     float scale;
 };
 static inline size_t attn_min_cpu(size_t a, size_t b) { return a < b ? a : b; }
 static inline int attn_round_up(int x, int m) { return (x + m - 1) / m * m; }
 // Floats of scratch one thread needs (the dk/dv block, the largest): its key and value rows
-// (ROWS, D) each; a tile's queries and output gradients transposed (D, TILE) and as rows
-// (TILE, Dp) each; scores and their gradients (ROWS, TILE) each; the accumulated dk, dv
-// (ROWS, Dp) each; per-row and per-column statistics. Dp = D rounded up to a register block.
-static inline size_t attn_cpu_scratch(int D) {
-    const size_t R = ATTN_CPU_ROWS, T = ATTN_CPU_TILE, Dp = (size_t)attn_round_up(D, ATTN_CPU_NR_MAX);
-    return 2 * R * D + 2 * D * T + 2 * T * Dp + 2 * R * T + 2 * R * Dp + 2 * R + 2 * T;
+// (ROWS, D) each; scores and their gradients (ROWS, TILE) each; the accumulated dk, dv (ROWS, Dp)
+// each; the tile's lse and delta.
+static inline size_t attn_cpu_scratch(int D, int Dp) {
+    const size_t R = ATTN_CPU_ROWS, T = ATTN_CPU_TILE;
+    return 2 * R * D + 2 * R * T + 2 * R * Dp + 2 * T;
 }
 
 // e^x in fp32 for the softmax loops, written so the compiler can vectorize it (libm's expf is a
@@ -76,7 +81,7 @@ static inline __attribute__((always_inline)) float attn_exp(float x) {
 // gemm_micro, so every element of c is the same sum in the same order whatever the blocks around it.
 template <int MR, int NR, bool ADD>
 static inline __attribute__((always_inline)) void attn_mm(float* c, int ldc, const float* a, int lda, const float* b,
-                                                          int ldb, int R, int N, int K) {
+                                                          size_t ldb, int R, int N, int K) {
     for (int n0 = 0; n0 < N; n0 += NR)
         for (int r0 = 0; r0 < R; r0 += MR)
             gemm_micro<MR, NR, ADD>(c + (size_t)r0 * ldc + n0, ldc, MR, NR, a + (size_t)r0 * lda, lda, 1, b + n0, ldb, K);
@@ -84,8 +89,8 @@ static inline __attribute__((always_inline)) void attn_mm(float* c, int ldc, con
 
 // dst (rows, ld) = rows r0 .. r0+n-1 of head h of x (T, H, D), zero in columns D .. ld and rows
 // n .. rows (the padding the matmuls read)
-static inline __attribute__((always_inline)) void attn_rows_cpu(float* __restrict dst, int rows, int ld, const float* x,
-                                                                size_t r0, int n, int H, int h, int D) {
+static inline void attn_rows_cpu(float* __restrict dst, int rows, int ld, const float* x, size_t r0, int n, int H, int h,
+                                 int D) {
     for (int r = 0; r < rows; r++) {
         float* dr = dst + (size_t)r * ld;
         const int kept = r < n ? D : 0;  // values copied; the rest of the row is padding
@@ -93,15 +98,30 @@ static inline __attribute__((always_inline)) void attn_rows_cpu(float* __restric
         memset(dr + kept, 0, (ld - kept) * sizeof(float));
     }
 }
-// dst (D, TILE) = the same n rows transposed, zero in columns n .. TILE
-static inline __attribute__((always_inline)) void attn_cols_cpu(float* __restrict dst, const float* x, size_t r0, int n,
-                                                                int H, int h, int D) {
-    for (int c = 0; c < n; c++) {
-        const float* xr = x + ((r0 + c) * H + h) * D;
-        for (int d = 0; d < D; d++) dst[d * ATTN_CPU_TILE + c] = xr[d];
+// The per-call copies (AttnCpu): dst (H, nt, D, TILE) = x (T, H, D) head by head, tile by tile
+// transposed, zero in the columns past row T; and dst (H, T, Dp) = x head by head, zero in columns
+// D .. Dp.
+static inline void attn_pack_cols(float* dst, const float* x, size_t T, int H, int D) {
+    const size_t nt = (T + ATTN_CPU_TILE - 1) / ATTN_CPU_TILE;
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < H * nt; i++) {  // (head, tile)
+        const int h = (int)(i / nt);
+        const size_t t0 = i % nt * ATTN_CPU_TILE;
+        float* tile = dst + i * D * ATTN_CPU_TILE;
+        for (int d = 0; d < D; d++)
+            for (int c = 0; c < ATTN_CPU_TILE; c++)
+                tile[d * ATTN_CPU_TILE + c] = t0 + c < T ? x[((t0 + c) * H + h) * D + d] : 0.0f;
     }
-    for (int d = 0; d < D; d++)
-        for (int c = n; c < ATTN_CPU_TILE; c++) dst[d * ATTN_CPU_TILE + c] = 0.0f;
+}
+static inline void attn_pack_rows(float* dst, int Dp, const float* x, size_t T, int H, int D) {
+    const size_t nt = (T + ATTN_CPU_TILE - 1) / ATTN_CPU_TILE;
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < H * nt; i++) {
+        const int h = (int)(i / nt);
+        const size_t t0 = i % nt * ATTN_CPU_TILE;
+        attn_rows_cpu(dst + ((size_t)h * T + t0) * Dp, (int)attn_min_cpu(ATTN_CPU_TILE, T - t0), Dp, x, t0,
+                      (int)attn_min_cpu(ATTN_CPU_TILE, T - t0), H, h, D);
+    }
 }
 // The keys query row t sees in the tile of n keys from j0 (all n unless causal: keys j <= t).
 static inline __attribute__((always_inline)) int attn_seen_cpu(const AttnCpu& a, size_t t, size_t j0, int n) {
@@ -114,15 +134,15 @@ static inline __attribute__((always_inline)) int attn_seen_cpu(const AttnCpu& a,
 template <int MR, int NR>
 static inline __attribute__((always_inline)) void attention_forward_rows(const AttnCpu& a, size_t t0, int h,
                                                                          float* scratch) {
-    const int D = a.D, Dp = attn_round_up(D, NR), hk = h / (a.Hq / a.Hkv), T = ATTN_CPU_TILE;
+    const int D = a.D, Dp = a.Dp, hk = h / (a.Hq / a.Hkv), T = ATTN_CPU_TILE;
     const int nq = (int)attn_min_cpu(ATTN_CPU_ROWS, a.Tq - t0), rq = attn_round_up(nq, MR);
-    float* qb = scratch;      // (rq, D) this block's query rows
-    float* kt = qb + rq * D;  // (D, TILE) the key tile, transposed
-    float* vb = kt + D * T;   // (TILE, Dp) the value tile
-    float* s = vb + T * Dp;   // (rq, TILE) scores, then e^(s - m) (0 in the padding rows: their q is 0)
-    float* acc = s + rq * T;  // (rq, Dp)
-    float* m = acc + rq * Dp; // (nq) running max
-    float* l = m + nq;        // (nq) running sum
+    const float* kt = a.kt + (size_t)hk * a.ntk * D * T;  // (ntk, D, TILE) this head's keys, transposed
+    const float* vr = a.vr + (size_t)hk * a.Tk * Dp;  // (Tk, Dp) its values
+    float* qb = scratch;       // (rq, D) this block's query rows
+    float* s = qb + rq * D;    // (rq, TILE) scores, then e^(s - m) (0 in the padding rows: their q is 0)
+    float* acc = s + rq * T;   // (rq, Dp)
+    float* m = acc + rq * Dp;  // (nq) running max
+    float* l = m + nq;         // (nq) running sum
     attn_rows_cpu(qb, rq, D, a.q, t0, nq, a.Hq, h, D);
     memset(acc, 0, (size_t)rq * Dp * sizeof(float));
     for (int r = 0; r < nq; r++) m[r] = -INFINITY, l[r] = 0.0f;
@@ -130,9 +150,7 @@ static inline __attribute__((always_inline)) void attention_forward_rows(const A
     const size_t kend = a.causal ? attn_min_cpu(t0 + nq, a.Tk) : a.Tk;
     for (size_t j0 = 0; j0 < kend; j0 += T) {
         const int nk = (int)attn_min_cpu(T, kend - j0);
-        attn_cols_cpu(kt, a.k, j0, nk, a.Hkv, hk, D);
-        attn_rows_cpu(vb, nk, Dp, a.v, j0, nk, a.Hkv, hk, D);
-        attn_mm<MR, NR, false>(s, T, qb, D, kt, T, rq, attn_round_up(nk, NR), D);  // s = q_t . k_j
+        attn_mm<MR, NR, false>(s, T, qb, D, kt + j0 * D, T, rq, attn_round_up(nk, NR), D);  // s = q_t . k_j
         for (int r = 0; r < nq; r++) {
             const int nv = attn_seen_cpu(a, t0 + r, j0, nk);
             float* sr = s + r * T;
@@ -143,7 +161,7 @@ static inline __attribute__((always_inline)) void attention_forward_rows(const A
                 memset(sr, 0, nk * sizeof(float));
                 continue;
             }
-            const float rescale = expf(m[r] - mx);  // 0 on the first tile, where m = -inf
+            const float rescale = attn_exp(m[r] - mx);  // 0 on the first tile, where m = -inf
             float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
             for (int c = 0; c < nk; c++) {
@@ -153,11 +171,13 @@ static inline __attribute__((always_inline)) void attention_forward_rows(const A
             }
             l[r] = l[r] * rescale + sum;
             m[r] = mx;
-            float* ar = acc + r * Dp;
+            if (rescale != 1.0f) {  // the max moved
+                float* ar = acc + r * Dp;
 #pragma omp simd
-            for (int d = 0; d < Dp; d++) ar[d] *= rescale;
+                for (int d = 0; d < Dp; d++) ar[d] *= rescale;
+            }
         }
-        attn_mm<MR, NR, true>(acc, Dp, s, T, vb, Dp, rq, Dp, nk);  // acc += sum_j p_j v_j
+        attn_mm<MR, NR, true>(acc, Dp, s, T, vr + j0 * Dp, Dp, rq, Dp, nk);  // acc += sum_j p_j v_j
     }
     for (int r = 0; r < nq; r++) {
         if (m[r] == -INFINITY) continue;  // no keys: nothing to merge
@@ -177,14 +197,14 @@ static inline __attribute__((always_inline)) void attention_forward_rows(const A
 template <int MR, int NR>
 static inline __attribute__((always_inline)) void attention_backward_dq_rows(const AttnCpu& a, size_t t0, int h,
                                                                              float* scratch) {
-    const int D = a.D, Dp = attn_round_up(D, NR), hk = h / (a.Hq / a.Hkv), T = ATTN_CPU_TILE;
+    const int D = a.D, Dp = a.Dp, hk = h / (a.Hq / a.Hkv), T = ATTN_CPU_TILE;
     const int nq = (int)attn_min_cpu(ATTN_CPU_ROWS, a.Tq - t0), rq = attn_round_up(nq, MR);
+    const float* kt = a.kt + (size_t)hk * a.ntk * D * T;  // (ntk, D, TILE) this head's keys, transposed
+    const float* vt = a.vt + (size_t)hk * a.ntk * D * T;  // (ntk, D, TILE) its values, transposed
+    const float* kr = a.kr + (size_t)hk * a.Tk * Dp;  // (Tk, Dp) its keys as rows
     float* qb = scratch;       // (rq, D) this block's query rows
     float* ob = qb + rq * D;   // (rq, D) and their output gradients dO
-    float* kt = ob + rq * D;   // (D, TILE) the key tile, transposed
-    float* vt = kt + D * T;    // (D, TILE) the value tile, transposed
-    float* kb = vt + D * T;    // (TILE, Dp) the key tile as rows
-    float* s = kb + T * Dp;    // (rq, TILE) scores, then dS (0 in the padding rows: their q is 0)
+    float* s = ob + rq * D;    // (rq, TILE) scores, then dS (0 in the padding rows: their q is 0)
     float* dp = s + rq * T;    // (rq, TILE) dO_t . v_j
     float* dqb = dp + rq * T;  // (rq, Dp) dq of the block's rows
     attn_rows_cpu(qb, rq, D, a.q, t0, nq, a.Hq, h, D);
@@ -193,11 +213,8 @@ static inline __attribute__((always_inline)) void attention_backward_dq_rows(con
     const size_t kend = a.causal ? attn_min_cpu(t0 + nq, a.Tk) : a.Tk;
     for (size_t j0 = 0; j0 < kend; j0 += T) {
         const int nk = (int)attn_min_cpu(T, kend - j0), nkp = attn_round_up(nk, NR);
-        attn_cols_cpu(kt, a.k, j0, nk, a.Hkv, hk, D);
-        attn_cols_cpu(vt, a.v, j0, nk, a.Hkv, hk, D);
-        attn_rows_cpu(kb, nk, Dp, a.k, j0, nk, a.Hkv, hk, D);
-        attn_mm<MR, NR, false>(s, T, qb, D, kt, T, rq, nkp, D);   // s = q_t . k_j
-        attn_mm<MR, NR, false>(dp, T, ob, D, vt, T, rq, nkp, D);  // dp = dO_t . v_j
+        attn_mm<MR, NR, false>(s, T, qb, D, kt + j0 * D, T, rq, nkp, D);   // s = q_t . k_j
+        attn_mm<MR, NR, false>(dp, T, ob, D, vt + j0 * D, T, rq, nkp, D);  // dp = dO_t . v_j
         for (int r = 0; r < nq; r++) {
             const size_t t = t0 + r;
             const int nv = attn_seen_cpu(a, t, j0, nk);
@@ -208,7 +225,7 @@ static inline __attribute__((always_inline)) void attention_backward_dq_rows(con
             for (int c = 0; c < nk; c++)
                 sr[c] = c < nv ? attn_exp(sr[c] * a.scale - L) * (dpr[c] - dl) * a.scale : 0.0f;
         }
-        attn_mm<MR, NR, true>(dqb, Dp, s, T, kb, Dp, rq, Dp, nk);  // dq_t += dS_tj k_j
+        attn_mm<MR, NR, true>(dqb, Dp, s, T, kr + j0 * Dp, Dp, rq, Dp, nk);  // dq_t += dS_tj k_j
     }
     for (int r = 0; r < nq; r++) memcpy(a.dq + ((t0 + r) * a.Hq + h) * D, dqb + r * Dp, D * sizeof(float));
 }
@@ -219,34 +236,30 @@ static inline __attribute__((always_inline)) void attention_backward_dq_rows(con
 template <int MR, int NR>
 static inline __attribute__((always_inline)) void attention_backward_dkdv_rows(const AttnCpu& a, size_t j0, int hk,
                                                                                float* scratch) {
-    const int D = a.D, Dp = attn_round_up(D, NR), group = a.Hq / a.Hkv, T = ATTN_CPU_TILE;
+    const int D = a.D, Dp = a.Dp, group = a.Hq / a.Hkv, T = ATTN_CPU_TILE;
     const int nk = (int)attn_min_cpu(ATTN_CPU_ROWS, a.Tk - j0), rk = attn_round_up(nk, MR);
-    float* kb = scratch;       // (rk, D) this block's key rows
-    float* vb = kb + rk * D;   // (rk, D) and value rows
-    float* qt = vb + rk * D;   // (D, TILE) the query tile, transposed
-    float* ot = qt + D * T;    // (D, TILE) its output gradients dO, transposed
-    float* qr = ot + D * T;    // (TILE, Dp) the query tile as rows
-    float* orr = qr + T * Dp;  // (TILE, Dp) dO as rows
-    float* p = orr + T * Dp;   // (rk, TILE) P^T: key row j, query column t (0 in the padding rows)
-    float* ds = p + rk * T;    // (rk, TILE) dO_t . v_j, then dS^T
-    float* dkb = ds + rk * T;  // (rk, Dp) dk of the block's rows
+    float* kb = scratch;         // (rk, D) this block's key rows
+    float* vb = kb + rk * D;     // (rk, D) and value rows
+    float* p = vb + rk * D;      // (rk, TILE) P^T: key row j, query column t (0 in the padding rows)
+    float* ds = p + rk * T;      // (rk, TILE) dO_t . v_j, then dS^T
+    float* dkb = ds + rk * T;    // (rk, Dp) dk of the block's rows
     float* dvb = dkb + rk * Dp;  // (rk, Dp) dv
-    float* L = dvb + rk * Dp;  // (TILE) the tile's lse
-    float* dl = L + T;         // (TILE) and delta
+    float* L = dvb + rk * Dp;    // (TILE) the tile's lse
+    float* dl = L + T;           // (TILE) and delta
     attn_rows_cpu(kb, rk, D, a.k, j0, nk, a.Hkv, hk, D);
     attn_rows_cpu(vb, rk, D, a.v, j0, nk, a.Hkv, hk, D);
     attn_rows_cpu(dkb, rk, Dp, a.dk, j0, nk, a.Hkv, hk, D);
     attn_rows_cpu(dvb, rk, Dp, a.dv, j0, nk, a.Hkv, hk, D);
-    for (int h = hk * group; h < (hk + 1) * group; h++)
-        for (size_t q0 = a.causal ? j0 : 0; q0 < a.Tq; q0 += T) {
+    for (int h = hk * group; h < (hk + 1) * group; h++) {
+        const float* qt = a.qt + (size_t)h * a.ntq * D * T;  // (ntq, D, TILE) this head's queries, transposed
+        const float* ot = a.ot + (size_t)h * a.ntq * D * T;  // (ntq, D, TILE) their output gradients, transposed
+        const float* qr = a.qr + (size_t)h * a.Tq * Dp;   // (Tq, Dp) the queries as rows
+        const float* orr = a.orr + (size_t)h * a.Tq * Dp;  // (Tq, Dp) dO as rows
+        for (size_t q0 = a.causal ? j0 / T * T : 0; q0 < a.Tq; q0 += T) {  // (causal: from the tile holding j0)
             const int nt = (int)attn_min_cpu(T, a.Tq - q0), ntp = attn_round_up(nt, NR);
-            attn_cols_cpu(qt, a.q, q0, nt, a.Hq, h, D);
-            attn_cols_cpu(ot, a.dout, q0, nt, a.Hq, h, D);
-            attn_rows_cpu(qr, nt, Dp, a.q, q0, nt, a.Hq, h, D);
-            attn_rows_cpu(orr, nt, Dp, a.dout, q0, nt, a.Hq, h, D);
             for (int c = 0; c < nt; c++) L[c] = a.lse_in[(q0 + c) * a.Hq + h], dl[c] = a.delta[(q0 + c) * a.Hq + h];
-            attn_mm<MR, NR, false>(p, T, kb, D, qt, T, rk, ntp, D);   // p = k_j . q_t
-            attn_mm<MR, NR, false>(ds, T, vb, D, ot, T, rk, ntp, D);  // ds = v_j . dO_t
+            attn_mm<MR, NR, false>(p, T, kb, D, qt + q0 * D, T, rk, ntp, D);   // p = k_j . q_t
+            attn_mm<MR, NR, false>(ds, T, vb, D, ot + q0 * D, T, rk, ntp, D);  // ds = v_j . dO_t
             for (int r = 0; r < nk; r++) {
                 const size_t j = j0 + r;
                 const int lo = a.causal && j > q0 ? (int)attn_min_cpu(j - q0, nt) : 0;  // first query seeing j
@@ -259,9 +272,10 @@ static inline __attribute__((always_inline)) void attention_backward_dkdv_rows(c
                     dsr[c] = pc * (dsr[c] - dl[c]) * a.scale;
                 }
             }
-            attn_mm<MR, NR, true>(dvb, Dp, p, T, orr, Dp, rk, Dp, nt);  // dv_j += P_tj dO_t
-            attn_mm<MR, NR, true>(dkb, Dp, ds, T, qr, Dp, rk, Dp, nt);  // dk_j += dS_tj q_t
+            attn_mm<MR, NR, true>(dvb, Dp, p, T, orr + q0 * Dp, Dp, rk, Dp, nt);  // dv_j += P_tj dO_t
+            attn_mm<MR, NR, true>(dkb, Dp, ds, T, qr + q0 * Dp, Dp, rk, Dp, nt);  // dk_j += dS_tj q_t
         }
+    }
     for (int r = 0; r < nk; r++) {
         memcpy(a.dk + ((j0 + r) * a.Hkv + hk) * D, dkb + r * Dp, D * sizeof(float));
         memcpy(a.dv + ((j0 + r) * a.Hkv + hk) * D, dvb + r * Dp, D * sizeof(float));
@@ -269,25 +283,36 @@ static inline __attribute__((always_inline)) void attention_backward_dkdv_rows(c
 }
 
 // The three block functions once per instruction set with its register block (MR x NR as in
-// ops.cuh's gemm_tile variants), and a parallel loop over (block, head) tasks that calls the one
-// this CPU runs.
+// ops.cuh's gemm_tile variants), and the set this CPU runs (cpu_simd) with its NR, which sets Dp.
 typedef void (*AttnRowsFn)(const AttnCpu&, size_t, int, float*);
-#define ATTN_CPU_VARIANTS(BODY)                                                                              \
-    static void BODY##_base(const AttnCpu& a, size_t r0, int h, float* s) { BODY<4, 16>(a, r0, h, s); }      \
-    ATTN_CPU_SIMD_VARIANTS(BODY)                                                                              \
-    static inline AttnRowsFn BODY##_pick() { return ATTN_CPU_PICK(BODY); }
+struct AttnCpuKernels {
+    AttnRowsFn forward, backward_dq, backward_dkdv;
+    int nr;
+};
+#define ATTN_CPU_KERNELS(SET, ATTR, MR, NR)                                                                        \
+    ATTR static void attention_forward_rows_##SET(const AttnCpu& a, size_t r0, int h, float* s) {                  \
+        attention_forward_rows<MR, NR>(a, r0, h, s);                                                               \
+    }                                                                                                              \
+    ATTR static void attention_backward_dq_rows_##SET(const AttnCpu& a, size_t r0, int h, float* s) {              \
+        attention_backward_dq_rows<MR, NR>(a, r0, h, s);                                                           \
+    }                                                                                                              \
+    ATTR static void attention_backward_dkdv_rows_##SET(const AttnCpu& a, size_t r0, int h, float* s) {            \
+        attention_backward_dkdv_rows<MR, NR>(a, r0, h, s);                                                         \
+    }                                                                                                              \
+    static const AttnCpuKernels attn_cpu_##SET = {attention_forward_rows_##SET, attention_backward_dq_rows_##SET, \
+                                                  attention_backward_dkdv_rows_##SET, NR};
+ATTN_CPU_KERNELS(base, , 4, 16)
 #ifdef CPU_SIMD_VARIANTS
-#define ATTN_CPU_SIMD_VARIANTS(BODY)                                                                          \
-    CPU_AVX512 static void BODY##_avx512(const AttnCpu& a, size_t r0, int h, float* s) { BODY<8, 32>(a, r0, h, s); } \
-    CPU_AVX2 static void BODY##_avx2(const AttnCpu& a, size_t r0, int h, float* s) { BODY<6, 16>(a, r0, h, s); }
-#define ATTN_CPU_PICK(BODY) cpu_simd() == 2 ? BODY##_avx512 : cpu_simd() == 1 ? BODY##_avx2 : BODY##_base
-#else
-#define ATTN_CPU_SIMD_VARIANTS(BODY)
-#define ATTN_CPU_PICK(BODY) BODY##_base
+ATTN_CPU_KERNELS(avx512, CPU_AVX512, 8, 32)
+ATTN_CPU_KERNELS(avx2, CPU_AVX2, 6, 16)
 #endif
-ATTN_CPU_VARIANTS(attention_forward_rows)
-ATTN_CPU_VARIANTS(attention_backward_dq_rows)
-ATTN_CPU_VARIANTS(attention_backward_dkdv_rows)
+static inline const AttnCpuKernels& attn_cpu_kernels() {
+#ifdef CPU_SIMD_VARIANTS
+    return cpu_simd() == 2 ? attn_cpu_avx512 : cpu_simd() == 1 ? attn_cpu_avx2 : attn_cpu_base;
+#else
+    return attn_cpu_base;
+#endif
+}
 
 // rows (T) in blocks of ATTN_CPU_ROWS, times H heads: one task each, scheduled dynamically
 // (causal blocks near the end have more keys), each thread with its own scratch
@@ -296,10 +321,19 @@ static inline void attn_cpu_run(AttnRowsFn rows, const AttnCpu& a, size_t T, int
     if (nb == 0 || H <= 0) return;
 #pragma omp parallel
     {
-        std::vector<float> scratch(attn_cpu_scratch(a.D));
+        std::vector<float> scratch(attn_cpu_scratch(a.D, a.Dp));
 #pragma omp for schedule(dynamic)
         for (size_t i = 0; i < nb * H; i++) rows(a, (nb - 1 - i / H) * ATTN_CPU_ROWS, (int)(i % H), scratch.data());
     }
+}
+
+// The call's shapes, and Dp for the register block of the set in use.
+static inline AttnCpu attn_cpu_args(size_t Tq, size_t Tk, int Hq, int Hkv, int D, bool causal) {
+    AttnCpu a = {};
+    a.Tq = Tq, a.Tk = Tk, a.ntq = (Tq + ATTN_CPU_TILE - 1) / ATTN_CPU_TILE, a.ntk = (Tk + ATTN_CPU_TILE - 1) / ATTN_CPU_TILE;
+    a.Hq = Hq, a.Hkv = Hkv, a.D = D, a.Dp = attn_round_up(D, attn_cpu_kernels().nr);
+    a.causal = causal, a.scale = 1.0f / sqrtf((float)D);
+    return a;
 }
 
 // One (q_i, k_j, v_j) block, merged into the running (o, lse). Before the first block of a query
@@ -307,10 +341,13 @@ static inline void attn_cpu_run(AttnRowsFn rows, const AttnCpu& a, size_t T, int
 // o_b e^(lse_b - lse'), with (o_b, lse_b) this block's attention (attention_forward_rows).
 static inline void attention_forward_cpu(float* o, float* lse, const float* q, const float* k, const float* v,
                                          size_t Tq, size_t Tk, int Hq, int Hkv, int D, bool causal) {
-    AttnCpu a = {};
+    AttnCpu a = attn_cpu_args(Tq, Tk, Hq, Hkv, D, causal);
     a.o = o, a.lse = lse, a.q = q, a.k = k, a.v = v;
-    a.Tq = Tq, a.Tk = Tk, a.Hq = Hq, a.Hkv = Hkv, a.D = D, a.causal = causal, a.scale = 1.0f / sqrtf((float)D);
-    attn_cpu_run(attention_forward_rows_pick(), a, Tq, Hq);
+    std::vector<float> kt(Hkv * a.ntk * D * ATTN_CPU_TILE), vr((size_t)Hkv * Tk * a.Dp);  // (Hkv, ntk, D, TILE), (Hkv, Tk, Dp)
+    attn_pack_cols(kt.data(), k, Tk, Hkv, D);
+    attn_pack_rows(vr.data(), a.Dp, v, Tk, Hkv, D);
+    a.kt = kt.data(), a.vr = vr.data();
+    attn_cpu_run(attn_cpu_kernels().forward, a, Tq, Hq);
 }
 
 // delta (Tq, Hq) = rowsum(dO * O), once per query chunk before its backward blocks.
@@ -330,11 +367,23 @@ static inline void attention_delta_cpu(float* delta, const float* dout, const fl
 static inline void attention_backward_cpu(float* dq, float* dk, float* dv, const float* dout, const float* q,
                                           const float* k, const float* v, const float* lse, const float* delta,
                                           size_t Tq, size_t Tk, int Hq, int Hkv, int D, bool causal) {
-    AttnCpu a = {};
+    AttnCpu a = attn_cpu_args(Tq, Tk, Hq, Hkv, D, causal);
     a.dq = dq, a.dk = dk, a.dv = dv, a.dout = dout, a.q = q, a.k = k, a.v = v, a.lse_in = lse, a.delta = delta;
-    a.Tq = Tq, a.Tk = Tk, a.Hq = Hq, a.Hkv = Hkv, a.D = D, a.causal = causal, a.scale = 1.0f / sqrtf((float)D);
-    attn_cpu_run(attention_backward_dq_rows_pick(), a, Tq, Hq);
-    attn_cpu_run(attention_backward_dkdv_rows_pick(), a, Tk, Hkv);
+    {
+        std::vector<float> kt(Hkv * a.ntk * D * ATTN_CPU_TILE), vt(kt.size()), kr((size_t)Hkv * Tk * a.Dp);
+        attn_pack_cols(kt.data(), k, Tk, Hkv, D);  // (Hkv, ntk, D, TILE)
+        attn_pack_cols(vt.data(), v, Tk, Hkv, D);  // (Hkv, ntk, D, TILE)
+        attn_pack_rows(kr.data(), a.Dp, k, Tk, Hkv, D);   // (Hkv, Tk, Dp)
+        a.kt = kt.data(), a.vt = vt.data(), a.kr = kr.data();
+        attn_cpu_run(attn_cpu_kernels().backward_dq, a, Tq, Hq);
+    }
+    std::vector<float> qt(Hq * a.ntq * D * ATTN_CPU_TILE), ot(qt.size()), qr((size_t)Hq * Tq * a.Dp), orr(qr.size());
+    attn_pack_cols(qt.data(), q, Tq, Hq, D);               // (Hq, ntq, D, TILE)
+    attn_pack_cols(ot.data(), dout, Tq, Hq, D);            // (Hq, ntq, D, TILE)
+    attn_pack_rows(qr.data(), a.Dp, q, Tq, Hq, D);         // (Hq, Tq, Dp)
+    attn_pack_rows(orr.data(), a.Dp, dout, Tq, Hq, D);     // (Hq, Tq, Dp)
+    a.qt = qt.data(), a.ot = ot.data(), a.qr = qr.data(), a.orr = orr.data();
+    attn_cpu_run(attn_cpu_kernels().backward_dkdv, a, Tk, Hkv);
 }
 
 // ----------------------------------------------------------------------------
