@@ -121,6 +121,75 @@ static inline int cpu_simd() {
     return cpu_simd_level;
 }
 #endif
+static inline const char* cpu_simd_name() {
+#ifdef CPU_SIMD_VARIANTS
+    return cpu_simd() == 2 ? "AVX-512" : cpu_simd() == 1 ? "AVX2 + FMA" : "baseline x86-64";
+#else
+    return "baseline";
+#endif
+}
+
+// The peak fp32 rate of the vector unit, measured: 12 independent chains x = x * b + c, each on a
+// whole vector register of W floats (12 chains hide the latency of two pipelined FMA units),
+// for `rounds` rounds. Returns the floating-point operations done (2 per element and round).
+// x0 keeps the compiler from computing the result ahead.
+template <int W>
+static inline __attribute__((always_inline)) double cpu_fma_chains(long rounds, float x0, float* out) {
+    float x[12][W];
+    for (int i = 0; i < 12; i++)
+        for (int j = 0; j < W; j++) x[i][j] = x0 + 0.01f * (i * W + j);
+    for (long r = 0; r < rounds; r++)
+        for (int i = 0; i < 12; i++)
+#pragma omp simd
+            for (int j = 0; j < W; j++) x[i][j] = x[i][j] * 0.9999f + 0.0001f;
+    float sum = 0.0f;
+    for (int i = 0; i < 12; i++)
+        for (int j = 0; j < W; j++) sum += x[i][j];
+    *out = sum;
+    return 2.0 * 12 * W * rounds;
+}
+#ifdef CPU_SIMD_VARIANTS
+CPU_AVX512 static double cpu_fma_chains_avx512(long n, float x0, float* out) { return cpu_fma_chains<16>(n, x0, out); }
+CPU_AVX2 static double cpu_fma_chains_avx2(long n, float x0, float* out) { return cpu_fma_chains<8>(n, x0, out); }
+#endif
+static double cpu_fma_chains_base(long n, float x0, float* out) { return cpu_fma_chains<4>(n, x0, out); }
+// FLOP/s of all this process's threads running the chains of the set in use at once, for about
+// `seconds` in all (the best of 3 tries: a core taken away by another process only lowers a try).
+static inline double cpu_peak_flops(double seconds) {
+#ifdef CPU_SIMD_VARIANTS
+    double (*chains)(long, float, float*) =
+        cpu_simd() == 2 ? cpu_fma_chains_avx512 : cpu_simd() == 1 ? cpu_fma_chains_avx2 : cpu_fma_chains_base;
+#else
+    double (*chains)(long, float, float*) = cpu_fma_chains_base;
+#endif
+    auto now = [] { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); };
+    volatile float sink = 0.0f;  // the chains' results are used, so they are computed
+    float out;
+    long rounds = 1000;  // calibration, one thread: rounds for `seconds` / 3 per try
+    double dt = 0.0;
+    while (dt < 0.01) {
+        rounds *= 2;
+        const double t0 = now();
+        chains(rounds, 1.0f, &out);
+        dt = now() - t0;
+        sink = out;
+    }
+    rounds = std::max(1000L, (long)(rounds * seconds / 3 / dt));
+    double best = 0.0;
+    for (int attempt = 0; attempt < 3; attempt++) {
+        double flops = 0.0;
+        const double t0 = now();
+#pragma omp parallel reduction(+ : flops)
+        {
+            float mine;
+            flops += chains(rounds, 1.0f, &mine);
+            sink = mine;
+        }
+        best = std::max(best, flops / (now() - t0));
+    }
+    (void)sink;
+    return best;
+}
 
 // ----------------------------------------------------------------------------
 // The CPU matrix multiply under both matmul functions:
