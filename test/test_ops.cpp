@@ -29,6 +29,7 @@
 #include "common.h"
 #include "loss.cuh"
 #include "ops.cuh"
+#include "test/cli.h"
 #include "test/testutil.h"
 
 using vf = std::vector<float>;
@@ -959,6 +960,37 @@ TEST(AttentionTiled, TileEdgesInEveryVariant) {
     check_tiled_attention(1, 3, 1, 1, 4, false, 1005);                        // one query row
     check_tiled_attention(2 * rows + 5, 2 * rows + 5, 2, 1, 40, true, 1006);  // D between register widths
     check_tiled_attention(tile + 9, 2 * tile + 1, 2, 2, 33, false, 1007);     // odd D, Tq != Tk
+}
+
+// Every instruction set below the one this CPU runs (FPDT_CPU_SIMD caps it, ops.cuh) passes the
+// finite-difference and double-reference tests of the ops above and the PyTorch and transformers
+// reference tests of the whole model: this test program again on those suites with the set
+// forced (./fpdt, which some of them run, inherits it), on one thread (these small problems gain
+// nothing from more, and results do not depend on the thread count: Determinism). The set this
+// CPU runs passes them in the plain run; MatmulBlocked and AttentionTiled go through every set
+// themselves.
+TEST(SimdVariants, ReferenceTestsPassWithEachSetForced) {
+#ifndef CPU_SIMD_VARIANTS
+    GTEST_SKIP() << "one instruction set in this build";
+#else
+    if (getenv("FPDT_CPU_SIMD")) GTEST_SKIP() << "a forced run already (FPDT_CPU_SIMD set)";
+    char self[4096];
+    const ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
+    ASSERT_GT(n, 0);
+    self[n] = 0;
+    const std::string suites =
+        "Matmul.*:MatmulBf16.*:Norm.*:Activation.*:Rope.*:Embedding.*:Residual.*:Attention.*:CrossEntropy.*:"
+        "AdamW.*:GradNorm.*:Families/Reference.*:Variants/HfFixture.ImportedModelMatchesTransformers/*:"
+        "Variants/HfFixture.InitStepOneMatchesTransformersOnOneAndTwoRanks/*";
+    for (int l = 0; l < cpu_simd_detect(); l++) {
+        SCOPED_TRACE("FPDT_CPU_SIMD=" + std::to_string(l));
+        Out r = run("FPDT_CPU_SIMD=" + std::to_string(l) + " OMP_NUM_THREADS=1 " + self + " --gtest_filter='" + suites +
+                    "'");
+        EXPECT_EQ(r.rc, 0) << r.out;
+        EXPECT_EQ(r.out.find("[  FAILED  ]"), std::string::npos) << r.out;
+        EXPECT_GE(number_after(r.out, "[  PASSED  ] "), 20) << r.out;  // the suites ran
+    }
+#endif
 }
 
 // attn_exp, the softmax's vectorizable e^x, against exp in double over its whole range (2
