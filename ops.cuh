@@ -10,6 +10,18 @@
 #include <cmath>
 #include <type_traits>
 #include "common.h"
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+// Threads a parallel loop here runs on (1 in a build without OpenMP).
+static inline int cpu_threads() {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
 
 // ----------------------------------------------------------------------------
 // CUDA twins. Each CPU op foo_cpu(args) has a launcher foo_gpu(stream, args) right below it with
@@ -305,7 +317,13 @@ static inline void gemm_cpu(float* c, size_t ldc, const X* a, size_t rsa, size_t
 #else
     const TileFn tile = gemm_tile_base<X>;
 #endif
-    const size_t tm = (M + GEMM_MC - 1) / GEMM_MC, tn = (N + GEMM_NC - 1) / GEMM_NC;  // tiles down, across
+    // Tiles of GEMM_MC rows, or fewer where that would leave under 4 tiles a thread: a short
+    // matrix (a chunk of 256 tokens) then still keeps every thread busy to the end. Heights are
+    // multiples of 24, whole micro-panels for every MR.
+    const size_t tn = (N + GEMM_NC - 1) / GEMM_NC, want = (4 * cpu_threads() + tn - 1) / tn;  // tiles across; down
+    size_t mc = GEMM_MC;
+    if ((M + mc - 1) / mc < want) mc = std::max<size_t>(24, ((M + want - 1) / want + 23) / 24 * 24);
+    const size_t tm = (M + mc - 1) / mc;  // tiles down
 #pragma omp parallel
     {
         std::vector<float> ap((size_t)GEMM_MC * GEMM_KC), bp((size_t)GEMM_KC * GEMM_NC);  // this thread's panels
@@ -314,8 +332,8 @@ static inline void gemm_cpu(float* c, size_t ldc, const X* a, size_t rsa, size_t
             size_t packed_n0 = SIZE_MAX;  // the columns whose B panel bp holds for this slice
 #pragma omp for schedule(dynamic)
             for (size_t t = 0; t < tm * tn; t++) {
-                const size_t n0 = (t / tm) * GEMM_NC, m0 = (t % tm) * GEMM_MC;
-                tile(c, ldc, a, rsa, csa, b, rsb, csb, m0, (int)std::min<size_t>(GEMM_MC, M - m0), n0,
+                const size_t n0 = (t / tm) * GEMM_NC, m0 = (t % tm) * mc;
+                tile(c, ldc, a, rsa, csa, b, rsb, csb, m0, (int)std::min(mc, M - m0), n0,
                      (int)std::min<size_t>(GEMM_NC, N - n0), k0, kc, n0 != packed_n0, ap.data(), bp.data());
                 packed_n0 = n0;
             }  // (the loop's barrier: a slice is added everywhere before the next begins)
