@@ -900,10 +900,11 @@ TEST(MatmulBlocked, TileEdgesInEveryVariant) {
     }
 }
 
-// Attention over several query blocks and key tiles (ATTN_CPU_ROWS, ATTN_CPU_TILE): lengths that
+// Attention over several tiles (48 rows with AVX2, 64 otherwise: attn_cpu_kernels): lengths that
 // are not multiples of either, causal diagonal tiles, Tq != Tk, grouped-query heads, D = 2 and
-// D = 256. The forward against attention_ref; the backward against the analytic gradients in
-// double (the finite-difference tests above pin those formulas on small blocks):
+// D = 256, and more key tiles than dq groups (ATTN_CPU_DQ_GROUPS). The forward against
+// attention_ref; the backward against the analytic gradients in double (the finite-difference
+// tests above pin those formulas on small blocks):
 //   P = e^(S - lse), dP = dO V^T, dS = P (dP - rowsum(dO O)), dq = scale dS K, dk = scale dS^T Q, dv = P^T dO.
 static void check_tiled_attention(int Tq, int Tk, int Hq, int Hkv, int D, bool causal, uint64_t seed) {
     SCOPED_TRACE(::testing::Message() << "Tq=" << Tq << " Tk=" << Tk << " Hq=" << Hq << " Hkv=" << Hkv << " D=" << D
@@ -952,14 +953,14 @@ static void check_tiled_attention(int Tq, int Tk, int Hq, int Hkv, int D, bool c
 }
 
 TEST(AttentionTiled, TileEdgesInEveryVariant) {
-    const int rows = ATTN_CPU_ROWS, tile = ATTN_CPU_TILE;
-    check_tiled_attention(2 * tile + 3, 2 * tile + 3, 4, 2, 2, true, 1001);   // causal diagonals, GQA, D = 2
-    check_tiled_attention(rows + 1, tile + 5, 2, 1, 256, false, 1002);        // Tq != Tk, D = 256
-    check_tiled_attention(tile, tile, 2, 2, 64, true, 1003);                  // exact multiples
-    check_tiled_attention(2 * tile + 1, rows - 1, 3, 1, 8, false, 1004);       // Tq > Tk, one partial tile
-    check_tiled_attention(1, 3, 1, 1, 4, false, 1005);                        // one query row
-    check_tiled_attention(2 * rows + 5, 2 * rows + 5, 2, 1, 40, true, 1006);  // D between register widths
-    check_tiled_attention(tile + 9, 2 * tile + 1, 2, 2, 33, false, 1007);     // odd D, Tq != Tk
+    check_tiled_attention(131, 131, 4, 2, 2, true, 1001);   // causal diagonals, GQA, D = 2
+    check_tiled_attention(49, 69, 2, 1, 256, false, 1002);  // Tq != Tk, D = 256
+    check_tiled_attention(192, 192, 2, 2, 64, true, 1003);  // whole tiles of 48 and of 64
+    check_tiled_attention(129, 47, 3, 1, 8, false, 1004);   // Tq > Tk, one partial key tile
+    check_tiled_attention(1, 3, 1, 1, 4, false, 1005);      // one query row
+    check_tiled_attention(101, 101, 2, 1, 40, true, 1006);  // D between register widths
+    check_tiled_attention(73, 129, 2, 2, 33, false, 1007);  // odd D, Tq != Tk
+    check_tiled_attention(581, 581, 2, 1, 4, true, 1008);   // 10-13 key tiles: groups of dq take two
 }
 
 // Every instruction set below the one this CPU runs (FPDT_CPU_SIMD caps it, ops.cuh) passes the
