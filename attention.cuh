@@ -10,6 +10,9 @@
 #include <cmath>
 #include "common.h"
 #include "ops.cuh"  // cpu_simd: the instruction set the CPU loops run on
+#ifdef __CUDACC__
+#include "cuda_common.cuh"
+#endif
 
 // The CPU functions tile the work as FlashAttention does, in squares of TILE queries by TILE keys
 // of one head; a causal call visits only the squares at or below the diagonal, and masks only
@@ -409,7 +412,6 @@ static inline void attention_backward_cpu(float* dq, float* dk, float* dv, const
 // each tile's share in registers before adding it, and sums dq per group of key tiles first, so
 // the two agree to rounding, not bit for bit.
 #ifdef __CUDACC__
-#include "cuda_common.cuh"
 
 #define ATTN_ROWS 8   // warps per block = output rows per block
 #define ATTN_TILE 32  // rows per shared-memory tile: one per lane for the scores

@@ -409,7 +409,7 @@ static inline void ckpt_params_slice_host(Model* M, uint64_t lo, uint64_t hi, st
 
 // Everything this rank holds, downloaded: its weights (all of them, or its shard under ZeRO-3)
 // and its moments (shard_n each). ckpt_state_to_model puts it back into a model of another run
-// shape (fpdt.cu's model_reshape: the parameter layout does not depend on the sequence).
+// shape (train.h's model_reshape: the parameter layout does not depend on the sequence).
 static inline void ckpt_model_to_host(Model* M, std::vector<float>* w, std::vector<float>* m, std::vector<float>* v) {
     w->resize(M->run.zero >= 3 ? M->shard_n : M->n_padded), m->resize(M->shard_n), v->resize(M->shard_n);
     dev_download(&M->ctx, w->data(), M->params, w->size() * sizeof(float));

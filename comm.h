@@ -2,7 +2,7 @@
 // `mpirun -np P ./fpdt ...` (or srun). MPI moves CPU buffers (the CPU backend, and CI's real
 // multi-process tests). NCCL moves GPU buffers when every rank has a GPU of its own (its unique
 // id travels over MPI); ranks sharing a GPU (NCCL refuses that) stage GPU buffers through host
-// memory and MPI (model.h). Without mpirun the program is a group of one and MPI is not touched
+// memory and MPI (ulysses.h, zero.h). Without mpirun the program is a group of one and MPI is not touched
 // at all, so `./fpdt train` needs no launcher.
 //
 // Errors: a problem every rank sees alike (a bad flag, a bad shape) is reported once, by rank 0,
@@ -15,6 +15,9 @@
 #include <climits>
 #include <thread>
 #include "common.h"
+#ifdef __CUDACC__
+#include <nccl.h>
+#endif
 
 #define MPI_CHECK(call)                                                                \
     do {                                                                               \
@@ -231,7 +234,6 @@ static inline void comm_barrier() {
 #ifdef __CUDACC__
 // ----------------------------------------------------------------------------
 // NCCL for GPU buffers, on the given stream (no host synchronisation).
-#include <nccl.h>
 
 #define NCCL_CHECK(call)                                                                            \
     do {                                                                                            \

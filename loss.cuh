@@ -4,6 +4,10 @@
 #pragma once
 #include <cmath>
 #include "common.h"
+#ifdef __CUDACC__
+#include <climits>
+#include "cuda_common.cuh"
+#endif
 
 // For each row t of logits (T, V): loss[t] = logsumexp(logits[t]) - logits[t][target[t]],
 // pred[t] = argmax; then logits is overwritten with dlogits = (softmax - onehot(target)) * dscale
@@ -72,8 +76,6 @@ static inline void scale_cpu(float* g, size_t n, float s) {
 // the stream first. Every reduction has a fixed shape (block sizes are constants, partial sums
 // combined in a fixed order), so results are the same bits from run to run.
 #ifdef __CUDACC__
-#include <climits>
-#include "cuda_common.cuh"
 
 #define LOSS_THREADS 512  // threads per crossentropy block (one block per row)
 

@@ -1,21 +1,14 @@
-// model.h: model configurations, parameters, and the FPDT schedule — the layer forward and
-// backward as chunk loops over op calls, with the host store (offload.h), the all-to-alls
-// (ulysses.h) and the recompute from each layer's stored input. Written once over the ops; the
-// backend behind the ops and copies decides where it runs.
-//
-// Precision (--precision): fp32 throughout, or bf16 mixed precision: the matmuls read bf16
-// operands (the weights' bf16 copy, activations rounded as they go in) and sum in fp32; the layer
-// inputs, q, k, v and dO are rounded to bf16 where they are stored (round_stored) and kept in bf16
-// on the host when offloaded; the all-to-alls carry bf16 (on one rank too); master weights, gradients, AdamW moments, the attention's O, LSE and
-// dQ accumulators, the loss and the O(C) working set stay fp32.
+// model.h: the model on one rank, and nothing that runs a pass. Configurations and presets; the
+// parameter table and its views; a run's shape (RunCfg) and its rules; struct Model (parameters,
+// gradients, optimizer state, the host store, the O(C) working set) and its memory layout; the
+// tensor groups the sharding moves (zero.h); creation, initialisation and token placement.
+// What runs a pass over this model is in schedule.h; the all-to-all in ulysses.h; the sharding
+// and the optimizer step in zero.h. Each of those includes this file; this file includes none of them.
 //
 // Notation: S sequence length (global), P ranks, C chunk length (global), u = S/C chunks,
 // cl = C/P tokens of a chunk on this rank, H/Hkv query/kv heads, Hl/Hkvl the heads of this rank
 // after the all-to-all, D head size, d model width, V vocab, L layers, F the MLP's hidden width
 // (F2 = 2F for SwiGLU's gate and up halves), Q3 = (H + 2 Hkv) D the QKV projection's width.
-// The residual stream's gradient over the backward pass (the store `dresid`): at layer l's start
-// dL/d(output of l); after phase 1 dL/d(x_mid of l) (the residual after attention); after phase 2
-// dL/d(input of l), which is layer l-1's output gradient.
 #pragma once
 #include <map>
 #include <string>
@@ -221,7 +214,7 @@ struct Model {
     bf16* wlow = nullptr;  // (n_padded) bf16 mode, ZeRO 0-2: the weights rounded to bf16, what the matmuls read
     ModelW w, g;        // every tensor's weights and gradients (ZeRO-2/3: pointed into the buffers below)
     // ZeRO-2/3 (zero.h): tensor groups (0 wte, 1 + l layer l, L + 1 the tail) as flat ranges
-    std::vector<size_t> group_lo, group_hi;
+    std::vector<size_t> group_lo, group_hi;  // tensor groups (below)
     size_t group_max = 0;                 // the largest layer or tail group
     float *gbuf[2] = {}, *gbuf_wte = nullptr;        // (group_max) x2, (V d): gradients in flight
     float *wgather[2] = {}, *wgather_wte = nullptr;  // ZeRO-3 (group_max) x2, (V d): gathered weights
@@ -232,7 +225,8 @@ struct Model {
     ChunkStore tokens, targets;  // (u, cl) int32
     ChunkStore layer_in;         // ((L+1) u, cl*d): the input of every layer, and the last layer's output
                                  // (what the backward recomputes each layer from: activation checkpoints)
-    ChunkStore dresid;           // (u, cl*d): the residual stream's gradient, updated in place (see the header)
+    ChunkStore dresid;           // (u, cl*d): the residual stream's gradient, updated in place (its meaning
+                                 // phase by phase: schedule.h's header)
     ChunkStore q, k, v;          // (u, C*Hl*D), (u, C*Hkvl*D) x2: one layer's
     ChunkStore lse, dout, delta, dq;  // (u, C*Hl), (u, C*Hl*D), (u, C*Hl), (u, C*Hl*D)
     // working set (device), shapes per buffer
@@ -262,8 +256,33 @@ struct Model {
     float* logits_out = nullptr;  // test hook: if set, (Sl, V) host logits are written here
 };
 
-#include "ulysses.h"  // the all-to-all (reads the Model above)
-#include "zero.h"     // the sharding: groups, gathers, reduce-scatters, the optimizer step
+// ----------------------------------------------------------------------------
+// Tensor groups: the ranges of the flat parameter array that move together under ZeRO-2/3
+// (zero.h) and that the schedule names when it asks for a layer's weights or hands back its
+// gradients. Group 0 is wte, group 1 + l layer l's tensors, group L + 1 the tail (final norm, an
+// untied LM head, and the padding up to n_padded). They are part of the layout: model_create sets
+// them before it sizes the buffers that hold one group.
+
+static inline int zero_groups(const Model* M) { return M->cfg.n_layer + 2; }
+static inline int group_of_layer(int l) { return 1 + l; }
+static inline int tail_group(const Model* M) { return M->cfg.n_layer + 1; }
+
+// Group boundaries from the parameter table, and the largest layer or tail group.
+static inline void model_set_groups(Model* M) {
+    const int L = M->cfg.n_layer;
+    M->group_lo.assign(L + 2, 0), M->group_hi.assign(L + 2, 0);
+    for (const ParamInfo& p : M->table) {
+        int g = p.name == "wte" ? 0 : p.name.rfind("h.", 0) == 0 ? group_of_layer(atoi(p.name.c_str() + 2)) : L + 1;
+        if (M->group_hi[g] == 0) M->group_lo[g] = p.offset;
+        M->group_hi[g] = p.offset + p.numel();
+    }
+    M->group_hi[L + 1] = M->n_padded;
+    M->group_max = 0;  // the largest layer or tail group (what a double-buffer slot holds)
+    for (int g = 1; g <= L + 1; g++) M->group_max = std::max(M->group_max, M->group_hi[g] - M->group_lo[g]);
+}
+
+// ----------------------------------------------------------------------------
+// Memory layout, creation, initialisation
 
 static inline void model_layout(Model* M) {
     const Config& c = M->cfg;
@@ -294,12 +313,13 @@ static inline void model_layout(Model* M) {
     M->opt_m = arena_alloc<float>(dev, M->shard_n, "optimizer: AdamW m");
     M->opt_v = arena_alloc<float>(dev, M->shard_n, "optimizer: AdamW v");
     // bf16 mode: layer inputs, q, k, v and dO are stored in bf16 (the schedule rounds them before
-    // it puts them); the gradient, lse, delta and dQ accumulate across visits and stay fp32
+    // it puts them); dresid and dQ accumulate across visits and stay fp32, and so do lse and delta
+    // (written once per chunk, but softmax statistics that bf16 would coarsen)
     const bool b16 = M->run.bf16;
     store_init(&M->ctx, &M->tokens, "store: tokens", cl * 4, M->u, off, 2, dev, host);
     store_init(&M->ctx, &M->targets, "store: targets", cl * 4, M->u, off, 2, dev, host);
     store_init(&M->ctx, &M->layer_in, "store: layer inputs", cl * d * 4, (L + 1) * M->u, off, 3, dev, host, b16);
-    store_init(&M->ctx, &M->dresid, "store: gradient", cl * d * 4, M->u, off, 2, dev, host);
+    store_init(&M->ctx, &M->dresid, "store: dresid", cl * d * 4, M->u, off, 2, dev, host);
     store_init(&M->ctx, &M->q, "store: q", qc * 4, M->u, off, 3, dev, host, b16);
     store_init(&M->ctx, &M->k, "store: k", kvc * 4, M->u, off, 3, dev, host, b16);
     store_init(&M->ctx, &M->v, "store: v", kvc * 4, M->u, off, 3, dev, host, b16);
@@ -366,7 +386,7 @@ static inline void model_create(Model* M, const Config& c, const RunCfg& r, bool
     M->table = param_table(c, &M->n_params);
     M->n_padded = align_up(M->n_params, r.P);
     M->shard_n = r.zero ? M->n_padded / r.P : M->n_padded;
-    zero_set_groups(M);
+    model_set_groups(M);
     reset_arenas(M);
     M->dev.count_only = M->host.count_only = true;
     model_layout(M);  // dry run: how much of each
@@ -486,363 +506,3 @@ static inline void model_set_token_arrays(Model* M, const int32_t* tokens, const
     }
 }
 
-// ----------------------------------------------------------------------------
-// The layer, chunk by chunk
-
-// The matmuls of the schedule. fp32: as they are. bf16: both operands rounded to bf16 (the
-// activation into cast_a/cast_b, the weight from its copy at the same offset in wlow), fp32 sums,
-// fp32 results.
-// ZeRO-3: the weights live in the gathered buffers, each with its bf16 copy.
-static inline const bf16* low(const Model* M, const float* w) {
-    if (M->run.zero < 3) return M->wlow + (w - M->params);
-    if (w >= M->wgather_wte && w < M->wgather_wte + (size_t)M->cfg.vocab * M->cfg.d_model)
-        return M->wgather_wte_low + (w - M->wgather_wte);
-    for (int s = 0; s < 2; s++)
-        if (w >= M->wgather[s] && w < M->wgather[s] + M->group_max) return M->wgather_low[s] + (w - M->wgather[s]);
-    fatal("internal: a weight outside the gathered buffers");
-}
-static inline void mm_forward(Model* M, float* out, const float* inp, const float* w, const float* b, size_t T, int IC,
-                              int OC) {
-    Ctx* ctx = &M->ctx;
-    (void)ctx;  // the CPU-only build's MATMUL() does not read it
-    if (!M->run.bf16) return (void)MATMUL(ctx, matmul_forward, out, inp, w, b, T, IC, OC);
-    OP(ctx, to_bf16, M->cast_a, inp, T * IC);
-    MATMUL(ctx, matmul_forward, out, (const bf16*)M->cast_a, low(M, w), b, T, IC, OC);
-}
-static inline void mm_backward(Model* M, float* dinp, float* dw, float* db, const float* dout, const float* inp,
-                               const float* w, size_t T, int IC, int OC) {
-    Ctx* ctx = &M->ctx;
-    (void)ctx;
-    if (!M->run.bf16) return (void)MATMUL(ctx, matmul_backward, dinp, dw, db, dout, inp, w, T, IC, OC);
-    OP(ctx, to_bf16, M->cast_a, dout, T * OC);
-    OP(ctx, to_bf16, M->cast_b, inp, T * IC);
-    MATMUL(ctx, matmul_backward, dinp, dw, db, (const bf16*)M->cast_a, (const bf16*)M->cast_b, low(M, w), T, IC, OC);
-}
-// bf16 mode: x (n), about to be stored, takes the value its bf16 copy will have, so that what is
-// computed next from x is the same whether the store is offloaded (bf16 on the host) or not.
-static inline void round_stored(Model* M, float* x, size_t n) {
-    if (M->run.bf16) OP(&M->ctx, round_bf16, x, n);
-}
-
-static inline void set_positions(Model* M, int chunk) { dev_iota(&M->ctx, M->pos, (int32_t)(chunk * M->C), M->C); }
-
-// The MLP's hidden activations for rows [r0, r0 + n) of the chunk, from ln2: fch (n, F2) and
-// act (n, F). The MLP runs in blocks of at most mr rows so that these stay small for wide models.
-static inline void mlp_hidden(Model* M, int l, size_t r0, size_t n) {
-    const Config& c = M->cfg;
-    const LayerW& w = M->w.layer[l];
-    Ctx* ctx = &M->ctx;
-    (void)ctx;  // the CPU-only build's OP() does not read it
-    mm_forward(M, M->fch, M->ln2 + r0 * c.d_model, w.fc_w, w.fc_b, n, c.d_model, M->F2);  // (n, F2)
-    if (c.family == GPT) OP(ctx, gelu_forward, M->act, M->fch, n * c.ffn);
-    else OP(ctx, swiglu_forward, M->act, M->fch, n, c.ffn);  // (n, F)
-}
-
-// Forward of layer l on chunk i, from x (cl, d) = the layer input. Leaves every intermediate of the
-// chunk in the working set. Writes k_i, v_i to the store (later chunks attend to them) and, when
-// recomputing for the backward pass, q_i and lse_i too. Returns the layer output in `out` unless
-// out is null (the backward pass needs the intermediates, not the output).
-static inline void chunk_forward(Model* M, int l, int i, const float* x, float* out, bool for_backward) {
-    const Config& c = M->cfg;
-    const LayerW& w = M->w.layer[l];
-    Ctx* ctx = &M->ctx;
-    const size_t cl = M->cl, C = M->C, d = c.d_model, HD = (size_t)c.n_head * M->D;
-    const int D = M->D, Hl = M->Hl, Hkvl = M->Hkvl;
-    {
-        TraceScope ts(ctx, "norm + qkv", TRACK_COMPUTE, i);
-        OP(ctx, norm_forward, M->ln1, M->mean1, M->rstd1, x, w.ln1_w, w.ln1_b, cl, d, M->rms, c.norm_eps);
-        mm_forward(M, M->qkv, M->ln1, w.qkv_w, w.qkv_b, cl, d, M->Q3);  // (cl, Q3)
-    }
-    float* qi = store_produce(ctx, &M->q, i, SLOT_NEW);  // (C, Hl, D)
-    float* ki = store_produce(ctx, &M->k, i, SLOT_NEW);  // (C, Hkvl, D)
-    float* vi = store_produce(ctx, &M->v, i, SLOT_NEW);  // (C, Hkvl, D)
-    qkv_to_heads(M, i, M->qkv, qi, ki, vi);
-    set_positions(M, i);
-    OP(ctx, rope, qi, M->pos, C, Hl, D, rope_params(c), +1);
-    OP(ctx, rope, ki, M->pos, C, Hkvl, D, rope_params(c), +1);
-    round_stored(M, qi, C * Hl * D), round_stored(M, ki, C * Hkvl * D), round_stored(M, vi, C * Hkvl * D);
-    store_put(ctx, &M->k, i, SLOT_NEW);
-    store_put(ctx, &M->v, i, SLOT_NEW);
-    if (for_backward) store_put(ctx, &M->q, i, SLOT_NEW);
-
-    // attention of q_i over k_j, v_j for j <= i, double-buffered: fetch j+1 while j computes.
-    // k_0, v_0 were fetched at the end of chunk i-1's attention (below), behind its MLP.
-    dev_zero(ctx, M->o, C * Hl * D * sizeof(float));
-    dev_fill(ctx, M->lsew, -INFINITY, C * Hl);
-    for (int j = 0; j <= i; j++) {
-        if (j + 1 < i) store_prefetch(ctx, &M->k, j + 1, slot_of(j + 1)), store_prefetch(ctx, &M->v, j + 1, slot_of(j + 1));
-        const float* kj = j == i ? ki : store_use(ctx, &M->k, j, slot_of(j));
-        const float* vj = j == i ? vi : store_use(ctx, &M->v, j, slot_of(j));
-        TraceScope ts(ctx, "attention block", TRACK_COMPUTE, i);
-        OP(ctx, attention_forward, M->o, M->lsew, qi, kj, vj, C, C, Hl, Hkvl, D, j == i);
-    }
-    // Both callers (layer_forward, layer_backward's phase 1) run the chunks in order: the next
-    // chunk's first key/value block can come in now, while this chunk finishes.
-    if (i + 1 < M->u) store_prefetch(ctx, &M->k, 0, slot_of(0)), store_prefetch(ctx, &M->v, 0, slot_of(0));
-    if (for_backward) {
-        dev_copy(ctx, store_produce(ctx, &M->lse, i, SLOT_NEW), M->lsew, C * Hl * sizeof(float));
-        store_put(ctx, &M->lse, i, SLOT_NEW);
-    }
-    o_to_seq(M, i, M->o, M->oloc);
-
-    TraceScope ts(ctx, "out proj + mlp", TRACK_COMPUTE, i);
-    mm_forward(M, M->xmid, M->oloc, w.o_w, w.o_b, cl, (int)HD, d);  // (cl, d)
-    OP(ctx, add_inplace, M->xmid, x, cl * d);                                    // residual
-    OP(ctx, norm_forward, M->ln2, M->mean2, M->rstd2, M->xmid, w.ln2_w, w.ln2_b, cl, d, M->rms, c.norm_eps);
-    if (!out) return;  // the backward pass runs the MLP itself, block by block (layer_backward)
-    for (size_t r0 = 0; r0 < cl; r0 += M->mr) {
-        const size_t n = std::min(M->mr, cl - r0);
-        mlp_hidden(M, l, r0, n);
-        mm_forward(M, out + r0 * d, M->act, w.proj_w, w.proj_b, n, c.ffn, d);
-    }
-    OP(ctx, add_inplace, out, M->xmid, cl * d);  // residual
-    round_stored(M, out, cl * d);                // the next layer's input (kept: the backward recomputes from it)
-}
-
-static inline void layer_forward(Model* M, int l) {
-    Ctx* ctx = &M->ctx;
-    const int u = M->u;
-    ctx->layer = l;
-    store_prefetch(ctx, &M->layer_in, l * u, slot_of(0));
-    for (int i = 0; i < u; i++) {
-        if (i + 1 < u) store_prefetch(ctx, &M->layer_in, l * u + i + 1, slot_of(i + 1));
-        const float* x = store_use(ctx, &M->layer_in, l * u + i, slot_of(i));
-        float* out = store_produce(ctx, &M->layer_in, (l + 1) * u + i, SLOT_NEW);
-        chunk_forward(M, l, i, x, out, false);
-        store_put(ctx, &M->layer_in, (l + 1) * u + i, SLOT_NEW);
-    }
-}
-
-// Backward of layer l, phase 2 (attention): outer loop over kv chunks j, inner over query chunks
-// i >= j, from the last down to j so that the last visit, i == j, leaves the final dQ_j in its
-// slot. Then dQ_j, dK_j, dV_j go back through RoPE, the all-to-all, the QKV projection and the
-// first norm, taking dresid_j from dL/d(x_mid of l) to dL/d(input of l).
-static inline void layer_backward_attention(Model* M, int l) {
-    const Config& c = M->cfg;
-    const LayerW& w = M->w.layer[l];
-    const LayerW& g = M->g.layer[l];
-    Ctx* ctx = &M->ctx;
-    const int u = M->u, D = M->D, Hl = M->Hl, Hkvl = M->Hkvl;
-    const size_t cl = M->cl, C = M->C, d = c.d_model;
-    ChunkStore* qset[] = {&M->q, &M->dout, &M->lse, &M->delta};
-    // The copy-in stream runs in order, so each j queues its copies by when they are needed: the
-    // first query chunk of the inner loop, then the next kv chunk, then what the end of j needs.
-    store_prefetch(ctx, &M->k, 0, slot_of(0)), store_prefetch(ctx, &M->v, 0, slot_of(0));
-    for (int j = 0; j < u; j++) {
-        auto prefetch = [&](int i) {
-            for (ChunkStore* s : qset) store_prefetch(ctx, s, i, slot_of(i));
-            if (j > 0) store_prefetch(ctx, &M->dq, i, slot_of(i));  // on the first visit dQ_i starts at zero
-        };
-        prefetch(u - 1);
-        if (j + 1 < u) store_prefetch(ctx, &M->k, j + 1, slot_of(j + 1)), store_prefetch(ctx, &M->v, j + 1, slot_of(j + 1));
-        store_prefetch(ctx, &M->layer_in, l * u + j, SLOT_SINGLE);  // for the QKV backward at the end of this j
-        store_prefetch(ctx, &M->dresid, j, SLOT_SINGLE);
-        const float* kj = store_use(ctx, &M->k, j, slot_of(j));
-        const float* vj = store_use(ctx, &M->v, j, slot_of(j));
-        dev_zero(ctx, M->dk, C * Hkvl * D * sizeof(float));
-        dev_zero(ctx, M->dv, C * Hkvl * D * sizeof(float));
-        float* dqi = nullptr;
-        for (int i = u - 1; i >= j; i--) {
-            if (i - 1 >= j) prefetch(i - 1);
-            const float* qi = store_use(ctx, &M->q, i, slot_of(i));
-            const float* doi = store_use(ctx, &M->dout, i, slot_of(i));
-            const float* lsei = store_use(ctx, &M->lse, i, slot_of(i));
-            const float* dli = store_use(ctx, &M->delta, i, slot_of(i));
-            if (j == 0) {
-                dqi = store_produce(ctx, &M->dq, i, slot_of(i));
-                dev_zero(ctx, dqi, C * Hl * D * sizeof(float));
-            } else {
-                dqi = store_use(ctx, &M->dq, i, slot_of(i));
-            }
-            {
-                TraceScope ts(ctx, "attention block backward", TRACK_COMPUTE, i);
-                OP(ctx, attention_backward, dqi, M->dk, M->dv, doi, qi, kj, vj, lsei, dli, C, C, Hl, Hkvl, D, i == j);
-            }
-            if (i != j) store_put(ctx, &M->dq, i, slot_of(i));
-        }
-        // dQ_j, dK_j, dV_j are final: undo RoPE, back to the sequence layout, through the QKV
-        // projection and the first norm (recomputed from the layer input) into dresid_j.
-        set_positions(M, j);
-        OP(ctx, rope, dqi, M->pos, C, Hl, D, rope_params(c), -1);
-        OP(ctx, rope, M->dk, M->pos, C, Hkvl, D, rope_params(c), -1);
-        dqkv_to_seq(M, j, dqi, M->dk, M->dv, M->dqkv);
-        const float* x = store_use(ctx, &M->layer_in, l * u + j, SLOT_SINGLE);
-        float* dres = store_use(ctx, &M->dresid, j, SLOT_SINGLE);  // (cl, d) dL/d(x_mid), made dL/d(layer input)
-        TraceScope ts(ctx, "qkv backward", TRACK_COMPUTE, j);
-        OP(ctx, norm_forward, M->ln1, M->mean1, M->rstd1, x, w.ln1_w, w.ln1_b, cl, d, M->rms, c.norm_eps);
-        dev_zero(ctx, M->dln, cl * d * sizeof(float));
-        mm_backward(M, M->dln, g.qkv_w, g.qkv_b, M->dqkv, M->ln1, w.qkv_w, cl, d, M->Q3);
-        OP(ctx, norm_backward, dres, g.ln1_w, g.ln1_b, M->dln, x, w.ln1_w, M->mean1, M->rstd1, cl, d, M->rms);
-        store_put(ctx, &M->dresid, j, SLOT_SINGLE);
-    }
-}
-
-// Backward of layer l. The store dresid holds dL/d(output of layer l) and is turned, in place,
-// into dL/d(input of layer l). Parameter gradients accumulate into M->g.
-static inline void layer_backward(Model* M, int l) {
-    const Config& c = M->cfg;
-    const LayerW& w = M->w.layer[l];
-    const LayerW& g = M->g.layer[l];
-    Ctx* ctx = &M->ctx;
-    const int u = M->u, D = M->D, Hl = M->Hl;
-    const size_t cl = M->cl, C = M->C, d = c.d_model, HD = (size_t)c.n_head * M->D;
-    ctx->layer = l;
-
-    // Phase 1, chunk by chunk: recompute the forward from the layer input (storing q, k, v, lse),
-    // then back through the MLP and the output projection down to dO_i; dresid_i becomes dL/dx_mid.
-    store_prefetch(ctx, &M->layer_in, l * u, slot_of(0));
-    store_prefetch(ctx, &M->dresid, 0, slot_of(0));
-    for (int i = 0; i < u; i++) {
-        if (i + 1 < u) {
-            store_prefetch(ctx, &M->layer_in, l * u + i + 1, slot_of(i + 1));
-            store_prefetch(ctx, &M->dresid, i + 1, slot_of(i + 1));
-        }
-        const float* x = store_use(ctx, &M->layer_in, l * u + i, slot_of(i));
-        chunk_forward(M, l, i, x, nullptr, true);
-        float* dres = store_use(ctx, &M->dresid, i, slot_of(i));  // (cl, d) dL/d(layer output), made dL/d(x_mid)
-        {
-            TraceScope ts(ctx, "mlp backward", TRACK_COMPUTE, i);
-            dev_zero(ctx, M->dln, cl * d * sizeof(float));
-            for (size_t r0 = 0; r0 < cl; r0 += M->mr) {  // recompute the hidden rows, then back through them
-                const size_t n = std::min(M->mr, cl - r0);
-                mlp_hidden(M, l, r0, n);
-                dev_zero(ctx, M->dact, n * c.ffn * sizeof(float));
-                mm_backward(M, M->dact, g.proj_w, g.proj_b, dres + r0 * d, M->act, w.proj_w, n, c.ffn, d);
-                if (c.family == GPT) OP(ctx, gelu_backward, M->dfch, M->fch, M->dact, n * c.ffn);
-                else OP(ctx, swiglu_backward, M->dfch, M->fch, M->dact, n, c.ffn);
-                mm_backward(M, M->dln + r0 * d, g.fc_w, g.fc_b, M->dfch, M->ln2 + r0 * d, w.fc_w, n, d, M->F2);
-            }
-            OP(ctx, norm_backward, dres, g.ln2_w, g.ln2_b, M->dln, M->xmid, w.ln2_w, M->mean2, M->rstd2, cl, d, M->rms);
-            dev_zero(ctx, M->doloc, cl * HD * sizeof(float));
-            mm_backward(M, M->doloc, g.o_w, g.o_b, dres, M->oloc, w.o_w, cl, (int)HD, d);
-        }
-        store_put(ctx, &M->dresid, i, slot_of(i));
-        float* doi = store_produce(ctx, &M->dout, i, SLOT_NEW);  // (C, Hl, D)
-        do_to_heads(M, i, M->doloc, doi);
-        round_stored(M, doi, C * Hl * D);
-        OP(ctx, attention_delta, store_produce(ctx, &M->delta, i, SLOT_NEW), doi, M->o, C, Hl, D);
-        store_put(ctx, &M->dout, i, SLOT_NEW);
-        store_put(ctx, &M->delta, i, SLOT_NEW);
-    }
-    layer_backward_attention(M, l);
-}
-
-// acc[0] += sum of x (n), in double, in order (a single thread block on the GPU, so the sum does
-// not depend on scheduling).
-static inline void accumulate_cpu(double* acc, const float* x, size_t n) {
-    double s = 0.0;
-    for (size_t t = 0; t < n; t++) s += x[t];
-    acc[0] += s;
-}
-#ifdef __CUDACC__
-static __global__ void accumulate_kernel(double* acc, const float* x, size_t n) {  // twin of accumulate_cpu
-    __shared__ double part[256];
-    double s = 0.0;
-    for (size_t t = threadIdx.x; t < n; t += blockDim.x) s += x[t];
-    part[threadIdx.x] = s;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        double total = 0.0;
-        for (int k = 0; k < (int)blockDim.x; k++) total += part[k];
-        acc[0] += total;
-    }
-}
-static inline void accumulate_gpu(cudaStream_t s, double* acc, const float* x, size_t n) {
-    if (n == 0) return;
-    accumulate_kernel<<<1, 256, 0, s>>>(acc, x, n);
-    CUDA_LAUNCHED();
-}
-#endif
-
-// The LM head and its cross-entropy, chunk by chunk: the (S, V) logits never exist. With grads,
-// also back through the head and the final norm, leaving dL/d(last layer output) in dresid.
-// This rank's sum of token losses goes to M->acc[0]; predictions to M->preds.
-static inline void head_pass(Model* M, bool grads) {
-    const Config& c = M->cfg;
-    Ctx* ctx = &M->ctx;
-    const size_t cl = M->cl, d = c.d_model;
-    const int u = M->u, L = c.n_layer;
-    const float dscale = 1.0f / (float)M->run.seq;  // mean over the whole sequence, all ranks
-    ctx->layer = L;
-    store_prefetch(ctx, &M->layer_in, L * u, slot_of(0)), store_prefetch(ctx, &M->targets, 0, slot_of(0));
-    for (int i = 0; i < u; i++) {
-        if (i + 1 < u) store_prefetch(ctx, &M->layer_in, L * u + i + 1, slot_of(i + 1)), store_prefetch(ctx, &M->targets, i + 1, slot_of(i + 1));
-        const float* x = store_use(ctx, &M->layer_in, L * u + i, slot_of(i));
-        const int32_t* tg = store_use<int32_t>(ctx, &M->targets, i, slot_of(i));
-        TraceScope ts(ctx, "head + loss", TRACK_COMPUTE, i);
-        OP(ctx, norm_forward, M->y, M->mean1, M->rstd1, x, M->w.lnf_w, M->w.lnf_b, cl, d, M->rms, c.norm_eps);
-        if (grads) dev_zero(ctx, M->dy, cl * d * sizeof(float));
-        for (size_t r0 = 0; r0 < cl; r0 += M->hr) {  // hr rows at a time: the logits are (hr, V)
-            const size_t n = std::min(M->hr, cl - r0), at = i * cl + r0;  // rows, and where they sit on this rank
-            mm_forward(M, M->logits, M->y + r0 * d, M->w.head, nullptr, n, d, c.vocab);  // (n, V)
-            if (M->logits_out) dev_to_host_async(ctx, M->logits_out + at * c.vocab, M->logits, n * c.vocab * sizeof(float));
-            OP(ctx, crossentropy, M->logits, M->lossw, M->predw, tg + r0, n, c.vocab, dscale);
-            dev_to_host_async(ctx, M->preds + at, M->predw, n * sizeof(int32_t));
-            OP(ctx, accumulate, M->acc, M->lossw, n);
-            if (grads)
-                mm_backward(M, M->dy + r0 * d, M->g.head, nullptr, M->logits, M->y + r0 * d, M->w.head, n, d, c.vocab);
-        }
-        if (!grads) continue;
-        float* dlast = store_produce(ctx, &M->dresid, i, slot_of(i));  // (cl, d) dL/d(last layer output)
-        dev_zero(ctx, dlast, cl * d * sizeof(float));
-        OP(ctx, norm_backward, dlast, M->g.lnf_w, M->g.lnf_b, M->dy, x, M->w.lnf_w, M->mean1, M->rstd1, cl, d, M->rms);
-        store_put(ctx, &M->dresid, i, slot_of(i));
-    }
-}
-
-// One forward (and, with grads, backward) pass over the sequence in the token stores. Returns the
-// mean loss over all S tokens of all ranks. Gradients are this rank's partial sums (see model_update).
-static inline float model_forward_backward(Model* M, bool grads) {
-    const Config& c = M->cfg;
-    Ctx* ctx = &M->ctx;
-    const size_t cl = M->cl, d = c.d_model;
-    const int u = M->u, L = c.n_layer;
-    if (grads && M->grads) dev_zero(ctx, M->grads, M->n_padded * sizeof(float));
-    if (M->run.bf16 && M->wlow) OP(ctx, to_bf16, M->wlow, M->params, M->n_padded);  // the weights may have changed since the last pass
-    zero_pass_begin(M, grads);  // ZeRO-3: the embedding's weights, layer 0's on their way
-    ctx->layer = -1;
-    store_prefetch(ctx, &M->tokens, 0, slot_of(0));
-    for (int i = 0; i < u; i++) {  // embedding -> layer 0's input
-        if (i + 1 < u) store_prefetch(ctx, &M->tokens, i + 1, slot_of(i + 1));
-        const int32_t* tok = store_use<int32_t>(ctx, &M->tokens, i, slot_of(i));
-        TraceScope ts(ctx, "embedding", TRACK_COMPUTE, i);
-        float* x0 = store_produce(ctx, &M->layer_in, i, SLOT_NEW);  // (cl, d)
-        OP(ctx, embedding_forward, x0, tok, M->w.wte, cl, d);
-        round_stored(M, x0, cl * d);
-        store_put(ctx, &M->layer_in, i, SLOT_NEW);
-    }
-    for (int l = 0; l < L; l++) {
-        zero_weights_for(M, group_of_layer(l), l + 1 < L ? group_of_layer(l + 1) : tail_group(M));
-        layer_forward(M, l);
-    }
-    dev_zero(ctx, M->acc, sizeof(double));
-    zero_weights_for(M, tail_group(M), grads ? group_of_layer(L - 1) : -1);
-    if (grads) zero_grads_for(M, tail_group(M));
-    head_pass(M, grads);
-    if (grads) {
-        zero_grads_done(M, tail_group(M));  // the final norm's and an untied head's gradients are final
-        for (int l = L - 1; l >= 0; l--) {
-            zero_weights_for(M, group_of_layer(l), l > 0 ? group_of_layer(l - 1) : -1);
-            zero_grads_for(M, group_of_layer(l));
-            layer_backward(M, l);
-            zero_grads_done(M, group_of_layer(l));  // reduce-scattered while the next layer computes
-        }
-        ctx->layer = -1;
-        store_prefetch(ctx, &M->tokens, 0, slot_of(0)), store_prefetch(ctx, &M->dresid, 0, slot_of(0));
-        for (int i = 0; i < u; i++) {
-            if (i + 1 < u) store_prefetch(ctx, &M->tokens, i + 1, slot_of(i + 1)), store_prefetch(ctx, &M->dresid, i + 1, slot_of(i + 1));
-            const int32_t* tok = store_use<int32_t>(ctx, &M->tokens, i, slot_of(i));
-            const float* dembed = store_use(ctx, &M->dresid, i, slot_of(i));  // (cl, d) dL/d(layer 0 input)
-            TraceScope ts(ctx, "embedding backward", TRACK_COMPUTE, i);
-            OP(ctx, embedding_backward, M->g.wte, tok, dembed, cl, d);
-        }
-        zero_grads_done(M, 0);  // wte: the embedding's (and a tied head's) gradient is final
-    }
-    zero_pass_end(M);
-    double loss = 0.0;
-    dev_download(ctx, &loss, M->acc, sizeof(double));  // waits for the whole pass: the one sync
-    comm_allreduce(&loss, 1);
-    return (float)(loss / M->run.seq);
-}
-
-// The optimizer step, model_update, is in zero.h (it is the sharding's).

@@ -9,7 +9,7 @@
 // ChunkStore. With offload on, the chunks live in the pinned host arena and pass through a few
 // device "slots" (two for double buffering, plus one for the chunk being produced); with offload
 // off they live in the device arena and the same calls hand out direct pointers.
-// The schedule (model.h) only ever calls:
+// The schedule (schedule.h) only ever calls:
 //   store_prefetch(s, chunk, slot)   start bringing a chunk to the device (host-to-device stream)
 //   store_use(s, chunk, slot)        make compute wait for it; the device pointer
 //   store_produce(s, chunk, slot)    hand out a slot for compute to write a chunk's new value in
@@ -38,6 +38,7 @@
 #include "common.h"
 #include "ops.cuh"  // the bf16 conversions
 #ifdef __CUDACC__
+#include <nvtx3/nvToolsExt.h>
 #include "cuda_common.cuh"
 #endif
 
@@ -380,7 +381,6 @@ static inline void store_write(Ctx* ctx, ChunkStore* s, int chunk, const void* s
 // ----------------------------------------------------------------------------
 // GPU side of the trace: NVTX ranges for Nsight Systems, and events on the streams whose times
 // replace the host's issue times in the --trace file.
-#include <nvtx3/nvToolsExt.h>
 
 static inline cudaStream_t track_stream(Ctx* ctx, int track) {
     return track == TRACK_COPY_IN ? ctx->g->h2d : track == TRACK_COPY_OUT ? ctx->g->d2h : ctx->g->compute;

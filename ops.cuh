@@ -53,7 +53,7 @@ static inline int blas_dim(size_t n, const char* what) {
 
 // ----------------------------------------------------------------------------
 // Precision. In bf16 mode (--precision bf16) the matmuls read bf16 operands and accumulate in
-// fp32, and the sequence-sized tensors are stored in bf16 (model.h says which, offload.h how);
+// fp32, and the sequence-sized tensors are stored in bf16 (schedule.h says which, offload.h how);
 // everything else stays fp32. These three conversions are all the bf16 arithmetic there is.
 
 HOST_DEVICE static inline float to_f32(float x) { return x; }

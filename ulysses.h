@@ -3,10 +3,11 @@
 // with some heads. The all-to-all turns one layout into the other and back: the packing on each
 // side (CPU loops and their CUDA twins), the exchange (MPI, or NCCL on the communication stream),
 // and the named call sites the schedule uses: qkv_to_heads, o_to_seq, do_to_heads, dqkv_to_seq.
-// Notation as in model.h, which includes this file after its struct Model (whose shapes and
-// buffers these read: Hl, Hkvl, D, cl, a2a_send, stage, the run's P and precision).
+// Notation as in model.h; these read the Model's shapes and buffers (Hl, Hkvl, D, cl, a2a_send,
+// stage, the run's P and precision).
 #pragma once
 #include "comm.h"
+#include "model.h"
 #include "offload.h"
 #include "ops.cuh"
 

@@ -45,33 +45,14 @@
 #pragma once
 #include "comm.h"
 #include "loss.cuh"
+#include "model.h"
 #include "offload.h"
 
-// Included by model.h after struct Model and ulysses.h.
-
-static inline int zero_groups(const Model* M) { return M->cfg.n_layer + 2; }
-static inline int group_of_layer(int l) { return 1 + l; }
-static inline int tail_group(const Model* M) { return M->cfg.n_layer + 1; }
-
-// This rank's part of group g, [lo, hi) of the flat array, and rank r's count in it.
+// This rank's part of group g (model.h's tensor groups), [lo, hi) of the flat array, and rank r's count in it.
 static inline size_t zero_part(const Model* M, int g, int r, size_t* lo) {
     const size_t k = M->shard_n, a = std::max(M->group_lo[g], (size_t)r * k), b = std::min(M->group_hi[g], (size_t)(r + 1) * k);
     *lo = a;
     return b > a ? b - a : 0;
-}
-
-// Group boundaries from the parameter table (model_create calls this before the layout).
-static inline void zero_set_groups(Model* M) {
-    const int L = M->cfg.n_layer;
-    M->group_lo.assign(L + 2, 0), M->group_hi.assign(L + 2, 0);
-    for (const ParamInfo& p : M->table) {
-        int g = p.name == "wte" ? 0 : p.name.rfind("h.", 0) == 0 ? group_of_layer(atoi(p.name.c_str() + 2)) : L + 1;
-        if (M->group_hi[g] == 0) M->group_lo[g] = p.offset;
-        M->group_hi[g] = p.offset + p.numel();
-    }
-    M->group_hi[L + 1] = M->n_padded;
-    M->group_max = 0;  // the largest layer or tail group (what a double-buffer slot holds)
-    for (int g = 1; g <= L + 1; g++) M->group_max = std::max(M->group_max, M->group_hi[g] - M->group_lo[g]);
 }
 
 // Points M->w (weights) or M->g (gradients) at buffer `buf`, which holds group g's range.
@@ -198,11 +179,10 @@ static inline void zero_gather_wait(Model* M, int g, float* buf, bf16* low_buf, 
 }
 
 // ----------------------------------------------------------------------------
-// The hooks the schedule calls (model.h); each does nothing below the stage that needs it.
-// Weights (ZeRO-3): the embedding's buffer is its own; layers and the tail take slot g % 2 of the
-// double buffer (adjacent groups alternate, so the next group's gather never lands in the slot
-// being read). Gradients (ZeRO-2/3): layers and the tail accumulate in slot g % 2 of their double
-// buffer, the embedding in its own.
+// The hooks the schedule calls (schedule.h); each does nothing below the stage that needs it.
+// Weights (ZeRO-3) and gradients (ZeRO-2/3) of layers and the tail use slot g % 2 of their double
+// buffer, the embedding a buffer of its own; when each gather happens, and why the parity keeps
+// a gather out of the slot being read, is said once, in model_forward_backward (schedule.h).
 
 static inline int zero_slot(int g) { return g % 2; }
 
@@ -212,7 +192,7 @@ static inline void zero_weights_for(Model* M, int g, int next) {
     auto issue = [&](int h) {
         if (h < 0 || h == 0) return;  // the embedding is gathered once per pass (zero_pass_begin)
         const int s = zero_slot(h);
-        if (M->wslot_holds[s] == h) return;  // still there (the last layer between forward and backward)
+        if (M->wslot_holds[s] == h) return;  // still there (see model_forward_backward)
         zero_gather_begin(M, h, M->wgather[s], s);
         M->wslot_holds[s] = h;
     };

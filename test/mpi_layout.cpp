@@ -6,7 +6,7 @@
 // less than half a bf16 ulp: they must arrive rounded back to the codes, which an fp32 wire would
 // not do.
 #include <gtest/gtest.h>
-#include "model.h"
+#include "schedule.h"
 
 static void check_layout(const char* name, bool b16) {
     const Comm& cm = comm_world();

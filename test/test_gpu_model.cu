@@ -2,7 +2,7 @@
 // chunked + offloaded schedule against its unchunked run. Skipped where there is no GPU.
 #include <gtest/gtest.h>
 #include <cmath>
-#include "model.h"
+#include "schedule.h"
 #include "test/cli.h"
 #include "test/fixture.h"
 #include "test/gpu_testutil.cuh"

@@ -12,7 +12,7 @@
 #include <sstream>
 #include "checkpoint.h"
 #include "data/data.h"
-#include "model.h"
+#include "schedule.h"
 #include "test/cli.h"
 #include "test/fixture.h"
 #include "test/testutil.h"

@@ -2,7 +2,7 @@
 // FPDT schedule (chunks, offload) against the unchunked model.
 #include <gtest/gtest.h>
 #include <cmath>
-#include "model.h"
+#include "schedule.h"
 #include "test/fixture.h"
 #include "test/testutil.h"
 
@@ -169,7 +169,7 @@ TEST(Memory, Bf16HalvesTheStoredActivations) {
         ASSERT_GT(f[n], 0u) << n;
         EXPECT_EQ(2 * b[n], f[n]) << n;
     }
-    for (const char* n : {"store: gradient", "store: lse", "store: delta", "store: dQ", "store: tokens"}) {
+    for (const char* n : {"store: dresid", "store: lse", "store: delta", "store: dQ", "store: tokens"}) {
         ASSERT_GT(f[n], 0u) << n;
         EXPECT_EQ(b[n], f[n]) << n;
     }

@@ -1,0 +1,592 @@
+// train.h: the train command. Evaluation during training (held-out loss, and the passkey task's
+// retrieval by distance); the flags and their help; --out's preparation and what a resume may
+// change; then cmd_train as a short list of named steps over one struct Train (at the end).
+#pragma once
+#include <cmath>
+#include <set>
+#include <string>
+#include <vector>
+#include "checkpoint.h"
+#include "cmdline.h"
+#include "data/data.h"
+#include "schedule.h"
+
+// ----------------------------------------------------------------------------
+// Evaluation: mean loss over held-out sequences, and for the passkey task the retrieval accuracy
+// of the answer symbols, by the distance between each key and its question (buckets 4x apart).
+
+static void read_into(Model* M, DataSource* data, uint64_t step) {
+    model_set_tokens(M, [&](size_t start, size_t n, int32_t* out) { data->read(step, start, n, out); });
+}
+
+static const uint64_t EVAL_STEP0 = PASSKEY_EVAL_STEP0;  // held-out sequences, far from the training steps
+static const int NBUCKET = 11;                  // distance < 16, < 64, ... , < 4M, more
+static int distance_bucket(size_t dist) {
+    int b = 0;
+    for (size_t edge = 16; dist >= edge && b < NBUCKET - 1; edge *= 4) b++;
+    return b;
+}
+
+static void evaluate(Model* M, DataSource* data, int nseq, int step) {
+    std::vector<double> acc(4 + 2 * NBUCKET, 0.0);  // loss sum, answers, right and total beyond a chunk; per bucket: right, total
+    bool task = false;
+    for (int k = 0; k < nseq; k++) {
+        read_into(M, data, EVAL_STEP0 + k);
+        acc[0] += model_forward_backward(M, false);
+        std::vector<size_t> ans, dist;
+        if (!data->answer(EVAL_STEP0 + k, &ans, &dist)) continue;
+        task = true;
+        for (size_t a = 0; a < ans.size(); a++) {  // token p is predicted at input p - 1; who holds it?
+            const size_t t = ans[a] - 1, c = t / M->C, o = t % M->C;
+            const int b = distance_bucket(dist[a]);
+            if ((int)(o / M->cl) != M->run.rank) continue;
+            int32_t truth;
+            data->read(EVAL_STEP0 + k, ans[a], 1, &truth);
+            const bool right = M->preds[c * M->cl + o % M->cl] == truth;
+            acc[4 + 2 * b] += right;
+            acc[5 + 2 * b] += 1;
+            if (dist[a] >= M->C && M->u > 1) acc[2] += right, acc[3] += 1;  // the key sat in an earlier chunk
+        }
+    }
+    comm_allreduce(acc.data() + 2, 2 + 2 * NBUCKET);  // each rank counted the answers it holds
+    if (comm_world().rank != 0) return;
+    for (int b = 0; b < NBUCKET; b++) acc[1] += acc[5 + 2 * b];
+    std::string line = "eval step " + std::to_string(step) + " | seq " + std::to_string(M->run.seq);
+    char b[128];
+    snprintf(b, sizeof b, " | loss %.6f", acc[0] / nseq);
+    line += b;
+    if (task) {
+        double right = 0;
+        for (int k = 0; k < NBUCKET; k++) right += acc[4 + 2 * k];
+        snprintf(b, sizeof b, " | passkey %.1f%% of %.0f", 100 * right / acc[1], acc[1]), line += b;
+        if (acc[3] > 0) snprintf(b, sizeof b, " | key in an earlier chunk: %.1f%% of %.0f", 100 * acc[2] / acc[3], acc[3]), line += b;
+        line += " | by distance:";
+        const char* names[NBUCKET] = {"<16", "<64", "<256", "<1K", "<4K", "<16K", "<64K", "<256K", "<1M", "<4M", ">=4M"};
+        for (int k = 0; k < NBUCKET; k++)
+            if (acc[5 + 2 * k] > 0) snprintf(b, sizeof b, " %s %.0f%%", names[k], 100 * acc[4 + 2 * k] / acc[5 + 2 * k]), line += b;
+    }
+    log_line(true, "%s", line.c_str());
+}
+
+// ----------------------------------------------------------------------------
+// train
+
+static const std::vector<std::string> train_flags = {
+    "model", "seq", "chunk-size", "offload", "steps", "lr", "warmup", "min-lr-frac", "weight-decay", "clip", "seed",
+    "beta1", "beta2", "adam-eps",
+    "data", "device", "out", "save-every", "resume", "exit-after", "eval-every", "eval-seqs", "trace", "zero",
+    "device-mem", "host-mem", "on-nonfinite", "max-bad-steps", "comm", "precision", "start-seq", "start-steps",
+    "log-every", "overwrite", "watchdog", "rope-theta", "rope-scale", "init", "help"};
+
+static void train_help() {
+    printf(
+        "usage: ./fpdt train [flags]        (P ranks: mpirun -np P ./fpdt train [flags])\n"
+        "  --model NAME        model preset (default small; list below)\n"
+        "  --seq N             sequence length in tokens, global (default 4096; on a GPU 65536)\n"
+        "  --chunk-size C      FPDT chunk length, global; must divide --seq (default: the largest divisor\n"
+        "                      of --seq up to 1024, on a GPU 16384; --seq itself when that is shorter)\n"
+        "  --offload 0|1       keep sequence-sized tensors in host memory (default 1 when chunked)\n"
+        "  --start-seq N       train the first --start-steps steps at this shorter sequence (in as many\n"
+        "                      chunks as --seq has), then at --seq (context extension); 0 = off\n"
+        "                      (default 256 when --seq is left at its default)\n"
+        "  --start-steps K     steps at --start-seq (default 95%% of --steps)\n"
+        "  --zero 0|1|2|3      ZeRO stage: shard across ranks 1 the optimizer state, 2 and the gradients,\n"
+        "                      3 and the weights (gathered layer by layer) (default 0)\n"
+        "  --steps N           total steps; the learning-rate schedule depends on it alone (default 6000)\n"
+        "  --lr X              peak learning rate (default 3e-3)\n"
+        "  --warmup N          linear warmup steps (default: steps/20)\n"
+        "  --min-lr-frac X     cosine decays to lr*X (default 0.1)\n"
+        "  --weight-decay X    AdamW decoupled weight decay on matrices (default 0.1)\n"
+        "  --clip X            clip the global gradient norm to X, 0 = off (default 1.0)\n"
+        "  --beta1 X, --beta2 X, --adam-eps X   AdamW moments' decay rates and epsilon (default 0.9, 0.95, 1e-8)\n"
+        "  --seed N            seed for the weights and the data (default 1337)\n"
+        "  --data SPEC         'passkey' (built-in task), a text file, a glob, or llm.c .bin shards (default passkey)\n"
+        "  --device auto|cpu|gpu   auto (default): the GPU when one is visible, else the CPU\n"
+        "  --comm auto|nccl|mpi  GPU ranks: NCCL when each has its own GPU (auto), else MPI on host memory\n"
+        "  --precision auto|fp32|bf16   bf16: bf16 matmul operands and stored activations, fp32 sums, fp32\n"
+        "                      master weights and optimizer; auto (default): bf16 on the GPU, fp32 on the CPU\n"
+        "  --out DIR           checkpoint directory (default: none, nothing is saved)\n"
+        "  --save-every N      checkpoint every N steps and at the end (needs --out)\n"
+        "  --exit-after N      stop after step N with a checkpoint (a time-boxed job); continue with --resume\n"
+        "  --resume            continue from the newest valid checkpoint in --out\n"
+        "  --overwrite         start afresh in an --out that holds checkpoints: they are deleted first\n"
+        "                      (without it, a run that is not --resume refuses such an --out)\n"
+        "  --eval-every N      evaluate every N steps, at the end of --start-steps and at the end, 0 = never\n"
+        "                      (default 500)\n"
+        "  --log-every N       print every Nth step line (the first 10 and the last always); 0 = about 50\n"
+        "                      lines a run (default). With --out, OUT/main.log gets every line\n"
+        "  --eval-seqs N       held-out sequences per evaluation (default 64)\n"
+        "  --trace FILE        write one step's schedule (the second at --seq) as Chrome trace JSON (Perfetto)\n"
+        "  --device-mem GiB    refuse to start if the device arena would exceed this\n"
+        "  --host-mem GiB      refuse to start if the host arena would exceed this\n"
+        "  --on-nonfinite skip|stop   a NaN/Inf loss or gradient: skip the step (default) or stop\n"
+        "  --max-bad-steps N   stop after N non-finite steps in a row (default 5)\n"
+        "  --watchdog S        several ranks: a rank waiting S seconds inside one MPI collective ends the job,\n"
+        "                      naming the step and the collective; 0 = off (default 1800)\n"
+        "  --init DIR          start from the weights of a checkpoint (an imported model: data/hf.py import), the\n"
+        "                      newest valid one in DIR or DIR itself: its model, a fresh optimizer, step 1\n"
+        "  --rope-theta X      RoPE base (default: the model's); stored in the checkpoints\n"
+        "  --rope-scale F      linear RoPE position interpolation: positions / F, for context extension\n"
+        "                      (default 1: off); stored in the checkpoints\n\n");
+    print_models();
+}
+
+// --on-nonfinite: true for stop, false for skip
+static bool stop_on_nonfinite(const Args& a) {
+    std::string m = a.str("on-nonfinite", "skip");
+    if (m != "skip" && m != "stop") fatal_all("--on-nonfinite: '%s' (expected skip or stop)", m.c_str());
+    return m == "stop";
+}
+
+// Rebuilds M for another run shape (the sequence length of a curriculum phase) and carries its
+// weights and AdamW state over; the parameter layout does not depend on the sequence.
+static void model_reshape(Model* M, const Config& cfg, const RunCfg& r) {
+    std::vector<float> w, m, v;  // what this rank holds (checkpoint.h)
+    ckpt_model_to_host(M, &w, &m, &v);
+    Model N;
+    N.ctx = M->ctx, N.nccl = M->nccl;
+    model_free(M);  // first, so the two never hold memory at once
+    model_create(&N, cfg, r, false);
+    ckpt_state_to_model(&N, w, m, v);
+    *M = N;
+}
+
+// --out, before anything is computed: rank 0 creates it (parents too, no shell), locks it for this
+// run, clears what a killed save left, and refuses a fresh run into a directory with checkpoints
+// unless --overwrite; then every rank checks that it sees rank 0's files there and can write its
+// own (each rank writes its own checkpoint shard, so --out must be shared). Any rank's problem
+// ends every rank.
+static void prepare_out(const std::string& out, bool resume, bool overwrite) {
+    const Comm& cm = comm_world();
+    char token[64] = {0};  // rank 0's probe file holds it; the others must read it back
+    snprintf(token, sizeof token, "%d %.6f", (int)getpid(), now_s());
+    comm_broadcast(token, sizeof token);
+    const std::string probe0 = out + "/.fpdt_probe_0.tmp";
+    std::string err;
+    if (cm.rank == 0) {
+        err = make_dirs(out);
+        if (!err.empty()) err = "--out " + out + ": cannot write there (" + err + ")";
+        if (err.empty()) err = lock_out_dir(out);
+        if (err.empty()) remove_stale_tmp(out);
+        std::vector<std::string> old = err.empty() ? checkpoint_like_names(out) : std::vector<std::string>();
+        if (!old.empty() && !resume && !overwrite)
+            err = "--out " + out + " holds checkpoints of an earlier run (" + old.back() +
+                  (old.size() > 1 ? " and " + std::to_string(old.size() - 1) + " more" : std::string()) +
+                  "): continue it with --resume, or pass --overwrite to delete them and start afresh";
+        if (err.empty() && overwrite) err = remove_checkpoints(out);
+        if (err.empty()) {
+            FILE* f = fopen(probe0.c_str(), "wb");
+            if (!f || fputs(token, f) < 0) err = "--out " + out + ": cannot write there: " + strerror(errno);
+            if (f && fclose(f) != 0 && err.empty()) err = "--out " + out + ": cannot write there: " + strerror(errno);
+        }
+    }
+    fatal_any(err);
+    comm_barrier();
+    if (cm.rank != 0) {
+        char seen[64] = {0};
+        FILE* f = fopen(probe0.c_str(), "rb");
+        const bool same = f && fread(seen, 1, sizeof seen - 1, f) > 0 && strcmp(seen, token) == 0;
+        if (f) fclose(f);
+        const std::string mine = out + "/.fpdt_probe_" + std::to_string(cm.rank) + ".tmp";
+        FILE* g = same ? fopen(mine.c_str(), "wb") : nullptr;
+        if (!same)
+            err = "--out " + out + ": this rank does not see rank 0's files there (every rank writes its own "
+                  "checkpoint shard: --out must be a directory all ranks share)";
+        else if (!g || fclose(g) != 0) err = "--out " + out + ": cannot write there: " + strerror(errno);
+        remove(mine.c_str());
+    }
+    fatal_any(err);
+    if (cm.rank == 0) remove(probe0.c_str());
+}
+
+// The settings that may change across a --resume (what the losses do not depend on), one line.
+static std::string run_settings(const RunCfg& r, size_t chunk) {
+    return "ranks " + std::to_string(r.P) + " | chunk " + std::to_string(chunk) + " | offload " + (r.offload ? "on" : "off") +
+           " | ZeRO stage " + std::to_string(r.zero) + " | precision " + (r.bf16 ? "bf16" : "fp32");
+}
+
+// " (since the checkpoint: ranks 1 -> 2, ...)" for the settings that differ; "" when none do.
+static std::string settings_changes(const std::string& was, const std::string& now) {
+    auto split = [](const std::string& s) {
+        std::vector<std::string> v;
+        for (size_t a = 0; a < s.size();) {
+            size_t b = s.find(" | ", a);
+            if (b == std::string::npos) b = s.size();
+            v.push_back(s.substr(a, b - a));
+            a = b + 3;
+        }
+        return v;
+    };
+    std::vector<std::string> a = split(was), b = split(now);
+    std::string out;
+    for (size_t i = 0; i < a.size() && a.size() == b.size(); i++) {
+        const size_t sp = b[i].rfind(' ');
+        if (a[i] != b[i] && sp != std::string::npos && a[i].compare(0, sp + 1, b[i], 0, sp + 1) == 0)
+            out += (out.empty() ? "" : ", ") + b[i].substr(0, sp) + " " + a[i].substr(sp + 1) + " -> " + b[i].substr(sp + 1);
+    }
+    return out.empty() ? "" : " (changed since it was saved: " + out + ")";
+}
+
+// ----------------------------------------------------------------------------
+// The train command, as named steps over one struct: read flags -> choose device and ranks ->
+// shape -> outputs -> data -> model (planned and fitted) -> init or resume -> the loop -> summary.
+
+struct Train {
+    Args a;
+    // the model and its starting weights
+    Config cfg;
+    std::string init_path;          // --init: the checkpoint the weights come from ("": fresh)
+    std::vector<float> init_params; // (n_params) its weights
+    // the run's shape: the main phase, and the short start before it (start_steps 0: none)
+    RunCfg r, r0;
+    size_t start_seq = 0;
+    int steps = 0, start_steps = 0;
+    // the optimizer and the learning-rate schedule
+    AdamW opt;
+    float lr = 0, min_frac = 0;
+    int warmup = 0;
+    uint64_t seed = 0;
+    // outputs, evaluation, faults
+    std::string out, trace_path;
+    bool resume = false, overwrite = false, stop_on_bad = false;
+    int save_every = 0, exit_after = 0, eval_every = 0, eval_seqs = 0, max_bad = 0, log_every = 0;
+    std::set<int> fault_steps;  // test hook FPDT_FAULT_NAN_STEPS="3,4": a gradient poisoned at those steps
+    // what the run holds
+    Model M;
+    Trace trace;
+    DataSource *data = nullptr, *data0 = nullptr;  // the main phase's sequences, the start's
+    Manifest id;                // this run's identity, stored in its checkpoints and checked on --resume
+    std::string settings;       // what may change across a resume (run_settings)
+    std::string changed;        // what did change since the checkpoint ("": nothing, or no resume)
+    int start = 0;              // the first step to run (0, or the checkpoint's step)
+    size_t main_dev = 0, main_host = 0;  // the main phase's arenas, for the header
+    // the loop's record
+    double t_total = 0, tokens_done = 0;
+    double step_s[2] = {0, 0};  // each phase's recent time per step (start, main), for the estimate
+    int bad_run = 0;            // non-finite steps in a row
+};
+
+// The flags that do not depend on the device (all of them but the shape's). False: --help was printed.
+static bool read_train_flags(Train* T, int argc, char** argv) {
+    T->a = parse_args(argc, argv, train_flags);
+    const Args& a = T->a;
+    if (a.help) return train_help(), false;
+    T->cfg = model_arg(a, "small");
+    if (a.has("init")) {  // the weights and the model of an imported or earlier checkpoint (fresh optimizer, step 1)
+        Manifest im;
+        std::string ierr;
+        T->init_path = init_checkpoint(a.str("init", ""), &im, &T->init_params, &ierr);
+        fatal_any(ierr);
+        if (a.has("model")) check_init_model(T->cfg, im.cfg, T->init_path);
+        T->cfg = im.cfg;
+    }
+    apply_rope_flags(a, &T->cfg);
+    T->steps = (int)a.integer("steps", 6000, 1, 1 << 30);
+    T->lr = (float)a.real("lr", 3e-3, 0, 10);
+    T->opt.wd = (float)a.real("weight-decay", 0.1, 0, 10);
+    T->opt.clip = (float)a.real("clip", 1.0, 0, 1e9);
+    T->opt.beta1 = (float)a.real("beta1", 0.9, 0, 0.999999);
+    T->opt.beta2 = (float)a.real("beta2", 0.95, 0, 0.999999);
+    T->opt.eps = (float)a.real("adam-eps", 1e-8, 1e-30, 1);
+    T->warmup = (int)a.integer("warmup", std::max(1, T->steps / 20), 0, T->steps);
+    T->min_frac = (float)a.real("min-lr-frac", 0.1, 0, 1);
+    T->seed = a.integer("seed", 1337, 0, LLONG_MAX);
+    T->out = a.str("out", "");
+    T->save_every = (int)a.integer("save-every", 0, 0, 1 << 30);
+    T->exit_after = (int)a.integer("exit-after", 0, 0, 1 << 30);
+    T->eval_every = (int)a.integer("eval-every", 500, 0, 1 << 30);
+    T->eval_seqs = (int)a.integer("eval-seqs", 64, 1, 1 << 20);
+    T->trace_path = a.str("trace", "");
+    T->stop_on_bad = stop_on_nonfinite(a);
+    T->max_bad = (int)a.integer("max-bad-steps", 5, 1, 1 << 30);
+    if (comm_world().size > 1) comm_watchdog_start((double)a.integer("watchdog", 1800, 0, 1 << 30));
+    for (const char* p = getenv("FPDT_FAULT_NAN_STEPS"); p && *p; p += strcspn(p, ","), p += (*p == ','))
+        T->fault_steps.insert(atoi(p));
+    T->resume = a.has("resume"), T->overwrite = a.has("overwrite");
+    if ((T->save_every || T->exit_after || T->resume || T->overwrite) && T->out.empty())
+        fatal_all("--save-every, --exit-after, --resume and --overwrite need --out DIR");
+    if (T->resume && T->overwrite) fatal_all("--resume continues the checkpoints in --out, --overwrite deletes them: choose one");
+    T->log_every = (int)a.integer("log-every", 0, 0, 1 << 30);
+    return true;
+}
+
+// The run's shape, main phase and short start. The defaults are the default run: FPDT itself
+// (several chunks, offloaded) on a sequence long enough to need it, reached from a short start as
+// context extension does. The start runs in as many chunks as the main phase where they divide
+// it, so it runs FPDT too and a key in an earlier chunk is within its reach.
+static void set_run_shape(Train* T) {
+    const Args& a = T->a;
+    const bool gpu = T->M.ctx.gpu;
+    RunCfg& r = T->r;
+    r.P = comm_world().size, r.rank = comm_world().rank;
+    r.seq = a.integer("seq", gpu ? 65536 : 4096, 1, 1ll << 40);
+    r.chunk = a.integer("chunk-size", default_chunk(r.seq, r.P, gpu ? 16384 : 1024), 1, 1ll << 40);
+    r.offload = a.flag01("offload", r.chunk < r.seq);
+    r.zero = (int)a.integer("zero", 0, 0, 3);
+    r.bf16 = precision_bf16(a, gpu);
+    r.device_cap = (size_t)(a.real("device-mem", 0, 0, 1e6) * 1073741824.0);
+    r.host_cap = (size_t)(a.real("host-mem", 0, 0, 1e6) * 1073741824.0);
+    T->start_seq = a.integer("start-seq", a.has("seq") ? 0 : (gpu ? 4096 : 256), 0, r.seq);
+    T->start_steps = T->start_seq ? (int)a.integer("start-steps", (int)(T->steps * 95ll / 100), 0, T->steps) : 0;
+    if (a.has("start-steps") && !T->start_seq) fatal_all("--start-steps needs --start-seq N (the shorter sequence to start at)");
+    RunCfg& r0 = T->r0;
+    r0 = r;
+    r0.seq = T->start_seq;
+    const size_t u = r.seq / std::max<size_t>(r.chunk, 1);
+    r0.chunk = T->start_seq && T->start_seq % u == 0 && (T->start_seq / u) % r.P == 0 ? T->start_seq / u : T->start_seq;
+    r0.offload = r.offload && r0.chunk < T->start_seq;
+    std::string err = check_shape(T->cfg, r);
+    if (!err.empty()) fatal_all("%s", err.c_str());
+    if (T->start_steps && !(err = check_shape(T->cfg, r0)).empty()) fatal_all("--start-seq %zu: %s", T->start_seq, err.c_str());
+}
+
+// --out and --trace, before anything is computed: a run that cannot write them fails now, not
+// at its first save hours later.
+static void prepare_outputs(Train* T) {
+    if (!T->out.empty()) prepare_out(T->out, T->resume, T->overwrite);
+    if (T->trace_path.empty()) return;
+    std::string terr;  // rank 0 writes it, after step 2: find out now whether it can
+    if (comm_world().rank == 0) {
+        FILE* f = fopen((T->trace_path + ".tmp").c_str(), "w");
+        if (!f) terr = "--trace " + T->trace_path + ": cannot open for writing: " + strerror(errno);
+        else fclose(f), remove((T->trace_path + ".tmp").c_str());
+    }
+    fatal_any(terr);
+}
+
+// OUT/main.log (rank 0), opened for appending, its first line the command.
+static void open_run_log(const Train* T, int argc, char** argv) {
+    if (T->out.empty() || comm_world().rank != 0) return;
+    const std::string path = T->out + "/main.log";
+    run_log().file = fopen(path.c_str(), "a");
+    if (!run_log().file) fatal("--out %s: cannot write %s: %s", T->out.c_str(), path.c_str(), strerror(errno));
+    std::string cmd = "command:";
+    for (int i = 0; i < argc; i++) cmd += std::string(" ") + argv[i];
+    log_line(false, "%s", cmd.c_str());
+}
+
+// The data: the main phase's sequences and, with a short start, the start's. A file missing on
+// one machine is an error on one rank only: fatal_any ends them all.
+static void open_train_data(Train* T) {
+    std::string err;
+    const std::string spec = T->a.str("data", "passkey");
+    T->data = data_open(spec, T->cfg.vocab, T->r.seq, T->seed, &err);
+    fatal_any(T->data ? "" : err);
+    T->data0 = T->start_steps ? data_open(spec, T->cfg.vocab, T->start_seq, T->seed, &err) : nullptr;
+    fatal_any(!T->start_steps || T->data0 ? "" : "--start-seq " + std::to_string(T->start_seq) + ": " + err);
+}
+
+// The main phase's model first (planned and fitted in model_create: a run that cannot fit fails
+// now), with fresh weights or --init's (this rank's slice under ZeRO-3) and fresh AdamW moments.
+static void create_train_model(Train* T) {
+    Model* M = &T->M;
+    M->ctx.trace = &T->trace;
+    model_create(M, T->cfg, T->r, false);
+    model_init_params(M, T->seed);
+    if (!T->init_path.empty()) {
+        uint64_t p_lo, p_hi, m_lo, m_hi;
+        ckpt_load_ranges(M, &p_lo, &p_hi, &m_lo, &m_hi);
+        const std::vector<float> mine(T->init_params.begin() + p_lo, T->init_params.begin() + p_hi), zeros(m_hi - m_lo, 0.0f);
+        ckpt_state_to_model(M, mine, zeros, zeros);
+    }
+    T->main_dev = M->dev.cap, T->main_host = M->host.cap;
+}
+
+// The run's identity, then --resume's checkpoint (its step and what changed since it was saved),
+// then the short start's shape if the run is (still) in it.
+static void init_or_resume(Train* T) {
+    Model* M = &T->M;
+    Manifest& id = T->id;
+    id.cfg = T->cfg, id.seq = T->r.seq, id.seed = T->seed, id.total_steps = T->steps, id.source = T->data->identity();
+    if (T->start_steps)
+        id.source += " | start-seq " + std::to_string(T->start_seq) + " for " + std::to_string(T->start_steps) + " steps";
+    T->settings = run_settings(T->r, M->C);
+    if (T->resume) {
+        Manifest man;
+        const std::string path = load_checkpoint(M, T->out, id, &man);
+        T->start = (int)man.step;
+        T->changed = settings_changes(read_run_settings(path), T->settings);
+        if (T->start == T->steps && comm_world().rank == 0)
+            printf("resume: the checkpoint is at step %d: nothing left to do\n", T->start);
+    }
+    if (T->start < T->start_steps) model_reshape(M, T->cfg, T->r0);
+}
+
+static void print_train_header(const Train* T) {
+    if (comm_world().rank != 0) return;
+    const Config& cfg = T->cfg;
+    const RunCfg& r = T->r;
+    const Model& M = T->M;
+    log_line(true, "fpdt train | model %s (%s, %d layers, d %d, %d/%d heads, %.2fM params) | data %s", cfg.name,
+             cfg.family == GPT ? "gpt" : "llama", cfg.n_layer, cfg.d_model, cfg.n_head, cfg.n_kv_head, M.n_params / 1e6,
+             T->data->describe().c_str());
+    const std::string ranks = std::string(r.zero ? " ZeRO-" + std::to_string(r.zero) : "") + (M.nccl ? " NCCL" : "");
+    const std::string since = T->resume ? " | resumed at step " + std::to_string(T->start) + T->changed
+                              : !T->init_path.empty() ? " | weights from " + T->init_path : "";
+    log_line(true, "seq %zu | chunk %zu (%zu chunks) | offload %s | ranks %d%s | device %s, %s | steps %d%s", r.seq, r.chunk,
+             r.seq / r.chunk, r.offload ? "on" : "off", r.P, ranks.c_str(), device_name(M.ctx).c_str(),
+             r.bf16 ? "bf16" : "fp32", T->steps, since.c_str());
+    if (T->start_steps) {
+        const size_t n0 = T->start_seq / T->r0.chunk;
+        log_line(true, "start: steps 1-%d at seq %zu (chunk %zu: %zu chunk%s, offload %s), then seq %zu from step %d",
+                 T->start_steps, T->start_seq, T->r0.chunk, n0, n0 == 1 ? "" : "s", T->r0.offload ? "on" : "off", r.seq,
+                 T->start_steps + 1);
+    }
+    log_line(true, "memory (arenas, this rank): device %.1f MiB, host %.1f MiB at seq %zu, taken once at start%s",
+             T->main_dev / 1048576.0, T->main_host / 1048576.0, r.seq, T->start_steps ? " (and again after the start)" : "");
+}
+
+// Learning rate at step (0-based): linear warmup, then cosine down to lr * min_frac at the last step.
+static float lr_at(const Train* T, int step) {
+    if (step < T->warmup) return T->lr * (step + 1) / T->warmup;
+    if (T->steps <= T->warmup) return T->lr;
+    const float p = (float)(step - T->warmup) / (float)std::max(1, T->steps - 1 - T->warmup);
+    return T->lr * (T->min_frac + (1 - T->min_frac) * 0.5f * (1 + cosf(3.14159265f * std::min(1.0f, p))));
+}
+
+// The short start is over at this step: on to --seq, weights and optimizer state carried over.
+static void end_start_if_due(Train* T, int step) {
+    if (step != T->start_steps || step == 0 || T->M.run.seq == T->r.seq) return;
+    model_reshape(&T->M, T->cfg, T->r);
+    log_line(true, "seq %zu -> %zu from step %d | chunk %zu (%d chunks) | offload %s", T->start_seq, T->r.seq, step + 1,
+             T->M.C, T->M.u, T->r.offload ? "on" : "off");
+}
+
+// Test hook FPDT_TEST_GRADS_OUT=FILE: the summed gradient of the run's first step (unclipped with
+// --clip 0; whole under ZeRO 0 and 1) written as raw fp32.
+static void write_test_grads(Model* M) {
+    const char* gpath = getenv("FPDT_TEST_GRADS_OUT");
+    if (!gpath || comm_world().rank != 0) return;
+    if (!M->grads) fatal("FPDT_TEST_GRADS_OUT needs --zero 0 or 1: under ZeRO-2 and 3 no rank holds the whole gradient");
+    std::vector<float> gr(M->n_params);
+    dev_download(&M->ctx, gr.data(), M->grads, M->n_params * sizeof(float));
+    FILE* gf = fopen(gpath, "wb");
+    if (!gf || fwrite(gr.data(), 4, gr.size(), gf) != gr.size() || fclose(gf) != 0) fatal("FPDT_TEST_GRADS_OUT %s: cannot write", gpath);
+}
+
+struct StepResult {
+    float loss, norm, lr;
+    bool finite;
+    double seconds;
+};
+
+// One optimizer step: the step's sequence in, forward and backward, the update (skipped when the
+// loss or the gradient is not finite). Traces the step chosen for --trace.
+static StepResult train_step(Train* T, int step, bool traced) {
+    Model* M = &T->M;
+    StepResult s;
+    s.lr = T->opt.lr = lr_at(T, step);
+    watchdog().step = step + 1;
+    T->trace.on = traced;
+    T->trace.origin = now_s();
+#ifdef __CUDACC__
+    if (traced && M->ctx.gpu) trace_gpu_start(&M->ctx);
+#endif
+    const double t0 = now_s();
+    read_into(M, step < T->start_steps ? T->data0 : T->data, step);
+    s.loss = model_forward_backward(M, true);
+    if (T->fault_steps.count(step + 1) && comm_world().rank == 0)
+        dev_fill(&M->ctx, M->grads ? M->grads : M->grad_shard, NAN, 1);  // as a blow-up would
+    s.finite = std::isfinite(s.loss);
+    s.norm = NAN;
+    if (s.finite) s.norm = model_update(M, T->opt, step + 1, &s.finite);
+    if (step == T->start) write_test_grads(M);
+    dev_sync(&M->ctx);  // the update's kernels belong to this step's time
+    s.seconds = now_s() - t0;
+    if (traced) {
+#ifdef __CUDACC__
+        if (M->ctx.gpu) trace_gpu_finish(&M->ctx);
+#endif
+        if (comm_world().rank == 0) trace_write(&T->trace, T->trace_path.c_str(), comm_world().rank);
+        T->trace.on = false;
+        T->trace.events.clear();
+    }
+    T->tokens_done += M->run.seq;
+    return s;
+}
+
+// The step's line (every --log-every steps on stdout, every step in main.log), with the time
+// left: each phase's steps at its recent pace; the main phase, before it has run, at the start's
+// pace scaled by the sequence (a guess the first main steps replace).
+static void log_step(Train* T, int step, const StepResult& s, int end) {
+    const int phase = step < T->start_steps ? 0 : 1;
+    T->step_s[phase] = T->step_s[phase] ? 0.9 * T->step_s[phase] + 0.1 * s.seconds : s.seconds;
+    const int left0 = std::max(0, T->start_steps - step - 1), left1 = T->steps - std::max(step + 1, T->start_steps);
+    const double main_s = T->step_s[1] ? T->step_s[1] : T->step_s[0] * T->r.seq / std::max<size_t>(T->start_seq, 1);
+    const double left_s = left0 * T->step_s[0] + left1 * main_s;
+    const int every = T->log_every ? T->log_every : auto_log_every(T->steps);
+    log_line(shown_step(step + 1, T->steps, every, !s.finite || step + 1 == T->start_steps || step + 1 == end),
+             "step %d/%d | loss %.6f | lr %.3e | norm %.6g | %.0f tok/s | %.1f ms/step | %s elapsed, %s left%s", step + 1,
+             T->steps, s.loss, s.lr, s.norm, T->M.run.seq / s.seconds, s.seconds * 1e3,
+             clock_str(now_s() - T->t_total).c_str(), clock_str(left_s).c_str(), s.finite ? "" : " | NON-FINITE: update skipped");
+}
+
+// A skipped update left the weights and optimizer state of the last good step, so nothing
+// non-finite can reach a checkpoint; --on-nonfinite stop, or --max-bad-steps in a row, ends the run.
+static void check_finite(Train* T, int step, bool finite) {
+    if (finite) {
+        T->bad_run = 0;
+        return;
+    }
+    if (T->stop_on_bad) fatal_all("step %d: non-finite loss or gradient norm (--on-nonfinite stop)", step + 1);
+    if (++T->bad_run >= T->max_bad)
+        fatal_all("step %d: %d non-finite steps in a row; stopping (lower --lr, check the data)", step + 1, T->bad_run);
+}
+
+// After step (0-based): evaluate every --eval-every steps, at the end of the start and at the
+// end; save every --save-every steps and at the end.
+static void evaluate_and_save(Train* T, int step) {
+    const bool last = step + 1 == T->steps || step + 1 == T->exit_after;
+    if (T->eval_every && ((step + 1) % T->eval_every == 0 || last || step + 1 == T->start_steps))
+        evaluate(&T->M, step < T->start_steps ? T->data0 : T->data, T->eval_seqs, step + 1);
+    if (!T->out.empty() && ((T->save_every && (step + 1) % T->save_every == 0) || last)) {
+        const std::string saved = save_checkpoint(&T->M, T->out, step + 1, T->id, T->settings);
+        log_line(true, "saved %s", saved.c_str());
+    }
+}
+
+static void print_train_summary(Train* T, int step) {
+    const double t_total = now_s() - T->t_total;
+    double peaks[2] = {(double)T->M.dev.peak, (double)T->M.host.peak};
+    comm_allreduce_max(peaks, 2);
+    log_line(true, "done: %d steps in %.1f s, %.0f tok/s | peak device memory %.1f MiB | peak host memory %.1f MiB%s",
+             step - T->start, t_total, T->tokens_done / std::max(t_total, 1e-9), peaks[0] / 1048576.0,
+             peaks[1] / 1048576.0, T->r.P > 1 ? " (max over ranks)" : "");
+    if (T->exit_after && step < T->steps) log_line(true, "exit-after %d: stopped; continue with --resume", T->exit_after);
+}
+
+static void close_train(Train* T) {
+    if (run_log().file) fclose(run_log().file), run_log().file = nullptr;
+    delete T->data;
+    delete T->data0;
+    model_free(&T->M);
+}
+
+static int cmd_train(int argc, char** argv) {
+    Train T;
+    if (!read_train_flags(&T, argc, argv)) return 0;  // --help
+    choose_device(T.a, &T.M.ctx);
+    T.M.nccl = choose_comm(T.a, T.M.ctx);
+    set_run_shape(&T);
+    prepare_outputs(&T);
+    open_train_data(&T);
+    open_run_log(&T, argc, argv);
+    create_train_model(&T);
+    init_or_resume(&T);
+    print_train_header(&T);
+    const int end = T.exit_after ? std::min(T.exit_after, T.steps) : T.steps;
+    // the step traced: this run's second step at --seq (past the warm-up and any short start)
+    const int trace_step = std::max(0, std::min(std::max(T.start, T.start_steps) + 1, end - 1));
+    T.t_total = now_s();
+    int step = T.start;
+    for (; step < end; step++) {
+        end_start_if_due(&T, step);
+        const StepResult s = train_step(&T, step, !T.trace_path.empty() && step == trace_step);
+        log_step(&T, step, s, end);
+        check_finite(&T, step, s.finite);
+        evaluate_and_save(&T, step);
+    }
+    print_train_summary(&T, step);
+    close_train(&T);
+    return 0;
+}
