@@ -246,7 +246,8 @@ static int cmd_bench(int argc, char** argv) {
         printf("usage: ./fpdt bench [--device auto|cpu|gpu] [--size N] [--seq S] [--heads H] [--kv-heads K]\n"
                "                    [--head-dim D] [--reps R]\n"
                "  times an N x N x N matmul (fp32 and bf16 operands), one causal attention block of S tokens\n"
-               "  (forward; backward with delta) and, on a GPU, pinned copies of its q each way.\n"
+               "  (forward; backward with delta) and, on a GPU, pinned copies of its q each way. On the CPU\n"
+               "  it first measures the vector unit's peak fp32 rate and gives each kernel's share of it.\n"
                "  Defaults on a GPU: N 8192, S 8192, H 32, K = H, D 128 (the peer's attention case);\n"
                "  on the CPU: N 512, S 1024, H 4, D 64. R 5.\n");
         return 0;
@@ -295,14 +296,26 @@ static int cmd_bench(int argc, char** argv) {
     OP(&ctx, to_bf16, Ab, A, N * N);
     OP(&ctx, to_bf16, Bb, B, N * N);
     printf("bench | %s | reps %d, median after one warm-up | %s\n", device_name(ctx).c_str(), reps, now_iso().c_str());
+    // on the CPU: the vector unit's measured peak, and each kernel's share of it
+    const double peak = on_gpu ? 0.0 : cpu_peak_flops(0.3);
+    if (!on_gpu)
+        printf("cpu peak fp32: %.3g TFLOP/s (%s, %d threads: an FMA loop on every thread)\n", peak / 1e12,
+               cpu_simd_name(), omp_get_max_threads());
+    auto share = [&](double flops_per_s) {
+        char buf[32] = "";
+        const double pct = 100 * flops_per_s / peak;
+        if (peak > 0) snprintf(buf, sizeof buf, pct >= 10 ? " (%.0f%% of peak)" : " (%.2g%% of peak)", pct);
+        return std::string(buf);
+    };
 
     const double mm = 2.0 * N * N * N;
     const double t32 = median_seconds(&ctx, reps, [&] { MATMUL(&ctx, matmul_forward, Cm, A, B, nullptr, N, (int)N, (int)N); });
     const double t16 = median_seconds(&ctx, reps, [&] {
         MATMUL(&ctx, matmul_forward, Cm, (const bf16*)Ab, (const bf16*)Bb, nullptr, N, (int)N, (int)N);
     });
-    printf("matmul fp32 N=%zu: %.3f ms, %.3g TFLOP/s\n", N, t32 * 1e3, mm / t32 / 1e12);
-    printf("matmul bf16 N=%zu: %.3f ms, %.3g TFLOP/s (fp32 sums)\n", N, t16 * 1e3, mm / t16 / 1e12);
+    printf("matmul fp32 N=%zu: %.3f ms, %.3g TFLOP/s%s\n", N, t32 * 1e3, mm / t32 / 1e12, share(mm / t32).c_str());
+    printf("matmul bf16 N=%zu: %.3f ms, %.3g TFLOP/s%s (fp32 sums)\n", N, t16 * 1e3, mm / t16 / 1e12,
+           share(mm / t16).c_str());
 
     const double af = 2.0 * S * S * H * D;
     const double tf = median_seconds(&ctx, reps, [&] {
@@ -317,8 +330,9 @@ static int cmd_bench(int argc, char** argv) {
         OP(&ctx, attention_delta, delta, dout, o, S, H, D);
         OP(&ctx, attention_backward, dq, dk, dv, dout, q, k, v, lse, delta, S, S, H, KV, D, true);
     });
-    printf("attention causal S=%zu H=%d KV=%d D=%d fp32: fwd %.3f ms %.3g TFLOP/s, bwd %.3f ms %.3g TFLOP/s\n", S, H,
-           KV, D, tf * 1e3, af / tf / 1e12, tb * 1e3, 2.5 * af / tb / 1e12);
+    printf("attention causal S=%zu H=%d KV=%d D=%d fp32: fwd %.3f ms %.3g TFLOP/s%s, bwd %.3f ms %.3g TFLOP/s%s\n", S,
+           H, KV, D, tf * 1e3, af / tf / 1e12, share(af / tf).c_str(), tb * 1e3, 2.5 * af / tb / 1e12,
+           share(2.5 * af / tb).c_str());
 #ifdef __CUDACC__
     if (on_gpu) {
         const size_t bytes = qn * sizeof(float);

@@ -285,6 +285,14 @@ TEST(Bench, TimesEachBuildingBlock) {
     for (const char* s : {"bench | cpu", "matmul fp32 N=64:", "matmul bf16 N=64:", "attention causal S=128 H=2 KV=2 D=16"})
         EXPECT_NE(r.out.find(s), std::string::npos) << s << "\n" << r.out;
     EXPECT_GT(number_after(r.out, "matmul fp32 N=64: "), 0) << r.out;
+    // the CPU's measured peak, and each kernel's share of it (a tiny matmul runs far below the peak:
+    // even with the peak measured while another process took a core, past 200% the peak is wrong)
+    EXPECT_GT(number_after(r.out, "cpu peak fp32: "), 0) << r.out;
+    const size_t mm = r.out.find("matmul fp32 N=64: "), pct = r.out.find("% of peak)", mm);
+    ASSERT_NE(pct, std::string::npos) << r.out;
+    const double share = atof(r.out.substr(r.out.rfind('(', pct) + 1).c_str());
+    EXPECT_GT(share, 0) << r.out;
+    EXPECT_LT(share, 200) << r.out;
 }
 
 TEST(Help, ListsFlagsAndModels) {

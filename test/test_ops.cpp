@@ -29,6 +29,7 @@
 #include "common.h"
 #include "loss.cuh"
 #include "ops.cuh"
+#include "test/cli.h"
 #include "test/testutil.h"
 
 using vf = std::vector<float>;
@@ -899,10 +900,11 @@ TEST(MatmulBlocked, TileEdgesInEveryVariant) {
     }
 }
 
-// Attention over several query blocks and key tiles (ATTN_CPU_ROWS, ATTN_CPU_TILE): lengths that
+// Attention over several tiles (48 rows with AVX2, 64 otherwise: attn_cpu_kernels): lengths that
 // are not multiples of either, causal diagonal tiles, Tq != Tk, grouped-query heads, D = 2 and
-// D = 256. The forward against attention_ref; the backward against the analytic gradients in
-// double (the finite-difference tests above pin those formulas on small blocks):
+// D = 256, and more key tiles than dq groups (ATTN_CPU_DQ_GROUPS). The forward against
+// attention_ref; the backward against the analytic gradients in double (the finite-difference
+// tests above pin those formulas on small blocks):
 //   P = e^(S - lse), dP = dO V^T, dS = P (dP - rowsum(dO O)), dq = scale dS K, dk = scale dS^T Q, dv = P^T dO.
 static void check_tiled_attention(int Tq, int Tk, int Hq, int Hkv, int D, bool causal, uint64_t seed) {
     SCOPED_TRACE(::testing::Message() << "Tq=" << Tq << " Tk=" << Tk << " Hq=" << Hq << " Hkv=" << Hkv << " D=" << D
@@ -951,14 +953,45 @@ static void check_tiled_attention(int Tq, int Tk, int Hq, int Hkv, int D, bool c
 }
 
 TEST(AttentionTiled, TileEdgesInEveryVariant) {
-    const int rows = ATTN_CPU_ROWS, tile = ATTN_CPU_TILE;
-    check_tiled_attention(2 * tile + 3, 2 * tile + 3, 4, 2, 2, true, 1001);   // causal diagonals, GQA, D = 2
-    check_tiled_attention(rows + 1, tile + 5, 2, 1, 256, false, 1002);        // Tq != Tk, D = 256
-    check_tiled_attention(tile, tile, 2, 2, 64, true, 1003);                  // exact multiples
-    check_tiled_attention(2 * tile + 1, rows - 1, 3, 1, 8, false, 1004);       // Tq > Tk, one partial tile
-    check_tiled_attention(1, 3, 1, 1, 4, false, 1005);                        // one query row
-    check_tiled_attention(2 * rows + 5, 2 * rows + 5, 2, 1, 40, true, 1006);  // D between register widths
-    check_tiled_attention(tile + 9, 2 * tile + 1, 2, 2, 33, false, 1007);     // odd D, Tq != Tk
+    check_tiled_attention(131, 131, 4, 2, 2, true, 1001);   // causal diagonals, GQA, D = 2
+    check_tiled_attention(49, 69, 2, 1, 256, false, 1002);  // Tq != Tk, D = 256
+    check_tiled_attention(192, 192, 2, 2, 64, true, 1003);  // whole tiles of 48 and of 64
+    check_tiled_attention(129, 47, 3, 1, 8, false, 1004);   // Tq > Tk, one partial key tile
+    check_tiled_attention(1, 3, 1, 1, 4, false, 1005);      // one query row
+    check_tiled_attention(101, 101, 2, 1, 40, true, 1006);  // D between register widths
+    check_tiled_attention(73, 129, 2, 2, 33, false, 1007);  // odd D, Tq != Tk
+    check_tiled_attention(581, 581, 2, 1, 4, true, 1008);   // 10-13 key tiles: groups of dq take two
+}
+
+// Every instruction set below the one this CPU runs (FPDT_CPU_SIMD caps it, ops.cuh) passes the
+// finite-difference and double-reference tests of the ops above and the PyTorch and transformers
+// reference tests of the whole model: this test program again on those suites with the set
+// forced (./fpdt, which some of them run, inherits it), on one thread (these small problems gain
+// nothing from more, and results do not depend on the thread count: Determinism). The set this
+// CPU runs passes them in the plain run; MatmulBlocked and AttentionTiled go through every set
+// themselves.
+TEST(SimdVariants, ReferenceTestsPassWithEachSetForced) {
+#ifndef CPU_SIMD_VARIANTS
+    GTEST_SKIP() << "one instruction set in this build";
+#else
+    if (getenv("FPDT_CPU_SIMD")) GTEST_SKIP() << "a forced run already (FPDT_CPU_SIMD set)";
+    char self[4096];
+    const ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
+    ASSERT_GT(n, 0);
+    self[n] = 0;
+    const std::string suites =
+        "Matmul.*:MatmulBf16.*:Norm.*:Activation.*:Rope.*:Embedding.*:Residual.*:Attention.*:CrossEntropy.*:"
+        "AdamW.*:GradNorm.*:Families/Reference.*:Variants/HfFixture.ImportedModelMatchesTransformers/*:"
+        "Variants/HfFixture.InitStepOneMatchesTransformersOnOneAndTwoRanks/*";
+    for (int l = 0; l < cpu_simd_detect(); l++) {
+        SCOPED_TRACE("FPDT_CPU_SIMD=" + std::to_string(l));
+        Out r = run("FPDT_CPU_SIMD=" + std::to_string(l) + " OMP_NUM_THREADS=1 " + self + " --gtest_filter='" + suites +
+                    "'");
+        EXPECT_EQ(r.rc, 0) << r.out;
+        EXPECT_EQ(r.out.find("[  FAILED  ]"), std::string::npos) << r.out;
+        EXPECT_GE(number_after(r.out, "[  PASSED  ] "), 20) << r.out;  // the suites ran
+    }
+#endif
 }
 
 // attn_exp, the softmax's vectorizable e^x, against exp in double over its whole range (2
