@@ -464,7 +464,7 @@ def read_manifest(ckpt):
     body, tail = raw[:end + 1], raw[end + 1:].decode("ascii", "replace").split()
     if len(tail) != 2 or Fnv1a64().update(body).hexdigest() != tail[1]:
         raise ValueError("%s: checksum mismatch on the end line (corrupt)" % path)
-    lines = body.decode("utf-8").splitlines()
+    lines = [l for l in body.decode("utf-8").splitlines() if not l.startswith("data.batch ")]  # a train run's --batch
     fields = {}
     for i, k in enumerate(MANIFEST_KEYS):
         if i >= len(lines) or not lines[i].startswith(k + " "):
