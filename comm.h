@@ -222,6 +222,10 @@ static inline void comm_allreduce(double* buf, size_t n) {
     if (comm_world().size == 1) return;
     MPI_COLLECTIVE("all-reduce", MPI_Allreduce(MPI_IN_PLACE, buf, mpi_count(n), MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD));
 }
+static inline void comm_allreduce_min(const double* v, double* out, size_t n) {
+    if (comm_world().size == 1) return (void)memcpy(out, v, n * sizeof(double));
+    MPI_COLLECTIVE("all-reduce (min)", MPI_Allreduce(v, out, mpi_count(n), MPI_DOUBLE, MPI_MIN, MPI_COMM_WORLD));
+}
 static inline void comm_allreduce_max(double* buf, size_t n) {
     if (comm_world().size == 1) return;
     MPI_COLLECTIVE("all-reduce (max)", MPI_Allreduce(MPI_IN_PLACE, buf, mpi_count(n), MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD));
@@ -313,6 +317,38 @@ static inline void comm_nccl_init() {
     if (c.sp_rank == 0) NCCL_CHECK(ncclGetUniqueId(&id));
     MPI_COLLECTIVE("broadcast (NCCL id of the group)", MPI_Bcast(&id, sizeof id, MPI_BYTE, 0, c.sp_mpi));
     NCCL_CHECK(ncclCommInitRank(&nccl_sp(), c.sp_size, id, c.sp_rank));
+}
+
+// The world's collectives on GPU buffers, on stream s: the twins of the MPI ones above.
+// buf (W * n) summed over the world; rank r keeps block r in shard (n)
+static inline void comm_reduce_scatter_nccl(const float* buf, float* shard, size_t n, cudaStream_t s) {
+    NCCL_CHECK(ncclReduceScatter(buf, shard, n, ncclFloat, ncclSum, nccl_world(), s));
+}
+static inline void comm_allreduce_nccl(float* buf, size_t n, cudaStream_t s) {
+    NCCL_CHECK(ncclAllReduce(buf, buf, n, ncclFloat, ncclSum, nccl_world(), s));
+}
+// buf (W * n) = every rank's block; this rank's is in place at buf + rank * n
+static inline void comm_allgather_nccl(float* buf, size_t n, cudaStream_t s) {
+    NCCL_CHECK(ncclAllGather(buf + (size_t)comm_world().rank * n, buf, n, ncclFloat, nccl_world(), s));
+}
+// comm_reduce_scatterv's twin: each rank's part (counts[r] at displs[r] of buf) reduced to that
+// rank, into out on this one (grouped ncclReduce, one per rank that owns a part)
+static inline void comm_reduce_scatterv_nccl(float* buf, float* out, const int* counts, const int* displs, cudaStream_t s) {
+    const Comm& c = comm_world();
+    NCCL_CHECK(ncclGroupStart());
+    for (int r = 0; r < c.size; r++)
+        if (counts[r])
+            NCCL_CHECK(ncclReduce(buf + displs[r], r == c.rank ? out : buf + displs[r], counts[r], ncclFloat, ncclSum, r, nccl_world(), s));
+    NCCL_CHECK(ncclGroupEnd());
+}
+// comm_allgatherv's twin: every rank's part from its owner (grouped ncclBroadcast); mine is this rank's
+static inline void comm_allgatherv_nccl(const float* mine, float* buf, const int* counts, const int* displs, cudaStream_t s) {
+    const Comm& c = comm_world();
+    NCCL_CHECK(ncclGroupStart());
+    for (int r = 0; r < c.size; r++)
+        if (counts[r])
+            NCCL_CHECK(ncclBroadcast(r == c.rank ? mine : buf + displs[r], buf + displs[r], counts[r], ncclFloat, r, nccl_world(), s));
+    NCCL_CHECK(ncclGroupEnd());
 }
 
 // recv (N, n) = block r of every group rank's send (N, n), as grouped point-to-point transfers

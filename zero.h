@@ -24,9 +24,9 @@
 //   group L + 1    the tail: lnf_w (lnf_b), lm_head when untied, and the padding up to n_padded
 // A group's range crosses the slices of several ranks: rank r's part of group g is
 // [max(lo_g, r k), min(hi_g, (r+1) k)), possibly empty; these parts are contiguous and in rank
-// order, so a group is reduce-scattered with MPI_Reduce_scatter (counts per rank) into the owned
-// gradient shard at that part's offset, and all-gathered with MPI_Allgatherv; over NCCL as grouped
-// ncclReduce / ncclBroadcast, one per rank that owns a part, on the communication stream.
+// order, so a group is reduce-scattered with counts per rank into the owned gradient shard at that
+// part's offset, and all-gathered likewise (comm.h: MPI_Reduce_scatter and MPI_Allgatherv; over
+// NCCL grouped ncclReduce / ncclBroadcast, one per rank that owns a part, on the communication stream).
 //
 // The gradient reduction: one over the world (not over the group, then across replicas). Every
 // rank's gradients are partial sums over its own tokens (of its group's sequences), so the step's
@@ -116,14 +116,9 @@ static inline void zero_reduce_scatter(Model* M, int g, float* buf, int slot) {
         stream_after(G->comm, G->compute);  // the group's gradients are final
         if (P == 1) CUDA_CHECK(cudaMemcpyAsync(dst, buf, n * sizeof(float), cudaMemcpyDeviceToDevice, G->comm));
         else {
-            NCCL_CHECK(ncclGroupStart());
-            for (int r = 0; r < P; r++) {
-                size_t lo;
-                const size_t c = zero_part(M, g, r, &lo);
-                if (c) NCCL_CHECK(ncclReduce(buf + (lo - M->group_lo[g]), r == me ? dst : buf + (lo - M->group_lo[g]), c,
-                                             ncclFloat, ncclSum, r, nccl_world(), G->comm));
-            }
-            NCCL_CHECK(ncclGroupEnd());
+            std::vector<int> counts, displs;
+            zero_counts(M, g, &counts, &displs);
+            comm_reduce_scatterv_nccl(buf, dst, counts.data(), displs.data(), G->comm);
         }
         CUDA_CHECK(cudaEventRecord(M->zero_rs_done[slot], G->comm));  // the slot may be zeroed again after this
         return;
@@ -159,14 +154,9 @@ static inline void zero_gather_begin(Model* M, int g, float* buf, int slot) {
         stream_after(G->comm, G->compute);  // compute is done with what the buffer held
         if (P == 1) CUDA_CHECK(cudaMemcpyAsync(buf, src, n * sizeof(float), cudaMemcpyDeviceToDevice, G->comm));
         else {
-            NCCL_CHECK(ncclGroupStart());
-            for (int r = 0; r < P; r++) {
-                size_t lo;
-                const size_t c = zero_part(M, g, r, &lo);
-                if (c) NCCL_CHECK(ncclBroadcast(r == me ? src : buf + (lo - M->group_lo[g]), buf + (lo - M->group_lo[g]), c,
-                                                ncclFloat, r, nccl_world(), G->comm));
-            }
-            NCCL_CHECK(ncclGroupEnd());
+            std::vector<int> counts, displs;
+            zero_counts(M, g, &counts, &displs);
+            comm_allgatherv_nccl(src, buf, counts.data(), displs.data(), G->comm);
         }
         CUDA_CHECK(cudaEventRecord(M->zero_gathered[slot], G->comm));
         return;
@@ -282,8 +272,8 @@ static inline float model_update(Model* M, const AdamW& opt, int t, bool* finite
     const bool nccl = ctx->gpu && nccl_world();
     if (nccl && stage <= 1)
         on_comm_stream(ctx, [&](cudaStream_t s) {
-            if (stage == 1) NCCL_CHECK(ncclReduceScatter(M->grads, M->grad_shard, n, ncclFloat, ncclSum, nccl_world(), s));
-            else NCCL_CHECK(ncclAllReduce(M->grads, M->grads, N, ncclFloat, ncclSum, nccl_world(), s));
+            if (stage == 1) comm_reduce_scatter_nccl(M->grads, M->grad_shard, n, s);
+            else comm_allreduce_nccl(M->grads, N, s);
         });
 #else
     const bool nccl = false;
@@ -323,7 +313,7 @@ static inline float model_update(Model* M, const AdamW& opt, int t, bool* finite
     if (stage == 0 || stage >= 3) return norm;
 #ifdef __CUDACC__
     if (nccl)  // every rank's updated shard to every rank, in place
-        on_comm_stream(ctx, [&](cudaStream_t s) { NCCL_CHECK(ncclAllGather(M->params + lo, M->params, n, ncclFloat, nccl_world(), s)); });
+        on_comm_stream(ctx, [&](cudaStream_t s) { comm_allgather_nccl(M->params, n, s); });
 #endif
     if (M->run.world > 1 && !nccl) {  // every rank's updated shard to every rank
         float* buf = ctx->gpu ? M->stage : M->params;
