@@ -38,6 +38,7 @@ struct CkptShard {
 };
 struct Manifest {
     uint64_t step = 0, total_steps = 0, seed = 0, seq = 0, n_params = 0;
+    uint64_t batch = 1;  // --batch: sequences per step (a manifest without the line was made with 1)
     Config cfg = {};
     std::string source;  // DataSource::identity(); "none" for an imported model
     int optimizer = 1;   // 1: shards hold params, m, v; 0: params only
@@ -66,11 +67,12 @@ static inline std::string ckpt_float(float x) {
 }
 static inline const char* rope_scaling_name(int s) { return s == ROPE_LINEAR ? "linear" : s == ROPE_LLAMA3 ? "llama3" : "none"; }
 
-// The fields before the shard lines, in order, as text.
-static inline std::vector<std::pair<std::string, std::string>> manifest_fields(const Manifest& m) {
+// The fields before the shard lines, in order, as text. data.batch is written only when it is not
+// 1 (so a run without --batch writes what earlier versions wrote); with all, always (comparisons).
+static inline std::vector<std::pair<std::string, std::string>> manifest_fields(const Manifest& m, bool all = false) {
     const Config& c = m.cfg;
     auto s = [](uint64_t v) { return std::to_string(v); };
-    return {{"fpdt-checkpoint", "2"},
+    std::vector<std::pair<std::string, std::string>> f = {{"fpdt-checkpoint", "2"},
             {"step", s(m.step)},
             {"total_steps", s(m.total_steps)},
             {"seed", s(m.seed)},
@@ -93,9 +95,14 @@ static inline std::vector<std::pair<std::string, std::string>> manifest_fields(c
             {"model.rope_original_max_pos", s(c.rope_original_max_pos)},
             {"data.seq", s(m.seq)},
             {"data.source", m.source},
+            {"data.batch", s(m.batch)},
             {"n_params", s(m.n_params)},
             {"optimizer", s(m.optimizer)},
             {"shards", s(m.shards.size())}};
+    if (m.batch == 1 && !all)
+        for (size_t i = 0; i < f.size(); i++)
+            if (f[i].first == "data.batch") f.erase(f.begin() + i);
+    return f;
 }
 
 static inline std::string manifest_text(const Manifest& m) {
@@ -115,7 +122,7 @@ static inline std::string manifest_text(const Manifest& m) {
 // "FIELD: OLD vs NEW" pieces; empty when they agree.
 static inline bool manifest_identity_differs(const Manifest& a, const Manifest& b, std::string* field,
                                              std::string* va, std::string* vb) {
-    auto fa = manifest_fields(a), fb = manifest_fields(b);
+    auto fa = manifest_fields(a, true), fb = manifest_fields(b, true);
     for (size_t i = 0; i < fa.size(); i++) {
         const std::string& k = fa[i].first;
         const bool identity = k == "total_steps" || k == "seed" || k.rfind("model.", 0) == 0 || k.rfind("data.", 0) == 0;
@@ -233,6 +240,7 @@ static inline std::string parse_manifest(const std::string& text, const std::str
     for (char ch : val)
         if ((unsigned char)ch < 0x20 || ch == 0x7f) return bad("data.source", "printable characters");
     m->source = val;
+    if (li < lines.size() && lines[li].rfind("data.batch ", 0) == 0) CKPT_U64("data.batch", 1, 1 << 30, m->batch);  // older manifests: 1
     CKPT_U64("n_params", 1, (uint64_t)1 << 40, m->n_params);
     size_t count = 0;
     param_table(c, &count);
@@ -399,7 +407,7 @@ static inline std::string read_checkpoint_state(const std::string& dir, const Ma
 // This rank's slice [lo, hi) of the flat arrays (the one it writes), downloaded: params, m, v.
 static inline void ckpt_params_slice_host(Model* M, uint64_t lo, uint64_t hi, std::vector<float>* w, std::vector<float>* m,
                                           std::vector<float>* v) {
-    const uint64_t k = hi - lo, mo = M->run.zero ? lo - (uint64_t)M->run.rank * M->shard_n : lo;  // offset in opt_m/opt_v
+    const uint64_t k = hi - lo, mo = M->run.zero ? lo - (uint64_t)M->run.world_rank * M->shard_n : lo;  // offset in opt_m/opt_v
     w->resize(k), m->resize(k), v->resize(k);
     if (!k) return;
     dev_download(&M->ctx, w->data(), M->params + (M->run.zero >= 3 ? mo : lo), k * sizeof(float));  // ZeRO-3: the shard
@@ -422,7 +430,7 @@ static inline void ckpt_model_to_host(Model* M, std::vector<float>* w, std::vect
 static inline void ckpt_load_ranges(const Model* M, uint64_t* p_lo, uint64_t* p_hi, uint64_t* m_lo, uint64_t* m_hi) {
     const uint64_t n = M->n_params;
     *p_lo = 0, *p_hi = n;
-    *m_lo = std::min(n, M->run.zero ? (uint64_t)M->run.rank * M->shard_n : 0);
+    *m_lo = std::min(n, M->run.zero ? (uint64_t)M->run.world_rank * M->shard_n : 0);
     *m_hi = std::min(n, *m_lo + M->shard_n);
     if (M->run.zero >= 3) *p_lo = *m_lo, *p_hi = *m_hi;  // ZeRO-3 holds the weights of its slice only (zero.h)
 }
@@ -735,7 +743,8 @@ static inline std::string save_checkpoint(Model* M, const std::string& out, uint
 // The flag a manifest field comes from, for messages.
 static inline const char* manifest_field_flag(const std::string& k) {
     return k == "total_steps" ? "--steps" : k == "seed" ? "--seed" : k == "data.seq" ? "--seq" : k == "data.source" ? "--data"
-         : k == "model.rope_theta" ? "--rope-theta" : k == "model.rope_scaling" || k == "model.rope_factor" ? "--rope-scale" : "--model";
+         : k == "data.batch" ? "--batch" : k == "model.rope_theta" ? "--rope-theta"
+         : k == "model.rope_scaling" || k == "model.rope_factor" ? "--rope-scale" : "--model";
 }
 
 // run.txt's line (the settings a checkpoint was saved with), or "" when it cannot be read.

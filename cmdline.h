@@ -214,7 +214,7 @@ static bool choose_comm(const Args& a, const Ctx& ctx) {
     if (cm.size == 1) return false;
     // Every rank must take the same road (NCCL's set-up is collective): agree on it first.
     double v[2] = {ctx.gpu ? 1.0 : 0.0, ctx.gpu ? -1.0 : 0.0}, mn[2];
-    MPI_CHECK(MPI_Allreduce(v, mn, 2, MPI_DOUBLE, MPI_MIN, MPI_COMM_WORLD));
+    comm_allreduce_min(v, mn, 2);
     const bool all_gpu = mn[0] > 0, any_gpu = mn[1] < 0;
     if (any_gpu && !all_gpu) fatal_all("some ranks found no GPU: run every rank on a GPU, or all with --device cpu");
     if (!all_gpu) return false;

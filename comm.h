@@ -1,5 +1,12 @@
-// comm.h: the sequence-parallel group. One process is one rank; launch P of them with
-// `mpirun -np P ./fpdt ...` (or srun). MPI moves CPU buffers (the CPU backend, and CI's real
+// comm.h: the ranks and their two communicators. One process is one rank; launch W of them with
+// `mpirun -np W ./fpdt ...` (or srun). The W ranks of the world split into sequence-parallel
+// groups of N consecutive ranks (--sp N; comm_split_groups): rank w is rank w % N of group
+// (replica) w / N, so with the usual launchers a group stays inside a node. Two communicators:
+//   the world      every rank: the gradient reduction, the ZeRO gathers and reduce-scatters (the
+//                  state is sharded over all W ranks), errors, checkpoints, evaluation's sums
+//   the group      the N ranks of this rank's sequence-parallel group: the Ulysses all-to-alls
+//                  and the sum of one sequence's loss
+// Every MPI and NCCL call of the program is here, named by the communicator it runs on. MPI moves CPU buffers (the CPU backend, and CI's real
 // multi-process tests). NCCL moves GPU buffers when every rank has a GPU of its own (its unique
 // id travels over MPI); ranks sharing a GPU (NCCL refuses that) stage GPU buffers through host
 // memory and MPI (ulysses.h, zero.h). Without mpirun the program is a group of one and MPI is not touched
@@ -36,8 +43,12 @@
     } while (0)
 
 struct Comm {
-    int rank = 0, size = 1, local_rank = 0, local_size = 1;  // local: the ranks on this machine
+    int rank = 0, size = 1, local_rank = 0, local_size = 1;  // in the world; local: the ranks on this machine
     bool mpi = false;  // MPI_Init was called (launched by mpirun/srun)
+    // this rank's sequence-parallel group (comm_split_groups; until then the whole world)
+    int sp_rank = 0, sp_size = 1;   // this rank in its group, and the group's ranks (--sp)
+    int replica = 0, replicas = 1;  // the group's index, and how many groups (data-parallel replicas)
+    MPI_Comm sp_mpi = MPI_COMM_WORLD;  // the group's communicator (the world's is MPI_COMM_WORLD)
 };
 
 static inline Comm& comm_world() {
@@ -156,11 +167,23 @@ static inline void comm_init(int* argc, char*** argv) {
     MPI_CHECK(MPI_Comm_rank(local, &c.local_rank));
     MPI_CHECK(MPI_Comm_size(local, &c.local_size));
     MPI_CHECK(MPI_Comm_free(&local));
+    c.sp_rank = c.rank, c.sp_size = c.size;
     if (!fatal_hook()) fatal_hook() = comm_fatal_hook;
 }
 
+// Splits the world into sequence-parallel groups of sp consecutive ranks (sp divides the world
+// size; the caller says so in one line first). Every rank calls it once, before any group work.
+static inline void comm_split_groups(int sp) {
+    Comm& c = comm_world();
+    c.sp_size = sp, c.sp_rank = c.rank % sp, c.replica = c.rank / sp, c.replicas = c.size / sp;
+    if (c.size == 1 || sp == c.size) return;  // the group is the world
+    MPI_CHECK(MPI_Comm_split(MPI_COMM_WORLD, c.replica, c.rank, &c.sp_mpi));
+}
+
 static inline void comm_finalize() {
-    if (comm_world().mpi) MPI_Finalize();
+    Comm& c = comm_world();
+    if (c.mpi && c.sp_mpi != MPI_COMM_WORLD) MPI_Comm_free(&c.sp_mpi);
+    if (c.mpi) MPI_Finalize();
 }
 
 // An error every rank finds the same way: rank 0 says it once, every rank exits 1.
@@ -204,17 +227,28 @@ static inline int mpi_count(size_t n) {
     return (int)n;
 }
 
-// recv (P, n) = block r of every rank's send (P, n): rank r's send block s goes to rank s.
-// recv (P, n) = block r of every rank's send (P, n); values of `elem` bytes: 4 (fp32) or 2 (bf16).
+// ----------------------------------------------------------------------------
+// The group (this rank's sequence-parallel group of N ranks)
+
+// recv (N, n) = block r of every group rank's send (N, n): group rank r's send block s goes to
+// group rank s. Values of `elem` bytes: 4 (fp32) or 2 (bf16).
 static inline void comm_alltoall(const void* send, void* recv, size_t n, size_t elem) {
     Comm& c = comm_world();
-    if (c.size == 1) {
+    if (c.sp_size == 1) {
         if (recv != send) memcpy(recv, send, n * elem);
         return;
     }
     MPI_Datatype t = elem == 2 ? MPI_UINT16_T : MPI_FLOAT;
-    MPI_COLLECTIVE("all-to-all", MPI_Alltoall(send, mpi_count(n), t, recv, mpi_count(n), t, MPI_COMM_WORLD));
+    MPI_COLLECTIVE("all-to-all", MPI_Alltoall(send, mpi_count(n), t, recv, mpi_count(n), t, c.sp_mpi));
 }
+// buf (n) summed over the group (one sequence's loss: each group rank holds its tokens' part)
+static inline void comm_sp_allreduce(double* buf, size_t n) {
+    if (comm_world().sp_size == 1) return;
+    MPI_COLLECTIVE("all-reduce (group)", MPI_Allreduce(MPI_IN_PLACE, buf, mpi_count(n), MPI_DOUBLE, MPI_SUM, comm_world().sp_mpi));
+}
+
+// ----------------------------------------------------------------------------
+// The world (every rank)
 
 static inline void comm_allreduce(float* buf, size_t n) {
     if (comm_world().size == 1) return;
@@ -226,12 +260,16 @@ static inline void comm_allreduce(double* buf, size_t n) {
     if (comm_world().size == 1) return;
     MPI_COLLECTIVE("all-reduce", MPI_Allreduce(MPI_IN_PLACE, buf, mpi_count(n), MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD));
 }
+static inline void comm_allreduce_min(const double* v, double* out, size_t n) {
+    if (comm_world().size == 1) return (void)memcpy(out, v, n * sizeof(double));
+    MPI_COLLECTIVE("all-reduce (min)", MPI_Allreduce(v, out, mpi_count(n), MPI_DOUBLE, MPI_MIN, MPI_COMM_WORLD));
+}
 static inline void comm_allreduce_max(double* buf, size_t n) {
     if (comm_world().size == 1) return;
     MPI_COLLECTIVE("all-reduce (max)", MPI_Allreduce(MPI_IN_PLACE, buf, mpi_count(n), MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD));
 }
 
-// ZeRO-1: buf (P * n) is summed across ranks and rank r keeps block r in shard (n).
+// ZeRO-1: buf (W * n) is summed across the world and rank r keeps block r in shard (n).
 static inline void comm_reduce_scatter(const float* buf, float* shard, size_t n) {
     if (comm_world().size == 1) {
         memcpy(shard, buf, n * sizeof(float));
@@ -239,10 +277,23 @@ static inline void comm_reduce_scatter(const float* buf, float* shard, size_t n)
     }
     MPI_COLLECTIVE("reduce-scatter", MPI_Reduce_scatter_block(buf, shard, mpi_count(n), MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD));
 }
-// buf (P * n) = every rank's block; this rank's block is already in place at buf + rank * n.
+// buf (W * n) = every rank's block; this rank's block is already in place at buf + rank * n.
 static inline void comm_allgather(float* buf, size_t n) {
     if (comm_world().size == 1) return;
     MPI_COLLECTIVE("all-gather", MPI_Allgather(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, buf, mpi_count(n), MPI_FLOAT, MPI_COMM_WORLD));
+}
+// ZeRO-2/3, one tensor group: buf (the group's range) summed across the world; rank r's part
+// (counts[r] values, the parts contiguous and in rank order) lands in its out.
+static inline void comm_reduce_scatterv(const float* buf, float* out, const int* counts) {
+    if (comm_world().size == 1) return (void)memcpy(out, buf, counts[0] * sizeof(float));
+    MPI_COLLECTIVE("reduce-scatter (ZeRO gradients)", MPI_Reduce_scatter(buf, out, counts, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD));
+}
+// ZeRO-3, one tensor group: every rank's part (counts[r] values at displs[r]) into buf; mine is
+// this rank's.
+static inline void comm_allgatherv(const float* mine, float* buf, const int* counts, const int* displs) {
+    const Comm& c = comm_world();
+    if (c.size == 1) return (void)memcpy(buf + displs[0], mine, counts[0] * sizeof(float));
+    MPI_COLLECTIVE("all-gather (ZeRO-3 weights)", MPI_Allgatherv(mine, counts[c.rank], MPI_FLOAT, buf, counts, displs, MPI_FLOAT, MPI_COMM_WORLD));
 }
 // Rank 0's buf (n bytes) to every rank.
 static inline void comm_broadcast(void* buf, size_t n) {
@@ -311,7 +362,12 @@ static inline GpuSharing gpu_sharing(const std::vector<std::string>& ids) {
         if (r_ != ncclSuccess) fatal("NCCL error at %s:%d: %s", __FILE__, __LINE__, ncclGetErrorString(r_)); \
     } while (0)
 
-static inline ncclComm_t& nccl_comm() {  // null: GPU buffers go through MPI on host memory
+// The two NCCL communicators, as the MPI ones above; null: GPU buffers go through MPI on host memory.
+static inline ncclComm_t& nccl_world() {  // every rank: gradients and the ZeRO collectives
+    static ncclComm_t c = nullptr;
+    return c;
+}
+static inline ncclComm_t& nccl_sp() {  // this rank's sequence-parallel group: the all-to-alls
     static ncclComm_t c = nullptr;
     return c;
 }
@@ -354,14 +410,17 @@ static inline std::string comm_nccl_poll(double timeout) {
     NcclInFlight& f = nccl_in_flight();
     static bool device_set = false;  // this thread's current device: the one the events belong to
     if (!device_set) device_set = cudaSetDevice(f.device) == cudaSuccess;
-    ncclResult_t async = ncclSuccess;
-    const ncclResult_t asked = ncclCommGetAsyncError(nccl_comm(), &async);
+    ncclResult_t async = ncclSuccess;  // the world's communicator, then the group's if it has its own
+    ncclComm_t bad = nccl_world();
+    ncclResult_t asked = ncclCommGetAsyncError(bad, &async);
+    if (asked == ncclSuccess && (async == ncclSuccess || async == ncclInProgress) && nccl_sp() != nccl_world())
+        bad = nccl_sp(), asked = ncclCommGetAsyncError(bad, &async);
     std::lock_guard<std::mutex> lock(f.mu);
     while (f.head < f.tail && cudaEventQuery(f.ev[f.head % NcclInFlight::N]) == cudaSuccess) f.head++;
     const std::string what = std::string("NCCL ") + (f.head < f.tail ? f.what[f.head % NcclInFlight::N] : watchdog().last.load());
     if (asked != ncclSuccess) async = asked;
     if (async != ncclSuccess && async != ncclInProgress)
-        return what + ": " + ncclGetErrorString(async) + " (" + ncclGetLastError(nccl_comm()) + ")";
+        return what + ": " + ncclGetErrorString(async) + " (" + ncclGetLastError(bad) + ")";
     if (f.head == f.tail || timeout <= 0) return "";
     if (f.watched != f.head) f.watched = f.head, f.watched_since = now_s();
     const double waited = now_s() - f.watched_since;
@@ -372,29 +431,73 @@ static inline std::string comm_nccl_poll(double timeout) {
     return what + b;
 }
 
-// Every rank, after cudaSetDevice: rank 0 makes the unique id, MPI hands it to the others. The
-// watchdog then polls the communicator.
+// Every rank, after cudaSetDevice and comm_split_groups: world rank 0 makes the world's unique
+// id, group rank 0 its group's, and MPI hands each to the others. One group: the same communicator.
+// The watchdog then polls them.
 static inline void comm_nccl_init() {
     Comm& c = comm_world();
     ncclUniqueId id;
     if (c.rank == 0) NCCL_CHECK(ncclGetUniqueId(&id));
     comm_broadcast(&id, sizeof id);
-    NCCL_CHECK(ncclCommInitRank(&nccl_comm(), c.size, id, c.rank));
+    NCCL_CHECK(ncclCommInitRank(&nccl_world(), c.size, id, c.rank));
+    if (c.sp_size == c.size) {
+        nccl_sp() = nccl_world();
+    } else {
+        if (c.sp_rank == 0) NCCL_CHECK(ncclGetUniqueId(&id));
+        MPI_COLLECTIVE("broadcast (NCCL id of the group)", MPI_Bcast(&id, sizeof id, MPI_BYTE, 0, c.sp_mpi));
+        NCCL_CHECK(ncclCommInitRank(&nccl_sp(), c.sp_size, id, c.sp_rank));
+    }
     NcclInFlight& f = nccl_in_flight();
     CUDA_CHECK(cudaGetDevice(&f.device));
     for (cudaEvent_t& e : f.ev) CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
-    watchdog().abort_comm = [] { ncclCommAbort(nccl_comm()); };
+    watchdog().abort_comm = [] {
+        if (nccl_sp() != nccl_world()) ncclCommAbort(nccl_sp());
+        ncclCommAbort(nccl_world());
+    };
     watchdog().poll = comm_nccl_poll;
 }
 
-// recv (P, n) = block r of every rank's send (P, n), as grouped point-to-point transfers
+// The world's collectives on GPU buffers, on stream s: the twins of the MPI ones above.
+// buf (W * n) summed over the world; rank r keeps block r in shard (n)
+static inline void comm_reduce_scatter_nccl(const float* buf, float* shard, size_t n, cudaStream_t s) {
+    NCCL_CHECK(ncclReduceScatter(buf, shard, n, ncclFloat, ncclSum, nccl_world(), s));
+}
+static inline void comm_allreduce_nccl(float* buf, size_t n, cudaStream_t s) {
+    NCCL_CHECK(ncclAllReduce(buf, buf, n, ncclFloat, ncclSum, nccl_world(), s));
+}
+// buf (W * n) = every rank's block; this rank's is in place at buf + rank * n
+static inline void comm_allgather_nccl(float* buf, size_t n, cudaStream_t s) {
+    NCCL_CHECK(ncclAllGather(buf + (size_t)comm_world().rank * n, buf, n, ncclFloat, nccl_world(), s));
+}
+// comm_reduce_scatterv's twin: each rank's part (counts[r] at displs[r] of buf) reduced to that
+// rank, into out on this one (grouped ncclReduce, one per rank that owns a part)
+static inline void comm_reduce_scatterv_nccl(float* buf, float* out, const int* counts, const int* displs, cudaStream_t s) {
+    const Comm& c = comm_world();
+    NCCL_CHECK(ncclGroupStart());
+    for (int r = 0; r < c.size; r++)
+        if (counts[r])
+            NCCL_CHECK(ncclReduce(buf + displs[r], r == c.rank ? out : buf + displs[r], counts[r], ncclFloat, ncclSum, r, nccl_world(), s));
+    NCCL_CHECK(ncclGroupEnd());
+}
+// comm_allgatherv's twin: every rank's part from its owner (grouped ncclBroadcast); mine is this rank's
+static inline void comm_allgatherv_nccl(const float* mine, float* buf, const int* counts, const int* displs, cudaStream_t s) {
+    const Comm& c = comm_world();
+    NCCL_CHECK(ncclGroupStart());
+    for (int r = 0; r < c.size; r++)
+        if (counts[r])
+            NCCL_CHECK(ncclBroadcast(r == c.rank ? mine : buf + displs[r], buf + displs[r], counts[r], ncclFloat, r, nccl_world(), s));
+    NCCL_CHECK(ncclGroupEnd());
+}
+
+// recv (N, n) = block r of every group rank's send (N, n), as grouped point-to-point transfers
+// inside the sequence-parallel group
 static inline void comm_alltoall_nccl(const void* send, void* recv, size_t n, size_t elem, cudaStream_t s) {
     const Comm& c = comm_world();
     const ncclDataType_t t = elem == 2 ? ncclBfloat16 : ncclFloat;
     NCCL_CHECK(ncclGroupStart());
-    for (int r = 0; r < c.size; r++) {
-        NCCL_CHECK(ncclSend((const char*)send + r * n * elem, n, t, r, nccl_comm(), s));
-        NCCL_CHECK(ncclRecv((char*)recv + r * n * elem, n, t, r, nccl_comm(), s));
+    for (int r = 0; r < c.sp_size; r++) {
+        NCCL_CHECK(ncclSend((const char*)send + r * n * elem, n, t, r, nccl_sp(), s));
+        NCCL_CHECK(ncclRecv((char*)recv + r * n * elem, n, t, r, nccl_sp(), s));
     }
     NCCL_CHECK(ncclGroupEnd());
 }

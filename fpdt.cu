@@ -133,14 +133,16 @@ static void plan_sizes(const Config& c, RunCfg r, size_t* dev, size_t* host, Mod
 }
 
 static int cmd_plan(int argc, char** argv) {
-    Args a = parse_args(argc, argv, {"model", "seq", "chunk-size", "gpus", "offload", "zero", "gpu-mem", "host-mem",
+    Args a = parse_args(argc, argv, {"model", "seq", "chunk-size", "gpus", "sp", "offload", "zero", "gpu-mem", "host-mem",
                                      "tflops", "link-gbps", "precision", "help"});
     if (a.help || !a.has("model") || !a.has("seq")) {
-        printf("usage: ./fpdt plan --model NAME --seq N [--chunk-size C] [--gpus P] [--offload 0|1] [--zero 0-3]\n"
+        printf("usage: ./fpdt plan --model NAME --seq N [--chunk-size C] [--gpus W] [--sp N] [--offload 0|1] [--zero 0-3]\n"
                "                   [--gpu-mem GiB] [--host-mem GiB] [--tflops X] [--link-gbps Y] [--precision fp32|bf16]\n"
                "  predicted peak device and host bytes per rank (the same allocation sequence as ./fpdt train),\n"
                "  the headroom a GPU run keeps outside its device arena (CUDA's kernels, cuBLAS, NCCL), the\n"
                "  longest sequence that fits, and the smallest chunk at which copies hide behind attention.\n"
+               "  --gpus W ranks in all, in sequence-parallel groups of --sp N (default N = W): the ZeRO shards\n"
+               "  divide by W, the sequence's store by N.\n"
                "  Defaults: one GPU, offload 1 when chunked (train defaults to 0: pass --offload to match a run),\n"
                "  80 GiB GPU, 512 GiB host, 400 TFLOP/s, 50 GB/s, bf16 (a GPU run's default precision).\n\n");
         print_models();
@@ -150,22 +152,25 @@ static int cmd_plan(int argc, char** argv) {
     RunCfg r;
     r.seq = a.integer("seq", 0, 1, 1ll << 40);
     r.chunk = a.integer("chunk-size", r.seq, 1, 1ll << 40);
-    r.P = (int)a.integer("gpus", 1, 1, 1 << 16);
+    r.world = (int)a.integer("gpus", 1, 1, 1 << 16);
+    r.P = (int)a.integer("sp", r.world, 1, 1 << 16);
+    std::string err = check_layout(r.world, r.P, r.world);  // a batch that fits any layout: bytes per rank do not depend on it
+    if (!err.empty()) fatal_all("%s", err.c_str());
     r.offload = a.flag01("offload", r.chunk < r.seq);
     r.zero = (int)a.integer("zero", 0, 0, 3);
     r.bf16 = precision_bf16(a, true);  // a plan is for a GPU run
     const double gpu_mem = a.real("gpu-mem", 80, 0, 1e6) * 1073741824.0, host_mem = a.real("host-mem", 512, 0, 1e9) * 1073741824.0;
     const double flops = a.real("tflops", 400, 1e-3, 1e6) * 1e12, bw = a.real("link-gbps", 50, 1e-3, 1e6) * 1e9;
-    std::string err = check_shape(c, r);
-    if (!err.empty()) fatal_all("%s", err.c_str());
+    if (!(err = check_shape(c, r)).empty()) fatal_all("%s", err.c_str());
     size_t dev, host;
     Model M;
     plan_sizes(c, r, &dev, &host, &M);
     std::map<std::string, size_t> parts[2];
     for (auto& it : M.dev.items) parts[0][it.first.rfind("store:", 0) == 0 ? "store chunks (device)" : it.first] += it.second;
     for (auto& it : M.host.items) parts[1][it.first.rfind("store:", 0) == 0 ? "store (sequence-sized)" : it.first] += it.second;
-    printf("plan: model %s, seq %zu, chunk %zu (%d chunks), %d rank(s), offload %s, ZeRO stage %d, %s\n", c.name, r.seq,
-           M.C, M.u, r.P, r.offload ? "on" : "off", r.zero, r.bf16 ? "bf16" : "fp32");
+    const std::string groups = r.P < r.world ? " (" + std::to_string(r.world / r.P) + " replicas x sp " + std::to_string(r.P) + ")" : "";
+    printf("plan: model %s, seq %zu, chunk %zu (%d chunks), %d rank(s)%s, offload %s, ZeRO stage %d, %s\n", c.name, r.seq,
+           M.C, M.u, r.world, groups.c_str(), r.offload ? "on" : "off", r.zero, r.bf16 ? "bf16" : "fp32");
     printf("  bytes per rank:\n");
     const char* where[2] = {"device", "host"};
     for (int k = 0; k < 2; k++) {

@@ -5,8 +5,9 @@
 // What runs a pass over this model is in schedule.h; the all-to-all in ulysses.h; the sharding
 // and the optimizer step in zero.h. Each of those includes this file; this file includes none of them.
 //
-// Notation: S sequence length (global), P ranks, C chunk length (global), u = S/C chunks,
-// cl = C/P tokens of a chunk on this rank, H/Hkv query/kv heads, Hl/Hkvl the heads of this rank
+// Notation: S sequence length (global), P ranks of the sequence-parallel group (--sp), W ranks in
+// all (the world: W / P data-parallel replicas of the group), C chunk length (global), u = S/C
+// chunks, cl = C/P tokens of a chunk on this rank, H/Hkv query/kv heads, Hl/Hkvl the heads of this rank
 // after the all-to-all, D head size, d model width, V vocab, L layers, F the MLP's hidden width
 // (F2 = 2F for SwiGLU's gate and up halves), Q3 = (H + 2 Hkv) D the QKV projection's width.
 #pragma once
@@ -163,12 +164,30 @@ struct RunCfg {
     size_t seq = 0, chunk = 0;  // global S and C (chunk 0 = the whole sequence)
     bool offload = false;
     int zero = 0;       // ZeRO stage (zero.h): 1 optimizer state, 2 and gradients, 3 and weights sharded
-    int P = 1, rank = 0;
+    int P = 1, rank = 0;  // the sequence-parallel group (--sp): its ranks, and this rank in it
+    int world = 1, world_rank = 0;  // every rank (W = P x replicas): the ZeRO shards and checkpoints are cut W ways
+    int batch = 1;        // B: sequences per optimizer step, all replicas together; the loss is the mean over B S tokens
     size_t device_cap = 0, host_cap = 0;  // refuse to start above these bytes (0 = no limit)
     size_t head_rows = 0;                 // LM head rows at once (0: as many as fit 64M logits)
     size_t mlp_rows = 0;                  // MLP rows at once (0: as many as fit 64M hidden values)
     bool bf16 = false;  // --precision bf16: bf16 matmul operands and bf16 sequence-sized stores (see below)
 };
+
+// The world's layout: W ranks in groups of N (--sp), B sequences a step (--batch) spread over the
+// R = W / N replicas. Returns "" or one line saying what is wrong.
+static inline std::string check_layout(int W, int N, long long B) {
+    char b[512];
+    const int R = N >= 1 && N <= W && W % N == 0 ? W / N : 1;
+    if (N < 1 || N > W) snprintf(b, sizeof b, "--sp %d: a sequence-parallel group of 1 to %d ranks (there are %d)", N, W, W);
+    else if (W % N) snprintf(b, sizeof b, "--sp %d does not divide the %d ranks into sequence-parallel groups (W %% N must be 0)", N, W);
+    else if (B < 1) snprintf(b, sizeof b, "--batch %lld: at least one sequence per step", B);
+    else if (B % R) snprintf(b, sizeof b, "--batch %lld is not a multiple of the %d data-parallel replicas (%d ranks / --sp %d; B %% R must be 0)", B, R, W, N);
+    else return "";
+    return b;
+}
+
+// " of a sequence-parallel group (--sp)" when the group is not every rank, for messages.
+static inline const char* sp_words(const RunCfg& r) { return r.P < r.world ? " of a sequence-parallel group (--sp)" : ""; }
 
 // Checks every divisibility rule; returns "" or one line saying what is wrong.
 static inline std::string check_shape(const Config& c, const RunCfg& r) {
@@ -181,9 +200,9 @@ static inline std::string check_shape(const Config& c, const RunCfg& r) {
     else if (r.seq < 1) snprintf(b, sizeof b, "--seq must be at least 1");
     else if (r.seq > (size_t)INT32_MAX) snprintf(b, sizeof b, "--seq %zu: positions past 2^31-1 = 2147483647 do not fit the int32 positions RoPE is given", r.seq);
     else if (r.seq % C) snprintf(b, sizeof b, "--chunk-size %zu does not divide --seq %zu (S %% C must be 0)", C, r.seq);
-    else if (C % r.P) snprintf(b, sizeof b, "--chunk-size %zu is not a multiple of the %d ranks (C %% P must be 0)", C, r.P);
-    else if (c.n_head % r.P) snprintf(b, sizeof b, "model %s has %d heads, not a multiple of the %d ranks (H %% P must be 0)", c.name, c.n_head, r.P);
-    else if (c.n_kv_head % r.P && r.P % c.n_kv_head) snprintf(b, sizeof b, "model %s has %d kv heads; with %d ranks one must divide the other", c.name, c.n_kv_head, r.P);
+    else if (C % r.P) snprintf(b, sizeof b, "--chunk-size %zu is not a multiple of the %d ranks%s (C %% P must be 0)", C, r.P, sp_words(r));
+    else if (c.n_head % r.P) snprintf(b, sizeof b, "model %s has %d heads, not a multiple of the %d ranks%s (H %% P must be 0)", c.name, c.n_head, r.P, sp_words(r));
+    else if (c.n_kv_head % r.P && r.P % c.n_kv_head) snprintf(b, sizeof b, "model %s has %d kv heads; with %d ranks%s one must divide the other", c.name, c.n_kv_head, r.P, sp_words(r));
     else if (r.offload && C == r.seq) snprintf(b, sizeof b, "--offload 1 needs chunking: set --chunk-size below --seq %zu (one chunk leaves nothing to stream)", r.seq);
     else return "";
     return b;
@@ -206,7 +225,7 @@ struct Model {
     // memory
     Arena dev, host;
     std::vector<ParamInfo> table;
-    size_t n_params = 0, n_padded = 0, shard_n = 0;  // padded to a multiple of P; shard_n = n_padded / P under ZeRO
+    size_t n_params = 0, n_padded = 0, shard_n = 0;  // padded to a multiple of W; shard_n = n_padded / W under ZeRO
     float* params;      // (n_padded) the fp32 weights; ZeRO-3: (shard_n) this rank's slice only
     float* grads;       // (n_padded) ZeRO 0/1; null under ZeRO-2/3
     float* grad_shard;  // (shard_n) this rank's summed gradients: ZeRO-1 on P > 1 ranks, ZeRO-2/3
@@ -254,6 +273,7 @@ struct Model {
     float* stage = nullptr;       // host (2 C Hl D, or the gradients): MPI staging of device buffers
     bool nccl = false;            // GPU buffers move by NCCL (set before model_create)
     size_t gpu_free_before = 0;   // GPU: its free bytes just before the arena was taken (gpu_memory_after_step)
+    bool accumulate = false;      // this pass adds its gradients to those of the step's earlier sequences
     float* logits_out = nullptr;  // test hook: if set, (Sl, V) host logits are written here
 };
 
@@ -297,7 +317,7 @@ static inline void model_layout(Model* M) {
                            : arena_alloc<float>(dev, M->n_padded, "weights");
     M->grads = stage <= 1 ? arena_alloc<float>(dev, M->n_padded, "gradients") : nullptr;
     // ZeRO-1 on one rank: its shard is the whole array, updated where it is
-    M->grad_shard = stage == 1 && M->run.P > 1 ? arena_alloc<float>(dev, M->shard_n, "optimizer: gradient shard")
+    M->grad_shard = stage == 1 && M->run.world > 1 ? arena_alloc<float>(dev, M->shard_n, "optimizer: gradient shard")
                     : stage >= 2 ? arena_alloc<float>(dev, M->shard_n, "gradients (this rank's shard)") : nullptr;
     if (stage >= 2) {
         for (float*& b : M->gbuf) b = arena_alloc<float>(dev, M->group_max, "gradients: layer in flight (x2)");
@@ -351,7 +371,7 @@ static inline void model_layout(Model* M) {
     M->acc = arena_alloc<double>(dev, 2, "working set");
     M->scratch = arena_alloc<double>(dev, sumsq_gpu_scratch(M->shard_n), "working set");
     M->preds = arena_alloc<int32_t>(host, M->Sl, "predictions");
-    if (M->ctx.gpu && M->run.P > 1 && !M->nccl)  // MPI reads host memory: device buffers are staged through it
+    if (M->ctx.gpu && M->run.world > 1 && !M->nccl)  // MPI reads host memory: device buffers are staged through it
         M->stage = arena_alloc<float>(host, std::max({2 * qc, M->n_padded + M->shard_n, 2 * V_d, 2 * M->group_max}), "MPI staging");
 }
 
@@ -377,6 +397,7 @@ static inline void model_create(Model* M, const Config& c, const RunCfg& r, bool
     if (!err.empty()) fatal_all("%s", err.c_str());
     M->cfg = c;
     M->run = r;
+    if (r.world < r.P) M->run.world = r.P, M->run.world_rank = r.rank;  // a shape that names only the group: it is the world
     M->D = head_dim(c);
     M->Hl = c.n_head / r.P;
     M->Hkvl = c.n_kv_head >= r.P ? c.n_kv_head / r.P : 1;
@@ -395,8 +416,8 @@ static inline void model_create(Model* M, const Config& c, const RunCfg& r, bool
                          M->hr * std::max(d, (size_t)c.vocab)});
     M->rms = c.family == LLAMA;
     M->table = param_table(c, &M->n_params);
-    M->n_padded = align_up(M->n_params, r.P);
-    M->shard_n = r.zero ? M->n_padded / r.P : M->n_padded;
+    M->n_padded = align_up(M->n_params, M->run.world);
+    M->shard_n = r.zero ? M->n_padded / M->run.world : M->n_padded;
     model_set_groups(M);
     reset_arenas(M);
     M->dev.count_only = M->host.count_only = true;
@@ -533,7 +554,7 @@ static inline void model_init_params(Model* M, uint64_t seed) {
         const float std = 0.02f / (resid ? sqrtf(2.0f * M->cfg.n_layer) : 1.0f);
         for (size_t i = 0; i < p.numel(); i++) x[i] = norm_w ? 1.0f : bias ? 0.0f : std * rng_normal(&rng);
     }
-    if (M->run.zero >= 3) dev_upload(&M->ctx, M->params, host.data() + M->run.rank * M->shard_n, M->shard_n * sizeof(float));
+    if (M->run.zero >= 3) dev_upload(&M->ctx, M->params, host.data() + M->run.world_rank * M->shard_n, M->shard_n * sizeof(float));
     else dev_upload(&M->ctx, M->params, host.data(), M->n_padded * sizeof(float));
     dev_zero(&M->ctx, M->opt_m, M->shard_n * sizeof(float));
     dev_zero(&M->ctx, M->opt_v, M->shard_n * sizeof(float));

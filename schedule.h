@@ -222,7 +222,7 @@ static inline void head_pass(Model* M, bool grads) {
     Ctx* ctx = &M->ctx;
     const size_t cl = M->cl, d = c.d_model;
     const int u = M->u, L = c.n_layer;
-    const float dscale = 1.0f / (float)M->run.seq;  // mean over the whole sequence, all ranks
+    const float dscale = 1.0f / ((float)M->run.seq * (float)M->run.batch);  // the step's mean: over B sequences of S tokens
     ctx->layer = L;
     store_prefetch(ctx, &M->layer_in, layer_in_chunk(L, u, 0), slot_of(0)), store_prefetch(ctx, &M->targets, 0, slot_of(0));
     for (int i = 0; i < u; i++) {
@@ -384,13 +384,16 @@ static inline void layer_backward_attention(Model* M, int l) {
 // The whole pass
 
 // One forward (and, with grads, backward) pass over the sequence in the token stores. Returns the
-// mean loss over all S tokens of all ranks. Gradients are this rank's partial sums (see model_update).
-static inline float model_forward_backward(Model* M, bool grads) {
+// mean loss over its S tokens (summed over the sequence-parallel group). Gradients are this rank's
+// partial sums of the step's loss (see model_update); with accumulate they add to those the step's
+// earlier sequences left (zero.h says where, stage by stage).
+static inline float model_forward_backward(Model* M, bool grads, bool accumulate = false) {
     const Config& c = M->cfg;
     Ctx* ctx = &M->ctx;
     const size_t cl = M->cl, d = c.d_model;
     const int u = M->u, L = c.n_layer;
-    if (grads && M->grads) dev_zero(ctx, M->grads, M->n_padded * sizeof(float));
+    M->accumulate = grads && accumulate;
+    if (grads && M->grads && !accumulate) dev_zero(ctx, M->grads, M->n_padded * sizeof(float));
     if (M->run.bf16 && M->wlow) OP(ctx, to_bf16, M->wlow, M->params, M->n_padded);  // the weights may have changed since the last pass
     zero_pass_begin(M, grads);  // ZeRO-3: the embedding's weights, layer 0's on their way
     ctx->layer = -1;
@@ -443,7 +446,7 @@ static inline float model_forward_backward(Model* M, bool grads) {
     zero_pass_end(M);
     double loss = 0.0;
     dev_download(ctx, &loss, M->acc, sizeof(double));  // waits for the whole pass: the one sync
-    comm_allreduce(&loss, 1);
+    comm_sp_allreduce(&loss, 1);
     return (float)(loss / M->run.seq);
 }
 

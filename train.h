@@ -27,15 +27,25 @@ static int distance_bucket(size_t dist) {
     return b;
 }
 
+// The nseq sequences are dealt out over the replicas (replica r takes k = r, r + R, ...); each
+// group's rank 0 counts its sequences' losses, every rank the answers it holds, and the sums over
+// the world are what one process reports. Under ZeRO-3 every pass gathers weights from the whole
+// world, so a replica whose sequences have run out runs a pass it does not count.
 static void evaluate(Model* M, DataSource* data, int nseq, int step) {
     std::vector<double> acc(4 + 2 * NBUCKET, 0.0);  // loss sum, answers, right and total beyond a chunk; per bucket: right, total
-    bool task = false;
-    for (int k = 0; k < nseq; k++) {
-        read_into(M, data, EVAL_STEP0 + k);
-        acc[0] += model_forward_backward(M, false);
+    const Comm& cm = comm_world();
+    double task = 0;  // 1 when the data has answers (the passkey task)
+    const int passes = (nseq + cm.replicas - 1) / cm.replicas;
+    for (int j = 0; j < passes; j++) {
+        const int k = j * cm.replicas + cm.replica;
+        if (k >= nseq && M->run.zero < 3) break;
+        read_into(M, data, EVAL_STEP0 + std::min(k, nseq - 1));
+        const float loss = model_forward_backward(M, false);
+        if (k >= nseq) continue;
+        if (cm.sp_rank == 0) acc[0] += loss;
         std::vector<size_t> ans, dist;
         if (!data->answer(EVAL_STEP0 + k, &ans, &dist)) continue;
-        task = true;
+        task = 1;
         for (size_t a = 0; a < ans.size(); a++) {  // token p is predicted at input p - 1; who holds it?
             const size_t t = ans[a] - 1, c = t / M->C, o = t % M->C;
             const int b = distance_bucket(dist[a]);
@@ -48,8 +58,10 @@ static void evaluate(Model* M, DataSource* data, int nseq, int step) {
             if (dist[a] >= M->C && M->u > 1) acc[2] += right, acc[3] += 1;  // the key sat in an earlier chunk
         }
     }
-    comm_allreduce(acc.data() + 2, 2 + 2 * NBUCKET);  // each rank counted the answers it holds
-    if (comm_world().rank != 0) return;
+    acc[1] = task;
+    comm_allreduce(acc.data(), acc.size());  // each group's losses, each rank's answers
+    if (cm.rank != 0) return;
+    task = acc[1], acc[1] = 0;
     for (int b = 0; b < NBUCKET; b++) acc[1] += acc[5 + 2 * b];
     std::string line = "eval step " + std::to_string(step) + " | seq " + std::to_string(M->run.seq);
     char b[128];
@@ -76,11 +88,11 @@ static const std::vector<std::string> train_flags = {
     "beta1", "beta2", "adam-eps",
     "data", "device", "out", "save-every", "resume", "exit-after", "eval-every", "eval-seqs", "trace", "zero",
     "device-mem", "host-mem", "on-nonfinite", "max-bad-steps", "comm", "precision", "start-seq", "start-steps",
-    "log-every", "overwrite", "watchdog", "rope-theta", "rope-scale", "init", "help"};
+    "log-every", "overwrite", "watchdog", "rope-theta", "rope-scale", "init", "sp", "batch", "help"};
 
 static void train_help() {
     printf(
-        "usage: ./fpdt train [flags]        (P ranks: mpirun -np P ./fpdt train [flags])\n"
+        "usage: ./fpdt train [flags]        (W ranks: mpirun -np W ./fpdt train [flags])\n"
         "  --model NAME        model preset (default small; list below)\n"
         "  --seq N             sequence length in tokens, global (default 4096; on a GPU 65536)\n"
         "  --chunk-size C      FPDT chunk length, global; must divide --seq (default: the largest divisor\n"
@@ -90,7 +102,11 @@ static void train_help() {
         "                      chunks as --seq has), then at --seq (context extension); 0 = off\n"
         "                      (default 256 when --seq is left at its default)\n"
         "  --start-steps K     steps at --start-seq (default 95%% of --steps)\n"
-        "  --zero 0|1|2|3      ZeRO stage: shard across ranks 1 the optimizer state, 2 and the gradients,\n"
+        "  --sp N              ranks per sequence-parallel group (the all-to-alls stay inside it); the W\n"
+        "                      ranks form W / N data-parallel replicas of it (default: every rank, N = W)\n"
+        "  --batch B           sequences per optimizer step, all replicas together; each replica runs its\n"
+        "                      B / (W / N) one after the other, accumulating gradients (default 1)\n"
+        "  --zero 0|1|2|3      ZeRO stage: shard across all ranks 1 the optimizer state, 2 and the gradients,\n"
         "                      3 and the weights (gathered layer by layer) (default 0)\n"
         "  --steps N           total steps; the learning-rate schedule depends on it alone (default 6000)\n"
         "  --lr X              peak learning rate (default 3e-3)\n"
@@ -206,14 +222,16 @@ static void prepare_out(const std::string& out, bool resume, bool overwrite) {
 }
 
 // The settings that may change across a --resume, one line of "name value" items: how the run is
-// cut (what the losses do not depend on), and the optimizer's (a run may lower its learning rate
-// when it resumes; the header then says so).
+// cut (what the losses do not depend on: ranks, sequence-parallel group, chunk, offload, ZeRO,
+// precision), and the optimizer's (a run may lower its learning rate when it resumes; the header
+// then says so).
 static std::string run_settings(const RunCfg& r, size_t chunk, const AdamW& opt, float lr, int warmup, float min_frac) {
     char o[256];
     snprintf(o, sizeof o, " | lr %g | warmup %d | min-lr-frac %g | weight-decay %g | clip %g | beta1 %g | beta2 %g | adam-eps %g",
              lr, warmup, min_frac, opt.wd, opt.clip, opt.beta1, opt.beta2, opt.eps);
-    return "ranks " + std::to_string(r.P) + " | chunk " + std::to_string(chunk) + " | offload " + (r.offload ? "on" : "off") +
-           " | ZeRO stage " + std::to_string(r.zero) + " | precision " + (r.bf16 ? "bf16" : "fp32") + o;
+    return "ranks " + std::to_string(r.world) + " | sp " + std::to_string(r.P) + " | chunk " + std::to_string(chunk) +
+           " | offload " + (r.offload ? "on" : "off") + " | ZeRO stage " + std::to_string(r.zero) + " | precision " +
+           (r.bf16 ? "bf16" : "fp32") + o;
 }
 
 // " (changed since it was saved: ranks 1 -> 2, lr 0.003 -> 0.001)" for the settings that differ,
@@ -327,11 +345,19 @@ static bool read_train_flags(Train* T, int argc, char** argv) {
 // (several chunks, offloaded) on a sequence long enough to need it, reached from a short start as
 // context extension does. The start runs in as many chunks as the main phase where they divide
 // it, so it runs FPDT too and a key in an earlier chunk is within its reach.
+// The world's layout first: --sp splits the ranks into sequence-parallel groups (comm.h).
 static void set_run_shape(Train* T) {
     const Args& a = T->a;
     const bool gpu = T->M.ctx.gpu;
     RunCfg& r = T->r;
-    r.P = comm_world().size, r.rank = comm_world().rank;
+    const Comm& cm = comm_world();
+    r.world = cm.size, r.world_rank = cm.rank;
+    r.P = (int)a.integer("sp", cm.size, 1, 1 << 20);
+    r.batch = (int)a.integer("batch", 1, 0, 1 << 30);
+    std::string err = check_layout(r.world, r.P, r.batch);
+    if (!err.empty()) fatal_all("%s", err.c_str());
+    comm_split_groups(r.P);
+    r.rank = cm.sp_rank;
     r.seq = a.integer("seq", gpu ? 65536 : 4096, 1, 1ll << 40);
     r.chunk = a.integer("chunk-size", default_chunk(r.seq, r.P, gpu ? 16384 : 1024), 1, 1ll << 40);
     r.offload = a.flag01("offload", r.chunk < r.seq);
@@ -348,8 +374,7 @@ static void set_run_shape(Train* T) {
     const size_t u = r.seq / std::max<size_t>(r.chunk, 1);
     r0.chunk = T->start_seq && T->start_seq % u == 0 && (T->start_seq / u) % r.P == 0 ? T->start_seq / u : T->start_seq;
     r0.offload = r.offload && r0.chunk < T->start_seq;
-    std::string err = check_shape(T->cfg, r);
-    if (!err.empty()) fatal_all("%s", err.c_str());
+    if (!(err = check_shape(T->cfg, r)).empty()) fatal_all("%s", err.c_str());
     if (T->start_steps && !(err = check_shape(T->cfg, r0)).empty()) fatal_all("--start-seq %zu: %s", T->start_seq, err.c_str());
 }
 
@@ -411,6 +436,7 @@ static void init_or_resume(Train* T) {
     Model* M = &T->M;
     Manifest& id = T->id;
     id.cfg = T->cfg, id.seq = T->r.seq, id.seed = T->seed, id.total_steps = T->steps, id.source = T->data->identity();
+    id.batch = T->r.batch;
     if (T->start_steps)
         id.source += " | start-seq " + std::to_string(T->start_seq) + " for " + std::to_string(T->start_steps) + " steps";
     T->settings = run_settings(T->r, M->C, T->opt, T->lr, T->warmup, T->min_frac);
@@ -433,11 +459,14 @@ static void print_train_header(const Train* T) {
     log_line(true, "fpdt train | model %s (%s, %d layers, d %d, %d/%d heads, %.2fM params) | data %s", cfg.name,
              cfg.family == GPT ? "gpt" : "llama", cfg.n_layer, cfg.d_model, cfg.n_head, cfg.n_kv_head, M.n_params / 1e6,
              T->data->describe().c_str());
-    const std::string ranks = std::string(r.zero ? " ZeRO-" + std::to_string(r.zero) : "") + (M.nccl ? " NCCL" : "");
+    std::string ranks = std::string(r.zero ? " ZeRO-" + std::to_string(r.zero) : "") + (M.nccl ? " NCCL" : "");
+    if (r.world > 1)  // the layout: W ranks = R replicas x N per sequence-parallel group
+        ranks += " (" + std::to_string(r.world / r.P) + " replica" + (r.world / r.P > 1 ? "s" : "") + " x sp " + std::to_string(r.P) + ")";
+    if (r.batch > 1) ranks += " | batch " + std::to_string(r.batch) + " (" + std::to_string(r.batch / (r.world / r.P)) + " per replica)";
     const std::string since = T->resume ? " | resumed at step " + std::to_string(T->start) + T->changed
                               : !T->init_path.empty() ? " | weights from " + T->init_path : "";
     log_line(true, "seq %zu | chunk %zu (%zu chunks) | offload %s | ranks %d%s | device %s, %s | steps %d%s", r.seq, r.chunk,
-             r.seq / r.chunk, r.offload ? "on" : "off", r.P, ranks.c_str(), device_name(M.ctx).c_str(),
+             r.seq / r.chunk, r.offload ? "on" : "off", r.world, ranks.c_str(), device_name(M.ctx).c_str(),
              r.bf16 ? "bf16" : "fp32", T->steps, since.c_str());
     if (T->start_steps) {
         const size_t n0 = T->start_seq / T->r0.chunk;
@@ -485,7 +514,25 @@ struct StepResult {
     double seconds;
 };
 
-// One optimizer step: the step's sequence in, forward and backward, the update (skipped when the
+// Sequence b of step k is the data's sequence k B + b, whatever the layout: replica r runs b in
+// [r B/R, (r+1) B/R), one after the other, accumulating gradients (zero.h says how, by stage).
+// Returns the step's loss, the mean over its B sequences (each group's rank 0 adds its own; the
+// sum runs over the world), so it does not depend on W, --sp or R.
+static float forward_backward_batch(Train* T, int step) {
+    Model* M = &T->M;
+    const Comm& cm = comm_world();
+    const int B = T->r.batch, per = B / cm.replicas;
+    double loss = 0;
+    for (int j = 0; j < per; j++) {
+        read_into(M, step < T->start_steps ? T->data0 : T->data, (uint64_t)step * B + (uint64_t)cm.replica * per + j);
+        const float l = model_forward_backward(M, true, j > 0);
+        if (cm.sp_rank == 0) loss += l;
+    }
+    comm_allreduce(&loss, 1);
+    return (float)(loss / B);
+}
+
+// One optimizer step: the step's sequences in, forward and backward, the update (skipped when the
 // loss or the gradient is not finite). Traces the step chosen for --trace.
 static StepResult train_step(Train* T, int step, bool traced) {
     Model* M = &T->M;
@@ -498,8 +545,7 @@ static StepResult train_step(Train* T, int step, bool traced) {
     if (traced && M->ctx.gpu) trace_gpu_start(&M->ctx);
 #endif
     const double t0 = now_s();
-    read_into(M, step < T->start_steps ? T->data0 : T->data, step);
-    s.loss = model_forward_backward(M, true);
+    s.loss = forward_backward_batch(T, step);
     if (T->fault_steps.count(step + 1) && comm_world().rank == 0)
         dev_fill(&M->ctx, M->grads ? M->grads : M->grad_shard, NAN, 1);  // as a blow-up would
     s.finite = std::isfinite(s.loss);
@@ -516,7 +562,7 @@ static StepResult train_step(Train* T, int step, bool traced) {
         T->trace.on = false;
         T->trace.events.clear();
     }
-    T->tokens_done += M->run.seq;
+    T->tokens_done += (double)M->run.seq * T->r.batch;  // every replica's tokens
     return s;
 }
 
@@ -532,7 +578,7 @@ static void log_step(Train* T, int step, const StepResult& s, int end) {
     const int every = T->log_every ? T->log_every : auto_log_every(T->steps);
     log_line(shown_step(step + 1, T->steps, every, !s.finite || step + 1 == T->start_steps || step + 1 == end),
              "step %d/%d | loss %.6f | lr %.3e | norm %.6g | %.0f tok/s | %.1f ms/step | %s elapsed, %s left%s", step + 1,
-             T->steps, s.loss, s.lr, s.norm, T->M.run.seq / s.seconds, s.seconds * 1e3,
+             T->steps, s.loss, s.lr, s.norm, (double)T->M.run.seq * T->r.batch / s.seconds, s.seconds * 1e3,
              clock_str(now_s() - T->t_total).c_str(), clock_str(left_s).c_str(), s.finite ? "" : " | NON-FINITE: update skipped");
 }
 
@@ -579,7 +625,7 @@ static void print_train_summary(Train* T, int step) {
     comm_allreduce_max(peaks, 2);
     log_line(true, "done: %d steps in %.1f s, %.0f tok/s | peak device memory %.1f MiB | peak host memory %.1f MiB%s",
              step - T->start, t_total, T->tokens_done / std::max(t_total, 1e-9), peaks[0] / 1048576.0,
-             peaks[1] / 1048576.0, T->r.P > 1 ? " (max over ranks)" : "");
+             peaks[1] / 1048576.0, T->r.world > 1 ? " (max over ranks)" : "");
     if (T->exit_after && step < T->steps) log_line(true, "exit-after %d: stopped; continue with --resume", T->exit_after);
 }
 
@@ -594,8 +640,8 @@ static int cmd_train(int argc, char** argv) {
     Train T;
     if (!read_train_flags(&T, argc, argv)) return 0;  // --help
     choose_device(T.a, &T.M.ctx);
+    set_run_shape(&T);  // splits the ranks into groups: before NCCL's communicators are made
     T.M.nccl = choose_comm(T.a, T.M.ctx);
-    set_run_shape(&T);
     prepare_outputs(&T);
     open_train_data(&T);
     open_run_log(&T, argc, argv);

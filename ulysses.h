@@ -122,14 +122,14 @@ static inline void on_comm_stream(Ctx* ctx, const char* what, F nccl_calls) {
 }
 #endif
 
-// The all-to-all itself: recv (P, n) on every rank = block r of each rank's send, values of `elem`
-// bytes (4, or 2 on a bf16 wire). On the GPU: NCCL when each rank has its own GPU, else pinned
+// The all-to-all itself, inside the sequence-parallel group: recv (P, n) on every group rank =
+// block r of each group rank's send, values of `elem` bytes (4, or 2 on a bf16 wire). On the GPU: NCCL when each rank has its own GPU, else pinned
 // host staging and MPI (synchronous).
 static inline void a2a_exchange(Model* M, const void* send, void* recv, size_t n, size_t elem, const char* what) {
     Ctx* ctx = &M->ctx;
     if (!ctx->gpu) return comm_alltoall(send, recv, n, elem);
 #ifdef __CUDACC__
-    if (nccl_comm()) return on_comm_stream(ctx, what, [&](cudaStream_t s) { comm_alltoall_nccl(send, recv, n, elem, s); });
+    if (nccl_sp()) return on_comm_stream(ctx, what, [&](cudaStream_t s) { comm_alltoall_nccl(send, recv, n, elem, s); });
 #endif
     (void)what;
     const size_t bytes = M->run.P * n * elem;

@@ -1,10 +1,12 @@
 // data.h: where the training tokens come from.
 //
-// Every training step uses ONE sequence of seq+1 tokens: inputs are tokens [0, seq), targets are
-// tokens [1, seq+1). In a sequence-parallel job each rank needs only its own slices of that
-// sequence, so a DataSource hands out any range [start, start+n) of step k's sequence, reading
-// only that range (files) or generating only that range (synthetic tasks). Everything is a pure
-// function of (seed, step): a resumed run, or another rank, sees exactly the same tokens.
+// A sequence is seq+1 tokens: inputs are tokens [0, seq), targets are tokens [1, seq+1). Sources
+// number their sequences; the `step` argument below is that number (train.h: training step k with
+// --batch B trains sequences k B .. k B + B - 1, whatever replica runs them). In a sequence-parallel
+// job each rank needs only its own slices of a sequence, so a DataSource hands out any range
+// [start, start+n) of sequence k, reading only that range (files) or generating only that range
+// (synthetic tasks). Everything is a pure function of (seed, step): a resumed run, or another
+// rank, sees exactly the same tokens.
 //
 // Sources (data_open's `spec`):
 //   "passkey"      a built-in synthetic retrieval task: a 5-symbol key hidden at a random depth in

@@ -538,6 +538,7 @@ def read_manifest(ckpt):
         lines = body.decode("utf-8").splitlines()
     except UnicodeDecodeError:
         raise ValueError("%s: not text" % path)
+    lines = [l for l in lines if not l.startswith("data.batch ")]  # a train run's --batch
     fields = {}
     for i, k in enumerate(MANIFEST_KEYS):
         if i >= len(lines) or not lines[i].startswith(k + " "):

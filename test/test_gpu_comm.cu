@@ -45,7 +45,7 @@ TEST(GpuNccl, OneRankCollectivesAndTheWatchdogRing) {
     cudaStream_t s;
     CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
     comm_nccl_init();
-    ASSERT_NE(nccl_comm(), nullptr);
+    ASSERT_NE(nccl_world(), nullptr);
     Rng r{505};
     const size_t n = 1000;
     const std::vector<float> a = randn(&r, n);
@@ -59,19 +59,19 @@ TEST(GpuNccl, OneRankCollectivesAndTheWatchdogRing) {
     comm_alltoall_nccl(send16.p, recv16.p, n, sizeof(bf16), s);
     comm_nccl_issued("all-to-all bf16 (test)", s);
     EXPECT_EQ(recv16.get(), h16);
-    NCCL_CHECK(ncclAllReduce(send.p, out.p, n, ncclFloat, ncclSum, nccl_comm(), s));
+    NCCL_CHECK(ncclAllReduce(send.p, out.p, n, ncclFloat, ncclSum, nccl_world(), s));
     comm_nccl_issued("all-reduce (test)", s);
     EXPECT_EQ(out.get(), a);
     DevBuf<float> shard(randn(&r, n));
-    NCCL_CHECK(ncclReduceScatter(send.p, shard.p, n, ncclFloat, ncclSum, nccl_comm(), s));
+    NCCL_CHECK(ncclReduceScatter(send.p, shard.p, n, ncclFloat, ncclSum, nccl_world(), s));
     EXPECT_EQ(shard.get(), a);
     DevBuf<float> gathered(randn(&r, n));
-    NCCL_CHECK(ncclAllGather(send.p, gathered.p, n, ncclFloat, nccl_comm(), s));
+    NCCL_CHECK(ncclAllGather(send.p, gathered.p, n, ncclFloat, nccl_world(), s));
     EXPECT_EQ(gathered.get(), a);
     DevBuf<float> reduced(randn(&r, n)), bcast(randn(&r, n));
     NCCL_CHECK(ncclGroupStart());
-    NCCL_CHECK(ncclReduce(send.p, reduced.p, n, ncclFloat, ncclSum, 0, nccl_comm(), s));
-    NCCL_CHECK(ncclBroadcast(send.p, bcast.p, n, ncclFloat, 0, nccl_comm(), s));
+    NCCL_CHECK(ncclReduce(send.p, reduced.p, n, ncclFloat, ncclSum, 0, nccl_world(), s));
+    NCCL_CHECK(ncclBroadcast(send.p, bcast.p, n, ncclFloat, 0, nccl_world(), s));
     NCCL_CHECK(ncclGroupEnd());
     comm_nccl_issued("reduce + broadcast (test)", s);
     EXPECT_EQ(reduced.get(), a);
@@ -87,7 +87,7 @@ TEST(GpuNccl, OneRankCollectivesAndTheWatchdogRing) {
     CUDA_CHECK(cudaHostGetDevicePointer((void**)&dflag, flag, 0));
     wait_for_flag<<<1, 1, 0, s>>>(dflag);
     CUDA_LAUNCHED();
-    NCCL_CHECK(ncclAllReduce(send.p, out.p, n, ncclFloat, ncclSum, nccl_comm(), s));
+    NCCL_CHECK(ncclAllReduce(send.p, out.p, n, ncclFloat, ncclSum, nccl_world(), s));
     comm_nccl_issued("all-reduce (stuck test)", s);
     EXPECT_EQ(comm_nccl_poll(1.0), "");  // the first look starts its clock
     sleep(2);
@@ -101,8 +101,8 @@ TEST(GpuNccl, OneRankCollectivesAndTheWatchdogRing) {
     CUDA_CHECK(cudaStreamDestroy(s));
     // back to no communicator, as the other tests in this program expect
     watchdog().poll = nullptr, watchdog().abort_comm = nullptr;
-    NCCL_CHECK(ncclCommDestroy(nccl_comm()));
-    nccl_comm() = nullptr;
+    NCCL_CHECK(ncclCommDestroy(nccl_world()));
+    nccl_world() = nullptr;
 }
 
 // Two ranks with a GPU each, over NCCL (the all-to-alls, the gradient all-reduce or

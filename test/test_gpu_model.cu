@@ -396,3 +396,30 @@ TEST(GpuStress, OffloadAndZero3PrintTheSameLossesAtRealisticSize) {
                got[2].c_str(), now_s() - t0);
     }
 }
+
+// Replicas x sequence-parallel groups on the GPU (--sp, --batch): the losses of one GPU process
+// with the same --batch, fp32 to 1e-5 (only the order of sums differs). Two ranks sharing this
+// GPU as two replicas (MPI through host memory, ZeRO-2 over both); with 4 GPUs or more, 4 ranks
+// as 2 groups of 2 over NCCL: a world communicator for the gradients and the ZeRO collectives and
+// one per group for the all-to-alls (comm.h).
+TEST(GpuTrain, ReplicasAndGroupsPrintOneGpusLosses) {
+    REQUIRE_GPU();
+    const std::string args = "./fpdt train --device gpu --eval-every 0 --model tiny --seq 256 --chunk-size 64 --offload 1 "
+                             "--steps 3 --precision fp32 --batch 2";
+    Out one = run(args);
+    ASSERT_EQ(one.rc, 0) << one.out;
+    std::vector<double> ref = losses(one.out);
+    ASSERT_EQ(ref.size(), 3u) << one.out;
+    std::vector<std::string> layouts = {mpirun(2) + args + " --sp 1 --zero 2"};
+    int gpus = 0;
+    CUDA_CHECK(cudaGetDeviceCount(&gpus));
+    if (gpus >= 4) layouts.push_back(mpirun(4) + args + " --sp 2 --zero 1");
+    for (const std::string& cmd : layouts) {
+        Out r = run(cmd);
+        ASSERT_EQ(r.rc, 0) << cmd << "\n" << r.out;
+        if (cmd.find("-np 4") != std::string::npos) EXPECT_NE(r.out.find(" NCCL (2 replicas x sp 2)"), std::string::npos) << r.out;
+        std::vector<double> l = losses(r.out);
+        ASSERT_EQ(l.size(), 3u) << r.out;
+        for (size_t i = 0; i < 3; i++) EXPECT_NEAR(l[i], ref[i], 1e-5 * ref[i]) << cmd << " step " << i + 1;
+    }
+}

@@ -135,6 +135,23 @@ TEST(Mpi, EvaluationAgreesWithOneProcess) {
         EXPECT_NEAR(number_after(e, "loss "), number_after(e1, "loss "), 1e-5 * number_after(e1, "loss ")) << e << "\n" << e1;
         EXPECT_EQ(e.substr(e.find("passkey")), e1.substr(e1.find("passkey"))) << np << " ranks";
     }
+    // Data-parallel replicas (--sp) share the evaluation's sequences out and report one process's
+    // numbers: 15 sequences over 2 replicas (one runs a pass it does not count: ZeRO-3's gathers
+    // span every rank) and over 4. --init takes the same weights into a run of another --batch.
+    auto init_eval = [&](const std::string& launcher, const std::string& layout) {
+        Out r = run(launcher + base + "--steps 1 --lr 0 --eval-every 1 --eval-seqs 15 --init " + d + "/ckpt" + layout);
+        EXPECT_EQ(r.rc, 0) << r.out;
+        size_t p = r.out.find("eval step 1 ");
+        return p == std::string::npos ? std::string("none: ") + r.out : r.out.substr(p, r.out.find('\n', p) - p);
+    };
+    const std::string i1 = init_eval("OMP_NUM_THREADS=1 ", "");
+    ASSERT_NE(i1.find("passkey"), std::string::npos) << i1;
+    for (const char* layout : {" --sp 2 --batch 2 --zero 3", " --sp 1 --batch 4"}) {
+        const std::string e = init_eval(mpi(4), layout);
+        ASSERT_NE(e.find("passkey"), std::string::npos) << e;
+        EXPECT_NEAR(number_after(e, "loss "), number_after(i1, "loss "), 1e-5 * number_after(i1, "loss ")) << e << "\n" << i1;
+        EXPECT_EQ(e.substr(e.find("passkey")), i1.substr(i1.find("passkey"))) << layout;
+    }
 }
 
 // Checkpoint format 2 re-cuts on load: a run saved by 2 ranks with ZeRO-1 continues on 4 ranks
