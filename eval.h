@@ -215,11 +215,11 @@ static void print_eval_header(const Eval* E, const Model& M, const std::string& 
 static std::string held_out_what(DataSource* data, int nseq, size_t seq) {
     FileStream* fs = dynamic_cast<FileStream*>(data);
     if (!fs) return std::to_string(nseq) + " held-out sequences";
-    const uint64_t m = fs->total - seq, span = (uint64_t)nseq * seq;
+    const uint64_t span = (uint64_t)nseq * seq;  // window j starts at N - seq - 1 - j seq (FileStream::window_start)
     if (span + 1 > fs->total)
         return std::to_string(nseq) + " windows counted back from the stream's end; they wrap around its " +
                std::to_string(fs->total) + " tokens, so training reads some of them first";
-    return std::to_string(nseq) + " windows, stream tokens [" + std::to_string(m - span) + ", " + std::to_string(fs->total) +
+    return std::to_string(nseq) + " windows, stream tokens [" + std::to_string(fs->total - 1 - span) + ", " + std::to_string(fs->total) +
            ") of " + std::to_string(fs->total) + ": the end, which training (from the start) reads last";
 }
 

@@ -19,11 +19,18 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 
 STEP = re.compile(r"^step (\d+)/\d+ \| loss (\S+) \| lr (\S+) \| norm \S+ \| (\S+) tok/s")
 EVAL = re.compile(r"^eval step (\d+) \| seq (\d+) \| loss (\S+)(.*)$")
 BUCKET = re.compile(r" (<\d+[KM]?|>=\d+[KM]?) (\d+)%")
 FAR = re.compile(r"key in an earlier chunk: (\S+)% of")
+
+
+def tokens(n):
+    """64, 1K, 4K, 1M: a power-of-two count as fpdt prints it"""
+    n = int(n)
+    return f"{n >> 20}M" if n >= 1 << 20 and n % (1 << 20) == 0 else f"{n >> 10}K" if n >= 1024 and n % 1024 == 0 else str(n)
 
 
 def read_log(path):
@@ -111,6 +118,7 @@ def plot_positions(specs, out):
             ys += [float(r["value"])] * 2
         line, = a.plot(xs, ys, lw=2, label=f"{label} (seq {mean[0]['seq']}, mean {float(mean[0]['value']):.3f})")
     a.set_xscale("log", base=2)
+    a.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: tokens(v)))
     a.set_xlabel("token position (buckets that double)"), a.set_ylabel("held-out loss (nats/token)")
     a.set_title("loss by position"), a.legend(fontsize=8), a.grid(alpha=0.3)
     fig.tight_layout()
@@ -128,15 +136,15 @@ def plot_needle(path, out):
     grid = [[0.0] * len(lens) for _ in depths]
     for r in rows:
         grid[depths.index(float(r["depth"]))][lens.index(int(r["seq"]))] = 100 * float(r["accuracy"])
-    fig, a = plt.subplots(figsize=(1.2 * len(lens) + 2.5, 6))
+    fig, a = plt.subplots(figsize=(max(6.5, 1.1 * len(lens) + 3), 6))
     im = a.imshow(grid, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
     for i in range(len(depths)):
         for j in range(len(lens)):
             a.text(j, i, f"{grid[i][j]:.0f}", ha="center", va="center", fontsize=8)
-    a.set_xticks(range(len(lens)), [f"{n // 1024}K" if n % 1024 == 0 else str(n) for n in lens])
+    a.set_xticks(range(len(lens)), [tokens(n) for n in lens])
     a.set_yticks(range(len(depths)), [f"{100 * d:.0f}%" for d in depths])
     a.set_xlabel("context length (tokens)"), a.set_ylabel("depth of the key")
-    a.set_title(f"needle in a haystack: answer symbols right (%), {rows[0]['answers']} a cell; chance 10%", fontsize=10)
+    a.set_title(f"needle in a haystack: answer symbols right (%)\n{rows[0]['answers']} symbols a cell; chance 10%", fontsize=10)
     fig.colorbar(im, ax=a, label="%")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
