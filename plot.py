@@ -110,13 +110,13 @@ def plot_positions(specs, out):
         rows = read_eval_csv(path)
         pos = [r for r in rows if r["metric"] == "loss_by_position"]
         mean = [r for r in rows if r["metric"] == "loss"]
-        label = label or os.path.splitext(os.path.basename(path))[0]
+        label = label or os.path.splitext(os.path.basename(path))[0] + f" (seq {mean[0]['seq']})"
         # each bucket drawn over its span of positions [lo, hi)
         xs, ys = [], []
         for r in pos:
             xs += [max(int(r["lo"]), 1), int(r["hi"])]
             ys += [float(r["value"])] * 2
-        line, = a.plot(xs, ys, lw=2, label=f"{label} (seq {mean[0]['seq']}, mean {float(mean[0]['value']):.3f})")
+        a.plot(xs, ys, lw=2, label=f"{label}: mean {float(mean[0]['value']):.3f}")
     a.set_xscale("log", base=2)
     a.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: tokens(v)))
     a.set_xlabel("token position (buckets that double)"), a.set_ylabel("held-out loss (nats/token)")
