@@ -1,6 +1,6 @@
-// train.h: the train command. The flags and their help (evaluation during training is eval.h's
-// evaluate()); --out's preparation and what a resume may
-// change; then cmd_train as a short list of named steps over one struct Train (at the end).
+// train.h: the train command. The flags and their help; --out's preparation and what a resume
+// may change; then cmd_train as a short list of named steps over one struct Train (at the end).
+// Evaluation during training is eval.h's evaluate(), the one the eval command runs.
 #pragma once
 #include <cmath>
 #include <set>
