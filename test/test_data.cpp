@@ -739,8 +739,9 @@ TEST(Needle, InTextWindows) {
                 EXPECT_EQ(x[key + j], x[seq - 5 + j]);
                 EXPECT_EQ(passkey_alphabet(x[key + j]), (int)j - 1);
             }
-            for (size_t i = 0; i <= seq; i++)  // the text elsewhere is the window's own
+            for (size_t i = 0; i <= seq; i++) {  // the text elsewhere is the window's own
                 if ((i < key || i >= key + 6) && i < seq - 5) EXPECT_EQ(x[i], t[i]) << i;
+            }
             std::vector<size_t> pos, dist;
             ASSERT_TRUE(d->answer(step, &pos, &dist));
             EXPECT_EQ(pos, (std::vector<size_t>{seq - 4, seq - 3, seq - 2, seq - 1, seq}));

@@ -135,7 +135,7 @@ TEST(Eval, NeedleGrid) {
         std::ofstream f(text);
         for (int i = 0; i < 100; i++) f << "the sun is yellow. here we go. ";
     }
-    for (const std::string data : {std::string("passkey"), text}) {
+    for (const std::string& data : {std::string("passkey"), text}) {
         const std::string csv = d + "/n.csv";
         Out e = run(EVAL + "--init " + t.dir + " --needle --seq 256 --chunk-size 64 --eval-seqs 2 --data " + data + " --csv " + csv);
         ASSERT_EQ(e.rc, 0) << e.out;
