@@ -453,6 +453,15 @@ static inline void ckpt_state_to_model(Model* M, const std::vector<float>& param
     dev_upload(&M->ctx, M->opt_v, pv.data(), M->shard_n * sizeof(float));
 }
 
+// A checkpoint's weights (all n_params of them) into the model (this rank's slice under ZeRO-3),
+// the optimizer's moments zero: what train --init and eval start from.
+static inline void ckpt_params_to_model(Model* M, const std::vector<float>& all) {
+    uint64_t p_lo, p_hi, m_lo, m_hi;
+    ckpt_load_ranges(M, &p_lo, &p_hi, &m_lo, &m_hi);
+    const std::vector<float> mine(all.begin() + p_lo, all.begin() + p_hi), zeros(m_hi - m_lo, 0.0f);
+    ckpt_state_to_model(M, mine, zeros, zeros);
+}
+
 // ----------------------------------------------------------------------------
 // The directory: names, listing, removal, the lock.
 

@@ -49,7 +49,7 @@ struct Args {
 };
 
 // Flags that take no value.
-static bool is_switch(const std::string& k) { return k == "resume" || k == "overwrite" || k == "help"; }
+static bool is_switch(const std::string& k) { return k == "resume" || k == "overwrite" || k == "help" || k == "needle"; }
 
 static Args parse_args(int argc, char** argv, const std::vector<std::string>& allowed) {
     Args a;
@@ -286,7 +286,8 @@ static std::string init_checkpoint(const std::string& dir, Manifest* man, std::v
         return err->empty() ? dir : "";
     }
     if (stat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
-        *err = "--init " + dir + ": no such directory (expected a ckpt_<step>/ directory or one holding them)";
+        *err = "--init " + dir + (stat(dir.c_str(), &st) == 0 ? ": a file, not a directory" : ": no such directory") +
+               " (expected a ckpt_<step>/ directory or one holding them)";
         return "";
     }
     const std::string path = find_checkpoint(dir, man, params);

@@ -1,6 +1,7 @@
 // fpdt.cu: the program, the one file make compiles. main() and the smaller commands:
 //
 //   ./fpdt train [flags]     train (see --help); mpirun -np P ./fpdt train ... for P ranks (train.h)
+//   ./fpdt eval --init DIR   a checkpoint's loss by position, retrieval, the needle grid (eval.h)
 //   ./fpdt sample --out DIR  generate from a saved checkpoint
 //   ./fpdt plan --model M --seq S   predicted memory and the break-even chunk size
 //   ./fpdt bench             the kernels' speed on this machine
@@ -18,6 +19,7 @@
 #include "checkpoint.h"
 #include "cmdline.h"
 #include "data/data.h"
+#include "eval.h"
 #include "schedule.h"
 #include "train.h"
 
@@ -362,6 +364,8 @@ static void usage() {
     printf("fpdt: train GPT- and Llama-style models on very long sequences with the Fully Pipelined\n"
            "Distributed Transformer (chunked attention, host offload, Ulysses sequence parallelism).\n\n"
            "usage: ./fpdt train  [flags]   train (./fpdt train --help); mpirun -np P ./fpdt train ... for P ranks\n"
+           "       ./fpdt eval --init DIR [--seq S] [--needle]   a checkpoint's held-out loss by position,\n"
+           "                                 retrieval by distance, the needle grid (./fpdt eval --help)\n"
            "       ./fpdt sample --out DIR  generate from a checkpoint\n"
            "       ./fpdt plan --model M --seq S [--chunk-size C] [--gpus P]   memory and chunk-size plan\n"
            "       ./fpdt bench [--device gpu]   time the building blocks (matmul, attention, copies)\n");
@@ -413,11 +417,12 @@ int main(int argc, char** argv) {
     }
     try {  // every size from the input is checked before it is allocated; this catches what was not
         if (cmd == "train") rc = cmd_train(argc, argv);
+        else if (cmd == "eval") rc = cmd_eval(argc, argv);
         else if (cmd == "sample") rc = cmd_sample(argc, argv);
         else if (cmd == "plan") rc = cmd_plan(argc, argv);
         else if (cmd == "bench") rc = cmd_bench(argc, argv);
         else if (cmd == "-h" || cmd == "--help" || cmd == "help") usage(), rc = 0;
-        else fatal_all("unknown command '%s' (expected train, sample, plan or bench; see ./fpdt --help)", cmd.c_str());
+        else fatal_all("unknown command '%s' (expected train, eval, sample, plan or bench; see ./fpdt --help)", cmd.c_str());
     } catch (const std::bad_alloc&) {
         fatal("out of memory: an allocation failed (this machine has %.1f GiB; a ulimit or cgroup may allow less); "
               "./fpdt plan shows what a run needs", machine_memory_bytes() / 1073741824.0);

@@ -270,6 +270,7 @@ struct Model {
     double* acc;                  // (2) device: this pass's loss sum; the gradient's sum of squares
     double* scratch;              // (sumsq_gpu_scratch) device partial sums for the sum of squares
     int32_t* preds;               // host (Sl): argmax prediction at every input position
+    float* token_loss;            // host (Sl): the loss of the token predicted at every input position
     float* stage = nullptr;       // host (2 C Hl D, or the gradients): MPI staging of device buffers
     bool nccl = false;            // GPU buffers move by NCCL (set before model_create)
     size_t gpu_free_before = 0;   // GPU: its free bytes just before the arena was taken (gpu_memory_after_step)
@@ -371,6 +372,7 @@ static inline void model_layout(Model* M) {
     M->acc = arena_alloc<double>(dev, 2, "working set");
     M->scratch = arena_alloc<double>(dev, sumsq_gpu_scratch(M->shard_n), "working set");
     M->preds = arena_alloc<int32_t>(host, M->Sl, "predictions");
+    M->token_loss = arena_alloc<float>(host, M->Sl, "predictions");
     if (M->ctx.gpu && M->run.world > 1 && !M->nccl)  // MPI reads host memory: device buffers are staged through it
         M->stage = arena_alloc<float>(host, std::max({2 * qc, M->n_padded + M->shard_n, 2 * V_d, 2 * M->group_max}), "MPI staging");
 }

@@ -1,6 +1,6 @@
-// train.h: the train command. Evaluation during training (held-out loss, and the passkey task's
-// retrieval by distance); the flags and their help; --out's preparation and what a resume may
-// change; then cmd_train as a short list of named steps over one struct Train (at the end).
+// train.h: the train command. The flags and their help; --out's preparation and what a resume
+// may change; then cmd_train as a short list of named steps over one struct Train (at the end).
+// Evaluation during training is eval.h's evaluate(), the one the eval command runs.
 #pragma once
 #include <cmath>
 #include <set>
@@ -9,76 +9,8 @@
 #include "checkpoint.h"
 #include "cmdline.h"
 #include "data/data.h"
+#include "eval.h"
 #include "schedule.h"
-
-// ----------------------------------------------------------------------------
-// Evaluation: mean loss over held-out sequences, and for the passkey task the retrieval accuracy
-// of the answer symbols, by the distance between each key and its question (buckets 4x apart).
-
-static void read_into(Model* M, DataSource* data, uint64_t step) {
-    model_set_tokens(M, [&](size_t start, size_t n, int32_t* out) { data->read(step, start, n, out); });
-}
-
-static const uint64_t EVAL_STEP0 = PASSKEY_EVAL_STEP0;  // held-out sequences, far from the training steps
-static const int NBUCKET = 11;                  // distance < 16, < 64, ... , < 4M, more
-static int distance_bucket(size_t dist) {
-    int b = 0;
-    for (size_t edge = 16; dist >= edge && b < NBUCKET - 1; edge *= 4) b++;
-    return b;
-}
-
-// The nseq sequences are dealt out over the replicas (replica r takes k = r, r + R, ...); each
-// group's rank 0 counts its sequences' losses, every rank the answers it holds, and the sums over
-// the world are what one process reports. Under ZeRO-3 every pass gathers weights from the whole
-// world, so a replica whose sequences have run out runs a pass it does not count.
-static void evaluate(Model* M, DataSource* data, int nseq, int step) {
-    std::vector<double> acc(4 + 2 * NBUCKET, 0.0);  // loss sum, answers, right and total beyond a chunk; per bucket: right, total
-    const Comm& cm = comm_world();
-    double task = 0;  // 1 when the data has answers (the passkey task)
-    const int passes = (nseq + cm.replicas - 1) / cm.replicas;
-    for (int j = 0; j < passes; j++) {
-        const int k = j * cm.replicas + cm.replica;
-        if (k >= nseq && M->run.zero < 3) break;
-        read_into(M, data, EVAL_STEP0 + std::min(k, nseq - 1));
-        const float loss = model_forward_backward(M, false);
-        if (k >= nseq) continue;
-        if (cm.sp_rank == 0) acc[0] += loss;
-        std::vector<size_t> ans, dist;
-        if (!data->answer(EVAL_STEP0 + k, &ans, &dist)) continue;
-        task = 1;
-        for (size_t a = 0; a < ans.size(); a++) {  // token p is predicted at input p - 1; who holds it?
-            const size_t t = ans[a] - 1, c = t / M->C, o = t % M->C;
-            const int b = distance_bucket(dist[a]);
-            if ((int)(o / M->cl) != M->run.rank) continue;
-            int32_t truth;
-            data->read(EVAL_STEP0 + k, ans[a], 1, &truth);
-            const bool right = M->preds[c * M->cl + o % M->cl] == truth;
-            acc[4 + 2 * b] += right;
-            acc[5 + 2 * b] += 1;
-            if (dist[a] >= M->C && M->u > 1) acc[2] += right, acc[3] += 1;  // the key sat in an earlier chunk
-        }
-    }
-    acc[1] = task;
-    comm_allreduce(acc.data(), acc.size());  // each group's losses, each rank's answers
-    if (cm.rank != 0) return;
-    task = acc[1], acc[1] = 0;
-    for (int b = 0; b < NBUCKET; b++) acc[1] += acc[5 + 2 * b];
-    std::string line = "eval step " + std::to_string(step) + " | seq " + std::to_string(M->run.seq);
-    char b[128];
-    snprintf(b, sizeof b, " | loss %.6f", acc[0] / nseq);
-    line += b;
-    if (task) {
-        double right = 0;
-        for (int k = 0; k < NBUCKET; k++) right += acc[4 + 2 * k];
-        snprintf(b, sizeof b, " | passkey %.1f%% of %.0f", 100 * right / acc[1], acc[1]), line += b;
-        if (acc[3] > 0) snprintf(b, sizeof b, " | key in an earlier chunk: %.1f%% of %.0f", 100 * acc[2] / acc[3], acc[3]), line += b;
-        line += " | by distance:";
-        const char* names[NBUCKET] = {"<16", "<64", "<256", "<1K", "<4K", "<16K", "<64K", "<256K", "<1M", "<4M", ">=4M"};
-        for (int k = 0; k < NBUCKET; k++)
-            if (acc[5 + 2 * k] > 0) snprintf(b, sizeof b, " %s %.0f%%", names[k], 100 * acc[4 + 2 * k] / acc[5 + 2 * k]), line += b;
-    }
-    log_line(true, "%s", line.c_str());
-}
 
 // ----------------------------------------------------------------------------
 // train
@@ -421,12 +353,7 @@ static void create_train_model(Train* T) {
     M->ctx.trace = &T->trace;
     model_create(M, T->cfg, T->r, false);
     model_init_params(M, T->seed);
-    if (!T->init_path.empty()) {
-        uint64_t p_lo, p_hi, m_lo, m_hi;
-        ckpt_load_ranges(M, &p_lo, &p_hi, &m_lo, &m_hi);
-        const std::vector<float> mine(T->init_params.begin() + p_lo, T->init_params.begin() + p_hi), zeros(m_hi - m_lo, 0.0f);
-        ckpt_state_to_model(M, mine, zeros, zeros);
-    }
+    if (!T->init_path.empty()) ckpt_params_to_model(M, T->init_params);
     T->main_dev = M->dev.cap, T->main_host = M->host.cap;
 }
 
@@ -611,8 +538,10 @@ static void check_finite(Train* T, int step, bool finite) {
 // end; save every --save-every steps and at the end.
 static void evaluate_and_save(Train* T, int step) {
     const bool last = step + 1 == T->steps || step + 1 == T->exit_after;
-    if (T->eval_every && ((step + 1) % T->eval_every == 0 || last || step + 1 == T->start_steps))
-        evaluate(&T->M, step < T->start_steps ? T->data0 : T->data, T->eval_seqs, step + 1);
+    if (T->eval_every && ((step + 1) % T->eval_every == 0 || last || step + 1 == T->start_steps)) {
+        const EvalResult R = evaluate(&T->M, step < T->start_steps ? T->data0 : T->data, T->eval_seqs);
+        log_line(true, "eval step %d | seq %zu%s", step + 1, T->M.run.seq, eval_summary(R).c_str());
+    }
     if (!T->out.empty() && ((T->save_every && (step + 1) % T->save_every == 0) || last)) {
         const std::string saved = save_checkpoint(&T->M, T->out, step + 1, T->id, T->settings);
         log_line(true, "saved %s", saved.c_str());

@@ -61,6 +61,10 @@ static inline std::string decode_token(int32_t t) {
 // ----------------------------------------------------------------------------
 // The interface the trainer sees.
 
+// Steps from here on are held-out sequences, what evaluation reads (train's and ./fpdt eval's):
+// the passkey task's ask once, at the end, with no practice; a file stream's are its last windows.
+constexpr uint64_t HELD_OUT_STEP0 = 1ull << 40;
+
 struct DataSource {
     virtual ~DataSource() {}
     // Fills out[0..n) with tokens [start, start+n) of the sequence (seq+1 tokens) of step `step`.
@@ -170,9 +174,12 @@ struct FileStream : DataSource {
 
     // Step k's sequence is stream tokens [o, o+seq+1) with o = (k*seq) mod (N - seq): consecutive
     // steps walk through the data, and wrap. The product is taken in 128 bits so that a huge step
-    // number cannot overflow into a different window.
+    // number cannot overflow into a different window. Held-out sequence j (step HELD_OUT_STEP0 + j)
+    // is counted back from the end instead: o = N - seq - 1 - (j*seq) mod (N - seq), the last
+    // window first, so a run that reads less than the whole stream never trains on them.
     uint64_t window_start(uint64_t step) const {
         uint64_t m = total - seq;  // >= 1, checked at open
+        if (step >= HELD_OUT_STEP0) return m - 1 - (uint64_t)((unsigned __int128)(step - HELD_OUT_STEP0) * seq % m);
         return (uint64_t)((unsigned __int128)step * seq % m);
     }
 
@@ -309,12 +316,14 @@ static inline bool data_open_shard(const std::string& path, int vocab, int* fd_o
 // agrees exactly with a rank reading everything.
 
 static const char* const PASSKEY_SYMBOLS[5] = {"0123456789", "ABCDEFGHIJ", "KLMNOPQRST", "UVWXYZ!#$%", "&()*+,-/:;"};
-constexpr uint64_t PASSKEY_EVAL_STEP0 = 1ull << 40;  // held-out sequences: steps from here on
+constexpr uint64_t PASSKEY_EVAL_STEP0 = HELD_OUT_STEP0;  // held-out sequences: steps from here on
 
 struct PasskeyTask : DataSource {
     uint64_t seed;
     size_t seq;
     std::string pattern;  // the filler, a fixed cycle of short sentences
+    double depth = -1;    // the needle grid (./fpdt eval --needle): the key at this fraction of the
+                          // sequence (0: right after BOS, 1: just before the question); < 0: random
 
     static constexpr size_t DIGITS = 5;
     static constexpr size_t INSERT = 1 + DIGITS;  // TOK_KEY or TOK_QUERY, then the symbols
@@ -347,6 +356,7 @@ struct PasskeyTask : DataSource {
         Plan p;
         p.offset = rng_u64(&state) % pattern.size();
         p.key = 1 + (size_t)(rng_u64(&state) % (seq + 1 - 2 * INSERT));  // uniform in [1, seq+1-12]
+        if (depth >= 0) p.key = 1 + (size_t)llround(depth * (double)(seq - 2 * INSERT));  // the needle's depth
         for (size_t d = 0; d < DIGITS; d++) p.symbols[d] = PASSKEY_SYMBOLS[d][rng_u64(&state) % 10];
         // practice questions in [lo, hi) after the key, never overlapping (see above)
         const size_t lo = p.key + INSERT, hi = query_pos();
@@ -404,6 +414,46 @@ struct PasskeyTask : DataSource {
             if (positions) positions->push_back(query_pos() + 1 + d);
             if (distances) distances->push_back(query_pos() - p.key);
         }
+        return true;
+    }
+};
+
+// The needle grid on a file's text (./fpdt eval --needle --data FILE): the held-out windows of a
+// byte-level stream with the passkey task's key written at a given depth (the same fraction as
+// PasskeyTask::depth) and its question at the end, the symbols drawn from (seed, step). Owns the
+// stream it reads.
+struct NeedleInText : DataSource {
+    DataSource* text;
+    uint64_t seed;
+    size_t seq;
+    double depth;
+    static constexpr size_t INSERT = PasskeyTask::INSERT;
+
+    NeedleInText(DataSource* text_, uint64_t seed_, size_t seq_, double depth_)
+        : text(text_), seed(seed_), seq(seq_), depth(depth_) {}
+    ~NeedleInText() override { delete text; }
+    size_t key_pos() const { return 1 + (size_t)llround(depth * (double)(seq - 2 * INSERT)); }
+    size_t query_pos() const { return seq + 1 - INSERT; }
+    void symbols(uint64_t step, int32_t* out) const {
+        Rng state{seed ^ (step * 0xD1B54A32D192ED03ULL)};
+        for (size_t d = 0; d < PasskeyTask::DIGITS; d++) out[d] = PASSKEY_SYMBOLS[d][rng_u64(&state) % 10];
+    }
+    void read(uint64_t step, size_t start, size_t n, int32_t* out) override {
+        text->read(step, start, n, out);
+        int32_t sym[PasskeyTask::DIGITS];
+        symbols(step, sym);
+        for (size_t pos : {key_pos(), query_pos()})
+            for (size_t j = 0; j < INSERT; j++)
+                if (pos + j >= start && pos + j < start + n)
+                    out[pos + j - start] = j > 0 ? sym[j - 1] : pos == query_pos() ? TOK_QUERY : TOK_KEY;
+    }
+    std::string describe() const override { return text->describe() + " with a passkey needle"; }
+    std::string identity() const override { return text->identity(); }
+    bool answer(uint64_t step, std::vector<size_t>* positions, std::vector<size_t>* distances) override {
+        (void)step;
+        positions->clear(), distances->clear();
+        for (size_t d = 0; d < PasskeyTask::DIGITS; d++)
+            positions->push_back(query_pos() + 1 + d), distances->push_back(query_pos() - key_pos());
         return true;
     }
 };
