@@ -569,7 +569,7 @@ static inline std::string ckpt_remove_dir(const std::string& out, const std::str
     DIR* d = dfd >= 0 ? fdopendir(dfd) : nullptr;
     if (dfd >= 0 && !d) close(dfd), err = out + "/" + name + ": " + strerror(errno);
     std::vector<std::string> files;
-    while (dirent* e = d && err.empty() ? readdir(d) : nullptr) {
+    for (dirent* e; d && err.empty() && (e = readdir(d));) {
         const std::string n = e->d_name;
         struct stat st;
         if (n == "." || n == "..") continue;
@@ -614,10 +614,28 @@ static inline std::string remove_checkpoints(const std::string& out) {
     return "";
 }
 
+// Rotation before a save of `step`: this run's checkpoints (its identity, each named for its own
+// step) older than `step`, beyond the newest of them, are removed; one holding anything fpdt did
+// not write is left, with a warning.
+static inline void rotate_checkpoints(const std::string& out, uint64_t step, const Manifest& id) {
+    std::vector<std::string> mine;  // this run's, older than this step, newest first
+    for (const auto& c : list_checkpoints(out)) {
+        Manifest m;
+        std::string f, a, b;
+        if (c.first < step && read_manifest(c.second, &m).empty() && !manifest_identity_differs(m, id, &f, &a, &b))
+            mine.push_back(c.second.substr(out.size() + 1));
+    }
+    for (size_t i = 1; i < mine.size(); i++) {
+        const std::string e = ckpt_remove_dir(out, mine[i]);
+        if (!e.empty()) fprintf(stderr, "fpdt: warning: not rotated: %s\n", e.c_str());
+    }
+}
+
 // ----------------------------------------------------------------------------
 // Saving (every rank). `id` holds this run's identity (step, shards and n_params are filled in
 // here); `settings` is one informational line for run.txt (ranks, chunk, offload, ZeRO,
-// precision), which --resume reports changes against. Returns the checkpoint's path.
+// precision, the optimizer's settings), which --resume reports changes against. Returns the
+// checkpoint's path.
 
 // Writes a new regular file `name` in the directory dirfd (dir in messages), never through a
 // link, from the pieces, and fsyncs it. Returns "" or one line.
@@ -672,16 +690,7 @@ static inline std::string save_checkpoint(Model* M, const std::string& out, uint
         }
         if (err.empty() && (!(e = ckpt_remove_dir(out, tmp_name)).empty() || !(e = ckpt_remove_dir(out, aside_name)).empty()))
             err = cannot + "a stale leftover: " + e;
-        std::vector<std::pair<uint64_t, std::string>> mine;  // this run's, older than this step
-        for (const auto& c : err.empty() ? list_checkpoints(out) : mine) {
-            Manifest cmf;
-            if (c.first < step && read_manifest(c.second, &cmf).empty() && !manifest_identity_differs(cmf, id, &f, &a, &b))
-                mine.push_back(c);
-        }
-        for (size_t i = 1; i < mine.size(); i++) {
-            if (!(e = ckpt_remove_dir(out, mine[i].second.substr(out.size() + 1))).empty())
-                fprintf(stderr, "fpdt: warning: not rotated: %s\n", e.c_str());
-        }
+        if (err.empty()) rotate_checkpoints(out, step, id);
         if (err.empty() && statvfs(out.c_str(), &fs) == 0 && (uint64_t)fs.f_bavail * fs.f_frsize < bytes) {
             char buf[512];
             snprintf(buf, sizeof buf, "--out %s: saving step %llu needs %.1f MiB (one checkpoint; the newest one before it is kept) "

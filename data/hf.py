@@ -210,7 +210,7 @@ def config_from_hf(hc, where="config.json"):
     if hc.get("sliding_window") is not None and typed(hc, "use_sliding_window", "bool", where, True):
         bad("sliding_window", "%r: fpdt's attention is full causal (set it to null to ignore the window)" % hc["sliding_window"])
     for k in MOE_KEYS:
-        if hc.get(k) not in (None, 0, 1) or isinstance(hc.get(k), bool):
+        if hc.get(k) not in (None, 0, 1):
             bad(k, "%r: mixture-of-experts layers are not representable" % hc[k])
     if typed(hc, "partial_rotary_factor", "num", where, 1.0) != 1.0:
         bad("partial_rotary_factor", "%r: fpdt rotates the whole head" % hc["partial_rotary_factor"])
