@@ -14,15 +14,6 @@
 #include <omp.h>
 #endif
 
-// Threads a parallel loop here runs on (1 in a build without OpenMP).
-static inline int cpu_threads() {
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-}
-
 // ----------------------------------------------------------------------------
 // CUDA twins. Each CPU op foo_cpu(args) has a launcher foo_gpu(stream, args) right below it with
 // the same arguments (device pointers) and the same semantics (accumulate or overwrite, null
@@ -133,6 +124,16 @@ static inline int cpu_simd() {
     return cpu_simd_level;
 }
 #endif
+
+// Threads a parallel loop here runs on (1 in a build without OpenMP).
+static inline int cpu_threads() {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+// The instruction set of the variant in use, for what bench prints.
 static inline const char* cpu_simd_name() {
 #ifdef CPU_SIMD_VARIANTS
     return cpu_simd() == 2 ? "AVX-512" : cpu_simd() == 1 ? "AVX2 + FMA" : "baseline x86-64";
