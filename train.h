@@ -88,15 +88,16 @@ static void train_help() {
         "  --offload 0|1       keep sequence-sized tensors in host memory (default 1 when chunked)\n"
         "  --start-seq N[,N2..]  train first at these shorter sequences, one stage each, growing (each in as\n"
         "                      many chunks as --seq has), then at --seq (context extension); 0 = off\n"
-        "                      (default 256 when --seq is left at its default)\n"
-        "  --start-steps K[,K2..]  the last step of each stage (default for one stage: 95%% of --steps)\n"
+        "                      (default 64,1024,2048 when --seq is left at its default; on a GPU 4096)\n"
+        "  --start-steps K[,K2..]  the last step of each stage (default: 92%%,95%%,97%% of --steps; for one\n"
+        "                      stage 95%%)\n"
         "  --zero 0|1|2|3      ZeRO stage: shard across ranks 1 the optimizer state, 2 and the gradients,\n"
         "                      3 and the weights (gathered layer by layer) (default 0)\n"
-        "  --steps N           total steps; the learning-rate schedule depends on it alone (default 6000)\n"
+        "  --steps N           total steps; the learning-rate schedule depends on it alone (default 6500)\n"
         "  --lr X              peak learning rate (default 3e-3)\n"
         "  --warmup N          linear warmup steps (default: steps/20)\n"
-        "  --min-lr-frac X     cosine decays to lr*X (default 0.1)\n"
-        "  --weight-decay X    AdamW decoupled weight decay on matrices (default 0.1)\n"
+        "  --min-lr-frac X     cosine decays to lr*X (default 1: constant after warmup)\n"
+        "  --weight-decay X    AdamW decoupled weight decay on matrices (default 0; 0.1 is usual on text)\n"
         "  --clip X            clip the global gradient norm to X, 0 = off (default 1.0)\n"
         "  --beta1 X, --beta2 X, --adam-eps X   AdamW moments' decay rates and epsilon (default 0.9, 0.95, 1e-8)\n"
         "  --seed N            seed for the weights and the data (default 1337)\n"
@@ -287,15 +288,15 @@ static bool read_train_flags(Train* T, int argc, char** argv) {
         T->cfg = im.cfg;
     }
     apply_rope_flags(a, &T->cfg);
-    T->steps = (int)a.integer("steps", 6000, 1, 1 << 30);
+    T->steps = (int)a.integer("steps", 6500, 1, 1 << 30);
     T->lr = (float)a.real("lr", 3e-3, 0, 10);
-    T->opt.wd = (float)a.real("weight-decay", 0.1, 0, 10);
+    T->opt.wd = (float)a.real("weight-decay", 0, 0, 10);  // 0.1 slowed the default run's first retrievals (docs/default_run.md)
     T->opt.clip = (float)a.real("clip", 1.0, 0, 1e9);
     T->opt.beta1 = (float)a.real("beta1", 0.9, 0, 0.999999);
     T->opt.beta2 = (float)a.real("beta2", 0.95, 0, 0.999999);
     T->opt.eps = (float)a.real("adam-eps", 1e-8, 1e-30, 1);
     T->warmup = (int)a.integer("warmup", std::max(1, T->steps / 20), 0, T->steps);
-    T->min_frac = (float)a.real("min-lr-frac", 0.1, 0, 1);
+    T->min_frac = (float)a.real("min-lr-frac", 1, 0, 1);  // 1: constant after warmup; the last, long stages need the full rate
     T->seed = a.integer("seed", 1337, 0, LLONG_MAX);
     T->out = a.str("out", "");
     T->save_every = (int)a.integer("save-every", 0, 0, 1 << 30);
@@ -333,7 +334,9 @@ static DataSource* data_at(const Train* T, int step) {
 
 // The run's shape, main phase and the stages of the start. The defaults are the default run: FPDT
 // itself (several chunks, offloaded) on a sequence long enough to need it, reached from shorter
-// sequences as context extension does. Each stage runs in as many
+// sequences as context extension does: on the CPU 64 tokens, where a 2-layer model learns to
+// retrieve in seconds, then 1024 and 2048, a few cheap steps each that carry retrieval to far
+// distances, then the last 3% of the steps at --seq (docs/default_run.md). Each stage runs in as many
 // chunks as the main phase where they divide it, so it runs FPDT too and a key in an earlier
 // chunk is within its reach.
 static void set_run_shape(Train* T) {
@@ -348,16 +351,17 @@ static void set_run_shape(Train* T) {
     r.bf16 = precision_bf16(a, gpu);
     r.device_cap = (size_t)(a.real("device-mem", 0, 0, 1e6) * 1073741824.0);
     r.host_cap = (size_t)(a.real("host-mem", 0, 0, 1e6) * 1073741824.0);
-    const std::vector<long long> no_start = {0}, cpu_start = {256}, gpu_start = {4096};
+    const std::vector<long long> no_start = {0}, cpu_start = {64, 1024, 2048}, gpu_start = {4096};
     std::vector<long long> seqs = a.integers("start-seq", a.has("seq") ? no_start : gpu ? gpu_start : cpu_start, 0, r.seq);
     if (seqs == no_start) seqs.clear();
     if (a.has("start-steps") && seqs.empty()) fatal_all("--start-steps needs --start-seq N (the shorter sequence to start at)");
     for (size_t i = 0; i < seqs.size(); i++)
         if (seqs[i] == 0 || (i > 0 && seqs[i] <= seqs[i - 1]))
             fatal_all("--start-seq: '%s' (expected one length, or lengths that grow, each at least 1)", a.str("start-seq", "").c_str());
-    // the stages' last steps: one stage 95% of --steps
+    // the stages' last steps: one stage 95% of --steps; the default run's three 92%, 95% and 97%
     std::vector<long long> ends;
     if (seqs.size() == 1) ends = {T->steps * 95ll / 100};
+    if (!a.has("start-seq") && seqs.size() == 3) ends = {T->steps * 92ll / 100, T->steps * 95ll / 100, T->steps * 97ll / 100};
     ends = a.integers("start-steps", ends, 0, T->steps);
     if (a.has("start-steps") && ends == std::vector<long long>{0}) seqs.clear(), ends.clear();  // 0: no start
     if (ends.size() != seqs.size())
