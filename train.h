@@ -373,6 +373,7 @@ static void set_run_shape(Train* T) {
     if (!err.empty()) fatal_all("%s", err.c_str());
     const size_t u = r.seq / std::max<size_t>(r.chunk, 1);
     for (size_t i = 0; i < seqs.size(); i++) {
+        if (ends[i] == (i ? ends[i - 1] : 0)) continue;  // a stage of no steps (short runs: --steps 20) is left out
         Train::Stage st;
         st.seq = (size_t)seqs[i], st.end = (int)ends[i];
         st.shape = r;

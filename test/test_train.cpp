@@ -67,6 +67,13 @@ TEST(Curriculum, StagesRunInTurn) {
     std::vector<std::string> lr = loss_lines(rest.out);
     ASSERT_EQ(lr.size(), 3u) << rest.out;
     for (int i = 0; i < 3; i++) EXPECT_EQ(lr[i], la[i + 5]) << "step " << i + 6;
+    // a stage that gets no steps is left out of the header, the switches and the identity
+    Out skip = run(TINY + "--seq 256 --chunk-size 64 --start-seq 32,64,128 --start-steps 2,2,3 --steps 4 --seed 5");
+    ASSERT_EQ(skip.rc, 0) << skip.out;
+    EXPECT_NE(skip.out.find("start: steps 1-2 at seq 32 (chunk 8: 4 chunks, offload on), steps 3-3 at seq 128 (chunk 32: 4 "
+                            "chunks, offload on), then seq 256 from step 4"),
+              std::string::npos) << skip.out;
+    EXPECT_NE(skip.out.find("seq 32 -> 128 from step 3"), std::string::npos) << skip.out;
     // other stages are another run: --resume refuses the checkpoint, naming the start
     Out other = run(TINY + "--seq 256 --chunk-size 64 --start-seq 32,128 --start-steps 3,6 --steps 8 --seed 5 --resume --out " + d);
     EXPECT_NE(other.rc, 0);
