@@ -46,6 +46,19 @@ struct Args {
         return v;
     }
     bool flag01(const char* k, bool def) const { return integer(k, def, 0, 1) != 0; }
+    // A comma-separated list of whole numbers, each checked as integer() checks one ("64,1024").
+    std::vector<long long> integers(const char* k, const std::vector<long long>& def, long long lo, long long hi) const {
+        if (!has(k)) return def;
+        std::vector<long long> v;
+        const std::string& s = kv.at(k);
+        for (size_t i = 0;; i = s.find(',', i) + 1) {
+            Args one;
+            one.kv[k] = s.substr(i, s.find(',', i) - i);
+            v.push_back(one.integer(k, 0, lo, hi));
+            if (s.find(',', i) == std::string::npos) break;
+        }
+        return v;
+    }
 };
 
 // Flags that take no value.

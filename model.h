@@ -65,7 +65,7 @@ static inline bool tied_head(const Config& c) { return c.family == GPT || c.tie_
 static const Config presets[] = {
     {"tiny", LLAMA, 2, 64, 4, 2, 176, 260, 10000.0f, 1e-5f, "unit tests"},
     {"gpt-tiny", GPT, 2, 64, 4, 4, 256, 260, 10000.0f, 1e-5f, "unit tests"},
-    {"small", LLAMA, 2, 128, 4, 2, 352, 260, 10000.0f, 1e-5f, "default: learns passkey on a CPU in minutes"},
+    {"small", LLAMA, 2, 128, 4, 2, 352, 260, 1e8f, 1e-5f, "default: learns passkey on a CPU in minutes"},
     {"gpt-small", GPT, 2, 128, 4, 4, 512, 260, 10000.0f, 1e-5f, "CPU training"},
     {"medium", LLAMA, 6, 384, 6, 2, 1024, 260, 10000.0f, 1e-5f, "CPU/GPU training"},
     {"gpt-medium", GPT, 6, 384, 6, 6, 1536, 260, 10000.0f, 1e-5f, "CPU/GPU training"},

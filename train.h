@@ -30,21 +30,22 @@ static void train_help() {
         "  --chunk-size C      FPDT chunk length, global; must divide --seq (default: the largest divisor\n"
         "                      of --seq up to 1024, on a GPU 16384; --seq itself when that is shorter)\n"
         "  --offload 0|1       keep sequence-sized tensors in host memory (default 1 when chunked)\n"
-        "  --start-seq N       train the first --start-steps steps at this shorter sequence (in as many\n"
-        "                      chunks as --seq has), then at --seq (context extension); 0 = off\n"
-        "                      (default 256 when --seq is left at its default)\n"
-        "  --start-steps K     steps at --start-seq (default 95%% of --steps)\n"
+        "  --start-seq N[,N2..]  train first at these shorter sequences, one stage each, growing (each in as\n"
+        "                      many chunks as --seq has), then at --seq (context extension); 0 = off\n"
+        "                      (default 64,1024,2048 when --seq is left at its default; on a GPU 4096)\n"
+        "  --start-steps K[,K2..]  the last step of each stage (default: 92%%,95%%,97%% of --steps; for one\n"
+        "                      stage 95%%)\n"
         "  --sp N              ranks per sequence-parallel group (the all-to-alls stay inside it); the W\n"
         "                      ranks form W / N data-parallel replicas of it (default: every rank, N = W)\n"
         "  --batch B           sequences per optimizer step, all replicas together; each replica runs its\n"
         "                      B / (W / N) one after the other, accumulating gradients (default 1)\n"
         "  --zero 0|1|2|3      ZeRO stage: shard across all ranks 1 the optimizer state, 2 and the gradients,\n"
         "                      3 and the weights (gathered layer by layer) (default 0)\n"
-        "  --steps N           total steps; the learning-rate schedule depends on it alone (default 6000)\n"
+        "  --steps N           total steps; the learning-rate schedule depends on it alone (default 6500)\n"
         "  --lr X              peak learning rate (default 3e-3)\n"
         "  --warmup N          linear warmup steps (default: steps/20)\n"
-        "  --min-lr-frac X     cosine decays to lr*X (default 0.1)\n"
-        "  --weight-decay X    AdamW decoupled weight decay on matrices (default 0.1)\n"
+        "  --min-lr-frac X     cosine decays to lr*X (default 1: constant after warmup)\n"
+        "  --weight-decay X    AdamW decoupled weight decay on matrices (default 0; 0.1 is usual on text)\n"
         "  --clip X            clip the global gradient norm to X, 0 = off (default 1.0)\n"
         "  --beta1 X, --beta2 X, --adam-eps X   AdamW moments' decay rates and epsilon (default 0.9, 0.95, 1e-8)\n"
         "  --seed N            seed for the weights and the data (default 1337)\n"
@@ -59,7 +60,7 @@ static void train_help() {
         "  --resume            continue from the newest valid checkpoint in --out\n"
         "  --overwrite         start afresh in an --out that holds checkpoints: they are deleted first\n"
         "                      (without it, a run that is not --resume refuses such an --out)\n"
-        "  --eval-every N      evaluate every N steps, at the end of --start-steps and at the end, 0 = never\n"
+        "  --eval-every N      evaluate every N steps, at the end of each start stage and at the end, 0 = never\n"
         "                      (default 500)\n"
         "  --log-every N       print every Nth step line (the first 10 and the last always); 0 = about 50\n"
         "                      lines a run (default). With --out, OUT/main.log gets every line\n"
@@ -199,10 +200,16 @@ struct Train {
     Config cfg;
     std::string init_path;          // --init: the checkpoint the weights come from ("": fresh)
     std::vector<float> init_params; // (n_params) its weights
-    // the run's shape: the main phase, and the short start before it (start_steps 0: none)
-    RunCfg r, r0;
-    size_t start_seq = 0;
-    int steps = 0, start_steps = 0;
+    // the run's shape: the main phase, and the shorter stages of the start before it (none: no start)
+    RunCfg r;
+    struct Stage {
+        size_t seq = 0;   // --start-seq's entry
+        int end = 0;      // --start-steps' entry: the stage runs steps up to this one (1-based, inclusive)
+        RunCfg shape;     // seq, and its chunk and offload (see set_run_shape)
+        DataSource* data = nullptr;  // its sequences
+    };
+    std::vector<Stage> stages;
+    int steps = 0, start_steps = 0;  // start_steps: the last stage's end (0: no start)
     // the optimizer and the learning-rate schedule
     AdamW opt;
     float lr = 0, min_frac = 0;
@@ -216,7 +223,7 @@ struct Train {
     // what the run holds
     Model M;
     Trace trace;
-    DataSource *data = nullptr, *data0 = nullptr;  // the main phase's sequences, the start's
+    DataSource* data = nullptr;  // the main phase's sequences (each stage holds its own)
     Manifest id;                // this run's identity, stored in its checkpoints and checked on --resume
     std::string settings;       // what may change across a resume (run_settings)
     std::string changed;        // what did change since the checkpoint ("": nothing, or no resume)
@@ -224,7 +231,7 @@ struct Train {
     size_t main_dev = 0, main_host = 0;  // the main phase's arenas, for the header
     // the loop's record
     double t_total = 0, tokens_done = 0;
-    double step_s[2] = {0, 0};  // each phase's recent time per step (start, main), for the estimate
+    std::vector<double> step_s;  // each stage's recent time per step, the main phase's last (0: not yet run)
     int bad_run = 0;            // non-finite steps in a row
 };
 
@@ -243,15 +250,15 @@ static bool read_train_flags(Train* T, int argc, char** argv) {
         T->cfg = im.cfg;
     }
     apply_rope_flags(a, &T->cfg);
-    T->steps = (int)a.integer("steps", 6000, 1, 1 << 30);
+    T->steps = (int)a.integer("steps", 6500, 1, 1 << 30);
     T->lr = (float)a.real("lr", 3e-3, 0, 10);
-    T->opt.wd = (float)a.real("weight-decay", 0.1, 0, 10);
+    T->opt.wd = (float)a.real("weight-decay", 0, 0, 10);  // 0.1 slowed the default run's first retrievals (docs/default_run.md)
     T->opt.clip = (float)a.real("clip", 1.0, 0, 1e9);
     T->opt.beta1 = (float)a.real("beta1", 0.9, 0, 0.999999);
     T->opt.beta2 = (float)a.real("beta2", 0.95, 0, 0.999999);
     T->opt.eps = (float)a.real("adam-eps", 1e-8, 1e-30, 1);
     T->warmup = (int)a.integer("warmup", std::max(1, T->steps / 20), 0, T->steps);
-    T->min_frac = (float)a.real("min-lr-frac", 0.1, 0, 1);
+    T->min_frac = (float)a.real("min-lr-frac", 1, 0, 1);  // 1: constant after warmup; the last, long stages need the full rate
     T->seed = a.integer("seed", 1337, 0, LLONG_MAX);
     T->out = a.str("out", "");
     T->save_every = (int)a.integer("save-every", 0, 0, 1 << 30);
@@ -273,10 +280,28 @@ static bool read_train_flags(Train* T, int argc, char** argv) {
     return true;
 }
 
-// The run's shape, main phase and short start. The defaults are the default run: FPDT itself
-// (several chunks, offloaded) on a sequence long enough to need it, reached from a short start as
-// context extension does. The start runs in as many chunks as the main phase where they divide
-// it, so it runs FPDT too and a key in an earlier chunk is within its reach.
+// Which stage of the start step (0-based) belongs to; stages.size() for the main phase.
+static size_t stage_at(const Train* T, int step) {
+    size_t i = 0;
+    while (i < T->stages.size() && step >= T->stages[i].end) i++;
+    return i;
+}
+static const RunCfg& shape_at(const Train* T, int step) {
+    const size_t i = stage_at(T, step);
+    return i < T->stages.size() ? T->stages[i].shape : T->r;
+}
+static DataSource* data_at(const Train* T, int step) {
+    const size_t i = stage_at(T, step);
+    return i < T->stages.size() ? T->stages[i].data : T->data;
+}
+
+// The run's shape, main phase and the stages of the start. The defaults are the default run: FPDT
+// itself (several chunks, offloaded) on a sequence long enough to need it, reached from shorter
+// sequences as context extension does: on the CPU 64 tokens, where a 2-layer model learns to
+// retrieve in seconds, then 1024 and 2048, a few cheap steps each that carry retrieval to far
+// distances, then the last 3% of the steps at --seq (docs/default_run.md). Each stage runs in as many
+// chunks as the main phase where they divide it, so it runs FPDT too and a key in an earlier
+// chunk is within its reach.
 // The world's layout first: --sp splits the ranks into sequence-parallel groups (comm.h).
 static void set_run_shape(Train* T) {
     const Args& a = T->a;
@@ -297,17 +322,39 @@ static void set_run_shape(Train* T) {
     r.bf16 = precision_bf16(a, gpu);
     r.device_cap = (size_t)(a.real("device-mem", 0, 0, 1e6) * 1073741824.0);
     r.host_cap = (size_t)(a.real("host-mem", 0, 0, 1e6) * 1073741824.0);
-    T->start_seq = a.integer("start-seq", a.has("seq") ? 0 : (gpu ? 4096 : 256), 0, r.seq);
-    T->start_steps = T->start_seq ? (int)a.integer("start-steps", (int)(T->steps * 95ll / 100), 0, T->steps) : 0;
-    if (a.has("start-steps") && !T->start_seq) fatal_all("--start-steps needs --start-seq N (the shorter sequence to start at)");
-    RunCfg& r0 = T->r0;
-    r0 = r;
-    r0.seq = T->start_seq;
-    const size_t u = r.seq / std::max<size_t>(r.chunk, 1);
-    r0.chunk = T->start_seq && T->start_seq % u == 0 && (T->start_seq / u) % r.P == 0 ? T->start_seq / u : T->start_seq;
-    r0.offload = r.offload && r0.chunk < T->start_seq;
+    const std::vector<long long> no_start = {0}, cpu_start = {64, 1024, 2048}, gpu_start = {4096};
+    std::vector<long long> seqs = a.integers("start-seq", a.has("seq") ? no_start : gpu ? gpu_start : cpu_start, 0, r.seq);
+    if (seqs == no_start) seqs.clear();
+    if (a.has("start-steps") && seqs.empty()) fatal_all("--start-steps needs --start-seq N (the shorter sequence to start at)");
+    for (size_t i = 0; i < seqs.size(); i++)
+        if (seqs[i] == 0 || (i > 0 && seqs[i] <= seqs[i - 1]))
+            fatal_all("--start-seq: '%s' (expected one length, or lengths that grow, each at least 1)", a.str("start-seq", "").c_str());
+    // the stages' last steps: one stage 95% of --steps; the default run's three 92%, 95% and 97%
+    std::vector<long long> ends;
+    if (seqs.size() == 1) ends = {T->steps * 95ll / 100};
+    if (!a.has("start-seq") && seqs.size() == 3) ends = {T->steps * 92ll / 100, T->steps * 95ll / 100, T->steps * 97ll / 100};
+    ends = a.integers("start-steps", ends, 0, T->steps);
+    if (a.has("start-steps") && ends == std::vector<long long>{0}) seqs.clear(), ends.clear();  // 0: no start
+    if (ends.size() != seqs.size())
+        fatal_all("--start-steps: %zu value%s for %zu --start-seq length%s (expected the last step of each)", ends.size(),
+                  ends.size() == 1 ? "" : "s", seqs.size(), seqs.size() == 1 ? "" : "s");
+    for (size_t i = 1; i < ends.size(); i++)
+        if (ends[i] < ends[i - 1]) fatal_all("--start-steps: '%s' (expected last steps that do not decrease)", a.str("start-steps", "").c_str());
     if (!(err = check_shape(T->cfg, r)).empty()) fatal_all("%s", err.c_str());
-    if (T->start_steps && !(err = check_shape(T->cfg, r0)).empty()) fatal_all("--start-seq %zu: %s", T->start_seq, err.c_str());
+    const size_t u = r.seq / std::max<size_t>(r.chunk, 1);
+    for (size_t i = 0; i < seqs.size(); i++) {
+        if (ends[i] == (i ? ends[i - 1] : 0)) continue;  // a stage of no steps (short runs: --steps 20) is left out
+        Train::Stage st;
+        st.seq = (size_t)seqs[i], st.end = (int)ends[i];
+        st.shape = r;
+        st.shape.seq = st.seq;
+        st.shape.chunk = st.seq % u == 0 && (st.seq / u) % r.P == 0 ? st.seq / u : st.seq;
+        st.shape.offload = r.offload && st.shape.chunk < st.seq;
+        if (!(err = check_shape(T->cfg, st.shape)).empty()) fatal_all("--start-seq %zu: %s", st.seq, err.c_str());
+        T->stages.push_back(st);
+    }
+    T->start_steps = T->stages.empty() ? 0 : T->stages.back().end;
+    T->step_s.assign(T->stages.size() + 1, 0.0);
 }
 
 // --out and --trace, before anything is computed: a run that cannot write them fails now, not
@@ -335,15 +382,17 @@ static void open_run_log(const Train* T, int argc, char** argv) {
     log_line(false, "%s", cmd.c_str());
 }
 
-// The data: the main phase's sequences and, with a short start, the start's. A file missing on
+// The data: the main phase's sequences and each stage's of the start. A file missing on
 // one machine is an error on one rank only: fatal_any ends them all.
 static void open_train_data(Train* T) {
     std::string err;
     const std::string spec = T->a.str("data", "passkey");
     T->data = data_open(spec, T->cfg.vocab, T->r.seq, T->seed, &err);
     fatal_any(T->data ? "" : err);
-    T->data0 = T->start_steps ? data_open(spec, T->cfg.vocab, T->start_seq, T->seed, &err) : nullptr;
-    fatal_any(!T->start_steps || T->data0 ? "" : "--start-seq " + std::to_string(T->start_seq) + ": " + err);
+    for (Train::Stage& st : T->stages) {
+        st.data = data_open(spec, T->cfg.vocab, st.seq, T->seed, &err);
+        fatal_any(st.data ? "" : "--start-seq " + std::to_string(st.seq) + ": " + err);
+    }
 }
 
 // The main phase's model first (planned and fitted in model_create: a run that cannot fit fails
@@ -358,14 +407,15 @@ static void create_train_model(Train* T) {
 }
 
 // The run's identity, then --resume's checkpoint (its step and what changed since it was saved),
-// then the short start's shape if the run is (still) in it.
+// then the shape of the start's stage the run is (still) in.
 static void init_or_resume(Train* T) {
     Model* M = &T->M;
     Manifest& id = T->id;
     id.cfg = T->cfg, id.seq = T->r.seq, id.seed = T->seed, id.total_steps = T->steps, id.source = T->data->identity();
     id.batch = T->r.batch;
-    if (T->start_steps)
-        id.source += " | start-seq " + std::to_string(T->start_seq) + " for " + std::to_string(T->start_steps) + " steps";
+    for (size_t i = 0; i < T->stages.size(); i++)  // " | start-seq 64 for 3960 steps, 1024 for 220 steps"
+        id.source += (i ? ", " : " | start-seq ") + std::to_string(T->stages[i].seq) + " for " +
+                     std::to_string(T->stages[i].end - (i ? T->stages[i - 1].end : 0)) + " steps";
     T->settings = run_settings(T->r, M->C, T->opt, T->lr, T->warmup, T->min_frac);
     if (T->resume) {
         Manifest man;
@@ -375,7 +425,7 @@ static void init_or_resume(Train* T) {
         if (T->start == T->steps && comm_world().rank == 0)
             printf("resume: the checkpoint is at step %d: nothing left to do\n", T->start);
     }
-    if (T->start < T->start_steps) model_reshape(M, T->cfg, T->r0);
+    if (T->start < T->start_steps) model_reshape(M, T->cfg, shape_at(T, T->start));
 }
 
 static void print_train_header(const Train* T) {
@@ -395,11 +445,17 @@ static void print_train_header(const Train* T) {
     log_line(true, "seq %zu | chunk %zu (%zu chunks) | offload %s | ranks %d%s | device %s, %s | steps %d%s", r.seq, r.chunk,
              r.seq / r.chunk, r.offload ? "on" : "off", r.world, ranks.c_str(), device_name(M.ctx).c_str(),
              r.bf16 ? "bf16" : "fp32", T->steps, since.c_str());
-    if (T->start_steps) {
-        const size_t n0 = T->start_seq / T->r0.chunk;
-        log_line(true, "start: steps 1-%d at seq %zu (chunk %zu: %zu chunk%s, offload %s), then seq %zu from step %d",
-                 T->start_steps, T->start_seq, T->r0.chunk, n0, n0 == 1 ? "" : "s", T->r0.offload ? "on" : "off", r.seq,
-                 T->start_steps + 1);
+    if (T->start_steps) {  // "start: steps 1-3960 at seq 64 (chunk 16: 4 chunks, offload on), steps 3961-..."
+        std::string line = "start:";
+        for (size_t i = 0; i < T->stages.size(); i++) {
+            const Train::Stage& st = T->stages[i];
+            const size_t n = st.seq / st.shape.chunk;
+            char b[160];
+            snprintf(b, sizeof b, " steps %d-%d at seq %zu (chunk %zu: %zu chunk%s, offload %s),", i ? T->stages[i - 1].end + 1 : 1,
+                     st.end, st.seq, st.shape.chunk, n, n == 1 ? "" : "s", st.shape.offload ? "on" : "off");
+            line += b;
+        }
+        log_line(true, "%s then seq %zu from step %d", line.c_str(), r.seq, T->start_steps + 1);
     }
     log_line(true, "memory (arenas, this rank): device %.1f MiB, host %.1f MiB at seq %zu, taken once at start%s",
              T->main_dev / 1048576.0, T->main_host / 1048576.0, r.seq, T->start_steps ? " (and again after the start)" : "");
@@ -413,12 +469,15 @@ static float lr_at(const Train* T, int step) {
     return T->lr * (T->min_frac + (1 - T->min_frac) * 0.5f * (1 + cosf(3.14159265f * std::min(1.0f, p))));
 }
 
-// The short start is over at this step: on to --seq, weights and optimizer state carried over.
-static void end_start_if_due(Train* T, int step) {
-    if (step != T->start_steps || step == 0 || T->M.run.seq == T->r.seq) return;
-    model_reshape(&T->M, T->cfg, T->r);
-    log_line(true, "seq %zu -> %zu from step %d | chunk %zu (%d chunks) | offload %s", T->start_seq, T->r.seq, step + 1,
-             T->M.C, T->M.u, T->r.offload ? "on" : "off");
+// A stage of the start is over at this step: on to the next stage's sequence, or --seq, weights
+// and optimizer state carried over.
+static void next_stage_if_due(Train* T, int step) {
+    const RunCfg& next = shape_at(T, step);
+    if (step == 0 || T->M.run.seq == next.seq) return;
+    const size_t from = T->M.run.seq;
+    model_reshape(&T->M, T->cfg, next);
+    log_line(true, "seq %zu -> %zu from step %d | chunk %zu (%d chunks) | offload %s", from, next.seq, step + 1, T->M.C,
+             T->M.u, next.offload ? "on" : "off");
 }
 
 // Test hook FPDT_TEST_GRADS_OUT=FILE: the summed gradient of the run's first step (unclipped with
@@ -451,7 +510,7 @@ static float forward_backward_batch(Train* T, int step) {
     const int B = T->r.batch, per = B / cm.replicas;
     double loss = 0;
     for (int j = 0; j < per; j++) {
-        read_into(M, step < T->start_steps ? T->data0 : T->data, (uint64_t)step * B + (uint64_t)cm.replica * per + j);
+        read_into(M, data_at(T, step), (uint64_t)step * B + (uint64_t)cm.replica * per + j);
         const float l = model_forward_backward(M, true, j > 0);
         if (cm.sp_rank == 0) loss += l;
     }
@@ -494,27 +553,33 @@ static StepResult train_step(Train* T, int step, bool traced) {
 }
 
 // The step's line (every --log-every steps on stdout, every step in main.log), with the time
-// left: each phase's steps at its recent pace; the main phase, before it has run, at the start's
-// pace scaled by the sequence (a guess the first main steps replace).
+// left: each stage's steps at its recent pace; a stage that has not run yet at the pace of the
+// stage before it scaled by the sequence (a guess its first steps replace).
 static void log_step(Train* T, int step, const StepResult& s, int end) {
-    const int phase = step < T->start_steps ? 0 : 1;
-    T->step_s[phase] = T->step_s[phase] ? 0.9 * T->step_s[phase] + 0.1 * s.seconds : s.seconds;
-    const int left0 = std::max(0, T->start_steps - step - 1), left1 = T->steps - std::max(step + 1, T->start_steps);
-    const double main_s = T->step_s[1] ? T->step_s[1] : T->step_s[0] * T->r.seq / std::max<size_t>(T->start_seq, 1);
-    const double left_s = left0 * T->step_s[0] + left1 * main_s;
+    const size_t now = stage_at(T, step), n = T->stages.size();
+    T->step_s[now] = T->step_s[now] ? 0.9 * T->step_s[now] + 0.1 * s.seconds : s.seconds;
+    double left_s = 0, pace = 0;
+    size_t paced_seq = 1;
+    for (size_t i = 0; i <= n; i++) {
+        const size_t seq = i < n ? T->stages[i].seq : T->r.seq;
+        const int lo = i ? T->stages[i - 1].end : 0, hi = i < n ? T->stages[i].end : T->steps;
+        if (T->step_s[i]) pace = T->step_s[i], paced_seq = seq;
+        left_s += std::max(0, hi - std::max(lo, step + 1)) * pace * seq / paced_seq;
+    }
+    const bool stage_end = now < n && step + 1 == T->stages[now].end;
     const int every = T->log_every ? T->log_every : auto_log_every(T->steps);
-    log_line(shown_step(step + 1, T->steps, every, !s.finite || step + 1 == T->start_steps || step + 1 == end),
+    log_line(shown_step(step + 1, T->steps, every, !s.finite || stage_end || step + 1 == end),
              "step %d/%d | loss %.6f | lr %.3e | norm %.6g | %.0f tok/s | %.1f ms/step | %s elapsed, %s left%s", step + 1,
              T->steps, s.loss, s.lr, s.norm, (double)T->M.run.seq * T->r.batch / s.seconds, s.seconds * 1e3,
              clock_str(now_s() - T->t_total).c_str(), clock_str(left_s).c_str(), s.finite ? "" : " | NON-FINITE: update skipped");
 }
 
-// After the run's first step, and the first at --seq after a short start (a new arena): on a GPU,
+// After the run's first step, and the first of each stage and of --seq after a start (a new arena): on a GPU,
 // what was allocated outside the arena since it was taken (CUDA's kernels, cuBLAS, NCCL) against
 // the headroom kept for it (model.h, gpu_memory_after_step). Rank 0 prints its line; another rank
 // whose allocations went past the headroom says so, naming itself.
 static void check_gpu_memory(const Train* T, int step) {
-    if (!T->M.ctx.gpu || (step != T->start && step != T->start_steps)) return;
+    if (!T->M.ctx.gpu || (step != T->start && (step == 0 || stage_at(T, step) == stage_at(T, step - 1)))) return;
     bool over = false;
     const std::string line = gpu_memory_after_step(&T->M, step + 1, &over);
     const Comm& cm = comm_world();
@@ -534,12 +599,14 @@ static void check_finite(Train* T, int step, bool finite) {
         fatal_all("step %d: %d non-finite steps in a row; stopping (lower --lr, check the data)", step + 1, T->bad_run);
 }
 
-// After step (0-based): evaluate every --eval-every steps, at the end of the start and at the
-// end; save every --save-every steps and at the end.
+// After step (0-based): evaluate every --eval-every steps, at the end of each stage of the start
+// and at the end; save every --save-every steps and at the end.
 static void evaluate_and_save(Train* T, int step) {
     const bool last = step + 1 == T->steps || step + 1 == T->exit_after;
-    if (T->eval_every && ((step + 1) % T->eval_every == 0 || last || step + 1 == T->start_steps)) {
-        const EvalResult R = evaluate(&T->M, step < T->start_steps ? T->data0 : T->data, T->eval_seqs);
+    const size_t now = stage_at(T, step);
+    const bool stage_end = now < T->stages.size() && step + 1 == T->stages[now].end;
+    if (T->eval_every && ((step + 1) % T->eval_every == 0 || last || stage_end)) {
+        const EvalResult R = evaluate(&T->M, data_at(T, step), T->eval_seqs);
         log_line(true, "eval step %d | seq %zu%s", step + 1, T->M.run.seq, eval_summary(R).c_str());
     }
     if (!T->out.empty() && ((T->save_every && (step + 1) % T->save_every == 0) || last)) {
@@ -561,7 +628,7 @@ static void print_train_summary(Train* T, int step) {
 static void close_train(Train* T) {
     if (run_log().file) fclose(run_log().file), run_log().file = nullptr;
     delete T->data;
-    delete T->data0;
+    for (Train::Stage& st : T->stages) delete st.data;
     model_free(&T->M);
 }
 
@@ -583,7 +650,7 @@ static int cmd_train(int argc, char** argv) {
     T.t_total = now_s();
     int step = T.start;
     for (; step < end; step++) {
-        end_start_if_due(&T, step);
+        next_stage_if_due(&T, step);
         const StepResult s = train_step(&T, step, !T.trace_path.empty() && step == trace_step);
         log_step(&T, step, s, end);
         check_gpu_memory(&T, step);

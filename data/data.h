@@ -295,27 +295,32 @@ static inline bool data_open_shard(const std::string& path, int vocab, int* fd_o
 // The built-in "passkey" task: synthetic long-context retrieval.
 //
 // The seq+1 tokens of step k:
-//   [0]                  TOK_BOS
-//   [key, key+6)         TOK_KEY k1 k2 k3 k4 k5        key at a uniform random depth
-//   [seq-5, seq+1)       TOK_QUERY k1 k2 k3 k4 k5      the question at the very end
-//   everywhere else      filler: easy lowercase sentences
+//   [0]                   TOK_BOS
+//   [key, key+6)          TOK_KEY k1 k2 k3 k4 k5                  key at a uniform random depth
+//   [seq-9, seq+1)        TOK_QUERY k1 < k2 = k3 > k4 @ k5        the question at the very end
+//   everywhere else       filler: easy lowercase sentences
 // Key symbol i is drawn from its own alphabet of ten (PASSKEY_SYMBOLS[i]: digits, capitals,
-// punctuation), none of which occur in the filler, so the last five tokens can only be predicted
-// by finding the key in the past. Training sequences (step < PASSKEY_EVAL_STEP0) also repeat the
-// question after the key ("practice"): one retrieval per sequence is too little signal for a small
-// model to learn from in minutes on a CPU. On a short span after the key (up to 8 slots of 64
-// tokens) up to 8 questions at random places. On a longer one the questions are spaced
-// geometrically, the m-th at a distance in [32 2^m, 48 2^m) after the key (32, 64, 128, ... up to
-// the end): an answer can be copied from the question before it as well as from the key, so
-// evenly spaced questions would only ever teach copying from 64 tokens back; spaced this way each
-// needs a look at least a quarter of its distance back, at every scale the sequence holds (at 4096
-// tokens up to 2000 and more). Held-out sequences (steps
-// from PASSKEY_EVAL_STEP0 on) hold the one question at the end, so evaluation measures retrieval
-// from the key itself, at the distance answer() reports.
+// punctuation), none of which occur in the filler, so the answers (k1..k5 in the question) can
+// only be predicted by finding the key in the past. In the question each symbol follows a marker
+// of its own (TOK_QUERY, then PASSKEY_MARKS): a model fetches symbol i by matching marker i
+// against alphabet i, a token it sees in every question. Without the markers the cue for symbol
+// i+1 is symbol i itself, ten rare tokens whose shared alphabet the model must first discover, and
+// a 2-layer model learned the five symbols one after another, each after a plateau of its own
+// (docs/default_run.md). Training sequences (step < PASSKEY_EVAL_STEP0) also repeat the question
+// after the key ("practice"): one retrieval per sequence is too little signal for a small model to
+// learn from in minutes on a CPU. On a short span after the key (up to 8 slots of 64 tokens) up to
+// 8 questions at random places. On a longer one the questions are spaced geometrically, the m-th
+// at a distance in [32 2^m, 48 2^m) after the key (32, 64, 128, ... up to the end): an answer can
+// be copied from the question before it as well as from the key, so evenly spaced questions would
+// only ever teach copying from 64 tokens back; spaced this way each needs a look at least a
+// quarter of its distance back, at every scale the sequence holds (at 4096 tokens up to 2000 and
+// more). Held-out sequences (steps from PASSKEY_EVAL_STEP0 on) hold the one question at the end,
+// so evaluation measures retrieval from the key itself, at the distance answer() reports.
 // Every token is an O(1) function of (seed, step, position): a rank reading [start, start+n)
 // agrees exactly with a rank reading everything.
 
 static const char* const PASSKEY_SYMBOLS[5] = {"0123456789", "ABCDEFGHIJ", "KLMNOPQRST", "UVWXYZ!#$%", "&()*+,-/:;"};
+static const char PASSKEY_MARKS[5] = {0, '<', '=', '>', '@'};  // before symbols 2-5 of a question (1: TOK_QUERY)
 constexpr uint64_t PASSKEY_EVAL_STEP0 = HELD_OUT_STEP0;  // held-out sequences: steps from here on
 
 struct PasskeyTask : DataSource {
@@ -326,7 +331,8 @@ struct PasskeyTask : DataSource {
                           // sequence (0: right after BOS, 1: just before the question); < 0: random
 
     static constexpr size_t DIGITS = 5;
-    static constexpr size_t INSERT = 1 + DIGITS;  // TOK_KEY or TOK_QUERY, then the symbols
+    static constexpr size_t KEY_LEN = 1 + DIGITS;       // TOK_KEY, then the symbols
+    static constexpr size_t QUESTION_LEN = 2 * DIGITS;  // each symbol after its marker
     static constexpr size_t PRACTICE = 8;         // practice questions tried per training sequence,
     static constexpr size_t PRACTICE_EVERY = 64;  // on a span of up to PRACTICE slots of this many tokens;
     static constexpr size_t PRACTICE_FIRST = 32;  // on a longer one at distances from 32, doubling
@@ -349,31 +355,31 @@ struct PasskeyTask : DataSource {
         int32_t symbols[DIGITS];
         std::vector<size_t> practice;  // positions of the practice questions (training sequences)
     };
-    size_t query_pos() const { return seq + 1 - INSERT; }  // TOK_QUERY; the symbols follow to the end
+    size_t query_pos() const { return seq + 1 - QUESTION_LEN; }  // TOK_QUERY; the question fills the end
     Plan plan(uint64_t step) const {
         Rng state{seed ^ (step * 0xD1B54A32D192ED03ULL)};  // distinct stream per (seed, step)
         rng_u64(&state);  // one warm-up draw
         Plan p;
         p.offset = rng_u64(&state) % pattern.size();
-        p.key = 1 + (size_t)(rng_u64(&state) % (seq + 1 - 2 * INSERT));  // uniform in [1, seq+1-12]
-        if (depth >= 0) p.key = 1 + (size_t)llround(depth * (double)(seq - 2 * INSERT));  // the needle's depth
+        p.key = 1 + (size_t)(rng_u64(&state) % (query_pos() - KEY_LEN));  // uniform in [1, seq+1-16]
+        if (depth >= 0) p.key = 1 + (size_t)llround(depth * (double)(query_pos() - KEY_LEN - 1));  // the needle's depth
         for (size_t d = 0; d < DIGITS; d++) p.symbols[d] = PASSKEY_SYMBOLS[d][rng_u64(&state) % 10];
         // practice questions in [lo, hi) after the key, never overlapping (see above)
-        const size_t lo = p.key + INSERT, hi = query_pos();
+        const size_t lo = p.key + KEY_LEN, hi = query_pos();
         const size_t span = hi > lo ? hi - lo : 0, slots = span / PRACTICE_EVERY;
         if (step >= PASSKEY_EVAL_STEP0) return p;  // held out: no practice
         if (slots > PRACTICE) {  // a long span: one question per doubling of the distance
             for (size_t g = PRACTICE_FIRST;; g *= 2) {
                 const size_t q = lo + g + (size_t)(rng_u64(&state) % (g / 2));
-                if (q + INSERT > hi) break;
+                if (q + QUESTION_LEN > hi) break;
                 p.practice.push_back(q);
             }
             return p;
         }
-        for (size_t m = 0; m < PRACTICE && span >= INSERT; m++) {  // a short one: up to 8 random tries
-            size_t q = lo + (size_t)(rng_u64(&state) % (span - INSERT + 1));
+        for (size_t m = 0; m < PRACTICE && span >= QUESTION_LEN; m++) {  // a short one: up to 8 random tries
+            size_t q = lo + (size_t)(rng_u64(&state) % (span - QUESTION_LEN + 1));
             bool clear = true;
-            for (size_t o : p.practice) clear &= (q + INSERT <= o || o + INSERT <= q);
+            for (size_t o : p.practice) clear &= (q + QUESTION_LEN <= o || o + QUESTION_LEN <= q);
             if (clear) p.practice.push_back(q);
         }
         return p;
@@ -390,16 +396,25 @@ struct PasskeyTask : DataSource {
             if (++k == len) k = 0;
         }
         if (start == 0 && n > 0) out[0] = TOK_BOS;
-        auto overlay = [&](size_t pos, int32_t head) {  // an insert, where it falls inside [start, start+n)
-            for (size_t j = 0; j < INSERT; j++)
-                if (pos + j >= start && pos + j < start + n) out[pos + j - start] = j == 0 ? head : p.symbols[j - 1];
+        auto put = [&](size_t pos, int32_t token) {  // where it falls inside [start, start+n)
+            if (pos >= start && pos < start + n) out[pos - start] = token;
         };
-        overlay(p.key, TOK_KEY);
-        overlay(query_pos(), TOK_QUERY);
-        for (size_t q : p.practice) overlay(q, TOK_QUERY);
+        put(p.key, TOK_KEY);
+        for (size_t d = 0; d < DIGITS; d++) put(p.key + 1 + d, p.symbols[d]);
+        for (size_t q : p.practice) question(p, q, put);
+        question(p, query_pos(), put);
     }
 
-    std::string identity() const override { return "passkey 2"; }  // 2: geometric practice
+    // The question at pos: each symbol after its marker.
+    template <typename Put>
+    static void question(const Plan& p, size_t pos, Put put) {
+        for (size_t d = 0; d < DIGITS; d++) {
+            put(pos + 2 * d, d == 0 ? (int32_t)TOK_QUERY : (int32_t)PASSKEY_MARKS[d]);
+            put(pos + 2 * d + 1, p.symbols[d]);
+        }
+    }
+
+    std::string identity() const override { return "passkey 3"; }  // 3: a marker before each asked symbol
     std::string describe() const override {
         return "passkey task (seed " + std::to_string(seed) + "): find a 5-symbol key hidden in " +
                std::to_string(seq + 1) + " tokens";
@@ -411,7 +426,7 @@ struct PasskeyTask : DataSource {
         if (positions) positions->clear();
         if (distances) distances->clear();
         for (size_t d = 0; d < DIGITS; d++) {
-            if (positions) positions->push_back(query_pos() + 1 + d);
+            if (positions) positions->push_back(query_pos() + 2 * d + 1);
             if (distances) distances->push_back(query_pos() - p.key);
         }
         return true;
@@ -427,25 +442,29 @@ struct NeedleInText : DataSource {
     uint64_t seed;
     size_t seq;
     double depth;
-    static constexpr size_t INSERT = PasskeyTask::INSERT;
+    static constexpr size_t KEY_LEN = PasskeyTask::KEY_LEN, QUESTION_LEN = PasskeyTask::QUESTION_LEN;
 
     NeedleInText(DataSource* text_, uint64_t seed_, size_t seq_, double depth_)
         : text(text_), seed(seed_), seq(seq_), depth(depth_) {}
     ~NeedleInText() override { delete text; }
-    size_t key_pos() const { return 1 + (size_t)llround(depth * (double)(seq - 2 * INSERT)); }
-    size_t query_pos() const { return seq + 1 - INSERT; }
-    void symbols(uint64_t step, int32_t* out) const {
+    size_t query_pos() const { return seq + 1 - QUESTION_LEN; }  // the question fills the end, as in PasskeyTask
+    size_t key_pos() const { return 1 + (size_t)llround(depth * (double)(query_pos() - KEY_LEN - 1)); }
+    PasskeyTask::Plan plan(uint64_t step) const {
         Rng state{seed ^ (step * 0xD1B54A32D192ED03ULL)};
-        for (size_t d = 0; d < PasskeyTask::DIGITS; d++) out[d] = PASSKEY_SYMBOLS[d][rng_u64(&state) % 10];
+        PasskeyTask::Plan p{};
+        p.key = key_pos();
+        for (size_t d = 0; d < PasskeyTask::DIGITS; d++) p.symbols[d] = PASSKEY_SYMBOLS[d][rng_u64(&state) % 10];
+        return p;
     }
     void read(uint64_t step, size_t start, size_t n, int32_t* out) override {
         text->read(step, start, n, out);
-        int32_t sym[PasskeyTask::DIGITS];
-        symbols(step, sym);
-        for (size_t pos : {key_pos(), query_pos()})
-            for (size_t j = 0; j < INSERT; j++)
-                if (pos + j >= start && pos + j < start + n)
-                    out[pos + j - start] = j > 0 ? sym[j - 1] : pos == query_pos() ? TOK_QUERY : TOK_KEY;
+        const PasskeyTask::Plan p = plan(step);
+        auto put = [&](size_t pos, int32_t token) {  // where it falls inside [start, start+n)
+            if (pos >= start && pos < start + n) out[pos - start] = token;
+        };
+        put(p.key, TOK_KEY);
+        for (size_t d = 0; d < PasskeyTask::DIGITS; d++) put(p.key + 1 + d, p.symbols[d]);
+        PasskeyTask::question(p, query_pos(), put);
     }
     std::string describe() const override { return text->describe() + " with a passkey needle"; }
     std::string identity() const override { return text->identity(); }
@@ -453,7 +472,7 @@ struct NeedleInText : DataSource {
         (void)step;
         positions->clear(), distances->clear();
         for (size_t d = 0; d < PasskeyTask::DIGITS; d++)
-            positions->push_back(query_pos() + 1 + d), distances->push_back(query_pos() - key_pos());
+            positions->push_back(query_pos() + 2 * d + 1), distances->push_back(query_pos() - key_pos());
         return true;
     }
 };

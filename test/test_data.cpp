@@ -461,12 +461,19 @@ static int passkey_alphabet(int32_t t) {
 
 // What one passkey sequence holds, after checking what every step must hold (BOS at 0 and only
 // there, one key at a legal depth followed by one symbol from each alphabet, the final question
-// at seq-5 with the key's symbols, answer() consistent with it, every question after the key and
-// repeating its symbols, no two inserts overlapping, and key symbols nowhere else).
+// filling the last 10 tokens with each key symbol after its marker, answer() consistent with it,
+// every question after the key and repeating its symbols, no two inserts overlapping, and key
+// symbols and markers nowhere else).
 struct PasskeySeq {
     size_t key = 0;
     std::vector<size_t> queries;  // every TOK_QUERY, ascending; the last is the final question
 };
+static const size_t KEY_LEN = 6, QUESTION_LEN = 10;  // TOK_KEY k1..k5; TOK_QUERY k1 < k2 = k3 > k4 @ k5
+static bool passkey_mark(int32_t t) {
+    for (int j = 1; j < 5; j++)
+        if (t == PASSKEY_MARKS[j]) return true;
+    return false;
+}
 static void check_passkey_seq(DataSource* d, uint64_t step, size_t seq, PasskeySeq* out) {
     SCOPED_TRACE("step " + std::to_string(step) + " seq " + std::to_string(seq));
     std::vector<int32_t> x = read_all(d, step, seq);
@@ -485,37 +492,46 @@ static void check_passkey_seq(DataSource* d, uint64_t step, size_t seq, PasskeyS
     ASSERT_GE(queries.size(), 1u);
     const size_t key = keys[0];
     ASSERT_GE(key, 1u);
-    ASSERT_LE(key, seq + 1 - 12);
-    ASSERT_EQ(queries.back(), seq - 5);  // the final question fills the last 6 tokens
+    ASSERT_LE(key, seq + 1 - KEY_LEN - QUESTION_LEN);
+    ASSERT_EQ(queries.back(), seq + 1 - QUESTION_LEN);  // the final question fills the last 10 tokens
     // symbol j of the key is from alphabet j-1
     for (size_t j = 1; j <= 5; j++) ASSERT_EQ(passkey_alphabet(x[key + j]), (int)j - 1) << "symbol " << j;
-    // every question comes after the key's insert, repeats its symbols, and overlaps no other insert
+    // every question comes after the key's insert, repeats its symbols each after its marker, and
+    // overlaps no other insert
     std::vector<bool> in_insert(x.size(), false);
-    for (size_t j = 0; j < 6; j++) in_insert[key + j] = true;
+    for (size_t j = 0; j < KEY_LEN; j++) in_insert[key + j] = true;
     for (size_t qi = 0; qi < queries.size(); qi++) {
         size_t q = queries[qi];
-        ASSERT_GE(q, key + 6) << "question at " << q << " before the key's insert ends";
-        ASSERT_LE(q + 6, seq + 1);
+        ASSERT_GE(q, key + KEY_LEN) << "question at " << q << " before the key's insert ends";
+        ASSERT_LE(q + QUESTION_LEN, seq + 1);
         if (qi + 1 < queries.size()) {
-            ASSERT_LE(q + 6, queries[qi + 1]) << "questions at " << q << " overlap";
+            ASSERT_LE(q + QUESTION_LEN, queries[qi + 1]) << "questions at " << q << " overlap";
         }
-        for (size_t j = 1; j <= 5; j++) ASSERT_EQ(x[q + j], x[key + j]) << "question at " << q << ", symbol " << j;
-        for (size_t j = 0; j < 6; j++) {
+        for (size_t j = 1; j <= 5; j++) {
+            ASSERT_EQ(x[q + 2 * j - 1], x[key + j]) << "question at " << q << ", symbol " << j;
+            if (j > 1) {
+                ASSERT_EQ(x[q + 2 * j - 2], PASSKEY_MARKS[j - 1]) << "question at " << q << ", marker " << j;
+            }
+        }
+        for (size_t j = 0; j < QUESTION_LEN; j++) {
             ASSERT_FALSE(in_insert[q + j]) << q + j;
             in_insert[q + j] = true;
         }
     }
-    // outside the inserts: filler only, never a key symbol
+    // outside the inserts: filler only, never a key symbol or a marker
     for (size_t i = 1; i < x.size(); i++)
         if (!in_insert[i]) {
             ASSERT_EQ(passkey_alphabet(x[i]), -1) << "key symbol " << (char)x[i] << " in the filler at " << i;
+            ASSERT_FALSE(passkey_mark(x[i])) << "marker " << (char)x[i] << " in the filler at " << i;
         }
-    // answer(): the 5 symbol positions at the end, each with the distance key -> final question
+    // answer(): the 5 symbol positions of the final question, each with the distance key -> question
+    const size_t q = seq + 1 - QUESTION_LEN;
     std::vector<size_t> pos, dist;
     ASSERT_TRUE(d->answer(step, &pos, &dist));
-    ASSERT_EQ(pos, (std::vector<size_t>{seq - 4, seq - 3, seq - 2, seq - 1, seq}));
-    ASSERT_EQ(dist, std::vector<size_t>(5, seq - 5 - key));
-    for (size_t p : pos) ASSERT_EQ(x[p], x[key + (p - (seq - 5))]);
+    ASSERT_EQ(pos, (std::vector<size_t>{q + 1, q + 3, q + 5, q + 7, q + 9}));
+    ASSERT_EQ(pos.back(), seq);
+    ASSERT_EQ(dist, std::vector<size_t>(5, q - key));
+    for (size_t j = 0; j < 5; j++) ASSERT_EQ(x[pos[j]], x[key + 1 + j]);
     out->key = key;
     out->queries = queries;
 }
@@ -550,7 +566,7 @@ TEST(Passkey, EvalLayoutAndAnswer) {
         check_passkey_seq(d.get(), step, seq, &s);
         if (HasFatalFailure()) return;
         // held out: exactly one question, the final one
-        ASSERT_EQ(s.queries, std::vector<size_t>{seq - 5}) << "step " << step;
+        ASSERT_EQ(s.queries, std::vector<size_t>{seq + 1 - QUESTION_LEN}) << "step " << step;
         min_key = std::min(min_key, s.key);
         max_key = std::max(max_key, s.key);
         std::vector<int32_t> x = read_all(d.get(), step, seq);
@@ -573,10 +589,10 @@ TEST(Passkey, TrainingHasPracticeQuestions) {
         PasskeySeq s;
         check_passkey_seq(d.get(), k, seq, &s);
         if (HasFatalFailure()) return;
-        const size_t practice = s.queries.size() - 1, lo = s.key + 6, hi = seq - 5;
+        const size_t practice = s.queries.size() - 1, lo = s.key + KEY_LEN, hi = seq + 1 - QUESTION_LEN;
         for (size_t q = 0; q + 1 < s.queries.size(); q++) {  // in order, inside the span, never overlapping
             ASSERT_GE(s.queries[q], lo);
-            ASSERT_GE(s.queries[q + 1], s.queries[q] + 6);
+            ASSERT_GE(s.queries[q + 1], s.queries[q] + QUESTION_LEN);
         }
         if ((hi - lo) / 64 > 8) {
             // a long span: question m at a distance in [32 2^m, 48 2^m) after the key, as many as fit
@@ -584,7 +600,7 @@ TEST(Passkey, TrainingHasPracticeQuestions) {
                 ASSERT_GE(s.queries[m] - lo, 32u << m) << "step " << k << " question " << m;
                 ASSERT_LT(s.queries[m] - lo, 48u << m) << "step " << k << " question " << m;
             }
-            ASSERT_GT(lo + (48u << practice) + 5, hi) << "step " << k << ": room for one more question";
+            ASSERT_GT(lo + (48u << practice) - 1 + QUESTION_LEN, hi) << "step " << k << ": room for one more question";
             if (practice) farthest = std::max(farthest, s.queries[practice - 1] - lo);
             most = std::max(most, practice);
         } else {
@@ -604,11 +620,11 @@ TEST(Passkey, FillerIsText) {
     std::unique_ptr<DataSource> d = passkey(seq, test_seed());
     for (uint64_t step : {(uint64_t)3, PASSKEY_EVAL_STEP0 + 3}) {
         std::vector<int32_t> x = read_all(d.get(), step, seq);
-        // mask out the inserts (KEY or QUERY and the 5 symbols after it)
+        // mask out the inserts (the key, the questions)
         std::vector<bool> insert(x.size(), false);
         for (size_t i = 0; i < x.size(); i++)
             if (x[i] == TOK_KEY || x[i] == TOK_QUERY)
-                for (size_t j = 0; j < 6 && i + j < x.size(); j++) insert[i + j] = true;
+                for (size_t j = 0; j < (x[i] == TOK_KEY ? KEY_LEN : QUESTION_LEN) && i + j < x.size(); j++) insert[i + j] = true;
         std::string s;
         for (size_t i = 1; i < x.size(); i++)
             if (!insert[i]) s += (char)x[i];
@@ -630,7 +646,7 @@ TEST(Passkey, SubRangeEqualsSliceOfFullRead) {
 }
 
 TEST(Passkey, SmallestSeq) {
-    // seq 32: the key may start at 1..21 and must never touch the question at 27
+    // seq 32: the key may start at 1..17 and must never touch the question at 23
     std::unique_ptr<DataSource> d = passkey(32, test_seed());
     int practiced = 0;
     for (uint64_t k0 : {(uint64_t)0, PASSKEY_EVAL_STEP0}) {
@@ -639,11 +655,11 @@ TEST(Passkey, SmallestSeq) {
             check_passkey_seq(d.get(), k, 32, &s);
             if (HasFatalFailure()) return;
             std::vector<int32_t> x = read_all(d.get(), k, 32);
-            ASSERT_EQ(x[27], TOK_QUERY);
+            ASSERT_EQ(x[23], TOK_QUERY);
             std::vector<size_t> dist;
             ASSERT_TRUE(d->answer(k, nullptr, &dist));
             ASSERT_EQ(dist.size(), 5u);
-            ASSERT_EQ(x[27 - dist[0]], TOK_KEY);
+            ASSERT_EQ(x[23 - dist[0]], TOK_KEY);
             ASSERT_GE(dist[0], 6u);  // key + 5 symbols end before the question
             if (k >= PASSKEY_EVAL_STEP0) {
                 ASSERT_EQ(s.queries.size(), 1u) << "step " << k;
@@ -694,8 +710,9 @@ TEST(Shard, RewrittenMidRunNamesTheFileAndStep) {
 }
 
 // The needle grid's placement: the passkey task with a fixed depth puts its key at that fraction
-// of the places it can take (1 .. seq-11) and changes nothing else; NeedleInText writes the same
-// insert into a text window and reports the distance back to it.
+// of the places it can take (1 .. seq-15: the key's 6 tokens end before the question's 10) and
+// changes nothing else; NeedleInText writes the same key and question into a text window and
+// reports the distance back to it.
 TEST(Needle, KeyAtTheDepthAndNothingElseMoves) {
     const size_t seq = 512;
     for (double depth : {0.0, 0.3, 0.5, 1.0}) {
@@ -705,15 +722,15 @@ TEST(Needle, KeyAtTheDepthAndNothingElseMoves) {
             PasskeySeq s;
             check_passkey_seq(b.get(), step, seq, &s);
             if (HasFatalFailure()) return;
-            EXPECT_EQ(s.key, 1 + (size_t)llround(depth * (seq - 12))) << depth;
+            EXPECT_EQ(s.key, 1 + (size_t)llround(depth * (seq - 16))) << depth;
             std::vector<int32_t> x = read_all(a.get(), step, seq), y = read_all(b.get(), step, seq);
-            EXPECT_EQ(std::vector<int32_t>(x.end() - 6, x.end()), std::vector<int32_t>(y.end() - 6, y.end()));  // same key symbols
+            EXPECT_EQ(std::vector<int32_t>(x.end() - 10, x.end()), std::vector<int32_t>(y.end() - 10, y.end()));  // same question
             std::vector<size_t> pos, dist;
             ASSERT_TRUE(b->answer(step, &pos, &dist));
-            EXPECT_EQ(dist[0], seq - 5 - s.key);
+            EXPECT_EQ(dist[0], seq - 9 - s.key);
         }
     }
-    EXPECT_EQ(passkey(seq, 1)->identity(), "passkey 2");  // the training sequences are unchanged
+    EXPECT_EQ(passkey(seq, 1)->identity(), "passkey 3");  // the training sequences are unchanged
 }
 
 TEST(Needle, InTextWindows) {
@@ -722,6 +739,7 @@ TEST(Needle, InTextWindows) {
     while (text.size() < 3000) text += "a plain sentence of text, without any key. ";
     write_text(dir.file("t.txt"), text);
     const size_t seq = 256;
+    const size_t query = seq - 9;  // TOK_QUERY k1 < k2 = k3 > k4 @ k5 fills the last 10 of the seq+1 tokens
     for (double depth : {0.0, 0.6, 1.0}) {
         std::string err;
         DataSource* base = data_open(dir.file("t.txt"), BYTE_VOCAB, seq, 9, &err);
@@ -732,22 +750,23 @@ TEST(Needle, InTextWindows) {
         check_subranges(d.get(), seq, &rng, 50, HELD_OUT_STEP0);
         for (uint64_t step = HELD_OUT_STEP0; step < HELD_OUT_STEP0 + 4; step++) {
             std::vector<int32_t> x = read_all(d.get(), step, seq), t = read_all(plain.get(), step, seq);
-            const size_t key = 1 + (size_t)llround(depth * (seq - 12));
+            const size_t key = 1 + (size_t)llround(depth * (seq - 16));
             ASSERT_EQ(x[key], TOK_KEY);
-            ASSERT_EQ(x[seq - 5], TOK_QUERY);
+            ASSERT_EQ(x[query], TOK_QUERY);
             for (size_t j = 1; j <= 5; j++) {
-                EXPECT_EQ(x[key + j], x[seq - 5 + j]);
+                EXPECT_EQ(x[key + j], x[query + 2 * j - 1]);
                 EXPECT_EQ(passkey_alphabet(x[key + j]), (int)j - 1);
+                if (j > 1) EXPECT_EQ(x[query + 2 * j - 2], (int32_t)PASSKEY_MARKS[j - 1]);
             }
             for (size_t i = 0; i <= seq; i++) {  // the text elsewhere is the window's own
-                if ((i < key || i >= key + 6) && i < seq - 5) {
+                if ((i < key || i >= key + 6) && i < query) {
                     EXPECT_EQ(x[i], t[i]) << i;
                 }
             }
             std::vector<size_t> pos, dist;
             ASSERT_TRUE(d->answer(step, &pos, &dist));
-            EXPECT_EQ(pos, (std::vector<size_t>{seq - 4, seq - 3, seq - 2, seq - 1, seq}));
-            EXPECT_EQ(dist[0], seq - 5 - key);
+            EXPECT_EQ(pos, (std::vector<size_t>{query + 1, query + 3, query + 5, query + 7, query + 9}));
+            EXPECT_EQ(dist[0], query - key);
         }
     }
 }

@@ -42,6 +42,44 @@ TEST(Curriculum, ResumeAcrossTheSwitchIsExact) {
     for (int i = 0; i < 3; i++) EXPECT_EQ(lr[i], lw[i + 2]) << "step " << i + 3;
 }
 
+// Several stages (--start-seq 32,64): each runs in turn, in as many chunks as --seq, and switches
+// to the next with the weights and AdamW state; the first is a plain run at its sequence.
+TEST(Curriculum, StagesRunInTurn) {
+    const std::string args = TINY + "--seq 256 --chunk-size 64 --start-seq 32,64 --start-steps 3,6 --steps 8 --seed 5 ";
+    Out a = run(args);
+    Out b = run(TINY + "--seq 32 --chunk-size 8 --offload 1 --steps 8 --seed 5");
+    ASSERT_EQ(a.rc, 0) << a.out;
+    ASSERT_EQ(b.rc, 0) << b.out;
+    std::vector<std::string> la = loss_lines(a.out), lb = loss_lines(b.out);
+    ASSERT_EQ(la.size(), 8u) << a.out;
+    for (int i = 0; i < 3; i++) EXPECT_EQ(la[i], lb[i]) << "step " << i + 1;
+    EXPECT_NE(la[3], lb[3]);  // from step 4 on the sequence is longer
+    EXPECT_NE(a.out.find("start: steps 1-3 at seq 32 (chunk 8: 4 chunks, offload on), steps 4-6 at seq 64 (chunk 16: 4 "
+                         "chunks, offload on), then seq 256 from step 7"),
+              std::string::npos) << a.out;
+    EXPECT_NE(a.out.find("seq 32 -> 64 from step 4 | chunk 16 (4 chunks) | offload on"), std::string::npos) << a.out;
+    EXPECT_NE(a.out.find("seq 64 -> 256 from step 7 | chunk 64 (4 chunks) | offload on"), std::string::npos) << a.out;
+    // stopped in the second stage, resumed: the rest as the run that never stopped, across the switch
+    const std::string d = tmpdir();
+    ASSERT_EQ(run(args + "--exit-after 5 --out " + d).rc, 0);
+    Out rest = run(args + "--resume --out " + d);
+    ASSERT_EQ(rest.rc, 0) << rest.out;
+    std::vector<std::string> lr = loss_lines(rest.out);
+    ASSERT_EQ(lr.size(), 3u) << rest.out;
+    for (int i = 0; i < 3; i++) EXPECT_EQ(lr[i], la[i + 5]) << "step " << i + 6;
+    // a stage that gets no steps is left out of the header, the switches and the identity
+    Out skip = run(TINY + "--seq 256 --chunk-size 64 --start-seq 32,64,128 --start-steps 2,2,3 --steps 4 --seed 5");
+    ASSERT_EQ(skip.rc, 0) << skip.out;
+    EXPECT_NE(skip.out.find("start: steps 1-2 at seq 32 (chunk 8: 4 chunks, offload on), steps 3-3 at seq 128 (chunk 32: 4 "
+                            "chunks, offload on), then seq 256 from step 4"),
+              std::string::npos) << skip.out;
+    EXPECT_NE(skip.out.find("seq 32 -> 128 from step 3"), std::string::npos) << skip.out;
+    // other stages are another run: --resume refuses the checkpoint, naming the start
+    Out other = run(TINY + "--seq 256 --chunk-size 64 --start-seq 32,128 --start-steps 3,6 --steps 8 --seed 5 --resume --out " + d);
+    EXPECT_NE(other.rc, 0);
+    EXPECT_NE(other.out.find("start-seq 32 for 3 steps, 64 for 3 steps"), std::string::npos) << other.out;
+}
+
 TEST(Curriculum, BadStartIsOneLine) {
     Out r = run(TINY + "--seq 256 --chunk-size 64 --start-seq 96 --steps 2");  // 96 is not 4 chunks: one chunk
     EXPECT_EQ(r.rc, 0) << r.out;
@@ -52,6 +90,17 @@ TEST(Curriculum, BadStartIsOneLine) {
     EXPECT_NE(r.rc, 0);
     EXPECT_NE(r.out.find("--start-seq"), std::string::npos) << r.out;
     EXPECT_EQ(count_lines(r.out), 1) << r.out;
+    for (const auto& c : std::vector<std::pair<std::string, std::string>>{
+             {"--start-seq 64,32 --start-steps 1,2", "--start-seq: '64,32' (expected one length, or lengths that grow"},
+             {"--start-seq 32,64", "--start-steps: 0 values for 2 --start-seq lengths"},
+             {"--start-seq 32,64 --start-steps 2", "--start-steps: 1 value for 2 --start-seq lengths"},
+             {"--start-seq 32,64 --start-steps 2,1", "--start-steps: '2,1' (expected last steps that do not decrease)"},
+             {"--start-seq 32,x --start-steps 1,2", "--start-seq: 'x' is not a whole number"}}) {
+        r = run(TINY + "--seq 256 --steps 2 " + c.first);
+        EXPECT_NE(r.rc, 0) << c.first;
+        EXPECT_NE(r.out.find(c.second), std::string::npos) << c.first << ": " << r.out;
+        EXPECT_EQ(count_lines(r.out), 1) << r.out;
+    }
 }
 
 // stdout shows the first 10 steps, every --log-every'th and the last; main.log has every line.
