@@ -62,11 +62,12 @@ def plot_run(path, out):
     a.plot(x, [s["loss"] for s in steps], lw=0.6, color="tab:blue", label="training loss")
     if evals:
         a.plot([e["step"] for e in evals], [e["loss"] for e in evals], "o-", color="tab:red", ms=3, label="held-out loss")
-    for e0, e1 in zip(evals, evals[1:]):  # where the sequence length changes (a short start)
-        if e0["seq"] != e1["seq"]:
+    a.set_yscale("log")
+    for e0, e1 in zip(evals, evals[1:]):  # where the sequence length changes (the stages of a start)
+        if e0["seq"] != e1["seq"]:  # a line and, written upwards beside it, the new length
             a.axvline(e0["step"], color="gray", ls=":", lw=1)
-            a.text(e0["step"], a.get_ylim()[1], f" seq {e0['seq']} -> {e1['seq']}", va="top", fontsize=8, color="gray")
-    a.set_yscale("log"), a.set_xlabel("step"), a.set_ylabel("loss (nats/token)"), a.legend(), a.set_title("loss")
+            a.text(e0["step"], a.get_ylim()[1], f"seq {e1['seq']} ", rotation=90, ha="right", va="top", fontsize=7, color="gray")
+    a.set_xlabel("step"), a.set_ylabel("loss (nats/token)"), a.legend(), a.set_title("loss")
     a = ax[0][1]
     names = []
     for e in evals:
@@ -105,6 +106,7 @@ def read_eval_csv(path):
 
 def plot_positions(specs, out):
     fig, a = plt.subplots(figsize=(8, 5))
+    values = []  # every bucket's loss, for the axis
     for spec in specs:
         label, path = spec.split("=", 1) if "=" in spec and not os.path.exists(spec) else (None, spec)
         rows = read_eval_csv(path)
@@ -116,8 +118,12 @@ def plot_positions(specs, out):
         for r in pos:
             xs += [max(int(r["lo"]), 1), int(r["hi"])]
             ys += [float(r["value"])] * 2
+        values += ys
         a.plot(xs, ys, lw=2, label=f"{label}: mean {float(mean[0]['value']):.3f}")
     a.set_xscale("log", base=2)
+    lo, hi = min(values), max(values)
+    if lo > 0 and hi / lo > 20:  # curves an order of magnitude apart (a RoPE override): a log axis shows each
+        a.set_yscale("log")
     a.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: tokens(v)))
     a.set_xlabel("token position (buckets that double)"), a.set_ylabel("held-out loss (nats/token)")
     a.set_title("loss by position"), a.legend(fontsize=8), a.grid(alpha=0.3)
