@@ -336,8 +336,9 @@ static void set_run_shape(Train* T) {
     ends = a.integers("start-steps", ends, 0, T->steps);
     if (a.has("start-steps") && ends == std::vector<long long>{0}) seqs.clear(), ends.clear();  // 0: no start
     if (ends.size() != seqs.size())
-        fatal_all("--start-steps: %zu value%s for %zu --start-seq length%s (expected the last step of each)", ends.size(),
-                  ends.size() == 1 ? "" : "s", seqs.size(), seqs.size() == 1 ? "" : "s");
+        fatal_all("--start-steps: %zu value%s for %zu --start-seq length%s (expected the last step of each%s)", ends.size(),
+                  ends.size() == 1 ? "" : "s", seqs.size(), seqs.size() == 1 ? "" : "s",
+                  a.has("start-seq") ? "" : gpu ? "; --start-seq is 4096 by default here" : "; --start-seq is 64,1024,2048 by default here");
     for (size_t i = 1; i < ends.size(); i++)
         if (ends[i] < ends[i - 1]) fatal_all("--start-steps: '%s' (expected last steps that do not decrease)", a.str("start-steps", "").c_str());
     if (!(err = check_shape(T->cfg, r)).empty()) fatal_all("%s", err.c_str());
