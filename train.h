@@ -232,6 +232,7 @@ struct Train {
     // the loop's record
     double t_total = 0, tokens_done = 0;
     std::vector<double> step_s;  // each stage's recent time per step, the main phase's last (0: not yet run)
+    std::vector<int> steps_run;  // each stage's steps run so far in this process
     int bad_run = 0;            // non-finite steps in a row
 };
 
@@ -356,6 +357,7 @@ static void set_run_shape(Train* T) {
     }
     T->start_steps = T->stages.empty() ? 0 : T->stages.back().end;
     T->step_s.assign(T->stages.size() + 1, 0.0);
+    T->steps_run.assign(T->stages.size() + 1, 0);
 }
 
 // --out and --trace, before anything is computed: a run that cannot write them fails now, not
@@ -558,7 +560,8 @@ static StepResult train_step(Train* T, int step, bool traced) {
 // stage before it scaled by the sequence (a guess its first steps replace).
 static void log_step(Train* T, int step, const StepResult& s, int end) {
     const size_t now = stage_at(T, step), n = T->stages.size();
-    T->step_s[now] = T->step_s[now] ? 0.9 * T->step_s[now] + 0.1 * s.seconds : s.seconds;
+    // a stage's first step warms up (page faults, first touches): its second replaces it, then a running mean
+    T->step_s[now] = T->steps_run[now]++ < 2 ? s.seconds : 0.9 * T->step_s[now] + 0.1 * s.seconds;
     double left_s = 0, pace = 0;
     size_t paced_seq = 1;
     for (size_t i = 0; i <= n; i++) {
