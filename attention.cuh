@@ -6,6 +6,11 @@
 // Layouts: q (Tq, Hq, D), k and v (Tk, Hkv, D), o (Tq, Hq, D) fp32, lse and delta (Tq, Hq) fp32.
 // Query head h reads kv head h / (Hq / Hkv) (grouped-query attention). `causal` is for the
 // diagonal block (same positions for queries and keys): query t sees keys 0..t only.
+//
+// Packed documents (--doc-mask 1): qdoc (Tq) int32, where not null, holds for each query row the
+// global position of the first token of its document (non-decreasing in t), and k0 the global
+// position of key 0. Query t then sees key j only if k0 + j >= qdoc[t]: the mask is a lower key
+// limit per row, on top of the causal upper one. Null qdoc: no such limit (one document).
 #pragma once
 #include <cmath>
 #include "common.h"
@@ -38,6 +43,8 @@ struct AttnCpu {
     int Hq, Hkv, D;
     bool causal;
     float scale;
+    const int32_t* qdoc;  // (Tq) document start of each query row (global position), or null
+    size_t k0;            // global position of key 0
 };
 static inline size_t attn_min_cpu(size_t a, size_t b) { return a < b ? a : b; }
 static inline int attn_round_up(int x, int m) { return (x + m - 1) / m * m; }
@@ -110,6 +117,26 @@ static inline __attribute__((always_inline)) void attn_cols_cpu(float* __restric
 static inline __attribute__((always_inline)) int attn_seen_cpu(const AttnCpu& a, size_t t, size_t j0, int n) {
     return a.causal ? (t < j0 ? 0 : (int)attn_min_cpu(n, t + 1 - j0)) : n;
 }
+// Packed documents. The first key query row t sees (Tk or more: none), and the first key of a
+// tile of n keys from j0 that it sees (n: none in this tile).
+static inline size_t attn_first_key_cpu(const AttnCpu& a, size_t t) {
+    return a.qdoc && (size_t)a.qdoc[t] > a.k0 ? (size_t)a.qdoc[t] - a.k0 : 0;
+}
+static inline __attribute__((always_inline)) int attn_lo_cpu(size_t first, size_t j0, int n) {
+    return first > j0 ? (int)attn_min_cpu(first - j0, n) : 0;
+}
+// The end of the queries that see key j: the first t with qdoc[t] > k0 + j (Tq if none), by
+// bisection (qdoc is non-decreasing).
+static inline size_t attn_query_end_cpu(const AttnCpu& a, size_t j) {
+    if (!a.qdoc) return a.Tq;
+    size_t lo = 0, hi = a.Tq;
+    while (lo < hi) {
+        const size_t mid = (lo + hi) / 2;
+        if ((size_t)a.qdoc[mid] > a.k0 + j) hi = mid;
+        else lo = mid + 1;
+    }
+    return lo;
+}
 
 // Forward, query rows t0 .. t0+ROWS-1 of head h, key tiles in order. Per row an online softmax
 // over tiles: m the running max, l = sum_j e^(s_j - m), acc = sum_j e^(s_j - m) v_j; then this
@@ -126,31 +153,35 @@ static inline __attribute__((always_inline)) void attention_forward_rows(const A
     float* acc = s + rq * T;  // (rq, Dp)
     float* m = acc + rq * Dp; // (nq) running max
     float* l = m + nq;        // (nq) running sum
+    // keys the block sees: a causal block (Tq == Tk) stops at its last row's diagonal; with
+    // documents, whole key tiles before the first row's document are skipped
+    const size_t kend = a.causal ? attn_min_cpu(t0 + nq, a.Tk) : a.Tk, kbeg = attn_first_key_cpu(a, t0) / T * T;
+    if (kbeg >= kend) return;  // no row of the block sees a key here: nothing to merge
+    size_t first[ATTN_CPU_ROWS];  // each row's first key
+    for (int r = 0; r < nq; r++) first[r] = attn_first_key_cpu(a, t0 + r);
     attn_rows_cpu(qb, rq, D, a.q, t0, nq, a.Hq, h, D);
     memset(acc, 0, (size_t)rq * Dp * sizeof(float));
     for (int r = 0; r < nq; r++) m[r] = -INFINITY, l[r] = 0.0f;
-    // keys the block sees: a causal block (Tq == Tk) stops at its last row's diagonal
-    const size_t kend = a.causal ? attn_min_cpu(t0 + nq, a.Tk) : a.Tk;
-    for (size_t j0 = 0; j0 < kend; j0 += T) {
+    for (size_t j0 = kbeg; j0 < kend; j0 += T) {
         const int nk = (int)attn_min_cpu(T, kend - j0);
         attn_cols_cpu(kt, a.k, j0, nk, a.Hkv, hk, D);
         attn_rows_cpu(vb, nk, Dp, a.v, j0, nk, a.Hkv, hk, D);
         attn_mm<MR, NR, false>(s, T, qb, D, kt, T, rq, attn_round_up(nk, NR), D);  // s = q_t . k_j
         for (int r = 0; r < nq; r++) {
-            const int nv = attn_seen_cpu(a, t0 + r, j0, nk);
+            const int nv = attn_seen_cpu(a, t0 + r, j0, nk), lo = attn_lo_cpu(first[r], j0, nk);
             float* sr = s + r * T;
-            float mx = m[r];
-#pragma omp simd reduction(max : mx)
-            for (int c = 0; c < nv; c++) mx = sr[c] * a.scale > mx ? sr[c] * a.scale : mx;
-            if (mx == -INFINITY) {  // no keys yet: this row's weights are all 0
+            if (lo >= nv) {  // no keys in this tile (masked): weights 0, the row's state unchanged
                 memset(sr, 0, nk * sizeof(float));
                 continue;
             }
+            float mx = m[r];
+#pragma omp simd reduction(max : mx)
+            for (int c = lo; c < nv; c++) mx = sr[c] * a.scale > mx ? sr[c] * a.scale : mx;
             const float rescale = expf(m[r] - mx);  // 0 on the first tile, where m = -inf
             float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
             for (int c = 0; c < nk; c++) {
-                const float p = c < nv ? attn_exp(sr[c] * a.scale - mx) : 0.0f;
+                const float p = c >= lo && c < nv ? attn_exp(sr[c] * a.scale - mx) : 0.0f;
                 sr[c] = p;
                 sum += p;
             }
@@ -190,11 +221,14 @@ static inline __attribute__((always_inline)) void attention_backward_dq_rows(con
     float* s = kb + T * Dp;    // (rq, TILE) scores, then dS (0 in the padding rows: their q is 0)
     float* dp = s + rq * T;    // (rq, TILE) dO_t . v_j
     float* dqb = dp + rq * T;  // (rq, Dp) dq of the block's rows
+    const size_t kend = a.causal ? attn_min_cpu(t0 + nq, a.Tk) : a.Tk, kbeg = attn_first_key_cpu(a, t0) / T * T;
+    if (kbeg >= kend) return;  // no row of the block sees a key here (documents): dq unchanged
+    size_t first[ATTN_CPU_ROWS];  // each row's first key
+    for (int r = 0; r < nq; r++) first[r] = attn_first_key_cpu(a, t0 + r);
     attn_rows_cpu(qb, rq, D, a.q, t0, nq, a.Hq, h, D);
     attn_rows_cpu(ob, rq, D, a.dout, t0, nq, a.Hq, h, D);
     attn_rows_cpu(dqb, rq, Dp, a.dq, t0, nq, a.Hq, h, D);
-    const size_t kend = a.causal ? attn_min_cpu(t0 + nq, a.Tk) : a.Tk;
-    for (size_t j0 = 0; j0 < kend; j0 += T) {
+    for (size_t j0 = kbeg; j0 < kend; j0 += T) {
         const int nk = (int)attn_min_cpu(T, kend - j0), nkp = attn_round_up(nk, NR);
         attn_cols_cpu(kt, a.k, j0, nk, a.Hkv, hk, D);
         attn_cols_cpu(vt, a.v, j0, nk, a.Hkv, hk, D);
@@ -203,13 +237,17 @@ static inline __attribute__((always_inline)) void attention_backward_dq_rows(con
         attn_mm<MR, NR, false>(dp, T, ob, D, vt, T, rq, nkp, D);  // dp = dO_t . v_j
         for (int r = 0; r < nq; r++) {
             const size_t t = t0 + r;
-            const int nv = attn_seen_cpu(a, t, j0, nk);
+            const int nv = attn_seen_cpu(a, t, j0, nk), lo = attn_lo_cpu(first[r], j0, nk);
             const float L = a.lse_in[t * a.Hq + h], dl = a.delta[t * a.Hq + h];
             float* sr = s + r * T;
             const float* dpr = dp + r * T;
+            if (lo >= nv) {  // masked row
+                memset(sr, 0, nk * sizeof(float));
+                continue;
+            }
 #pragma omp simd
             for (int c = 0; c < nk; c++)
-                sr[c] = c < nv ? attn_exp(sr[c] * a.scale - L) * (dpr[c] - dl) * a.scale : 0.0f;
+                sr[c] = c >= lo && c < nv ? attn_exp(sr[c] * a.scale - L) * (dpr[c] - dl) * a.scale : 0.0f;
         }
         attn_mm<MR, NR, true>(dqb, Dp, s, T, kb, Dp, rq, Dp, nk);  // dq_t += dS_tj k_j
     }
@@ -236,12 +274,18 @@ static inline __attribute__((always_inline)) void attention_backward_dkdv_rows(c
     float* dvb = dkb + rk * Dp;  // (rk, Dp) dv
     float* L = dvb + rk * Dp;  // (TILE) the tile's lse
     float* dl = L + T;         // (TILE) and delta
+    // with documents, the queries that see key row r end at qend[r] (non-decreasing in r), so
+    // the query tiles past the last row's end are skipped
+    size_t qend[ATTN_CPU_ROWS];
+    for (int r = 0; r < nk; r++) qend[r] = attn_query_end_cpu(a, j0 + r);
+    const size_t qstop = qend[nk - 1];
+    if (qstop <= (a.causal ? j0 : 0)) return;  // no query sees these keys: dk, dv unchanged
     attn_rows_cpu(kb, rk, D, a.k, j0, nk, a.Hkv, hk, D);
     attn_rows_cpu(vb, rk, D, a.v, j0, nk, a.Hkv, hk, D);
     attn_rows_cpu(dkb, rk, Dp, a.dk, j0, nk, a.Hkv, hk, D);
     attn_rows_cpu(dvb, rk, Dp, a.dv, j0, nk, a.Hkv, hk, D);
     for (int h = hk * group; h < (hk + 1) * group; h++)
-        for (size_t q0 = a.causal ? j0 : 0; q0 < a.Tq; q0 += T) {
+        for (size_t q0 = a.causal ? j0 : 0; q0 < qstop; q0 += T) {
             const int nt = (int)attn_min_cpu(T, a.Tq - q0), ntp = attn_round_up(nt, NR);
             attn_cols_cpu(qt, a.q, q0, nt, a.Hq, h, D);
             attn_cols_cpu(ot, a.dout, q0, nt, a.Hq, h, D);
@@ -253,11 +297,17 @@ static inline __attribute__((always_inline)) void attention_backward_dkdv_rows(c
             for (int r = 0; r < nk; r++) {
                 const size_t j = j0 + r;
                 const int lo = a.causal && j > q0 ? (int)attn_min_cpu(j - q0, nt) : 0;  // first query seeing j
+                const int hi = qend[r] > q0 ? (int)attn_min_cpu(qend[r] - q0, nt) : 0;  // and the end
                 float* pr = p + r * T;
                 float* dsr = ds + r * T;
+                if (lo >= hi) {  // masked row
+                    memset(pr, 0, nt * sizeof(float));
+                    memset(dsr, 0, nt * sizeof(float));
+                    continue;
+                }
 #pragma omp simd
                 for (int c = 0; c < nt; c++) {
-                    const float pc = c >= lo ? attn_exp(pr[c] * a.scale - L[c]) : 0.0f;
+                    const float pc = c >= lo && c < hi ? attn_exp(pr[c] * a.scale - L[c]) : 0.0f;
                     pr[c] = pc;
                     dsr[c] = pc * (dsr[c] - dl[c]) * a.scale;
                 }
@@ -308,10 +358,12 @@ static inline void attn_cpu_run(AttnRowsFn rows, const AttnCpu& a, size_t T, int
 // One (q_i, k_j, v_j) block, merged into the running (o, lse). Before the first block of a query
 // chunk o must be 0 and lse -INFINITY. lse' = log(e^lse + e^lse_b), o' = o e^(lse - lse') +
 // o_b e^(lse_b - lse'), with (o_b, lse_b) this block's attention (attention_forward_rows).
+// qdoc, k0: packed documents (the file's header); rows that see no key here are left as they are.
 static inline void attention_forward_cpu(float* o, float* lse, const float* q, const float* k, const float* v,
-                                         size_t Tq, size_t Tk, int Hq, int Hkv, int D, bool causal) {
+                                         size_t Tq, size_t Tk, int Hq, int Hkv, int D, bool causal,
+                                         const int32_t* qdoc = nullptr, size_t k0 = 0) {
     AttnCpu a = {};
-    a.o = o, a.lse = lse, a.q = q, a.k = k, a.v = v;
+    a.o = o, a.lse = lse, a.q = q, a.k = k, a.v = v, a.qdoc = qdoc, a.k0 = k0;
     a.Tq = Tq, a.Tk = Tk, a.Hq = Hq, a.Hkv = Hkv, a.D = D, a.causal = causal, a.scale = 1.0f / sqrtf((float)D);
     attn_cpu_run(attention_forward_rows_pick(), a, Tq, Hq);
 }
@@ -332,9 +384,11 @@ static inline void attention_delta_cpu(float* delta, const float* dout, const fl
 // Two passes, each parallel over what it writes (query blocks, then key blocks), so no atomics.
 static inline void attention_backward_cpu(float* dq, float* dk, float* dv, const float* dout, const float* q,
                                           const float* k, const float* v, const float* lse, const float* delta,
-                                          size_t Tq, size_t Tk, int Hq, int Hkv, int D, bool causal) {
+                                          size_t Tq, size_t Tk, int Hq, int Hkv, int D, bool causal,
+                                          const int32_t* qdoc = nullptr, size_t k0 = 0) {
     AttnCpu a = {};
     a.dq = dq, a.dk = dk, a.dv = dv, a.dout = dout, a.q = q, a.k = k, a.v = v, a.lse_in = lse, a.delta = delta;
+    a.qdoc = qdoc, a.k0 = k0;
     a.Tq = Tq, a.Tk = Tk, a.Hq = Hq, a.Hkv = Hkv, a.D = D, a.causal = causal, a.scale = 1.0f / sqrtf((float)D);
     attn_cpu_run(attention_backward_dq_rows_pick(), a, Tq, Hq);
     attn_cpu_run(attention_backward_dkdv_rows_pick(), a, Tk, Hkv);
@@ -385,6 +439,22 @@ static __device__ __forceinline__ float attn_dot(const float* a, const float* b,
 }
 static __device__ __forceinline__ size_t attn_min(size_t a, size_t b) { return a < b ? a : b; }
 
+// Packed documents (twins of attn_first_key_cpu and attn_query_end_cpu): the first key query row
+// t sees, and the end of the queries that see key j.
+static __device__ __forceinline__ size_t attn_first_key(const int32_t* qdoc, size_t k0, size_t t) {
+    return qdoc && (size_t)qdoc[t] > k0 ? (size_t)qdoc[t] - k0 : 0;
+}
+static __device__ __forceinline__ size_t attn_query_end(const int32_t* qdoc, size_t k0, size_t Tq, size_t j) {
+    if (!qdoc) return Tq;
+    size_t lo = 0, hi = Tq;
+    while (lo < hi) {
+        const size_t mid = (lo + hi) / 2;
+        if ((size_t)qdoc[mid] > k0 + j) hi = mid;
+        else lo = mid + 1;
+    }
+    return lo;
+}
+
 // Copies rows r0 .. r0+ROWS-1 of head `h` of x (T, H, D) into dst (ROWS, pitch), zeros past T.
 static __device__ __forceinline__ void attn_stage(float* dst, int pitch, int rows, const float* x, size_t r0,
                                                   size_t T, int H, int h, int D) {
@@ -398,10 +468,12 @@ static __device__ __forceinline__ void attn_stage(float* dst, int pitch, int row
 // Forward of one block for query rows t (one per warp) of head h:
 //   s_j = scale q_t.k_j (j < t+1 if causal), lse_b = log sum_j e^s_j, o_b = sum_j e^(s_j - lse_b) v_j,
 //   then merged: lse' = log(e^lse + e^lse_b), o' = o e^(lse - lse') + o_b e^(lse_b - lse').
+// With documents (qdoc) only keys j >= kf, the row's first key, count.
 // CPU twin: attention_forward_cpu. Grid (Tq / ATTN_ROWS, Hq).
 template <int DPL>
 static __global__ void attention_forward_kernel(float* o, float* lse, const float* q, const float* k, const float* v,
-                                         size_t Tq, size_t Tk, int Hq, int Hkv, int D, bool causal, float scale) {
+                                         size_t Tq, size_t Tk, int Hq, int Hkv, int D, bool causal, float scale,
+                                         const int32_t* qdoc, size_t k0) {
     extern __shared__ float smem[];
     const int P = D | 1;
     float* qs = smem;                  // (ATTN_ROWS, D) this block's query rows
@@ -413,21 +485,23 @@ static __global__ void attention_forward_kernel(float* o, float* lse, const floa
     attn_stage(qs, D, ATTN_ROWS, q, t0, Tq, Hq, h, D);
     // keys this warp's row sees, and the most any row of the block sees (t0 < Tq always). A
     // causal block has Tq == Tk; the min() only keeps a mismatched call inside k and v.
-    const size_t nk = t >= Tq ? 0 : causal ? attn_min(t + 1, Tk) : Tk;
+    const size_t kf = t < Tq ? attn_first_key(qdoc, k0, t) : 0;
+    const size_t nk_causal = t >= Tq ? 0 : causal ? attn_min(t + 1, Tk) : Tk, nk = kf < nk_causal ? nk_causal : 0;
     const size_t nk_block = causal ? attn_min(attn_min(t0 + ATTN_ROWS, Tq), Tk) : Tk;
+    const size_t kbeg = attn_first_key(qdoc, k0, t0) / ATTN_TILE * ATTN_TILE;  // block-uniform: whole tiles skipped
     float acc[DPL];  // this lane's slice of sum_j e^(s_j - m) v_j
 #pragma unroll
     for (int x = 0; x < DPL; x++) acc[x] = 0.0f;
     float m = -INFINITY, l = 0.0f;  // running max; this lane's share of sum_j e^(s_j - m)
-    for (size_t j0 = 0; j0 < nk_block; j0 += ATTN_TILE) {
+    for (size_t j0 = kbeg; j0 < nk_block; j0 += ATTN_TILE) {
         __syncthreads();  // the previous tile is consumed (and qs is staged)
         attn_stage(ks, P, ATTN_TILE, k, j0, Tk, Hkv, hk, D);
         attn_stage(vs, P, ATTN_TILE, v, j0, Tk, Hkv, hk, D);
         __syncthreads();
-        if (j0 >= nk) continue;  // warp-uniform: this row is past its causal limit
+        if (j0 >= nk || j0 + ATTN_TILE <= kf) continue;  // warp-uniform: past its causal limit, or before its document
         const size_t j = j0 + lane;
-        const float s = j < nk ? attn_dot(qs + w * D, ks + lane * P, D) * scale : -INFINITY;
-        const float mnew = fmaxf(m, attn_warp_max(s));  // finite: key j0 is visible
+        const float s = j >= kf && j < nk ? attn_dot(qs + w * D, ks + lane * P, D) * scale : -INFINITY;
+        const float mnew = fmaxf(m, attn_warp_max(s));  // finite: a key of the tile is visible
         const float r = expf(m - mnew);                  // 0 on the first tile, where m = -inf
         const float p = expf(s - mnew);                  // 0 for masked keys
         l = l * r + p;
@@ -490,13 +564,14 @@ static inline void attn_launch(Kernel kernel, dim3 grid, size_t smem, cudaStream
     }
 
 static inline void attention_forward_gpu(cudaStream_t stream, float* o, float* lse, const float* q, const float* k,
-                                         const float* v, size_t Tq, size_t Tk, int Hq, int Hkv, int D, bool causal) {
+                                         const float* v, size_t Tq, size_t Tk, int Hq, int Hkv, int D, bool causal,
+                                         const int32_t* qdoc = nullptr, size_t k0 = 0) {
     attn_check("attention_forward_gpu", Hq, Hkv, D);
     if (Tq == 0 || Tk == 0) return;
     const size_t smem = (ATTN_ROWS * D + 2 * ATTN_TILE * (D | 1)) * sizeof(float);
     const dim3 grid(ceil_div(Tq, ATTN_ROWS), Hq);
     ATTN_DISPATCH(D, attention_forward_kernel, grid, smem, stream, o, lse, q, k, v, Tq, Tk, Hq, Hkv, D, causal,
-                  1.0f / sqrtf((float)D));
+                  1.0f / sqrtf((float)D), qdoc, k0);
 }
 
 // delta[r] = sum_d dout[r][d] o[r][d] for the Tq*Hq rows, one warp per row. CPU twin: attention_delta_cpu.
@@ -524,7 +599,8 @@ static inline void attention_delta_gpu(cudaStream_t stream, float* delta, const 
 template <int DPL>
 static __global__ void attention_backward_dq_kernel(float* dq, const float* dout, const float* q, const float* k,
                                              const float* v, const float* lse, const float* delta, size_t Tq,
-                                             size_t Tk, int Hq, int Hkv, int D, bool causal, float scale) {
+                                             size_t Tk, int Hq, int Hkv, int D, bool causal, float scale,
+                                             const int32_t* qdoc, size_t k0) {
     extern __shared__ float smem[];
     const int P = D | 1;
     float* qs = smem;                   // (ATTN_ROWS, D) query rows
@@ -536,8 +612,10 @@ static __global__ void attention_backward_dq_kernel(float* dq, const float* dout
     const size_t t0 = (size_t)blockIdx.x * ATTN_ROWS, t = t0 + w;
     attn_stage(qs, D, ATTN_ROWS, q, t0, Tq, Hq, h, D);
     attn_stage(dos, D, ATTN_ROWS, dout, t0, Tq, Hq, h, D);
-    const size_t nk = t >= Tq ? 0 : causal ? attn_min(t + 1, Tk) : Tk;
+    const size_t kf = t < Tq ? attn_first_key(qdoc, k0, t) : 0;
+    const size_t nk_causal = t >= Tq ? 0 : causal ? attn_min(t + 1, Tk) : Tk, nk = kf < nk_causal ? nk_causal : 0;
     const size_t nk_block = causal ? attn_min(attn_min(t0 + ATTN_ROWS, Tq), Tk) : Tk;
+    const size_t kbeg = attn_first_key(qdoc, k0, t0) / ATTN_TILE * ATTN_TILE;
     float* dqr = dq + (t * Hq + h) * D;
     float acc[DPL];  // this lane's slice of dq_t, accumulated from its current value as on the CPU
 #pragma unroll
@@ -546,14 +624,14 @@ static __global__ void attention_backward_dq_kernel(float* dq, const float* dout
         acc[x] = (t < Tq && d < D) ? dqr[d] : 0.0f;
     }
     const float L = t < Tq ? lse[t * Hq + h] : 0.0f, dl = t < Tq ? delta[t * Hq + h] : 0.0f;
-    for (size_t j0 = 0; j0 < nk_block; j0 += ATTN_TILE) {
+    for (size_t j0 = kbeg; j0 < nk_block; j0 += ATTN_TILE) {
         __syncthreads();
         attn_stage(ks, P, ATTN_TILE, k, j0, Tk, Hkv, hk, D);
         attn_stage(vs, P, ATTN_TILE, v, j0, Tk, Hkv, hk, D);
         __syncthreads();
-        if (j0 >= nk) continue;  // warp-uniform
+        if (j0 >= nk || j0 + ATTN_TILE <= kf) continue;  // warp-uniform
         float ds = 0.0f;
-        if (j0 + lane < nk) {
+        if (j0 + lane >= kf && j0 + lane < nk) {
             const float s = attn_dot(qs + w * D, ks + lane * P, D);
             const float dp = attn_dot(dos + w * D, vs + lane * P, D);
             ds = expf(s * scale - L) * (dp - dl) * scale;
@@ -584,7 +662,7 @@ template <int DPL>
 static __global__ void attention_backward_dkdv_kernel(float* dk, float* dv, const float* dout, const float* q,
                                                const float* k, const float* v, const float* lse, const float* delta,
                                                size_t Tq, size_t Tk, int Hq, int Hkv, int D, bool causal,
-                                               float scale) {
+                                               float scale, const int32_t* qdoc, size_t k0) {
     extern __shared__ float smem[];
     const int P = D | 1;
     float* ks = smem;                   // (ATTN_ROWS, D) this block's key rows
@@ -608,8 +686,11 @@ static __global__ void attention_backward_dkdv_kernel(float* dk, float* dv, cons
         av[x] = (j < Tk && d < D) ? dvr[d] : 0.0f;
     }
     const size_t first = causal ? j : 0;  // the first query this key row sees
+    // and the end of them (documents); the block's last row ends last, so tiles past it are skipped
+    const size_t qend = j < Tk ? attn_query_end(qdoc, k0, Tq, j) : 0;
+    const size_t qstop = attn_query_end(qdoc, k0, Tq, attn_min(j0 + ATTN_ROWS, Tk) - 1);
     for (int h = hk * group; h < (hk + 1) * group; h++)
-        for (size_t q0 = causal ? j0 : 0; q0 < Tq; q0 += ATTN_TILE) {
+        for (size_t q0 = causal ? j0 : 0; q0 < qstop; q0 += ATTN_TILE) {
             __syncthreads();
             attn_stage(qt, P, ATTN_TILE, q, q0, Tq, Hq, h, D);
             attn_stage(dot, P, ATTN_TILE, dout, q0, Tq, Hq, h, D);
@@ -621,7 +702,7 @@ static __global__ void attention_backward_dkdv_kernel(float* dk, float* dv, cons
             __syncthreads();
             if (j >= Tk) continue;  // warp-uniform
             const int lo = first > q0 ? (int)attn_min(first - q0, ATTN_TILE) : 0;
-            const int hi = (int)attn_min(ATTN_TILE, Tq - q0);
+            const int hi = qend > q0 ? (int)attn_min(ATTN_TILE, qend - q0) : 0;
             if (lo >= hi) continue;
             float p = 0.0f, ds = 0.0f;
             if (lane >= lo && lane < hi) {
@@ -656,14 +737,14 @@ static __global__ void attention_backward_dkdv_kernel(float* dk, float* dv, cons
 static inline void attention_backward_gpu(cudaStream_t stream, float* dq, float* dk, float* dv, const float* dout,
                                           const float* q, const float* k, const float* v, const float* lse,
                                           const float* delta, size_t Tq, size_t Tk, int Hq, int Hkv, int D,
-                                          bool causal) {
+                                          bool causal, const int32_t* qdoc = nullptr, size_t k0 = 0) {
     attn_check("attention_backward_gpu", Hq, Hkv, D);
     if (Tq == 0 || Tk == 0) return;
     const float scale = 1.0f / sqrtf((float)D);
     const size_t smem = (2 * ATTN_ROWS * D + 2 * ATTN_TILE * (D | 1) + 2 * ATTN_TILE) * sizeof(float);
     ATTN_DISPATCH(D, attention_backward_dq_kernel, dim3(ceil_div(Tq, ATTN_ROWS), Hq), smem, stream, dq, dout, q, k,
-                  v, lse, delta, Tq, Tk, Hq, Hkv, D, causal, scale);
+                  v, lse, delta, Tq, Tk, Hq, Hkv, D, causal, scale, qdoc, k0);
     ATTN_DISPATCH(D, attention_backward_dkdv_kernel, dim3(ceil_div(Tk, ATTN_ROWS), Hkv), smem, stream, dk, dv,
-                  dout, q, k, v, lse, delta, Tq, Tk, Hq, Hkv, D, causal, scale);
+                  dout, q, k, v, lse, delta, Tq, Tk, Hq, Hkv, D, causal, scale, qdoc, k0);
 }
 #endif

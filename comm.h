@@ -14,6 +14,7 @@
 #include <atomic>
 #include <climits>
 #include <thread>
+#include <vector>
 #include "common.h"
 #ifdef __CUDACC__
 #include <nccl.h>
@@ -205,6 +206,20 @@ static inline void comm_reduce_scatter(const float* buf, float* shard, size_t n)
 static inline void comm_allgather(float* buf, size_t n) {
     if (comm_world().size == 1) return;
     MPI_COLLECTIVE("all-gather", MPI_Allgather(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, buf, mpi_count(n), MPI_FLOAT, MPI_COMM_WORLD));
+}
+// Every rank's list of int32 (any length, a few per rank) joined in rank order, on every rank:
+// the count first, then the values.
+static inline std::vector<int32_t> comm_allgather_i32(const std::vector<int32_t>& mine) {
+    const Comm& c = comm_world();
+    if (c.size == 1) return mine;
+    std::vector<int> counts(c.size), at(c.size, 0);
+    int n = mpi_count(mine.size());
+    MPI_COLLECTIVE("all-gather (counts)", MPI_Allgather(&n, 1, MPI_INT, counts.data(), 1, MPI_INT, MPI_COMM_WORLD));
+    for (int r = 1; r < c.size; r++) at[r] = at[r - 1] + counts[r - 1];
+    std::vector<int32_t> all(at[c.size - 1] + counts[c.size - 1]);
+    MPI_COLLECTIVE("all-gather (document starts)", MPI_Allgatherv(mine.data(), n, MPI_INT32_T, all.data(), counts.data(),
+                                                                   at.data(), MPI_INT32_T, MPI_COMM_WORLD));
+    return all;
 }
 // Rank 0's buf (n bytes) to every rank.
 static inline void comm_broadcast(void* buf, size_t n) {

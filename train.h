@@ -76,7 +76,7 @@ static const std::vector<std::string> train_flags = {
     "beta1", "beta2", "adam-eps",
     "data", "device", "out", "save-every", "resume", "exit-after", "eval-every", "eval-seqs", "trace", "zero",
     "device-mem", "host-mem", "on-nonfinite", "max-bad-steps", "comm", "precision", "start-seq", "start-steps",
-    "log-every", "overwrite", "watchdog", "rope-theta", "rope-scale", "init", "help"};
+    "log-every", "overwrite", "watchdog", "rope-theta", "rope-scale", "init", "doc-mask", "help"};
 
 static void train_help() {
     printf(
@@ -100,7 +100,11 @@ static void train_help() {
         "  --clip X            clip the global gradient norm to X, 0 = off (default 1.0)\n"
         "  --beta1 X, --beta2 X, --adam-eps X   AdamW moments' decay rates and epsilon (default 0.9, 0.95, 1e-8)\n"
         "  --seed N            seed for the weights and the data (default 1337)\n"
-        "  --data SPEC         'passkey' (built-in task), a text file, a glob, or llm.c .bin shards (default passkey)\n"
+        "  --data SPEC         'passkey' (built-in task), 'passkey:docs[:N]' (packed passkey documents of mean\n"
+        "                      length N, default 1024), a text file, a glob, or llm.c .bin shards (default passkey)\n"
+        "  --doc-mask 0|1      packed documents: a document starts at every BOS token (and at the first token);\n"
+        "                      attention stays inside a document, RoPE positions restart at 0 in each\n"
+        "                      (default 1 for files and passkey:docs, 0 for passkey: one document)\n"
         "  --device auto|cpu|gpu   auto (default): the GPU when one is visible, else the CPU\n"
         "  --comm auto|nccl|mpi  GPU ranks: NCCL when each has its own GPU (auto), else MPI on host memory\n"
         "  --precision auto|fp32|bf16   bf16: bf16 matmul operands and stored activations, fp32 sums, fp32\n"
@@ -324,6 +328,7 @@ static void set_run_shape(Train* T) {
     r.offload = a.flag01("offload", r.chunk < r.seq);
     r.zero = (int)a.integer("zero", 0, 0, 3);
     r.bf16 = precision_bf16(a, gpu);
+    r.doc_bos = a.flag01("doc-mask", a.str("data", "passkey") != "passkey") ? TOK_BOS : -1;
     r.device_cap = (size_t)(a.real("device-mem", 0, 0, 1e6) * 1073741824.0);
     r.host_cap = (size_t)(a.real("host-mem", 0, 0, 1e6) * 1073741824.0);
     T->start_seq = a.integer("start-seq", a.has("seq") ? 0 : (gpu ? 4096 : 256), 0, r.seq);
@@ -423,9 +428,10 @@ static void print_train_header(const Train* T) {
     const std::string ranks = std::string(r.zero ? " ZeRO-" + std::to_string(r.zero) : "") + (M.nccl ? " NCCL" : "");
     const std::string since = T->resume ? " | resumed at step " + std::to_string(T->start) + T->changed
                               : !T->init_path.empty() ? " | weights from " + T->init_path : "";
-    log_line(true, "seq %zu | chunk %zu (%zu chunks) | offload %s | ranks %d%s | device %s, %s | steps %d%s", r.seq, r.chunk,
+    log_line(true, "seq %zu | chunk %zu (%zu chunks) | offload %s | ranks %d%s | device %s, %s | steps %d%s%s", r.seq, r.chunk,
              r.seq / r.chunk, r.offload ? "on" : "off", r.P, ranks.c_str(), device_name(M.ctx).c_str(),
-             r.bf16 ? "bf16" : "fp32", T->steps, since.c_str());
+             r.bf16 ? "bf16" : "fp32", T->steps, r.doc_bos >= 0 ? " | doc-mask 1: attention within documents" : "",
+             since.c_str());
     if (T->start_steps) {
         const size_t n0 = T->start_seq / T->r0.chunk;
         log_line(true, "start: steps 1-%d at seq %zu (chunk %zu: %zu chunk%s, offload %s), then seq %zu from step %d",
@@ -507,7 +513,8 @@ static StepResult train_step(Train* T, int step, bool traced) {
 
 // The step's line (every --log-every steps on stdout, every step in main.log), with the time
 // left: each phase's steps at its recent pace; the main phase, before it has run, at the start's
-// pace scaled by the sequence (a guess the first main steps replace).
+// pace scaled by the sequence (a guess the first main steps replace). With --doc-mask 1 it ends
+// with the step's documents: their mean length and the share of attention blocks skipped.
 static void log_step(Train* T, int step, const StepResult& s, int end) {
     const int phase = step < T->start_steps ? 0 : 1;
     T->step_s[phase] = T->step_s[phase] ? 0.9 * T->step_s[phase] + 0.1 * s.seconds : s.seconds;
@@ -515,10 +522,14 @@ static void log_step(Train* T, int step, const StepResult& s, int end) {
     const double main_s = T->step_s[1] ? T->step_s[1] : T->step_s[0] * T->r.seq / std::max<size_t>(T->start_seq, 1);
     const double left_s = left0 * T->step_s[0] + left1 * main_s;
     const int every = T->log_every ? T->log_every : auto_log_every(T->steps);
+    char docs[96] = "";
+    if (T->M.run.doc_bos >= 0)
+        snprintf(docs, sizeof docs, " | docs %zu, mean %.0f tok, %.1f%% of blocks skipped", T->M.doc_starts.size(),
+                 (double)T->M.run.seq / T->M.doc_starts.size(), 100 * docs_skipped_share(T->M.first_kv));
     log_line(shown_step(step + 1, T->steps, every, !s.finite || step + 1 == T->start_steps || step + 1 == end),
-             "step %d/%d | loss %.6f | lr %.3e | norm %.6g | %.0f tok/s | %.1f ms/step | %s elapsed, %s left%s", step + 1,
+             "step %d/%d | loss %.6f | lr %.3e | norm %.6g | %.0f tok/s | %.1f ms/step | %s elapsed, %s left%s%s", step + 1,
              T->steps, s.loss, s.lr, s.norm, T->M.run.seq / s.seconds, s.seconds * 1e3,
-             clock_str(now_s() - T->t_total).c_str(), clock_str(left_s).c_str(), s.finite ? "" : " | NON-FINITE: update skipped");
+             clock_str(now_s() - T->t_total).c_str(), clock_str(left_s).c_str(), docs, s.finite ? "" : " | NON-FINITE: update skipped");
 }
 
 // A skipped update left the weights and optimizer state of the last good step, so nothing
