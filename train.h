@@ -76,7 +76,7 @@ static const std::vector<std::string> train_flags = {
     "beta1", "beta2", "adam-eps",
     "data", "device", "out", "save-every", "resume", "exit-after", "eval-every", "eval-seqs", "trace", "zero",
     "device-mem", "host-mem", "on-nonfinite", "max-bad-steps", "comm", "precision", "start-seq", "start-steps",
-    "log-every", "overwrite", "watchdog", "rope-theta", "rope-scale", "init", "doc-mask", "help"};
+    "log-every", "overwrite", "watchdog", "rope-theta", "rope-scale", "init", "doc-mask", "doc-bos", "help"};
 
 static void train_help() {
     printf(
@@ -105,6 +105,8 @@ static void train_help() {
         "  --doc-mask 0|1      packed documents: a document starts at every BOS token (and at the first token);\n"
         "                      attention stays inside a document, RoPE positions restart at 0 in each\n"
         "                      (default 1 for files and passkey:docs, 0 for passkey: one document)\n"
+        "  --doc-bos ID        the token that starts a document (default 256, the byte-level BOS; a BPE\n"
+        "                      shard's own BOS id, e.g. 128000 for Llama 3's tokenizer)\n"
         "  --device auto|cpu|gpu   auto (default): the GPU when one is visible, else the CPU\n"
         "  --comm auto|nccl|mpi  GPU ranks: NCCL when each has its own GPU (auto), else MPI on host memory\n"
         "  --precision auto|fp32|bf16   bf16: bf16 matmul operands and stored activations, fp32 sums, fp32\n"
@@ -328,7 +330,9 @@ static void set_run_shape(Train* T) {
     r.offload = a.flag01("offload", r.chunk < r.seq);
     r.zero = (int)a.integer("zero", 0, 0, 3);
     r.bf16 = precision_bf16(a, gpu);
-    r.doc_bos = a.flag01("doc-mask", a.str("data", "passkey") != "passkey") ? TOK_BOS : -1;
+    const int32_t bos = (int32_t)a.integer("doc-bos", TOK_BOS, 0, T->cfg.vocab - 1);
+    r.doc_bos = a.flag01("doc-mask", a.str("data", "passkey") != "passkey") ? bos : -1;
+    if (a.has("doc-bos") && r.doc_bos < 0) fatal_all("--doc-bos names the token that starts a document: it needs --doc-mask 1");
     r.device_cap = (size_t)(a.real("device-mem", 0, 0, 1e6) * 1073741824.0);
     r.host_cap = (size_t)(a.real("host-mem", 0, 0, 1e6) * 1073741824.0);
     T->start_seq = a.integer("start-seq", a.has("seq") ? 0 : (gpu ? 4096 : 256), 0, r.seq);
@@ -403,6 +407,7 @@ static void init_or_resume(Train* T) {
     Model* M = &T->M;
     Manifest& id = T->id;
     id.cfg = T->cfg, id.seq = T->r.seq, id.seed = T->seed, id.total_steps = T->steps, id.source = T->data->identity();
+    if (T->r.doc_bos >= 0) id.source += " | doc-mask bos " + std::to_string(T->r.doc_bos);
     if (T->start_steps)
         id.source += " | start-seq " + std::to_string(T->start_seq) + " for " + std::to_string(T->start_steps) + " steps";
     T->settings = run_settings(T->r, M->C);

@@ -133,4 +133,8 @@ TEST(DocMask, PackedDocumentsSkipBlocksAndRanksAgree) {
     EXPECT_NE(bad.rc, 0);
     EXPECT_NE(bad.out.find("passkey:docs:N"), std::string::npos) << bad.out;
     EXPECT_EQ(count_lines(bad.out), 1) << bad.out;
+    bad = run(TINY + "--seq 64 --steps 1 --doc-bos 5");  // passkey: the mask is off
+    EXPECT_NE(bad.rc, 0);
+    EXPECT_NE(bad.out.find("--doc-bos names the token that starts a document: it needs --doc-mask 1"), std::string::npos) << bad.out;
+    EXPECT_EQ(count_lines(bad.out), 1) << bad.out;
 }
