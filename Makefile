@@ -19,9 +19,11 @@ BUILD_KIND := $(if $(HAVE_NVCC),cuda,cpu)
 # reassociation, no finite-math assumptions).
 HOST_FLAGS := -O3 -fopenmp -fno-trapping-math -Wall -Wno-unused-function
 DEFS := -DOMPI_SKIP_MPICXX
-# Device code for Ampere (A100, sm_80; also runs on sm_86/sm_89) and Hopper (H100/H200, sm_90),
-# plus PTX that newer GPUs compile at load time. A GPU on this machine of another major
-# architecture (nvidia-smi's compute_cap) is added. Override: make GPU_ARCH="-gencode ...".
+# Device code for Ampere (A100, sm_80; sm_86/sm_89 run it too, but their 99 KiB of shared memory per
+# block holds the attention kernels only up to head size 314: a larger one is refused at the start
+# of a run, naming the limit) and Hopper (H100/H200, sm_90), plus PTX that newer GPUs compile at
+# load time. A GPU on this machine of another major architecture (nvidia-smi's compute_cap) is
+# added. Override: make GPU_ARCH="-gencode ..." (test/gpu_check.sh builds for the local GPU alone).
 comma := ,
 LOCAL_SM := $(shell nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' .')
 EXTRA_SM := $(if $(filter-out 80 86 87 89 90,$(LOCAL_SM)),-gencode arch=compute_$(LOCAL_SM)$(comma)code=sm_$(LOCAL_SM))

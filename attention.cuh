@@ -19,28 +19,37 @@
 #include "cuda_common.cuh"
 #endif
 
-// The CPU functions tile the work as FlashAttention does: a block of ATTN_CPU_ROWS output rows of
-// one head (query rows for the forward pass and dq, key rows for dk and dv) against tiles of
-// ATTN_CPU_TILE rows of the other side, and a causal block visits only the tiles at or below the
-// diagonal. Each tile is three steps: its scores, a small matmul; the softmax (or its gradient)
-// over the tile, element-wise with the vectorizable exp below; and a second small matmul that
-// adds the tile's share to the block's output rows. Both matmuls run through attn_mm, ops.cuh's
-// register block of MR x NR accumulators (gemm_micro), on operands copied into this thread's
-// scratch (the block's own rows once, each tile's rows once per tile) and zero-padded to whole
-// register blocks, so its loops have no edge cases and read no memory outside the scratch.
-// The blocks are the parallel tasks (each writes only its own rows, so no atomics), and each
-// output is summed in the same order whatever the thread count. The block bodies are compiled
-// once per instruction set with that set's register block (ops.cuh, cpu_simd).
-#define ATTN_CPU_ROWS 48  // output rows of one task: a multiple of every MR below (8, 6, 4)
-#define ATTN_CPU_TILE 64  // rows of the other side per tile: a multiple of every NR (32, 16)
-#define ATTN_CPU_NR_MAX 32
+// The CPU functions tile the work as FlashAttention does, in squares of TILE queries by TILE keys
+// of one head; a causal call visits only the squares at or below the diagonal, and masks only
+// the diagonal one. Each square is a few small matmuls and element-wise work between them: the
+// scores, the softmax (or its gradient) with the vectorizable exp below, and the products that
+// add the square's share to the outputs. The scores are held key by query (s^T: one row per key,
+// TILE queries along it), so every per-query statistic (running max and sum, lse, delta) is a
+// vector along the row and the element-wise loops need no reductions across a row. The matmuls
+// run through attn_mm, ops.cuh's register block of MR x NR accumulators (gemm_micro), on copies
+// laid out for it once per call, head by head (attn_pack_cols: tile by tile transposed;
+// attn_pack_rows: rows zero-padded to whole register blocks), so the loops have no edge cases.
+//   forward: one task per (query tile, head); key tiles in order, an online softmax per query.
+//   backward: one pass over key tiles. dk and dv of a key tile sum over the query tiles in order;
+//   dq of a query row sums over key tiles, which ATTN_CPU_DQ_GROUPS tasks per kv head share out
+//   (key tile j to group j mod G), each into its own copy of dq, added up in group order at the
+//   end. So nothing is written by two tasks (no atomics) and every output is the same sum in the
+//   same order whatever the thread count.
+// The bodies are compiled once per instruction set with its register block and its TILE, a
+// multiple of both MR and NR (ops.cuh, cpu_simd).
+#define ATTN_CPU_DQ_GROUPS 8
 
-// The arguments of one attention call, shared by the three block functions.
+// The arguments of one attention call, the copies of its inputs laid out for the tiles (per head:
+// x (T, H, D) tile by tile transposed, (H, nt, D, TILE), and as rows padded to Dp = D rounded up
+// to NR, (H, nt TILE, Dp), zero past row T), and the per-group copies of dq.
 struct AttnCpu {
-    float *o, *lse, *dq, *dk, *dv;                  // outputs
+    float *o, *lse, *dq, *dk, *dv;                   // outputs
     const float *q, *k, *v, *dout, *lse_in, *delta;  // inputs
-    size_t Tq, Tk;
-    int Hq, Hkv, D;
+    const float *qt, *ot;                            // q, dout transposed tile by tile (Hq, ntq, D, TILE)
+    const float *kr, *vr, *qr, *orr;                 // k, v (Hkv, ntk TILE, Dp); q, dout (Hq, ntq TILE, Dp)
+    float* dqg;                                      // (groups, Hq, ntq TILE, Dp) dq summed per key-tile group
+    size_t Tq, Tk, ntq, ntk;                         // rows, and tiles of them (the last may be partial)
+    int Hq, Hkv, D, Dp, groups;
     bool causal;
     float scale;
     const int32_t* qdoc;  // (Tq) document start of each query row (global position), or null
@@ -48,14 +57,6 @@ struct AttnCpu {
 };
 static inline size_t attn_min_cpu(size_t a, size_t b) { return a < b ? a : b; }
 static inline int attn_round_up(int x, int m) { return (x + m - 1) / m * m; }
-// Floats of scratch one thread needs (the dk/dv block, the largest): its key and value rows
-// (ROWS, D) each; a tile's queries and output gradients transposed (D, TILE) and as rows
-// (TILE, Dp) each; scores and their gradients (ROWS, TILE) each; the accumulated dk, dv
-// (ROWS, Dp) each; per-row and per-column statistics. Dp = D rounded up to a register block.
-static inline size_t attn_cpu_scratch(int D) {
-    const size_t R = ATTN_CPU_ROWS, T = ATTN_CPU_TILE, Dp = (size_t)attn_round_up(D, ATTN_CPU_NR_MAX);
-    return 2 * R * D + 2 * D * T + 2 * T * Dp + 2 * R * T + 2 * R * Dp + 2 * R + 2 * T;
-}
 
 // e^x in fp32 for the softmax loops, written so the compiler can vectorize it (libm's expf is a
 // call per element): e^x = 2^n e^f with n = round(x / ln 2) and f = x - n ln 2 in [-ln2/2, ln2/2]
@@ -81,21 +82,22 @@ static inline __attribute__((always_inline)) float attn_exp(float x) {
     return x < lo ? 0.0f : (x > hi ? INFINITY : p * two_n);  // NaN fails both tests and stays NaN
 }
 
-// c (R, N) = [or +=] a (R, K) b (K, N); a's (r, k) at a[r lda + k], b's (k, n) at b[k ldb + n],
+// c (R, N) = [or +=] a (R, K) b (K, N); a's (r, k) at a[r ars + k aks], b's (k, n) at b[k ldb + n],
 // c's (r, n) at c[r ldc + n]. R a multiple of MR, N of NR: whole register blocks of ops.cuh's
 // gemm_micro, so every element of c is the same sum in the same order whatever the blocks around it.
 template <int MR, int NR, bool ADD>
-static inline __attribute__((always_inline)) void attn_mm(float* c, int ldc, const float* a, int lda, const float* b,
-                                                          int ldb, int R, int N, int K) {
+static inline __attribute__((always_inline)) void attn_mm(float* c, int ldc, const float* a, int ars, int aks,
+                                                          const float* b, int ldb, int R, int N, int K) {
     for (int n0 = 0; n0 < N; n0 += NR)
         for (int r0 = 0; r0 < R; r0 += MR)
-            gemm_micro<MR, NR, ADD>(c + (size_t)r0 * ldc + n0, ldc, MR, NR, a + (size_t)r0 * lda, lda, 1, b + n0, ldb, K);
+            gemm_micro<MR, NR, ADD>(c + (size_t)r0 * ldc + n0, ldc, MR, NR, a + (size_t)r0 * ars, ars, aks, b + n0,
+                                    ldb, K);
 }
 
 // dst (rows, ld) = rows r0 .. r0+n-1 of head h of x (T, H, D), zero in columns D .. ld and rows
-// n .. rows (the padding the matmuls read)
-static inline __attribute__((always_inline)) void attn_rows_cpu(float* __restrict dst, int rows, int ld, const float* x,
-                                                                size_t r0, int n, int H, int h, int D) {
+// n .. rows
+static inline void attn_rows_cpu(float* __restrict dst, int rows, int ld, const float* x, size_t r0, int n, int H, int h,
+                                 int D) {
     for (int r = 0; r < rows; r++) {
         float* dr = dst + (size_t)r * ld;
         const int kept = r < n ? D : 0;  // values copied; the rest of the row is padding
@@ -103,27 +105,41 @@ static inline __attribute__((always_inline)) void attn_rows_cpu(float* __restric
         memset(dr + kept, 0, (ld - kept) * sizeof(float));
     }
 }
-// dst (D, TILE) = the same n rows transposed, zero in columns n .. TILE
-static inline __attribute__((always_inline)) void attn_cols_cpu(float* __restrict dst, const float* x, size_t r0, int n,
-                                                                int H, int h, int D) {
-    for (int c = 0; c < n; c++) {
-        const float* xr = x + ((r0 + c) * H + h) * D;
-        for (int d = 0; d < D; d++) dst[d * ATTN_CPU_TILE + c] = xr[d];
+// The per-call copies (AttnCpu) of x (T, H, D), nt = T / tile rounded up: dst (H, nt, D, tile)
+// head by head, tile by tile transposed; dst (H, nt tile, Dp) head by head as rows. Zero past row
+// T and in columns D .. Dp.
+static inline void attn_pack_cols(float* dst, const float* x, size_t T, int H, int D, int tile) {
+    const size_t nt = (T + tile - 1) / tile;
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < H * nt; i++) {  // (head, tile)
+        const int h = (int)(i / nt);
+        const size_t t0 = i % nt * tile;
+        float* dt = dst + i * D * tile;
+        for (int d = 0; d < D; d++)
+            for (int c = 0; c < tile; c++) dt[d * tile + c] = t0 + c < T ? x[((t0 + c) * H + h) * D + d] : 0.0f;
     }
-    for (int d = 0; d < D; d++)
-        for (int c = n; c < ATTN_CPU_TILE; c++) dst[d * ATTN_CPU_TILE + c] = 0.0f;
 }
-// The keys query row t sees in the tile of n keys from j0 (all n unless causal: keys j <= t).
-static inline __attribute__((always_inline)) int attn_seen_cpu(const AttnCpu& a, size_t t, size_t j0, int n) {
-    return a.causal ? (t < j0 ? 0 : (int)attn_min_cpu(n, t + 1 - j0)) : n;
+static inline void attn_pack_rows(float* dst, int Dp, const float* x, size_t T, int H, int D, int tile) {
+    const size_t nt = (T + tile - 1) / tile;
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < H * nt; i++) {
+        const int h = (int)(i / nt);
+        const size_t t0 = i % nt * tile;
+        attn_rows_cpu(dst + i * tile * Dp, tile, Dp, x, t0, (int)attn_min_cpu(tile, T - t0), H, h, D);
+    }
 }
-// Packed documents. The first key query row t sees (Tk or more: none), and the first key of a
-// tile of n keys from j0 that it sees (n: none in this tile).
+// Packed documents. The first key query row t sees (Tk or more: none).
 static inline size_t attn_first_key_cpu(const AttnCpu& a, size_t t) {
     return a.qdoc && (size_t)a.qdoc[t] > a.k0 ? (size_t)a.qdoc[t] - a.k0 : 0;
 }
-static inline __attribute__((always_inline)) int attn_lo_cpu(size_t first, size_t j0, int n) {
-    return first > j0 ? (int)attn_min_cpu(first - j0, n) : 0;
+// Scores st (key by query, row pitch ld) of keys j0 .. j0+nk-1 for queries t0 .. t0+nq-1: those
+// of the keys before each query's document set to -inf (weight 0).
+static inline void attn_mask_docs_cpu(const AttnCpu& a, float* st, int ld, size_t t0, int nq, size_t j0, int nk) {
+    for (int i = 0; i < nq; i++) {
+        const size_t first = attn_first_key_cpu(a, t0 + i);
+        const int lo = first > j0 ? (int)attn_min_cpu(first - j0, nk) : 0;
+        for (int j = 0; j < lo; j++) st[(size_t)j * ld + i] = -INFINITY;
+    }
 }
 // The end of the queries that see key j: the first t with qdoc[t] > k0 + j (Tq if none), by
 // bisection (qdoc is non-decreasing).
@@ -138,234 +154,247 @@ static inline size_t attn_query_end_cpu(const AttnCpu& a, size_t j) {
     return lo;
 }
 
-// Forward, query rows t0 .. t0+ROWS-1 of head h, key tiles in order. Per row an online softmax
-// over tiles: m the running max, l = sum_j e^(s_j - m), acc = sum_j e^(s_j - m) v_j; then this
-// block's lse_b = m + log l and o_b = acc / l merge into (o, lse) by log-sum-exp (see above).
-template <int MR, int NR>
-static inline __attribute__((always_inline)) void attention_forward_rows(const AttnCpu& a, size_t t0, int h,
+// Forward, query tile qi of head h (queries t0 .. t0+TILE-1), key tiles in order. Per query i an
+// online softmax over the tiles: m_i the running max, l_i = sum_j e^(s_ji - m_i), acc_i = sum_j
+// e^(s_ji - m_i) v_j; then this call's lse_b = m + log l and o_b = acc / l merge into (o, lse) by
+// log-sum-exp (see attention_forward_cpu).
+template <int MR, int NR, int TILE>
+static inline __attribute__((always_inline)) void attention_forward_tile(const AttnCpu& a, size_t qi, int h,
                                                                          float* scratch) {
-    const int D = a.D, Dp = attn_round_up(D, NR), hk = h / (a.Hq / a.Hkv), T = ATTN_CPU_TILE;
-    const int nq = (int)attn_min_cpu(ATTN_CPU_ROWS, a.Tq - t0), rq = attn_round_up(nq, MR);
-    float* qb = scratch;      // (rq, D) this block's query rows
-    float* kt = qb + rq * D;  // (D, TILE) the key tile, transposed
-    float* vb = kt + D * T;   // (TILE, Dp) the value tile
-    float* s = vb + T * Dp;   // (rq, TILE) scores, then e^(s - m) (0 in the padding rows: their q is 0)
-    float* acc = s + rq * T;  // (rq, Dp)
-    float* m = acc + rq * Dp; // (nq) running max
-    float* l = m + nq;        // (nq) running sum
-    // keys the block sees: a causal block (Tq == Tk) stops at its last row's diagonal; with
-    // documents, whole key tiles before the first row's document are skipped
-    const size_t kend = a.causal ? attn_min_cpu(t0 + nq, a.Tk) : a.Tk, kbeg = attn_first_key_cpu(a, t0) / T * T;
-    if (kbeg >= kend) return;  // no row of the block sees a key here: nothing to merge
-    size_t first[ATTN_CPU_ROWS];  // each row's first key
-    for (int r = 0; r < nq; r++) first[r] = attn_first_key_cpu(a, t0 + r);
-    attn_rows_cpu(qb, rq, D, a.q, t0, nq, a.Hq, h, D);
-    memset(acc, 0, (size_t)rq * Dp * sizeof(float));
-    for (int r = 0; r < nq; r++) m[r] = -INFINITY, l[r] = 0.0f;
-    for (size_t j0 = kbeg; j0 < kend; j0 += T) {
-        const int nk = (int)attn_min_cpu(T, kend - j0);
-        attn_cols_cpu(kt, a.k, j0, nk, a.Hkv, hk, D);
-        attn_rows_cpu(vb, nk, Dp, a.v, j0, nk, a.Hkv, hk, D);
-        attn_mm<MR, NR, false>(s, T, qb, D, kt, T, rq, attn_round_up(nk, NR), D);  // s = q_t . k_j
-        for (int r = 0; r < nq; r++) {
-            const int nv = attn_seen_cpu(a, t0 + r, j0, nk), lo = attn_lo_cpu(first[r], j0, nk);
-            float* sr = s + r * T;
-            if (lo >= nv) {  // no keys in this tile (masked): weights 0, the row's state unchanged
-                memset(sr, 0, nk * sizeof(float));
-                continue;
-            }
-            float mx = m[r];
-#pragma omp simd reduction(max : mx)
-            for (int c = lo; c < nv; c++) mx = sr[c] * a.scale > mx ? sr[c] * a.scale : mx;
-            const float rescale = expf(m[r] - mx);  // 0 on the first tile, where m = -inf
-            float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-            for (int c = 0; c < nk; c++) {
-                const float p = c >= lo && c < nv ? attn_exp(sr[c] * a.scale - mx) : 0.0f;
-                sr[c] = p;
-                sum += p;
-            }
-            l[r] = l[r] * rescale + sum;
-            m[r] = mx;
-            float* ar = acc + r * Dp;
+    const int D = a.D, Dp = a.Dp, hk = h / (a.Hq / a.Hkv);
+    const size_t t0 = qi * TILE;
+    const int nq = (int)attn_min_cpu(TILE, a.Tq - t0);
+    const float* qt = a.qt + ((size_t)h * a.ntq + qi) * D * TILE;  // (D, TILE) this tile's queries, transposed
+    const float* kr = a.kr + (size_t)hk * a.ntk * TILE * Dp;       // (ntk TILE, Dp) this head's keys
+    const float* vr = a.vr + (size_t)hk * a.ntk * TILE * Dp;       // (ntk TILE, Dp) and values
+    float* st = scratch;            // (TILE, TILE) s^T: scores of key j (row) for query i, then e^(s - m)
+    float* acc = st + TILE * TILE;  // (TILE, Dp)
+    float* m = acc + TILE * Dp;     // (TILE) running max per query
+    float* l = m + TILE;            // (TILE) running sum
+    float* mx = l + TILE;           // (TILE) the max with this key tile
+    float* rs = mx + TILE;          // (TILE) e^(m - mx): the rescale of l and acc
+    float* sum = rs + TILE;         // (TILE) this key tile's sum
+    memset(acc, 0, (size_t)TILE * Dp * sizeof(float));
+    for (int i = 0; i < TILE; i++) m[i] = -INFINITY, l[i] = 0.0f;
+    const size_t nkt = a.causal ? qi + 1 : a.ntk;  // key tiles seen: causal (Tq == Tk) stops at the diagonal
+    // with documents (qdoc), the key tiles wholly before the first query's document are skipped,
+    // and the keys before a query's document masked in the tiles before the last query's
+    const size_t first0 = attn_first_key_cpu(a, t0), first_last = attn_first_key_cpu(a, t0 + nq - 1);
+    const int QB = 16;  // queries per block of the softmax loops (TILE is a multiple of 16)
+    for (size_t kj = first0 / TILE; kj < nkt; kj++) {
+        const size_t j0 = kj * TILE;
+        const int nk = (int)attn_min_cpu(TILE, a.Tk - j0), rk = attn_round_up(nk, MR);
+        const bool diag = a.causal && kj == qi;  // query i sees key j only for j <= i
+        attn_mm<MR, NR, false>(st, TILE, kr + j0 * Dp, Dp, 1, qt, TILE, rk, TILE, D);  // s_ji = k_j . q_i
+        if (diag)  // query i sees key j only for j <= i: the others' scores are -inf, their weights 0
+            for (int j = 1; j < nk; j++)
+                for (int i = 0; i < j; i++) st[j * TILE + i] = -INFINITY;
+        if (j0 < first_last) attn_mask_docs_cpu(a, st, TILE, t0, nq, j0, nk);
+        // Down the keys for each block of QB queries, so the block's max and sum stay in registers.
+        for (int i0 = 0; i0 < TILE; i0 += QB) {
+            float mb[QB];  // the max of queries i0 .. i0+QB-1, then the shift of their exponents
+            for (int i = 0; i < QB; i++) mb[i] = m[i0 + i];
+            for (int j = 0; j < nk; j++) {
+                const float* sj = st + j * TILE + i0;
 #pragma omp simd
-            for (int d = 0; d < Dp; d++) ar[d] *= rescale;
+                for (int i = 0; i < QB; i++) mb[i] = sj[i] * a.scale > mb[i] ? sj[i] * a.scale : mb[i];
+            }
+            float sb[QB];  // their sums
+            for (int i = 0; i < QB; i++) {
+                mx[i0 + i] = mb[i];
+                mb[i] = mb[i] == -INFINITY ? 0.0f : mb[i];  // no key seen yet: every weight is e^-inf = 0
+                sb[i] = 0.0f;
+            }
+            for (int j = 0; j < nk; j++) {
+                float* sj = st + j * TILE + i0;
+#pragma omp simd
+                for (int i = 0; i < QB; i++) {
+                    const float p = attn_exp(sj[i] * a.scale - mb[i]);
+                    sj[i] = p;
+                    sb[i] += p;
+                }
+            }
+            for (int i = 0; i < QB; i++) sum[i0 + i] = sb[i];
         }
-        attn_mm<MR, NR, true>(acc, Dp, s, T, vb, Dp, rq, Dp, nk);  // acc += sum_j p_j v_j
+        bool moved = false;
+#pragma omp simd reduction(|| : moved)
+        for (int i = 0; i < TILE; i++) {  // 0 where m was -inf (the first tile); 1 where the max stayed
+            rs[i] = mx[i] == -INFINITY ? 1.0f : attn_exp(m[i] - mx[i]);
+            moved = moved || rs[i] != 1.0f;
+            l[i] = l[i] * rs[i] + sum[i];
+            m[i] = mx[i];
+        }
+        if (moved)
+            for (int i = 0; i < TILE; i++) {
+                float* ai = acc + i * Dp;
+#pragma omp simd
+                for (int d = 0; d < Dp; d++) ai[d] *= rs[i];
+            }
+        attn_mm<MR, NR, true>(acc, Dp, st, 1, TILE, vr + j0 * Dp, Dp, TILE, Dp, nk);  // acc_i += sum_j p_ji v_j
     }
-    for (int r = 0; r < nq; r++) {
-        if (m[r] == -INFINITY) continue;  // no keys: nothing to merge
-        const size_t t = t0 + r;
-        const float lb = m[r] + logf(l[r]);  // this block's log-sum-exp
+    for (int i = 0; i < nq; i++) {
+        if (m[i] == -INFINITY) continue;  // no keys: nothing to merge
+        const size_t t = t0 + i;
+        const float lb = m[i] + logf(l[i]);  // this call's log-sum-exp
         float* orow = a.o + (t * a.Hq + h) * D;
         float* L = a.lse + t * a.Hq + h;
         const float lnew = (*L == -INFINITY) ? lb : fmaxf(*L, lb) + log1pf(expf(-fabsf(*L - lb)));
-        const float wa = (*L == -INFINITY) ? 0.0f : expf(*L - lnew), wb = expf(lb - lnew) / l[r];
-        for (int d = 0; d < D; d++) orow[d] = orow[d] * wa + acc[r * Dp + d] * wb;
+        const float wa = (*L == -INFINITY) ? 0.0f : expf(*L - lnew), wb = expf(lb - lnew) / l[i];
+        for (int d = 0; d < D; d++) orow[d] = orow[d] * wa + acc[i * Dp + d] * wb;
         *L = lnew;
     }
 }
 
-// Backward, first pass: dq for query rows t0 .. t0+ROWS-1 of head h, key tiles in order:
-//   dq_t += scale sum_j P_tj (dO_t.v_j - delta_t) k_j,  P_tj = e^(scale q_t.k_j - lse_t).
-template <int MR, int NR>
-static inline __attribute__((always_inline)) void attention_backward_dq_rows(const AttnCpu& a, size_t t0, int h,
-                                                                             float* scratch) {
-    const int D = a.D, Dp = attn_round_up(D, NR), hk = h / (a.Hq / a.Hkv), T = ATTN_CPU_TILE;
-    const int nq = (int)attn_min_cpu(ATTN_CPU_ROWS, a.Tq - t0), rq = attn_round_up(nq, MR);
-    float* qb = scratch;       // (rq, D) this block's query rows
-    float* ob = qb + rq * D;   // (rq, D) and their output gradients dO
-    float* kt = ob + rq * D;   // (D, TILE) the key tile, transposed
-    float* vt = kt + D * T;    // (D, TILE) the value tile, transposed
-    float* kb = vt + D * T;    // (TILE, Dp) the key tile as rows
-    float* s = kb + T * Dp;    // (rq, TILE) scores, then dS (0 in the padding rows: their q is 0)
-    float* dp = s + rq * T;    // (rq, TILE) dO_t . v_j
-    float* dqb = dp + rq * T;  // (rq, Dp) dq of the block's rows
-    const size_t kend = a.causal ? attn_min_cpu(t0 + nq, a.Tk) : a.Tk, kbeg = attn_first_key_cpu(a, t0) / T * T;
-    if (kbeg >= kend) return;  // no row of the block sees a key here (documents): dq unchanged
-    size_t first[ATTN_CPU_ROWS];  // each row's first key
-    for (int r = 0; r < nq; r++) first[r] = attn_first_key_cpu(a, t0 + r);
-    attn_rows_cpu(qb, rq, D, a.q, t0, nq, a.Hq, h, D);
-    attn_rows_cpu(ob, rq, D, a.dout, t0, nq, a.Hq, h, D);
-    attn_rows_cpu(dqb, rq, Dp, a.dq, t0, nq, a.Hq, h, D);
-    for (size_t j0 = kbeg; j0 < kend; j0 += T) {
-        const int nk = (int)attn_min_cpu(T, kend - j0), nkp = attn_round_up(nk, NR);
-        attn_cols_cpu(kt, a.k, j0, nk, a.Hkv, hk, D);
-        attn_cols_cpu(vt, a.v, j0, nk, a.Hkv, hk, D);
-        attn_rows_cpu(kb, nk, Dp, a.k, j0, nk, a.Hkv, hk, D);
-        attn_mm<MR, NR, false>(s, T, qb, D, kt, T, rq, nkp, D);   // s = q_t . k_j
-        attn_mm<MR, NR, false>(dp, T, ob, D, vt, T, rq, nkp, D);  // dp = dO_t . v_j
-        for (int r = 0; r < nq; r++) {
-            const size_t t = t0 + r;
-            const int nv = attn_seen_cpu(a, t, j0, nk), lo = attn_lo_cpu(first[r], j0, nk);
-            const float L = a.lse_in[t * a.Hq + h], dl = a.delta[t * a.Hq + h];
-            float* sr = s + r * T;
-            const float* dpr = dp + r * T;
-            if (lo >= nv) {  // masked row
-                memset(sr, 0, nk * sizeof(float));
-                continue;
+// Backward, key tile kj of kv head hk (keys j0 .. j0+TILE-1): for each query head h of its group,
+// the query tiles in order (from the diagonal if causal), with P = e^(scale s - lse) and
+// dS = scale P (dO_t . v_j - delta_t):
+//   dv_j += sum_t P_tj dO_t,  dk_j += sum_t dS_tj q_t  (this tile's rows, summed here),
+//   dq_t += dS_tj k_j         (into group g's copy of dq).
+template <int MR, int NR, int TILE>
+static inline __attribute__((always_inline)) void attention_backward_key_tile(const AttnCpu& a, size_t kj, int hk,
+                                                                              int g, float* scratch) {
+    const int D = a.D, Dp = a.Dp, group = a.Hq / a.Hkv;
+    const size_t j0 = kj * TILE;
+    const int nk = (int)attn_min_cpu(TILE, a.Tk - j0), rk = attn_round_up(nk, MR);
+    const float* kr = a.kr + ((size_t)hk * a.ntk * TILE + j0) * Dp;  // (TILE, Dp) this tile's keys
+    const float* vr = a.vr + ((size_t)hk * a.ntk * TILE + j0) * Dp;  // (TILE, Dp) and values
+    float* pt = scratch;            // (TILE, TILE) s^T (key j by query t), then P^T
+    float* dst = pt + TILE * TILE;  // (TILE, TILE) dO_t . v_j, then dS^T
+    float* dkb = dst + TILE * TILE;  // (TILE, Dp) dk of the tile's keys
+    float* dvb = dkb + TILE * Dp;   // (TILE, Dp) dv
+    float* L = dvb + TILE * Dp;     // (TILE) the query tile's lse (+inf past the last query: P = 0)
+    float* dl = L + TILE;           // (TILE) and delta
+    // with documents (qdoc), the queries that see key j end at qend[j] (Tq without; non-decreasing
+    // in j): the query tiles from the last key's end on are skipped, and in the others P and dS
+    // are zeroed past each key's end
+    size_t qend[TILE];
+    for (int j = 0; j < nk; j++) qend[j] = attn_query_end_cpu(a, j0 + j);
+    const size_t ntq = a.qdoc ? (qend[nk - 1] + TILE - 1) / TILE : a.ntq;
+    attn_rows_cpu(dkb, TILE, Dp, a.dk, j0, nk, a.Hkv, hk, D);
+    attn_rows_cpu(dvb, TILE, Dp, a.dv, j0, nk, a.Hkv, hk, D);
+    for (int h = hk * group; h < (hk + 1) * group; h++) {
+        const float* qt = a.qt + (size_t)h * a.ntq * D * TILE;     // (ntq, D, TILE) this head's queries, transposed
+        const float* ot = a.ot + (size_t)h * a.ntq * D * TILE;     // (ntq, D, TILE) their dO, transposed
+        const float* qr = a.qr + (size_t)h * a.ntq * TILE * Dp;    // (ntq TILE, Dp) the queries as rows
+        const float* orr = a.orr + (size_t)h * a.ntq * TILE * Dp;  // (ntq TILE, Dp) dO as rows
+        float* dqg = a.dqg + ((size_t)g * a.Hq + h) * a.ntq * TILE * Dp;  // (ntq TILE, Dp) this group's dq
+        for (size_t qi = a.causal ? kj : 0; qi < ntq; qi++) {
+            const size_t q0 = qi * TILE;
+            const int nt = (int)attn_min_cpu(TILE, a.Tq - q0);
+            const bool diag = a.causal && qi == kj;  // query t sees key j only for t >= j
+            for (int c = 0; c < TILE; c++) {
+                L[c] = c < nt ? a.lse_in[(q0 + c) * a.Hq + h] : INFINITY;
+                dl[c] = c < nt ? a.delta[(q0 + c) * a.Hq + h] : 0.0f;
             }
+            attn_mm<MR, NR, false>(pt, TILE, kr, Dp, 1, qt + qi * D * TILE, TILE, rk, TILE, D);   // s_jt = k_j . q_t
+            attn_mm<MR, NR, false>(dst, TILE, vr, Dp, 1, ot + qi * D * TILE, TILE, rk, TILE, D);  // v_j . dO_t
+            for (int j = 0; j < rk; j++) {  // (rows nk .. rk: zero keys, P set to 0)
+                float* pj = pt + j * TILE;
+                float* dj = dst + j * TILE;
+                const int lo = j >= nk ? TILE : diag ? j : 0;  // the first query that sees key j
 #pragma omp simd
-            for (int c = 0; c < nk; c++)
-                sr[c] = c >= lo && c < nv ? attn_exp(sr[c] * a.scale - L) * (dpr[c] - dl) * a.scale : 0.0f;
+                for (int c = 0; c < TILE; c++) {
+                    const float p = c >= lo ? attn_exp(pj[c] * a.scale - L[c]) : 0.0f;
+                    pj[c] = p;
+                    dj[c] = p * (dj[c] - dl[c]) * a.scale;
+                }
+                if (j < nk && qend[j] < q0 + nt) {  // documents: queries from qend[j] on do not see key j
+                    const int hi = qend[j] > q0 ? (int)(qend[j] - q0) : 0;
+                    memset(pj + hi, 0, (TILE - hi) * sizeof(float));
+                    memset(dj + hi, 0, (TILE - hi) * sizeof(float));
+                }
+            }
+            attn_mm<MR, NR, true>(dvb, Dp, pt, TILE, 1, orr + q0 * Dp, Dp, rk, Dp, nt);   // dv_j += P_tj dO_t
+            attn_mm<MR, NR, true>(dkb, Dp, dst, TILE, 1, qr + q0 * Dp, Dp, rk, Dp, nt);   // dk_j += dS_tj q_t
+            attn_mm<MR, NR, true>(dqg + q0 * Dp, Dp, dst, 1, TILE, kr, Dp, TILE, Dp, nk);  // dq_t += dS_tj k_j
         }
-        attn_mm<MR, NR, true>(dqb, Dp, s, T, kb, Dp, rq, Dp, nk);  // dq_t += dS_tj k_j
     }
-    for (int r = 0; r < nq; r++) memcpy(a.dq + ((t0 + r) * a.Hq + h) * D, dqb + r * Dp, D * sizeof(float));
-}
-
-// Backward, second pass: dk, dv for key rows j0 .. j0+ROWS-1 of kv head hk; for each query head
-// h of its group, then query tiles in order (queries t >= j if causal):
-//   dv_j += sum_t P_tj dO_t,   dk_j += scale sum_t P_tj (dO_t.v_j - delta_t) q_t.
-template <int MR, int NR>
-static inline __attribute__((always_inline)) void attention_backward_dkdv_rows(const AttnCpu& a, size_t j0, int hk,
-                                                                               float* scratch) {
-    const int D = a.D, Dp = attn_round_up(D, NR), group = a.Hq / a.Hkv, T = ATTN_CPU_TILE;
-    const int nk = (int)attn_min_cpu(ATTN_CPU_ROWS, a.Tk - j0), rk = attn_round_up(nk, MR);
-    float* kb = scratch;       // (rk, D) this block's key rows
-    float* vb = kb + rk * D;   // (rk, D) and value rows
-    float* qt = vb + rk * D;   // (D, TILE) the query tile, transposed
-    float* ot = qt + D * T;    // (D, TILE) its output gradients dO, transposed
-    float* qr = ot + D * T;    // (TILE, Dp) the query tile as rows
-    float* orr = qr + T * Dp;  // (TILE, Dp) dO as rows
-    float* p = orr + T * Dp;   // (rk, TILE) P^T: key row j, query column t (0 in the padding rows)
-    float* ds = p + rk * T;    // (rk, TILE) dO_t . v_j, then dS^T
-    float* dkb = ds + rk * T;  // (rk, Dp) dk of the block's rows
-    float* dvb = dkb + rk * Dp;  // (rk, Dp) dv
-    float* L = dvb + rk * Dp;  // (TILE) the tile's lse
-    float* dl = L + T;         // (TILE) and delta
-    // with documents, the queries that see key row r end at qend[r] (non-decreasing in r), so
-    // the query tiles past the last row's end are skipped
-    size_t qend[ATTN_CPU_ROWS];
-    for (int r = 0; r < nk; r++) qend[r] = attn_query_end_cpu(a, j0 + r);
-    const size_t qstop = qend[nk - 1];
-    if (qstop <= (a.causal ? j0 : 0)) return;  // no query sees these keys: dk, dv unchanged
-    attn_rows_cpu(kb, rk, D, a.k, j0, nk, a.Hkv, hk, D);
-    attn_rows_cpu(vb, rk, D, a.v, j0, nk, a.Hkv, hk, D);
-    attn_rows_cpu(dkb, rk, Dp, a.dk, j0, nk, a.Hkv, hk, D);
-    attn_rows_cpu(dvb, rk, Dp, a.dv, j0, nk, a.Hkv, hk, D);
-    for (int h = hk * group; h < (hk + 1) * group; h++)
-        for (size_t q0 = a.causal ? j0 : 0; q0 < qstop; q0 += T) {
-            const int nt = (int)attn_min_cpu(T, a.Tq - q0), ntp = attn_round_up(nt, NR);
-            attn_cols_cpu(qt, a.q, q0, nt, a.Hq, h, D);
-            attn_cols_cpu(ot, a.dout, q0, nt, a.Hq, h, D);
-            attn_rows_cpu(qr, nt, Dp, a.q, q0, nt, a.Hq, h, D);
-            attn_rows_cpu(orr, nt, Dp, a.dout, q0, nt, a.Hq, h, D);
-            for (int c = 0; c < nt; c++) L[c] = a.lse_in[(q0 + c) * a.Hq + h], dl[c] = a.delta[(q0 + c) * a.Hq + h];
-            attn_mm<MR, NR, false>(p, T, kb, D, qt, T, rk, ntp, D);   // p = k_j . q_t
-            attn_mm<MR, NR, false>(ds, T, vb, D, ot, T, rk, ntp, D);  // ds = v_j . dO_t
-            for (int r = 0; r < nk; r++) {
-                const size_t j = j0 + r;
-                const int lo = a.causal && j > q0 ? (int)attn_min_cpu(j - q0, nt) : 0;  // first query seeing j
-                const int hi = qend[r] > q0 ? (int)attn_min_cpu(qend[r] - q0, nt) : 0;  // and the end
-                float* pr = p + r * T;
-                float* dsr = ds + r * T;
-                if (lo >= hi) {  // masked row
-                    memset(pr, 0, nt * sizeof(float));
-                    memset(dsr, 0, nt * sizeof(float));
-                    continue;
-                }
-#pragma omp simd
-                for (int c = 0; c < nt; c++) {
-                    const float pc = c >= lo && c < hi ? attn_exp(pr[c] * a.scale - L[c]) : 0.0f;
-                    pr[c] = pc;
-                    dsr[c] = pc * (dsr[c] - dl[c]) * a.scale;
-                }
-            }
-            attn_mm<MR, NR, true>(dvb, Dp, p, T, orr, Dp, rk, Dp, nt);  // dv_j += P_tj dO_t
-            attn_mm<MR, NR, true>(dkb, Dp, ds, T, qr, Dp, rk, Dp, nt);  // dk_j += dS_tj q_t
-        }
     for (int r = 0; r < nk; r++) {
         memcpy(a.dk + ((j0 + r) * a.Hkv + hk) * D, dkb + r * Dp, D * sizeof(float));
         memcpy(a.dv + ((j0 + r) * a.Hkv + hk) * D, dvb + r * Dp, D * sizeof(float));
     }
 }
+// One backward task: group g of kv head hk, its key tiles g, g + G, g + 2G, ... in order.
+template <int MR, int NR, int TILE>
+static inline __attribute__((always_inline)) void attention_backward_group(const AttnCpu& a, size_t g, int hk,
+                                                                           float* scratch) {
+    for (size_t kj = g; kj < a.ntk; kj += a.groups) attention_backward_key_tile<MR, NR, TILE>(a, kj, hk, (int)g, scratch);
+}
 
-// The three block functions once per instruction set with its register block (MR x NR as in
-// ops.cuh's gemm_tile variants), and a parallel loop over (block, head) tasks that calls the one
-// this CPU runs.
-typedef void (*AttnRowsFn)(const AttnCpu&, size_t, int, float*);
-#define ATTN_CPU_VARIANTS(BODY)                                                                              \
-    static void BODY##_base(const AttnCpu& a, size_t r0, int h, float* s) { BODY<4, 16>(a, r0, h, s); }      \
-    ATTN_CPU_SIMD_VARIANTS(BODY)                                                                              \
-    static inline AttnRowsFn BODY##_pick() { return ATTN_CPU_PICK(BODY); }
+// The two task functions once per instruction set with its register block (MR x NR as in
+// ops.cuh's gemm_tile variants) and tile, and the set this CPU runs (cpu_simd).
+typedef void (*AttnTaskFn)(const AttnCpu&, size_t, int, float*);
+struct AttnCpuKernels {
+    AttnTaskFn forward, backward;
+    int nr, tile;
+};
+#define ATTN_CPU_KERNELS(SET, ATTR, MR, NR, TILE)                                                                 \
+    static_assert(TILE % MR == 0 && TILE % NR == 0 && TILE % 16 == 0, "a tile is whole register blocks both ways");                  \
+    ATTR static void attention_forward_tile_##SET(const AttnCpu& a, size_t i, int h, float* s) {                   \
+        attention_forward_tile<MR, NR, TILE>(a, i, h, s);                                                          \
+    }                                                                                                              \
+    ATTR static void attention_backward_group_##SET(const AttnCpu& a, size_t g, int hk, float* s) {                \
+        attention_backward_group<MR, NR, TILE>(a, g, hk, s);                                                       \
+    }                                                                                                              \
+    static const AttnCpuKernels attn_cpu_##SET = {attention_forward_tile_##SET, attention_backward_group_##SET, NR, \
+                                                  TILE};
+ATTN_CPU_KERNELS(base, , 4, 16, 64)
 #ifdef CPU_SIMD_VARIANTS
-#define ATTN_CPU_SIMD_VARIANTS(BODY)                                                                          \
-    CPU_AVX512 static void BODY##_avx512(const AttnCpu& a, size_t r0, int h, float* s) { BODY<8, 32>(a, r0, h, s); } \
-    CPU_AVX2 static void BODY##_avx2(const AttnCpu& a, size_t r0, int h, float* s) { BODY<6, 16>(a, r0, h, s); }
-#define ATTN_CPU_PICK(BODY) cpu_simd() == 2 ? BODY##_avx512 : cpu_simd() == 1 ? BODY##_avx2 : BODY##_base
-#else
-#define ATTN_CPU_SIMD_VARIANTS(BODY)
-#define ATTN_CPU_PICK(BODY) BODY##_base
+ATTN_CPU_KERNELS(avx512, CPU_AVX512, 8, 32, 64)
+ATTN_CPU_KERNELS(avx2, CPU_AVX2, 6, 16, 48)
 #endif
-ATTN_CPU_VARIANTS(attention_forward_rows)
-ATTN_CPU_VARIANTS(attention_backward_dq_rows)
-ATTN_CPU_VARIANTS(attention_backward_dkdv_rows)
+static inline const AttnCpuKernels& attn_cpu_kernels() {
+#ifdef CPU_SIMD_VARIANTS
+    return cpu_simd() == 2 ? attn_cpu_avx512 : cpu_simd() == 1 ? attn_cpu_avx2 : attn_cpu_base;
+#else
+    return attn_cpu_base;
+#endif
+}
 
-// rows (T) in blocks of ATTN_CPU_ROWS, times H heads: one task each, scheduled dynamically
-// (causal blocks near the end have more keys), each thread with its own scratch
-static inline void attn_cpu_run(AttnRowsFn rows, const AttnCpu& a, size_t T, int H) {
-    const size_t nb = (T + ATTN_CPU_ROWS - 1) / ATTN_CPU_ROWS;
-    if (nb == 0 || H <= 0) return;
+// n tasks (i, h) for i < n / H, h < H, scheduled dynamically from the last i (in a causal call
+// the last query tiles, and the first key-tile groups, are the longest), each thread with its own
+// scratch: the larger of the forward's and the backward's.
+static inline void attn_cpu_run(AttnTaskFn task, const AttnCpu& a, size_t n_i, int H, bool last_first) {
+    if (n_i == 0 || H <= 0) return;
+    const size_t T = attn_cpu_kernels().tile;
+    const size_t scratch_floats = 2 * T * T + 2 * T * a.Dp + 5 * T;
 #pragma omp parallel
     {
-        std::vector<float> scratch(attn_cpu_scratch(a.D));
+        std::vector<float> scratch(scratch_floats);
 #pragma omp for schedule(dynamic)
-        for (size_t i = 0; i < nb * H; i++) rows(a, (nb - 1 - i / H) * ATTN_CPU_ROWS, (int)(i % H), scratch.data());
+        for (size_t n = 0; n < n_i * H; n++)
+            task(a, last_first ? n_i - 1 - n / H : n / H, (int)(n % H), scratch.data());
     }
+}
+
+// The call's shapes, for the set in use: its tile, and Dp = D rounded up to its NR.
+static inline AttnCpu attn_cpu_args(size_t Tq, size_t Tk, int Hq, int Hkv, int D, bool causal) {
+    if (causal && Tq != Tk) fatal("attention: a causal block pairs a chunk with itself; Tq %zu != Tk %zu", Tq, Tk);
+    const AttnCpuKernels& kern = attn_cpu_kernels();
+    AttnCpu a = {};
+    a.Tq = Tq, a.Tk = Tk, a.ntq = (Tq + kern.tile - 1) / kern.tile, a.ntk = (Tk + kern.tile - 1) / kern.tile;
+    a.Hq = Hq, a.Hkv = Hkv, a.D = D, a.Dp = attn_round_up(D, kern.nr);
+    a.causal = causal, a.scale = 1.0f / sqrtf((float)D);
+    return a;
 }
 
 // One (q_i, k_j, v_j) block, merged into the running (o, lse). Before the first block of a query
 // chunk o must be 0 and lse -INFINITY. lse' = log(e^lse + e^lse_b), o' = o e^(lse - lse') +
-// o_b e^(lse_b - lse'), with (o_b, lse_b) this block's attention (attention_forward_rows).
+// o_b e^(lse_b - lse'), with (o_b, lse_b) this block's attention (attention_forward_tile).
 // qdoc, k0: packed documents (the file's header); rows that see no key here are left as they are.
 static inline void attention_forward_cpu(float* o, float* lse, const float* q, const float* k, const float* v,
                                          size_t Tq, size_t Tk, int Hq, int Hkv, int D, bool causal,
                                          const int32_t* qdoc = nullptr, size_t k0 = 0) {
-    AttnCpu a = {};
+    if (Tq == 0 || Tk == 0) return;
+    AttnCpu a = attn_cpu_args(Tq, Tk, Hq, Hkv, D, causal);
     a.o = o, a.lse = lse, a.q = q, a.k = k, a.v = v, a.qdoc = qdoc, a.k0 = k0;
-    a.Tq = Tq, a.Tk = Tk, a.Hq = Hq, a.Hkv = Hkv, a.D = D, a.causal = causal, a.scale = 1.0f / sqrtf((float)D);
-    attn_cpu_run(attention_forward_rows_pick(), a, Tq, Hq);
+    const int T = attn_cpu_kernels().tile;
+    std::vector<float> qt(Hq * a.ntq * T * D), kr(Hkv * a.ntk * T * a.Dp), vr(kr.size());
+    attn_pack_cols(qt.data(), q, Tq, Hq, D, T);         // (Hq, ntq, D, TILE)
+    attn_pack_rows(kr.data(), a.Dp, k, Tk, Hkv, D, T);  // (Hkv, ntk TILE, Dp)
+    attn_pack_rows(vr.data(), a.Dp, v, Tk, Hkv, D, T);  // (Hkv, ntk TILE, Dp)
+    a.qt = qt.data(), a.kr = kr.data(), a.vr = vr.data();
+    attn_cpu_run(attn_cpu_kernels().forward, a, a.ntq, Hq, true);
 }
 
 // delta (Tq, Hq) = rowsum(dO * O), once per query chunk before its backward blocks.
@@ -381,17 +410,38 @@ static inline void attention_delta_cpu(float* delta, const float* dout, const fl
 
 // Backward of one block. With P = exp(S - lse) and dS = P (dO V^T - delta):
 //   dq (Tq, Hq, D) += scale dS K;   dk (Tk, Hkv, D) += scale dS^T Q;   dv (Tk, Hkv, D) += P^T dO.
-// Two passes, each parallel over what it writes (query blocks, then key blocks), so no atomics.
+// One pass over the key tiles (attention_backward_key_tile), then dq += its groups' sums in order.
 static inline void attention_backward_cpu(float* dq, float* dk, float* dv, const float* dout, const float* q,
                                           const float* k, const float* v, const float* lse, const float* delta,
                                           size_t Tq, size_t Tk, int Hq, int Hkv, int D, bool causal,
                                           const int32_t* qdoc = nullptr, size_t k0 = 0) {
-    AttnCpu a = {};
+    if (Tq == 0 || Tk == 0) return;
+    AttnCpu a = attn_cpu_args(Tq, Tk, Hq, Hkv, D, causal);
     a.dq = dq, a.dk = dk, a.dv = dv, a.dout = dout, a.q = q, a.k = k, a.v = v, a.lse_in = lse, a.delta = delta;
     a.qdoc = qdoc, a.k0 = k0;
-    a.Tq = Tq, a.Tk = Tk, a.Hq = Hq, a.Hkv = Hkv, a.D = D, a.causal = causal, a.scale = 1.0f / sqrtf((float)D);
-    attn_cpu_run(attention_backward_dq_rows_pick(), a, Tq, Hq);
-    attn_cpu_run(attention_backward_dkdv_rows_pick(), a, Tk, Hkv);
+    const int T = attn_cpu_kernels().tile, Dp = a.Dp;
+    a.groups = (int)attn_min_cpu(ATTN_CPU_DQ_GROUPS, a.ntk);
+    const size_t rows_q = a.ntq * T;  // query rows of the copies, padded to whole tiles
+    std::vector<float> qt(Hq * rows_q * D), ot(qt.size()), qr(Hq * rows_q * Dp), orr(qr.size());
+    std::vector<float> kr(Hkv * a.ntk * T * Dp), vr(kr.size()), dqg(a.groups * Hq * rows_q * Dp, 0.0f);
+    attn_pack_cols(qt.data(), q, Tq, Hq, D, T);             // (Hq, ntq, D, TILE)
+    attn_pack_cols(ot.data(), dout, Tq, Hq, D, T);          // (Hq, ntq, D, TILE)
+    attn_pack_rows(qr.data(), Dp, q, Tq, Hq, D, T);         // (Hq, ntq TILE, Dp)
+    attn_pack_rows(orr.data(), Dp, dout, Tq, Hq, D, T);     // (Hq, ntq TILE, Dp)
+    attn_pack_rows(kr.data(), Dp, k, Tk, Hkv, D, T);        // (Hkv, ntk TILE, Dp)
+    attn_pack_rows(vr.data(), Dp, v, Tk, Hkv, D, T);        // (Hkv, ntk TILE, Dp)
+    a.qt = qt.data(), a.ot = ot.data(), a.qr = qr.data(), a.orr = orr.data(), a.kr = kr.data(), a.vr = vr.data();
+    a.dqg = dqg.data();
+    attn_cpu_run(attn_cpu_kernels().backward, a, a.groups, Hkv, false);
+#pragma omp parallel for schedule(static)
+    for (size_t r = 0; r < Tq * Hq; r++) {  // dq row (t, h) += its groups' sums, group by group
+        const size_t t = r / Hq, h = r % Hq;
+        float* out = dq + r * D;
+        for (int g = 0; g < a.groups; g++) {
+            const float* part = a.dqg + (((size_t)g * Hq + h) * rows_q + t) * Dp;
+            for (int d = 0; d < D; d++) out[d] += part[d];
+        }
+    }
 }
 
 // ----------------------------------------------------------------------------
@@ -408,14 +458,35 @@ static inline void attention_backward_cpu(float* dq, float* dk, float* dv, const
 // kept in registers: DPL = D/32 rounded up to a power of two values per lane, a template
 // parameter so the slice is a register array (DPL <= 16 because D <= 512).
 // Tiles are stored with an odd row pitch (D | 1), so lane i reading row i hits 32 distinct banks.
-// The backward kernels visit keys in order for dq and heads, then queries in order for dk/dv, as
-// the CPU blocks do, starting from the values already in dq, dk, dv; the CPU sums each tile's
-// share in registers before adding it, so the two agree to rounding, not bit for bit.
-#ifdef __CUDACC__
-
+// The backward kernels visit keys in order for dq and heads, then queries in order for dk/dv,
+// starting from the values already in dq, dk, dv. The CPU makes one pass over key tiles, sums
+// each tile's share in registers before adding it, and sums dq per group of key tiles first, so
+// the two agree to rounding, not bit for bit.
 #define ATTN_ROWS 8   // warps per block = output rows per block
 #define ATTN_TILE 32  // rows per shared-memory tile: one per lane for the scores
 
+// Shared memory of one block (bytes) for head size D: the forward kernel's (its query rows, a key
+// and a value tile) and the backward kernels' (the larger of the two: the dk/dv kernel's rows,
+// two tiles and the tile's lse and delta). Past 48 KiB a kernel must opt in, up to what the GPU
+// allows per block: 163 KiB on sm_80, 99 KiB on sm_86 and sm_89, 227 KiB on sm_90.
+static inline size_t attn_fwd_smem(int D) { return (ATTN_ROWS * D + 2 * ATTN_TILE * (D | 1)) * sizeof(float); }
+static inline size_t attn_bwd_smem(int D) {
+    return (2 * ATTN_ROWS * D + 2 * ATTN_TILE * (D | 1) + 2 * ATTN_TILE) * sizeof(float);
+}
+// "" when the attention kernels for head size D fit a GPU (named `gpu`) that allows `limit` bytes
+// of shared memory per block, else one line saying so, with the largest head size that fits.
+static inline std::string attention_smem_check(int D, size_t limit, const std::string& gpu) {
+    if (attn_bwd_smem(D) <= limit) return "";
+    int fits = 0;
+    for (int e = 2; e <= 512; e += 2)
+        if (attn_bwd_smem(e) <= limit) fits = e;
+    char b[256];
+    snprintf(b, sizeof b, "head size %d: the GPU attention kernels need %.1f KiB of shared memory per block, and %s "
+             "allows %.1f KiB (head sizes up to %d fit here)", D, attn_bwd_smem(D) / 1024.0, gpu.c_str(), limit / 1024.0, fits);
+    return b;
+}
+
+#ifdef __CUDACC__
 static __device__ __forceinline__ float attn_warp_sum(float x) {
     for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
     return x;  // the butterfly leaves the same bits in every lane
@@ -540,10 +611,33 @@ static inline int attn_dpl(int D) {
     while (dpl * 32 < D) dpl *= 2;
     return dpl;
 }
+// The shared memory per block this process's GPU allows kernels that opt in (asked once per device).
+static inline size_t attn_smem_limit() {
+    static int device = -1, limit = 0;
+    int d = 0;
+    CUDA_CHECK(cudaGetDevice(&d));
+    if (d != device) {
+        CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, d));
+        device = d;
+    }
+    return (size_t)limit;
+}
+// "" when this process's GPU runs the attention kernels for head size D, else why not (model_create
+// asks at the start of a run; every attention call checks it too, before a launch could fail)
+static inline std::string attention_gpu_fits(int D) {
+    if (attn_bwd_smem(D) <= 48 * 1024) return "";  // every GPU since sm_35 allows that much
+    int d = 0;
+    CUDA_CHECK(cudaGetDevice(&d));
+    cudaDeviceProp p;
+    CUDA_CHECK(cudaGetDeviceProperties(&p, d));
+    return attention_smem_check(D, attn_smem_limit(), std::string(p.name) + " (sm_" + std::to_string(p.major) +
+                                                          std::to_string(p.minor) + ")");
+}
 static inline void attn_check(const char* what, int Hq, int Hkv, int D) {
     if (D < 1 || D > 512 || Hq < 1 || Hkv < 1 || Hq % Hkv)
         fatal("%s: head size %d must be in 1..512 and the query heads (%d) a multiple of the kv heads (%d)", what,
               D, Hq, Hkv);
+    if (attn_bwd_smem(D) > 48 * 1024 && attn_bwd_smem(D) > attn_smem_limit()) fatal("%s: %s", what, attention_gpu_fits(D).c_str());
 }
 // Launches kernel<DPL> with ATTN_ROWS warps and `smem` bytes of dynamic shared memory (opting in
 // past the default 48 KiB: D = 512 needs about 160 KiB).
@@ -568,7 +662,7 @@ static inline void attention_forward_gpu(cudaStream_t stream, float* o, float* l
                                          const int32_t* qdoc = nullptr, size_t k0 = 0) {
     attn_check("attention_forward_gpu", Hq, Hkv, D);
     if (Tq == 0 || Tk == 0) return;
-    const size_t smem = (ATTN_ROWS * D + 2 * ATTN_TILE * (D | 1)) * sizeof(float);
+    const size_t smem = attn_fwd_smem(D);
     const dim3 grid(ceil_div(Tq, ATTN_ROWS), Hq);
     ATTN_DISPATCH(D, attention_forward_kernel, grid, smem, stream, o, lse, q, k, v, Tq, Tk, Hq, Hkv, D, causal,
                   1.0f / sqrtf((float)D), qdoc, k0);
@@ -595,7 +689,7 @@ static inline void attention_delta_gpu(cudaStream_t stream, float* delta, const 
 
 // Backward, first pass, for query rows t (one per warp) of head h, keys j in order:
 //   dq_t += scale sum_j P_tj (dO_t.v_j - delta_t) k_j,  P_tj = e^(scale q_t.k_j - lse_t).
-// CPU twin: attention_backward_cpu (its first loop). Grid (Tq / ATTN_ROWS, Hq).
+// CPU twin: attention_backward_cpu (its dq). Grid (Tq / ATTN_ROWS, Hq).
 template <int DPL>
 static __global__ void attention_backward_dq_kernel(float* dq, const float* dout, const float* q, const float* k,
                                              const float* v, const float* lse, const float* delta, size_t Tq,
@@ -657,7 +751,7 @@ static __global__ void attention_backward_dq_kernel(float* dq, const float* dout
 // Backward, second pass, for key rows j (one per warp) of kv head hk; for each query head h of
 // its group, then query rows t in order (t >= j if causal):
 //   dv_j += sum P_tj dO_t,   dk_j += scale sum P_tj (dO_t.v_j - delta_t) q_t.
-// CPU twin: attention_backward_cpu (its second loop). Grid (Tk / ATTN_ROWS, Hkv).
+// CPU twin: attention_backward_cpu (its dk and dv). Grid (Tk / ATTN_ROWS, Hkv).
 template <int DPL>
 static __global__ void attention_backward_dkdv_kernel(float* dk, float* dv, const float* dout, const float* q,
                                                const float* k, const float* v, const float* lse, const float* delta,
@@ -741,7 +835,7 @@ static inline void attention_backward_gpu(cudaStream_t stream, float* dq, float*
     attn_check("attention_backward_gpu", Hq, Hkv, D);
     if (Tq == 0 || Tk == 0) return;
     const float scale = 1.0f / sqrtf((float)D);
-    const size_t smem = (2 * ATTN_ROWS * D + 2 * ATTN_TILE * (D | 1) + 2 * ATTN_TILE) * sizeof(float);
+    const size_t smem = attn_bwd_smem(D);
     ATTN_DISPATCH(D, attention_backward_dq_kernel, dim3(ceil_div(Tq, ATTN_ROWS), Hq), smem, stream, dq, dout, q, k,
                   v, lse, delta, Tq, Tk, Hq, Hkv, D, causal, scale, qdoc, k0);
     ATTN_DISPATCH(D, attention_backward_dkdv_kernel, dim3(ceil_div(Tk, ATTN_ROWS), Hkv), smem, stream, dk, dv,

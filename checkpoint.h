@@ -38,6 +38,7 @@ struct CkptShard {
 };
 struct Manifest {
     uint64_t step = 0, total_steps = 0, seed = 0, seq = 0, n_params = 0;
+    uint64_t batch = 1;  // --batch: sequences per step (a manifest without the line was made with 1)
     Config cfg = {};
     std::string source;  // DataSource::identity(); "none" for an imported model
     int optimizer = 1;   // 1: shards hold params, m, v; 0: params only
@@ -66,11 +67,12 @@ static inline std::string ckpt_float(float x) {
 }
 static inline const char* rope_scaling_name(int s) { return s == ROPE_LINEAR ? "linear" : s == ROPE_LLAMA3 ? "llama3" : "none"; }
 
-// The fields before the shard lines, in order, as text.
-static inline std::vector<std::pair<std::string, std::string>> manifest_fields(const Manifest& m) {
+// The fields before the shard lines, in order, as text. data.batch is written only when it is not
+// 1 (so a run without --batch writes what earlier versions wrote); with all, always (comparisons).
+static inline std::vector<std::pair<std::string, std::string>> manifest_fields(const Manifest& m, bool all = false) {
     const Config& c = m.cfg;
     auto s = [](uint64_t v) { return std::to_string(v); };
-    return {{"fpdt-checkpoint", "2"},
+    std::vector<std::pair<std::string, std::string>> f = {{"fpdt-checkpoint", "2"},
             {"step", s(m.step)},
             {"total_steps", s(m.total_steps)},
             {"seed", s(m.seed)},
@@ -93,9 +95,14 @@ static inline std::vector<std::pair<std::string, std::string>> manifest_fields(c
             {"model.rope_original_max_pos", s(c.rope_original_max_pos)},
             {"data.seq", s(m.seq)},
             {"data.source", m.source},
+            {"data.batch", s(m.batch)},
             {"n_params", s(m.n_params)},
             {"optimizer", s(m.optimizer)},
             {"shards", s(m.shards.size())}};
+    if (m.batch == 1 && !all)
+        for (size_t i = 0; i < f.size(); i++)
+            if (f[i].first == "data.batch") f.erase(f.begin() + i);
+    return f;
 }
 
 static inline std::string manifest_text(const Manifest& m) {
@@ -115,7 +122,7 @@ static inline std::string manifest_text(const Manifest& m) {
 // "FIELD: OLD vs NEW" pieces; empty when they agree.
 static inline bool manifest_identity_differs(const Manifest& a, const Manifest& b, std::string* field,
                                              std::string* va, std::string* vb) {
-    auto fa = manifest_fields(a), fb = manifest_fields(b);
+    auto fa = manifest_fields(a, true), fb = manifest_fields(b, true);
     for (size_t i = 0; i < fa.size(); i++) {
         const std::string& k = fa[i].first;
         const bool identity = k == "total_steps" || k == "seed" || k.rfind("model.", 0) == 0 || k.rfind("data.", 0) == 0;
@@ -233,6 +240,7 @@ static inline std::string parse_manifest(const std::string& text, const std::str
     for (char ch : val)
         if ((unsigned char)ch < 0x20 || ch == 0x7f) return bad("data.source", "printable characters");
     m->source = val;
+    if (li < lines.size() && lines[li].rfind("data.batch ", 0) == 0) CKPT_U64("data.batch", 1, 1 << 30, m->batch);  // older manifests: 1
     CKPT_U64("n_params", 1, (uint64_t)1 << 40, m->n_params);
     size_t count = 0;
     param_table(c, &count);
@@ -270,23 +278,9 @@ static inline std::string parse_manifest(const std::string& text, const std::str
 }
 
 // ----------------------------------------------------------------------------
-// Files: checked to be regular files (stat) before they are opened, so a FIFO or a device in their
-// place is an error, never a hang.
-
-// Opens a regular file for reading; *size its length. Returns "" or what is wrong.
-static inline std::string ckpt_open_regular(const std::string& path, int* fd, uint64_t* size) {
-    struct stat st;
-    if (stat(path.c_str(), &st) != 0) return path + ": " + strerror(errno);
-    if (!S_ISREG(st.st_mode)) return path + ": not a regular file";
-    *fd = open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);  // O_NONBLOCK: a FIFO swapped in cannot block
-    if (*fd < 0) return path + ": cannot open: " + strerror(errno);
-    if (fstat(*fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-        close(*fd);
-        return path + ": not a regular file";
-    }
-    *size = (uint64_t)st.st_size;
-    return "";
-}
+// Files. A checkpoint is a directory of regular files that fpdt wrote: every file in it is opened
+// with common.h's open_regular without following a symbolic link, so a FIFO, a device or a link
+// in its place is an error (the checkpoint is skipped), never a hang or a read from elsewhere.
 
 static inline bool ckpt_read_all(int fd, void* buf, size_t n) {
     char* p = (char*)buf;
@@ -309,12 +303,15 @@ static inline bool ckpt_write_all(int fd, const void* buf, size_t n) {
     return true;
 }
 
-// Reads and checks DIR/manifest.txt.
-static inline std::string read_manifest(const std::string& dir, Manifest* m) {
+static inline bool ckpt_parse_name(const std::string& name, uint64_t* step);
+
+// Reads and checks DIR/manifest.txt. With check_name, a directory named ckpt_<step> must hold the
+// manifest of that step (a copy or a rename of another step's checkpoint is not taken for it).
+static inline std::string read_manifest(const std::string& dir, Manifest* m, bool check_name = true) {
     const std::string path = dir + "/manifest.txt";
     int fd = -1;
     uint64_t size = 0;
-    std::string err = ckpt_open_regular(path, &fd, &size);
+    std::string err = open_regular(path, Open::Read, false, &fd, &size);
     if (!err.empty()) return err;
     if (size > ((uint64_t)64 << 20)) {
         close(fd);
@@ -324,7 +321,13 @@ static inline std::string read_manifest(const std::string& dir, Manifest* m) {
     const bool ok = ckpt_read_all(fd, &text[0], size);
     close(fd);
     if (!ok) return path + ": read failed";
-    return parse_manifest(text, path, m);
+    if (!(err = parse_manifest(text, path, m)).empty()) return err;
+    uint64_t named;
+    const std::string base = dir.substr(dir.find_last_of('/') == std::string::npos ? 0 : dir.find_last_of('/') + 1);
+    if (check_name && ckpt_parse_name(base, &named) && named != m->step)
+        return dir + ": its manifest is of step " + std::to_string(m->step) + ", its name says step " + std::to_string(named) +
+               " (a copy or a rename of another checkpoint?)";
+    return "";
 }
 
 static inline std::string ckpt_shard_path(const std::string& dir, size_t r) { return dir + "/shard_" + std::to_string(r) + ".bin"; }
@@ -334,8 +337,8 @@ static inline std::string check_shard_sizes(const std::string& dir, const Manife
     for (size_t r = 0; r < m.shards.size(); r++) {
         const std::string p = ckpt_shard_path(dir, r);
         struct stat st;
-        if (stat(p.c_str(), &st) != 0) return p + ": " + strerror(errno);
-        if (!S_ISREG(st.st_mode)) return p + ": not a regular file";
+        if (lstat(p.c_str(), &st) != 0) return p + ": " + strerror(errno);
+        if (!S_ISREG(st.st_mode)) return p + ": not a regular file (" + file_kind(st.st_mode) + ")";
         const uint64_t want = ckpt_shard_bytes(m, m.shards[r]);
         if ((uint64_t)st.st_size != want)
             return p + ": " + std::to_string(st.st_size) + " bytes, expected " + std::to_string(want) + " (truncated?)";
@@ -351,6 +354,11 @@ static inline std::string read_checkpoint_state(const std::string& dir, const Ma
                                                 std::vector<float>* m, std::vector<float>* v) {
     std::string err = check_shard_sizes(dir, man);
     if (!err.empty()) return err;
+    // the sizes come from the manifest (forged, the shards can be sparse files of any size)
+    const double bytes = ((double)(p_hi - p_lo) + 2.0 * (double)(m_hi - m_lo)) * sizeof(float) + (1 << 20);
+    if (!(err = check_host_bytes(dir + ": loading " + std::to_string(p_hi - p_lo) + " parameters" +
+                                 (m_hi > m_lo ? " and their AdamW moments" : ""), bytes)).empty())
+        return err;
     params->assign(p_hi - p_lo, 0.0f);
     m->assign(m_hi - m_lo, 0.0f);
     v->assign(m_hi - m_lo, 0.0f);
@@ -361,7 +369,7 @@ static inline std::string read_checkpoint_state(const std::string& dir, const Ma
         const std::string p = ckpt_shard_path(dir, r);
         int fd = -1;
         uint64_t size = 0;
-        if (!(err = ckpt_open_regular(p, &fd, &size)).empty()) return err;
+        if (!(err = open_regular(p, Open::Read, false, &fd, &size)).empty()) return err;
         if (size != ckpt_shard_bytes(man, s)) {
             close(fd);
             return p + ": changed size while being read";
@@ -399,7 +407,7 @@ static inline std::string read_checkpoint_state(const std::string& dir, const Ma
 // This rank's slice [lo, hi) of the flat arrays (the one it writes), downloaded: params, m, v.
 static inline void ckpt_params_slice_host(Model* M, uint64_t lo, uint64_t hi, std::vector<float>* w, std::vector<float>* m,
                                           std::vector<float>* v) {
-    const uint64_t k = hi - lo, mo = M->run.zero ? lo - (uint64_t)M->run.rank * M->shard_n : lo;  // offset in opt_m/opt_v
+    const uint64_t k = hi - lo, mo = M->run.zero ? lo - (uint64_t)M->run.world_rank * M->shard_n : lo;  // offset in opt_m/opt_v
     w->resize(k), m->resize(k), v->resize(k);
     if (!k) return;
     dev_download(&M->ctx, w->data(), M->params + (M->run.zero >= 3 ? mo : lo), k * sizeof(float));  // ZeRO-3: the shard
@@ -422,7 +430,7 @@ static inline void ckpt_model_to_host(Model* M, std::vector<float>* w, std::vect
 static inline void ckpt_load_ranges(const Model* M, uint64_t* p_lo, uint64_t* p_hi, uint64_t* m_lo, uint64_t* m_hi) {
     const uint64_t n = M->n_params;
     *p_lo = 0, *p_hi = n;
-    *m_lo = std::min(n, M->run.zero ? (uint64_t)M->run.rank * M->shard_n : 0);
+    *m_lo = std::min(n, M->run.zero ? (uint64_t)M->run.world_rank * M->shard_n : 0);
     *m_hi = std::min(n, *m_lo + M->shard_n);
     if (M->run.zero >= 3) *p_lo = *m_lo, *p_hi = *m_hi;  // ZeRO-3 holds the weights of its slice only (zero.h)
 }
@@ -445,6 +453,15 @@ static inline void ckpt_state_to_model(Model* M, const std::vector<float>& param
     dev_upload(&M->ctx, M->opt_v, pv.data(), M->shard_n * sizeof(float));
 }
 
+// A checkpoint's weights (all n_params of them) into the model (this rank's slice under ZeRO-3),
+// the optimizer's moments zero: what train --init and eval start from.
+static inline void ckpt_params_to_model(Model* M, const std::vector<float>& all) {
+    uint64_t p_lo, p_hi, m_lo, m_hi;
+    ckpt_load_ranges(M, &p_lo, &p_hi, &m_lo, &m_hi);
+    const std::vector<float> mine(all.begin() + p_lo, all.begin() + p_hi), zeros(m_hi - m_lo, 0.0f);
+    ckpt_state_to_model(M, mine, zeros, zeros);
+}
+
 // ----------------------------------------------------------------------------
 // The directory: names, listing, removal, the lock.
 
@@ -459,101 +476,187 @@ static inline bool ckpt_parse_name(const std::string& name, uint64_t* step) {
     return name.rfind("ckpt_", 0) == 0 && ckpt_parse_u64(name.substr(5), 0, (uint64_t)1 << 62, step);
 }
 
-// The checkpoint directories in out, newest (highest step) first: (step, path).
+// What a name in --out is to fpdt: a checkpoint ckpt_<digits> (a directory), a save's leftover
+// ckpt_<digits>.tmp or ckpt_<digits>.old.tmp (a directory), an old single-file checkpoint
+// ckpt_<digits>.bin (a regular file), or none of these.
+enum class CkptName { None, Dir, Tmp, OldBin };
+static inline CkptName ckpt_name_kind(const std::string& n) {
+    uint64_t step;
+    auto ends = [&](const char* x) { return n.size() > strlen(x) && n.compare(n.size() - strlen(x), strlen(x), x) == 0; };
+    auto stem = [&](const char* x) { return n.substr(0, n.size() - strlen(x)); };
+    if (ckpt_parse_name(n, &step)) return CkptName::Dir;
+    if (ends(".old.tmp") && ckpt_parse_name(stem(".old.tmp"), &step)) return CkptName::Tmp;
+    if (ends(".tmp") && ckpt_parse_name(stem(".tmp"), &step)) return CkptName::Tmp;
+    if (ends(".bin") && ckpt_parse_name(stem(".bin"), &step)) return CkptName::OldBin;
+    return CkptName::None;
+}
+
+// The names in out that ckpt_name_kind knows, sorted.
+static inline std::vector<std::string> checkpoint_like_names(const std::string& out) {
+    std::vector<std::string> names;
+    DIR* d = opendir(out.c_str());
+    if (!d) return names;
+    while (dirent* e = readdir(d))
+        if (ckpt_name_kind(e->d_name) != CkptName::None) names.push_back(e->d_name);
+    closedir(d);
+    std::sort(names.begin(), names.end());
+    return names;
+}
+
+// Each name in out that fpdt would take for a checkpoint (or, unless dirs_only, a save's
+// leftover or an old single-file checkpoint) but that is not of the kind fpdt makes: a symbolic
+// link, a FIFO, a file where a directory belongs. One line each: fpdt neither reads, follows nor
+// deletes them.
+static inline std::vector<std::string> foreign_checkpoint_names(const std::string& out, bool dirs_only = false) {
+    std::vector<std::string> bad;
+    for (const std::string& n : checkpoint_like_names(out)) {
+        struct stat st;
+        const CkptName kind = ckpt_name_kind(n);
+        if ((dirs_only && kind != CkptName::Dir) || lstat((out + "/" + n).c_str(), &st) != 0) continue;
+        if (kind == CkptName::OldBin ? !S_ISREG(st.st_mode) : !S_ISDIR(st.st_mode))
+            bad.push_back(out + "/" + n + ": " + file_kind(st.st_mode) + ", not a checkpoint " +
+                          (kind == CkptName::OldBin ? "file" : "directory") + " (fpdt neither follows nor deletes it)");
+    }
+    return bad;
+}
+
+// The checkpoint directories in out (real directories: lstat), newest (highest step) first:
+// (step, path).
 static inline std::vector<std::pair<uint64_t, std::string>> list_checkpoints(const std::string& out) {
     std::vector<std::pair<uint64_t, std::string>> list;
-    DIR* d = opendir(out.c_str());
-    if (!d) return list;
-    while (dirent* e = readdir(d)) {
+    for (const std::string& n : checkpoint_like_names(out)) {
         uint64_t step;
         struct stat st;
-        const std::string p = out + "/" + e->d_name;
-        if (ckpt_parse_name(e->d_name, &step) && lstat(p.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) list.push_back({step, p});
+        const std::string p = out + "/" + n;
+        if (ckpt_parse_name(n, &step) && lstat(p.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) list.push_back({step, p});
     }
-    closedir(d);
     std::sort(list.begin(), list.end(), [](const std::pair<uint64_t, std::string>& a, const std::pair<uint64_t, std::string>& b) {
         return a.first != b.first ? a.first > b.first : a.second > b.second;
     });
     return list;
 }
 
-// Names in out that look like checkpoints of either format or a save's leftovers: ckpt_<digits>,
-// ckpt_<digits>.tmp, ckpt_<digits>.old.tmp, and old single-file ckpt_<digits>.bin.
-static inline std::vector<std::string> checkpoint_like_names(const std::string& out) {
-    std::vector<std::string> names;
-    DIR* d = opendir(out.c_str());
-    if (!d) return names;
-    while (dirent* e = readdir(d)) {
-        std::string n = e->d_name, base = n;
-        uint64_t step;
-        for (const char* suffix : {".tmp", ".old", ".bin"})
-            if (base.size() > 4 && base.compare(base.size() - 4, 4, suffix) == 0) base = base.substr(0, base.size() - 4);
-        if (ckpt_parse_name(base, &step)) names.push_back(n);
-    }
-    closedir(d);
-    std::sort(names.begin(), names.end());
-    return names;
+// The files fpdt writes into a checkpoint directory: manifest.txt, run.txt, shard_<r>.bin.
+static inline bool ckpt_own_file(const std::string& n) {
+    uint64_t r;
+    return n == "manifest.txt" || n == "run.txt" ||
+           (n.size() > 10 && n.rfind("shard_", 0) == 0 && n.compare(n.size() - 4, 4, ".bin") == 0 &&
+            ckpt_parse_u64(n.substr(6, n.size() - 10), 0, 1 << 20, &r));
 }
 
-// Removes a checkpoint directory: the plain files in it, then the directory. Returns false when
-// something in it could not be removed (it is then left as it is).
-static inline bool ckpt_remove_dir(const std::string& dir) {
-    DIR* d = opendir(dir.c_str());
-    if (!d) return errno == ENOENT;
-    bool ok = true;
-    while (dirent* e = readdir(d)) {
+// Opens out/name as a directory without following a symbolic link (od: out, opened): *fd, or ""
+// with *fd = -1 when nothing has that name, or why not.
+static inline std::string ckpt_open_dir(int od, const std::string& out, const std::string& name, int* fd) {
+    *fd = -1;
+    struct stat st;
+    if (fstatat(od, name.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0)
+        return errno == ENOENT ? "" : out + "/" + name + ": " + strerror(errno);
+    if (!S_ISDIR(st.st_mode)) return out + "/" + name + ": " + file_kind(st.st_mode) + ", not a checkpoint directory";
+    if ((*fd = openat(od, name.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)) < 0)
+        return out + "/" + name + ": " + strerror(errno);
+    return "";
+}
+
+// Removes the checkpoint directory out/name (or a save's .tmp). It is opened relative to out
+// without following a link, and removed only when everything in it is one of fpdt's own regular
+// files (checked before anything is unlinked); otherwise nothing is touched. Returns "" (also
+// when nothing has that name) or why it was left as it is. check_only: only says whether it could.
+static inline std::string ckpt_remove_dir(const std::string& out, const std::string& name, bool check_only = false) {
+    const int od = open(out.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (od < 0) return out + ": " + strerror(errno);
+    int dfd;
+    std::string err = ckpt_open_dir(od, out, name, &dfd);
+    DIR* d = dfd >= 0 ? fdopendir(dfd) : nullptr;
+    if (dfd >= 0 && !d) close(dfd), err = out + "/" + name + ": " + strerror(errno);
+    std::vector<std::string> files;
+    for (dirent* e; d && err.empty() && (e = readdir(d));) {
         const std::string n = e->d_name;
+        struct stat st;
         if (n == "." || n == "..") continue;
-        ok &= unlink((dir + "/" + n).c_str()) == 0;
+        const bool known = fstatat(dfd, n.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0;
+        if (!ckpt_own_file(n) || !known || !S_ISREG(st.st_mode))
+            err = out + "/" + name + " holds " + n + (known && !S_ISREG(st.st_mode) ? std::string(" (") + file_kind(st.st_mode) + ")" : "") +
+                  ", which fpdt did not write: left as it is";
+        files.push_back(n);
     }
-    closedir(d);
-    return rmdir(dir.c_str()) == 0 && ok;
+    for (size_t i = 0; i < files.size() && err.empty() && !check_only; i++)
+        if (unlinkat(dfd, files[i].c_str(), 0) != 0) err = out + "/" + name + "/" + files[i] + ": " + strerror(errno);
+    if (d) closedir(d);  // and dfd
+    if (d && err.empty() && !check_only && unlinkat(od, name.c_str(), AT_REMOVEDIR) != 0) err = out + "/" + name + ": " + strerror(errno);
+    close(od);
+    return err;
 }
 
 // Removes what a killed save left behind: ckpt_<step>.tmp/ and ckpt_<step>.old.tmp/ directories
 // (a save renames only complete checkpoints into place, so these are never one). Called under
-// the --out lock, so no other run is writing them.
-static inline void remove_stale_tmp(const std::string& out) {
+// the --out lock, so no other run is writing them. Returns "" or the first that could not go.
+static inline std::string remove_stale_tmp(const std::string& out) {
     for (const std::string& n : checkpoint_like_names(out)) {
-        std::string base = n;
-        for (const char* suffix : {".tmp", ".old"})
-            if (base.size() > 4 && base.compare(base.size() - 4, 4, suffix) == 0) base = base.substr(0, base.size() - 4);
-        uint64_t step;
-        struct stat st;
-        if (n != base && ckpt_parse_name(base, &step) && lstat((out + "/" + n).c_str(), &st) == 0 && S_ISDIR(st.st_mode) &&
-            n.compare(n.size() - 4, 4, ".tmp") == 0)
-            ckpt_remove_dir(out + "/" + n);
-    }
-}
-
-// --overwrite: removes every checkpoint in out (ckpt_<step>/ directories, old ckpt_<step>.bin
-// files); nothing else. Returns "" or what could not be removed.
-static inline std::string remove_checkpoints(const std::string& out) {
-    for (const std::string& n : checkpoint_like_names(out)) {
-        const std::string p = out + "/" + n;
-        struct stat st;
-        if (lstat(p.c_str(), &st) != 0) continue;
-        const bool ok = S_ISDIR(st.st_mode) ? ckpt_remove_dir(p) : unlink(p.c_str()) == 0;
-        if (!ok) return "--overwrite: cannot remove " + p + ": " + strerror(errno);
+        const std::string err = ckpt_name_kind(n) == CkptName::Tmp ? ckpt_remove_dir(out, n) : "";
+        if (!err.empty()) return "--out " + out + ": cannot remove a killed save's leftover: " + err;
     }
     return "";
 }
 
-static inline void fsync_dir(const std::string& dir) {
-    int fd = open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (fd >= 0) fsync(fd), close(fd);
+// --overwrite: removes every checkpoint in out (ckpt_<step>/ directories, their leftovers, old
+// ckpt_<step>.bin files); nothing else, and nothing through a link. Returns "" or what could not
+// be removed.
+static inline std::string remove_checkpoints(const std::string& out) {
+    for (const std::string& n : checkpoint_like_names(out)) {
+        struct stat st;
+        const std::string p = out + "/" + n;
+        std::string err;
+        if (ckpt_name_kind(n) != CkptName::OldBin) err = ckpt_remove_dir(out, n);
+        else if (lstat(p.c_str(), &st) == 0 && !S_ISREG(st.st_mode)) err = p + ": " + file_kind(st.st_mode) + ", not a checkpoint file";
+        else if (unlink(p.c_str()) != 0 && errno != ENOENT) err = p + ": " + strerror(errno);
+        if (!err.empty()) return "--overwrite: cannot remove " + err;
+    }
+    return "";
+}
+
+// Rotation before a save of `step`: this run's checkpoints (its identity, each named for its own
+// step) older than `step`, beyond the newest of them, are removed; one holding anything fpdt did
+// not write is left, with a warning.
+static inline void rotate_checkpoints(const std::string& out, uint64_t step, const Manifest& id) {
+    std::vector<std::string> mine;  // this run's, older than this step, newest first
+    for (const auto& c : list_checkpoints(out)) {
+        Manifest m;
+        std::string f, a, b;
+        if (c.first < step && read_manifest(c.second, &m).empty() && !manifest_identity_differs(m, id, &f, &a, &b))
+            mine.push_back(c.second.substr(out.size() + 1));
+    }
+    for (size_t i = 1; i < mine.size(); i++) {
+        const std::string e = ckpt_remove_dir(out, mine[i]);
+        if (!e.empty()) fprintf(stderr, "fpdt: warning: not rotated: %s\n", e.c_str());
+    }
 }
 
 // ----------------------------------------------------------------------------
 // Saving (every rank). `id` holds this run's identity (step, shards and n_params are filled in
 // here); `settings` is one informational line for run.txt (ranks, chunk, offload, ZeRO,
-// precision), which --resume reports changes against. Returns the checkpoint's path.
+// precision, the optimizer's settings), which --resume reports changes against. Returns the
+// checkpoint's path.
+
+// Writes a new regular file `name` in the directory dirfd (dir in messages), never through a
+// link, from the pieces, and fsyncs it. Returns "" or one line.
+static inline std::string ckpt_write_file(int dirfd, const std::string& dir, const std::string& name,
+                                          const std::vector<std::pair<const void*, size_t>>& pieces) {
+    int fd;
+    std::string err = open_regular(name, Open::Write, false, &fd, nullptr, dirfd);
+    if (!err.empty()) return "writing " + dir + "/" + err;
+    bool ok = true;
+    for (const auto& p : pieces) ok = ok && ckpt_write_all(fd, p.first, p.second);
+    ok = ok && fsync(fd) == 0;
+    ok = close(fd) == 0 && ok;
+    return ok ? "" : "writing " + dir + "/" + name + " failed: " + strerror(errno);
+}
 
 static inline std::string save_checkpoint(Model* M, const std::string& out, uint64_t step, Manifest id,
                                           const std::string& settings) {
     const Comm& cm = comm_world();
     const uint64_t n = M->n_params;
     const std::string final_dir = ckpt_dir_path(out, step), tmp = final_dir + ".tmp";
+    const std::string name = final_dir.substr(out.size() + 1), tmp_name = name + ".tmp", aside_name = name + ".old.tmp";
     uint64_t lo, hi;
     ckpt_slice(n, cm.size, cm.rank, &lo, &hi);
     std::vector<float> w, m, v;
@@ -565,50 +668,56 @@ static inline std::string save_checkpoint(Model* M, const std::string& out, uint
     if (bad >= 0) fatal_all("refusing to write %s: parameter %.0f or its AdamW moments are not finite", final_dir.c_str(), bad);
     id.step = step, id.n_params = n, id.optimizer = 1;
     const uint64_t bytes = 3 * n * sizeof(float) + 65536;
-    // rank 0 makes room (this run's older checkpoints beyond the newest one go first), checks the
-    // free space, and makes the .tmp directory
+    // rank 0 checks that what holds this step's name is fpdt's to replace, makes room (this run's
+    // older checkpoints beyond the newest one go), checks the free space, and makes the .tmp
+    // directory. Nothing is followed or deleted through a link (ckpt_remove_dir).
     std::string err;
+    const std::string cannot = "--out " + out + ": cannot save step " + std::to_string(step) + ": ";
     if (cm.rank == 0) {
-        std::vector<std::pair<uint64_t, std::string>> mine;  // this run's, older than this step
-        for (const auto& c : list_checkpoints(out)) {
-            Manifest cmf;
-            std::string f, a, b;
-            if (c.first < step && read_manifest(c.second, &cmf).empty() && !manifest_identity_differs(cmf, id, &f, &a, &b))
-                mine.push_back(c);
-        }
-        for (size_t i = 1; i < mine.size(); i++) ckpt_remove_dir(mine[i].second);
+        struct stat st;
         struct statvfs fs;
-        if (!ckpt_remove_dir(tmp)) err = "--out " + out + ": cannot remove the stale " + tmp + ": " + strerror(errno);
-        else if (statvfs(out.c_str(), &fs) == 0 && (uint64_t)fs.f_bavail * fs.f_frsize < bytes) {
-            char b[512];
-            snprintf(b, sizeof b, "--out %s: saving step %llu needs %.1f MiB (one checkpoint; the newest one before it is kept) "
+        Manifest there;
+        std::string f, a, b, e;
+        if (lstat(final_dir.c_str(), &st) == 0) {  // a damaged checkpoint a resume skipped is replaced; nothing else
+            if (!S_ISDIR(st.st_mode))
+                err = cannot + final_dir + ": " + file_kind(st.st_mode) + ", not a checkpoint directory (fpdt neither "
+                      "follows nor deletes it): move it out of --out, then --resume";
+            else if (read_manifest(final_dir, &there, false).empty() && (there.step != step || manifest_identity_differs(there, id, &f, &a, &b)))
+                err = cannot + final_dir + " holds a checkpoint of " + (there.step != step ? "step " + std::to_string(there.step)
+                      : "another run (" + f + " " + a + ")") + ", which fpdt does not delete (move it out of --out, then --resume)";
+            else if (!(e = ckpt_remove_dir(out, name, true)).empty())
+                err = cannot + e;
+        }
+        if (err.empty() && (!(e = ckpt_remove_dir(out, tmp_name)).empty() || !(e = ckpt_remove_dir(out, aside_name)).empty()))
+            err = cannot + "a stale leftover: " + e;
+        if (err.empty()) rotate_checkpoints(out, step, id);
+        if (err.empty() && statvfs(out.c_str(), &fs) == 0 && (uint64_t)fs.f_bavail * fs.f_frsize < bytes) {
+            char buf[512];
+            snprintf(buf, sizeof buf, "--out %s: saving step %llu needs %.1f MiB (one checkpoint; the newest one before it is kept) "
                      "but only %.1f MiB are free", out.c_str(), (unsigned long long)step, bytes / 1048576.0,
                      (double)fs.f_bavail * fs.f_frsize / 1048576.0);
-            err = b;
-        } else if (mkdir(tmp.c_str(), 0755) != 0) err = "--out " + out + ": cannot create " + tmp + ": " + strerror(errno);
+            err = buf;
+        }
+        if (err.empty() && mkdir(tmp.c_str(), 0755) != 0) err = "--out " + out + ": cannot create " + tmp + ": " + strerror(errno);
     }
     fatal_any(err);
     comm_barrier();  // the .tmp directory exists
-    // every rank writes its shard
+    // every rank writes its shard, into the .tmp directory opened without following a link
     uint64_t sum = FNV_OFFSET;
-    {
-        const std::string p = ckpt_shard_path(tmp, cm.rank);
-        int fd = open(p.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-        bool ok = fd >= 0;
-        for (const std::vector<float>* a : {&w, &m, &v}) {
-            ok = ok && ckpt_write_all(fd, a->data(), a->size() * sizeof(float));
-            sum = fnv1a(sum, a->data(), a->size() * sizeof(float));
-        }
-        ok = ok && fsync(fd) == 0;
-        if (fd >= 0) ok = close(fd) == 0 && ok;
-        if (!ok) err = "--out " + out + ": writing " + p + " failed: " + strerror(errno);
-    }
+    for (const std::vector<float>* a : {&w, &m, &v}) sum = fnv1a(sum, a->data(), a->size() * sizeof(float));
+    int od = open(out.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC), tfd = -1;
+    err = od < 0 ? out + ": " + strerror(errno) : ckpt_open_dir(od, out, tmp_name, &tfd);
+    if (err.empty() && tfd < 0) err = tmp + ": " + strerror(ENOENT);
+    if (err.empty())
+        err = ckpt_write_file(tfd, tmp, "shard_" + std::to_string(cm.rank) + ".bin",
+                              {{w.data(), w.size() * sizeof(float)}, {m.data(), m.size() * sizeof(float)}, {v.data(), v.size() * sizeof(float)}});
+    if (!err.empty()) err = "--out " + out + ": " + err;
     std::vector<uint64_t> sums(cm.size);
     comm_gather_u64(sum, sums.data());
     double failed = err.empty() ? 0 : 1;  // a failed shard: rank 0 removes the .tmp, then all stop
     comm_allreduce_max(&failed, 1);
     if (failed > 0) {
-        if (cm.rank == 0) ckpt_remove_dir(tmp);
+        if (cm.rank == 0) ckpt_remove_dir(out, tmp_name);
         comm_barrier();
         fatal_any(err.empty() ? std::string() : err + " (" + tmp + " removed)");
         fatal_all("--out %s: saving step %llu failed on another rank", out.c_str(), (unsigned long long)step);
@@ -620,30 +729,28 @@ static inline std::string save_checkpoint(Model* M, const std::string& out, uint
             id.shards.push_back({a, b, sums[r]});
         }
         const std::string text = manifest_text(id), info = settings + "\n";
-        auto write_file = [&](const std::string& p, const std::string& s) {
-            int fd = open(p.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-            bool ok = fd >= 0 && ckpt_write_all(fd, s.data(), s.size()) && fsync(fd) == 0;
-            if (fd >= 0) ok = close(fd) == 0 && ok;
-            return ok;
-        };
         // run.txt (informational), then the manifest last: a directory without a valid manifest
         // is not a checkpoint
-        if (!write_file(tmp + "/run.txt", info) || !write_file(tmp + "/manifest.txt", text))
-            err = "--out " + out + ": writing " + tmp + " failed: " + strerror(errno);
-        fsync_dir(tmp);
-        // a damaged checkpoint of the same step (one a resume skipped) moves aside first
-        const std::string aside = final_dir + ".old.tmp";
+        err = ckpt_write_file(tfd, tmp, "run.txt", {{info.data(), info.size()}});
+        if (err.empty()) err = ckpt_write_file(tfd, tmp, "manifest.txt", {{text.data(), text.size()}});
+        if (!err.empty()) err = "--out " + out + ": " + err;
+        fsync(tfd);
+        // a damaged checkpoint of the same step (checked above) moves aside first
         struct stat st;
-        if (err.empty() && lstat(final_dir.c_str(), &st) == 0) {
-            ckpt_remove_dir(aside);
-            if (rename(final_dir.c_str(), aside.c_str()) != 0)
-                err = "--out " + out + ": cannot move the old " + final_dir + " aside: " + strerror(errno);
-        }
-        if (err.empty() && rename(tmp.c_str(), final_dir.c_str()) != 0)
+        if (err.empty() && fstatat(od, name.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0 && renameat(od, name.c_str(), od, aside_name.c_str()) != 0)
+            err = "--out " + out + ": cannot move the old " + final_dir + " aside: " + strerror(errno);
+        if (err.empty() && renameat(od, tmp_name.c_str(), od, name.c_str()) != 0)
             err = "--out " + out + ": cannot rename " + tmp + ": " + strerror(errno);
-        if (err.empty()) fsync_dir(out), ckpt_remove_dir(aside);
-        else ckpt_remove_dir(tmp), err += " (" + tmp + " removed)";
+        if (err.empty()) {
+            fsync(od);
+            const std::string e = ckpt_remove_dir(out, aside_name);
+            if (!e.empty()) fprintf(stderr, "fpdt: warning: %s\n", e.c_str());
+        } else {
+            ckpt_remove_dir(out, tmp_name), err += " (" + tmp + " removed)";
+        }
     }
+    if (tfd >= 0) close(tfd);
+    if (od >= 0) close(od);
     fatal_any(err);
     return final_dir;
 }
@@ -653,14 +760,16 @@ static inline std::string save_checkpoint(Model* M, const std::string& out, uint
 
 // The flag a manifest field comes from, for messages.
 static inline const char* manifest_field_flag(const std::string& k) {
-    return k == "total_steps" ? "--steps" : k == "seed" ? "--seed" : k == "data.seq" ? "--seq" : k == "data.source" ? "--data" : "--model";
+    return k == "total_steps" ? "--steps" : k == "seed" ? "--seed" : k == "data.seq" ? "--seq" : k == "data.source" ? "--data"
+         : k == "data.batch" ? "--batch" : k == "model.rope_theta" ? "--rope-theta"
+         : k == "model.rope_scaling" || k == "model.rope_factor" ? "--rope-scale" : "--model";
 }
 
 // run.txt's line (the settings a checkpoint was saved with), or "" when it cannot be read.
 static inline std::string read_run_settings(const std::string& dir) {
     int fd = -1;
     uint64_t size = 0;
-    if (!ckpt_open_regular(dir + "/run.txt", &fd, &size).empty()) return "";
+    if (!open_regular(dir + "/run.txt", Open::Read, false, &fd, &size).empty()) return "";
     std::string s(std::min<uint64_t>(size, 4096), '\0');
     const bool ok = ckpt_read_all(fd, &s[0], s.size());
     close(fd);
@@ -671,6 +780,7 @@ static inline std::string read_run_settings(const std::string& dir) {
 // all its parameters; a damaged newer one is reported and skipped. Returns its path, or "" when
 // there is none. One process (./fpdt sample).
 static inline std::string find_checkpoint(const std::string& out, Manifest* m, std::vector<float>* params) {
+    for (const std::string& b : foreign_checkpoint_names(out, true)) fprintf(stderr, "fpdt: warning: skipping %s\n", b.c_str());
     for (const auto& c : list_checkpoints(out)) {
         std::vector<float> mm, vv;
         std::string err = read_manifest(c.second, m);
@@ -729,10 +839,9 @@ static inline std::string load_checkpoint(Model* M, const std::string& out, cons
 // share a directory. Returns "" or why not.
 static inline std::string lock_out_dir(const std::string& out) {
     const std::string p = out + "/.fpdt.lock";
-    struct stat st;
-    if (lstat(p.c_str(), &st) == 0 && !S_ISREG(st.st_mode)) return "--out " + out + ": " + p + " is not a regular file";
-    int fd = open(p.c_str(), O_RDWR | O_CREAT | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC, 0644);
-    if (fd < 0) return "--out " + out + ": cannot open its lock file " + p + ": " + strerror(errno);
+    int fd;
+    const std::string err = open_regular(p, Open::Lock, false, &fd);
+    if (!err.empty()) return "--out " + out + ": cannot open its lock file " + err;
     if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
         char pid[32] = {0};
         (void)!pread(fd, pid, sizeof pid - 1, 0);

@@ -49,7 +49,7 @@ struct Args {
 };
 
 // Flags that take no value.
-static bool is_switch(const std::string& k) { return k == "resume" || k == "overwrite" || k == "help"; }
+static bool is_switch(const std::string& k) { return k == "resume" || k == "overwrite" || k == "help" || k == "needle"; }
 
 static Args parse_args(int argc, char** argv, const std::vector<std::string>& allowed) {
     Args a;
@@ -182,7 +182,7 @@ static bool choose_device(const Args& a, Ctx* ctx) {
 #else
     const int n = dev == "cpu" ? 0 : gpu_count();
     if (dev == "gpu" && n == 0)  // a machine of its own may lack it: this rank alone ends the job
-        fatal("--device gpu: no CUDA device is visible (driver and GPU needed); use --device cpu");
+        fatal("--device gpu: no CUDA device is visible (%s); use --device cpu", gpu_absence().c_str());
     if (n == 0) return false;
     static GpuCtx gpu_ctx;  // one per process: its streams live as long as the program
     GpuCtx* g = &gpu_ctx;
@@ -204,23 +204,29 @@ static bool choose_device(const Args& a, Ctx* ctx) {
 #endif
 }
 
-// --comm: how GPU buffers move between ranks. NCCL needs a GPU per rank on each machine; ranks
-// sharing a GPU (more ranks than GPUs here) go through host memory and MPI.
+// --comm: how GPU buffers move between ranks. NCCL needs a GPU per rank; ranks sharing a GPU
+// (NCCL refuses that) go through host memory and MPI. Which ranks share one is decided from the
+// GPUs' identities, exchanged over MPI (comm.h, gpu_sharing), not from how many GPUs a rank sees.
 static bool choose_comm(const Args& a, const Ctx& ctx) {
     std::string c = a.str("comm", "auto");
     if (c != "auto" && c != "nccl" && c != "mpi") fatal_all("--comm: '%s' (expected auto, nccl or mpi)", c.c_str());
     const Comm& cm = comm_world();
     if (cm.size == 1) return false;
     // Every rank must take the same road (NCCL's set-up is collective): agree on it first.
-    double v[3] = {ctx.gpu ? 1.0 : 0.0, cm.local_size <= gpu_count() ? 1.0 : 0.0, ctx.gpu ? -1.0 : 0.0}, mn[3];
-    MPI_CHECK(MPI_Allreduce(v, mn, 3, MPI_DOUBLE, MPI_MIN, MPI_COMM_WORLD));
-    const bool all_gpu = mn[0] > 0, own_gpu = mn[1] > 0, any_gpu = mn[2] < 0;
+    double v[2] = {ctx.gpu ? 1.0 : 0.0, ctx.gpu ? -1.0 : 0.0}, mn[2];
+    comm_allreduce_min(v, mn, 2);
+    const bool all_gpu = mn[0] > 0, any_gpu = mn[1] < 0;
     if (any_gpu && !all_gpu) fatal_all("some ranks found no GPU: run every rank on a GPU, or all with --device cpu");
-    if (!all_gpu || c == "mpi") return false;
-    if (c == "nccl" && !own_gpu)
-        fatal_all("--comm nccl: more ranks on a machine than it has GPUs (NCCL needs a GPU per rank); use --comm mpi");
-    if (!own_gpu) return false;
+    if (!all_gpu) return false;
 #ifdef __CUDACC__
+    const std::vector<std::string> ids = comm_allgather_str(gpu_identity(ctx.g->device));
+    const GpuSharing share = gpu_sharing(ids);
+    ctx.g->sharers = share.count[cm.rank];  // the free-memory check divides the GPU among them (model_create)
+    const bool own_gpu = share.first < 0;
+    if (c == "mpi" || (c == "auto" && !own_gpu)) return false;
+    if (!own_gpu)
+        fatal_all("--comm nccl: ranks %d and %d share GPU %s (NCCL needs a GPU per rank); use --comm mpi", share.first,
+                  share.second, ids[share.first].c_str());
     comm_nccl_init();
     return true;
 #else
@@ -280,7 +286,8 @@ static std::string init_checkpoint(const std::string& dir, Manifest* man, std::v
         return err->empty() ? dir : "";
     }
     if (stat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
-        *err = "--init " + dir + ": no such directory (expected a ckpt_<step>/ directory or one holding them)";
+        *err = "--init " + dir + (stat(dir.c_str(), &st) == 0 ? ": a file, not a directory" : ": no such directory") +
+               " (expected a ckpt_<step>/ directory or one holding them)";
         return "";
     }
     const std::string path = find_checkpoint(dir, man, params);

@@ -9,7 +9,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <fcntl.h>
 #include <sys/stat.h>
+#include <unistd.h>
 #include <algorithm>
 #include <chrono>
 #include <string>
@@ -84,6 +86,84 @@ static inline void fatal_throws() {
     fatal_hook() = [](const char* m) { throw FpdtError{m}; };
 }
 
+// ----------------------------------------------------------------------------
+// Files. Every path fpdt opens goes through open_regular: anything but a regular file (a FIFO, a
+// device, a socket, a directory) is refused with one line before it is opened, so nothing can
+// block on it; O_NONBLOCK covers one swapped in between the check and the open, and fstat checks
+// what was opened. With follow false a symbolic link is refused as well (the files inside --out:
+// fpdt never reads, writes or deletes through a link there). dirfd: relative to that directory.
+
+enum class Open { Read, Write, Append, Lock };  // Write creates or truncates; Append creates; Lock: read-write, creates
+
+static inline const char* file_kind(mode_t m) {
+    return S_ISLNK(m) ? "a symbolic link" : S_ISFIFO(m) ? "a FIFO" : S_ISCHR(m) ? "a character device"
+         : S_ISBLK(m) ? "a block device" : S_ISSOCK(m) ? "a socket" : S_ISDIR(m) ? "a directory" : "not a plain file";
+}
+
+// Opens path (relative to dirfd) as `how` says; *fd the descriptor (blocking again), *size the
+// file's length. Returns "" or "PATH: what is wrong".
+static inline std::string open_regular(const std::string& path, Open how, bool follow, int* fd, uint64_t* size = nullptr,
+                                       int dirfd = AT_FDCWD) {
+    *fd = -1;
+    struct stat st;
+    if (fstatat(dirfd, path.c_str(), &st, follow ? 0 : AT_SYMLINK_NOFOLLOW) == 0) {
+        if (!S_ISREG(st.st_mode)) return path + ": not a regular file (" + file_kind(st.st_mode) + ")";
+    } else if (how == Open::Read || errno != ENOENT) {
+        return path + ": " + strerror(errno);
+    }
+    const int mode = how == Open::Read ? O_RDONLY : how == Open::Write ? O_WRONLY | O_CREAT | O_TRUNC
+                   : how == Open::Append ? O_WRONLY | O_CREAT | O_APPEND : O_RDWR | O_CREAT;
+    const int f = openat(dirfd, path.c_str(), mode | O_NONBLOCK | O_CLOEXEC | (follow ? 0 : O_NOFOLLOW), 0644);
+    if (f < 0) {
+        if (errno == ELOOP && !follow) return path + ": not a regular file (a symbolic link)";
+        if (errno == ENXIO) return path + ": not a regular file (a FIFO or a socket)";
+        return path + ": " + strerror(errno);
+    }
+    if (fstat(f, &st) != 0 || !S_ISREG(st.st_mode)) {
+        close(f);
+        return path + ": not a regular file (" + file_kind(st.st_mode) + ")";
+    }
+    fcntl(f, F_SETFL, fcntl(f, F_GETFL) & ~O_NONBLOCK);
+    *fd = f;
+    if (size) *size = (uint64_t)st.st_size;
+    return "";
+}
+
+// The same as a stdio stream (mode "r", "w" or "a"), or nullptr with *err set.
+static inline FILE* fopen_regular(const std::string& path, Open how, bool follow, std::string* err) {
+    int fd;
+    *err = open_regular(path, how, follow, &fd);
+    if (!err->empty()) return nullptr;
+    FILE* f = fdopen(fd, how == Open::Read ? "r" : how == Open::Append ? "a" : "w");
+    if (!f) *err = path + ": " + strerror(errno), close(fd);
+    return f;
+}
+
+// ----------------------------------------------------------------------------
+// Sizes from untrusted input (a checkpoint's manifest, a model's shape) are compared with the
+// memory this machine has before anything of that size is allocated.
+
+static inline uint64_t machine_memory_bytes() {
+    const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
+    return pages > 0 && page > 0 ? (uint64_t)pages * (uint64_t)page : UINT64_MAX;
+}
+
+// "" when `bytes` of host memory for `what` can be had here (the machine's memory, and `cap`
+// when it is not 0: --host-mem), else one line with both sizes.
+static inline std::string check_host_bytes(const std::string& what, double bytes, uint64_t cap = 0, const char* cap_name = "--host-mem") {
+    const uint64_t have = machine_memory_bytes();
+    char b[512];
+    if (cap && bytes > (double)cap)
+        snprintf(b, sizeof b, "%s needs %.1f GiB of host memory, more than %s allows (%.1f GiB)", what.c_str(),
+                 bytes / 1073741824.0, cap_name, cap / 1073741824.0);
+    else if (bytes > (double)have)
+        snprintf(b, sizeof b, "%s needs %.1f GiB of host memory, more than this machine has (%.1f GiB)", what.c_str(),
+                 bytes / 1073741824.0, have / 1073741824.0);
+    else
+        return "";
+    return b;
+}
+
 // mkdir -p without a shell: creates path and its missing parents (mode 0755). Returns "" or why not.
 static inline std::string make_dirs(const std::string& path) {
     for (size_t i = 1; i <= path.size(); i++) {
@@ -125,6 +205,7 @@ static inline Arena arena_new(const char* name, Mem kind) {
 // Takes `bytes` from the arena; `what` names the buffer in the error when it does not fit.
 static inline void* arena_take(Arena* a, size_t bytes, const char* what) {
     size_t n = align_up(bytes, 256);
+    if (n < bytes || a->used + n < a->used) fatal("%s: the %s arena would pass 2^64 bytes", what, a->name);
     a->items.push_back({what, n});
     if (a->count_only) {
         a->used += n;
@@ -184,7 +265,8 @@ struct TraceEvent {
     int track;
     double t0, t1;  // seconds from the start of the step
     size_t bytes;
-    int layer, chunk;
+    int layer;
+    int64_t chunk;  // (a layer_in chunk is a layer's: (L+1) u of them can pass 2^31)
     CUevent_st* ev[2];  // GPU: events around the work on its stream; their times replace t0, t1
 };
 struct Trace {
@@ -195,14 +277,28 @@ struct Trace {
 };
 
 static inline void trace_add(Trace* t, const char* name, int track, double t0, double t1, size_t bytes,
-                             int layer, int chunk, CUevent_st* e0 = nullptr, CUevent_st* e1 = nullptr) {
+                             int layer, int64_t chunk, CUevent_st* e0 = nullptr, CUevent_st* e1 = nullptr) {
     if (t && t->on) t->events.push_back({name, track, t0 - t->origin, t1 - t->origin, bytes, layer, chunk, {e0, e1}});
 }
 
+// --trace FILE is written as FILE.tmp and renamed over FILE: FILE must be a regular file or not
+// there yet (a FIFO, a device or a link in its place is refused, never replaced), and FILE.tmp
+// is opened without following a link. Returns the open FILE.tmp, or nullptr with *err set.
+static inline FILE* trace_open_tmp(const std::string& path, std::string* err) {
+    struct stat st;
+    if (lstat(path.c_str(), &st) == 0 && !S_ISREG(st.st_mode)) {
+        *err = "--trace " + path + ": not a regular file (" + file_kind(st.st_mode) + "): fpdt replaces only a regular file";
+        return nullptr;
+    }
+    FILE* f = fopen_regular(path + ".tmp", Open::Write, false, err);
+    if (!f) *err = "--trace " + path + ": cannot open for writing: " + *err;
+    return f;
+}
+
 static inline void trace_write(const Trace* t, const char* path, int rank) {
-    std::string tmp = std::string(path) + ".tmp";
-    FILE* f = fopen(tmp.c_str(), "w");
-    if (!f) fatal("--trace %s: cannot open for writing: %s", path, strerror(errno));
+    std::string tmp = std::string(path) + ".tmp", err;
+    FILE* f = trace_open_tmp(path, &err);
+    if (!f) fatal("%s", err.c_str());
     fprintf(f, "{\"traceEvents\":[\n");
     for (int k = 0; k < N_TRACKS; k++)
         fprintf(f, "{\"ph\":\"M\",\"name\":\"thread_name\",\"pid\":%d,\"tid\":%d,\"args\":{\"name\":\"%s\"}},\n",
@@ -211,8 +307,8 @@ static inline void trace_write(const Trace* t, const char* path, int rank) {
         const TraceEvent& e = t->events[i];
         fprintf(f,
                 "{\"ph\":\"X\",\"name\":\"%s\",\"pid\":%d,\"tid\":%d,\"ts\":%.3f,\"dur\":%.3f,"
-                "\"args\":{\"bytes\":%zu,\"layer\":%d,\"chunk\":%d}}%s\n",
-                e.name.c_str(), rank, e.track, e.t0 * 1e6, (e.t1 - e.t0) * 1e6, e.bytes, e.layer, e.chunk,
+                "\"args\":{\"bytes\":%zu,\"layer\":%d,\"chunk\":%lld}}%s\n",
+                e.name.c_str(), rank, e.track, e.t0 * 1e6, (e.t1 - e.t0) * 1e6, e.bytes, e.layer, (long long)e.chunk,
                 i + 1 < t->events.size() ? "," : "");
     }
     fprintf(f, "],\"displayTimeUnit\":\"ms\"}\n");
@@ -239,11 +335,12 @@ struct Ctx {
 struct TraceScope {
     Ctx* ctx;
     const char* name;
-    int track, chunk;
+    int track;
+    int64_t chunk;
     size_t bytes;
     double t0;
     CUevent_st* ev[2] = {};
-    TraceScope(Ctx* c, const char* n, int tr, int ch, size_t b = 0)
+    TraceScope(Ctx* c, const char* n, int tr, int64_t ch, size_t b = 0)
         : ctx(c), name(n), track(tr), chunk(ch), bytes(b), t0(c->trace && c->trace->on ? now_s() : 0) {
         if (ctx->gpu_mark) ctx->gpu_mark(ctx, track, name, true, &ev[0]);
     }

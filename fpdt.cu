@@ -1,6 +1,7 @@
 // fpdt.cu: the program, the one file make compiles. main() and the smaller commands:
 //
 //   ./fpdt train [flags]     train (see --help); mpirun -np P ./fpdt train ... for P ranks (train.h)
+//   ./fpdt eval --init DIR   a checkpoint's loss by position, retrieval, the needle grid (eval.h)
 //   ./fpdt sample --out DIR  generate from a saved checkpoint
 //   ./fpdt plan --model M --seq S   predicted memory and the break-even chunk size
 //   ./fpdt bench             the kernels' speed on this machine
@@ -18,6 +19,7 @@
 #include "checkpoint.h"
 #include "cmdline.h"
 #include "data/data.h"
+#include "eval.h"
 #include "schedule.h"
 #include "train.h"
 
@@ -85,6 +87,8 @@ static int cmd_sample(int argc, char** argv) {
     Model M;
     std::string err = check_shape(*cfg, r);
     if (!err.empty()) fatal("%s: %s", path.c_str(), err.c_str());
+    if (temp > 0 && !(err = check_host_bytes("--temperature: the logits of " + std::to_string(r.seq) + " positions", (double)r.seq * cfg->vocab * 4)).empty())
+        fatal("%s (lower --tokens or sample greedily)", err.c_str());
     model_create(&M, *cfg, r, false);
     if (M.n_params != man.n_params)  // parse_manifest checked this against the same table
         fatal("%s: its %llu parameters do not fit its model", path.c_str(), (unsigned long long)man.n_params);
@@ -131,15 +135,18 @@ static void plan_sizes(const Config& c, RunCfg r, size_t* dev, size_t* host, Mod
 }
 
 static int cmd_plan(int argc, char** argv) {
-    Args a = parse_args(argc, argv, {"model", "seq", "chunk-size", "gpus", "offload", "zero", "gpu-mem", "host-mem",
+    Args a = parse_args(argc, argv, {"model", "seq", "chunk-size", "gpus", "sp", "offload", "zero", "gpu-mem", "host-mem",
                                      "tflops", "link-gbps", "precision", "doc-len", "help"});
     if (a.help || !a.has("model") || !a.has("seq")) {
-        printf("usage: ./fpdt plan --model NAME --seq N [--chunk-size C] [--gpus P] [--offload 0|1] [--zero 0-3]\n"
+        printf("usage: ./fpdt plan --model NAME --seq N [--chunk-size C] [--gpus W] [--sp N] [--offload 0|1] [--zero 0-3]\n"
                "                   [--gpu-mem GiB] [--host-mem GiB] [--tflops X] [--link-gbps Y] [--precision fp32|bf16]\n"
                "                   [--doc-len L]\n"
                "  predicted peak device and host bytes per rank (the same allocation sequence as ./fpdt train),\n"
-               "  the longest sequence that fits, and the smallest chunk at which copies hide behind attention;\n"
-               "  with --doc-len, the attention blocks --doc-mask 1 skips on documents of L tokens each.\n"
+               "  the headroom a GPU run keeps outside its device arena (CUDA's kernels, cuBLAS, NCCL), the\n"
+               "  longest sequence that fits, and the smallest chunk at which copies hide behind attention.\n"
+               "  --gpus W ranks in all, in sequence-parallel groups of --sp N (default N = W): the ZeRO shards\n"
+               "  divide by W, the sequence's store by N. With --doc-len L, the attention blocks --doc-mask 1\n"
+               "  skips on documents of L tokens each.\n"
                "  Defaults: one GPU, offload 1 when chunked (train defaults to 0: pass --offload to match a run),\n"
                "  80 GiB GPU, 512 GiB host, 400 TFLOP/s, 50 GB/s, bf16 (a GPU run's default precision).\n\n");
         print_models();
@@ -149,31 +156,40 @@ static int cmd_plan(int argc, char** argv) {
     RunCfg r;
     r.seq = a.integer("seq", 0, 1, 1ll << 40);
     r.chunk = a.integer("chunk-size", r.seq, 1, 1ll << 40);
-    r.P = (int)a.integer("gpus", 1, 1, 1 << 16);
+    r.world = (int)a.integer("gpus", 1, 1, 1 << 16);
+    r.P = (int)a.integer("sp", r.world, 1, 1 << 16);
+    std::string err = check_layout(r.world, r.P, r.world);  // a batch that fits any layout: bytes per rank do not depend on it
+    if (!err.empty()) fatal_all("%s", err.c_str());
     r.offload = a.flag01("offload", r.chunk < r.seq);
     r.zero = (int)a.integer("zero", 0, 0, 3);
     r.bf16 = precision_bf16(a, true);  // a plan is for a GPU run
     const double gpu_mem = a.real("gpu-mem", 80, 0, 1e6) * 1073741824.0, host_mem = a.real("host-mem", 512, 0, 1e9) * 1073741824.0;
     const double flops = a.real("tflops", 400, 1e-3, 1e6) * 1e12, bw = a.real("link-gbps", 50, 1e-3, 1e6) * 1e9;
-    std::string err = check_shape(c, r);
-    if (!err.empty()) fatal_all("%s", err.c_str());
+    if (!(err = check_shape(c, r)).empty()) fatal_all("%s", err.c_str());
     size_t dev, host;
     Model M;
     plan_sizes(c, r, &dev, &host, &M);
     std::map<std::string, size_t> parts[2];
     for (auto& it : M.dev.items) parts[0][it.first.rfind("store:", 0) == 0 ? "store chunks (device)" : it.first] += it.second;
     for (auto& it : M.host.items) parts[1][it.first.rfind("store:", 0) == 0 ? "store (sequence-sized)" : it.first] += it.second;
-    printf("plan: model %s, seq %zu, chunk %zu (%d chunks), %d rank(s), offload %s, ZeRO stage %d, %s\n", c.name, r.seq,
-           M.C, M.u, r.P, r.offload ? "on" : "off", r.zero, r.bf16 ? "bf16" : "fp32");
+    const std::string groups = r.P < r.world ? " (" + std::to_string(r.world / r.P) + " replicas x sp " + std::to_string(r.P) + ")" : "";
+    printf("plan: model %s, seq %zu, chunk %zu (%d chunks), %d rank(s)%s, offload %s, ZeRO stage %d, %s\n", c.name, r.seq,
+           M.C, M.u, r.world, groups.c_str(), r.offload ? "on" : "off", r.zero, r.bf16 ? "bf16" : "fp32");
     printf("  bytes per rank:\n");
     const char* where[2] = {"device", "host"};
     for (int k = 0; k < 2; k++) {
         printf("  %-6s %10.1f MiB\n", where[k], (k ? host : dev) / 1048576.0);
         for (auto& it : parts[k]) printf("    %-42s %10.1f MiB\n", it.first.c_str(), it.second / 1048576.0);
     }
-    printf("  fits: device %s (%.1f of %.1f GiB), host %s (%.1f of %.1f GiB)\n", dev <= gpu_mem ? "yes" : "NO",
-           dev / 1073741824.0, gpu_mem / 1073741824.0, host <= host_mem ? "yes" : "NO", host / 1073741824.0,
-           host_mem / 1073741824.0);
+    // what a GPU run allocates after its arena (CUDA's kernels, cuBLAS, with several ranks NCCL): kept aside
+    const size_t room = gpu_headroom(r.P > 1);
+    printf("  headroom outside the device arena %.1f MiB: CUDA's kernels and cuBLAS %.1f", room / 1048576.0,
+           GPU_HEADROOM_KERNELS / 1048576.0);
+    if (r.P > 1) printf(", NCCL %.1f", GPU_HEADROOM_NCCL / 1048576.0);
+    printf(" (stated, not yet measured)\n");
+    printf("  fits: device %s (%.1f + %.1f headroom of %.1f GiB), host %s (%.1f of %.1f GiB)\n",
+           dev + room <= gpu_mem ? "yes" : "NO", dev / 1073741824.0, room / 1073741824.0, gpu_mem / 1073741824.0,
+           host <= host_mem ? "yes" : "NO", host / 1073741824.0, host_mem / 1073741824.0);
     // Longest sequence at this chunk size: device bytes do not grow with S once offloaded, host
     // bytes grow linearly; search over multiples of the chunk.
     size_t lo = 0, hi = 1;
@@ -183,7 +199,7 @@ static int cmd_plan(int argc, char** argv) {
         t.offload = r.offload && units > 1;
         size_t dv, hs;
         plan_sizes(c, t, &dv, &hs);
-        return dv <= gpu_mem && hs <= host_mem;
+        return dv + room <= gpu_mem && hs <= host_mem;
     };
     const size_t max_units = (size_t)INT32_MAX / M.C;  // positions are int32 (RoPE)
     while (hi <= max_units && fits(hi)) lo = hi, hi *= 2;
@@ -248,7 +264,8 @@ static int cmd_bench(int argc, char** argv) {
         printf("usage: ./fpdt bench [--device auto|cpu|gpu] [--size N] [--seq S] [--heads H] [--kv-heads K]\n"
                "                    [--head-dim D] [--reps R]\n"
                "  times an N x N x N matmul (fp32 and bf16 operands), one causal attention block of S tokens\n"
-               "  (forward; backward with delta) and, on a GPU, pinned copies of its q each way.\n"
+               "  (forward; backward with delta) and, on a GPU, pinned copies of its q each way. On the CPU\n"
+               "  it first measures the vector unit's peak fp32 rate and gives each kernel's share of it.\n"
                "  Defaults on a GPU: N 8192, S 8192, H 32, K = H, D 128 (the peer's attention case);\n"
                "  on the CPU: N 512, S 1024, H 4, D 64. R 5.\n");
         return 0;
@@ -297,14 +314,26 @@ static int cmd_bench(int argc, char** argv) {
     OP(&ctx, to_bf16, Ab, A, N * N);
     OP(&ctx, to_bf16, Bb, B, N * N);
     printf("bench | %s | reps %d, median after one warm-up | %s\n", device_name(ctx).c_str(), reps, now_iso().c_str());
+    // on the CPU: the vector unit's measured peak, and each kernel's share of it
+    const double peak = on_gpu ? 0.0 : cpu_peak_flops(0.3);
+    if (!on_gpu)
+        printf("cpu peak fp32: %.3g TFLOP/s (%s, %d threads: an FMA loop on every thread)\n", peak / 1e12,
+               cpu_simd_name(), omp_get_max_threads());
+    auto share = [&](double flops_per_s) {
+        char buf[32] = "";
+        const double pct = 100 * flops_per_s / peak;
+        if (peak > 0) snprintf(buf, sizeof buf, pct >= 10 ? " (%.0f%% of peak)" : " (%.2g%% of peak)", pct);
+        return std::string(buf);
+    };
 
     const double mm = 2.0 * N * N * N;
     const double t32 = median_seconds(&ctx, reps, [&] { MATMUL(&ctx, matmul_forward, Cm, A, B, nullptr, N, (int)N, (int)N); });
     const double t16 = median_seconds(&ctx, reps, [&] {
         MATMUL(&ctx, matmul_forward, Cm, (const bf16*)Ab, (const bf16*)Bb, nullptr, N, (int)N, (int)N);
     });
-    printf("matmul fp32 N=%zu: %.3f ms, %.3g TFLOP/s\n", N, t32 * 1e3, mm / t32 / 1e12);
-    printf("matmul bf16 N=%zu: %.3f ms, %.3g TFLOP/s (fp32 sums)\n", N, t16 * 1e3, mm / t16 / 1e12);
+    printf("matmul fp32 N=%zu: %.3f ms, %.3g TFLOP/s%s\n", N, t32 * 1e3, mm / t32 / 1e12, share(mm / t32).c_str());
+    printf("matmul bf16 N=%zu: %.3f ms, %.3g TFLOP/s%s (fp32 sums)\n", N, t16 * 1e3, mm / t16 / 1e12,
+           share(mm / t16).c_str());
 
     const double af = 2.0 * S * S * H * D;
     const double tf = median_seconds(&ctx, reps, [&] {
@@ -319,8 +348,9 @@ static int cmd_bench(int argc, char** argv) {
         OP(&ctx, attention_delta, delta, dout, o, S, H, D);
         OP(&ctx, attention_backward, dq, dk, dv, dout, q, k, v, lse, delta, S, S, H, KV, D, true);
     });
-    printf("attention causal S=%zu H=%d KV=%d D=%d fp32: fwd %.3f ms %.3g TFLOP/s, bwd %.3f ms %.3g TFLOP/s\n", S, H,
-           KV, D, tf * 1e3, af / tf / 1e12, tb * 1e3, 2.5 * af / tb / 1e12);
+    printf("attention causal S=%zu H=%d KV=%d D=%d fp32: fwd %.3f ms %.3g TFLOP/s%s, bwd %.3f ms %.3g TFLOP/s%s\n", S,
+           H, KV, D, tf * 1e3, af / tf / 1e12, share(af / tf).c_str(), tb * 1e3, 2.5 * af / tb / 1e12,
+           share(2.5 * af / tb).c_str());
 #ifdef __CUDACC__
     if (on_gpu) {
         const size_t bytes = qn * sizeof(float);
@@ -345,6 +375,8 @@ static void usage() {
     printf("fpdt: train GPT- and Llama-style models on very long sequences with the Fully Pipelined\n"
            "Distributed Transformer (chunked attention, host offload, Ulysses sequence parallelism).\n\n"
            "usage: ./fpdt train  [flags]   train (./fpdt train --help); mpirun -np P ./fpdt train ... for P ranks\n"
+           "       ./fpdt eval --init DIR [--seq S] [--needle]   a checkpoint's held-out loss by position,\n"
+           "                                 retrieval by distance, the needle grid (./fpdt eval --help)\n"
            "       ./fpdt sample --out DIR  generate from a checkpoint\n"
            "       ./fpdt plan --model M --seq S [--chunk-size C] [--gpus P]   memory and chunk-size plan\n"
            "       ./fpdt bench [--device gpu]   time the building blocks (matmul, attention, copies)\n");
@@ -394,12 +426,18 @@ int main(int argc, char** argv) {
         static char* av[] = {argv[0], train, nullptr};
         argv = av, argc = 2;
     }
-    if (cmd == "train") rc = cmd_train(argc, argv);
-    else if (cmd == "sample") rc = cmd_sample(argc, argv);
-    else if (cmd == "plan") rc = cmd_plan(argc, argv);
-    else if (cmd == "bench") rc = cmd_bench(argc, argv);
-    else if (cmd == "-h" || cmd == "--help" || cmd == "help") usage(), rc = 0;
-    else fatal_all("unknown command '%s' (expected train, sample, plan or bench; see ./fpdt --help)", cmd.c_str());
+    try {  // every size from the input is checked before it is allocated; this catches what was not
+        if (cmd == "train") rc = cmd_train(argc, argv);
+        else if (cmd == "eval") rc = cmd_eval(argc, argv);
+        else if (cmd == "sample") rc = cmd_sample(argc, argv);
+        else if (cmd == "plan") rc = cmd_plan(argc, argv);
+        else if (cmd == "bench") rc = cmd_bench(argc, argv);
+        else if (cmd == "-h" || cmd == "--help" || cmd == "help") usage(), rc = 0;
+        else fatal_all("unknown command '%s' (expected train, eval, sample, plan or bench; see ./fpdt --help)", cmd.c_str());
+    } catch (const std::bad_alloc&) {
+        fatal("out of memory: an allocation failed (this machine has %.1f GiB; a ulimit or cgroup may allow less); "
+              "./fpdt plan shows what a run needs", machine_memory_bytes() / 1073741824.0);
+    }
     comm_finalize();
     return rc;
 }

@@ -5,8 +5,9 @@
 // What runs a pass over this model is in schedule.h; the all-to-all in ulysses.h; the sharding
 // and the optimizer step in zero.h. Each of those includes this file; this file includes none of them.
 //
-// Notation: S sequence length (global), P ranks, C chunk length (global), u = S/C chunks,
-// cl = C/P tokens of a chunk on this rank, H/Hkv query/kv heads, Hl/Hkvl the heads of this rank
+// Notation: S sequence length (global), P ranks of the sequence-parallel group (--sp), W ranks in
+// all (the world: W / P data-parallel replicas of the group), C chunk length (global), u = S/C
+// chunks, cl = C/P tokens of a chunk on this rank, H/Hkv query/kv heads, Hl/Hkvl the heads of this rank
 // after the all-to-all, D head size, d model width, V vocab, L layers, F the MLP's hidden width
 // (F2 = 2F for SwiGLU's gate and up halves), Q3 = (H + 2 Hkv) D the QKV projection's width.
 #pragma once
@@ -163,13 +164,31 @@ struct RunCfg {
     size_t seq = 0, chunk = 0;  // global S and C (chunk 0 = the whole sequence)
     bool offload = false;
     int zero = 0;       // ZeRO stage (zero.h): 1 optimizer state, 2 and gradients, 3 and weights sharded
-    int P = 1, rank = 0;
+    int P = 1, rank = 0;  // the sequence-parallel group (--sp): its ranks, and this rank in it
+    int world = 1, world_rank = 0;  // every rank (W = P x replicas): the ZeRO shards and checkpoints are cut W ways
+    int batch = 1;        // B: sequences per optimizer step, all replicas together; the loss is the mean over B S tokens
     size_t device_cap = 0, host_cap = 0;  // refuse to start above these bytes (0 = no limit)
     size_t head_rows = 0;                 // LM head rows at once (0: as many as fit 64M logits)
     size_t mlp_rows = 0;                  // MLP rows at once (0: as many as fit 64M hidden values)
     bool bf16 = false;  // --precision bf16: bf16 matmul operands and bf16 sequence-sized stores (see below)
     int32_t doc_bos = -1;  // --doc-mask 1: the token that starts a document (data.h's TOK_BOS); -1: one document
 };
+
+// The world's layout: W ranks in groups of N (--sp), B sequences a step (--batch) spread over the
+// R = W / N replicas. Returns "" or one line saying what is wrong.
+static inline std::string check_layout(int W, int N, long long B) {
+    char b[512];
+    const int R = N >= 1 && N <= W && W % N == 0 ? W / N : 1;
+    if (N < 1 || N > W) snprintf(b, sizeof b, "--sp %d: a sequence-parallel group of 1 to %d ranks (there are %d)", N, W, W);
+    else if (W % N) snprintf(b, sizeof b, "--sp %d does not divide the %d ranks into sequence-parallel groups (W %% N must be 0)", N, W);
+    else if (B < 1) snprintf(b, sizeof b, "--batch %lld: at least one sequence per step", B);
+    else if (B % R) snprintf(b, sizeof b, "--batch %lld is not a multiple of the %d data-parallel replicas (%d ranks / --sp %d; B %% R must be 0)", B, R, W, N);
+    else return "";
+    return b;
+}
+
+// " of a sequence-parallel group (--sp)" when the group is not every rank, for messages.
+static inline const char* sp_words(const RunCfg& r) { return r.P < r.world ? " of a sequence-parallel group (--sp)" : ""; }
 
 // Checks every divisibility rule; returns "" or one line saying what is wrong.
 static inline std::string check_shape(const Config& c, const RunCfg& r) {
@@ -182,9 +201,9 @@ static inline std::string check_shape(const Config& c, const RunCfg& r) {
     else if (r.seq < 1) snprintf(b, sizeof b, "--seq must be at least 1");
     else if (r.seq > (size_t)INT32_MAX) snprintf(b, sizeof b, "--seq %zu: positions past 2^31-1 = 2147483647 do not fit the int32 positions RoPE is given", r.seq);
     else if (r.seq % C) snprintf(b, sizeof b, "--chunk-size %zu does not divide --seq %zu (S %% C must be 0)", C, r.seq);
-    else if (C % r.P) snprintf(b, sizeof b, "--chunk-size %zu is not a multiple of the %d ranks (C %% P must be 0)", C, r.P);
-    else if (c.n_head % r.P) snprintf(b, sizeof b, "model %s has %d heads, not a multiple of the %d ranks (H %% P must be 0)", c.name, c.n_head, r.P);
-    else if (c.n_kv_head % r.P && r.P % c.n_kv_head) snprintf(b, sizeof b, "model %s has %d kv heads; with %d ranks one must divide the other", c.name, c.n_kv_head, r.P);
+    else if (C % r.P) snprintf(b, sizeof b, "--chunk-size %zu is not a multiple of the %d ranks%s (C %% P must be 0)", C, r.P, sp_words(r));
+    else if (c.n_head % r.P) snprintf(b, sizeof b, "model %s has %d heads, not a multiple of the %d ranks%s (H %% P must be 0)", c.name, c.n_head, r.P, sp_words(r));
+    else if (c.n_kv_head % r.P && r.P % c.n_kv_head) snprintf(b, sizeof b, "model %s has %d kv heads; with %d ranks%s one must divide the other", c.name, c.n_kv_head, r.P, sp_words(r));
     else if (r.offload && C == r.seq) snprintf(b, sizeof b, "--offload 1 needs chunking: set --chunk-size below --seq %zu (one chunk leaves nothing to stream)", r.seq);
     else return "";
     return b;
@@ -207,7 +226,7 @@ struct Model {
     // memory
     Arena dev, host;
     std::vector<ParamInfo> table;
-    size_t n_params = 0, n_padded = 0, shard_n = 0;  // padded to a multiple of P; shard_n = n_padded / P under ZeRO
+    size_t n_params = 0, n_padded = 0, shard_n = 0;  // padded to a multiple of W; shard_n = n_padded / W under ZeRO
     float* params;      // (n_padded) the fp32 weights; ZeRO-3: (shard_n) this rank's slice only
     float* grads;       // (n_padded) ZeRO 0/1; null under ZeRO-2/3
     float* grad_shard;  // (shard_n) this rank's summed gradients: ZeRO-1 on P > 1 ranks, ZeRO-2/3
@@ -252,8 +271,11 @@ struct Model {
     double* acc;                  // (2) device: this pass's loss sum; the gradient's sum of squares
     double* scratch;              // (sumsq_gpu_scratch) device partial sums for the sum of squares
     int32_t* preds;               // host (Sl): argmax prediction at every input position
+    float* token_loss;            // host (Sl): the loss of the token predicted at every input position
     float* stage = nullptr;       // host (2 C Hl D, or the gradients): MPI staging of device buffers
     bool nccl = false;            // GPU buffers move by NCCL (set before model_create)
+    size_t gpu_free_before = 0;   // GPU: its free bytes just before the arena was taken (gpu_memory_after_step)
+    bool accumulate = false;      // this pass adds its gradients to those of the step's earlier sequences
     float* logits_out = nullptr;  // test hook: if set, (Sl, V) host logits are written here
     // packed documents (run.doc_bos >= 0), set with each sequence's tokens (model_set_docs)
     std::vector<int32_t> doc_starts;  // global positions of the documents' first tokens, ascending, 0 first
@@ -302,7 +324,7 @@ static inline void model_layout(Model* M) {
                            : arena_alloc<float>(dev, M->n_padded, "weights");
     M->grads = stage <= 1 ? arena_alloc<float>(dev, M->n_padded, "gradients") : nullptr;
     // ZeRO-1 on one rank: its shard is the whole array, updated where it is
-    M->grad_shard = stage == 1 && M->run.P > 1 ? arena_alloc<float>(dev, M->shard_n, "optimizer: gradient shard")
+    M->grad_shard = stage == 1 && M->run.world > 1 ? arena_alloc<float>(dev, M->shard_n, "optimizer: gradient shard")
                     : stage >= 2 ? arena_alloc<float>(dev, M->shard_n, "gradients (this rank's shard)") : nullptr;
     if (stage >= 2) {
         for (float*& b : M->gbuf) b = arena_alloc<float>(dev, M->group_max, "gradients: layer in flight (x2)");
@@ -360,9 +382,20 @@ static inline void model_layout(Model* M) {
     M->acc = arena_alloc<double>(dev, 2, "working set");
     M->scratch = arena_alloc<double>(dev, sumsq_gpu_scratch(M->shard_n), "working set");
     M->preds = arena_alloc<int32_t>(host, M->Sl, "predictions");
-    if (M->ctx.gpu && M->run.P > 1 && !M->nccl)  // MPI reads host memory: device buffers are staged through it
+    M->token_loss = arena_alloc<float>(host, M->Sl, "predictions");
+    if (M->ctx.gpu && M->run.world > 1 && !M->nccl)  // MPI reads host memory: device buffers are staged through it
         M->stage = arena_alloc<float>(host, std::max({2 * qc, M->n_padded + M->shard_n, 2 * V_d, 2 * M->group_max}), "MPI staging");
 }
+
+// Device memory a GPU run allocates after its arena is taken, which the free-memory check at the
+// start keeps aside (the CUDA context exists by then, so it is not in the free memory): the
+// kernels CUDA loads lazily at their first launch (fpdt's and cuBLAS's), cuBLAS's workspaces, and
+// with NCCL the buffers of its connections, which open at the first collectives. STATED, NOT
+// MEASURED: no GPU has run fpdt yet. A GPU run prints what it took after its first step
+// (gpu_memory_after_step; test/gpu_check.sh collects the line); measured numbers go here.
+static const size_t GPU_HEADROOM_KERNELS = (size_t)512 << 20;  // lazily loaded kernels, cuBLAS workspaces
+static const size_t GPU_HEADROOM_NCCL = (size_t)512 << 20;     // NCCL's connection buffers
+static inline size_t gpu_headroom(bool nccl) { return GPU_HEADROOM_KERNELS + (nccl ? GPU_HEADROOM_NCCL : 0); }
 
 static inline void reset_arenas(Model* M) {
     M->dev = arena_new("device", Mem::Device);
@@ -376,6 +409,7 @@ static inline void model_create(Model* M, const Config& c, const RunCfg& r, bool
     if (!err.empty()) fatal_all("%s", err.c_str());
     M->cfg = c;
     M->run = r;
+    if (r.world < r.P) M->run.world = r.P, M->run.world_rank = r.rank;  // a shape that names only the group: it is the world
     M->D = head_dim(c);
     M->Hl = c.n_head / r.P;
     M->Hkvl = c.n_kv_head >= r.P ? c.n_kv_head / r.P : 1;
@@ -394,26 +428,40 @@ static inline void model_create(Model* M, const Config& c, const RunCfg& r, bool
                          M->hr * std::max(d, (size_t)c.vocab)});
     M->rms = c.family == LLAMA;
     M->table = param_table(c, &M->n_params);
-    M->n_padded = align_up(M->n_params, r.P);
-    M->shard_n = r.zero ? M->n_padded / r.P : M->n_padded;
+    M->n_padded = align_up(M->n_params, M->run.world);
+    M->shard_n = r.zero ? M->n_padded / M->run.world : M->n_padded;
     model_set_groups(M);
     reset_arenas(M);
     M->dev.count_only = M->host.count_only = true;
     model_layout(M);  // dry run: how much of each
     if (count_only) return;
     size_t need_dev = M->dev.peak, need_host = M->host.peak;
-    // The device limit: --device-mem, or what the GPU has free, whichever is less. Above it, say
-    // what would fit: the longest chunk (a divisor of S, a multiple of P) that, offloaded, does.
+    // The device limit: --device-mem, or this rank's share of what the GPU has free less the
+    // headroom, whichever is less. Above it, say what would fit: the longest chunk (a divisor of S,
+    // a multiple of P) that, offloaded, does.
     size_t dev_limit = r.device_cap;
+    bool limited = dev_limit > 0;
     const char* limit = "--device-mem allows";
+    std::string limit_why;  // how the GPU's limit came about
 #ifdef __CUDACC__
     if (M->ctx.gpu) {
+        const std::string why = attention_gpu_fits(M->D);  // head size 512 on a GPU with 99 KiB per block
+        if (!why.empty()) fatal("model %s: %s", c.name, why.c_str());
         size_t free_b = 0, total_b = 0;
         CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
-        if (!dev_limit || free_b < dev_limit) dev_limit = free_b, limit = "the GPU has free";
+        M->gpu_free_before = free_b;
+        const int sharers = M->ctx.g->sharers;  // ranks on this GPU: each plans for its share
+        const size_t share = free_b / sharers, room = gpu_headroom(M->nccl), usable = share > room ? share - room : 0;
+        if (!dev_limit || usable < dev_limit) {
+            char b[256];
+            snprintf(b, sizeof b, " (%.1f MiB free%s, less %.1f MiB of headroom for CUDA's kernels, cuBLAS%s)",
+                     free_b / 1048576.0, sharers > 1 ? (", shared by " + std::to_string(sharers) + " ranks").c_str() : "",
+                     room / 1048576.0, M->nccl ? " and NCCL" : "");
+            dev_limit = usable, limited = true, limit = "the GPU allows", limit_why = b;
+        }
     }
 #endif
-    if (dev_limit && dev_limit < need_dev) {
+    if (limited && dev_limit < need_dev) {
         std::vector<size_t> chunks;  // divisors of S, largest first
         for (size_t k = 1; k * k <= r.seq; k++)
             if (r.seq % k == 0) chunks.push_back(k), chunks.push_back(r.seq / k);
@@ -431,14 +479,21 @@ static inline void model_create(Model* M, const Config& c, const RunCfg& r, bool
             break;
         }
         char msg[768];
-        snprintf(msg, sizeof msg, "device memory: this run needs %.1f MiB but %s %.1f MiB; %s; see ./fpdt plan",
-                 need_dev / 1048576.0, limit, dev_limit / 1048576.0, hint);
+        snprintf(msg, sizeof msg, "device memory: this run needs %.1f MiB but %s %.1f MiB%s; %s; see ./fpdt plan",
+                 need_dev / 1048576.0, limit, dev_limit / 1048576.0, limit_why.c_str(), hint);
         if (dev_limit != r.device_cap) fatal("%s", msg);  // this GPU's own free memory: maybe this rank alone
         fatal_all("%s", msg);
     }
     if (r.host_cap && r.host_cap < need_host)
         fatal_all("host memory: this run's host store needs %.1f MiB but --host-mem allows %.1f MiB "
                   "(shorten --seq or add ranks)", need_host / 1048576.0, r.host_cap / 1048576.0);
+    // host memory (the CPU backend's "device" arena is host memory too), for every rank on this
+    // machine, against what the machine has: a model from a forged manifest is refused here
+    const int local = std::max(1, comm_world().local_size);
+    const double host_bytes = ((double)need_host + (M->ctx.gpu ? 0.0 : (double)need_dev)) * local;
+    err = check_host_bytes(std::string("host memory: this run's arenas") + (local > 1 ? " (" + std::to_string(local) +
+                           " ranks on this machine)" : std::string()), host_bytes);
+    if (!err.empty()) fatal("%s; see ./fpdt plan", err.c_str());
     reset_arenas(M);
     M->dev.cap = need_dev;
     M->host.cap = std::max<size_t>(need_host, 256);
@@ -453,6 +508,34 @@ static inline void model_create(Model* M, const Config& c, const RunCfg& r, bool
             CUDA_CHECK(cudaEventCreateWithFlags(&M->zero_gathered[k], cudaEventDisableTiming));
             CUDA_CHECK(cudaEventCreateWithFlags(&M->zero_rs_done[k], cudaEventDisableTiming));
         }
+#endif
+}
+
+// After a GPU run's first step: what this process has allocated on the GPU outside its arena
+// since the arena was taken (CUDA's lazily loaded kernels, cuBLAS's workspaces, NCCL's buffers),
+// against the headroom the start kept aside for it, in one line; *over when it took more (a run
+// planned at the limit could then fail). On a GPU that several ranks share, the figure is all of
+// theirs together, against all of their headroom. "" on the CPU.
+static inline std::string gpu_memory_after_step(const Model* M, int step, bool* over) {
+    *over = false;
+#ifdef __CUDACC__
+    if (!M->ctx.gpu) return "";
+    size_t free_b = 0, total_b = 0;
+    CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
+    const int sharers = M->ctx.g->sharers;
+    const double outside = ((double)M->gpu_free_before - (double)M->dev.cap * sharers - (double)free_b) / 1048576.0;
+    const double kept = (double)gpu_headroom(M->nccl) * sharers / 1048576.0;
+    *over = outside > kept;
+    char b[512];
+    snprintf(b, sizeof b, "memory after step %d (GPU): arena %.1f MiB, outside it %.1f MiB%s (CUDA's kernels, cuBLAS%s; "
+             "headroom kept %.1f MiB), %.1f of %.1f MiB free%s", step, M->dev.cap / 1048576.0, std::max(0.0, outside),
+             sharers > 1 ? (" for the " + std::to_string(sharers) + " ranks on this GPU").c_str() : "",
+             M->nccl ? ", NCCL" : "", kept, free_b / 1048576.0, total_b / 1048576.0,
+             *over ? "; MORE than the headroom kept (model.h, GPU_HEADROOM_*): a run planned at the limit could fail" : "");
+    return b;
+#else
+    (void)M, (void)step;
+    return "";
 #endif
 }
 
@@ -483,7 +566,7 @@ static inline void model_init_params(Model* M, uint64_t seed) {
         const float std = 0.02f / (resid ? sqrtf(2.0f * M->cfg.n_layer) : 1.0f);
         for (size_t i = 0; i < p.numel(); i++) x[i] = norm_w ? 1.0f : bias ? 0.0f : std * rng_normal(&rng);
     }
-    if (M->run.zero >= 3) dev_upload(&M->ctx, M->params, host.data() + M->run.rank * M->shard_n, M->shard_n * sizeof(float));
+    if (M->run.zero >= 3) dev_upload(&M->ctx, M->params, host.data() + M->run.world_rank * M->shard_n, M->shard_n * sizeof(float));
     else dev_upload(&M->ctx, M->params, host.data(), M->n_padded * sizeof(float));
     dev_zero(&M->ctx, M->opt_m, M->shard_n * sizeof(float));
     dev_zero(&M->ctx, M->opt_v, M->shard_n * sizeof(float));
@@ -518,7 +601,7 @@ static inline double docs_skipped_share(const std::vector<int>& first_kv) {
 // (counting from 0 at each document's start) and each token's document start, on the host.
 static inline void model_set_docs(Model* M, const std::vector<int32_t>& mine) {
     if (M->run.doc_bos < 0) return;
-    std::vector<int32_t> starts = comm_allgather_i32(mine);
+    std::vector<int32_t> starts = comm_sp_allgather_i32(mine);
     starts.push_back(0);  // the sequence's first token starts a document, BOS or not
     std::sort(starts.begin(), starts.end());
     starts.erase(std::unique(starts.begin(), starts.end()), starts.end());

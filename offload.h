@@ -17,6 +17,9 @@
 // Slots, by name (the schedule never writes a bare slot number):
 //   slot_of(i)   chunk i of a store read in order: chunks alternate between slots 0 and 1, so
 //                chunk i+1 is fetched into one while chunk i is read from the other
+//   slot_of(i, flip)  the same alternation, swapped when flip is 1: for a store read in several
+//                runs, each run starting in the slot the run before did not end in (phase 2's
+//                query side), so a run's first chunk can come in while the last one's is in use
 //   SLOT_NEW     slot 2: the chunk being produced (a layer output, q/k/v, lse, dO, delta), while
 //                slots 0 and 1 still hold chunks being read
 //   SLOT_SINGLE  slot 0, for a store read one chunk at a time, nothing fetched ahead (phase 2 of
@@ -213,21 +216,21 @@ static inline void dev_sync(Ctx* ctx) {
 // The host store
 
 enum { SLOT_SINGLE = 0, SLOT_NEW = 2 };            // see the header
-static inline int slot_of(int chunk) { return chunk % 2; }
+static inline int slot_of(int chunk, int flip = 0) { return (chunk + flip) % 2; }
 
 struct CUevent_st;
 struct ChunkStore {
     const char* name = "";
     size_t chunk_bytes = 0;  // bytes per chunk on the device (in a slot)
     size_t host_bytes = 0;   // bytes per chunk where the data lives (half of chunk_bytes when compact)
-    int nchunks = 0;
+    size_t nchunks = 0;      // 64 bits: (layers + 1) x chunks for the layer inputs can pass 2^31
     bool on_host = false;  // offloaded: data in the host arena, staged through slots
     bool compact = false;  // on_host with fp32 slots and a bf16 host copy
     char* data = nullptr;  // (nchunks, host_bytes), host arena if on_host, else device arena
     char* slot[3] = {};    // device staging buffers (only when on_host)
     bf16 *wire_in = nullptr, *wire_out = nullptr;  // (chunk_bytes / 4) device: the bf16 side of the copies (compact)
     int nslots = 0;
-    int in_slot[3] = {-1, -1, -1};  // which chunk a slot was last filled with (for checks)
+    int64_t in_slot[3] = {-1, -1, -1};  // which chunk a slot was last filled with (for checks)
     // GPU events (cudaEvent_t is CUevent_st*; declared in every build so that code compiled by g++
     // and by nvcc agrees on the layout of this struct and of Model): per slot, its copy-in landed
     // and its last copy-out finished; per chunk, its last copy-out finished (a fetch of that chunk
@@ -239,7 +242,7 @@ struct ChunkStore {
 // Takes the store's memory: the chunks from the host arena (offload) or the device arena, and
 // nslots device staging buffers when offloaded. bf16: an offloaded store of fp32 values keeps its
 // host copy in bf16 (the values must be bf16-rounded when put); without offload it changes nothing.
-static inline void store_init(Ctx* ctx, ChunkStore* s, const char* name, size_t chunk_bytes, int nchunks,
+static inline void store_init(Ctx* ctx, ChunkStore* s, const char* name, size_t chunk_bytes, size_t nchunks,
                               bool offload, int nslots, Arena* dev, Arena* host, bool bf16_host = false) {
     s->name = name;
     s->chunk_bytes = chunk_bytes;
@@ -284,8 +287,8 @@ static inline void store_free(Ctx* ctx, ChunkStore* s) {
     (void)ctx, (void)s;
 }
 
-static inline char* store_host_ptr(ChunkStore* s, int chunk) {
-    if (chunk < 0 || chunk >= s->nchunks) fatal("internal: store %s has no chunk %d", s->name, chunk);
+static inline char* store_host_ptr(ChunkStore* s, int64_t chunk) {
+    if (chunk < 0 || (size_t)chunk >= s->nchunks) fatal("internal: store %s has no chunk %lld", s->name, (long long)chunk);
     return s->data + (size_t)chunk * s->host_bytes;
 }
 
@@ -301,7 +304,7 @@ static inline void stream_after(cudaStream_t to, cudaStream_t from) {
 }
 #endif
 
-static inline void store_prefetch(Ctx* ctx, ChunkStore* s, int chunk, int slot) {
+static inline void store_prefetch(Ctx* ctx, ChunkStore* s, int64_t chunk, int slot) {
     if (!s->on_host) return;
     s->in_slot[slot] = chunk;
 #ifdef __CUDACC__
@@ -329,9 +332,9 @@ static inline void store_prefetch(Ctx* ctx, ChunkStore* s, int chunk, int slot) 
 }
 
 template <typename T = float>
-static inline T* store_use(Ctx* ctx, ChunkStore* s, int chunk, int slot) {
+static inline T* store_use(Ctx* ctx, ChunkStore* s, int64_t chunk, int slot) {
     if (!s->on_host) return (T*)store_host_ptr(s, chunk);
-    if (s->in_slot[slot] != chunk) fatal("internal: %s chunk %d used before it was prefetched", s->name, chunk);
+    if (s->in_slot[slot] != chunk) fatal("internal: %s chunk %lld used before it was prefetched", s->name, (long long)chunk);
 #ifdef __CUDACC__
     if (ctx->gpu) CUDA_CHECK(cudaStreamWaitEvent(ctx->g->compute, s->ready[slot], 0));
 #endif
@@ -340,7 +343,7 @@ static inline T* store_use(Ctx* ctx, ChunkStore* s, int chunk, int slot) {
 }
 
 template <typename T = float>
-static inline T* store_produce(Ctx* ctx, ChunkStore* s, int chunk, int slot) {
+static inline T* store_produce(Ctx* ctx, ChunkStore* s, int64_t chunk, int slot) {
     if (!s->on_host) return (T*)store_host_ptr(s, chunk);
     s->in_slot[slot] = chunk;
 #ifdef __CUDACC__
@@ -353,7 +356,7 @@ static inline T* store_produce(Ctx* ctx, ChunkStore* s, int chunk, int slot) {
     return (T*)s->slot[slot];
 }
 
-static inline void store_put(Ctx* ctx, ChunkStore* s, int chunk, int slot) {
+static inline void store_put(Ctx* ctx, ChunkStore* s, int64_t chunk, int slot) {
     if (!s->on_host) return;
 #ifdef __CUDACC__
     if (ctx->gpu) {
@@ -379,7 +382,7 @@ static inline void store_put(Ctx* ctx, ChunkStore* s, int chunk, int slot) {
 }
 
 // A chunk's value from ordinary host memory (set-up: the tokens of a step).
-static inline void store_write(Ctx* ctx, ChunkStore* s, int chunk, const void* src) {
+static inline void store_write(Ctx* ctx, ChunkStore* s, int64_t chunk, const void* src) {
     if (s->compact) fatal("internal: store_write to the bf16 store %s", s->name);
     if (s->on_host) {
         dev_sync(ctx);  // no copy still reading the old value

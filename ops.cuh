@@ -8,7 +8,11 @@
 // index, never over a reduction, so results do not depend on the thread count.
 #pragma once
 #include <cmath>
+#include <type_traits>
 #include "common.h"
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 // ----------------------------------------------------------------------------
 // CUDA twins. Each CPU op foo_cpu(args) has a launcher foo_gpu(stream, args) right below it with
@@ -121,16 +125,96 @@ static inline int cpu_simd() {
 }
 #endif
 
+// Threads a parallel loop here runs on (1 in a build without OpenMP).
+static inline int cpu_threads() {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+// The instruction set of the variant in use, for what bench prints.
+static inline const char* cpu_simd_name() {
+#ifdef CPU_SIMD_VARIANTS
+    return cpu_simd() == 2 ? "AVX-512" : cpu_simd() == 1 ? "AVX2 + FMA" : "baseline x86-64";
+#else
+    return "baseline";
+#endif
+}
+
+// The peak fp32 rate of the vector unit, measured: 12 independent chains x = x * b + c, each on a
+// whole vector register of W floats (12 chains hide the latency of two pipelined FMA units),
+// for `rounds` rounds. Returns the floating-point operations done (2 per element and round).
+// x0 keeps the compiler from computing the result ahead.
+template <int W>
+static inline __attribute__((always_inline)) double cpu_fma_chains(long rounds, float x0, float* out) {
+    float x[12][W];
+    for (int i = 0; i < 12; i++)
+        for (int j = 0; j < W; j++) x[i][j] = x0 + 0.01f * (i * W + j);
+    for (long r = 0; r < rounds; r++)
+        for (int i = 0; i < 12; i++)
+#pragma omp simd
+            for (int j = 0; j < W; j++) x[i][j] = x[i][j] * 0.9999f + 0.0001f;
+    float sum = 0.0f;
+    for (int i = 0; i < 12; i++)
+        for (int j = 0; j < W; j++) sum += x[i][j];
+    *out = sum;
+    return 2.0 * 12 * W * rounds;
+}
+#ifdef CPU_SIMD_VARIANTS
+CPU_AVX512 static double cpu_fma_chains_avx512(long n, float x0, float* out) { return cpu_fma_chains<16>(n, x0, out); }
+CPU_AVX2 static double cpu_fma_chains_avx2(long n, float x0, float* out) { return cpu_fma_chains<8>(n, x0, out); }
+#endif
+static double cpu_fma_chains_base(long n, float x0, float* out) { return cpu_fma_chains<4>(n, x0, out); }
+// FLOP/s of all this process's threads running the chains of the set in use at once, for about
+// `seconds` in all (the best of 3 tries: a core taken away by another process only lowers a try).
+static inline double cpu_peak_flops(double seconds) {
+#ifdef CPU_SIMD_VARIANTS
+    double (*chains)(long, float, float*) =
+        cpu_simd() == 2 ? cpu_fma_chains_avx512 : cpu_simd() == 1 ? cpu_fma_chains_avx2 : cpu_fma_chains_base;
+#else
+    double (*chains)(long, float, float*) = cpu_fma_chains_base;
+#endif
+    auto now = [] { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); };
+    volatile float sink = 0.0f;  // the chains' results are used, so they are computed
+    float out;
+    long rounds = 1000;  // calibration, one thread: rounds for `seconds` / 3 per try
+    double dt = 0.0;
+    while (dt < 0.01) {
+        rounds *= 2;
+        const double t0 = now();
+        chains(rounds, 1.0f, &out);
+        dt = now() - t0;
+        sink = out;
+    }
+    rounds = std::max(1000L, (long)(rounds * seconds / 3 / dt));
+    double best = 0.0;
+    for (int attempt = 0; attempt < 3; attempt++) {
+        double flops = 0.0;
+        const double t0 = now();
+#pragma omp parallel reduction(+ : flops)
+        {
+            float mine;
+            flops += chains(rounds, 1.0f, &mine);
+            sink = mine;
+        }
+        best = std::max(best, flops / (now() - t0));
+    }
+    (void)sink;
+    return best;
+}
+
 // ----------------------------------------------------------------------------
 // The CPU matrix multiply under both matmul functions:
 //   C (M, N) += A (M, K) B (K, N),  A's (m, k) at a[m rsa + k csa], B's (k, n) at b[k rsb + n csb],
 // C fp32 row-major (ldc), X fp32 or bf16 (widened to fp32 when packed, so bf16 products are exact
-// and every sum is fp32). Blocked as BLIS blocks it: C in tiles of GEMM_MC x GEMM_NC, one tile a
-// task; for each slice of GEMM_KC values of k (in order) the tile's A rows and B columns are
-// copied into micro-panels (A: MR rows, k-major; B: NR columns, k-major; zero-padded at the
-// edges), and an MR x NR register block of C is accumulated as a sum of outer products, its inner
-// loop over NR adjacent columns for the compiler to vectorize. Each element of C is the same sum
-// in the same order whatever the thread count (tiles split the outputs, never k).
+// and every sum is fp32). Blocked as BLIS blocks it: k in slices of GEMM_KC values, in order; in
+// each slice C in tiles of GEMM_MC x GEMM_NC, one tile a task. A tile's B columns are copied into
+// micro-panels (NR columns, k-major, zero-padded at the edges) and so are its A rows (MR rows,
+// k-major) unless they can be read in place, and an MR x NR register block of C is accumulated
+// as a sum of outer products, its inner loop over NR adjacent columns for the compiler to
+// vectorize. Each element of C is the same sum in the same order whatever the thread count
+// (tiles split the outputs, never k).
 //
 // The loops are compiled once per instruction set (CPU_SIMD_VARIANTS below).
 static const int GEMM_MC = 96, GEMM_NC = 128, GEMM_KC = 256;
@@ -169,67 +253,91 @@ static inline __attribute__((always_inline)) void gemm_micro(float* c, size_t ld
         for (int j = 0; j < n; j++) c[r * ldc + j] = ADD ? c[r * ldc + j] + acc[r][j] : acc[r][j];
 }
 
-// One C tile: rows [m0, m0 + mc), columns [n0, n0 + nc); apack (GEMM_MC x GEMM_KC) and bpack
-// (GEMM_KC x GEMM_NC) are this thread's scratch.
+// One C tile, rows [m0, m0 + mc) and columns [n0, n0 + nc), gets its share of one slice of k,
+// [k0, k0 + kc). bpack (GEMM_KC x GEMM_NC, this thread's) holds the tile's B panel for that slice
+// when pack_b is false (the previous tile of this thread had the same columns), else it is packed
+// here. A's rows are read in place where they are fp32 with k contiguous (csa == 1): MR rows of
+// kc values each, as a packed A panel would hold them, with no copy; otherwise (bf16, k strided,
+// and the last MR rows where fewer than MR are left) they are packed into apack (GEMM_MC x GEMM_KC).
 template <int MR, int NR, typename X>
 static inline __attribute__((always_inline)) void gemm_tile(float* c, size_t ldc, const X* a, size_t rsa, size_t csa,
                                                             const X* b, size_t rsb, size_t csb, size_t m0, int mc,
-                                                            size_t n0, int nc, size_t K, float* apack, float* bpack) {
+                                                            size_t n0, int nc, size_t k0, int kc, bool pack_b,
+                                                            float* apack, float* bpack) {
     static_assert(GEMM_MC % MR == 0 && GEMM_NC % NR == 0, "tiles are whole micro-panels");
-    for (size_t k0 = 0; k0 < K; k0 += GEMM_KC) {
-        const int kc = (int)std::min<size_t>(GEMM_KC, K - k0);
-        for (int i = 0; i < mc; i += MR)
-            gemm_pack(apack + (size_t)i * kc, a + (m0 + i) * rsa + k0 * csa, rsa, csa, std::min(MR, mc - i), MR, kc);
+    if (pack_b)
         for (int j = 0; j < nc; j += NR)
             gemm_pack(bpack + (size_t)j * kc, b + k0 * rsb + (n0 + j) * csb, csb, rsb, std::min(NR, nc - j), NR, kc);
-        for (int j = 0; j < nc; j += NR)  // a B micro-panel stays in L1 while the A panels stream past
-            for (int i = 0; i < mc; i += MR)
-                gemm_micro<MR, NR>(c + (m0 + i) * ldc + n0 + j, ldc, std::min(MR, mc - i), std::min(NR, nc - j),
-                                   apack + (size_t)i * kc, 1, MR, bpack + (size_t)j * kc, NR, kc);
-    }
+    const bool a_in_place = std::is_same<X, float>::value && csa == 1;
+    for (int i = 0; i < mc; i += MR)
+        if (!a_in_place || mc - i < MR)
+            gemm_pack(apack + (size_t)i * kc, a + (m0 + i) * rsa + k0 * csa, rsa, csa, std::min(MR, mc - i), MR, kc);
+    for (int j = 0; j < nc; j += NR)  // a B micro-panel stays in L1 while the A panels stream past
+        for (int i = 0; i < mc; i += MR) {
+            float* ct = c + (m0 + i) * ldc + n0 + j;
+            const float* bp = bpack + (size_t)j * kc;
+            if (a_in_place && mc - i >= MR)
+                gemm_micro<MR, NR>(ct, ldc, MR, std::min(NR, nc - j), (const float*)(a + (m0 + i) * rsa + k0), rsa, 1,
+                                   bp, NR, kc);
+            else
+                gemm_micro<MR, NR>(ct, ldc, std::min(MR, mc - i), std::min(NR, nc - j), apack + (size_t)i * kc, 1,
+                                   MR, bp, NR, kc);
+        }
 }
 
 // The register block per instruction set: MR x NR accumulators in 12-16 vector registers.
+#define GEMM_TILE_ARGS                                                                                          \
+    float *c, size_t ldc, const X *a, size_t rsa, size_t csa, const X *b, size_t rsb, size_t csb, size_t m0,   \
+        int mc, size_t n0, int nc, size_t k0, int kc, bool pack_b, float *ap, float *bp
+#define GEMM_TILE_CALL c, ldc, a, rsa, csa, b, rsb, csb, m0, mc, n0, nc, k0, kc, pack_b, ap, bp
 #ifdef CPU_SIMD_VARIANTS
 template <typename X>
-CPU_AVX512 static void gemm_tile_avx512(float* c, size_t ldc, const X* a, size_t rsa, size_t csa, const X* b,
-                                        size_t rsb, size_t csb, size_t m0, int mc, size_t n0, int nc, size_t K,
-                                        float* ap, float* bp) {
-    gemm_tile<8, 32>(c, ldc, a, rsa, csa, b, rsb, csb, m0, mc, n0, nc, K, ap, bp);
+CPU_AVX512 static void gemm_tile_avx512(GEMM_TILE_ARGS) {
+    gemm_tile<8, 32>(GEMM_TILE_CALL);
 }
 template <typename X>
-CPU_AVX2 static void gemm_tile_avx2(float* c, size_t ldc, const X* a, size_t rsa, size_t csa, const X* b,
-                                    size_t rsb, size_t csb, size_t m0, int mc, size_t n0, int nc, size_t K, float* ap,
-                                    float* bp) {
-    gemm_tile<6, 16>(c, ldc, a, rsa, csa, b, rsb, csb, m0, mc, n0, nc, K, ap, bp);
+CPU_AVX2 static void gemm_tile_avx2(GEMM_TILE_ARGS) {
+    gemm_tile<6, 16>(GEMM_TILE_CALL);
 }
 #endif
 template <typename X>
-static void gemm_tile_base(float* c, size_t ldc, const X* a, size_t rsa, size_t csa, const X* b, size_t rsb,
-                           size_t csb, size_t m0, int mc, size_t n0, int nc, size_t K, float* ap, float* bp) {
-    gemm_tile<4, 16>(c, ldc, a, rsa, csa, b, rsb, csb, m0, mc, n0, nc, K, ap, bp);
+static void gemm_tile_base(GEMM_TILE_ARGS) {
+    gemm_tile<4, 16>(GEMM_TILE_CALL);
 }
 
+// The k slices in order, each a parallel loop over the C tiles; the tiles are visited column
+// panel by column panel, so a thread packs a B panel once for all the row tiles it takes there.
 template <typename X>
 static inline void gemm_cpu(float* c, size_t ldc, const X* a, size_t rsa, size_t csa, const X* b, size_t rsb,
                             size_t csb, size_t M, size_t N, size_t K) {
     if (M == 0 || N == 0 || K == 0) return;
     typedef void (*TileFn)(float*, size_t, const X*, size_t, size_t, const X*, size_t, size_t, size_t, int, size_t,
-                           int, size_t, float*, float*);
+                           int, size_t, int, bool, float*, float*);
 #ifdef CPU_SIMD_VARIANTS
     const TileFn tile = cpu_simd() == 2 ? gemm_tile_avx512<X> : cpu_simd() == 1 ? gemm_tile_avx2<X> : gemm_tile_base<X>;
 #else
     const TileFn tile = gemm_tile_base<X>;
 #endif
-    const size_t tm = (M + GEMM_MC - 1) / GEMM_MC, tn = (N + GEMM_NC - 1) / GEMM_NC;  // tiles down, across
+    // Tiles of GEMM_MC rows, or fewer where that would leave under 4 tiles a thread: a short
+    // matrix (a chunk of 256 tokens) then still keeps every thread busy to the end. Heights are
+    // multiples of 24, whole micro-panels for every MR.
+    const size_t tn = (N + GEMM_NC - 1) / GEMM_NC, want = (4 * cpu_threads() + tn - 1) / tn;  // tiles across; down
+    size_t mc = GEMM_MC;
+    if ((M + mc - 1) / mc < want) mc = std::max<size_t>(24, ((M + want - 1) / want + 23) / 24 * 24);
+    const size_t tm = (M + mc - 1) / mc;  // tiles down
 #pragma omp parallel
     {
         std::vector<float> ap((size_t)GEMM_MC * GEMM_KC), bp((size_t)GEMM_KC * GEMM_NC);  // this thread's panels
+        for (size_t k0 = 0; k0 < K; k0 += GEMM_KC) {
+            const int kc = (int)std::min<size_t>(GEMM_KC, K - k0);
+            size_t packed_n0 = SIZE_MAX;  // the columns whose B panel bp holds for this slice
 #pragma omp for schedule(dynamic)
-        for (size_t t = 0; t < tm * tn; t++) {
-            const size_t m0 = (t / tn) * GEMM_MC, n0 = (t % tn) * GEMM_NC;
-            tile(c, ldc, a, rsa, csa, b, rsb, csb, m0, (int)std::min<size_t>(GEMM_MC, M - m0), n0,
-                 (int)std::min<size_t>(GEMM_NC, N - n0), K, ap.data(), bp.data());
+            for (size_t t = 0; t < tm * tn; t++) {
+                const size_t n0 = (t / tm) * GEMM_NC, m0 = (t % tm) * mc;
+                tile(c, ldc, a, rsa, csa, b, rsb, csb, m0, (int)std::min(mc, M - m0), n0,
+                     (int)std::min<size_t>(GEMM_NC, N - n0), k0, kc, n0 != packed_n0, ap.data(), bp.data());
+                packed_n0 = n0;
+            }  // (the loop's barrier: a slice is added everywhere before the next begins)
         }
     }
 }

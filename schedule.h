@@ -54,6 +54,9 @@
 // ----------------------------------------------------------------------------
 // Helpers: the matmuls in either precision, rounding what is stored, positions
 
+// Chunk i of layer l's input in the layer_in store, in 64 bits: (L+1) u chunks can pass 2^31.
+static inline int64_t layer_in_chunk(int l, int u, int i) { return (int64_t)l * u + i; }
+
 // The matmuls of the schedule. fp32: as they are. bf16: both operands rounded to bf16 (the
 // activation into cast_a/cast_b, the weight from its copy at the same offset in wlow), fp32 sums,
 // fp32 results.
@@ -105,6 +108,13 @@ static inline const int32_t* set_query_docs(Model* M, int i) {
     return M->qdoc;
 }
 static inline int first_kv(const Model* M, int i) { return M->first_kv.empty() ? 0 : M->first_kv[i]; }
+// The last query chunk that sees kv chunk j (u - 1 without documents; never before j, since
+// first_kv(i) <= i, and non-decreasing in j, since first_kv is).
+static inline int last_query(const Model* M, int j) {
+    int i = M->u - 1;
+    while (first_kv(M, i) > j) i--;
+    return i;
+}
 static inline void mark_skipped(Model* M, int i) { TraceScope ts(&M->ctx, "attention block skipped", TRACK_COMPUTE, i); }
 
 // The MLP's hidden activations for rows [r0, r0 + n) of the chunk, from ln2: fch (n, F2) and
@@ -191,13 +201,13 @@ static inline void layer_forward(Model* M, int l) {
     Ctx* ctx = &M->ctx;
     const int u = M->u;
     ctx->layer = l;
-    store_prefetch(ctx, &M->layer_in, l * u, slot_of(0));
+    store_prefetch(ctx, &M->layer_in, layer_in_chunk(l, u, 0), slot_of(0));
     for (int i = 0; i < u; i++) {
-        if (i + 1 < u) store_prefetch(ctx, &M->layer_in, l * u + i + 1, slot_of(i + 1));
-        const float* x = store_use(ctx, &M->layer_in, l * u + i, slot_of(i));
-        float* out = store_produce(ctx, &M->layer_in, (l + 1) * u + i, SLOT_NEW);
+        if (i + 1 < u) store_prefetch(ctx, &M->layer_in, layer_in_chunk(l, u, i + 1), slot_of(i + 1));
+        const float* x = store_use(ctx, &M->layer_in, layer_in_chunk(l, u, i), slot_of(i));
+        float* out = store_produce(ctx, &M->layer_in, layer_in_chunk(l + 1, u, i), SLOT_NEW);
         chunk_forward(M, l, i, x, out, false);
-        store_put(ctx, &M->layer_in, (l + 1) * u + i, SLOT_NEW);
+        store_put(ctx, &M->layer_in, layer_in_chunk(l + 1, u, i), SLOT_NEW);
     }
 }
 
@@ -233,18 +243,19 @@ static inline void accumulate_gpu(cudaStream_t s, double* acc, const float* x, s
 
 // The LM head and its cross-entropy, chunk by chunk: the (S, V) logits never exist. With grads,
 // also back through the head and the final norm, leaving dL/d(last layer output) in dresid.
-// This rank's sum of token losses goes to M->acc[0]; predictions to M->preds.
+// This rank's sum of token losses goes to M->acc[0]; predictions to M->preds, each token's loss
+// to M->token_loss (evaluation's loss by position).
 static inline void head_pass(Model* M, bool grads) {
     const Config& c = M->cfg;
     Ctx* ctx = &M->ctx;
     const size_t cl = M->cl, d = c.d_model;
     const int u = M->u, L = c.n_layer;
-    const float dscale = 1.0f / (float)M->run.seq;  // mean over the whole sequence, all ranks
+    const float dscale = 1.0f / ((float)M->run.seq * (float)M->run.batch);  // the step's mean: over B sequences of S tokens
     ctx->layer = L;
-    store_prefetch(ctx, &M->layer_in, L * u, slot_of(0)), store_prefetch(ctx, &M->targets, 0, slot_of(0));
+    store_prefetch(ctx, &M->layer_in, layer_in_chunk(L, u, 0), slot_of(0)), store_prefetch(ctx, &M->targets, 0, slot_of(0));
     for (int i = 0; i < u; i++) {
-        if (i + 1 < u) store_prefetch(ctx, &M->layer_in, L * u + i + 1, slot_of(i + 1)), store_prefetch(ctx, &M->targets, i + 1, slot_of(i + 1));
-        const float* x = store_use(ctx, &M->layer_in, L * u + i, slot_of(i));
+        if (i + 1 < u) store_prefetch(ctx, &M->layer_in, layer_in_chunk(L, u, i + 1), slot_of(i + 1)), store_prefetch(ctx, &M->targets, i + 1, slot_of(i + 1));
+        const float* x = store_use(ctx, &M->layer_in, layer_in_chunk(L, u, i), slot_of(i));
         const int32_t* tg = store_use<int32_t>(ctx, &M->targets, i, slot_of(i));
         TraceScope ts(ctx, "head + loss", TRACK_COMPUTE, i);
         OP(ctx, norm_forward, M->y, M->mean1, M->rstd1, x, M->w.lnf_w, M->w.lnf_b, cl, d, M->rms, c.norm_eps);
@@ -255,6 +266,7 @@ static inline void head_pass(Model* M, bool grads) {
             if (M->logits_out) dev_to_host_async(ctx, M->logits_out + at * c.vocab, M->logits, n * c.vocab * sizeof(float));
             OP(ctx, crossentropy, M->logits, M->lossw, M->predw, tg + r0, n, c.vocab, dscale);
             dev_to_host_async(ctx, M->preds + at, M->predw, n * sizeof(int32_t));
+            dev_to_host_async(ctx, M->token_loss + at, M->lossw, n * sizeof(float));
             OP(ctx, accumulate, M->acc, M->lossw, n);
             if (grads)
                 mm_backward(M, M->dy + r0 * d, M->g.head, nullptr, M->logits, M->y + r0 * d, M->w.head, n, d, c.vocab);
@@ -285,14 +297,14 @@ static inline void layer_backward(Model* M, int l) {
 
     // Phase 1, chunk by chunk: recompute the forward from the layer input (storing q, k, v, lse),
     // then back through the MLP and the output projection down to dO_i; dresid_i becomes dL/dx_mid.
-    store_prefetch(ctx, &M->layer_in, l * u, slot_of(0));
+    store_prefetch(ctx, &M->layer_in, layer_in_chunk(l, u, 0), slot_of(0));
     store_prefetch(ctx, &M->dresid, 0, slot_of(0));
     for (int i = 0; i < u; i++) {
         if (i + 1 < u) {
-            store_prefetch(ctx, &M->layer_in, l * u + i + 1, slot_of(i + 1));
+            store_prefetch(ctx, &M->layer_in, layer_in_chunk(l, u, i + 1), slot_of(i + 1));
             store_prefetch(ctx, &M->dresid, i + 1, slot_of(i + 1));
         }
-        const float* x = store_use(ctx, &M->layer_in, l * u + i, slot_of(i));
+        const float* x = store_use(ctx, &M->layer_in, layer_in_chunk(l, u, i), slot_of(i));
         chunk_forward(M, l, i, x, nullptr, true);
         float* dres = store_use(ctx, &M->dresid, i, slot_of(i));  // (cl, d) dL/d(layer output), made dL/d(x_mid)
         {
@@ -325,9 +337,10 @@ static inline void layer_backward(Model* M, int l) {
 }
 
 // Backward of layer l, phase 2 (attention): outer loop over kv chunks j, inner over query chunks
-// i >= j, from the last that sees j (all of them without documents) down to j so that the last
-// visit, i == j, leaves the final dQ_j in its slot. Then dQ_j, dK_j, dV_j go back through RoPE, the all-to-all, the QKV projection and the
-// first norm, taking dresid_j from dL/d(x_mid of l) to dL/d(input of l).
+// i >= j, from the last that sees j (last_query: u - 1 without documents) down to j so that the
+// last visit, i == j, leaves the final dQ_j in its slot. Then dQ_j, dK_j, dV_j go back through
+// RoPE, the all-to-all, the QKV projection and the first norm, taking dresid_j from
+// dL/d(x_mid of l) to dL/d(input of l).
 static inline void layer_backward_attention(Model* M, int l) {
     const Config& c = M->cfg;
     const LayerW& w = M->w.layer[l];
@@ -336,19 +349,25 @@ static inline void layer_backward_attention(Model* M, int l) {
     const int u = M->u, D = M->D, Hl = M->Hl, Hkvl = M->Hkvl;
     const size_t cl = M->cl, C = M->C, d = c.d_model;
     ChunkStore* qset[] = {&M->q, &M->dout, &M->lse, &M->delta};
-    // The copy-in stream runs in order, so each j queues its copies by when they are needed: the
-    // first query chunk of the inner loop, then the next kv chunk, then what the end of j needs.
+    // The query side (q, dO, lse, delta and dQ of chunk i) alternates between two slots as i runs
+    // down. A copy-in waits for all compute queued before it is issued, so j + 1's first chunk
+    // (last_query(j + 1)) is fetched as soon as j's block i = j + 1 is queued, into the slot that
+    // block used: its copies run beside j's last block and QKV backward, instead of after them
+    // with compute waiting. Each j's slots are flipped (`flip`) so that j + 1's first chunk never
+    // lands in the slot of j's last one (i = j), whose dQ_j the QKV backward still reads.
+    auto prefetch = [&](int jj, int i, int flip) {  // chunk i of the query side, for kv chunk jj
+        for (ChunkStore* s : qset) store_prefetch(ctx, s, i, slot_of(i, flip));
+        if (jj > first_kv(M, i)) store_prefetch(ctx, &M->dq, i, slot_of(i, flip));  // on the first visit dQ_i starts at zero
+    };
     store_prefetch(ctx, &M->k, 0, slot_of(0)), store_prefetch(ctx, &M->v, 0, slot_of(0));
-    for (int j = 0; j < u; j++) {
-        auto prefetch = [&](int i) {
-            for (ChunkStore* s : qset) store_prefetch(ctx, s, i, slot_of(i));
-            if (j > first_kv(M, i)) store_prefetch(ctx, &M->dq, i, slot_of(i));  // on the first visit dQ_i starts at zero
-        };
-        int last = u - 1;  // the last query chunk that sees kv chunk j (first_kv is non-decreasing)
-        while (first_kv(M, last) > j) mark_skipped(M, last--);
-        prefetch(last);
+    prefetch(0, last_query(M, 0), 0);
+    for (int j = 0, flip = 0; j < u; j++) {
+        const int last = last_query(M, j), next_first = j + 1 < u ? last_query(M, j + 1) : 0;
+        const int next_flip = (flip + j + next_first + 1) % 2;  // slot_of(next_first, next_flip) != slot_of(j, flip)
+        for (int i = u - 1; i > last; i--) mark_skipped(M, i);
+        // then, in the order needed: the next kv chunk, and what the end of this j needs
         if (j + 1 < u) store_prefetch(ctx, &M->k, j + 1, slot_of(j + 1)), store_prefetch(ctx, &M->v, j + 1, slot_of(j + 1));
-        store_prefetch(ctx, &M->layer_in, l * u + j, SLOT_SINGLE);  // for the QKV backward at the end of this j
+        store_prefetch(ctx, &M->layer_in, layer_in_chunk(l, u, j), SLOT_SINGLE);  // for the QKV backward at the end of this j
         store_prefetch(ctx, &M->dresid, j, SLOT_SINGLE);
         const float* kj = store_use(ctx, &M->k, j, slot_of(j));
         const float* vj = store_use(ctx, &M->v, j, slot_of(j));
@@ -356,31 +375,35 @@ static inline void layer_backward_attention(Model* M, int l) {
         dev_zero(ctx, M->dv, C * Hkvl * D * sizeof(float));
         float* dqi = nullptr;
         for (int i = last; i >= j; i--) {
-            if (i - 1 >= j) prefetch(i - 1);
-            const float* qi = store_use(ctx, &M->q, i, slot_of(i));
-            const float* doi = store_use(ctx, &M->dout, i, slot_of(i));
-            const float* lsei = store_use(ctx, &M->lse, i, slot_of(i));
-            const float* dli = store_use(ctx, &M->delta, i, slot_of(i));
+            if (i - 1 >= j) prefetch(j, i - 1, flip);
+            const int si = slot_of(i, flip);
+            const float* qi = store_use(ctx, &M->q, i, si);
+            const float* doi = store_use(ctx, &M->dout, i, si);
+            const float* lsei = store_use(ctx, &M->lse, i, si);
+            const float* dli = store_use(ctx, &M->delta, i, si);
             if (j == first_kv(M, i)) {
-                dqi = store_produce(ctx, &M->dq, i, slot_of(i));
+                dqi = store_produce(ctx, &M->dq, i, si);
                 dev_zero(ctx, dqi, C * Hl * D * sizeof(float));
             } else {
-                dqi = store_use(ctx, &M->dq, i, slot_of(i));
+                dqi = store_use(ctx, &M->dq, i, si);
             }
             {
                 TraceScope ts(ctx, "attention block backward", TRACK_COMPUTE, i);
                 OP(ctx, attention_backward, dqi, M->dk, M->dv, doi, qi, kj, vj, lsei, dli, C, C, Hl, Hkvl, D, i == j,
                    set_query_docs(M, i), (size_t)j * C);
             }
-            if (i != j) store_put(ctx, &M->dq, i, slot_of(i));
+            if (i != j) store_put(ctx, &M->dq, i, si);
+            if (j + 1 < u && i == std::min(j + 1, last))  // the next j's first chunk, into the slot i = j + 1
+                prefetch(j + 1, next_first, next_flip);     // used (or, if no block i > j, after i = j)
         }
+        flip = next_flip;
         // dQ_j, dK_j, dV_j are final: undo RoPE, back to the sequence layout, through the QKV
         // projection and the first norm (recomputed from the layer input) into dresid_j.
         set_positions(M, j);
         OP(ctx, rope, dqi, M->pos, C, Hl, D, rope_params(c), -1);
         OP(ctx, rope, M->dk, M->pos, C, Hkvl, D, rope_params(c), -1);
         dqkv_to_seq(M, j, dqi, M->dk, M->dv, M->dqkv);
-        const float* x = store_use(ctx, &M->layer_in, l * u + j, SLOT_SINGLE);
+        const float* x = store_use(ctx, &M->layer_in, layer_in_chunk(l, u, j), SLOT_SINGLE);
         float* dres = store_use(ctx, &M->dresid, j, SLOT_SINGLE);  // (cl, d) dL/d(x_mid), made dL/d(layer input)
         TraceScope ts(ctx, "qkv backward", TRACK_COMPUTE, j);
         OP(ctx, norm_forward, M->ln1, M->mean1, M->rstd1, x, w.ln1_w, w.ln1_b, cl, d, M->rms, c.norm_eps);
@@ -395,13 +418,16 @@ static inline void layer_backward_attention(Model* M, int l) {
 // The whole pass
 
 // One forward (and, with grads, backward) pass over the sequence in the token stores. Returns the
-// mean loss over all S tokens of all ranks. Gradients are this rank's partial sums (see model_update).
-static inline float model_forward_backward(Model* M, bool grads) {
+// mean loss over its S tokens (summed over the sequence-parallel group). Gradients are this rank's
+// partial sums of the step's loss (see model_update); with accumulate they add to those the step's
+// earlier sequences left (zero.h says where, stage by stage).
+static inline float model_forward_backward(Model* M, bool grads, bool accumulate = false) {
     const Config& c = M->cfg;
     Ctx* ctx = &M->ctx;
     const size_t cl = M->cl, d = c.d_model;
     const int u = M->u, L = c.n_layer;
-    if (grads && M->grads) dev_zero(ctx, M->grads, M->n_padded * sizeof(float));
+    M->accumulate = grads && accumulate;
+    if (grads && M->grads && !accumulate) dev_zero(ctx, M->grads, M->n_padded * sizeof(float));
     if (M->run.bf16 && M->wlow) OP(ctx, to_bf16, M->wlow, M->params, M->n_padded);  // the weights may have changed since the last pass
     zero_pass_begin(M, grads);  // ZeRO-3: the embedding's weights, layer 0's on their way
     ctx->layer = -1;
@@ -454,7 +480,7 @@ static inline float model_forward_backward(Model* M, bool grads) {
     zero_pass_end(M);
     double loss = 0.0;
     dev_download(ctx, &loss, M->acc, sizeof(double));  // waits for the whole pass: the one sync
-    comm_allreduce(&loss, 1);
+    comm_sp_allreduce(&loss, 1);
     return (float)(loss / M->run.seq);
 }
 

@@ -1,6 +1,6 @@
-// train.h: the train command. Evaluation during training (held-out loss, and the passkey task's
-// retrieval by distance); the flags and their help; --out's preparation and what a resume may
-// change; then cmd_train as a short list of named steps over one struct Train (at the end).
+// train.h: the train command. The flags and their help; --out's preparation and what a resume
+// may change; then cmd_train as a short list of named steps over one struct Train (at the end).
+// Evaluation during training is eval.h's evaluate(), the one the eval command runs.
 #pragma once
 #include <cmath>
 #include <set>
@@ -9,64 +9,8 @@
 #include "checkpoint.h"
 #include "cmdline.h"
 #include "data/data.h"
+#include "eval.h"
 #include "schedule.h"
-
-// ----------------------------------------------------------------------------
-// Evaluation: mean loss over held-out sequences, and for the passkey task the retrieval accuracy
-// of the answer symbols, by the distance between each key and its question (buckets 4x apart).
-
-static void read_into(Model* M, DataSource* data, uint64_t step) {
-    model_set_tokens(M, [&](size_t start, size_t n, int32_t* out) { data->read(step, start, n, out); });
-}
-
-static const uint64_t EVAL_STEP0 = PASSKEY_EVAL_STEP0;  // held-out sequences, far from the training steps
-static const int NBUCKET = 11;                  // distance < 16, < 64, ... , < 4M, more
-static int distance_bucket(size_t dist) {
-    int b = 0;
-    for (size_t edge = 16; dist >= edge && b < NBUCKET - 1; edge *= 4) b++;
-    return b;
-}
-
-static void evaluate(Model* M, DataSource* data, int nseq, int step) {
-    std::vector<double> acc(4 + 2 * NBUCKET, 0.0);  // loss sum, answers, right and total beyond a chunk; per bucket: right, total
-    bool task = false;
-    for (int k = 0; k < nseq; k++) {
-        read_into(M, data, EVAL_STEP0 + k);
-        acc[0] += model_forward_backward(M, false);
-        std::vector<size_t> ans, dist;
-        if (!data->answer(EVAL_STEP0 + k, &ans, &dist)) continue;
-        task = true;
-        for (size_t a = 0; a < ans.size(); a++) {  // token p is predicted at input p - 1; who holds it?
-            const size_t t = ans[a] - 1, c = t / M->C, o = t % M->C;
-            const int b = distance_bucket(dist[a]);
-            if ((int)(o / M->cl) != M->run.rank) continue;
-            int32_t truth;
-            data->read(EVAL_STEP0 + k, ans[a], 1, &truth);
-            const bool right = M->preds[c * M->cl + o % M->cl] == truth;
-            acc[4 + 2 * b] += right;
-            acc[5 + 2 * b] += 1;
-            if (dist[a] >= M->C && M->u > 1) acc[2] += right, acc[3] += 1;  // the key sat in an earlier chunk
-        }
-    }
-    comm_allreduce(acc.data() + 2, 2 + 2 * NBUCKET);  // each rank counted the answers it holds
-    if (comm_world().rank != 0) return;
-    for (int b = 0; b < NBUCKET; b++) acc[1] += acc[5 + 2 * b];
-    std::string line = "eval step " + std::to_string(step) + " | seq " + std::to_string(M->run.seq);
-    char b[128];
-    snprintf(b, sizeof b, " | loss %.6f", acc[0] / nseq);
-    line += b;
-    if (task) {
-        double right = 0;
-        for (int k = 0; k < NBUCKET; k++) right += acc[4 + 2 * k];
-        snprintf(b, sizeof b, " | passkey %.1f%% of %.0f", 100 * right / acc[1], acc[1]), line += b;
-        if (acc[3] > 0) snprintf(b, sizeof b, " | key in an earlier chunk: %.1f%% of %.0f", 100 * acc[2] / acc[3], acc[3]), line += b;
-        line += " | by distance:";
-        const char* names[NBUCKET] = {"<16", "<64", "<256", "<1K", "<4K", "<16K", "<64K", "<256K", "<1M", "<4M", ">=4M"};
-        for (int k = 0; k < NBUCKET; k++)
-            if (acc[5 + 2 * k] > 0) snprintf(b, sizeof b, " %s %.0f%%", names[k], 100 * acc[4 + 2 * k] / acc[5 + 2 * k]), line += b;
-    }
-    log_line(true, "%s", line.c_str());
-}
 
 // ----------------------------------------------------------------------------
 // train
@@ -76,11 +20,12 @@ static const std::vector<std::string> train_flags = {
     "beta1", "beta2", "adam-eps",
     "data", "device", "out", "save-every", "resume", "exit-after", "eval-every", "eval-seqs", "trace", "zero",
     "device-mem", "host-mem", "on-nonfinite", "max-bad-steps", "comm", "precision", "start-seq", "start-steps",
-    "log-every", "overwrite", "watchdog", "rope-theta", "rope-scale", "init", "doc-mask", "doc-bos", "help"};
+    "log-every", "overwrite", "watchdog", "rope-theta", "rope-scale", "init", "sp", "batch", "doc-mask", "doc-bos",
+    "help"};
 
 static void train_help() {
     printf(
-        "usage: ./fpdt train [flags]        (P ranks: mpirun -np P ./fpdt train [flags])\n"
+        "usage: ./fpdt train [flags]        (W ranks: mpirun -np W ./fpdt train [flags])\n"
         "  --model NAME        model preset (default small; list below)\n"
         "  --seq N             sequence length in tokens, global (default 4096; on a GPU 65536)\n"
         "  --chunk-size C      FPDT chunk length, global; must divide --seq (default: the largest divisor\n"
@@ -90,7 +35,11 @@ static void train_help() {
         "                      chunks as --seq has), then at --seq (context extension); 0 = off\n"
         "                      (default 256 when --seq is left at its default)\n"
         "  --start-steps K     steps at --start-seq (default 95%% of --steps)\n"
-        "  --zero 0|1|2|3      ZeRO stage: shard across ranks 1 the optimizer state, 2 and the gradients,\n"
+        "  --sp N              ranks per sequence-parallel group (the all-to-alls stay inside it); the W\n"
+        "                      ranks form W / N data-parallel replicas of it (default: every rank, N = W)\n"
+        "  --batch B           sequences per optimizer step, all replicas together; each replica runs its\n"
+        "                      B / (W / N) one after the other, accumulating gradients (default 1)\n"
+        "  --zero 0|1|2|3      ZeRO stage: shard across all ranks 1 the optimizer state, 2 and the gradients,\n"
         "                      3 and the weights (gathered layer by layer) (default 0)\n"
         "  --steps N           total steps; the learning-rate schedule depends on it alone (default 6000)\n"
         "  --lr X              peak learning rate (default 3e-3)\n"
@@ -127,8 +76,9 @@ static void train_help() {
         "  --host-mem GiB      refuse to start if the host arena would exceed this\n"
         "  --on-nonfinite skip|stop   a NaN/Inf loss or gradient: skip the step (default) or stop\n"
         "  --max-bad-steps N   stop after N non-finite steps in a row (default 5)\n"
-        "  --watchdog S        several ranks: a rank waiting S seconds inside one MPI collective ends the job,\n"
-        "                      naming the step and the collective; 0 = off (default 1800)\n"
+        "  --watchdog S        several ranks: a rank waiting S seconds inside one MPI collective, or whose\n"
+        "                      oldest NCCL collective has not completed in S seconds, ends the job, naming the\n"
+        "                      step and the collective; 0 = no limit (NCCL errors still end it) (default 1800)\n"
         "  --init DIR          start from the weights of a checkpoint (an imported model: data/hf.py import), the\n"
         "                      newest valid one in DIR or DIR itself: its model, a fresh optimizer, step 1\n"
         "  --rope-theta X      RoPE base (default: the model's); stored in the checkpoints\n"
@@ -158,10 +108,12 @@ static void model_reshape(Model* M, const Config& cfg, const RunCfg& r) {
 }
 
 // --out, before anything is computed: rank 0 creates it (parents too, no shell), locks it for this
-// run, clears what a killed save left, and refuses a fresh run into a directory with checkpoints
-// unless --overwrite; then every rank checks that it sees rank 0's files there and can write its
-// own (each rank writes its own checkpoint shard, so --out must be shared). Any rank's problem
-// ends every rank.
+// run, refuses names it would take for checkpoints that are not of the kind it makes (a link, a
+// FIFO: it neither follows nor deletes them), clears what a killed save left, and refuses a fresh
+// run into a directory with checkpoints unless --overwrite; then every rank checks that it sees
+// rank 0's files there and can write its own (each rank writes its own checkpoint shard, so --out
+// must be shared). Any rank's problem ends every rank. The probe files are opened without
+// following a link and removed only when this run made them.
 static void prepare_out(const std::string& out, bool resume, bool overwrite) {
     const Comm& cm = comm_world();
     char token[64] = {0};  // rank 0's probe file holds it; the others must read it back
@@ -169,49 +121,60 @@ static void prepare_out(const std::string& out, bool resume, bool overwrite) {
     comm_broadcast(token, sizeof token);
     const std::string probe0 = out + "/.fpdt_probe_0.tmp";
     std::string err;
+    int fd = -1;
     if (cm.rank == 0) {
         err = make_dirs(out);
         if (!err.empty()) err = "--out " + out + ": cannot write there (" + err + ")";
         if (err.empty()) err = lock_out_dir(out);
-        if (err.empty()) remove_stale_tmp(out);
+        const std::vector<std::string> foreign = err.empty() ? foreign_checkpoint_names(out) : std::vector<std::string>();
+        if (!foreign.empty()) err = "--out " + out + ": " + foreign[0] + ": move it out of --out";
+        if (err.empty()) err = remove_stale_tmp(out);
         std::vector<std::string> old = err.empty() ? checkpoint_like_names(out) : std::vector<std::string>();
         if (!old.empty() && !resume && !overwrite)
             err = "--out " + out + " holds checkpoints of an earlier run (" + old.back() +
                   (old.size() > 1 ? " and " + std::to_string(old.size() - 1) + " more" : std::string()) +
                   "): continue it with --resume, or pass --overwrite to delete them and start afresh";
         if (err.empty() && overwrite) err = remove_checkpoints(out);
-        if (err.empty()) {
-            FILE* f = fopen(probe0.c_str(), "wb");
-            if (!f || fputs(token, f) < 0) err = "--out " + out + ": cannot write there: " + strerror(errno);
-            if (f && fclose(f) != 0 && err.empty()) err = "--out " + out + ": cannot write there: " + strerror(errno);
-        }
+        if (err.empty() && !(err = open_regular(probe0, Open::Write, false, &fd)).empty()) err = "--out " + out + ": cannot write there: " + err;
+        if (fd >= 0 && (!ckpt_write_all(fd, token, strlen(token)) || close(fd) != 0))
+            err = "--out " + out + ": cannot write there: " + strerror(errno);
     }
     fatal_any(err);
     comm_barrier();
     if (cm.rank != 0) {
         char seen[64] = {0};
-        FILE* f = fopen(probe0.c_str(), "rb");
-        const bool same = f && fread(seen, 1, sizeof seen - 1, f) > 0 && strcmp(seen, token) == 0;
-        if (f) fclose(f);
+        uint64_t size = 0;
+        const bool same = open_regular(probe0, Open::Read, false, &fd, &size).empty() && read(fd, seen, sizeof seen - 1) > 0 &&
+                          strcmp(seen, token) == 0;
+        if (fd >= 0) close(fd);
         const std::string mine = out + "/.fpdt_probe_" + std::to_string(cm.rank) + ".tmp";
-        FILE* g = same ? fopen(mine.c_str(), "wb") : nullptr;
         if (!same)
             err = "--out " + out + ": this rank does not see rank 0's files there (every rank writes its own "
                   "checkpoint shard: --out must be a directory all ranks share)";
-        else if (!g || fclose(g) != 0) err = "--out " + out + ": cannot write there: " + strerror(errno);
-        remove(mine.c_str());
+        else if (!(err = open_regular(mine, Open::Write, false, &fd)).empty())
+            err = "--out " + out + ": cannot write there: " + err;
+        else
+            close(fd), remove(mine.c_str());
     }
     fatal_any(err);
     if (cm.rank == 0) remove(probe0.c_str());
 }
 
-// The settings that may change across a --resume (what the losses do not depend on), one line.
-static std::string run_settings(const RunCfg& r, size_t chunk) {
-    return "ranks " + std::to_string(r.P) + " | chunk " + std::to_string(chunk) + " | offload " + (r.offload ? "on" : "off") +
-           " | ZeRO stage " + std::to_string(r.zero) + " | precision " + (r.bf16 ? "bf16" : "fp32");
+// The settings that may change across a --resume, one line of "name value" items: how the run is
+// cut (what the losses do not depend on: ranks, sequence-parallel group, chunk, offload, ZeRO,
+// precision), and the optimizer's (a run may lower its learning rate when it resumes; the header
+// then says so).
+static std::string run_settings(const RunCfg& r, size_t chunk, const AdamW& opt, float lr, int warmup, float min_frac) {
+    char o[256];
+    snprintf(o, sizeof o, " | lr %g | warmup %d | min-lr-frac %g | weight-decay %g | clip %g | beta1 %g | beta2 %g | adam-eps %g",
+             lr, warmup, min_frac, opt.wd, opt.clip, opt.beta1, opt.beta2, opt.eps);
+    return "ranks " + std::to_string(r.world) + " | sp " + std::to_string(r.P) + " | chunk " + std::to_string(chunk) +
+           " | offload " + (r.offload ? "on" : "off") + " | ZeRO stage " + std::to_string(r.zero) + " | precision " +
+           (r.bf16 ? "bf16" : "fp32") + o;
 }
 
-// " (since the checkpoint: ranks 1 -> 2, ...)" for the settings that differ; "" when none do.
+// " (changed since it was saved: ranks 1 -> 2, lr 0.003 -> 0.001)" for the settings that differ,
+// matched by name (a checkpoint from before a setting was recorded lacks it); "" when none do.
 static std::string settings_changes(const std::string& was, const std::string& now) {
     auto split = [](const std::string& s) {
         std::vector<std::string> v;
@@ -223,13 +186,13 @@ static std::string settings_changes(const std::string& was, const std::string& n
         }
         return v;
     };
-    std::vector<std::string> a = split(was), b = split(now);
     std::string out;
-    for (size_t i = 0; i < a.size() && a.size() == b.size(); i++) {
-        const size_t sp = b[i].rfind(' ');
-        if (a[i] != b[i] && sp != std::string::npos && a[i].compare(0, sp + 1, b[i], 0, sp + 1) == 0)
-            out += (out.empty() ? "" : ", ") + b[i].substr(0, sp) + " " + a[i].substr(sp + 1) + " -> " + b[i].substr(sp + 1);
-    }
+    for (const std::string& n : split(now))
+        for (const std::string& w : split(was)) {
+            const size_t sp = n.rfind(' ');
+            if (w != n && sp != std::string::npos && w.compare(0, sp + 1, n, 0, sp + 1) == 0)
+                out += (out.empty() ? "" : ", ") + n.substr(0, sp) + " " + w.substr(sp + 1) + " -> " + n.substr(sp + 1);
+        }
     return out.empty() ? "" : " (changed since it was saved: " + out + ")";
 }
 
@@ -305,7 +268,8 @@ static bool read_train_flags(Train* T, int argc, char** argv) {
     T->trace_path = a.str("trace", "");
     T->stop_on_bad = stop_on_nonfinite(a);
     T->max_bad = (int)a.integer("max-bad-steps", 5, 1, 1 << 30);
-    if (comm_world().size > 1) comm_watchdog_start((double)a.integer("watchdog", 1800, 0, 1 << 30));
+    const long long watchdog_s = a.integer("watchdog", 1800, 0, 1 << 30);  // checked on one process too
+    if (comm_world().size > 1) comm_watchdog_start((double)watchdog_s);
     for (const char* p = getenv("FPDT_FAULT_NAN_STEPS"); p && *p; p += strcspn(p, ","), p += (*p == ','))
         T->fault_steps.insert(atoi(p));
     T->resume = a.has("resume"), T->overwrite = a.has("overwrite");
@@ -320,11 +284,19 @@ static bool read_train_flags(Train* T, int argc, char** argv) {
 // (several chunks, offloaded) on a sequence long enough to need it, reached from a short start as
 // context extension does. The start runs in as many chunks as the main phase where they divide
 // it, so it runs FPDT too and a key in an earlier chunk is within its reach.
+// The world's layout first: --sp splits the ranks into sequence-parallel groups (comm.h).
 static void set_run_shape(Train* T) {
     const Args& a = T->a;
     const bool gpu = T->M.ctx.gpu;
     RunCfg& r = T->r;
-    r.P = comm_world().size, r.rank = comm_world().rank;
+    const Comm& cm = comm_world();
+    r.world = cm.size, r.world_rank = cm.rank;
+    r.P = (int)a.integer("sp", cm.size, 1, 1 << 20);
+    r.batch = (int)a.integer("batch", 1, 0, 1 << 30);
+    std::string err = check_layout(r.world, r.P, r.batch);
+    if (!err.empty()) fatal_all("%s", err.c_str());
+    comm_split_groups(r.P);
+    r.rank = cm.sp_rank;
     r.seq = a.integer("seq", gpu ? 65536 : 4096, 1, 1ll << 40);
     r.chunk = a.integer("chunk-size", default_chunk(r.seq, r.P, gpu ? 16384 : 1024), 1, 1ll << 40);
     r.offload = a.flag01("offload", r.chunk < r.seq);
@@ -344,8 +316,7 @@ static void set_run_shape(Train* T) {
     const size_t u = r.seq / std::max<size_t>(r.chunk, 1);
     r0.chunk = T->start_seq && T->start_seq % u == 0 && (T->start_seq / u) % r.P == 0 ? T->start_seq / u : T->start_seq;
     r0.offload = r.offload && r0.chunk < T->start_seq;
-    std::string err = check_shape(T->cfg, r);
-    if (!err.empty()) fatal_all("%s", err.c_str());
+    if (!(err = check_shape(T->cfg, r)).empty()) fatal_all("%s", err.c_str());
     if (T->start_steps && !(err = check_shape(T->cfg, r0)).empty()) fatal_all("--start-seq %zu: %s", T->start_seq, err.c_str());
 }
 
@@ -354,21 +325,21 @@ static void set_run_shape(Train* T) {
 static void prepare_outputs(Train* T) {
     if (!T->out.empty()) prepare_out(T->out, T->resume, T->overwrite);
     if (T->trace_path.empty()) return;
-    std::string terr;  // rank 0 writes it, after step 2: find out now whether it can
+    std::string terr;  // rank 0 writes it, after step 2: find out now whether it can (common.h)
     if (comm_world().rank == 0) {
-        FILE* f = fopen((T->trace_path + ".tmp").c_str(), "w");
-        if (!f) terr = "--trace " + T->trace_path + ": cannot open for writing: " + strerror(errno);
-        else fclose(f), remove((T->trace_path + ".tmp").c_str());
+        FILE* f = trace_open_tmp(T->trace_path, &terr);
+        if (f) fclose(f), remove((T->trace_path + ".tmp").c_str());
     }
     fatal_any(terr);
 }
 
-// OUT/main.log (rank 0), opened for appending, its first line the command.
+// OUT/main.log (rank 0), opened for appending, its first line the command. A regular file only,
+// never through a link (a FIFO there would block the run forever).
 static void open_run_log(const Train* T, int argc, char** argv) {
     if (T->out.empty() || comm_world().rank != 0) return;
-    const std::string path = T->out + "/main.log";
-    run_log().file = fopen(path.c_str(), "a");
-    if (!run_log().file) fatal("--out %s: cannot write %s: %s", T->out.c_str(), path.c_str(), strerror(errno));
+    std::string err;
+    run_log().file = fopen_regular(T->out + "/main.log", Open::Append, false, &err);
+    if (!run_log().file) fatal("--out %s: cannot write %s", T->out.c_str(), err.c_str());
     std::string cmd = "command:";
     for (int i = 0; i < argc; i++) cmd += std::string(" ") + argv[i];
     log_line(false, "%s", cmd.c_str());
@@ -392,12 +363,7 @@ static void create_train_model(Train* T) {
     M->ctx.trace = &T->trace;
     model_create(M, T->cfg, T->r, false);
     model_init_params(M, T->seed);
-    if (!T->init_path.empty()) {
-        uint64_t p_lo, p_hi, m_lo, m_hi;
-        ckpt_load_ranges(M, &p_lo, &p_hi, &m_lo, &m_hi);
-        const std::vector<float> mine(T->init_params.begin() + p_lo, T->init_params.begin() + p_hi), zeros(m_hi - m_lo, 0.0f);
-        ckpt_state_to_model(M, mine, zeros, zeros);
-    }
+    if (!T->init_path.empty()) ckpt_params_to_model(M, T->init_params);
     T->main_dev = M->dev.cap, T->main_host = M->host.cap;
 }
 
@@ -407,10 +373,11 @@ static void init_or_resume(Train* T) {
     Model* M = &T->M;
     Manifest& id = T->id;
     id.cfg = T->cfg, id.seq = T->r.seq, id.seed = T->seed, id.total_steps = T->steps, id.source = T->data->identity();
+    id.batch = T->r.batch;
     if (T->r.doc_bos >= 0) id.source += " | doc-mask bos " + std::to_string(T->r.doc_bos);
     if (T->start_steps)
         id.source += " | start-seq " + std::to_string(T->start_seq) + " for " + std::to_string(T->start_steps) + " steps";
-    T->settings = run_settings(T->r, M->C);
+    T->settings = run_settings(T->r, M->C, T->opt, T->lr, T->warmup, T->min_frac);
     if (T->resume) {
         Manifest man;
         const std::string path = load_checkpoint(M, T->out, id, &man);
@@ -430,11 +397,14 @@ static void print_train_header(const Train* T) {
     log_line(true, "fpdt train | model %s (%s, %d layers, d %d, %d/%d heads, %.2fM params) | data %s", cfg.name,
              cfg.family == GPT ? "gpt" : "llama", cfg.n_layer, cfg.d_model, cfg.n_head, cfg.n_kv_head, M.n_params / 1e6,
              T->data->describe().c_str());
-    const std::string ranks = std::string(r.zero ? " ZeRO-" + std::to_string(r.zero) : "") + (M.nccl ? " NCCL" : "");
+    std::string ranks = std::string(r.zero ? " ZeRO-" + std::to_string(r.zero) : "") + (M.nccl ? " NCCL" : "");
+    if (r.world > 1)  // the layout: W ranks = R replicas x N per sequence-parallel group
+        ranks += " (" + std::to_string(r.world / r.P) + " replica" + (r.world / r.P > 1 ? "s" : "") + " x sp " + std::to_string(r.P) + ")";
+    if (r.batch > 1) ranks += " | batch " + std::to_string(r.batch) + " (" + std::to_string(r.batch / (r.world / r.P)) + " per replica)";
     const std::string since = T->resume ? " | resumed at step " + std::to_string(T->start) + T->changed
                               : !T->init_path.empty() ? " | weights from " + T->init_path : "";
     log_line(true, "seq %zu | chunk %zu (%zu chunks) | offload %s | ranks %d%s | device %s, %s | steps %d%s%s", r.seq, r.chunk,
-             r.seq / r.chunk, r.offload ? "on" : "off", r.P, ranks.c_str(), device_name(M.ctx).c_str(),
+             r.seq / r.chunk, r.offload ? "on" : "off", r.world, ranks.c_str(), device_name(M.ctx).c_str(),
              r.bf16 ? "bf16" : "fp32", T->steps, r.doc_bos >= 0 ? " | doc-mask 1: attention within documents" : "",
              since.c_str());
     if (T->start_steps) {
@@ -471,8 +441,10 @@ static void write_test_grads(Model* M) {
     if (!M->grads) fatal("FPDT_TEST_GRADS_OUT needs --zero 0 or 1: under ZeRO-2 and 3 no rank holds the whole gradient");
     std::vector<float> gr(M->n_params);
     dev_download(&M->ctx, gr.data(), M->grads, M->n_params * sizeof(float));
-    FILE* gf = fopen(gpath, "wb");
-    if (!gf || fwrite(gr.data(), 4, gr.size(), gf) != gr.size() || fclose(gf) != 0) fatal("FPDT_TEST_GRADS_OUT %s: cannot write", gpath);
+    std::string err;
+    FILE* gf = fopen_regular(gpath, Open::Write, true, &err);
+    if (!gf || fwrite(gr.data(), 4, gr.size(), gf) != gr.size() || fclose(gf) != 0)
+        fatal("FPDT_TEST_GRADS_OUT %s: cannot write%s", gpath, err.empty() ? "" : (" (" + err + ")").c_str());
 }
 
 struct StepResult {
@@ -481,7 +453,25 @@ struct StepResult {
     double seconds;
 };
 
-// One optimizer step: the step's sequence in, forward and backward, the update (skipped when the
+// Sequence b of step k is the data's sequence k B + b, whatever the layout: replica r runs b in
+// [r B/R, (r+1) B/R), one after the other, accumulating gradients (zero.h says how, by stage).
+// Returns the step's loss, the mean over its B sequences (each group's rank 0 adds its own; the
+// sum runs over the world), so it does not depend on W, --sp or R.
+static float forward_backward_batch(Train* T, int step) {
+    Model* M = &T->M;
+    const Comm& cm = comm_world();
+    const int B = T->r.batch, per = B / cm.replicas;
+    double loss = 0;
+    for (int j = 0; j < per; j++) {
+        read_into(M, step < T->start_steps ? T->data0 : T->data, (uint64_t)step * B + (uint64_t)cm.replica * per + j);
+        const float l = model_forward_backward(M, true, j > 0);
+        if (cm.sp_rank == 0) loss += l;
+    }
+    comm_allreduce(&loss, 1);
+    return (float)(loss / B);
+}
+
+// One optimizer step: the step's sequences in, forward and backward, the update (skipped when the
 // loss or the gradient is not finite). Traces the step chosen for --trace.
 static StepResult train_step(Train* T, int step, bool traced) {
     Model* M = &T->M;
@@ -494,8 +484,7 @@ static StepResult train_step(Train* T, int step, bool traced) {
     if (traced && M->ctx.gpu) trace_gpu_start(&M->ctx);
 #endif
     const double t0 = now_s();
-    read_into(M, step < T->start_steps ? T->data0 : T->data, step);
-    s.loss = model_forward_backward(M, true);
+    s.loss = forward_backward_batch(T, step);
     if (T->fault_steps.count(step + 1) && comm_world().rank == 0)
         dev_fill(&M->ctx, M->grads ? M->grads : M->grad_shard, NAN, 1);  // as a blow-up would
     s.finite = std::isfinite(s.loss);
@@ -512,7 +501,7 @@ static StepResult train_step(Train* T, int step, bool traced) {
         T->trace.on = false;
         T->trace.events.clear();
     }
-    T->tokens_done += M->run.seq;
+    T->tokens_done += (double)M->run.seq * T->r.batch;  // every replica's tokens
     return s;
 }
 
@@ -533,8 +522,21 @@ static void log_step(Train* T, int step, const StepResult& s, int end) {
                  (double)T->M.run.seq / T->M.doc_starts.size(), 100 * docs_skipped_share(T->M.first_kv));
     log_line(shown_step(step + 1, T->steps, every, !s.finite || step + 1 == T->start_steps || step + 1 == end),
              "step %d/%d | loss %.6f | lr %.3e | norm %.6g | %.0f tok/s | %.1f ms/step | %s elapsed, %s left%s%s", step + 1,
-             T->steps, s.loss, s.lr, s.norm, T->M.run.seq / s.seconds, s.seconds * 1e3,
+             T->steps, s.loss, s.lr, s.norm, (double)T->M.run.seq * T->r.batch / s.seconds, s.seconds * 1e3,
              clock_str(now_s() - T->t_total).c_str(), clock_str(left_s).c_str(), docs, s.finite ? "" : " | NON-FINITE: update skipped");
+}
+
+// After the run's first step, and the first at --seq after a short start (a new arena): on a GPU,
+// what was allocated outside the arena since it was taken (CUDA's kernels, cuBLAS, NCCL) against
+// the headroom kept for it (model.h, gpu_memory_after_step). Rank 0 prints its line; another rank
+// whose allocations went past the headroom says so, naming itself.
+static void check_gpu_memory(const Train* T, int step) {
+    if (!T->M.ctx.gpu || (step != T->start && step != T->start_steps)) return;
+    bool over = false;
+    const std::string line = gpu_memory_after_step(&T->M, step + 1, &over);
+    const Comm& cm = comm_world();
+    if (cm.rank == 0) log_line(true, "%s", line.c_str());
+    else if (over) fprintf(stderr, "fpdt (rank %d of %d): %s\n", cm.rank, cm.size, line.c_str());
 }
 
 // A skipped update left the weights and optimizer state of the last good step, so nothing
@@ -553,8 +555,10 @@ static void check_finite(Train* T, int step, bool finite) {
 // end; save every --save-every steps and at the end.
 static void evaluate_and_save(Train* T, int step) {
     const bool last = step + 1 == T->steps || step + 1 == T->exit_after;
-    if (T->eval_every && ((step + 1) % T->eval_every == 0 || last || step + 1 == T->start_steps))
-        evaluate(&T->M, step < T->start_steps ? T->data0 : T->data, T->eval_seqs, step + 1);
+    if (T->eval_every && ((step + 1) % T->eval_every == 0 || last || step + 1 == T->start_steps)) {
+        const EvalResult R = evaluate(&T->M, step < T->start_steps ? T->data0 : T->data, T->eval_seqs);
+        log_line(true, "eval step %d | seq %zu%s", step + 1, T->M.run.seq, eval_summary(R).c_str());
+    }
     if (!T->out.empty() && ((T->save_every && (step + 1) % T->save_every == 0) || last)) {
         const std::string saved = save_checkpoint(&T->M, T->out, step + 1, T->id, T->settings);
         log_line(true, "saved %s", saved.c_str());
@@ -567,7 +571,7 @@ static void print_train_summary(Train* T, int step) {
     comm_allreduce_max(peaks, 2);
     log_line(true, "done: %d steps in %.1f s, %.0f tok/s | peak device memory %.1f MiB | peak host memory %.1f MiB%s",
              step - T->start, t_total, T->tokens_done / std::max(t_total, 1e-9), peaks[0] / 1048576.0,
-             peaks[1] / 1048576.0, T->r.P > 1 ? " (max over ranks)" : "");
+             peaks[1] / 1048576.0, T->r.world > 1 ? " (max over ranks)" : "");
     if (T->exit_after && step < T->steps) log_line(true, "exit-after %d: stopped; continue with --resume", T->exit_after);
 }
 
@@ -582,8 +586,8 @@ static int cmd_train(int argc, char** argv) {
     Train T;
     if (!read_train_flags(&T, argc, argv)) return 0;  // --help
     choose_device(T.a, &T.M.ctx);
+    set_run_shape(&T);  // splits the ranks into groups: before NCCL's communicators are made
     T.M.nccl = choose_comm(T.a, T.M.ctx);
-    set_run_shape(&T);
     prepare_outputs(&T);
     open_train_data(&T);
     open_run_log(&T, argc, argv);
@@ -599,6 +603,7 @@ static int cmd_train(int argc, char** argv) {
         end_start_if_due(&T, step);
         const StepResult s = train_step(&T, step, !T.trace_path.empty() && step == trace_step);
         log_step(&T, step, s, end);
+        check_gpu_memory(&T, step);
         check_finite(&T, step, s.finite);
         evaluate_and_save(&T, step);
     }

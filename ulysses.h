@@ -111,24 +111,27 @@ static inline void a2a_unpack_gpu(cudaStream_t s, float* dst, const W* recv, int
 
 #ifdef __CUDACC__
 // NCCL work runs on the communication stream, after everything compute has queued so far and
-// before anything compute queues next (so a trace scope on the compute stream spans it).
+// before anything compute queues next (so a trace scope on the compute stream spans it); `what`
+// names it to the watchdog (comm.h), should it not complete.
 template <typename F>
-static inline void on_comm_stream(Ctx* ctx, F nccl_calls) {
+static inline void on_comm_stream(Ctx* ctx, const char* what, F nccl_calls) {
     stream_after(ctx->g->comm, ctx->g->compute);
     nccl_calls(ctx->g->comm);
+    comm_nccl_issued(what, ctx->g->comm);
     stream_after(ctx->g->compute, ctx->g->comm);
 }
 #endif
 
-// The all-to-all itself: recv (P, n) on every rank = block r of each rank's send, values of `elem`
-// bytes (4, or 2 on a bf16 wire). On the GPU: NCCL when each rank has its own GPU, else pinned
+// The all-to-all itself, inside the sequence-parallel group: recv (P, n) on every group rank =
+// block r of each group rank's send, values of `elem` bytes (4, or 2 on a bf16 wire). On the GPU: NCCL when each rank has its own GPU, else pinned
 // host staging and MPI (synchronous).
-static inline void a2a_exchange(Model* M, const void* send, void* recv, size_t n, size_t elem) {
+static inline void a2a_exchange(Model* M, const void* send, void* recv, size_t n, size_t elem, const char* what) {
     Ctx* ctx = &M->ctx;
     if (!ctx->gpu) return comm_alltoall(send, recv, n, elem);
 #ifdef __CUDACC__
-    if (nccl_comm()) return on_comm_stream(ctx, [&](cudaStream_t s) { comm_alltoall_nccl(send, recv, n, elem, s); });
+    if (nccl_sp()) return on_comm_stream(ctx, what, [&](cudaStream_t s) { comm_alltoall_nccl(send, recv, n, elem, s); });
 #endif
+    (void)what;
     const size_t bytes = M->run.P * n * elem;
     char* stage = (char*)M->stage;  // (2, P, n) values: what goes, what comes
     dev_download(ctx, stage, send, bytes);
@@ -151,12 +154,12 @@ static inline void a2a_to_heads(Model* M, int chunk, const float* src, int src_c
     if (!b16) {
         float* send = P == 1 ? dst : M->a2a_send;  // one rank: the packing is the whole job
         OP(ctx, a2a_pack, send, src, src_cols, first, kv, nh, M->cl, M->D, M->Hl, M->Hkvl, H, Hkv, P);
-        if (P > 1) a2a_exchange(M, send, dst, n, sizeof(float));
+        if (P > 1) a2a_exchange(M, send, dst, n, sizeof(float), "all-to-all (to heads)");
         return;
     }
     bf16 *send = (bf16*)M->a2a_send, *recv = send + P * n;  // (P, cl, nh, D) each, in a2a_send's bytes
     OP(ctx, a2a_pack, send, src, src_cols, first, kv, nh, M->cl, M->D, M->Hl, M->Hkvl, H, Hkv, P);
-    if (P > 1) a2a_exchange(M, send, recv, n, sizeof(bf16));
+    if (P > 1) a2a_exchange(M, send, recv, n, sizeof(bf16), "all-to-all (to heads)");
     OP(ctx, from_bf16, dst, P > 1 ? recv : send, P * n);
 }
 
@@ -173,13 +176,13 @@ static inline void a2a_to_seq(Model* M, int chunk, const float* src, int nh, flo
     const int H = M->cfg.n_head, Hkv = M->cfg.n_kv_head;
     if (!b16) {
         const float* recv = src;
-        if (P > 1) a2a_exchange(M, src, M->a2a_send, n, sizeof(float)), recv = M->a2a_send;
+        if (P > 1) a2a_exchange(M, src, M->a2a_send, n, sizeof(float), "all-to-all (to sequence)"), recv = M->a2a_send;
         OP(ctx, a2a_unpack, dst, recv, dst_cols, first, kv, nh, M->cl, M->D, M->Hl, M->Hkvl, H, Hkv, P);
         return;
     }
     bf16 *send = (bf16*)M->a2a_send, *recv = send + P * n;  // (P, cl, nh, D) each, in a2a_send's bytes
     OP(ctx, to_bf16, send, src, P * n);
-    if (P > 1) a2a_exchange(M, send, recv, n, sizeof(bf16));
+    if (P > 1) a2a_exchange(M, send, recv, n, sizeof(bf16), "all-to-all (to sequence)");
     OP(ctx, a2a_unpack, dst, (const bf16*)(P > 1 ? recv : send), dst_cols, first, kv, nh, M->cl, M->D, M->Hl, M->Hkvl,
        H, Hkv, P);
 }

@@ -12,7 +12,9 @@
 //              layer's forward and again before its backward (unless the buffer still holds it),
 //              the next group's gather issued while this one computes (double buffer)
 //
-// Ownership map. k = n_padded / P (n_padded: n_params rounded up to a multiple of P). Rank r owns
+// Ownership map. The state is sharded over every rank of the world, W of them (all replicas of
+// the sequence-parallel group together, as DeepSpeed does): a rank owns 1/W of it, and "rank"
+// below is the world rank. k = n_padded / W (n_padded: n_params rounded up to a multiple of W). Rank r owns
 // the contiguous slice [r k, (r+1) k) of the flat parameter array (model.h's param_table order),
 // for weights, gradients, m and v alike: the same cut as a format-2 checkpoint's shard r
 // (ceil(n/P) values per rank), so a checkpoint reads and writes a rank's owned slice as it is.
@@ -22,9 +24,25 @@
 //   group L + 1    the tail: lnf_w (lnf_b), lm_head when untied, and the padding up to n_padded
 // A group's range crosses the slices of several ranks: rank r's part of group g is
 // [max(lo_g, r k), min(hi_g, (r+1) k)), possibly empty; these parts are contiguous and in rank
-// order, so a group is reduce-scattered with MPI_Reduce_scatter (counts per rank) into the owned
-// gradient shard at that part's offset, and all-gathered with MPI_Allgatherv; over NCCL as grouped
-// ncclReduce / ncclBroadcast, one per rank that owns a part, on the communication stream.
+// order, so a group is reduce-scattered with counts per rank into the owned gradient shard at that
+// part's offset, and all-gathered likewise (comm.h: MPI_Reduce_scatter and MPI_Allgatherv; over
+// NCCL grouped ncclReduce / ncclBroadcast, one per rank that owns a part, on the communication stream).
+//
+// The gradient reduction: one over the world (not over the group, then across replicas). Every
+// rank's gradients are partial sums over its own tokens (of its group's sequences), so the step's
+// gradient is the sum over all W ranks, scaled once (the loss's 1 / (B S), schedule.h's head_pass);
+// the ZeRO shards are the world's too, so the reduce-scatter that hands each rank its shard must
+// span the world anyway, and a single collective lets MPI and NCCL choose their own hierarchical
+// algorithm (inside a node first, then across nodes) instead of two collectives we order by hand.
+//
+// Gradient accumulation (--batch B: each replica runs B / R sequences one after the other).
+// ZeRO 0/1 add every sequence's gradients into the full-size gradient array and reduce once, after
+// the step's last sequence (model_update). ZeRO-2/3 have no full-size gradient array (that is
+// their point), so each tensor group is reduce-scattered as it becomes final in every sequence, as
+// DeepSpeed's stage 2 does; a later sequence's reduce-scatter adds to the shard: before it, the
+// owner adds its shard's running sum into its part of the group buffer (zero_reduce_scatter), so
+// the reduce-scatter that overwrites the shard leaves the sum over all sequences there. Deferring
+// it to the last sequence would need the full-size gradient array ZeRO-2 exists to avoid.
 //
 // Buffers (device arena; the planner names them):
 //   ZeRO-2/3  "gradients (this rank's shard)" (k), "gradients: layer in flight (x2)" (2 x the
@@ -38,7 +56,6 @@
 // On the CPU backend every collective is a blocking MPI call; on the GPU each is issued on the
 // communication stream after an event of the compute stream and waited for by an event, so a
 // gather of the next layer and the reduce-scatter of the last one overlap the current layer.
-// The sequence-parallel group is the sharding group (all P ranks), as in DeepSpeed.
 // Known limit of the overlap: the Ulysses all-to-alls share the communication stream and compute
 // waits for that stream after each of them (ulysses.h, on_comm_stream), so a prefetched gather
 // still in flight is waited for at the layer's first all-to-all; a second NCCL stream would lift it.
@@ -74,37 +91,35 @@ static inline void zero_point(Model* M, ModelW* W, int g, float* buf) {
 // (part lo - r k).
 
 static inline void zero_counts(const Model* M, int g, std::vector<int>* counts, std::vector<int>* displs) {
-    counts->assign(M->run.P, 0), displs->assign(M->run.P, 0);
-    for (int r = 0; r < M->run.P; r++) {
+    counts->assign(M->run.world, 0), displs->assign(M->run.world, 0);
+    for (int r = 0; r < M->run.world; r++) {
         size_t lo;
         (*counts)[r] = mpi_count(zero_part(M, g, r, &lo));
         (*displs)[r] = mpi_count(lo - M->group_lo[g]);
     }
 }
 
-// buf (group g's range) summed over the ranks; this rank's part lands in the gradient shard.
+// buf (group g's range) summed over the world; this rank's part lands in the gradient shard (with
+// M->accumulate, added to what the step's earlier sequences left there).
 static inline void zero_reduce_scatter(Model* M, int g, float* buf, int slot) {
     Ctx* ctx = &M->ctx;
-    const int P = M->run.P, me = M->run.rank;
+    const int P = M->run.world, me = M->run.world_rank;
     const size_t n = M->group_hi[g] - M->group_lo[g], k = M->shard_n;
     size_t mylo;
     const size_t mine = zero_part(M, g, me, &mylo);
     float* dst = M->grad_shard + (mylo - (size_t)me * k);
+    if (M->accumulate && mine) OP(ctx, add_inplace, buf + (mylo - M->group_lo[g]), dst, mine);  // the running sum joins the reduction
     TraceScope ts(ctx, "reduce-scatter (gradients)", TRACK_COMM, g, n * sizeof(float));
 #ifdef __CUDACC__
-    if (ctx->gpu && (nccl_comm() || P == 1)) {
+    if (ctx->gpu && (nccl_world() || P == 1)) {
         GpuCtx* G = ctx->g;
         stream_after(G->comm, G->compute);  // the group's gradients are final
         if (P == 1) CUDA_CHECK(cudaMemcpyAsync(dst, buf, n * sizeof(float), cudaMemcpyDeviceToDevice, G->comm));
         else {
-            NCCL_CHECK(ncclGroupStart());
-            for (int r = 0; r < P; r++) {
-                size_t lo;
-                const size_t c = zero_part(M, g, r, &lo);
-                if (c) NCCL_CHECK(ncclReduce(buf + (lo - M->group_lo[g]), r == me ? dst : buf + (lo - M->group_lo[g]), c,
-                                             ncclFloat, ncclSum, r, nccl_comm(), G->comm));
-            }
-            NCCL_CHECK(ncclGroupEnd());
+            std::vector<int> counts, displs;
+            zero_counts(M, g, &counts, &displs);
+            comm_reduce_scatterv_nccl(buf, dst, counts.data(), displs.data(), G->comm);
+            comm_nccl_issued("reduce-scatter (ZeRO gradients)", G->comm);
         }
         CUDA_CHECK(cudaEventRecord(M->zero_rs_done[slot], G->comm));  // the slot may be zeroed again after this
         return;
@@ -117,37 +132,33 @@ static inline void zero_reduce_scatter(Model* M, int g, float* buf, int slot) {
     if (ctx->gpu) {  // ranks sharing a GPU: through host memory (synchronous)
         float* h = M->stage;  // (n) the group, then (mine) this rank's part
         dev_download(ctx, h, buf, n * sizeof(float));
-        MPI_COLLECTIVE("reduce-scatter (ZeRO gradients)", MPI_Reduce_scatter(h, h + n, counts.data(), MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD));
+        comm_reduce_scatterv(h, h + n, counts.data());
         dev_upload(ctx, dst, h + n, mine * sizeof(float));
         return;
     }
-    MPI_COLLECTIVE("reduce-scatter (ZeRO gradients)", MPI_Reduce_scatter(buf, dst, counts.data(), MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD));
+    comm_reduce_scatterv(buf, dst, counts.data());
 }
 
 // ZeRO-3: group g's weights from every rank's shard into buf (its range), bf16 copy in low.
 // The GPU issues it on the communication stream; zero_gather_wait makes compute wait for it.
 static inline void zero_gather_begin(Model* M, int g, float* buf, int slot) {
     Ctx* ctx = &M->ctx;
-    const int P = M->run.P, me = M->run.rank;
+    const int P = M->run.world, me = M->run.world_rank;
     const size_t n = M->group_hi[g] - M->group_lo[g], k = M->shard_n;
     size_t mylo;
     const size_t mine = zero_part(M, g, me, &mylo);
     const float* src = M->params + (mylo - (size_t)me * k);
     TraceScope ts(ctx, "all-gather (weights)", TRACK_COMM, g, n * sizeof(float));
 #ifdef __CUDACC__
-    if (ctx->gpu && (nccl_comm() || P == 1)) {
+    if (ctx->gpu && (nccl_world() || P == 1)) {
         GpuCtx* G = ctx->g;
         stream_after(G->comm, G->compute);  // compute is done with what the buffer held
         if (P == 1) CUDA_CHECK(cudaMemcpyAsync(buf, src, n * sizeof(float), cudaMemcpyDeviceToDevice, G->comm));
         else {
-            NCCL_CHECK(ncclGroupStart());
-            for (int r = 0; r < P; r++) {
-                size_t lo;
-                const size_t c = zero_part(M, g, r, &lo);
-                if (c) NCCL_CHECK(ncclBroadcast(r == me ? src : buf + (lo - M->group_lo[g]), buf + (lo - M->group_lo[g]), c,
-                                                ncclFloat, r, nccl_comm(), G->comm));
-            }
-            NCCL_CHECK(ncclGroupEnd());
+            std::vector<int> counts, displs;
+            zero_counts(M, g, &counts, &displs);
+            comm_allgatherv_nccl(src, buf, counts.data(), displs.data(), G->comm);
+            comm_nccl_issued("all-gather (ZeRO-3 weights)", G->comm);
         }
         CUDA_CHECK(cudaEventRecord(M->zero_gathered[slot], G->comm));
         return;
@@ -160,17 +171,17 @@ static inline void zero_gather_begin(Model* M, int g, float* buf, int slot) {
     if (ctx->gpu) {  // ranks sharing a GPU: through host memory (synchronous)
         float* h = M->stage;  // (mine) this rank's part, then (n) the group
         dev_download(ctx, h, src, mine * sizeof(float));
-        MPI_COLLECTIVE("all-gather (ZeRO-3 weights)", MPI_Allgatherv(h, mpi_count(mine), MPI_FLOAT, h + mine, counts.data(), displs.data(), MPI_FLOAT, MPI_COMM_WORLD));
+        comm_allgatherv(h, h + mine, counts.data(), displs.data());
         dev_upload(ctx, buf, h + mine, n * sizeof(float));
         return;
     }
-    MPI_COLLECTIVE("all-gather (ZeRO-3 weights)", MPI_Allgatherv(src, mpi_count(mine), MPI_FLOAT, buf, counts.data(), displs.data(), MPI_FLOAT, MPI_COMM_WORLD));
+    comm_allgatherv(src, buf, counts.data(), displs.data());
 }
 
 static inline void zero_gather_wait(Model* M, int g, float* buf, bf16* low_buf, int slot) {
     Ctx* ctx = &M->ctx;
 #ifdef __CUDACC__
-    if (ctx->gpu && (nccl_comm() || M->run.P == 1)) CUDA_CHECK(cudaStreamWaitEvent(ctx->g->compute, M->zero_gathered[slot], 0));
+    if (ctx->gpu && (nccl_world() || M->run.world == 1)) CUDA_CHECK(cudaStreamWaitEvent(ctx->g->compute, M->zero_gathered[slot], 0));
 #endif
     (void)slot, (void)ctx;
     const size_t n = M->group_hi[g] - M->group_lo[g];
@@ -210,7 +221,7 @@ static inline void zero_grads_for(Model* M, int g) {
     Ctx* ctx = &M->ctx;
     float* buf = g == 0 ? M->gbuf_wte : M->gbuf[zero_slot(g)];
 #ifdef __CUDACC__
-    if (ctx->gpu && g != 0 && (nccl_comm() || M->run.P == 1))
+    if (ctx->gpu && g != 0 && (nccl_world() || M->run.world == 1))
         CUDA_CHECK(cudaStreamWaitEvent(ctx->g->compute, M->zero_rs_done[zero_slot(g)], 0));
 #endif
     dev_zero(ctx, buf, (M->group_hi[g] - M->group_lo[g]) * sizeof(float));
@@ -246,7 +257,7 @@ static inline void zero_pass_end(Model* M) {
 }
 
 // ----------------------------------------------------------------------------
-// The optimizer step. Sum the gradients over the group (ZeRO 0/1; ZeRO-2/3 already did, group by
+// The optimizer step. Sum the gradients over the world (ZeRO 0/1; ZeRO-2/3 already did, group by
 // group), clip to max_norm (0 = no clipping), AdamW on this rank's slice, and (ZeRO-1/2) the
 // updated slices all-gathered back. Returns the global gradient norm (before clipping).
 struct AdamW {
@@ -255,21 +266,21 @@ struct AdamW {
 static inline float model_update(Model* M, const AdamW& opt, int t, bool* finite) {
     Ctx* ctx = &M->ctx;
     const int stage = M->run.zero;
-    const size_t n = M->shard_n, N = M->n_padded, lo = stage ? (size_t)M->run.rank * n : 0;
+    const size_t n = M->shard_n, N = M->n_padded, lo = stage ? (size_t)M->run.world_rank * n : 0;
     float* g = M->grad_shard ? M->grad_shard : M->grads;
-    // ZeRO 0/1, sum over the group: NCCL on GPU buffers, or MPI on host memory (the GPU's gradients
+    // ZeRO 0/1, sum over the world: NCCL on GPU buffers, or MPI on host memory (the GPU's gradients
     // staged through it when ranks share a GPU)
 #ifdef __CUDACC__
-    const bool nccl = ctx->gpu && nccl_comm();
+    const bool nccl = ctx->gpu && nccl_world();
     if (nccl && stage <= 1)
-        on_comm_stream(ctx, [&](cudaStream_t s) {
-            if (stage == 1) NCCL_CHECK(ncclReduceScatter(M->grads, M->grad_shard, n, ncclFloat, ncclSum, nccl_comm(), s));
-            else NCCL_CHECK(ncclAllReduce(M->grads, M->grads, N, ncclFloat, ncclSum, nccl_comm(), s));
+        on_comm_stream(ctx, stage == 1 ? "reduce-scatter (gradients)" : "all-reduce (gradients)", [&](cudaStream_t s) {
+            if (stage == 1) comm_reduce_scatter_nccl(M->grads, M->grad_shard, n, s);
+            else comm_allreduce_nccl(M->grads, N, s);
         });
 #else
     const bool nccl = false;
 #endif
-    if (M->run.P > 1 && !nccl && stage <= 1) {
+    if (M->run.world > 1 && !nccl && stage <= 1) {
         float* buf = ctx->gpu ? M->stage : M->grads;
         if (ctx->gpu) dev_download(ctx, buf, M->grads, N * sizeof(float));
         if (stage == 1) {
@@ -304,9 +315,9 @@ static inline float model_update(Model* M, const AdamW& opt, int t, bool* finite
     if (stage == 0 || stage >= 3) return norm;
 #ifdef __CUDACC__
     if (nccl)  // every rank's updated shard to every rank, in place
-        on_comm_stream(ctx, [&](cudaStream_t s) { NCCL_CHECK(ncclAllGather(M->params + lo, M->params, n, ncclFloat, nccl_comm(), s)); });
+        on_comm_stream(ctx, "all-gather (weights)", [&](cudaStream_t s) { comm_allgather_nccl(M->params, n, s); });
 #endif
-    if (M->run.P > 1 && !nccl) {  // every rank's updated shard to every rank
+    if (M->run.world > 1 && !nccl) {  // every rank's updated shard to every rank
         float* buf = ctx->gpu ? M->stage : M->params;
         if (ctx->gpu) dev_download(ctx, buf, M->params, N * sizeof(float));
         comm_allgather(buf, n);
@@ -320,6 +331,6 @@ static inline float model_update(Model* M, const AdamW& opt, int t, bool* finite
 // weights, m and v, on the host. Under every stage rank r owns the same contiguous slice (see the
 // top), so these read and write it without communication.
 static inline void zero_owned_range(const Model* M, size_t* lo, size_t* hi) {
-    const size_t k = M->run.zero ? M->shard_n : M->n_padded, a = M->run.zero ? (size_t)M->run.rank * k : 0;
+    const size_t k = M->run.zero ? M->shard_n : M->n_padded, a = M->run.zero ? (size_t)M->run.world_rank * k : 0;
     *lo = std::min(a, M->n_params), *hi = std::min(a + k, M->n_params);
 }

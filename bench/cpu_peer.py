@@ -100,7 +100,7 @@ def main():
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
                             lr=3e-3, betas=(0.9, 0.95), eps=1e-8)
     print(f"torch {torch.__version__} | model {a.model} ({n_params / 1e6:.2f}M params) | seq {T} | "
-          f"threads {torch.get_num_threads()} | fp32")
+          f"threads {torch.get_num_threads()} | fp32 | cpu capability {torch.backends.cpu.get_cpu_capability()}")
     times = []
     for step in range(a.steps + 1):
         tokens = torch.randint(0, vocab, (T,))

@@ -1,10 +1,12 @@
 // data.h: where the training tokens come from.
 //
-// Every training step uses ONE sequence of seq+1 tokens: inputs are tokens [0, seq), targets are
-// tokens [1, seq+1). In a sequence-parallel job each rank needs only its own slices of that
-// sequence, so a DataSource hands out any range [start, start+n) of step k's sequence, reading
-// only that range (files) or generating only that range (synthetic tasks). Everything is a pure
-// function of (seed, step): a resumed run, or another rank, sees exactly the same tokens.
+// A sequence is seq+1 tokens: inputs are tokens [0, seq), targets are tokens [1, seq+1). Sources
+// number their sequences; the `step` argument below is that number (train.h: training step k with
+// --batch B trains sequences k B .. k B + B - 1, whatever replica runs them). In a sequence-parallel
+// job each rank needs only its own slices of a sequence, so a DataSource hands out any range
+// [start, start+n) of sequence k, reading only that range (files) or generating only that range
+// (synthetic tasks). Everything is a pure function of (seed, step): a resumed run, or another
+// rank, sees exactly the same tokens.
 //
 // Sources (data_open's `spec`):
 //   "passkey"      a built-in synthetic retrieval task: a 5-symbol key hidden at a random depth in
@@ -60,6 +62,10 @@ static inline std::string decode_token(int32_t t) {
 
 // ----------------------------------------------------------------------------
 // The interface the trainer sees.
+
+// Steps from here on are held-out sequences, what evaluation reads (train's and ./fpdt eval's):
+// the passkey task's ask once, at the end, with no practice; a file stream's are its last windows.
+constexpr uint64_t HELD_OUT_STEP0 = 1ull << 40;
 
 struct DataSource {
     virtual ~DataSource() {}
@@ -170,9 +176,12 @@ struct FileStream : DataSource {
 
     // Step k's sequence is stream tokens [o, o+seq+1) with o = (k*seq) mod (N - seq): consecutive
     // steps walk through the data, and wrap. The product is taken in 128 bits so that a huge step
-    // number cannot overflow into a different window.
+    // number cannot overflow into a different window. Held-out sequence j (step HELD_OUT_STEP0 + j)
+    // is counted back from the end instead: o = N - seq - 1 - (j*seq) mod (N - seq), the last
+    // window first, so a run that reads less than the whole stream never trains on them.
     uint64_t window_start(uint64_t step) const {
         uint64_t m = total - seq;  // >= 1, checked at open
+        if (step >= HELD_OUT_STEP0) return m - 1 - (uint64_t)((unsigned __int128)(step - HELD_OUT_STEP0) * seq % m);
         return (uint64_t)((unsigned __int128)step * seq % m);
     }
 
@@ -216,23 +225,14 @@ struct FileStream : DataSource {
     std::string identity() const override { return ident; }
 };
 
-// Opens `path` for reading and checks that it is a regular file; *size its length in bytes.
-// stat() first: a FIFO or a device is refused before open() could block on it (and O_NONBLOCK
-// covers one swapped in between).
+// Opens `path` for reading, only if it is a regular file (common.h's open_regular: a FIFO or a
+// device is refused before anything could block on it); *size its length in bytes.
 static inline bool data_open_regular(const std::string& path, int* fd_out, uint64_t* size, std::string* err) {
-    struct stat st;
-    if (stat(path.c_str(), &st) != 0) return data_fail(err, "data: " + path + ": cannot open (" + strerror(errno) + ")");
-    if (!S_ISREG(st.st_mode))
-        return data_fail(err, "data: " + path + ": not a regular file (expected a .bin shard or a text file)");
-    int fd = open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
-    if (fd < 0) return data_fail(err, "data: " + path + ": cannot open (" + strerror(errno) + ")");
-    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-        close(fd);
-        return data_fail(err, "data: " + path + ": not a regular file (expected a .bin shard or a text file)");
-    }
-    *fd_out = fd;
-    *size = (uint64_t)st.st_size;
-    return true;
+    const std::string e = open_regular(path, Open::Read, true, fd_out, size);
+    if (e.empty()) return true;
+    if (e.find(": not a regular file") != std::string::npos)
+        return data_fail(err, "data: " + e + "; expected a .bin shard or a text file");
+    return data_fail(err, "data: " + path + ": cannot open (" + e.substr(path.size() + 2) + ")");
 }
 
 // Opens one llm.c shard and checks everything once: header, exact size, and every token < vocab
@@ -318,12 +318,14 @@ static inline bool data_open_shard(const std::string& path, int vocab, int* fd_o
 // agrees exactly with a rank reading everything.
 
 static const char* const PASSKEY_SYMBOLS[5] = {"0123456789", "ABCDEFGHIJ", "KLMNOPQRST", "UVWXYZ!#$%", "&()*+,-/:;"};
-constexpr uint64_t PASSKEY_EVAL_STEP0 = 1ull << 40;  // held-out sequences: steps from here on
+constexpr uint64_t PASSKEY_EVAL_STEP0 = HELD_OUT_STEP0;  // held-out sequences: steps from here on
 
 struct PasskeyTask : DataSource {
     uint64_t seed;
     size_t seq;
     std::string pattern;  // the filler, a fixed cycle of short sentences
+    double depth = -1;    // the needle grid (./fpdt eval --needle): the key at this fraction of the
+                          // sequence (0: right after BOS, 1: just before the question); < 0: random
 
     static constexpr size_t DIGITS = 5;
     static constexpr size_t INSERT = 1 + DIGITS;  // TOK_KEY or TOK_QUERY, then the symbols
@@ -356,6 +358,7 @@ struct PasskeyTask : DataSource {
         Plan p;
         p.offset = rng_u64(&state) % pattern.size();
         p.key = 1 + (size_t)(rng_u64(&state) % (seq + 1 - 2 * INSERT));  // uniform in [1, seq+1-12]
+        if (depth >= 0) p.key = 1 + (size_t)llround(depth * (double)(seq - 2 * INSERT));  // the needle's depth
         for (size_t d = 0; d < DIGITS; d++) p.symbols[d] = PASSKEY_SYMBOLS[d][rng_u64(&state) % 10];
         // practice questions in [lo, hi) after the key, never overlapping (see above)
         const size_t lo = p.key + INSERT, hi = query_pos();
@@ -490,6 +493,46 @@ struct PasskeyDocs : DataSource {
                 if (distances) distances->push_back(q - d.key);
             }
         }
+        return true;
+    }
+};
+
+// The needle grid on a file's text (./fpdt eval --needle --data FILE): the held-out windows of a
+// byte-level stream with the passkey task's key written at a given depth (the same fraction as
+// PasskeyTask::depth) and its question at the end, the symbols drawn from (seed, step). Owns the
+// stream it reads.
+struct NeedleInText : DataSource {
+    DataSource* text;
+    uint64_t seed;
+    size_t seq;
+    double depth;
+    static constexpr size_t INSERT = PasskeyTask::INSERT;
+
+    NeedleInText(DataSource* text_, uint64_t seed_, size_t seq_, double depth_)
+        : text(text_), seed(seed_), seq(seq_), depth(depth_) {}
+    ~NeedleInText() override { delete text; }
+    size_t key_pos() const { return 1 + (size_t)llround(depth * (double)(seq - 2 * INSERT)); }
+    size_t query_pos() const { return seq + 1 - INSERT; }
+    void symbols(uint64_t step, int32_t* out) const {
+        Rng state{seed ^ (step * 0xD1B54A32D192ED03ULL)};
+        for (size_t d = 0; d < PasskeyTask::DIGITS; d++) out[d] = PASSKEY_SYMBOLS[d][rng_u64(&state) % 10];
+    }
+    void read(uint64_t step, size_t start, size_t n, int32_t* out) override {
+        text->read(step, start, n, out);
+        int32_t sym[PasskeyTask::DIGITS];
+        symbols(step, sym);
+        for (size_t pos : {key_pos(), query_pos()})
+            for (size_t j = 0; j < INSERT; j++)
+                if (pos + j >= start && pos + j < start + n)
+                    out[pos + j - start] = j > 0 ? sym[j - 1] : pos == query_pos() ? TOK_QUERY : TOK_KEY;
+    }
+    std::string describe() const override { return text->describe() + " with a passkey needle"; }
+    std::string identity() const override { return text->identity(); }
+    bool answer(uint64_t step, std::vector<size_t>* positions, std::vector<size_t>* distances) override {
+        (void)step;
+        positions->clear(), distances->clear();
+        for (size_t d = 0; d < PasskeyTask::DIGITS; d++)
+            positions->push_back(query_pos() + 1 + d), distances->push_back(query_pos() - key_pos());
         return true;
     }
 };

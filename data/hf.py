@@ -13,7 +13,9 @@ Hugging Face Llama-architecture models in and out of fpdt.
         transformers.AutoModelForCausalLM.from_pretrained loads.
 
 Needs numpy and safetensors only (pip install numpy safetensors). Every problem is one line
-on stderr and a non-zero exit.
+on stderr and a non-zero exit (--debug adds the traceback); nothing half-written is left
+(data/tools_common.py). Every config.json and manifest field is type- and range-checked against
+fpdt's own limits before anything is read or allocated, and every input must be a regular file.
 
 The mapping (fpdt's names: model.h param_table, in that order):
     wte            model.embed_tokens.weight                     (V, d)
@@ -36,14 +38,19 @@ Checkpoint format 2 (the fpdt repository's shared spec): OUT/ckpt_<step>/ with s
 the checksum of every byte before it). Written into ckpt_<step>.tmp/, fsynced, then renamed.
 """
 import json
+import math
 import os
 import re
+import stat
 import sys
 
 # data/ also holds tokenize.py, named like the standard library module that the library itself
 # imports (linecache, inspect): keep this directory off the module path.
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+sys.path.append(_HERE)  # last, behind the standard library: for tools_common alone
+from tools_common import (Failure, Output, check_memory, check_regular, check_replaceable, commit, fail,  # noqa: E402
+                          fsync_dir, kind, make_dir, new_temp_dir, new_temp_file, open_input, run)
 
 try:
     import numpy as np
@@ -129,11 +136,6 @@ def fnv1a64_slow(data, h=FNV_OFFSET):  # the definition, for tests
     return h
 
 
-def fail(msg):
-    sys.stderr.write("hf.py: " + msg + "\n")
-    sys.exit(1)
-
-
 # ----------------------------------------------------------------------------
 # The model configuration: Hugging Face config.json -> fpdt's Config fields (model.h)
 
@@ -142,85 +144,133 @@ MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_interme
 
 
 def f32(x):
-    return float(np.float32(x))
+    with np.errstate(over="ignore"):
+        return float(np.float32(x))
 
 
 def g9(x):  # the manifest's %.9g of a float32
     return "%.9g" % f32(x)
 
 
+# fpdt's own limits (checkpoint.h parse_manifest, model.h check_shape): a config or a manifest
+# outside them is refused before anything is read or allocated
+LIMITS = {"n_layer": 4096, "d_model": 1 << 17, "n_head": 4096, "n_kv_head": 4096, "head_dim": 4096, "ffn": 1 << 20,
+          "vocab": 1 << 24, "rope_original_max_pos": 2 ** 31 - 1}
+MAX_PARAMS = 1 << 40
+F32_MAX = 3e38
+_MISSING = object()
+
+
+def typed(d, k, want, where, default=_MISSING, lo=None, hi=None):
+    """d[k] checked: want is "int" (a whole number, not a bool), "num" (a finite number, not a
+    bool), "bool", "str", "dict" or "list"; None counts as missing; ints and numbers in [lo, hi]."""
+    v = d.get(k) if isinstance(d, dict) else None
+    if v is None:
+        if default is _MISSING:
+            fail("%s: %s: missing" % (where, k))
+        return default
+    ok = {"int": isinstance(v, int) and not isinstance(v, bool),
+          "num": isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+          "bool": isinstance(v, bool), "str": isinstance(v, str), "dict": isinstance(v, dict), "list": isinstance(v, list)}[want]
+    if not ok:
+        fail("%s: %s: %r is not %s" % (where, k, v, {"int": "a whole number", "num": "a finite number", "bool": "true or false",
+                                                     "str": "a string", "dict": "an object", "list": "a list"}[want]))
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        fail("%s: %s: %r is out of range (fpdt takes %s to %s)" % (where, k, v, lo, hi))
+    return v
+
+
 def config_from_hf(hc, where="config.json"):
-    """fpdt's model fields from a Hugging Face config dict; fails naming the first field fpdt cannot represent."""
+    """fpdt's model fields from a Hugging Face config dict; fails naming the first field fpdt cannot
+    represent, or one of the wrong type or outside fpdt's limits."""
     def bad(field, why):
         fail("%s: %s: %s" % (where, field, why))
 
-    archs = hc.get("architectures") or []
-    mtype = hc.get("model_type")
+    archs = typed(hc, "architectures", "list", where, [])
+    mtype = typed(hc, "model_type", "str", where, None)
+    if not all(isinstance(a, str) for a in archs):
+        bad("architectures", "%r is not a list of names" % (archs,))
     if archs and not all(a in LLAMA_ARCHS for a in archs):
         bad("architectures", "%s is not a Llama-architecture model (supported: %s)" % (",".join(archs), ", ".join(LLAMA_ARCHS)))
     if mtype is not None and mtype not in ("llama", "mistral"):
         bad("model_type", "'%s' is not a Llama-architecture model (supported: llama, mistral)" % mtype)
     if not archs and mtype is None:
         bad("model_type", "missing (and no architectures): cannot tell which model this is")
-    for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
-        if not isinstance(hc.get(k), int) or hc[k] <= 0:
-            bad(k, "missing or not a positive integer (got %r)" % (hc.get(k),))
-    if hc.get("hidden_act", "silu") != "silu":
+    d = typed(hc, "hidden_size", "int", where, lo=1, hi=LIMITS["d_model"])
+    F = typed(hc, "intermediate_size", "int", where, lo=1, hi=LIMITS["ffn"])
+    L = typed(hc, "num_hidden_layers", "int", where, lo=1, hi=LIMITS["n_layer"])
+    H = typed(hc, "num_attention_heads", "int", where, lo=1, hi=LIMITS["n_head"])
+    V = typed(hc, "vocab_size", "int", where, lo=1, hi=LIMITS["vocab"])
+    Hkv = typed(hc, "num_key_value_heads", "int", where, H, lo=1, hi=LIMITS["n_kv_head"])
+    if typed(hc, "hidden_act", "str", where, "silu") != "silu":
         bad("hidden_act", "'%s': fpdt's llama MLP is SwiGLU with silu" % hc["hidden_act"])
     for k in ("attention_bias", "mlp_bias"):
-        if hc.get(k):
+        if typed(hc, k, "bool", where, False):
             bad(k, "true: fpdt's llama family has no biases")
-    if hc.get("sliding_window") is not None and hc.get("use_sliding_window", True):
+    if hc.get("sliding_window") is not None and typed(hc, "use_sliding_window", "bool", where, True):
         bad("sliding_window", "%r: fpdt's attention is full causal (set it to null to ignore the window)" % hc["sliding_window"])
     for k in MOE_KEYS:
         if hc.get(k) not in (None, 0, 1):
             bad(k, "%r: mixture-of-experts layers are not representable" % hc[k])
-    if hc.get("partial_rotary_factor", 1.0) != 1.0:
+    if typed(hc, "partial_rotary_factor", "num", where, 1.0) != 1.0:
         bad("partial_rotary_factor", "%r: fpdt rotates the whole head" % hc["partial_rotary_factor"])
-    H, d = hc["num_attention_heads"], hc["hidden_size"]
-    Hkv = hc.get("num_key_value_heads") or H
-    D = hc.get("head_dim") or d // H
-    if not hc.get("head_dim") and d % H:
+    if hc.get("head_dim") is None and d % H:
         bad("hidden_size", "%d is not a multiple of num_attention_heads %d (and no head_dim)" % (d, H))
-    if not isinstance(D, int) or D % 2 or D > 512:
+    D = typed(hc, "head_dim", "int", where, d // H, lo=1, hi=LIMITS["head_dim"])
+    if D % 2 or D > 512:
         bad("head_dim", "%r: fpdt needs an even head size of at most 512" % D)
     if H % Hkv:
         bad("num_key_value_heads", "%d does not divide num_attention_heads %d" % (Hkv, H))
+    eps = typed(hc, "rms_norm_eps", "num", where, 1e-6)
+    if not 0 < f32(eps) <= F32_MAX:
+        bad("rms_norm_eps", "%r: must be a positive number (as a float32)" % eps)
+    tie = typed(hc, "tie_word_embeddings", "bool", where, False)
     # RoPE: top level (rope_theta, rope_scaling: published Llama 3.x) or transformers 5's rope_parameters
-    rp = hc.get("rope_parameters")
+    rp = typed(hc, "rope_parameters", "dict", where, None)
     field = "rope_parameters"
-    if isinstance(rp, dict) and rp and all(isinstance(v, dict) for v in rp.values()):
+    if rp and all(isinstance(v, dict) for v in rp.values()):
         bad("rope_parameters", "per-layer-type RoPE parameters are not representable")
-    if not isinstance(rp, dict):
-        rp, field = dict(hc.get("rope_scaling") or {}), "rope_scaling"
-        if "rope_theta" in hc:
+    if rp is None:
+        rp, field = dict(typed(hc, "rope_scaling", "dict", where, {})), "rope_scaling"
+        if hc.get("rope_theta") is not None:
             rp.setdefault("rope_theta", hc["rope_theta"])
-    theta = rp.get("rope_theta", hc.get("rope_theta", 10000.0))
-    rtype = rp.get("rope_type", rp.get("type", "default"))
-    c = dict(family="llama", n_layer=hc["num_hidden_layers"], d_model=d, n_head=H, n_kv_head=Hkv, head_dim=D,
-             ffn=hc["intermediate_size"], vocab=hc["vocab_size"], rope_theta=theta,
-             norm_eps=hc.get("rms_norm_eps", 1e-6), tie_embeddings=1 if hc.get("tie_word_embeddings", False) else 0,
-             rope_scaling="none", rope_factor=1.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
-             rope_original_max_pos=8192)
+    theta = typed(rp, "rope_theta", "num", where + ": " + field, 10000.0)
+    rtype = typed(rp, "rope_type", "str", where + ": " + field, None) or typed(rp, "type", "str", where + ": " + field, "default")
+    c = dict(family="llama", n_layer=L, d_model=d, n_head=H, n_kv_head=Hkv, head_dim=D, ffn=F, vocab=V, rope_theta=theta,
+             norm_eps=eps, tie_embeddings=1 if tie else 0, rope_scaling="none", rope_factor=1.0, rope_low_freq_factor=1.0,
+             rope_high_freq_factor=4.0, rope_original_max_pos=8192)
+    num = lambda k: typed(rp, k, "num", where + ": " + field, lo=0)  # noqa: E731
     if rtype == "linear":
-        c.update(rope_scaling="linear", rope_factor=rp.get("factor", 1.0))
+        c.update(rope_scaling="linear", rope_factor=typed(rp, "factor", "num", where + ": " + field, 1.0))
     elif rtype == "llama3":
         for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
-            if not isinstance(rp.get(k), (int, float)):
+            if rp.get(k) is None:
                 bad(field + "." + k, "missing (llama3 RoPE needs factor, low_freq_factor, high_freq_factor, "
                                      "original_max_position_embeddings)")
-        if not rp["high_freq_factor"] > rp["low_freq_factor"] > 0:
+        omp = rp["original_max_position_embeddings"]
+        if isinstance(omp, float) and omp.is_integer():
+            omp = int(omp)
+        omp = typed({"original_max_position_embeddings": omp}, "original_max_position_embeddings", "int", where + ": " + field,
+                    lo=1, hi=LIMITS["rope_original_max_pos"])
+        if not num("high_freq_factor") > num("low_freq_factor") > 0:
             bad(field + ".high_freq_factor", "must exceed low_freq_factor > 0")
-        c.update(rope_scaling="llama3", rope_factor=rp["factor"], rope_low_freq_factor=rp["low_freq_factor"],
-                 rope_high_freq_factor=rp["high_freq_factor"],
-                 rope_original_max_pos=int(rp["original_max_position_embeddings"]))
+        c.update(rope_scaling="llama3", rope_factor=num("factor"), rope_low_freq_factor=rp["low_freq_factor"],
+                 rope_high_freq_factor=rp["high_freq_factor"], rope_original_max_pos=omp)
     elif rtype != "default":
         bad(field + ".rope_type", "'%s': fpdt's RoPE does default, linear and llama3" % rtype)
-    if not (isinstance(theta, (int, float)) and theta > 1):
+    if not 1 < f32(theta) <= F32_MAX:
         bad("rope_theta", "%r: must be a number above 1" % (theta,))
-    if c["rope_factor"] <= 0:
-        bad(field + ".factor", "%r: must be positive" % c["rope_factor"])
+    for k in ("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor"):
+        if not 0 < f32(c[k]) <= F32_MAX:
+            bad(field + "." + {"rope_factor": "factor"}.get(k, k[5:]), "%r: must be a positive number" % c[k])
+    n = n_params(c)
+    if n > MAX_PARAMS:
+        bad("vocab_size", "the model has %d parameters, more than fpdt's limit of 2^40" % n)
     return c
+
+
+def n_params(c):
+    return sum(int(np.prod(shape)) for _, shape in param_table(c))
 
 
 def config_to_hf(c, seq):
@@ -321,6 +371,19 @@ def from_fpdt(c, name, w):
 # ----------------------------------------------------------------------------
 # Reading safetensors (one file or an index of shards)
 
+def read_json(path, max_bytes):
+    """A JSON object from path, a regular file of at most max_bytes."""
+    with open_input(path, "rb", max_bytes=max_bytes) as f:
+        raw = f.read()
+    try:
+        v = json.loads(raw)
+    except ValueError as e:
+        fail("%s: not valid JSON (%s)" % (path, e))
+    if not isinstance(v, dict):
+        fail("%s: not a JSON object" % path)
+    return v
+
+
 def open_hf_tensors(hf_dir):
     """{HF tensor name: (file path, safe_open handle)} for every tensor in the directory's safetensors."""
     try:
@@ -329,14 +392,13 @@ def open_hf_tensors(hf_dir):
         fail("needs safetensors (pip install safetensors)")
     index = os.path.join(hf_dir, "model.safetensors.index.json")
     single = os.path.join(hf_dir, "model.safetensors")
-    if os.path.exists(index):
-        try:
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            fail("%s: not a safetensors index (%s)" % (index, e))
+    if os.path.lexists(index):
+        weight_map = typed(read_json(index, 64 << 20), "weight_map", "dict", index)
         files = sorted(set(weight_map.values()))
-    elif os.path.exists(single):
+        for fn in files:  # file names in this directory, nothing else
+            if not isinstance(fn, str) or not fn or "/" in fn or fn in (".", ".."):
+                fail("%s: weight_map: %r is not a file name in %s" % (index, fn, hf_dir))
+    elif os.path.lexists(single):
         files = ["model.safetensors"]
     else:
         fail("%s: no model.safetensors or model.safetensors.index.json (pytorch_model.bin is not read: "
@@ -344,8 +406,9 @@ def open_hf_tensors(hf_dir):
     where = {}
     for fn in files:
         path = os.path.join(hf_dir, fn)
-        if not os.path.exists(path):
+        if not os.path.lexists(path):
             fail("%s: missing (listed in model.safetensors.index.json)" % path)
+        check_regular(path)  # a FIFO would block safe_open
         try:
             h = safe_open(path, framework="numpy")
             keys = list(h.keys())
@@ -372,8 +435,10 @@ def read_tensor(where, name):
 def read_raw(path, name):
     """The bytes of a BF16 tensor as uint16, from the safetensors layout: an 8-byte little-endian
     header length, the JSON header (name -> dtype, shape, data_offsets), then the data."""
-    with open(path, "rb") as f:
+    with open_input(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
+        if n > 100 << 20:
+            fail("%s: a safetensors header of %d bytes (corrupt?)" % (path, n))
         header = json.loads(f.read(n))
         lo, hi = header[name]["data_offsets"]
         f.seek(8 + n + lo)
@@ -396,39 +461,27 @@ INT_FIELDS = ("n_layer", "d_model", "n_head", "n_kv_head", "head_dim", "ffn", "v
 FLOAT_FIELDS = ("rope_theta", "norm_eps", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor")
 
 
-def fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_checkpoint(out_dir, name, c, tensors, step=0):
-    """OUT_DIR/ckpt_<step>/ from tensors, an iterable of (fpdt name, float32 array) in table order."""
+    """OUT_DIR/ckpt_<step>/ from tensors, an iterable of (fpdt name, float32 array) in table order,
+    written into ckpt_<step>.tmp/ (removed on any failure), fsynced, then renamed."""
     table = param_table(c)
-    os.makedirs(out_dir, exist_ok=True)
+    make_dir(out_dir)
     final = os.path.join(out_dir, "ckpt_%08d" % step)
     tmp = final + ".tmp"
-    if os.path.exists(final):
+    if os.path.lexists(final):
         fail("%s exists already (import into an empty directory)" % final)
-    if os.path.exists(tmp):
-        for fn in os.listdir(tmp):
-            os.remove(os.path.join(tmp, fn))
-    else:
-        os.mkdir(tmp)
+    new_temp_dir(tmp, ("shard_0.bin", "manifest.txt"))
     hsh, n = Fnv1a64(), 0
-    with open(os.path.join(tmp, "shard_0.bin"), "wb") as f:
-        for (tname, shape), (gname, w) in zip(table, tensors):
-            assert tname == gname and w.shape == shape and w.dtype == np.float32, (tname, gname, w.shape, shape)
-            if not np.all(np.isfinite(w)):
-                fail("tensor %s has non-finite values" % tname)
-            b = np.ascontiguousarray(w).astype("<f4").tobytes()
-            f.write(b)
-            hsh.update(b)
-            n += w.size
-        f.flush()
-        os.fsync(f.fileno())
+    f = Output(os.path.join(tmp, "shard_0.bin"))
+    for (tname, shape), (gname, w) in zip(table, tensors):
+        assert tname == gname and w.shape == shape and w.dtype == np.float32, (tname, gname, w.shape, shape)
+        if not np.all(np.isfinite(w)):
+            fail("tensor %s has non-finite values (NaN or Inf): nothing imported" % tname)
+        b = np.ascontiguousarray(w).astype("<f4").tobytes()
+        f.write(b)
+        hsh.update(b)
+        n += w.size
+    f.close()
     vals = {"fpdt-checkpoint": "2", "step": str(step), "total_steps": "0", "seed": "0", "model.name": name,
             "data.seq": "0", "data.source": "none", "n_params": str(n), "optimizer": "0", "shards": "1"}
     for k in ("family", "rope_scaling"):
@@ -440,31 +493,52 @@ def write_checkpoint(out_dir, name, c, tensors, step=0):
     text = "".join("%s %s\n" % (k, vals[k]) for k in MANIFEST_KEYS)
     text += "shard 0 0 %d %s\n" % (n, hsh.hexdigest())
     text += "end %s\n" % Fnv1a64().update(text.encode()).hexdigest()
-    with open(os.path.join(tmp, "manifest.txt"), "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    f = Output(os.path.join(tmp, "manifest.txt"))
+    f.write(text.encode())
+    f.close()
     fsync_dir(tmp)
-    os.rename(tmp, final)
+    commit(tmp, final)
     fsync_dir(out_dir)
     return final, n
 
 
+def manifest_number(fields, key, path, lo=None, hi=None):
+    """A manifest field as checkpoint.h parses it: digits only in [lo, hi], or (lo None) a
+    positive finite float32."""
+    v = fields[key]
+    if lo is not None:
+        if not re.fullmatch("[0-9]{1,19}", v) or not lo <= int(v) <= hi:
+            raise ValueError("%s: %s '%s' (expected a whole number from %d to %d)" % (path, key, v[:80], lo, hi))
+        return int(v)
+    try:
+        x = float(v)
+    except ValueError:
+        x = float("nan")
+    if not 0 < x <= F32_MAX or v != v.strip():
+        raise ValueError("%s: %s '%s' (expected a positive finite number)" % (path, key, v[:80]))
+    return x
+
+
 def read_manifest(ckpt):
-    """(fields, shards) of ckpt_<step>/manifest.txt, every field checked; raises ValueError naming the first bad one."""
+    """(fields, shards) of ckpt_<step>/manifest.txt, every field checked against fpdt's own limits
+    before anything is sized from it; raises ValueError naming the first bad one."""
     path = os.path.join(ckpt, "manifest.txt")
     try:
-        with open(path, "rb") as f:
+        with open_input(path, "rb", follow=False, max_bytes=64 << 20) as f:
             raw = f.read()
-    except OSError as e:
-        raise ValueError("%s: cannot read (%s)" % (path, e.strerror))
+    except Failure as e:
+        raise ValueError(str(e))
     end = raw.rfind(b"\nend ")
     if end < 0 or not raw.endswith(b"\n"):
         raise ValueError("%s: no end line (partly written?)" % path)
     body, tail = raw[:end + 1], raw[end + 1:].decode("ascii", "replace").split()
     if len(tail) != 2 or Fnv1a64().update(body).hexdigest() != tail[1]:
         raise ValueError("%s: checksum mismatch on the end line (corrupt)" % path)
-    lines = body.decode("utf-8").splitlines()
+    try:
+        lines = body.decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ValueError("%s: not text" % path)
+    lines = [l for l in lines if not l.startswith("data.batch ")]  # a train run's --batch
     fields = {}
     for i, k in enumerate(MANIFEST_KEYS):
         if i >= len(lines) or not lines[i].startswith(k + " "):
@@ -473,28 +547,36 @@ def read_manifest(ckpt):
     if fields["fpdt-checkpoint"] != "2":
         raise ValueError("%s: fpdt-checkpoint %s (this reads format 2)" % (path, fields["fpdt-checkpoint"]))
     c = {"family": fields["model.family"], "rope_scaling": fields["model.rope_scaling"]}
-    try:
-        for k in INT_FIELDS:
-            c[k] = int(fields["model." + k])
-        for k in FLOAT_FIELDS:
-            c[k] = float(fields["model." + k])
-        n, opt, nsh = int(fields["n_params"]), int(fields["optimizer"]), int(fields["shards"])
-    except ValueError as e:
-        raise ValueError("%s: %s" % (path, e))
+    for k in INT_FIELDS:
+        c[k] = manifest_number(fields, "model." + k, path, 0 if k == "tie_embeddings" else 1, LIMITS.get(k, 1))
+    for k in FLOAT_FIELDS:
+        c[k] = manifest_number(fields, "model." + k, path)
+    if c["n_head"] % c["n_kv_head"]:
+        raise ValueError("%s: model.n_kv_head %d does not divide model.n_head %d" % (path, c["n_kv_head"], c["n_head"]))
+    step = manifest_number(fields, "step", path, 0, 1 << 62)
+    seq = manifest_number(fields, "data.seq", path, 0, 1 << 40)
+    n = manifest_number(fields, "n_params", path, 1, MAX_PARAMS)
+    opt = manifest_number(fields, "optimizer", path, 0, 1)
+    nsh = manifest_number(fields, "shards", path, 1, 1 << 20)
     if c["family"] != "llama":
         raise ValueError("%s: model.family %s: only the llama family exports to Hugging Face's Llama" % (path, c["family"]))
     if c["rope_scaling"] not in ("none", "linear", "llama3"):
         raise ValueError("%s: model.rope_scaling %s" % (path, c["rope_scaling"]))
-    if sum(int(np.prod(shape)) for _, shape in param_table(c)) != n:
+    if n_params(c) != n:
         raise ValueError("%s: n_params %d does not match the model fields" % (path, n))
+    named = re.fullmatch(r"ckpt_([0-9]+)", os.path.basename(os.path.normpath(ckpt)))
+    if named and int(named.group(1)) != step:
+        raise ValueError("%s: its manifest is of step %d, its name says step %d (a copy or a rename of another checkpoint?)"
+                         % (ckpt, step, int(named.group(1))))
     shards, lo_want = [], 0
     rest = lines[len(MANIFEST_KEYS):]
-    if len(rest) != nsh or nsh < 1:
+    if len(rest) != nsh:
         raise ValueError("%s: shards %d but %d shard lines" % (path, nsh, len(rest)))
     for r, line in enumerate(rest):
         p = line.split()
-        if len(p) != 5 or p[0] != "shard" or p[1] != str(r) or not re.fullmatch("[0-9a-f]{16}", p[4]):
-            raise ValueError("%s: bad shard line %d: '%s'" % (path, r, line))
+        if len(p) != 5 or p[0] != "shard" or p[1] != str(r) or not re.fullmatch("[0-9a-f]{16}", p[4]) or \
+                not all(re.fullmatch("[0-9]{1,19}", x) for x in p[2:4]):
+            raise ValueError("%s: bad shard line %d: '%s'" % (path, r, line[:100]))
         lo, hi = int(p[2]), int(p[3])
         if lo != lo_want or hi < lo or hi > n:
             raise ValueError("%s: shard %d covers [%d, %d), expected to start at %d" % (path, r, lo, hi, lo_want))
@@ -502,29 +584,34 @@ def read_manifest(ckpt):
         lo_want = hi
     if lo_want != n:
         raise ValueError("%s: the shards cover [0, %d) of %d parameters" % (path, lo_want, n))
-    c["name"], c["step"], c["seq"], c["n_params"], c["optimizer"] = fields["model.name"], int(fields["step"]), \
-        int(fields["data.seq"]), n, opt
+    c["name"], c["step"], c["seq"], c["n_params"], c["optimizer"] = fields["model.name"], step, seq, n, opt
     return c, shards
 
 
 def read_checkpoint(ckpt):
-    """(config, params float32 (n_params,)) of one ckpt_<step> directory, every checksum verified."""
+    """(config, params float32 (n_params,)) of one ckpt_<step> directory, every checksum verified;
+    the memory an export takes (the parameters, their tensors, the file's bytes) checked first."""
     c, shards = read_manifest(ckpt)
-    params = np.empty(c["n_params"], dtype=np.float32)
     per = 3 if c["optimizer"] else 1
     for path, lo, hi, want in shards:
         try:
-            size = os.path.getsize(path)
-        except OSError as e:
-            raise ValueError("%s: %s" % (path, e.strerror))
+            size = check_regular(path, follow=False)
+        except Failure as e:
+            raise ValueError(str(e))
         if size != (hi - lo) * 4 * per:
             raise ValueError("%s: %d bytes, expected %d (truncated?)" % (path, size, (hi - lo) * 4 * per))
+    check_memory("%s: exporting %d parameters" % (ckpt, c["n_params"]), 3 * 4 * c["n_params"])
+    params = np.empty(c["n_params"], dtype=np.float32)
+    for path, lo, hi, want in shards:
         h = Fnv1a64()
-        with open(path, "rb") as f:
-            got = f.read((hi - lo) * 4)
-            h.update(got)
-            params[lo:hi] = np.frombuffer(got, dtype="<f4")
-            while True:
+        with open_input(path, "rb", follow=False) as f:
+            dst = memoryview(params[lo:hi]).cast("B")
+            for a in range(0, len(dst), 1 << 24):  # the parameters, in place
+                got = f.readinto(dst[a:a + (1 << 24)])
+                if got != min(1 << 24, len(dst) - a):
+                    raise ValueError("%s: changed size while being read" % path)
+                h.update(dst[a:a + got])
+            while True:  # the moments: checksummed only
                 b = f.read(1 << 24)
                 if not b:
                     break
@@ -535,23 +622,29 @@ def read_checkpoint(ckpt):
 
 
 def find_checkpoint(arg):
-    """A ckpt_<step> directory, or the newest valid one in a directory (a corrupt newer one is reported and skipped)."""
+    """A ckpt_<step> directory, or the newest valid one in a directory (a corrupt newer one, or a
+    link or anything else named like one, is reported and skipped)."""
     if os.path.isfile(arg) and os.path.basename(arg) == "manifest.txt":
         arg = os.path.dirname(arg) or "."
-    if os.path.isdir(arg) and os.path.exists(os.path.join(arg, "manifest.txt")):
+    if os.path.isdir(arg) and os.path.lexists(os.path.join(arg, "manifest.txt")):
         try:
             return arg, read_checkpoint(arg)
         except ValueError as e:
             fail(str(e))
-    if os.path.isfile(arg):
+    if os.path.lexists(arg) and not os.path.isdir(arg):
         fail("%s: not a format-2 checkpoint (expected a ckpt_<step> directory or the directory holding them)" % arg)
     if not os.path.isdir(arg):
         fail("%s: no such checkpoint or directory" % arg)
     steps = []
     for fn in os.listdir(arg):
         m = re.fullmatch(r"ckpt_([0-9]+)", fn)
-        if m and os.path.isdir(os.path.join(arg, fn)):
+        if not m:
+            continue
+        mode = os.lstat(os.path.join(arg, fn)).st_mode
+        if stat.S_ISDIR(mode):
             steps.append((int(m.group(1)), fn))
+        else:
+            sys.stderr.write("hf.py: warning: skipping %s: %s, not a checkpoint directory\n" % (os.path.join(arg, fn), kind(mode)))
     for _, fn in sorted(steps, reverse=True):
         try:
             return os.path.join(arg, fn), read_checkpoint(os.path.join(arg, fn))
@@ -567,20 +660,17 @@ def load_hf_config(hf_dir):
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isdir(hf_dir):
         fail("%s: not a directory (expected a Hugging Face model directory)" % hf_dir)
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         fail("%s: no config.json (expected a Hugging Face model directory)" % hf_dir)
-    try:
-        with open(path) as f:
-            hc = json.load(f)
-    except (OSError, ValueError) as e:
-        fail("%s: not valid JSON (%s)" % (path, e))
-    if not isinstance(hc, dict):
-        fail("%s: not a JSON object" % path)
-    return hc
+    return read_json(path, 16 << 20)
 
 
 def hf_tensors_in_fpdt_order(hf_dir, c):
-    """Checks every tensor of the directory against the config, then yields (fpdt name, float32 array)."""
+    """Checks the memory the largest tensor takes to convert (from the config alone), then every
+    tensor of the directory against the config, then yields (fpdt name, float32 array)."""
+    big, shape = max(((n, s) for n, s in param_table(c)), key=lambda t: int(np.prod(t[1])))
+    check_memory("%s: importing tensor %s (%d values; read, converted and written)" % (hf_dir, big, int(np.prod(shape))),
+                 16 * int(np.prod(shape)))
     where = open_hf_tensors(hf_dir)
     names = hf_names(c)
     wanted = {hn: shape for parts in names.values() for hn, shape in parts}
@@ -624,11 +714,13 @@ def _chain(first, rest):
 
 
 def cmd_export(ckpt_arg, out_dir):
+    """config.json and model.safetensors in out_dir, each written as a .tmp (removed on any failure)
+    and renamed over a regular file of that name (anything else there is refused)."""
     try:
         from safetensors.numpy import save_file
     except ImportError:
         fail("needs safetensors (pip install safetensors)")
-    if os.path.exists(os.path.join(out_dir, "model.safetensors.index.json")):
+    if os.path.lexists(os.path.join(out_dir, "model.safetensors.index.json")):
         fail("%s holds model.safetensors.index.json (a sharded model, which transformers would load instead): "
              "export into another directory" % out_dir)
     path, (c, params) = find_checkpoint(ckpt_arg)
@@ -636,22 +728,32 @@ def cmd_export(ckpt_arg, out_dir):
     for name, shape in param_table(c):
         n = int(np.prod(shape))
         for hn, arr in from_fpdt(c, name, params[off:off + n].reshape(shape)):
+            if not np.all(np.isfinite(arr)):
+                fail("%s: tensor %s has non-finite values (NaN or Inf): nothing exported" % (path, hn))
             tensors[hn] = arr
         off += n
-    os.makedirs(out_dir, exist_ok=True)
-    cfg = config_to_hf(c, c["seq"])
-    with open(os.path.join(out_dir, "config.json.tmp"), "w") as f:
-        json.dump(cfg, f, indent=2)
-        f.write("\n")
-    save_file(tensors, os.path.join(out_dir, "model.safetensors.tmp"), metadata={"format": "pt"})
-    os.replace(os.path.join(out_dir, "model.safetensors.tmp"), os.path.join(out_dir, "model.safetensors"))
-    os.replace(os.path.join(out_dir, "config.json.tmp"), os.path.join(out_dir, "config.json"))
+    make_dir(out_dir)
+    final = {k: os.path.join(out_dir, k) for k in ("config.json", "model.safetensors")}
+    for p in final.values():
+        check_replaceable(p)
+    f = new_temp_file(final["config.json"] + ".tmp")
+    f.write((json.dumps(config_to_hf(c, c["seq"]), indent=2) + "\n").encode())
+    f.close()
+    f = new_temp_file(final["model.safetensors"] + ".tmp")  # made new here (never a link); the library fills it
+    f.close()
+    try:
+        save_file(tensors, f.path, metadata={"format": "pt"})
+    except Exception as e:  # safetensors' own error type, a full disk included
+        fail("cannot write %s: %s" % (f.path, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__))
+    commit(f.path, final["model.safetensors"])
+    commit(final["config.json"] + ".tmp", final["config.json"])
     print("%s: config.json and model.safetensors from %s (step %d, %d params, fp32)" % (out_dir, path, c["step"],
                                                                                          c["n_params"]))
 
 
-USAGE = ("usage: python3 data/hf.py import HF_DIR OUT_DIR [--name NAME]\n"
-         "       python3 data/hf.py export CKPT HF_OUT_DIR")
+USAGE = ("usage: python3 data/hf.py import HF_DIR OUT_DIR [--name NAME] [--debug]\n"
+         "       python3 data/hf.py export CKPT HF_OUT_DIR [--debug]\n"
+         "  --debug: a failure prints its Python traceback too")
 
 
 def main(argv):
@@ -680,4 +782,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    run("hf.py", main)

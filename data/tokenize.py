@@ -21,7 +21,9 @@ the usual names the vocabulary holds (<|begin_of_text|>, <s>, ...; <|end_of_text
 Text pieces are cut after a newline followed by a non-space character, so a byte-level BPE
 (Llama 3, GPT-2 style) tokenizes each document as it would whole; a SentencePiece-style
 tokenizer that marks the start of its input may differ at the cuts (one per --piece-mb).
-Needs the `tokenizers` package (pip install tokenizers).
+Needs the `tokenizers` package (pip install tokenizers). Every problem is one line on stderr and a
+non-zero exit (--debug adds the traceback); the shard is written as OUT.bin.tmp, removed on any
+failure, and every input must be a regular file (data/tools_common.py).
 """
 import os
 import sys
@@ -30,6 +32,7 @@ import sys
 # imports (linecache, inspect): drop this directory from the module path before anything does.
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+sys.path.append(_HERE)  # last, behind the standard library: for tools_common alone
 
 import argparse  # noqa: E402
 import glob  # noqa: E402
@@ -38,15 +41,12 @@ import re  # noqa: E402
 import struct  # noqa: E402
 import time  # noqa: E402
 
+from tools_common import check_regular, check_replaceable, commit, fail, new_temp_file, open_input, run  # noqa: E402
+
 MAGIC, VERSION = 20240801, 7  # llm.c's Llama 3 format: uint32 tokens (data/data.h)
 HEADER_INTS = 256
 BOS_NAMES = ("<|begin_of_text|>", "<s>", "<|startoftext|>", "<bos>", "[CLS]")
 EOS_NAMES = ("<|end_of_text|>", "</s>", "<|endoftext|>", "<eos>", "<|eot_id|>", "[SEP]")
-
-
-def fail(msg):
-    sys.stderr.write("tokenize.py: " + msg + "\n")
-    sys.exit(1)
 
 
 def load_tokenizer(tok):
@@ -55,8 +55,9 @@ def load_tokenizer(tok):
     except ImportError:
         fail("needs the tokenizers package (pip install tokenizers)")
     path = os.path.join(tok, "tokenizer.json") if os.path.isdir(tok) else tok
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         fail("--tokenizer %s: no %s" % (tok, "tokenizer.json in that directory" if os.path.isdir(tok) else "such file"))
+    check_regular(path)  # a FIFO would block the library's read
     try:
         t = Tokenizer.from_file(path)
     except Exception as e:  # tokenizers raises a plain Exception with its parser's message
@@ -74,12 +75,14 @@ def special_id(t, tok_dir, which, given):
             fail("--%s %s: the tokenizer has no such token" % (which, given))
         return i
     cfg = os.path.join(tok_dir, "tokenizer_config.json")
-    if os.path.exists(cfg):
+    if os.path.lexists(cfg):
+        with open_input(cfg, "rb", max_bytes=64 << 20) as f:
+            raw = f.read()
         try:
-            with open(cfg) as f:
-                v = json.load(f).get(which + "_token")
-        except (OSError, ValueError):
+            v = json.loads(raw)
+        except ValueError:
             v = None
+        v = v.get(which + "_token") if isinstance(v, dict) else None
         if isinstance(v, dict):
             v = v.get("content")
         if isinstance(v, str) and t.token_to_id(v) is not None:
@@ -90,13 +93,23 @@ def special_id(t, tok_dir, which, given):
     return None
 
 
+def read_text(f, path, n):
+    """Up to n characters of f; a read error or text that is not UTF-8 fails naming the input."""
+    try:
+        return f.read(n)
+    except UnicodeDecodeError as e:
+        fail("%s: not UTF-8 text (byte %d of a piece)" % (path, e.start))
+    except OSError as e:
+        fail("%s: cannot read (%s)" % (path, e.strerror))
+
+
 def pieces(path, piece_bytes):
     """The text of a file in pieces of about piece_bytes, cut after a newline that a non-space follows."""
     cut_at = re.compile(r"\n(?=\S)")
     rest = ""
-    with open(path, "r", encoding="utf-8", errors="strict", newline="") as f:
+    with open_input(path, "r", encoding="utf-8", errors="strict", newline="") as f:
         while True:
-            block = f.read(piece_bytes)
+            block = read_text(f, path, piece_bytes)
             if not block:
                 break
             text = rest + block
@@ -123,9 +136,9 @@ def expand(inputs):
                 fail("no files match '%s'" % p)
             files += m
         else:
-            if not os.path.isfile(p):
-                fail("%s: no such file" % p)
             files.append(p)
+    for p in files:
+        check_regular(p)  # a FIFO among the inputs is one line, not a hang
     return files
 
 
@@ -136,8 +149,8 @@ def cmd_shard(t, bos, eos, out, inputs, piece_mb):
     for p in files:
         if os.path.exists(out) and os.path.samefile(out, p):
             fail("%s is also an input" % out)
+    check_replaceable(out)
     total_bytes = sum(os.path.getsize(p) for p in files)
-    tmp = out + ".tmp"
     n, done_bytes, last, t0 = 0, 0, 0.0, time.time()
     tty = sys.stderr.isatty()
 
@@ -148,46 +161,34 @@ def cmd_shard(t, bos, eos, out, inputs, piece_mb):
         sys.stderr.flush()
 
     nfiles = 0
-    with open(tmp, "wb") as f:
-        f.write(b"\0" * (4 * HEADER_INTS))
-        for p in files:
-            ids_doc = 0
-            if bos is not None:
-                f.write(struct.pack("<I", bos))
-                n += 1
-            try:
-                for text in pieces(p, piece_mb << 20):
-                    ids = t.encode(text, add_special_tokens=False).ids
-                    f.write(struct.pack("<%dI" % len(ids), *ids))
-                    n += len(ids)
-                    ids_doc += len(ids)
-                    done_bytes += len(text.encode("utf-8"))
-                    if time.time() - last > 2:
-                        last = time.time()
-                        progress()
-            except UnicodeDecodeError as e:
-                os.remove(tmp)
-                fail("%s: not UTF-8 text (byte %d)" % (p, e.start))
-            except OSError as e:
-                os.remove(tmp)
-                fail("%s: cannot read (%s)" % (p, e.strerror))
-            if eos is not None:
-                f.write(struct.pack("<I", eos))
-                n += 1
-            nfiles += 1
-        if n == 0:
-            os.remove(tmp)
-            fail("all inputs are empty and there is no BOS/EOS: nothing to write")
-        if n >= 2 ** 31:
-            os.remove(tmp)
-            fail("%d tokens is too many for one shard (the header count is an int32): split the inputs" % n)
-        f.seek(0)
-        header = [0] * HEADER_INTS
-        header[0], header[1], header[2] = MAGIC, VERSION, n
-        f.write(struct.pack("<%di" % HEADER_INTS, *header))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out)
+    f = new_temp_file(out + ".tmp")  # removed on any failure (tools_common.run)
+    f.write(b"\0" * (4 * HEADER_INTS))
+    for p in files:
+        if bos is not None:
+            f.write(struct.pack("<I", bos))
+            n += 1
+        for text in pieces(p, piece_mb << 20):
+            ids = t.encode(text, add_special_tokens=False).ids
+            f.write(struct.pack("<%dI" % len(ids), *ids))
+            n += len(ids)
+            done_bytes += len(text.encode("utf-8"))
+            if time.time() - last > 2:
+                last = time.time()
+                progress()
+        if eos is not None:
+            f.write(struct.pack("<I", eos))
+            n += 1
+        nfiles += 1
+    if n == 0:
+        fail("all inputs are empty and there is no BOS/EOS: nothing to write")
+    if n >= 2 ** 31:
+        fail("%d tokens is too many for one shard (the header count is an int32): split the inputs" % n)
+    f.seek(0)
+    header = [0] * HEADER_INTS
+    header[0], header[1], header[2] = MAGIC, VERSION, n
+    f.write(struct.pack("<%di" % HEADER_INTS, *header))
+    f.close()
+    commit(out + ".tmp", out)
     progress(final=True)
     print("%s: %d tokens from %d file(s) (vocab %d, BOS %s, EOS %s)" % (out, n, len(files), t.get_vocab_size(),
                                                                         bos, eos))
@@ -204,8 +205,13 @@ def parse_ids(s):
     return ids
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[1].strip())
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, as every other failure
+        fail(message)
+
+
+def main(argv):
+    ap = Parser(description=__doc__.splitlines()[1].strip())
     ap.add_argument("--tokenizer", required=True, help="tokenizer.json, or a Hugging Face model directory")
     ap.add_argument("--bos", help="BOS token (default: the tokenizer's); none: no BOS")
     ap.add_argument("--eos", help="EOS token (default: the tokenizer's); none: no EOS")
@@ -213,7 +219,8 @@ def main():
     ap.add_argument("--encode", metavar="TEXT", help="print BOS and the ids of TEXT, comma-separated")
     ap.add_argument("--decode", metavar="IDS", help="print the text of ids (spaces or commas; - reads stdin)")
     ap.add_argument("paths", nargs="*", metavar="OUT.bin FILE", help="the shard to write, then the inputs")
-    a = ap.parse_args()
+    ap.add_argument("--debug", action="store_true", help="a failure prints its Python traceback too")
+    a = ap.parse_args(argv[1:])
     t, tok_dir = load_tokenizer(a.tokenizer)
     if a.decode is not None:
         ids = parse_ids(sys.stdin.read() if a.decode == "-" else a.decode)
@@ -230,10 +237,10 @@ def main():
         return
     if len(a.paths) < 2:
         fail("needs OUT.bin and at least one input file (or --encode / --decode)")
-    if a.piece_mb < 1:
-        fail("--piece-mb %d: must be at least 1" % a.piece_mb)
+    if not 1 <= a.piece_mb <= 1024:
+        fail("--piece-mb %d: must be from 1 to 1024" % a.piece_mb)
     cmd_shard(t, bos, eos, a.paths[0], a.paths[1:], a.piece_mb)
 
 
 if __name__ == "__main__":
-    main()
+    run("tokenize.py", main)

@@ -4,6 +4,7 @@
 #include <sys/wait.h>
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
 #include <string>
 #include <vector>
 
@@ -32,6 +33,20 @@ static inline std::string mpirun(int np) {
 
 // The same, one OpenMP thread per rank (the ranks share this machine's cores).
 static inline std::string mpi(int np) { return mpirun(np) + "-x OMP_NUM_THREADS=1 "; }
+
+// Shell that starts `cmd` (a run of many steps, e.g. two ranks under mpirun) in the background,
+// its output in $out = d/log and its pid in $m, and waits, up to 60 s, until it has printed step 3.
+static inline std::string start_past_step_3(const std::string& d, const std::string& cmd) {
+    return "out=" + d + "/log; " + cmd + " > $out 2>&1 & m=$!; for i in $(seq 600); do grep -q 'step 3/' $out && break; "
+           "sleep 0.1; done; ";
+}
+// Shell to follow start_past_step_3: stops (SIGSTOP) the last of $m's children, waits up to 60 s
+// for the job to end on its own, and prints "rc=R secs=S" (R 0: it ended; 124: it did not) and
+// the run's output.
+static inline std::string stop_a_rank_and_wait() {
+    return "s=$(pgrep -P $m | tail -1); kill -STOP $s; t0=$(date +%s); timeout 60 tail --pid=$m -f /dev/null; rc=$?; "
+           "kill -9 $s $m 2>/dev/null; wait $m; echo \"rc=$rc secs=$(( $(date +%s) - t0 ))\"; cat $out";
+}
 
 // The losses of the "step N/M | loss X" lines, in order.
 static inline std::vector<double> losses(const std::string& out) {
@@ -92,4 +107,27 @@ static inline std::string tmpdir() {
     if (!mkdtemp(t)) return "/tmp";
     made.push_back(t);
     return t;
+}
+
+// The operations of a --trace file (Chrome trace-event JSON as common.h's trace_write writes it:
+// one event a line), in the file's order.
+struct TraceOp {
+    std::string name;
+    int track, layer, chunk;
+    double ts, dur;  // microseconds from the step's start
+};
+static inline std::vector<TraceOp> read_trace(const std::string& path) {
+    std::vector<TraceOp> ops;
+    std::ifstream f(path);
+    for (std::string line; std::getline(f, line);) {
+        if (line.find("\"ph\":\"X\"") == std::string::npos) continue;
+        auto num = [&](const char* key) {
+            const size_t p = line.find(key);
+            return p == std::string::npos ? -1.0 : atof(line.c_str() + p + strlen(key));
+        };
+        const size_t n = line.find("\"name\":\"") + 8;
+        ops.push_back({line.substr(n, line.find('"', n) - n), (int)num("\"tid\":"), (int)num("\"layer\":"),
+                       (int)num("\"chunk\":"), num("\"ts\":"), num("\"dur\":")});
+    }
+    return ops;
 }

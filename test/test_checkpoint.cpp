@@ -207,3 +207,61 @@ TEST(CheckpointFormat, FuzzSeedsAreValidManifests) {
         EXPECT_EQ(parse_manifest(text, name, &m), "") << text;
     }
 }
+
+// Every path that deletes (a save's stale .tmp and .old.tmp, a damaged checkpoint of the same step
+// moved aside, rotation, --overwrite, the start's clean-up of a killed save) never follows a
+// symbolic link and removes nothing but fpdt's own files: a link under each name is refused,
+// naming it, and what it points to is untouched; a checkpoint holding something fpdt did not
+// write is left as it is by rotation (with a warning), not emptied.
+TEST(CheckpointFormat, NothingIsDeletedThroughALink) {
+    fatal_throws();
+    Dir d, victim;
+    { std::ofstream(victim.path + "/precious.txt") << "x"; }
+    auto intact = [&] { return access((victim.path + "/precious.txt").c_str(), F_OK) == 0; };
+    RunCfg r;
+    r.seq = 32;
+    Model A;
+    model_create(&A, *find_preset("tiny"), r, false);
+    model_init_params(&A, 7);
+    Manifest id = tiny_manifest(1);
+    id.seq = 32, id.shards.clear();
+    auto save_error = [&](uint64_t step) {
+        try {
+            save_checkpoint(&A, d.path, step, id, "x");
+        } catch (const FpdtError& e) {
+            return e.msg;
+        }
+        return std::string();
+    };
+    for (const std::string name : {"ckpt_00000004.tmp", "ckpt_00000004.old.tmp", "ckpt_00000004"}) {
+        const std::string link = d.path + "/" + name;
+        ASSERT_EQ(symlink(victim.path.c_str(), link.c_str()), 0);
+        EXPECT_NE(save_error(4).find(link + ": a symbolic link, not a checkpoint directory"), std::string::npos) << name;
+        EXPECT_NE(remove_checkpoints(d.path).find(link + ": a symbolic link"), std::string::npos) << name;
+        if (name != "ckpt_00000004") {
+            EXPECT_NE(remove_stale_tmp(d.path).find(link + ": a symbolic link"), std::string::npos) << name;
+        }
+        EXPECT_EQ(foreign_checkpoint_names(d.path).size(), 1u) << name;
+        EXPECT_TRUE(intact()) << name;
+        ASSERT_EQ(unlink(link.c_str()), 0);
+    }
+    // rotation: ckpt_1 holds a file fpdt did not write, ckpt_2's shard is a link: both are left
+    for (uint64_t s : {1, 2}) EXPECT_EQ(save_error(s), "");
+    { std::ofstream(d.path + "/ckpt_00000001/notes.txt") << "mine"; }
+    const std::string shard2 = d.path + "/ckpt_00000002/shard_0.bin";
+    ASSERT_EQ(rename(shard2.c_str(), (victim.path + "/shard_0.bin").c_str()), 0);
+    ASSERT_EQ(symlink((victim.path + "/shard_0.bin").c_str(), shard2.c_str()), 0);
+    Manifest m2;  // read, such a checkpoint is refused: a checkpoint is a directory of regular files
+    EXPECT_EQ(read_manifest(d.path + "/ckpt_00000002", &m2), "");
+    EXPECT_NE(check_shard_sizes(d.path + "/ckpt_00000002", m2).find("shard_0.bin: not a regular file (a symbolic link)"), std::string::npos);
+    for (uint64_t s : {3, 4, 5}) EXPECT_EQ(save_error(s), "");
+    EXPECT_EQ(access((d.path + "/ckpt_00000001/notes.txt").c_str(), F_OK), 0);
+    EXPECT_EQ(access((d.path + "/ckpt_00000001/manifest.txt").c_str(), F_OK), 0);
+    struct stat st;
+    EXPECT_EQ(lstat(shard2.c_str(), &st), 0);
+    EXPECT_EQ(access((victim.path + "/shard_0.bin").c_str(), F_OK), 0);
+    EXPECT_EQ(access((d.path + "/ckpt_00000003").c_str(), F_OK), -1) << "ckpt_3 is fpdt's alone: rotated";
+    EXPECT_NE(remove_checkpoints(d.path).find("holds"), std::string::npos);
+    EXPECT_TRUE(intact());
+    model_free(&A);
+}

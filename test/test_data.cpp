@@ -80,8 +80,12 @@ static std::vector<int32_t> read_all(DataSource* d, uint64_t step, size_t seq) {
 }
 
 // The expected window of step k over a stream of N tokens: [o, o+seq+1), o = k*seq mod (N-seq).
+// Training step k reads from (k seq) mod (N - seq); held-out sequence j (step HELD_OUT_STEP0 + j)
+// counts back from the end, the last window first.
 static std::vector<int32_t> expected_window(const std::vector<int32_t>& stream, uint64_t step, size_t seq) {
-    uint64_t o = (uint64_t)((unsigned __int128)step * seq % (stream.size() - seq));
+    const uint64_t m = stream.size() - seq;
+    uint64_t o = (uint64_t)((unsigned __int128)step * seq % m);
+    if (step >= HELD_OUT_STEP0) o = m - 1 - (uint64_t)((unsigned __int128)(step - HELD_OUT_STEP0) * seq % m);
     return std::vector<int32_t>(stream.begin() + o, stream.begin() + o + seq + 1);
 }
 
@@ -196,6 +200,10 @@ TEST(Shards, WindowWalksAndWraps) {
         EXPECT_EQ(w.front(), expect_o[k] + 1) << "step " << k;
         EXPECT_EQ(w.back(), expect_o[k] + 17) << "step " << k;
     }
+    // held out: the last window first, then back by seq, wrapping; training reads them last
+    EXPECT_EQ(read_all(d.get(), HELD_OUT_STEP0, 16).back(), 50);
+    EXPECT_EQ(read_all(d.get(), HELD_OUT_STEP0 + 1, 16).back(), 34);
+    for (uint64_t j = 0; j < 6; j++) EXPECT_EQ(read_all(d.get(), HELD_OUT_STEP0 + j, 16), expected_window(toks, HELD_OUT_STEP0 + j, 16));
     // a huge step number: the product must not overflow 64 bits into a wrong window
     uint64_t big = (1ULL << 62) + 3;
     EXPECT_EQ(read_all(d.get(), big, 16), expected_window(toks, big, 16));
@@ -726,4 +734,63 @@ TEST(Shard, RewrittenMidRunNamesTheFileAndStep) {
     std::unique_ptr<DataSource> e(data_open(dir.file("w.bin"), 1000, 16, 7, &err));
     ASSERT_TRUE(e) << err;
     EXPECT_NE(e->identity(), id);
+}
+
+// The needle grid's placement: the passkey task with a fixed depth puts its key at that fraction
+// of the places it can take (1 .. seq-11) and changes nothing else; NeedleInText writes the same
+// insert into a text window and reports the distance back to it.
+TEST(Needle, KeyAtTheDepthAndNothingElseMoves) {
+    const size_t seq = 512;
+    for (double depth : {0.0, 0.3, 0.5, 1.0}) {
+        std::unique_ptr<DataSource> a = passkey(seq, test_seed()), b = passkey(seq, test_seed());
+        static_cast<PasskeyTask*>(b.get())->depth = depth;
+        for (uint64_t step = HELD_OUT_STEP0; step < HELD_OUT_STEP0 + 5; step++) {
+            PasskeySeq s;
+            check_passkey_seq(b.get(), step, seq, &s);
+            if (HasFatalFailure()) return;
+            EXPECT_EQ(s.key, 1 + (size_t)llround(depth * (seq - 12))) << depth;
+            std::vector<int32_t> x = read_all(a.get(), step, seq), y = read_all(b.get(), step, seq);
+            EXPECT_EQ(std::vector<int32_t>(x.end() - 6, x.end()), std::vector<int32_t>(y.end() - 6, y.end()));  // same key symbols
+            std::vector<size_t> pos, dist;
+            ASSERT_TRUE(b->answer(step, &pos, &dist));
+            EXPECT_EQ(dist[0], seq - 5 - s.key);
+        }
+    }
+    EXPECT_EQ(passkey(seq, 1)->identity(), "passkey 2");  // the training sequences are unchanged
+}
+
+TEST(Needle, InTextWindows) {
+    TempDir dir;
+    std::string text;
+    while (text.size() < 3000) text += "a plain sentence of text, without any key. ";
+    write_text(dir.file("t.txt"), text);
+    const size_t seq = 256;
+    for (double depth : {0.0, 0.6, 1.0}) {
+        std::string err;
+        DataSource* base = data_open(dir.file("t.txt"), BYTE_VOCAB, seq, 9, &err);
+        ASSERT_TRUE(base) << err;
+        std::unique_ptr<DataSource> plain(data_open(dir.file("t.txt"), BYTE_VOCAB, seq, 9, &err));
+        std::unique_ptr<DataSource> d(new NeedleInText(base, 9, seq, depth));
+        std::mt19937_64 rng(test_seed());
+        check_subranges(d.get(), seq, &rng, 50, HELD_OUT_STEP0);
+        for (uint64_t step = HELD_OUT_STEP0; step < HELD_OUT_STEP0 + 4; step++) {
+            std::vector<int32_t> x = read_all(d.get(), step, seq), t = read_all(plain.get(), step, seq);
+            const size_t key = 1 + (size_t)llround(depth * (seq - 12));
+            ASSERT_EQ(x[key], TOK_KEY);
+            ASSERT_EQ(x[seq - 5], TOK_QUERY);
+            for (size_t j = 1; j <= 5; j++) {
+                EXPECT_EQ(x[key + j], x[seq - 5 + j]);
+                EXPECT_EQ(passkey_alphabet(x[key + j]), (int)j - 1);
+            }
+            for (size_t i = 0; i <= seq; i++) {  // the text elsewhere is the window's own
+                if ((i < key || i >= key + 6) && i < seq - 5) {
+                    EXPECT_EQ(x[i], t[i]) << i;
+                }
+            }
+            std::vector<size_t> pos, dist;
+            ASSERT_TRUE(d->answer(step, &pos, &dist));
+            EXPECT_EQ(pos, (std::vector<size_t>{seq - 4, seq - 3, seq - 2, seq - 1, seq}));
+            EXPECT_EQ(dist[0], seq - 5 - key);
+        }
+    }
 }

@@ -202,21 +202,25 @@ TEST(HfScript, ChecksumIsCheckpointFnv1a) {
     }
 }
 
+// A copy of the tied fixture in d/name with one thing changed: `python` edits c (its config.json)
+// and t (its tensors) in place.
+static std::string fixture_variant(const std::string& d, const std::string& name, const std::string& python) {
+    const std::string v = d + "/" + name;
+    Out r = run("mkdir -p " + v + " && cp " + fixture_dir("hf_tied") + "/config.json " + fixture_dir("hf_tied") +
+                "/model.safetensors " + v + " && cd " + v +
+                " && python3 -c \"\nimport json, numpy as np\nfrom safetensors.numpy import load_file, save_file\n"
+                "c = json.load(open('config.json'))\nt = load_file('model.safetensors')\n" + python +
+                "\njson.dump(c, open('config.json', 'w'))\nsave_file(t, 'model.safetensors')\n\"");
+    EXPECT_EQ(r.rc, 0) << name << ": " << r.out;
+    return v;
+}
+
 // Bad input to hf.py: one clear line naming the problem, a non-zero exit, nothing written.
 TEST(HfScript, BadInputIsOneClearLine) {
     NEED_PYTHON("numpy, safetensors");
     const std::string d = tmpdir();
     // variants of the tied fixture, each with one thing wrong
-    auto variant = [&](const std::string& name, const std::string& python) {
-        const std::string v = d + "/" + name;
-        Out r = run("mkdir -p " + v + " && cp " + fixture_dir("hf_tied") + "/config.json " + fixture_dir("hf_tied") +
-                    "/model.safetensors " + v + " && cd " + v +
-                    " && python3 -c \"\nimport json, numpy as np\nfrom safetensors.numpy import load_file, save_file\n"
-                    "c = json.load(open('config.json'))\nt = load_file('model.safetensors')\n" + python +
-                    "\njson.dump(c, open('config.json', 'w'))\nsave_file(t, 'model.safetensors')\n\"");
-        EXPECT_EQ(r.rc, 0) << name << ": " << r.out;
-        return v;
-    };
+    auto variant = [&](const std::string& name, const std::string& python) { return fixture_variant(d, name, python); };
     const std::string trunc = variant("truncated", "");
     (void)!system(("truncate -s 40000 " + trunc + "/model.safetensors").c_str());
     (void)!system(("mkdir -p " + d + "/empty").c_str());
@@ -630,4 +634,255 @@ TEST(Init, ModelMustAgreeAndResumeContinues) {
     Out bytes = run("./fpdt sample --out " + t + "/o --prompt hello");
     EXPECT_NE(bytes.rc, 0);
     EXPECT_NE(bytes.out.find("--prompt-ids"), std::string::npos) << bytes.out;
+}
+
+// ----------------------------------------------------------------------------
+// The Python tools fail as carefully as ./fpdt (issue 24): any failure is one line `hf.py: ...` /
+// `tokenize.py: ...` and a non-zero exit, never a traceback or a hang; a config or manifest field
+// of the wrong type or outside fpdt's limits is refused before anything is read or allocated;
+// every input must be a regular file; nothing half-written is left behind.
+
+// r is a failure of `tool` told in one line holding `expect`, within the time limit.
+static void expect_one_line(const Out& r, const std::string& tool, const std::string& expect, const std::string& what) {
+    EXPECT_NE(r.rc, 124) << what << ": hung";
+    EXPECT_NE(r.rc, 0) << what << "\n" << r.out;
+    EXPECT_EQ(r.out.rfind(tool + ": ", 0), 0u) << what << "\n" << r.out;
+    EXPECT_NE(r.out.find(expect), std::string::npos) << what << "\n" << r.out;
+    EXPECT_EQ(count_lines(r.out), 1) << what << "\n" << r.out;
+}
+// No temporary (*.tmp) anywhere under dir.
+static bool no_tmp_left(const std::string& dir) { return run("find " + dir + " -name '*.tmp*'").out.empty(); }
+
+// The tied fixture with `from` replaced by `to` in its config.json (no Python needed to make it).
+static std::string config_variant(const std::string& d, const std::string& name, const std::string& from, const std::string& to) {
+    const std::string v = d + "/" + name;
+    std::string text = read_text(fixture_dir("hf_tied") + "/config.json");
+    const size_t at = text.find(from);
+    EXPECT_NE(at, std::string::npos) << from;
+    if (at != std::string::npos) text.replace(at, from.size(), to);
+    EXPECT_EQ(run("mkdir -p " + v + " && cp " + fixture_dir("hf_tied") + "/model.safetensors " + v).rc, 0);
+    std::ofstream(v + "/config.json") << text;
+    return v;
+}
+
+// DIR/ckpt_<step> holding m's manifest and, unless sparse_bytes, these parameters (the checksum
+// made right); with sparse_bytes a sparse shard of that size (nothing read before it is refused).
+static void write_checkpoint_dir(const std::string& dir, Manifest m, const std::vector<float>& params, uint64_t sparse_bytes = 0) {
+    char name[32];
+    snprintf(name, sizeof name, "/ckpt_%08llu", (unsigned long long)m.step);
+    const std::string c = dir + name;
+    ASSERT_EQ(run("mkdir -p " + c).rc, 0);
+    const uint64_t n = sparse_bytes ? m.n_params : params.size();
+    m.n_params = n, m.optimizer = 0;
+    m.shards = {{0, n, sparse_bytes ? 0 : fnv1a(FNV_OFFSET, params.data(), params.size() * 4)}};
+    std::ofstream(c + "/manifest.txt") << manifest_text(m);
+    std::ofstream f(c + "/shard_0.bin", std::ios::binary);
+    f.write((const char*)params.data(), params.size() * 4);
+    f.close();
+    if (sparse_bytes) {
+        ASSERT_EQ(truncate((c + "/shard_0.bin").c_str(), (off_t)sparse_bytes), 0);
+    }
+}
+
+TEST(HfScript, ImportFailuresAreOneLineAndLeaveNothing) {
+    NEED_PYTHON("numpy, safetensors");
+    const std::string d = tmpdir(), v = d + "/victim";
+    ASSERT_EQ(run("mkdir -p " + v + " && echo keep > " + v + "/precious.txt && echo x > " + d + "/afile").rc, 0);
+    const std::string index = d + "/index", fifo = d + "/fifo", fifocfg = d + "/fifocfg";
+    ASSERT_EQ(run("mkdir -p " + index + " " + fifo + " " + fifocfg + " && cp " + fixture_dir("hf_tied") + "/config.json " +
+                  index + " && cp " + fixture_dir("hf_tied") + "/config.json " + fifo +
+                  " && echo '{\"weight_map\": [\"a\"]}' > " + index + "/model.safetensors.index.json && mkfifo " + fifo +
+                  "/model.safetensors && mkfifo " + fifocfg + "/config.json").rc, 0);
+    struct Case {
+        std::string dir, out, expect;
+    };
+    const std::string out = d + "/out";
+    const std::string nan = fixture_variant(d, "nan", "t['model.norm.weight'][3] = np.nan");
+    const std::vector<Case> cases = {
+        {config_variant(d, "kvstr", "\"num_key_value_heads\": 2", "\"num_key_value_heads\": \"2\""), out, "num_key_value_heads: '2' is not a whole number"},
+        {config_variant(d, "ropestr", "\"rope_parameters\": {", "\"rope_scaling\": \"linear\", \"unused\": {"), out, "rope_scaling: 'linear' is not an object"},
+        {config_variant(d, "epsstr", "\"rms_norm_eps\": 1e-05", "\"rms_norm_eps\": \"abc\""), out, "rms_norm_eps: 'abc' is not a finite number"},
+        {config_variant(d, "eps0", "\"rms_norm_eps\": 1e-05", "\"rms_norm_eps\": 0"), out, "rms_norm_eps: 0: must be a positive number"},
+        {config_variant(d, "epsneg", "\"rms_norm_eps\": 1e-05", "\"rms_norm_eps\": -1e-05"), out, "rms_norm_eps: -1e-05: must be a positive"},
+        {config_variant(d, "tiestr", "\"tie_word_embeddings\": true", "\"tie_word_embeddings\": \"false\""), out, "tie_word_embeddings: 'false' is not true or false"},
+        {config_variant(d, "huge", "\"num_hidden_layers\": 2", "\"num_hidden_layers\": 1000000000"), out, "num_hidden_layers: 1000000000 is out of range (fpdt takes 1 to 4096)"},
+        {config_variant(d, "l4097", "\"num_hidden_layers\": 2", "\"num_hidden_layers\": 4097"), out, "num_hidden_layers: 4097 is out of range"},
+        {config_variant(d, "wide", "\"vocab_size\": 272", "\"vocab_size\": 16777216, \"hidden_size\": 32768"), out,
+         "importing tensor wte (549755813888 values; read, converted and written) needs "},
+        {index, out, "weight_map: ['a'] is not an object"},
+        {fifo, out, fifo + "/model.safetensors: not a regular file (a FIFO)"},
+        {fifocfg, out, fifocfg + "/config.json: not a regular file (a FIFO)"},
+        {nan, out, "tensor lnf_w has non-finite values"},
+        {fixture_variant(d, "inf", "t['model.layers.0.mlp.up_proj.weight'][0, 0] = np.inf"), out, "tensor h.0.fc_w has non-finite values"},
+        {fixture_variant(d, "i32", "t['model.norm.weight'] = np.ones(24, np.int32)"), out, "tensor model.norm.weight has dtype I32"},
+        {nan, d + "/afile", d + "/afile: not a directory"},
+        {nan, d + "/afile/under", "cannot create " + d + "/afile/under: Not a directory"},
+        {nan, "/proc/fpdt_hf_test", "cannot create /proc/fpdt_hf_test"},
+    };
+    for (const Case& c : cases) {
+        Out r = run("timeout 60 python3 data/hf.py import " + c.dir + " " + c.out);
+        expect_one_line(r, "hf.py", c.expect, c.dir + " -> " + c.out);
+        EXPECT_NE(access((c.out + "/ckpt_00000000").c_str(), F_OK), 0) << c.dir << ": wrote a checkpoint anyway";
+    }
+    EXPECT_TRUE(no_tmp_left(d)) << run("find " + d + " -name '*.tmp*'").out;
+    // a full disk (a file-size limit: Python ignores SIGXFSZ) names the file it could not write
+    Out full = run("ulimit -f 40; python3 data/hf.py import " + fixture_dir("hf_tied") + " " + out);
+    expect_one_line(full, "hf.py", "cannot write " + out + "/ckpt_00000000.tmp/shard_0.bin: File too large", "ulimit -f");
+    EXPECT_TRUE(no_tmp_left(out));
+    // a link where the temporary goes is refused, and nothing it points to is touched
+    ASSERT_EQ(symlink(v.c_str(), (out + "/ckpt_00000000.tmp").c_str()), 0);
+    Out link = run("python3 data/hf.py import " + fixture_dir("hf_tied") + " " + out);
+    expect_one_line(link, "hf.py", out + "/ckpt_00000000.tmp: a symbolic link where this tool writes its temporary", "link");
+    EXPECT_EQ(read_text(v + "/precious.txt"), "keep\n");
+    // --debug: the traceback too, then the same line
+    Out dbg = run("python3 data/hf.py import " + d + "/kvstr " + out + " --debug");
+    EXPECT_NE(dbg.out.find("Traceback"), std::string::npos) << dbg.out;
+    EXPECT_NE(dbg.out.find("hf.py: " + d + "/kvstr/config.json: num_key_value_heads: '2' is not a whole number\n"), std::string::npos) << dbg.out;
+}
+
+TEST(HfScript, ExportFailuresAreOneLineAndLeaveNothing) {
+    NEED_PYTHON("numpy, safetensors");
+    std::string imp;
+    import_fixture("hf_tied", &imp);
+    const std::string d = tmpdir(), ckpt = imp + "/ckpt_00000000", out = d + "/exp";
+    ASSERT_EQ(run("echo x > " + d + "/afile && mkdir -p " + d + "/dirthere/model.safetensors").rc, 0);
+    Manifest m;
+    ASSERT_EQ(read_manifest(ckpt, &m), "");
+    std::vector<float> params(m.n_params);
+    {
+        std::ifstream f(ckpt + "/shard_0.bin", std::ios::binary);
+        f.read((char*)params.data(), params.size() * 4);
+    }
+    // a checkpoint with a NaN weight, checksums right; one re-signed with 10^8 layers; a forged one
+    // of 2.7e11 parameters over a sparse shard
+    std::vector<float> bad = params;
+    bad[7] = NAN;
+    write_checkpoint_dir(d + "/nan", m, bad);
+    Manifest deep = m;
+    deep.cfg.n_layer = 100000000;
+    write_checkpoint_dir(d + "/deep", deep, params);
+    Manifest huge = m;
+    huge.cfg.vocab = 1 << 24, huge.cfg.d_model = 1 << 14, huge.cfg.n_head = huge.cfg.n_kv_head = 128, huge.cfg.head_dim = 128;
+    huge.cfg.ffn = 64, huge.cfg.n_layer = 1, huge.cfg.tie_embeddings = true;
+    size_t n = 0;
+    param_table(huge.cfg, &n);
+    huge.n_params = n;
+    write_checkpoint_dir(d + "/huge", huge, {}, (uint64_t)n * 4);
+    ASSERT_EQ(run("mkdir -p " + d + "/fifo/ckpt_00000001 && mkfifo " + d + "/fifo/ckpt_00000001/manifest.txt").rc, 0);
+    struct Case {
+        std::string ckpt, out, expect;
+    };
+    for (const Case& c : std::vector<Case>{
+             {d + "/nan/ckpt_00000000", out, "tensor model.embed_tokens.weight has non-finite values"},
+             {d + "/deep/ckpt_00000000", out, "model.n_layer '100000000' (expected a whole number from 1 to 4096)"},
+             {d + "/huge/ckpt_00000000", out, "exporting " + std::to_string(n) + " parameters needs "},
+             {d + "/fifo/ckpt_00000001", out, "manifest.txt: not a regular file (a FIFO)"},
+             {ckpt, d + "/afile", d + "/afile: not a directory"},
+             {ckpt, d + "/afile/under", "cannot create " + d + "/afile/under: Not a directory"},
+             {ckpt, "/proc/fpdt_hf_test", "cannot create /proc/fpdt_hf_test"},
+             {ckpt, d + "/dirthere", d + "/dirthere/model.safetensors: a directory is there; only a regular file is replaced"},
+         }) {
+        Out r = run("timeout 60 python3 data/hf.py export " + c.ckpt + " " + c.out);
+        expect_one_line(r, "hf.py", c.expect, c.ckpt + " -> " + c.out);
+        EXPECT_NE(access((c.out + "/config.json").c_str(), F_OK), 0) << c.ckpt << ": exported anyway";
+    }
+    Out full = run("ulimit -f 40; python3 data/hf.py export " + ckpt + " " + out);
+    expect_one_line(full, "hf.py", "cannot write " + out + "/model.safetensors.tmp: ", "ulimit -f");
+    EXPECT_TRUE(no_tmp_left(d)) << run("find " + d + " -name '*.tmp*'").out;
+    EXPECT_NE(access((out + "/config.json").c_str(), F_OK), 0);
+    // in a directory of checkpoints: a link named like one, and a copy whose manifest is of
+    // another step, are skipped with a line each, and the valid one is exported
+    ASSERT_EQ(run("cp -r " + ckpt + " " + imp + "/ckpt_00000003 && ln -s " + d + "/nan/ckpt_00000000 " + imp + "/ckpt_00000005").rc, 0);
+    Out skip = run("python3 data/hf.py export " + imp + " " + out);
+    EXPECT_EQ(skip.rc, 0) << skip.out;
+    EXPECT_NE(skip.out.find("hf.py: warning: skipping " + imp + "/ckpt_00000005: a symbolic link, not a checkpoint directory"),
+              std::string::npos) << skip.out;
+    EXPECT_NE(skip.out.find("skipping " + imp + "/ckpt_00000003: its manifest is of step 0, its name says step 3"), std::string::npos) << skip.out;
+    EXPECT_NE(skip.out.find("from " + imp + "/ckpt_00000000 (step 0"), std::string::npos) << skip.out;
+}
+
+// tokenize.py: the output in a missing folder, where a folder of its name is, onto a full disk
+// (the output named, not an input), through a link; FIFOs as the input, the tokenizer or its config.
+TEST(Tokenize, EveryFailureIsOneLineAndLeavesNothing) {
+    NEED_PYTHON("tokenizers");
+    const std::string d = tmpdir(), tok = make_tokenizer(d), v = d + "/victim";
+    ASSERT_EQ(run("mkdir -p " + d + "/o.bin " + d + "/fifotok " + d + "/fifocfg " + v + " && echo keep > " + v +
+                  "/precious.txt && mkfifo " + d + "/in.fifo " + d + "/fifotok/tokenizer.json " + d +
+                  "/fifocfg/tokenizer_config.json && cp " + tok + " " + d + "/fifocfg/ && ln -s " + v +
+                  "/precious.txt " + d + "/l.bin.tmp").rc, 0);
+    const std::string T = "timeout 60 python3 data/tokenize.py --tokenizer " + tok + " ", doc = " " + d + "/doc0.txt";
+    struct Bad {
+        std::string args, expect;
+    };
+    for (const Bad& c : std::vector<Bad>{
+             {T + d + "/nodir/x.bin" + doc, "cannot write " + d + "/nodir/x.bin.tmp: No such file or directory"},
+             {T + d + "/o.bin" + doc, d + "/o.bin: a directory is there; only a regular file is replaced"},
+             {T + d + "/l.bin" + doc, d + "/l.bin.tmp: a symbolic link where this tool writes its temporary"},
+             {T + d + "/x.bin " + d + "/in.fifo", d + "/in.fifo: not a regular file (a FIFO)"},
+             {"timeout 60 python3 data/tokenize.py --tokenizer " + d + "/fifotok " + d + "/x.bin" + doc, "tokenizer.json: not a regular file (a FIFO)"},
+             {"timeout 60 python3 data/tokenize.py --tokenizer " + d + "/fifocfg " + d + "/x.bin" + doc, "tokenizer_config.json: not a regular file (a FIFO)"},
+             {T + "--piece-mb x " + d + "/x.bin" + doc, "--piece-mb: invalid int value: 'x'"},
+             {"ulimit -f 100; " + T + d + "/x.bin " + d + "/doc3.txt", "cannot write " + d + "/x.bin.tmp: File too large"},
+         }) {
+        Out r = run(c.args);
+        expect_one_line(r, "tokenize.py", c.expect, c.args);
+    }
+    EXPECT_EQ(read_text(v + "/precious.txt"), "keep\n");
+    EXPECT_NE(access((d + "/x.bin").c_str(), F_OK), 0);
+    EXPECT_EQ(run("find " + d + " -name '*.tmp*' ! -name l.bin.tmp").out, "");
+}
+
+// A read-only filesystem and a full one (small tmpfs mounts: root only, skipped otherwise): each
+// tool's output fails in one line naming it and leaves nothing.
+TEST(HfScript, ReadOnlyAndFullFilesystems) {
+    NEED_PYTHON("numpy, safetensors, tokenizers");
+    std::string imp;
+    import_fixture("hf_tied", &imp);
+    const std::string d = tmpdir(), tok = make_tokenizer(d), ro = d + "/ro", full = d + "/full";
+    ASSERT_EQ(run("mkdir -p " + ro + " " + full).rc, 0);
+    if (run("mount -t tmpfs -o ro,size=1m tmpfs " + ro + " && mount -t tmpfs -o size=48k tmpfs " + full).rc != 0) {
+        run("umount " + ro);
+        GTEST_SKIP() << "cannot mount a small tmpfs here";
+    }
+    struct Bad {
+        std::string args, tool, expect;
+    };
+    std::vector<Bad> cases;
+    for (const std::string& m : {ro, full}) {
+        const std::string why = m == ro ? "Read-only file system" : "No space left on device";
+        cases.push_back({"python3 data/hf.py import " + fixture_dir("hf_tied") + " " + m + "/imp", "hf.py", m + "/imp: " + why});
+        cases.push_back({"python3 data/hf.py export " + imp + " " + m, "hf.py", why});
+        cases.push_back({"python3 data/tokenize.py --tokenizer " + tok + " " + m + "/x.bin " + d + "/doc3.txt", "tokenize.py",
+                         "cannot write " + m + "/x.bin.tmp: " + why});
+    }
+    cases[3].expect = "cannot write " + full + "/imp/ckpt_00000000.tmp/shard_0.bin: No space left on device";
+    std::vector<Out> outs;
+    for (const Bad& c : cases) outs.push_back(run("timeout 60 " + c.args));
+    const std::string left = run("find " + ro + " " + full + " -mindepth 1 ! -name imp").out;
+    run("umount " + ro + "; umount " + full);
+    for (size_t i = 0; i < cases.size(); i++) expect_one_line(outs[i], cases[i].tool, cases[i].expect, cases[i].args);
+    EXPECT_EQ(left, "") << "left behind";
+}
+
+// data/make_shard.py (the standard library only) goes through the same handler.
+TEST(MakeShard, FailuresAreOneLineAndLeaveNothing) {
+    const std::string d = tmpdir();
+    ASSERT_EQ(run("echo hello > " + d + "/a.txt && mkfifo " + d + "/f && mkdir " + d + "/dir.bin").rc, 0);
+    const std::string M = "timeout 60 python3 data/make_shard.py ";
+    struct Bad {
+        std::string args, expect;
+    };
+    for (const Bad& c : std::vector<Bad>{
+             {M + d + "/o.bin " + d + "/f", d + "/f: not a regular file (a FIFO)"},
+             {M + d + "/o.bin " + d + "/none.txt", d + "/none.txt: no such file"},
+             {M + d + "/dir.bin " + d + "/a.txt", d + "/dir.bin: a directory is there"},
+             {M + d + "/nodir/o.bin " + d + "/a.txt", "cannot write " + d + "/nodir/o.bin.tmp: No such file or directory"},
+             {"ulimit -f 1; " + M + d + "/o.bin " + d + "/a.txt", "cannot write " + d + "/o.bin.tmp: File too large"},
+         }) {
+        Out r = run(c.args);
+        expect_one_line(r, "make_shard.py", c.expect, c.args);
+    }
+    EXPECT_TRUE(no_tmp_left(d));
+    Out ok = run(M + d + "/o.bin " + d + "/a.txt");
+    EXPECT_EQ(ok.rc, 0) << ok.out;
 }

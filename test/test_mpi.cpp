@@ -2,6 +2,7 @@
 // process, the all-to-all layout, per-rank memory, and errors and dead ranks ending the job.
 #include <gtest/gtest.h>
 #include <fstream>
+#include "comm.h"
 #include "test/cli.h"
 
 // One thread per rank: the ranks share CI's two cores.
@@ -93,12 +94,10 @@ TEST(Mpi, BadWorldSizeIsOneMessage) {
     EXPECT_NE(r.out.find("not a multiple of the 3 ranks"), std::string::npos) << r.out;
 }
 
-// Shell that starts a long 2-rank run in the background (its output in $out = d/log, the mpirun
-// pid in $m) and waits, up to 30 s, until it has printed step 3: the start of the tests that then
+// A long 2-rank run in the background, past its step 3 (cli.h): the start of the tests that then
 // kill or stop one of its ranks.
 static std::string two_ranks_past_step_3(const std::string& d, const std::string& flags) {
-    return "out=" + d + "/log; " + mpi(2) + "./fpdt train --device cpu --model tiny --seq 64 --steps 100000 --eval-every 0" +
-           flags + " > $out 2>&1 & m=$!; for i in $(seq 300); do grep -q 'step 3/' $out && break; sleep 0.1; done; ";
+    return start_past_step_3(d, mpi(2) + "./fpdt train --device cpu --model tiny --seq 64 --steps 100000 --eval-every 0" + flags);
 }
 
 // A rank killed mid-run ends the whole job, non-zero, well within 60 s, and the report names it.
@@ -135,6 +134,23 @@ TEST(Mpi, EvaluationAgreesWithOneProcess) {
         ASSERT_NE(e.find("passkey"), std::string::npos) << e;
         EXPECT_NEAR(number_after(e, "loss "), number_after(e1, "loss "), 1e-5 * number_after(e1, "loss ")) << e << "\n" << e1;
         EXPECT_EQ(e.substr(e.find("passkey")), e1.substr(e1.find("passkey"))) << np << " ranks";
+    }
+    // Data-parallel replicas (--sp) share the evaluation's sequences out and report one process's
+    // numbers: 15 sequences over 2 replicas (one runs a pass it does not count: ZeRO-3's gathers
+    // span every rank) and over 4. --init takes the same weights into a run of another --batch.
+    auto init_eval = [&](const std::string& launcher, const std::string& layout) {
+        Out r = run(launcher + base + "--steps 1 --lr 0 --eval-every 1 --eval-seqs 15 --init " + d + "/ckpt" + layout);
+        EXPECT_EQ(r.rc, 0) << r.out;
+        size_t p = r.out.find("eval step 1 ");
+        return p == std::string::npos ? std::string("none: ") + r.out : r.out.substr(p, r.out.find('\n', p) - p);
+    };
+    const std::string i1 = init_eval("OMP_NUM_THREADS=1 ", "");
+    ASSERT_NE(i1.find("passkey"), std::string::npos) << i1;
+    for (const char* layout : {" --sp 2 --batch 2 --zero 3", " --sp 1 --batch 4"}) {
+        const std::string e = init_eval(mpi(4), layout);
+        ASSERT_NE(e.find("passkey"), std::string::npos) << e;
+        EXPECT_NEAR(number_after(e, "loss "), number_after(i1, "loss "), 1e-5 * number_after(i1, "loss ")) << e << "\n" << i1;
+        EXPECT_EQ(e.substr(e.find("passkey")), i1.substr(i1.find("passkey"))) << layout;
     }
 }
 
@@ -234,12 +250,49 @@ TEST(Mpi, ThreadsPerRankAndPassiveWait) {
 // --watchdog 2 one of them names the step and the collective and the job ends, non-zero.
 TEST(Mpi, WatchdogEndsAJobWithAStoppedRank) {
     std::string d = tmpdir();
-    Out r = run("(" + two_ranks_past_step_3(d, " --watchdog 2") +
-                "s=$(pgrep -P $m | tail -1); kill -STOP $s; t0=$(date +%s); "
-                "timeout 60 tail --pid=$m -f /dev/null; rc=$?; kill -9 $s $m 2>/dev/null; wait $m; "
-                "echo \"rc=$rc secs=$(( $(date +%s) - t0 ))\"; cat $out)");
+    Out r = run("(" + two_ranks_past_step_3(d, " --watchdog 2") + stop_a_rank_and_wait() + ")");
     EXPECT_EQ(number_after(r.out, "rc="), 0) << "the job did not end: " << r.out;
     EXPECT_LT(number_after(r.out, "secs="), 30) << r.out;
     EXPECT_NE(r.out.find("watchdog: step "), std::string::npos) << r.out;
     EXPECT_NE(r.out.find("(--watchdog 2); ending the job"), std::string::npos) << r.out;
+}
+
+// Whether ranks share a GPU comes from the GPUs' identities (comm.h, gpu_sharing), exchanged over
+// MPI, not from how many GPUs a rank sees: with one GPU per rank through CUDA_VISIBLE_DEVICES
+// (Slurm --gpus-per-task=1) every rank sees a single device 0, yet each has its own (NCCL); ranks
+// placed on the same GPU share it (host staging and MPI), and each counts the ranks on its GPU
+// (its share of the free memory). Identities here are made up, as the runs would report them.
+TEST(DeviceIdentity, SharingComesFromIdentitiesNotCounts) {
+    const GpuSharing own = gpu_sharing({"GPU-0a1b", "GPU-77c2", "GPU-9e10", "GPU-d5f3"});
+    EXPECT_EQ(own.first, -1);
+    EXPECT_EQ(own.count, std::vector<int>({1, 1, 1, 1}));
+    const GpuSharing two = gpu_sharing({"GPU-0a1b", "GPU-77c2", "GPU-0a1b", "GPU-77c2"});  // 4 ranks, 2 GPUs
+    EXPECT_EQ(two.first, 0);
+    EXPECT_EQ(two.second, 2);
+    EXPECT_EQ(two.count, std::vector<int>({2, 2, 2, 2}));
+    const GpuSharing some = gpu_sharing({"GPU-0a1b", "GPU-77c2", "GPU-77c2"});
+    EXPECT_EQ(some.first, 1);
+    EXPECT_EQ(some.second, 2);
+    EXPECT_EQ(some.count, std::vector<int>({1, 2, 2}));
+    // no UUID: host name and PCI bus id, alike on two machines' first GPUs, which are not one GPU
+    const GpuSharing hosts = gpu_sharing({"node1 0000:01:00.0", "node2 0000:01:00.0"});
+    EXPECT_EQ(hosts.first, -1);
+    EXPECT_EQ(gpu_sharing({"GPU-0a1b"}).count, std::vector<int>({1}));
+}
+
+// A fault of the communicator (NCCL's asynchronous error, polled by the watchdog thread) ends the
+// job with a line naming the rank, the step and the collective, even with --watchdog 0. Here the
+// MPI side of it runs: FPDT_FAULT_COMM_ERROR=3 makes rank 1's communicator report a fault from
+// step 3 on, in place of NCCL (which needs GPUs); the watchdog then aborts the job (MPI_Abort).
+TEST(Mpi, CommunicatorFaultEndsTheJobNamingStepAndCollective) {
+    Out r = run("(t0=$(date +%s); timeout 60 " + mpi(2) +
+                "sh -c '[ \"$OMPI_COMM_WORLD_RANK\" = 1 ] && export FPDT_FAULT_COMM_ERROR=3; exec ./fpdt train --device cpu "
+                "--model tiny --seq 64 --steps 100000 --eval-every 0 --watchdog 0'; "
+                "echo \"rc=$? secs=$(( $(date +%s) - t0 ))\")");
+    EXPECT_GT(number_after(r.out, "rc="), 0) << r.out;
+    EXPECT_NE(number_after(r.out, "rc="), 124) << "hung: " << r.out;
+    EXPECT_LT(number_after(r.out, "secs="), 30) << r.out;
+    EXPECT_GE(number_after(r.out, "fpdt (rank 1 of 2): step "), 3) << r.out;
+    EXPECT_NE(r.out.find(": communicator fault in all-"), std::string::npos) << r.out;  // all-reduce or all-to-all
+    EXPECT_NE(r.out.find("injected communicator fault (FPDT_FAULT_COMM_ERROR=3); ending the job"), std::string::npos) << r.out;
 }

@@ -29,6 +29,7 @@
 #include "common.h"
 #include "loss.cuh"
 #include "ops.cuh"
+#include "test/cli.h"
 #include "test/testutil.h"
 
 using vf = std::vector<float>;
@@ -899,19 +900,27 @@ TEST(MatmulBlocked, TileEdgesInEveryVariant) {
     }
 }
 
-// Attention over several query blocks and key tiles (ATTN_CPU_ROWS, ATTN_CPU_TILE): lengths that
+// Attention over several tiles (48 rows with AVX2, 64 otherwise: attn_cpu_kernels): lengths that
 // are not multiples of either, causal diagonal tiles, Tq != Tk, grouped-query heads, D = 2 and
-// D = 256. The forward against attention_ref; the backward against the analytic gradients in
-// double (the finite-difference tests above pin those formulas on small blocks):
+// D = 256, and more key tiles than dq groups (ATTN_CPU_DQ_GROUPS). The forward against
+// attention_ref; the backward against the analytic gradients in double (the finite-difference
+// tests above pin those formulas on small blocks):
 //   P = e^(S - lse), dP = dO V^T, dS = P (dP - rowsum(dO O)), dq = scale dS K, dk = scale dS^T Q, dv = P^T dO.
-static void check_tiled_attention(int Tq, int Tk, int Hq, int Hkv, int D, bool causal, uint64_t seed) {
+// With packed documents (qdoc: each query's document start, k0: key 0's position; the header of
+// attention.cuh) query t sees key j only if k0 + j >= qdoc[t] as well; a row that sees no key
+// keeps its (o, lse) = (0, -inf) and gets no gradient.
+static void check_tiled_attention(int Tq, int Tk, int Hq, int Hkv, int D, bool causal, uint64_t seed,
+                                  const std::vector<int32_t>& qdoc = {}, size_t k0 = 0) {
     SCOPED_TRACE(::testing::Message() << "Tq=" << Tq << " Tk=" << Tk << " Hq=" << Hq << " Hkv=" << Hkv << " D=" << D
-                                      << " causal=" << causal);
+                                      << " causal=" << causal << " documents=" << !qdoc.empty());
     Rng r{seed};
     const vf q = randn(&r, (size_t)Tq * Hq * D), k = randn(&r, (size_t)Tk * Hkv * D),
              v = randn(&r, (size_t)Tk * Hkv * D), R = randn(&r, (size_t)Tq * Hq * D);
     const vd Q = widen(q), K = widen(k), V = widen(v);
-    const AttnRef f = attention_ref(Q, K, V, Tq, Tk, Hq, Hkv, D, causal ? kCausal : kFull);
+    const Mask see = [&](int t, int j) {
+        return (!causal || j <= t) && (qdoc.empty() || k0 + j >= (size_t)qdoc[t]);
+    };
+    const AttnRef f = attention_ref(Q, K, V, Tq, Tk, Hq, Hkv, D, see);
     const double scale = 1.0 / sqrt((double)D);
     vd dq_ref(q.size(), 0.0), dk_ref(k.size(), 0.0), dv_ref(v.size(), 0.0);
     for (int t = 0; t < Tq; t++)
@@ -921,7 +930,8 @@ static void check_tiled_attention(int Tq, int Tk, int Hq, int Hkv, int D, bool c
             const float* dor = &R[((size_t)t * Hq + h) * D];
             double delta = 0;
             for (int c = 0; c < D; c++) delta += (double)dor[c] * f.o[((size_t)t * Hq + h) * D + c];
-            for (int j = 0; j < (causal ? t + 1 : Tk); j++) {
+            for (int j = 0; j < Tk; j++) {
+                if (!see(t, j)) continue;
                 const double* kr = &K[((size_t)j * Hkv + hk) * D];
                 const double* vr = &V[((size_t)j * Hkv + hk) * D];
                 double s = 0, dp = 0;
@@ -937,13 +947,19 @@ static void check_tiled_attention(int Tq, int Tk, int Hq, int Hkv, int D, bool c
     const vf dq0 = randn(&r, q.size()), dk0 = randn(&r, k.size()), dv0 = randn(&r, v.size());
     for_each_simd_level([&] {
         vf o(q.size(), 0.0f), lse((size_t)Tq * Hq, -INFINITY), delta((size_t)Tq * Hq);
-        attention_forward_cpu(o.data(), lse.data(), q.data(), k.data(), v.data(), Tq, Tk, Hq, Hkv, D, causal);
+        const int32_t* docs = qdoc.empty() ? nullptr : qdoc.data();
+        attention_forward_cpu(o.data(), lse.data(), q.data(), k.data(), v.data(), Tq, Tk, Hq, Hkv, D, causal, docs, k0);
         EXPECT_LT(rel_err(o, f.o), kFwd);
-        EXPECT_LT(rel_err(lse, f.lse), kFwd);
+        auto finite = [](auto x) {  // -inf (rows that see no key) as 0
+            for (auto& e : x) e = std::isinf(e) ? 0 : e;
+            return x;
+        };
+        EXPECT_EQ(std::count(lse.begin(), lse.end(), -INFINITY), std::count(f.lse.begin(), f.lse.end(), -INFINITY));
+        EXPECT_LT(rel_err(finite(lse), finite(f.lse)), kFwd);
         attention_delta_cpu(delta.data(), R.data(), o.data(), Tq, Hq, D);
         vf dq = dq0, dk = dk0, dv = dv0;
         attention_backward_cpu(dq.data(), dk.data(), dv.data(), R.data(), q.data(), k.data(), v.data(), lse.data(),
-                               delta.data(), Tq, Tk, Hq, Hkv, D, causal);
+                               delta.data(), Tq, Tk, Hq, Hkv, D, causal, docs, k0);
         EXPECT_LT(rel_err(added(dq, dq0), dq_ref), 1e-5);
         EXPECT_LT(rel_err(added(dk, dk0), dk_ref), 1e-5);
         EXPECT_LT(rel_err(added(dv, dv0), dv_ref), 1e-5);
@@ -951,14 +967,66 @@ static void check_tiled_attention(int Tq, int Tk, int Hq, int Hkv, int D, bool c
 }
 
 TEST(AttentionTiled, TileEdgesInEveryVariant) {
-    const int rows = ATTN_CPU_ROWS, tile = ATTN_CPU_TILE;
-    check_tiled_attention(2 * tile + 3, 2 * tile + 3, 4, 2, 2, true, 1001);   // causal diagonals, GQA, D = 2
-    check_tiled_attention(rows + 1, tile + 5, 2, 1, 256, false, 1002);        // Tq != Tk, D = 256
-    check_tiled_attention(tile, tile, 2, 2, 64, true, 1003);                  // exact multiples
-    check_tiled_attention(2 * tile + 1, rows - 1, 3, 1, 8, false, 1004);       // Tq > Tk, one partial tile
-    check_tiled_attention(1, 3, 1, 1, 4, false, 1005);                        // one query row
-    check_tiled_attention(2 * rows + 5, 2 * rows + 5, 2, 1, 40, true, 1006);  // D between register widths
-    check_tiled_attention(tile + 9, 2 * tile + 1, 2, 2, 33, false, 1007);     // odd D, Tq != Tk
+    check_tiled_attention(131, 131, 4, 2, 2, true, 1001);   // causal diagonals, GQA, D = 2
+    check_tiled_attention(49, 69, 2, 1, 256, false, 1002);  // Tq != Tk, D = 256
+    check_tiled_attention(192, 192, 2, 2, 64, true, 1003);  // whole tiles of 48 and of 64
+    check_tiled_attention(129, 47, 3, 1, 8, false, 1004);   // Tq > Tk, one partial key tile
+    check_tiled_attention(1, 3, 1, 1, 4, false, 1005);      // one query row
+    check_tiled_attention(101, 101, 2, 1, 40, true, 1006);  // D between register widths
+    check_tiled_attention(73, 129, 2, 2, 33, false, 1007);  // odd D, Tq != Tk
+    check_tiled_attention(581, 581, 2, 1, 4, true, 1008);   // 10-13 key tiles: groups of dq take two
+}
+
+// Packed documents (qdoc, k0) over several tiles: whole key tiles skipped (forward) and query
+// tiles (backward), the mask inside the tiles that straddle a document's start.
+static std::vector<int32_t> doc_of_each(size_t t0, size_t n, const std::vector<int32_t>& starts) {
+    std::vector<int32_t> qdoc(n);
+    for (size_t t = 0; t < n; t++)
+        for (int32_t s : starts)
+            if ((size_t)s <= t0 + t) qdoc[t] = s;
+    return qdoc;
+}
+TEST(AttentionTiled, PackedDocumentsInEveryVariant) {
+    // the diagonal block: a one-token document (1), starts on a tile boundary of 48 and of 64
+    // (144, 192), a BOS as the last token (299)
+    check_tiled_attention(300, 300, 2, 1, 8, true, 1011, doc_of_each(0, 300, {0, 1, 70, 144, 192, 299}));
+    // queries 300 .. 449 against earlier keys 100 .. 299: rows of a document that starts at 180
+    // (first key 80: a whole key tile skipped), rows that see no key here (from 340 on), and keys
+    // 100 .. 179 that no query sees
+    check_tiled_attention(150, 200, 2, 2, 16, false, 1012, doc_of_each(300, 150, {0, 180, 340, 400}), 100);
+    // no document starts inside: equal to no mask
+    check_tiled_attention(131, 131, 4, 2, 2, true, 1013, doc_of_each(0, 131, {0}));
+}
+
+// Every instruction set below the one this CPU runs (FPDT_CPU_SIMD caps it, ops.cuh) passes the
+// finite-difference and double-reference tests of the ops above and the PyTorch and transformers
+// reference tests of the whole model: this test program again on those suites with the set
+// forced (./fpdt, which some of them run, inherits it), on one thread (these small problems gain
+// nothing from more, and results do not depend on the thread count: Determinism). The set this
+// CPU runs passes them in the plain run; MatmulBlocked and AttentionTiled go through every set
+// themselves.
+TEST(SimdVariants, ReferenceTestsPassWithEachSetForced) {
+#ifndef CPU_SIMD_VARIANTS
+    GTEST_SKIP() << "one instruction set in this build";
+#else
+    if (getenv("FPDT_CPU_SIMD")) GTEST_SKIP() << "a forced run already (FPDT_CPU_SIMD set)";
+    char self[4096];
+    const ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
+    ASSERT_GT(n, 0);
+    self[n] = 0;
+    const std::string suites =
+        "Matmul.*:MatmulBf16.*:Norm.*:Activation.*:Rope.*:Embedding.*:Residual.*:Attention.*:CrossEntropy.*:"
+        "AdamW.*:GradNorm.*:Families/Reference.*:Variants/HfFixture.ImportedModelMatchesTransformers/*:"
+        "Variants/HfFixture.InitStepOneMatchesTransformersOnOneAndTwoRanks/*";
+    for (int l = 0; l < cpu_simd_detect(); l++) {
+        SCOPED_TRACE("FPDT_CPU_SIMD=" + std::to_string(l));
+        Out r = run("FPDT_CPU_SIMD=" + std::to_string(l) + " OMP_NUM_THREADS=1 " + self + " --gtest_filter='" + suites +
+                    "'");
+        EXPECT_EQ(r.rc, 0) << r.out;
+        EXPECT_EQ(r.out.find("[  FAILED  ]"), std::string::npos) << r.out;
+        EXPECT_GE(number_after(r.out, "[  PASSED  ] "), 20) << r.out;  // the suites ran
+    }
+#endif
 }
 
 // attn_exp, the softmax's vectorizable e^x, against exp in double over its whole range (2
@@ -976,4 +1044,28 @@ TEST(AttentionTiled, ExpWithinTwoUlp) {
     for (float x : {88.01f, 1e30f, INFINITY}) EXPECT_EQ(attn_exp(x), INFINITY) << x;
     EXPECT_TRUE(std::isnan(attn_exp(NAN)));
     EXPECT_EQ(attn_exp(0.0f), 1.0f);
+}
+
+// The GPU attention kernels' shared memory per block (attention.cuh) against what GPUs allow a
+// block that opts in: sm_80 163 KiB and sm_90 227 KiB hold every head size up to 512; sm_86 and
+// sm_89 allow 99 KiB, which head size 512 exceeds: a run is refused at its start with a line
+// naming the head size, the limit and the largest head size that fits there (checked here to be
+// the largest that does).
+TEST(AttentionGpuLimits, HeadSize512NeedsMoreSharedMemoryThanSm86Allows) {
+    const size_t sm80 = 163 * 1024, sm86 = 99 * 1024, sm90 = 227 * 1024;
+    for (int D = 2; D <= 512; D += 2) {
+        EXPECT_EQ(attention_smem_check(D, sm80, "sm_80"), "") << D;
+        EXPECT_EQ(attention_smem_check(D, sm90, "sm_90"), "") << D;
+        EXPECT_LE(attn_fwd_smem(D), attn_bwd_smem(D)) << D;  // the backward's is the one to check
+    }
+    EXPECT_EQ(attention_smem_check(128, sm86, "sm_86"), "");
+    const std::string why = attention_smem_check(512, sm86, "GPU X (sm_86)");
+    ASSERT_NE(why, "");
+    EXPECT_NE(why.find("head size 512"), std::string::npos) << why;
+    EXPECT_NE(why.find("GPU X (sm_86) allows 99.0 KiB"), std::string::npos) << why;
+    const size_t p = why.find("head sizes up to ");
+    ASSERT_NE(p, std::string::npos) << why;
+    const int fits = atoi(why.c_str() + p + 17);
+    EXPECT_LE(attn_bwd_smem(fits), sm86) << why;
+    EXPECT_GT(attn_bwd_smem(fits + 2), sm86) << why;
 }
