@@ -302,9 +302,7 @@ static void set_run_shape(Train* T) {
     r.offload = a.flag01("offload", r.chunk < r.seq);
     r.zero = (int)a.integer("zero", 0, 0, 3);
     r.bf16 = precision_bf16(a, gpu);
-    const int32_t bos = (int32_t)a.integer("doc-bos", TOK_BOS, 0, T->cfg.vocab - 1);
-    r.doc_bos = a.flag01("doc-mask", a.str("data", "passkey") != "passkey") ? bos : -1;
-    if (a.has("doc-bos") && r.doc_bos < 0) fatal_all("--doc-bos names the token that starts a document: it needs --doc-mask 1");
+    r.doc_bos = doc_bos_flags(a, T->cfg.vocab);
     r.device_cap = (size_t)(a.real("device-mem", 0, 0, 1e6) * 1073741824.0);
     r.host_cap = (size_t)(a.real("host-mem", 0, 0, 1e6) * 1073741824.0);
     T->start_seq = a.integer("start-seq", a.has("seq") ? 0 : (gpu ? 4096 : 256), 0, r.seq);
