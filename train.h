@@ -506,7 +506,8 @@ static StepResult train_step(Train* T, int step, bool traced) {
 // The step's line (every --log-every steps on stdout, every step in main.log), with the time
 // left: each phase's steps at its recent pace; the main phase, before it has run, at the start's
 // pace scaled by the sequence (a guess the first main steps replace). With --doc-mask 1 it ends
-// with the step's documents: their mean length and the share of attention blocks skipped.
+// with the documents of the step's last sequence on this rank's replica: their count, mean length
+// and the share of attention blocks skipped.
 static void log_step(Train* T, int step, const StepResult& s, int end) {
     const int phase = step < T->start_steps ? 0 : 1;
     T->step_s[phase] = T->step_s[phase] ? 0.9 * T->step_s[phase] + 0.1 * s.seconds : s.seconds;
