@@ -68,7 +68,7 @@ build/%.o: test/%.cu $(HEADERS) test/*.h test/*.cuh
 build/fpdt_tests: $(TEST_OBJ) $(GPU_TEST_OBJ) build/kind
 	$(CXX) $(CXXFLAGS_T) $(filter %.o,$^) -o $@ -lgtest -lgtest_main -pthread $(MPI_LIBS) $(CUDA_LIBS)
 
-build/mpi_layout: test/mpi_layout.cpp $(HEADERS)
+build/mpi_layout: test/mpi_layout.cpp $(HEADERS) test/*.h
 	@mkdir -p build
 	$(CXX) $(CXXFLAGS_T) $< -o $@ -lgtest -pthread $(MPI_LIBS)
 

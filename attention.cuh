@@ -6,6 +6,11 @@
 // Layouts: q (Tq, Hq, D), k and v (Tk, Hkv, D), o (Tq, Hq, D) fp32, lse and delta (Tq, Hq) fp32.
 // Query head h reads kv head h / (Hq / Hkv) (grouped-query attention). `causal` is for the
 // diagonal block (same positions for queries and keys): query t sees keys 0..t only.
+//
+// Packed documents (--doc-mask 1): qdoc (Tq) int32, where not null, holds for each query row the
+// global position of the first token of its document (non-decreasing in t), and k0 the global
+// position of key 0. Query t then sees key j only if k0 + j >= qdoc[t]: the mask is a lower key
+// limit per row, on top of the causal upper one. Null qdoc: no such limit (one document).
 #pragma once
 #include <cmath>
 #include "common.h"
@@ -47,6 +52,8 @@ struct AttnCpu {
     int Hq, Hkv, D, Dp, groups;
     bool causal;
     float scale;
+    const int32_t* qdoc;  // (Tq) document start of each query row (global position), or null
+    size_t k0;            // global position of key 0
 };
 static inline size_t attn_min_cpu(size_t a, size_t b) { return a < b ? a : b; }
 static inline int attn_round_up(int x, int m) { return (x + m - 1) / m * m; }
@@ -121,6 +128,31 @@ static inline void attn_pack_rows(float* dst, int Dp, const float* x, size_t T, 
         attn_rows_cpu(dst + i * tile * Dp, tile, Dp, x, t0, (int)attn_min_cpu(tile, T - t0), H, h, D);
     }
 }
+// Packed documents. The first key query row t sees (Tk or more: none).
+static inline size_t attn_first_key_cpu(const AttnCpu& a, size_t t) {
+    return a.qdoc && (size_t)a.qdoc[t] > a.k0 ? (size_t)a.qdoc[t] - a.k0 : 0;
+}
+// Scores st (key by query, row pitch ld) of keys j0 .. j0+nk-1 for queries t0 .. t0+nq-1: those
+// of the keys before each query's document set to -inf (weight 0).
+static inline void attn_mask_docs_cpu(const AttnCpu& a, float* st, int ld, size_t t0, int nq, size_t j0, int nk) {
+    for (int i = 0; i < nq; i++) {
+        const size_t first = attn_first_key_cpu(a, t0 + i);
+        const int lo = first > j0 ? (int)attn_min_cpu(first - j0, nk) : 0;
+        for (int j = 0; j < lo; j++) st[(size_t)j * ld + i] = -INFINITY;
+    }
+}
+// The end of the queries that see key j: the first t with qdoc[t] > k0 + j (Tq if none), by
+// bisection (qdoc is non-decreasing).
+static inline size_t attn_query_end_cpu(const AttnCpu& a, size_t j) {
+    if (!a.qdoc) return a.Tq;
+    size_t lo = 0, hi = a.Tq;
+    while (lo < hi) {
+        const size_t mid = (lo + hi) / 2;
+        if ((size_t)a.qdoc[mid] > a.k0 + j) hi = mid;
+        else lo = mid + 1;
+    }
+    return lo;
+}
 
 // Forward, query tile qi of head h (queries t0 .. t0+TILE-1), key tiles in order. Per query i an
 // online softmax over the tiles: m_i the running max, l_i = sum_j e^(s_ji - m_i), acc_i = sum_j
@@ -145,8 +177,11 @@ static inline __attribute__((always_inline)) void attention_forward_tile(const A
     memset(acc, 0, (size_t)TILE * Dp * sizeof(float));
     for (int i = 0; i < TILE; i++) m[i] = -INFINITY, l[i] = 0.0f;
     const size_t nkt = a.causal ? qi + 1 : a.ntk;  // key tiles seen: causal (Tq == Tk) stops at the diagonal
+    // with documents (qdoc), the key tiles wholly before the first query's document are skipped,
+    // and the keys before a query's document masked in the tiles before the last query's
+    const size_t first0 = attn_first_key_cpu(a, t0), first_last = attn_first_key_cpu(a, t0 + nq - 1);
     const int QB = 16;  // queries per block of the softmax loops (TILE is a multiple of 16)
-    for (size_t kj = 0; kj < nkt; kj++) {
+    for (size_t kj = first0 / TILE; kj < nkt; kj++) {
         const size_t j0 = kj * TILE;
         const int nk = (int)attn_min_cpu(TILE, a.Tk - j0), rk = attn_round_up(nk, MR);
         const bool diag = a.causal && kj == qi;  // query i sees key j only for j <= i
@@ -154,6 +189,7 @@ static inline __attribute__((always_inline)) void attention_forward_tile(const A
         if (diag)  // query i sees key j only for j <= i: the others' scores are -inf, their weights 0
             for (int j = 1; j < nk; j++)
                 for (int i = 0; i < j; i++) st[j * TILE + i] = -INFINITY;
+        if (j0 < first_last) attn_mask_docs_cpu(a, st, TILE, t0, nq, j0, nk);
         // Down the keys for each block of QB queries, so the block's max and sum stay in registers.
         for (int i0 = 0; i0 < TILE; i0 += QB) {
             float mb[QB];  // the max of queries i0 .. i0+QB-1, then the shift of their exponents
@@ -228,6 +264,12 @@ static inline __attribute__((always_inline)) void attention_backward_key_tile(co
     float* dvb = dkb + TILE * Dp;   // (TILE, Dp) dv
     float* L = dvb + TILE * Dp;     // (TILE) the query tile's lse (+inf past the last query: P = 0)
     float* dl = L + TILE;           // (TILE) and delta
+    // with documents (qdoc), the queries that see key j end at qend[j] (Tq without; non-decreasing
+    // in j): the query tiles from the last key's end on are skipped, and in the others P and dS
+    // are zeroed past each key's end
+    size_t qend[TILE];
+    for (int j = 0; j < nk; j++) qend[j] = attn_query_end_cpu(a, j0 + j);
+    const size_t ntq = a.qdoc ? (qend[nk - 1] + TILE - 1) / TILE : a.ntq;
     attn_rows_cpu(dkb, TILE, Dp, a.dk, j0, nk, a.Hkv, hk, D);
     attn_rows_cpu(dvb, TILE, Dp, a.dv, j0, nk, a.Hkv, hk, D);
     for (int h = hk * group; h < (hk + 1) * group; h++) {
@@ -236,7 +278,7 @@ static inline __attribute__((always_inline)) void attention_backward_key_tile(co
         const float* qr = a.qr + (size_t)h * a.ntq * TILE * Dp;    // (ntq TILE, Dp) the queries as rows
         const float* orr = a.orr + (size_t)h * a.ntq * TILE * Dp;  // (ntq TILE, Dp) dO as rows
         float* dqg = a.dqg + ((size_t)g * a.Hq + h) * a.ntq * TILE * Dp;  // (ntq TILE, Dp) this group's dq
-        for (size_t qi = a.causal ? kj : 0; qi < a.ntq; qi++) {
+        for (size_t qi = a.causal ? kj : 0; qi < ntq; qi++) {
             const size_t q0 = qi * TILE;
             const int nt = (int)attn_min_cpu(TILE, a.Tq - q0);
             const bool diag = a.causal && qi == kj;  // query t sees key j only for t >= j
@@ -255,6 +297,11 @@ static inline __attribute__((always_inline)) void attention_backward_key_tile(co
                     const float p = c >= lo ? attn_exp(pj[c] * a.scale - L[c]) : 0.0f;
                     pj[c] = p;
                     dj[c] = p * (dj[c] - dl[c]) * a.scale;
+                }
+                if (j < nk && qend[j] < q0 + nt) {  // documents: queries from qend[j] on do not see key j
+                    const int hi = qend[j] > q0 ? (int)(qend[j] - q0) : 0;
+                    memset(pj + hi, 0, (TILE - hi) * sizeof(float));
+                    memset(dj + hi, 0, (TILE - hi) * sizeof(float));
                 }
             }
             attn_mm<MR, NR, true>(dvb, Dp, pt, TILE, 1, orr + q0 * Dp, Dp, rk, Dp, nt);   // dv_j += P_tj dO_t
@@ -334,11 +381,13 @@ static inline AttnCpu attn_cpu_args(size_t Tq, size_t Tk, int Hq, int Hkv, int D
 // One (q_i, k_j, v_j) block, merged into the running (o, lse). Before the first block of a query
 // chunk o must be 0 and lse -INFINITY. lse' = log(e^lse + e^lse_b), o' = o e^(lse - lse') +
 // o_b e^(lse_b - lse'), with (o_b, lse_b) this block's attention (attention_forward_tile).
+// qdoc, k0: packed documents (the file's header); rows that see no key here are left as they are.
 static inline void attention_forward_cpu(float* o, float* lse, const float* q, const float* k, const float* v,
-                                         size_t Tq, size_t Tk, int Hq, int Hkv, int D, bool causal) {
+                                         size_t Tq, size_t Tk, int Hq, int Hkv, int D, bool causal,
+                                         const int32_t* qdoc = nullptr, size_t k0 = 0) {
     if (Tq == 0 || Tk == 0) return;
     AttnCpu a = attn_cpu_args(Tq, Tk, Hq, Hkv, D, causal);
-    a.o = o, a.lse = lse, a.q = q, a.k = k, a.v = v;
+    a.o = o, a.lse = lse, a.q = q, a.k = k, a.v = v, a.qdoc = qdoc, a.k0 = k0;
     const int T = attn_cpu_kernels().tile;
     std::vector<float> qt(Hq * a.ntq * T * D), kr(Hkv * a.ntk * T * a.Dp), vr(kr.size());
     attn_pack_cols(qt.data(), q, Tq, Hq, D, T);         // (Hq, ntq, D, TILE)
@@ -364,10 +413,12 @@ static inline void attention_delta_cpu(float* delta, const float* dout, const fl
 // One pass over the key tiles (attention_backward_key_tile), then dq += its groups' sums in order.
 static inline void attention_backward_cpu(float* dq, float* dk, float* dv, const float* dout, const float* q,
                                           const float* k, const float* v, const float* lse, const float* delta,
-                                          size_t Tq, size_t Tk, int Hq, int Hkv, int D, bool causal) {
+                                          size_t Tq, size_t Tk, int Hq, int Hkv, int D, bool causal,
+                                          const int32_t* qdoc = nullptr, size_t k0 = 0) {
     if (Tq == 0 || Tk == 0) return;
     AttnCpu a = attn_cpu_args(Tq, Tk, Hq, Hkv, D, causal);
     a.dq = dq, a.dk = dk, a.dv = dv, a.dout = dout, a.q = q, a.k = k, a.v = v, a.lse_in = lse, a.delta = delta;
+    a.qdoc = qdoc, a.k0 = k0;
     const int T = attn_cpu_kernels().tile, Dp = a.Dp;
     a.groups = (int)attn_min_cpu(ATTN_CPU_DQ_GROUPS, a.ntk);
     const size_t rows_q = a.ntq * T;  // query rows of the copies, padded to whole tiles
@@ -459,6 +510,22 @@ static __device__ __forceinline__ float attn_dot(const float* a, const float* b,
 }
 static __device__ __forceinline__ size_t attn_min(size_t a, size_t b) { return a < b ? a : b; }
 
+// Packed documents (twins of attn_first_key_cpu and attn_query_end_cpu): the first key query row
+// t sees, and the end of the queries that see key j.
+static __device__ __forceinline__ size_t attn_first_key(const int32_t* qdoc, size_t k0, size_t t) {
+    return qdoc && (size_t)qdoc[t] > k0 ? (size_t)qdoc[t] - k0 : 0;
+}
+static __device__ __forceinline__ size_t attn_query_end(const int32_t* qdoc, size_t k0, size_t Tq, size_t j) {
+    if (!qdoc) return Tq;
+    size_t lo = 0, hi = Tq;
+    while (lo < hi) {
+        const size_t mid = (lo + hi) / 2;
+        if ((size_t)qdoc[mid] > k0 + j) hi = mid;
+        else lo = mid + 1;
+    }
+    return lo;
+}
+
 // Copies rows r0 .. r0+ROWS-1 of head `h` of x (T, H, D) into dst (ROWS, pitch), zeros past T.
 static __device__ __forceinline__ void attn_stage(float* dst, int pitch, int rows, const float* x, size_t r0,
                                                   size_t T, int H, int h, int D) {
@@ -472,10 +539,12 @@ static __device__ __forceinline__ void attn_stage(float* dst, int pitch, int row
 // Forward of one block for query rows t (one per warp) of head h:
 //   s_j = scale q_t.k_j (j < t+1 if causal), lse_b = log sum_j e^s_j, o_b = sum_j e^(s_j - lse_b) v_j,
 //   then merged: lse' = log(e^lse + e^lse_b), o' = o e^(lse - lse') + o_b e^(lse_b - lse').
+// With documents (qdoc) only keys j >= kf, the row's first key, count.
 // CPU twin: attention_forward_cpu. Grid (Tq / ATTN_ROWS, Hq).
 template <int DPL>
 static __global__ void attention_forward_kernel(float* o, float* lse, const float* q, const float* k, const float* v,
-                                         size_t Tq, size_t Tk, int Hq, int Hkv, int D, bool causal, float scale) {
+                                         size_t Tq, size_t Tk, int Hq, int Hkv, int D, bool causal, float scale,
+                                         const int32_t* qdoc, size_t k0) {
     extern __shared__ float smem[];
     const int P = D | 1;
     float* qs = smem;                  // (ATTN_ROWS, D) this block's query rows
@@ -487,21 +556,23 @@ static __global__ void attention_forward_kernel(float* o, float* lse, const floa
     attn_stage(qs, D, ATTN_ROWS, q, t0, Tq, Hq, h, D);
     // keys this warp's row sees, and the most any row of the block sees (t0 < Tq always). A
     // causal block has Tq == Tk; the min() only keeps a mismatched call inside k and v.
-    const size_t nk = t >= Tq ? 0 : causal ? attn_min(t + 1, Tk) : Tk;
+    const size_t kf = t < Tq ? attn_first_key(qdoc, k0, t) : 0;
+    const size_t nk_causal = t >= Tq ? 0 : causal ? attn_min(t + 1, Tk) : Tk, nk = kf < nk_causal ? nk_causal : 0;
     const size_t nk_block = causal ? attn_min(attn_min(t0 + ATTN_ROWS, Tq), Tk) : Tk;
+    const size_t kbeg = attn_first_key(qdoc, k0, t0) / ATTN_TILE * ATTN_TILE;  // block-uniform: whole tiles skipped
     float acc[DPL];  // this lane's slice of sum_j e^(s_j - m) v_j
 #pragma unroll
     for (int x = 0; x < DPL; x++) acc[x] = 0.0f;
     float m = -INFINITY, l = 0.0f;  // running max; this lane's share of sum_j e^(s_j - m)
-    for (size_t j0 = 0; j0 < nk_block; j0 += ATTN_TILE) {
+    for (size_t j0 = kbeg; j0 < nk_block; j0 += ATTN_TILE) {
         __syncthreads();  // the previous tile is consumed (and qs is staged)
         attn_stage(ks, P, ATTN_TILE, k, j0, Tk, Hkv, hk, D);
         attn_stage(vs, P, ATTN_TILE, v, j0, Tk, Hkv, hk, D);
         __syncthreads();
-        if (j0 >= nk) continue;  // warp-uniform: this row is past its causal limit
+        if (j0 >= nk || j0 + ATTN_TILE <= kf) continue;  // warp-uniform: past its causal limit, or before its document
         const size_t j = j0 + lane;
-        const float s = j < nk ? attn_dot(qs + w * D, ks + lane * P, D) * scale : -INFINITY;
-        const float mnew = fmaxf(m, attn_warp_max(s));  // finite: key j0 is visible
+        const float s = j >= kf && j < nk ? attn_dot(qs + w * D, ks + lane * P, D) * scale : -INFINITY;
+        const float mnew = fmaxf(m, attn_warp_max(s));  // finite: a key of the tile is visible
         const float r = expf(m - mnew);                  // 0 on the first tile, where m = -inf
         const float p = expf(s - mnew);                  // 0 for masked keys
         l = l * r + p;
@@ -587,13 +658,14 @@ static inline void attn_launch(Kernel kernel, dim3 grid, size_t smem, cudaStream
     }
 
 static inline void attention_forward_gpu(cudaStream_t stream, float* o, float* lse, const float* q, const float* k,
-                                         const float* v, size_t Tq, size_t Tk, int Hq, int Hkv, int D, bool causal) {
+                                         const float* v, size_t Tq, size_t Tk, int Hq, int Hkv, int D, bool causal,
+                                         const int32_t* qdoc = nullptr, size_t k0 = 0) {
     attn_check("attention_forward_gpu", Hq, Hkv, D);
     if (Tq == 0 || Tk == 0) return;
     const size_t smem = attn_fwd_smem(D);
     const dim3 grid(ceil_div(Tq, ATTN_ROWS), Hq);
     ATTN_DISPATCH(D, attention_forward_kernel, grid, smem, stream, o, lse, q, k, v, Tq, Tk, Hq, Hkv, D, causal,
-                  1.0f / sqrtf((float)D));
+                  1.0f / sqrtf((float)D), qdoc, k0);
 }
 
 // delta[r] = sum_d dout[r][d] o[r][d] for the Tq*Hq rows, one warp per row. CPU twin: attention_delta_cpu.
@@ -621,7 +693,8 @@ static inline void attention_delta_gpu(cudaStream_t stream, float* delta, const 
 template <int DPL>
 static __global__ void attention_backward_dq_kernel(float* dq, const float* dout, const float* q, const float* k,
                                              const float* v, const float* lse, const float* delta, size_t Tq,
-                                             size_t Tk, int Hq, int Hkv, int D, bool causal, float scale) {
+                                             size_t Tk, int Hq, int Hkv, int D, bool causal, float scale,
+                                             const int32_t* qdoc, size_t k0) {
     extern __shared__ float smem[];
     const int P = D | 1;
     float* qs = smem;                   // (ATTN_ROWS, D) query rows
@@ -633,8 +706,10 @@ static __global__ void attention_backward_dq_kernel(float* dq, const float* dout
     const size_t t0 = (size_t)blockIdx.x * ATTN_ROWS, t = t0 + w;
     attn_stage(qs, D, ATTN_ROWS, q, t0, Tq, Hq, h, D);
     attn_stage(dos, D, ATTN_ROWS, dout, t0, Tq, Hq, h, D);
-    const size_t nk = t >= Tq ? 0 : causal ? attn_min(t + 1, Tk) : Tk;
+    const size_t kf = t < Tq ? attn_first_key(qdoc, k0, t) : 0;
+    const size_t nk_causal = t >= Tq ? 0 : causal ? attn_min(t + 1, Tk) : Tk, nk = kf < nk_causal ? nk_causal : 0;
     const size_t nk_block = causal ? attn_min(attn_min(t0 + ATTN_ROWS, Tq), Tk) : Tk;
+    const size_t kbeg = attn_first_key(qdoc, k0, t0) / ATTN_TILE * ATTN_TILE;
     float* dqr = dq + (t * Hq + h) * D;
     float acc[DPL];  // this lane's slice of dq_t, accumulated from its current value as on the CPU
 #pragma unroll
@@ -643,14 +718,14 @@ static __global__ void attention_backward_dq_kernel(float* dq, const float* dout
         acc[x] = (t < Tq && d < D) ? dqr[d] : 0.0f;
     }
     const float L = t < Tq ? lse[t * Hq + h] : 0.0f, dl = t < Tq ? delta[t * Hq + h] : 0.0f;
-    for (size_t j0 = 0; j0 < nk_block; j0 += ATTN_TILE) {
+    for (size_t j0 = kbeg; j0 < nk_block; j0 += ATTN_TILE) {
         __syncthreads();
         attn_stage(ks, P, ATTN_TILE, k, j0, Tk, Hkv, hk, D);
         attn_stage(vs, P, ATTN_TILE, v, j0, Tk, Hkv, hk, D);
         __syncthreads();
-        if (j0 >= nk) continue;  // warp-uniform
+        if (j0 >= nk || j0 + ATTN_TILE <= kf) continue;  // warp-uniform
         float ds = 0.0f;
-        if (j0 + lane < nk) {
+        if (j0 + lane >= kf && j0 + lane < nk) {
             const float s = attn_dot(qs + w * D, ks + lane * P, D);
             const float dp = attn_dot(dos + w * D, vs + lane * P, D);
             ds = expf(s * scale - L) * (dp - dl) * scale;
@@ -681,7 +756,7 @@ template <int DPL>
 static __global__ void attention_backward_dkdv_kernel(float* dk, float* dv, const float* dout, const float* q,
                                                const float* k, const float* v, const float* lse, const float* delta,
                                                size_t Tq, size_t Tk, int Hq, int Hkv, int D, bool causal,
-                                               float scale) {
+                                               float scale, const int32_t* qdoc, size_t k0) {
     extern __shared__ float smem[];
     const int P = D | 1;
     float* ks = smem;                   // (ATTN_ROWS, D) this block's key rows
@@ -705,8 +780,11 @@ static __global__ void attention_backward_dkdv_kernel(float* dk, float* dv, cons
         av[x] = (j < Tk && d < D) ? dvr[d] : 0.0f;
     }
     const size_t first = causal ? j : 0;  // the first query this key row sees
+    // and the end of them (documents); the block's last row ends last, so tiles past it are skipped
+    const size_t qend = j < Tk ? attn_query_end(qdoc, k0, Tq, j) : 0;
+    const size_t qstop = attn_query_end(qdoc, k0, Tq, attn_min(j0 + ATTN_ROWS, Tk) - 1);
     for (int h = hk * group; h < (hk + 1) * group; h++)
-        for (size_t q0 = causal ? j0 : 0; q0 < Tq; q0 += ATTN_TILE) {
+        for (size_t q0 = causal ? j0 : 0; q0 < qstop; q0 += ATTN_TILE) {
             __syncthreads();
             attn_stage(qt, P, ATTN_TILE, q, q0, Tq, Hq, h, D);
             attn_stage(dot, P, ATTN_TILE, dout, q0, Tq, Hq, h, D);
@@ -718,7 +796,7 @@ static __global__ void attention_backward_dkdv_kernel(float* dk, float* dv, cons
             __syncthreads();
             if (j >= Tk) continue;  // warp-uniform
             const int lo = first > q0 ? (int)attn_min(first - q0, ATTN_TILE) : 0;
-            const int hi = (int)attn_min(ATTN_TILE, Tq - q0);
+            const int hi = qend > q0 ? (int)attn_min(ATTN_TILE, qend - q0) : 0;
             if (lo >= hi) continue;
             float p = 0.0f, ds = 0.0f;
             if (lane >= lo && lane < hi) {
@@ -753,14 +831,14 @@ static __global__ void attention_backward_dkdv_kernel(float* dk, float* dv, cons
 static inline void attention_backward_gpu(cudaStream_t stream, float* dq, float* dk, float* dv, const float* dout,
                                           const float* q, const float* k, const float* v, const float* lse,
                                           const float* delta, size_t Tq, size_t Tk, int Hq, int Hkv, int D,
-                                          bool causal) {
+                                          bool causal, const int32_t* qdoc = nullptr, size_t k0 = 0) {
     attn_check("attention_backward_gpu", Hq, Hkv, D);
     if (Tq == 0 || Tk == 0) return;
     const float scale = 1.0f / sqrtf((float)D);
     const size_t smem = attn_bwd_smem(D);
     ATTN_DISPATCH(D, attention_backward_dq_kernel, dim3(ceil_div(Tq, ATTN_ROWS), Hq), smem, stream, dq, dout, q, k,
-                  v, lse, delta, Tq, Tk, Hq, Hkv, D, causal, scale);
+                  v, lse, delta, Tq, Tk, Hq, Hkv, D, causal, scale, qdoc, k0);
     ATTN_DISPATCH(D, attention_backward_dkdv_kernel, dim3(ceil_div(Tk, ATTN_ROWS), Hkv), smem, stream, dk, dv,
-                  dout, q, k, v, lse, delta, Tq, Tk, Hq, Hkv, D, causal, scale);
+                  dout, q, k, v, lse, delta, Tq, Tk, Hq, Hkv, D, causal, scale, qdoc, k0);
 }
 #endif

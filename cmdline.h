@@ -9,6 +9,7 @@
 #include <vector>
 #include "checkpoint.h"
 #include "comm.h"
+#include "data/data.h"
 #include "model.h"
 #include "offload.h"
 
@@ -284,6 +285,16 @@ static void apply_rope_flags(const Args& a, Config* c) {
                   "does not combine with it", c->name, c->rope_factor);
     if (c->rope_scaling == ROPE_LINEAR) c->rope_factor *= (float)f;  // interpolating an interpolated model
     else if (f != 1.0) c->rope_scaling = ROPE_LINEAR, c->rope_factor = (float)f;
+}
+
+// --doc-mask 0|1 and --doc-bos ID (train and eval): the token that starts a document, or -1 for
+// one document (the mask off). On by default for files and passkey:docs, off for the passkey
+// task (one document a sequence).
+static int32_t doc_bos_flags(const Args& a, int vocab) {
+    const int32_t bos = (int32_t)a.integer("doc-bos", TOK_BOS, 0, vocab - 1);
+    const int32_t doc_bos = a.flag01("doc-mask", a.str("data", "passkey") != "passkey") ? bos : -1;
+    if (a.has("doc-bos") && doc_bos < 0) fatal_all("--doc-bos names the token that starts a document: it needs --doc-mask 1");
+    return doc_bos;
 }
 
 // --init DIR: a ckpt_<step>/ directory, or the newest valid one in DIR (a damaged newer one is

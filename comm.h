@@ -246,6 +246,20 @@ static inline void comm_sp_allreduce(double* buf, size_t n) {
     if (comm_world().sp_size == 1) return;
     MPI_COLLECTIVE("all-reduce (group)", MPI_Allreduce(MPI_IN_PLACE, buf, mpi_count(n), MPI_DOUBLE, MPI_SUM, comm_world().sp_mpi));
 }
+// Every group rank's list of int32 (any length, a few per rank) joined in group-rank order, on
+// every rank of the group (one sequence's document starts: each rank finds those among its tokens).
+static inline std::vector<int32_t> comm_sp_allgather_i32(const std::vector<int32_t>& mine) {
+    const Comm& c = comm_world();
+    if (c.sp_size == 1) return mine;
+    std::vector<int> counts(c.sp_size), at(c.sp_size, 0);
+    int n = mpi_count(mine.size());
+    MPI_COLLECTIVE("all-gather (counts)", MPI_Allgather(&n, 1, MPI_INT, counts.data(), 1, MPI_INT, c.sp_mpi));
+    for (int r = 1; r < c.sp_size; r++) at[r] = at[r - 1] + counts[r - 1];
+    std::vector<int32_t> all(at[c.sp_size - 1] + counts[c.sp_size - 1]);
+    MPI_COLLECTIVE("all-gather (document starts)",
+                   MPI_Allgatherv(mine.data(), n, MPI_INT32_T, all.data(), counts.data(), at.data(), MPI_INT32_T, c.sp_mpi));
+    return all;
+}
 
 // ----------------------------------------------------------------------------
 // The world (every rank)

@@ -130,7 +130,8 @@ static std::string eval_summary(const EvalResult& R) {
 // The eval command
 
 static const std::vector<std::string> eval_flags = {"init", "data", "seq", "chunk-size", "offload", "rope-theta", "rope-scale",
-                                                    "eval-seqs", "csv", "needle", "seed", "device", "precision", "comm", "help"};
+                                                    "eval-seqs", "csv", "needle", "seed", "device", "precision", "comm",
+                                                    "doc-mask", "doc-bos", "help"};
 
 static void eval_help() {
     printf(
@@ -152,7 +153,7 @@ static void eval_help() {
         "                      byte-level file's text\n"
         "  --csv FILE          also write the results as rows\n"
         "  --seed N            the data's seed (default: the checkpoint's run's, else 1337)\n"
-        "  --device, --precision, --comm   as for train\n");
+        "  --device, --precision, --comm, --doc-mask, --doc-bos   as for train (--doc-mask: on for files)\n");
 }
 
 struct Eval {
@@ -198,6 +199,7 @@ static void eval_read_flags(Eval* E) {
     r.chunk = a.integer("chunk-size", default_chunk(r.seq, r.P, E->ctx.gpu ? 16384 : 1024), 1, 1ll << 40);
     r.offload = a.flag01("offload", r.chunk < r.seq);
     r.bf16 = precision_bf16(a, E->ctx.gpu);
+    r.doc_bos = doc_bos_flags(a, E->cfg.vocab);
     err = check_shape(E->cfg, r);
     if (!err.empty()) fatal_all("%s", err.c_str());
     if (!E->csv.empty() && comm_world().rank == 0) {  // find out now, not after the passes
@@ -216,9 +218,9 @@ static void print_eval_header(const Eval* E, const Model& M, const std::string& 
              E->path.c_str(), data.c_str());
     const std::string rope = c.rope_scaling == ROPE_LINEAR ? ", positions / " + fmt_g(c.rope_factor)
                              : c.rope_scaling == ROPE_LLAMA3 ? ", llama3 scaling " + fmt_g(c.rope_factor) : "";
-    log_line(true, "seq %zu | chunk %zu (%zu chunks) | offload %s | ranks %d | device %s, %s | rope theta %s%s", r.seq,
+    log_line(true, "seq %zu | chunk %zu (%zu chunks) | offload %s | ranks %d | device %s, %s | rope theta %s%s%s", r.seq,
              r.chunk, r.seq / r.chunk, r.offload ? "on" : "off", r.P, device_name(M.ctx).c_str(), r.bf16 ? "bf16" : "fp32",
-             fmt_g(c.rope_theta).c_str(), rope.c_str());
+             fmt_g(c.rope_theta).c_str(), rope.c_str(), r.doc_bos >= 0 ? " | doc-mask 1: attention within documents" : "");
 }
 
 // Which sequences were read: the passkey task's held-out ones, or a file stream's last windows.

@@ -136,15 +136,17 @@ static void plan_sizes(const Config& c, RunCfg r, size_t* dev, size_t* host, Mod
 
 static int cmd_plan(int argc, char** argv) {
     Args a = parse_args(argc, argv, {"model", "seq", "chunk-size", "gpus", "sp", "offload", "zero", "gpu-mem", "host-mem",
-                                     "tflops", "link-gbps", "precision", "help"});
+                                     "tflops", "link-gbps", "precision", "doc-len", "help"});
     if (a.help || !a.has("model") || !a.has("seq")) {
         printf("usage: ./fpdt plan --model NAME --seq N [--chunk-size C] [--gpus W] [--sp N] [--offload 0|1] [--zero 0-3]\n"
                "                   [--gpu-mem GiB] [--host-mem GiB] [--tflops X] [--link-gbps Y] [--precision fp32|bf16]\n"
+               "                   [--doc-len L]\n"
                "  predicted peak device and host bytes per rank (the same allocation sequence as ./fpdt train),\n"
                "  the headroom a GPU run keeps outside its device arena (CUDA's kernels, cuBLAS, NCCL), the\n"
                "  longest sequence that fits, and the smallest chunk at which copies hide behind attention.\n"
                "  --gpus W ranks in all, in sequence-parallel groups of --sp N (default N = W): the ZeRO shards\n"
-               "  divide by W, the sequence's store by N.\n"
+               "  divide by W, the sequence's store by N. With --doc-len L, the attention blocks --doc-mask 1\n"
+               "  skips on documents of L tokens each.\n"
                "  Defaults: one GPU, offload 1 when chunked (train defaults to 0: pass --offload to match a run),\n"
                "  80 GiB GPU, 512 GiB host, 400 TFLOP/s, 50 GB/s, bf16 (a GPU run's default precision).\n\n");
         print_models();
@@ -218,6 +220,15 @@ static int cmd_plan(int argc, char** argv) {
     const double cb = (2 * Hl * D * b + 2 * Hl * D * 4 + 2 * Hl * 4) * flops / (10 * Hl * D * bw);
     printf("  copies hide behind attention from chunk %.0f tokens (forward %.0f, backward %.0f) at %.0f TFLOP/s, %.0f GB/s\n",
            std::max(cf, cb), cf, cb, flops / 1e12, bw / 1e9);
+    if (a.has("doc-len")) {  // packed documents of one length: the (query chunk, kv chunk) blocks the mask empties
+        const size_t len = a.integer("doc-len", 0, 1, 1ll << 40);
+        std::vector<int32_t> starts;
+        for (size_t p = 0; p < r.seq; p += len) starts.push_back((int32_t)p);
+        const std::vector<int> first = docs_first_kv(starts, r.seq, M.C);
+        const double share = docs_skipped_share(first), total = M.u * (M.u + 1) / 2.0;
+        printf("  documents of %zu tokens (--doc-mask 1): %.0f of %.0f attention blocks skipped per layer and pass (%.1f%%),"
+               " and their key/value copies\n", len, share * total, total, 100 * share);
+    }
     return 0;
 }
 

@@ -171,6 +171,7 @@ struct RunCfg {
     size_t head_rows = 0;                 // LM head rows at once (0: as many as fit 64M logits)
     size_t mlp_rows = 0;                  // MLP rows at once (0: as many as fit 64M hidden values)
     bool bf16 = false;  // --precision bf16: bf16 matmul operands and bf16 sequence-sized stores (see below)
+    int32_t doc_bos = -1;  // --doc-mask 1: the token that starts a document (data.h's TOK_BOS); -1: one document
 };
 
 // The world's layout: W ranks in groups of N (--sp), B sequences a step (--batch) spread over the
@@ -276,6 +277,11 @@ struct Model {
     size_t gpu_free_before = 0;   // GPU: its free bytes just before the arena was taken (gpu_memory_after_step)
     bool accumulate = false;      // this pass adds its gradients to those of the step's earlier sequences
     float* logits_out = nullptr;  // test hook: if set, (Sl, V) host logits are written here
+    // packed documents (run.doc_bos >= 0), set with each sequence's tokens (model_set_docs)
+    std::vector<int32_t> doc_starts;  // global positions of the documents' first tokens, ascending, 0 first
+    std::vector<int> first_kv;        // (u) the first kv chunk query chunk i sees (earlier pairs are empty)
+    int32_t* docpos = nullptr;        // host (u, 2, C): per chunk its RoPE positions, then each token's document start
+    int32_t* qdoc = nullptr;          // (C) the current query chunk's document starts (attention's mask)
 };
 
 // ----------------------------------------------------------------------------
@@ -368,6 +374,10 @@ static inline void model_layout(Model* M) {
         M->cast_b = arena_alloc<bf16>(dev, M->ncast, "working set");
     }
     M->pos = arena_alloc<int32_t>(dev, C, "working set");
+    if (M->run.doc_bos >= 0) {
+        M->qdoc = arena_alloc<int32_t>(dev, C, "working set");
+        M->docpos = arena_alloc<int32_t>(host, 2 * M->run.seq, "document positions");
+    }
     M->predw = arena_alloc<int32_t>(dev, M->hr, "working set");
     M->acc = arena_alloc<double>(dev, 2, "working set");
     M->scratch = arena_alloc<double>(dev, sumsq_gpu_scratch(M->shard_n), "working set");
@@ -566,26 +576,74 @@ static inline void model_init_params(Model* M, uint64_t seed) {
 // Tokens. Each rank reads only its own: for chunk c, inputs at global positions
 // [c C + r cl, c C + (r+1) cl) and the targets one further.
 
+// Packed documents, from their starts (ascending, 0 first) in a sequence of `seq` tokens in chunks
+// of C: the first kv chunk each query chunk sees (the chunk of its first token's document start;
+// every pair (i, j) with j before it is empty), and the share of the u (u + 1) / 2 attention
+// blocks (query chunk, kv chunk) that are empty.
+static inline std::vector<int> docs_first_kv(const std::vector<int32_t>& starts, size_t seq, size_t C) {
+    std::vector<int> first(seq / C, 0);
+    size_t d = 0;
+    for (size_t i = 0; i < first.size(); i++) {
+        while (d + 1 < starts.size() && (size_t)starts[d + 1] <= i * C) d++;
+        first[i] = (int)(starts[d] / C);
+    }
+    return first;
+}
+static inline double docs_skipped_share(const std::vector<int>& first_kv) {
+    double skipped = 0, u = (double)first_kv.size();
+    for (int f : first_kv) skipped += f;
+    return u > 0 ? skipped / (u * (u + 1) / 2) : 0.0;
+}
+
+// Packed documents: `mine` holds the global positions of the BOS tokens among this rank's inputs.
+// The ranks share them (one all-gather of a few integers), so every rank knows the documents of
+// the whole sequence: their starts, each chunk's first kv chunk, and per chunk the RoPE positions
+// (counting from 0 at each document's start) and each token's document start, on the host.
+static inline void model_set_docs(Model* M, const std::vector<int32_t>& mine) {
+    if (M->run.doc_bos < 0) return;
+    std::vector<int32_t> starts = comm_sp_allgather_i32(mine);
+    starts.push_back(0);  // the sequence's first token starts a document, BOS or not
+    std::sort(starts.begin(), starts.end());
+    starts.erase(std::unique(starts.begin(), starts.end()), starts.end());
+    M->doc_starts = starts;
+    M->first_kv = docs_first_kv(starts, M->run.seq, M->C);
+    size_t next = 1;  // the document after the one position p is in
+    for (size_t p = 0; p < M->run.seq; p++) {
+        while (next < starts.size() && (size_t)starts[next] <= p) next++;
+        const int32_t start = starts[next - 1];
+        const size_t c = p / M->C, t = p % M->C;
+        M->docpos[2 * c * M->C + t] = (int32_t)(p - start);    // RoPE position
+        M->docpos[(2 * c + 1) * M->C + t] = start;               // document start
+    }
+}
+
 template <typename Reader>
 static inline void model_set_tokens(Model* M, Reader read) {
-    std::vector<int32_t> buf(M->cl + 1);
+    std::vector<int32_t> buf(M->cl + 1), bos;
     for (int c = 0; c < M->u; c++) {
         read((size_t)c * M->C + (size_t)M->run.rank * M->cl, M->cl + 1, buf.data());
         for (size_t t = 0; t <= M->cl; t++)
             if (buf[t] < 0 || buf[t] >= M->cfg.vocab)
                 fatal("data: token id %d at position %zu is outside the model's vocab %d", buf[t],
                       (size_t)c * M->C + M->run.rank * M->cl + t, M->cfg.vocab);
+        for (size_t t = 0; t < M->cl; t++)
+            if (buf[t] == M->run.doc_bos) bos.push_back((int32_t)((size_t)c * M->C + M->run.rank * M->cl + t));
         store_write(&M->ctx, &M->tokens, c, buf.data());
         store_write(&M->ctx, &M->targets, c, buf.data() + 1);
     }
+    model_set_docs(M, bos);
 }
 
 // The same from whole arrays (tests): tokens (S) and targets (S) of the global sequence.
 static inline void model_set_token_arrays(Model* M, const int32_t* tokens, const int32_t* targets) {
+    std::vector<int32_t> bos;
     for (int c = 0; c < M->u; c++) {
         const size_t s = (size_t)c * M->C + (size_t)M->run.rank * M->cl;
         store_write(&M->ctx, &M->tokens, c, tokens + s);
         store_write(&M->ctx, &M->targets, c, targets + s);
+        for (size_t t = s; t < s + M->cl; t++)
+            if (tokens[t] == M->run.doc_bos) bos.push_back((int32_t)t);
     }
+    model_set_docs(M, bos);
 }
 

@@ -167,6 +167,18 @@ static inline void dev_to_host_async(Ctx* ctx, void* host, const void* dev, size
     memcpy(host, dev, bytes);
 }
 
+// host (pinned, not written again before the end of the pass) to device, in order on the compute stream
+static inline void dev_upload_async(Ctx* ctx, void* dev, const void* host, size_t bytes) {
+#ifdef __CUDACC__
+    if (ctx->gpu) {
+        CUDA_CHECK(cudaMemcpyAsync(dev, host, bytes, cudaMemcpyHostToDevice, ctx->g->compute));
+        return;
+    }
+#endif
+    (void)ctx;
+    memcpy(dev, host, bytes);
+}
+
 static inline void dev_upload(Ctx* ctx, void* dev, const void* host, size_t bytes) {
 #ifdef __CUDACC__
     if (ctx->gpu) {

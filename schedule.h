@@ -92,7 +92,30 @@ static inline void round_stored(Model* M, float* x, size_t n) {
     if (M->run.bf16) OP(&M->ctx, round_bf16, x, n);
 }
 
-static inline void set_positions(Model* M, int chunk) { dev_iota(&M->ctx, M->pos, (int32_t)(chunk * M->C), M->C); }
+// RoPE positions of a chunk into M->pos: global positions, or with packed documents (--doc-mask 1)
+// counted from 0 at each document's start (model_set_docs made them).
+static inline void set_positions(Model* M, int chunk) {
+    if (M->run.doc_bos < 0) return dev_iota(&M->ctx, M->pos, (int32_t)(chunk * M->C), M->C);
+    dev_upload_async(&M->ctx, M->pos, M->docpos + 2 * (size_t)chunk * M->C, M->C * sizeof(int32_t));
+}
+
+// Packed documents. Attention's mask for query chunk i: its tokens' document starts in M->qdoc
+// (null without documents). Query chunk i sees no key of a kv chunk before first_kv(i): those
+// (i, j) pairs are skipped whole, computed nowhere and copied nowhere; the trace marks each.
+static inline const int32_t* set_query_docs(Model* M, int i) {
+    if (M->run.doc_bos < 0) return nullptr;
+    dev_upload_async(&M->ctx, M->qdoc, M->docpos + (2 * (size_t)i + 1) * M->C, M->C * sizeof(int32_t));
+    return M->qdoc;
+}
+static inline int first_kv(const Model* M, int i) { return M->first_kv.empty() ? 0 : M->first_kv[i]; }
+// The last query chunk that sees kv chunk j (u - 1 without documents; never before j, since
+// first_kv(i) <= i, and non-decreasing in j, since first_kv is).
+static inline int last_query(const Model* M, int j) {
+    int i = M->u - 1;
+    while (first_kv(M, i) > j) i--;
+    return i;
+}
+static inline void mark_skipped(Model* M, int i) { TraceScope ts(&M->ctx, "attention block skipped", TRACK_COMPUTE, i); }
 
 // The MLP's hidden activations for rows [r0, r0 + n) of the chunk, from ln2: fch (n, F2) and
 // act (n, F). The MLP runs in blocks of at most mr rows so that these stay small for wide models.
@@ -136,20 +159,24 @@ static inline void chunk_forward(Model* M, int l, int i, const float* x, float* 
     store_put(ctx, &M->v, i, SLOT_NEW);
     if (for_backward) store_put(ctx, &M->q, i, SLOT_NEW);
 
-    // attention of q_i over k_j, v_j for j <= i, double-buffered: fetch j+1 while j computes.
-    // k_0, v_0 were fetched at the end of chunk i-1's attention (below), behind its MLP.
+    // attention of q_i over k_j, v_j for first_kv(i) <= j <= i (0 without documents),
+    // double-buffered: fetch j+1 while j computes. The first k_j, v_j were fetched at the end of
+    // chunk i-1's attention (below), behind its MLP.
     dev_zero(ctx, M->o, C * Hl * D * sizeof(float));
     dev_fill(ctx, M->lsew, -INFINITY, C * Hl);
-    for (int j = 0; j <= i; j++) {
+    const int32_t* qdoc = set_query_docs(M, i);
+    for (int j = 0; j < first_kv(M, i); j++) mark_skipped(M, i);
+    for (int j = first_kv(M, i); j <= i; j++) {
         if (j + 1 < i) store_prefetch(ctx, &M->k, j + 1, slot_of(j + 1)), store_prefetch(ctx, &M->v, j + 1, slot_of(j + 1));
         const float* kj = j == i ? ki : store_use(ctx, &M->k, j, slot_of(j));
         const float* vj = j == i ? vi : store_use(ctx, &M->v, j, slot_of(j));
         TraceScope ts(ctx, "attention block", TRACK_COMPUTE, i);
-        OP(ctx, attention_forward, M->o, M->lsew, qi, kj, vj, C, C, Hl, Hkvl, D, j == i);
+        OP(ctx, attention_forward, M->o, M->lsew, qi, kj, vj, C, C, Hl, Hkvl, D, j == i, qdoc, (size_t)j * C);
     }
     // Both callers (layer_forward, layer_backward's phase 1) run the chunks in order: the next
     // chunk's first key/value block can come in now, while this chunk finishes.
-    if (i + 1 < M->u) store_prefetch(ctx, &M->k, 0, slot_of(0)), store_prefetch(ctx, &M->v, 0, slot_of(0));
+    const int next = i + 1 < M->u ? first_kv(M, i + 1) : i + 1;
+    if (next <= i) store_prefetch(ctx, &M->k, next, slot_of(next)), store_prefetch(ctx, &M->v, next, slot_of(next));
     if (for_backward) {
         dev_copy(ctx, store_produce(ctx, &M->lse, i, SLOT_NEW), M->lsew, C * Hl * sizeof(float));
         store_put(ctx, &M->lse, i, SLOT_NEW);
@@ -310,9 +337,10 @@ static inline void layer_backward(Model* M, int l) {
 }
 
 // Backward of layer l, phase 2 (attention): outer loop over kv chunks j, inner over query chunks
-// i >= j, from the last down to j so that the last visit, i == j, leaves the final dQ_j in its
-// slot. Then dQ_j, dK_j, dV_j go back through RoPE, the all-to-all, the QKV projection and the
-// first norm, taking dresid_j from dL/d(x_mid of l) to dL/d(input of l).
+// i >= j, from the last that sees j (last_query: u - 1 without documents) down to j so that the
+// last visit, i == j, leaves the final dQ_j in its slot. Then dQ_j, dK_j, dV_j go back through
+// RoPE, the all-to-all, the QKV projection and the first norm, taking dresid_j from
+// dL/d(x_mid of l) to dL/d(input of l).
 static inline void layer_backward_attention(Model* M, int l) {
     const Config& c = M->cfg;
     const LayerW& w = M->w.layer[l];
@@ -323,18 +351,20 @@ static inline void layer_backward_attention(Model* M, int l) {
     ChunkStore* qset[] = {&M->q, &M->dout, &M->lse, &M->delta};
     // The query side (q, dO, lse, delta and dQ of chunk i) alternates between two slots as i runs
     // down. A copy-in waits for all compute queued before it is issued, so j + 1's first chunk
-    // (u - 1) is fetched as soon as j's block i = j + 1 is queued, into the slot that block used:
-    // its copies run beside j's last block and QKV backward, instead of after them with compute
-    // waiting. Each j's slots are flipped (`flip`) so that j + 1's first chunk never lands in the
-    // slot of j's last one (i = j), whose dQ_j the QKV backward still reads.
+    // (last_query(j + 1)) is fetched as soon as j's block i = j + 1 is queued, into the slot that
+    // block used: its copies run beside j's last block and QKV backward, instead of after them
+    // with compute waiting. Each j's slots are flipped (`flip`) so that j + 1's first chunk never
+    // lands in the slot of j's last one (i = j), whose dQ_j the QKV backward still reads.
     auto prefetch = [&](int jj, int i, int flip) {  // chunk i of the query side, for kv chunk jj
         for (ChunkStore* s : qset) store_prefetch(ctx, s, i, slot_of(i, flip));
-        if (jj > 0) store_prefetch(ctx, &M->dq, i, slot_of(i, flip));  // on the first visit dQ_i starts at zero
+        if (jj > first_kv(M, i)) store_prefetch(ctx, &M->dq, i, slot_of(i, flip));  // on the first visit dQ_i starts at zero
     };
     store_prefetch(ctx, &M->k, 0, slot_of(0)), store_prefetch(ctx, &M->v, 0, slot_of(0));
-    prefetch(0, u - 1, 0);
+    prefetch(0, last_query(M, 0), 0);
     for (int j = 0, flip = 0; j < u; j++) {
-        const int next_flip = (flip + j + u) % 2;  // slot_of(u - 1, next_flip) != slot_of(j, flip)
+        const int last = last_query(M, j), next_first = j + 1 < u ? last_query(M, j + 1) : 0;
+        const int next_flip = (flip + j + next_first + 1) % 2;  // slot_of(next_first, next_flip) != slot_of(j, flip)
+        for (int i = u - 1; i > last; i--) mark_skipped(M, i);
         // then, in the order needed: the next kv chunk, and what the end of this j needs
         if (j + 1 < u) store_prefetch(ctx, &M->k, j + 1, slot_of(j + 1)), store_prefetch(ctx, &M->v, j + 1, slot_of(j + 1));
         store_prefetch(ctx, &M->layer_in, layer_in_chunk(l, u, j), SLOT_SINGLE);  // for the QKV backward at the end of this j
@@ -344,14 +374,14 @@ static inline void layer_backward_attention(Model* M, int l) {
         dev_zero(ctx, M->dk, C * Hkvl * D * sizeof(float));
         dev_zero(ctx, M->dv, C * Hkvl * D * sizeof(float));
         float* dqi = nullptr;
-        for (int i = u - 1; i >= j; i--) {
+        for (int i = last; i >= j; i--) {
             if (i - 1 >= j) prefetch(j, i - 1, flip);
             const int si = slot_of(i, flip);
             const float* qi = store_use(ctx, &M->q, i, si);
             const float* doi = store_use(ctx, &M->dout, i, si);
             const float* lsei = store_use(ctx, &M->lse, i, si);
             const float* dli = store_use(ctx, &M->delta, i, si);
-            if (j == 0) {
+            if (j == first_kv(M, i)) {
                 dqi = store_produce(ctx, &M->dq, i, si);
                 dev_zero(ctx, dqi, C * Hl * D * sizeof(float));
             } else {
@@ -359,10 +389,12 @@ static inline void layer_backward_attention(Model* M, int l) {
             }
             {
                 TraceScope ts(ctx, "attention block backward", TRACK_COMPUTE, i);
-                OP(ctx, attention_backward, dqi, M->dk, M->dv, doi, qi, kj, vj, lsei, dli, C, C, Hl, Hkvl, D, i == j);
+                OP(ctx, attention_backward, dqi, M->dk, M->dv, doi, qi, kj, vj, lsei, dli, C, C, Hl, Hkvl, D, i == j,
+                   set_query_docs(M, i), (size_t)j * C);
             }
             if (i != j) store_put(ctx, &M->dq, i, si);
-            if (i == j + 1) prefetch(j + 1, u - 1, next_flip);  // the next j's first chunk, into this block's slot
+            if (j + 1 < u && i == std::min(j + 1, last))  // the next j's first chunk, into the slot i = j + 1
+                prefetch(j + 1, next_first, next_flip);     // used (or, if no block i > j, after i = j)
         }
         flip = next_flip;
         // dQ_j, dK_j, dV_j are final: undo RoPE, back to the sequence layout, through the QKV

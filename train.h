@@ -20,7 +20,8 @@ static const std::vector<std::string> train_flags = {
     "beta1", "beta2", "adam-eps",
     "data", "device", "out", "save-every", "resume", "exit-after", "eval-every", "eval-seqs", "trace", "zero",
     "device-mem", "host-mem", "on-nonfinite", "max-bad-steps", "comm", "precision", "start-seq", "start-steps",
-    "log-every", "overwrite", "watchdog", "rope-theta", "rope-scale", "init", "sp", "batch", "help"};
+    "log-every", "overwrite", "watchdog", "rope-theta", "rope-scale", "init", "sp", "batch", "doc-mask", "doc-bos",
+    "help"};
 
 static void train_help() {
     printf(
@@ -49,7 +50,13 @@ static void train_help() {
         "  --clip X            clip the global gradient norm to X, 0 = off (default 1.0)\n"
         "  --beta1 X, --beta2 X, --adam-eps X   AdamW moments' decay rates and epsilon (default 0.9, 0.95, 1e-8)\n"
         "  --seed N            seed for the weights and the data (default 1337)\n"
-        "  --data SPEC         'passkey' (built-in task), a text file, a glob, or llm.c .bin shards (default passkey)\n"
+        "  --data SPEC         'passkey' (built-in task), 'passkey:docs[:N]' (packed passkey documents of mean\n"
+        "                      length N, default 1024), a text file, a glob, or llm.c .bin shards (default passkey)\n"
+        "  --doc-mask 0|1      packed documents: a document starts at every BOS token (and at the first token);\n"
+        "                      attention stays inside a document, RoPE positions restart at 0 in each\n"
+        "                      (default 1 for files and passkey:docs, 0 for passkey: one document)\n"
+        "  --doc-bos ID        the token that starts a document (default 256, the byte-level BOS; a BPE\n"
+        "                      shard's own BOS id, e.g. 128000 for Llama 3's tokenizer)\n"
         "  --device auto|cpu|gpu   auto (default): the GPU when one is visible, else the CPU\n"
         "  --comm auto|nccl|mpi  GPU ranks: NCCL when each has its own GPU (auto), else MPI on host memory\n"
         "  --precision auto|fp32|bf16   bf16: bf16 matmul operands and stored activations, fp32 sums, fp32\n"
@@ -321,6 +328,7 @@ static void set_run_shape(Train* T) {
     r.offload = a.flag01("offload", r.chunk < r.seq);
     r.zero = (int)a.integer("zero", 0, 0, 3);
     r.bf16 = precision_bf16(a, gpu);
+    r.doc_bos = doc_bos_flags(a, T->cfg.vocab);
     r.device_cap = (size_t)(a.real("device-mem", 0, 0, 1e6) * 1073741824.0);
     r.host_cap = (size_t)(a.real("host-mem", 0, 0, 1e6) * 1073741824.0);
     const std::vector<long long> no_start = {0}, cpu_start = {64, 1024, 2048}, gpu_start = {4096};
@@ -416,6 +424,7 @@ static void init_or_resume(Train* T) {
     Manifest& id = T->id;
     id.cfg = T->cfg, id.seq = T->r.seq, id.seed = T->seed, id.total_steps = T->steps, id.source = T->data->identity();
     id.batch = T->r.batch;
+    if (T->r.doc_bos >= 0) id.source += " | doc-mask bos " + std::to_string(T->r.doc_bos);
     for (size_t i = 0; i < T->stages.size(); i++)  // " | start-seq 64 for 3960 steps, 1024 for 220 steps"
         id.source += (i ? ", " : " | start-seq ") + std::to_string(T->stages[i].seq) + " for " +
                      std::to_string(T->stages[i].end - (i ? T->stages[i - 1].end : 0)) + " steps";
@@ -445,9 +454,10 @@ static void print_train_header(const Train* T) {
     if (r.batch > 1) ranks += " | batch " + std::to_string(r.batch) + " (" + std::to_string(r.batch / (r.world / r.P)) + " per replica)";
     const std::string since = T->resume ? " | resumed at step " + std::to_string(T->start) + T->changed
                               : !T->init_path.empty() ? " | weights from " + T->init_path : "";
-    log_line(true, "seq %zu | chunk %zu (%zu chunks) | offload %s | ranks %d%s | device %s, %s | steps %d%s", r.seq, r.chunk,
+    log_line(true, "seq %zu | chunk %zu (%zu chunks) | offload %s | ranks %d%s | device %s, %s | steps %d%s%s", r.seq, r.chunk,
              r.seq / r.chunk, r.offload ? "on" : "off", r.world, ranks.c_str(), device_name(M.ctx).c_str(),
-             r.bf16 ? "bf16" : "fp32", T->steps, since.c_str());
+             r.bf16 ? "bf16" : "fp32", T->steps, r.doc_bos >= 0 ? " | doc-mask 1: attention within documents" : "",
+             since.c_str());
     if (T->start_steps) {  // "start: steps 1-3960 at seq 64 (chunk 16: 4 chunks, offload on), steps 3961-..."
         std::string line = "start:";
         for (size_t i = 0; i < T->stages.size(); i++) {
@@ -557,7 +567,9 @@ static StepResult train_step(Train* T, int step, bool traced) {
 
 // The step's line (every --log-every steps on stdout, every step in main.log), with the time
 // left: each stage's steps at its recent pace; a stage that has not run yet at the pace of the
-// stage before it scaled by the sequence (a guess its first steps replace).
+// stage before it scaled by the sequence (a guess its first steps replace). With --doc-mask 1 it
+// ends with the documents of the step's last sequence on this rank's replica: their count, mean
+// length and the share of attention blocks skipped.
 static void log_step(Train* T, int step, const StepResult& s, int end) {
     const size_t now = stage_at(T, step), n = T->stages.size();
     // a stage's first step warms up (page faults, first touches): its second replaces it, then a running mean
@@ -572,10 +584,14 @@ static void log_step(Train* T, int step, const StepResult& s, int end) {
     }
     const bool stage_end = now < n && step + 1 == T->stages[now].end;
     const int every = T->log_every ? T->log_every : auto_log_every(T->steps);
+    char docs[96] = "";
+    if (T->M.run.doc_bos >= 0)
+        snprintf(docs, sizeof docs, " | docs %zu, mean %.0f tok, %.1f%% of blocks skipped", T->M.doc_starts.size(),
+                 (double)T->M.run.seq / T->M.doc_starts.size(), 100 * docs_skipped_share(T->M.first_kv));
     log_line(shown_step(step + 1, T->steps, every, !s.finite || stage_end || step + 1 == end),
-             "step %d/%d | loss %.6f | lr %.3e | norm %.6g | %.0f tok/s | %.1f ms/step | %s elapsed, %s left%s", step + 1,
+             "step %d/%d | loss %.6f | lr %.3e | norm %.6g | %.0f tok/s | %.1f ms/step | %s elapsed, %s left%s%s", step + 1,
              T->steps, s.loss, s.lr, s.norm, (double)T->M.run.seq * T->r.batch / s.seconds, s.seconds * 1e3,
-             clock_str(now_s() - T->t_total).c_str(), clock_str(left_s).c_str(), s.finite ? "" : " | NON-FINITE: update skipped");
+             clock_str(now_s() - T->t_total).c_str(), clock_str(left_s).c_str(), docs, s.finite ? "" : " | NON-FINITE: update skipped");
 }
 
 // After the run's first step, and the first of each stage and of --seq after a start (a new arena): on a GPU,

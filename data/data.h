@@ -11,6 +11,8 @@
 // Sources (data_open's `spec`):
 //   "passkey"      a built-in synthetic retrieval task: a 5-symbol key hidden at a random depth in
 //                  filler text, asked for at the very end (needs the far past; see PasskeyTask)
+//   "passkey:docs[:N]"  packed documents: independent passkey documents of random lengths (mean N,
+//                  default 1024), each starting with TOK_BOS (see PasskeyDocs; for --doc-mask)
 //   x.bin, *.bin   llm.c token shards (1024-byte header, then uint16 or uint32 tokens)
 //   x.txt, *.txt   any other file is plain text, tokenized byte-level (files joined by TOK_BOS)
 // A glob is expanded with glob(3) and sorted; several files form one stream, concatenated.
@@ -433,6 +435,85 @@ struct PasskeyTask : DataSource {
     }
 };
 
+// The packed variant, "passkey:docs[:N]": the seq+1 tokens of step k are independent documents
+// of random lengths, uniform in [N/2, 3N/2] (the last takes what is left), each one
+//   [0]                  TOK_BOS
+//   [key, key+6)         TOK_KEY k1 k2 k3 k4 k5                at a uniform random depth
+//   [len-10, len)        TOK_QUERY k1 < k2 = k3 > k4 @ k5      its question at its very end (as passkey's)
+//   everywhere else      the filler, from a random offset of its own
+// with its own key symbols. With --doc-mask 1 a document's answers can come from its own key only;
+// the tests use it to show that nothing leaks between documents, the benchmark to show the skip.
+struct PasskeyDocs : DataSource {
+    PasskeyTask task;  // its filler, alphabets and insert layout
+    size_t mean;
+    static constexpr size_t MIN_LEN = PasskeyTask::KEY_LEN + PasskeyTask::QUESTION_LEN + 4;  // BOS, key, filler, question
+
+    PasskeyDocs(uint64_t seed_, size_t seq_, size_t mean_) : task(seed_, seq_), mean(mean_) {}
+    struct Doc {
+        size_t start, len, key;
+        uint64_t offset;
+        int32_t symbols[PasskeyTask::DIGITS];
+    };
+    std::vector<Doc> plan(uint64_t step) const {
+        Rng state{task.seed ^ (step * 0x9E3779B97F4A7C15ULL) ^ 0xD0C5ULL};
+        rng_u64(&state);
+        std::vector<Doc> docs;
+        const size_t total = task.seq + 1, lo = std::max(MIN_LEN, mean / 2), span = std::max<size_t>(1, mean + 1);
+        for (size_t pos = 0; pos < total;) {
+            Doc d;
+            d.start = pos;
+            d.len = lo + (size_t)(rng_u64(&state) % span);  // [N/2, 3N/2]
+            if (d.len > total - pos || total - pos - d.len < MIN_LEN) d.len = total - pos;  // the last takes the rest
+            d.offset = rng_u64(&state) % task.pattern.size();
+            const size_t room = d.len > PasskeyTask::KEY_LEN + PasskeyTask::QUESTION_LEN + 1
+                                    ? d.len - PasskeyTask::KEY_LEN - PasskeyTask::QUESTION_LEN - 1 : 1;
+            d.key = d.start + 1 + (size_t)(rng_u64(&state) % room);
+            for (size_t k = 0; k < PasskeyTask::DIGITS; k++) d.symbols[k] = PASSKEY_SYMBOLS[k][rng_u64(&state) % 10];
+            docs.push_back(d);
+            pos += d.len;
+        }
+        return docs;
+    }
+    void read(uint64_t step, size_t start, size_t n, int32_t* out) override {
+        if (start > task.seq + 1 || n > task.seq + 1 - start)
+            data_fatal("data: read of tokens [" + std::to_string(start) + ", " + std::to_string(start + n) +
+                       ") is outside the sequence of " + std::to_string(task.seq + 1) + " tokens");
+        for (const Doc& d : plan(step)) {
+            const size_t a = std::max(start, d.start), b = std::min(start + n, d.start + d.len);
+            for (size_t p = a; p < b; p++) out[p - start] = (uint8_t)task.pattern[(d.offset + p - d.start) % task.pattern.size()];
+            auto put = [&](size_t p, int32_t t) {
+                if (p >= a && p < b) out[p - start] = t;
+            };
+            put(d.start, TOK_BOS);
+            if (d.len < MIN_LEN) continue;  // a sequence shorter than one document: filler only
+            PasskeyTask::Plan qp{};
+            for (size_t k = 0; k < PasskeyTask::DIGITS; k++) qp.symbols[k] = d.symbols[k];
+            put(d.key, TOK_KEY);
+            for (size_t k = 0; k < PasskeyTask::DIGITS; k++) put(d.key + 1 + k, d.symbols[k]);
+            PasskeyTask::question(qp, d.start + d.len - PasskeyTask::QUESTION_LEN, put);
+        }
+    }
+    std::string identity() const override { return "passkey docs " + std::to_string(mean); }
+    std::string describe() const override {
+        return "packed passkey documents (seed " + std::to_string(task.seed) + "): about " + std::to_string(mean) +
+               " tokens each, a 5-symbol key hidden in each, asked at its end";
+    }
+    // Every document's answers (a sequence's last document's too: it ends at token seq).
+    bool answer(uint64_t step, std::vector<size_t>* positions, std::vector<size_t>* distances) override {
+        if (positions) positions->clear();
+        if (distances) distances->clear();
+        for (const Doc& d : plan(step)) {
+            if (d.len < MIN_LEN) continue;
+            const size_t q = d.start + d.len - PasskeyTask::QUESTION_LEN;
+            for (size_t k = 0; k < PasskeyTask::DIGITS; k++) {
+                if (positions) positions->push_back(q + 2 * k + 1);
+                if (distances) distances->push_back(q - d.key);
+            }
+        }
+        return true;
+    }
+};
+
 // The needle grid on a file's text (./fpdt eval --needle --data FILE): the held-out windows of a
 // byte-level stream with the passkey task's key written at a given depth (the same fraction as
 // PasskeyTask::depth) and its question at the end, the symbols drawn from (seed, step). Owns the
@@ -547,6 +628,21 @@ inline DataSource* data_open(const std::string& spec, int vocab, size_t seq, uin
             return nullptr;
         }
         return new PasskeyTask(seed, seq);
+    }
+    if (spec.rfind("passkey:docs", 0) == 0) {
+        const std::string tail = spec.substr(12);
+        char* end = nullptr;
+        const long long mean = tail.empty() ? 1024 : tail[0] == ':' ? strtoll(tail.c_str() + 1, &end, 10) : -1;
+        if (mean < (long long)PasskeyDocs::MIN_LEN || (end && *end) || tail == ":") {
+            data_fail(err, "data: '" + spec + "': expected passkey:docs or passkey:docs:N with N >= " +
+                               std::to_string(PasskeyDocs::MIN_LEN) + " (the mean document length in tokens)");
+            return nullptr;
+        }
+        if (vocab < BYTE_VOCAB) {
+            data_fail(err, "data: passkey:docs needs vocab >= " + std::to_string(BYTE_VOCAB) + ", got " + std::to_string(vocab));
+            return nullptr;
+        }
+        return new PasskeyDocs(seed, seq, (size_t)mean);
     }
 
     // files: one path, or a glob (sorted bytewise, whatever the locale)

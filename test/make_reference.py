@@ -13,6 +13,14 @@ test/fixture.h:
     int32 name_len, name bytes, int32 dtype (0 f32, 1 i32), int32 ndim,
     ndim x int64 dims, prod(dims) values.   (all little-endian)
 
+The packed-document fixtures (ref_*_docs.bin) hold byte tokens with BOS (256) at
+DOC_BOS: a document starts at every BOS and at the first token, attention is causal
+within a document only (an explicit block-diagonal causal mask), and RoPE positions
+count from 0 at each document's start. Their BOS positions cover fpdt's edge cases at
+32 tokens in chunks of 8 on 2 or 4 ranks: a first document that crosses a rank boundary,
+a document starting exactly at a chunk boundary (8) that is one token long, one that spans a
+chunk boundary and several ranks (9..20), and a BOS as the last token (31).
+
 Rerun (needs only torch):  python3 test/make_reference.py --out test/fixtures
 """
 import argparse
@@ -33,6 +41,10 @@ CONFIGS = {
                      ffn_hidden=256, vocab=260, seq=32, rope_theta=10000.0,
                      norm_eps=1e-5, seed=5678),
 }
+BOS = 256  # data/data.h: TOK_BOS
+DOC_BOS = [5, 8, 9, 21, 31]
+CONFIGS["llama_docs"] = dict(CONFIGS["llama_tiny"], seed=4321, docs=True)
+CONFIGS["gpt_docs"] = dict(CONFIGS["gpt_tiny"], seed=8765, docs=True)
 
 
 def param_shapes(c):
@@ -85,26 +97,27 @@ def linear(x, w, b=None):
     return y if b is None else y + b
 
 
-def rope(x, theta):
+def rope(x, theta, pos):
     """x: (T, H, D); interleaved pairs (2i, 2i+1) rotate by pos * theta^(-2i/D)."""
     T, _, D = x.shape
     inv = theta ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)      # (D/2,)
-    ang = torch.arange(T, dtype=torch.float64)[:, None] * inv[None, :]    # (T, D/2)
+    ang = pos.to(torch.float64)[:, None] * inv[None, :]                  # (T, D/2)
     cos, sin = torch.cos(ang)[:, None, :], torch.sin(ang)[:, None, :]
     x0, x1 = x[..., 0::2], x[..., 1::2]
     return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).reshape(x.shape)
 
 
-def attention(q, k, v):
-    """q: (T, Hq, D), k/v: (T, Hkv, D); causal, GQA: q head h uses kv head h // (Hq/Hkv)."""
+def attention(q, k, v, doc):
+    """q: (T, Hq, D), k/v: (T, Hkv, D); causal within each document (doc: (T,) document index),
+    GQA: q head h uses kv head h // (Hq/Hkv)."""
     T, Hq, D = q.shape
     rep = Hq // k.shape[1]
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # (H, T, D)
     s = (q @ k.transpose(1, 2)) / math.sqrt(D)
-    mask = torch.ones(T, T, dtype=torch.bool).triu(1)
+    mask = torch.ones(T, T, dtype=torch.bool).triu(1) | (doc[:, None] != doc[None, :])  # True: not seen
     p = torch.softmax(s.masked_fill(mask, float("-inf")), dim=-1)
-    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=~mask)
     out = p @ v
     assert torch.allclose(out, ref, atol=1e-10)
     return out.transpose(0, 1).reshape(T, Hq * D)
@@ -114,10 +127,24 @@ def gelu_tanh(x):
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
 
 
+def documents(c, tokens):
+    """(T,) document index and (T,) RoPE position of every token: one document unless the
+    config is a packed one, where a document starts at every BOS and at the first token."""
+    T = c["seq"]
+    if not c.get("docs"):
+        return torch.zeros(T, dtype=torch.long), torch.arange(T)
+    starts = (tokens == BOS).clone()
+    starts[0] = True
+    doc = torch.cumsum(starts.long(), 0) - 1
+    first = torch.tensor([max(s for s in range(t + 1) if starts[s]) for t in range(T)])
+    return doc, torch.arange(T) - first
+
+
 def forward(c, P, tokens, targets):
     gpt = c["family"] == GPT
     Hq, Hkv, d, F = c["n_head"], c["n_kv_head"], c["d_model"], c["ffn_hidden"]
     D, T, eps = d // Hq, c["seq"], c["norm_eps"]
+    doc, pos = documents(c, tokens)
     g = lambda n: P.get(n)  # None for params the family lacks (biases in llama)
     x = P["wte"][tokens]
     for l in range(c["n_layer"]):
@@ -127,7 +154,7 @@ def forward(c, P, tokens, targets):
         q = qkv[:, :Hq * D].reshape(T, Hq, D)
         k = qkv[:, Hq * D:(Hq + Hkv) * D].reshape(T, Hkv, D)
         v = qkv[:, (Hq + Hkv) * D:].reshape(T, Hkv, D)
-        a = attention(rope(q, c["rope_theta"]), rope(k, c["rope_theta"]), v)
+        a = attention(rope(q, c["rope_theta"], pos), rope(k, c["rope_theta"], pos), v, doc)
         x = x + linear(a, g(p + "o_w"), g(p + "o_b"))
         h2 = norm(x, g(p + "ln2_w"), g(p + "ln2_b"), eps)
         if gpt:
@@ -157,6 +184,9 @@ def make(name, c, out_dir):
     P = init_params(c, gen)
     tokens = torch.randint(0, c["vocab"], (c["seq"],), generator=gen)
     targets = torch.randint(0, c["vocab"], (c["seq"],), generator=gen)
+    if c.get("docs"):  # bytes, and BOS exactly where DOC_BOS says
+        tokens = torch.randint(0, BOS, (c["seq"],), generator=gen)
+        tokens[DOC_BOS] = BOS
     logits, loss = forward(c, P, tokens, targets)
     loss.backward()
 
@@ -168,6 +198,8 @@ def make(name, c, out_dir):
         record(f, "config_f", torch.tensor([c["rope_theta"], c["norm_eps"]]), False)
         record(f, "tokens", tokens, True)
         record(f, "targets", targets, True)
+        if c.get("docs"):
+            record(f, "doc_starts", torch.tensor(sorted({0} | set(DOC_BOS))), True)
         for n in P:
             record(f, "param." + n, P[n], False)
         record(f, "logits", logits, False)

@@ -7,6 +7,8 @@
 // not do.
 #include <gtest/gtest.h>
 #include "schedule.h"
+#include "test/reference.h"
+#include "test/testutil.h"
 
 static void check_layout(const char* name, bool b16) {
     const Comm& cm = comm_world();
@@ -49,6 +51,29 @@ TEST(Ulysses, LayoutRoundTripsLlamaGQA) { check_layout("tiny", false); }
 TEST(Ulysses, LayoutRoundTripsGpt) { check_layout("gpt-tiny", false); }
 TEST(Ulysses, LayoutRoundTripsLlamaGQAOnABf16Wire) { check_layout("tiny", true); }
 TEST(Ulysses, LayoutRoundTripsGptOnABf16Wire) { check_layout("gpt-tiny", true); }
+
+// Packed documents across real ranks (this job's P = 2 or 4): the PyTorch fixture's loss and every
+// gradient (summed over the ranks), in chunks of 8 (rank slices of 4 or 2 tokens: the documents
+// cross rank and chunk boundaries), offloaded or not, within test_model.cpp's fp32 bound. Every
+// rank finds the BOS tokens among its own tokens; the all-gather gives each the same starts.
+static void check_docs(const char* file) {
+    const Comm& cm = comm_world();
+    Loaded L = load(file);
+    const float ref = L.fx.find("loss")->f[0];
+    for (bool off : {false, true}) {
+        Model M;
+        build(&M, L, 8, off, 0, false, 256, cm.size, cm.rank);
+        EXPECT_NEAR(model_forward_backward(&M, true), ref, 1e-4 * fabs(ref)) << "offload " << off;
+        comm_allreduce(M.grads, M.n_padded);
+        for (const ParamInfo& p : M.table)
+            EXPECT_LT(rel_err(M.grads + p.offset, L.fx.find("grad." + p.name)->f.data(), p.numel()), 1e-4)
+                << p.name << ", offload " << off;
+        EXPECT_EQ(M.doc_starts, L.fx.find("doc_starts")->i);
+        model_free(&M);
+    }
+}
+TEST(Docs, LlamaMatchesTheFixtureAcrossRanks) { check_docs("ref_llama_docs.bin"); }
+TEST(Docs, GptMatchesTheFixtureAcrossRanks) { check_docs("ref_gpt_docs.bin"); }
 
 int main(int argc, char** argv) {
     ::testing::InitGoogleTest(&argc, argv);

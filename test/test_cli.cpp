@@ -72,7 +72,7 @@ TEST(Checkpoint, ResumeNeedsTheSameSteps) {
     EXPECT_NE(r.out.find("was made with total_steps 6, this run has 8 (--steps"), std::string::npos) << r.out;
 }
 
-// --resume checks what the checkpoint was made with: a different --seq, --data, --seed or model
+// --resume checks what the checkpoint was made with: a different --seq, --data, --doc-mask, --seed or model
 // changes what every step computes, and is refused naming the field, the old and the new value.
 // A checkpoint past --steps is refused too.
 TEST(Checkpoint, ResumeRefusesAnotherIdentity) {
@@ -88,6 +88,7 @@ TEST(Checkpoint, ResumeRefusesAnotherIdentity) {
              {"--seq 128 --steps 6 --data " + d + "/a.txt", "was made with data.seq 64, this run has 128 (--seq"},
              {"--seq 64 --steps 6 --data " + d + "/b.txt", "was made with data.source files 1: a.txt 3000 "},
              {"--seq 64 --steps 6 --seed 1 --data " + d + "/a.txt", "was made with seed 1337, this run has 1 (--seed"},
+             {"--seq 64 --steps 6 --doc-mask 0 --data " + d + "/a.txt", "| doc-mask bos 256, this run has files 1"},
              {"--seq 64 --steps 2 --data " + d + "/a.txt", "is at step 3, past --steps 2"},
          }) {
         Out r = run(TINY + c.args + " --resume" + out);

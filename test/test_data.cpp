@@ -679,6 +679,53 @@ TEST(Passkey, Errors) {
     EXPECT_HAS(e, "256");
 }
 
+// passkey:docs: independent documents, each BOS first (and nowhere else), its key inside it and
+// its question at its end; a rank's sub-range read is the slice of the whole; bad specs are one line.
+TEST(PasskeyDocs, DocumentsKeysAndQuestions) {
+    std::mt19937_64 rng(test_seed() + 9);
+    for (size_t seq : {32, 300, 4096})
+        for (size_t mean : {20, 100, 1024}) {
+            std::string err;
+            std::unique_ptr<DataSource> d(data_open("passkey:docs:" + std::to_string(mean), BYTE_VOCAB, seq, test_seed(), &err));
+            ASSERT_TRUE(d) << err;
+            check_subranges(d.get(), seq, &rng, 50, 0);
+            PasskeyDocs* pd = (PasskeyDocs*)d.get();
+            for (uint64_t k = 0; k < 20; k++) {
+                std::vector<int32_t> x = read_all(d.get(), k, seq);
+                std::vector<PasskeyDocs::Doc> docs = pd->plan(k);
+                size_t covered = 0, bos = 0;
+                for (const PasskeyDocs::Doc& doc : docs) {
+                    ASSERT_EQ(doc.start, covered);
+                    covered += doc.len;
+                    ASSERT_EQ(x[doc.start], TOK_BOS);
+                    if (docs.size() > 1) {
+                        ASSERT_GE(doc.len, PasskeyDocs::MIN_LEN);
+                    }
+                    if (doc.len < PasskeyDocs::MIN_LEN) continue;
+                    ASSERT_EQ(x[doc.key], TOK_KEY);
+                    const size_t q = doc.start + doc.len - 10;  // TOK_QUERY k1 < k2 = k3 > k4 @ k5
+                    ASSERT_EQ(x[q], TOK_QUERY);
+                    for (int s = 1; s <= 5; s++) ASSERT_EQ(x[doc.key + s], x[q + 2 * s - 1]);
+                }
+                for (int32_t t : x) bos += t == TOK_BOS;
+                ASSERT_EQ(covered, seq + 1);
+                ASSERT_EQ(bos, docs.size());
+                std::vector<size_t> pos, dist;
+                ASSERT_TRUE(d->answer(k, &pos, &dist));
+                for (size_t a = 0; a < pos.size(); a++) {  // symbol k's answer is the key's symbol k
+                    const size_t k = a % 5, q = pos[a] - 2 * k - 1;
+                    ASSERT_EQ(x[pos[a]], x[q - dist[a] + 1 + k]);
+                }
+                if (seq >= 2 * mean && mean >= 100) {
+                    EXPECT_GT(docs.size(), 1u);
+                }
+            }
+        }
+    EXPECT_HAS(open_error("passkey:docs:8", BYTE_VOCAB, 64), "N >= 20");
+    EXPECT_HAS(open_error("passkey:docsx", BYTE_VOCAB, 64), "passkey:docs:N");
+    EXPECT_HAS(open_error("passkey:docs:", BYTE_VOCAB, 64), "passkey:docs:N");
+}
+
 // A shard rewritten under a running job with ids the model cannot take is an error naming the
 // file and the step, not an out-of-range embedding row; the identity names the file, its size
 // and a fingerprint that changes with its bytes.
@@ -756,7 +803,9 @@ TEST(Needle, InTextWindows) {
             for (size_t j = 1; j <= 5; j++) {
                 EXPECT_EQ(x[key + j], x[query + 2 * j - 1]);
                 EXPECT_EQ(passkey_alphabet(x[key + j]), (int)j - 1);
-                if (j > 1) EXPECT_EQ(x[query + 2 * j - 2], (int32_t)PASSKEY_MARKS[j - 1]);
+                if (j > 1) {
+                    EXPECT_EQ(x[query + 2 * j - 2], (int32_t)PASSKEY_MARKS[j - 1]);
+                }
             }
             for (size_t i = 0; i <= seq; i++) {  // the text elsewhere is the window's own
                 if ((i < key || i >= key + 6) && i < query) {

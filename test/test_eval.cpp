@@ -92,6 +92,20 @@ TEST(Eval, GivesTrainsEvaluationAndBucketsAverageToTheMean) {
     EXPECT_NE(ev.out.find("the end, which training (from the start) reads last"), std::string::npos) << ev.out;
 }
 
+// Packed documents: eval masks attention between documents as train does (on by default for
+// passkey:docs and files), so it gives train's final evaluation; --doc-mask 0 gives another loss.
+TEST(Eval, PackedDocumentsAsTrainMasksThem) {
+    const std::string d = tmpdir(), data = " --data passkey:docs:24 --chunk-size 32 --eval-seqs 2";
+    Out tr = run("./fpdt train --device cpu --model tiny --seq 128 --steps 2 --eval-every 2 --out " + d + data);
+    ASSERT_EQ(tr.rc, 0) << tr.out;
+    Out ev = run(EVAL + "--init " + d + data), off = run(EVAL + "--init " + d + data + " --doc-mask 0");
+    ASSERT_EQ(ev.rc, 0) << ev.out;
+    ASSERT_EQ(off.rc, 0) << off.out;
+    EXPECT_NE(ev.out.find("doc-mask 1: attention within documents"), std::string::npos) << ev.out;
+    EXPECT_EQ(eval_tail(ev.out, "eval | seq 128"), eval_tail(tr.out, "eval step 2 ")) << tr.out << ev.out;
+    EXPECT_NE(number_after(off.out, "| loss "), number_after(ev.out, "| loss ")) << off.out;
+}
+
 // mpirun -np 2 ./fpdt eval prints one process's numbers (each rank holds half of every chunk).
 TEST(Eval, TwoRanksEqualOne) {
     const Trained& t = trained();

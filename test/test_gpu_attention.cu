@@ -140,6 +140,47 @@ TEST_F(Gpu, AttentionBackward) {
     }
 }
 
+// Packed documents: the kernels take the CPU functions' document starts (qdoc, k0) and agree with
+// them, forward and backward, on a diagonal block (documents of 1 to 32 tokens, one starting on
+// the last row) and on an earlier kv chunk that only the first documents of the queries reach.
+TEST_F(Gpu, AttentionDocMask) {
+    Rng r{107};
+    const size_t T = 100;
+    const int Hq = 4, Hkv = 2, D = 64;
+    std::vector<int32_t> diag(T), past(T);
+    const int starts[] = {0, 5, 37, 38, 70, 99};
+    for (size_t t = 0; t < T; t++) {
+        for (int s : starts)
+            if ((size_t)s <= t) diag[t] = s;
+        past[t] = t < 20 ? 60 : t < 50 ? 120 : 150;  // query chunk at 100..199, keys at 0..99
+    }
+    for (int causal : {1, 0}) {
+        SCOPED_TRACE(causal);
+        const std::vector<int32_t>& qdoc = causal ? diag : past;
+        const size_t nq = T * Hq * D, nk = T * Hkv * D;
+        const vf q = randn(&r, nq), k = randn(&r, nk), v = randn(&r, nk), dout = randn(&r, nq);
+        vf o(nq, 0.0f), lse(T * Hq, -INFINITY), delta(T * Hq);
+        if (!causal) lse = randn(&r, T * Hq, 0.1f, 3.0f);  // as if earlier blocks had been merged
+        DevBuf<float> go(o), gl(lse);
+        DevBuf<int32_t> gdoc(qdoc);
+        DevBuf<float> gq(q), gk(k), gv(v);
+        attention_forward_gpu(0, go.p, gl.p, gq.p, gk.p, gv.p, T, T, Hq, Hkv, D, causal, gdoc.p, 0);
+        attention_forward_cpu(o.data(), lse.data(), q.data(), k.data(), v.data(), T, T, Hq, Hkv, D, causal, qdoc.data(), 0);
+        EXPECT_LT(rel_err(go.get(), o), kTol);
+        EXPECT_LT(rel_err(gl.get(), lse), kTol);
+        attention_delta_cpu(delta.data(), dout.data(), o.data(), T, Hq, D);
+        vf dq = randn(&r, nq, 0.1f), dk = randn(&r, nk, 0.1f), dv = randn(&r, nk, 0.1f);
+        DevBuf<float> gdo(dout), gls(lse), gdl(delta), gdq(dq), gdk(dk), gdv(dv);
+        attention_backward_gpu(0, gdq.p, gdk.p, gdv.p, gdo.p, gq.p, gk.p, gv.p, gls.p, gdl.p, T, T, Hq, Hkv, D, causal,
+                               gdoc.p, 0);
+        attention_backward_cpu(dq.data(), dk.data(), dv.data(), dout.data(), q.data(), k.data(), v.data(), lse.data(),
+                               delta.data(), T, T, Hq, Hkv, D, causal, qdoc.data(), 0);
+        EXPECT_LT(rel_err(gdq.get(), dq), kTol);
+        EXPECT_LT(rel_err(gdk.get(), dk), kTol);
+        EXPECT_LT(rel_err(gdv.get(), dv), kTol);
+    }
+}
+
 // ----------------------------------------------------------------------------
 // Loss and optimizer
 

@@ -3,46 +3,9 @@
 #include <gtest/gtest.h>
 #include <cmath>
 #include "schedule.h"
-#include "test/fixture.h"
+#include "data/data.h"
+#include "test/reference.h"
 #include "test/testutil.h"
-
-static std::string repo() {
-    const char* r = getenv("FPDT_REPO");
-    return r ? r : ".";
-}
-
-struct Loaded {
-    Fixture fx;
-    Config cfg;
-    size_t seq;
-};
-
-static Loaded load(const char* file) {
-    Loaded L;
-    std::string err;
-    EXPECT_TRUE(fixture_load(repo() + "/test/fixtures/" + file, &L.fx, &err)) << err;
-    const FixtureTensor* c = L.fx.find("config");
-    const FixtureTensor* cf = L.fx.find("config_f");
-    const std::vector<int32_t>& v = c->i;
-    L.cfg = Config{"", v[0], v[1], v[2], v[3], v[4], v[5], v[6], cf->f[0], cf->f[1], ""};
-    snprintf(L.cfg.name, sizeof L.cfg.name, "%s", file);
-    L.seq = v[7];
-    return L;
-}
-
-// Builds the model for one rank of a P = 1 run, with the fixture's weights and tokens.
-static void build(Model* M, const Loaded& L, size_t chunk, bool offload, size_t rows = 0, bool bf16 = false) {
-    RunCfg r;
-    r.seq = L.seq, r.chunk = chunk, r.offload = offload, r.head_rows = rows, r.mlp_rows = rows, r.bf16 = bf16;
-    model_create(M, L.cfg, r, false);
-    for (const ParamInfo& p : M->table) {
-        const FixtureTensor* t = L.fx.find("param." + p.name);
-        ASSERT_NE(t, nullptr) << p.name;
-        ASSERT_EQ(t->numel(), p.numel()) << p.name;
-        memcpy(M->params + p.offset, t->f.data(), p.numel() * 4);
-    }
-    model_set_token_arrays(M, L.fx.find("tokens")->i.data(), L.fx.find("targets")->i.data());
-}
 
 class Reference : public ::testing::TestWithParam<const char*> {};
 
@@ -149,6 +112,118 @@ TEST_P(Reference, Bf16OffloadIsExactAndChunkingWithinBf16Rounding) {
         model_free(&B);
     }
     model_free(&R);
+}
+
+// ----------------------------------------------------------------------------
+// Packed documents (--doc-mask 1) against PyTorch's dense attention with an explicit
+// block-diagonal causal mask and per-document RoPE positions (test/make_reference.py's *_docs
+// fixtures: BOS at 5, 8, 9, 21, 31 of 32 tokens). Unchunked, in 2 and 4 chunks (4: a document
+// starting exactly at chunk 1's first token, one token long, one spanning chunks 1 and 2), and
+// offloaded, all within the fp32 bound of LogitsLossAndEveryGradient. P = 2 and 4: mpi_layout.cpp.
+
+class Docs : public ::testing::TestWithParam<const char*> {};
+
+static void expect_matches_fixture(Model* M, const Loaded& L, double tol, const std::string& what) {
+    const float ref = L.fx.find("loss")->f[0];
+    std::vector<float> logits(L.seq * L.cfg.vocab);
+    M->logits_out = logits.data();
+    EXPECT_NEAR(model_forward_backward(M, true), ref, tol * fabs(ref)) << what;
+    EXPECT_LT(rel_err(logits.data(), L.fx.find("logits")->f.data(), logits.size()), tol) << what;
+    for (const ParamInfo& p : M->table)
+        EXPECT_LT(rel_err(M->grads + p.offset, L.fx.find("grad." + p.name)->f.data(), p.numel()), tol) << p.name << ", " << what;
+}
+
+TEST_P(Docs, EveryGradientUnchunkedChunkedAndOffloaded) {
+    fatal_throws();
+    Loaded L = load(GetParam());
+    for (int u : {1, 2, 4})
+        for (bool off : {false, true}) {
+            if (u == 1 && off) continue;
+            Model M;
+            build(&M, L, L.seq / u, off, 0, false, 256);
+            expect_matches_fixture(&M, L, 1e-4, std::to_string(u) + " chunks, offload " + std::to_string(off));
+            EXPECT_EQ(M.doc_starts, L.fx.find("doc_starts")->i);
+            if (u == 4) {
+                EXPECT_EQ(M.first_kv, std::vector<int>({0, 1, 1, 2}));  // 4 of the 10 blocks skipped
+            }
+            model_free(&M);
+        }
+}
+
+// bf16: within the bounds of Bf16IsFp32WithinBf16Rounding (3e-2 per gradient, 2e-3 the loss).
+TEST_P(Docs, Bf16ChunkedAndOffloadedWithinBf16Bounds) {
+    fatal_throws();
+    Loaded L = load(GetParam());
+    Model M;
+    build(&M, L, L.seq / 4, true, 3, true, 256);
+    const float ref = L.fx.find("loss")->f[0];
+    EXPECT_NEAR(model_forward_backward(&M, true), ref, 2e-3 * fabs(ref));
+    for (const ParamInfo& p : M.table)
+        EXPECT_LT(rel_err(M.grads + p.offset, L.fx.find("grad." + p.name)->f.data(), p.numel()), 3e-2) << p.name;
+    model_free(&M);
+}
+
+INSTANTIATE_TEST_SUITE_P(Families, Docs, ::testing::Values("ref_llama_docs.bin", "ref_gpt_docs.bin"));
+
+// No BOS inside the window (at most the first token): --doc-mask 1 is today's model, bit for bit,
+// whatever the chunking.
+TEST_P(Reference, DocMaskWithoutBosIsBitForBit) {
+    fatal_throws();
+    Loaded L = load(GetParam());
+    std::vector<int32_t> tok = L.fx.find("tokens")->i;
+    for (size_t t = 1; t < tok.size(); t++)
+        if (tok[t] == 256) tok[t] = 0;
+    tok[0] = 256;
+    for (int u : {1, 4}) {
+        Model A, B;
+        build(&A, L, L.seq / u, u > 1);
+        build(&B, L, L.seq / u, u > 1, 0, false, 256);
+        model_set_token_arrays(&A, tok.data(), L.fx.find("targets")->i.data());
+        model_set_token_arrays(&B, tok.data(), L.fx.find("targets")->i.data());
+        EXPECT_EQ(model_forward_backward(&A, true), model_forward_backward(&B, true)) << u << " chunks";
+        EXPECT_EQ(memcmp(A.grads, B.grads, A.n_padded * sizeof(float)), 0) << u << " chunks";
+        EXPECT_EQ(B.doc_starts, std::vector<int32_t>({0}));
+        model_free(&A);
+        model_free(&B);
+    }
+}
+
+// Nothing leaks between documents: packed passkey documents (data.h's passkey:docs), another key
+// and filler in one document leave every logit of every other document unchanged, bit for bit,
+// chunked and offloaded; without the mask the documents after it do change.
+TEST(Docs, NothingLeaksBetweenDocuments) {
+    fatal_throws();
+    const size_t S = 256;
+    PasskeyDocs data(7, S, 40);
+    std::vector<int32_t> a(S + 1), b;
+    data.read(3, 0, S + 1, a.data());
+    std::vector<PasskeyDocs::Doc> docs = data.plan(3);
+    ASSERT_GE(docs.size(), 4u);
+    const PasskeyDocs::Doc& d = docs[1];  // changed: every token of document 1 but its BOS
+    b = a;
+    for (size_t p = d.start + 1; p < d.start + d.len; p++) b[p] = (b[p] + 1) % 256;
+    for (int32_t bos : {256, -1}) {
+        RunCfg r;
+        r.seq = S, r.chunk = 64, r.offload = true, r.doc_bos = bos;
+        std::vector<float> la(S * 260), lb(S * 260);
+        for (int k = 0; k < 2; k++) {
+            Model M;
+            model_create(&M, *find_preset("tiny"), r, false);
+            model_init_params(&M, 5);
+            model_set_token_arrays(&M, (k ? b : a).data(), (k ? b : a).data() + 1);
+            M.logits_out = (k ? lb : la).data();
+            model_forward_backward(&M, false);
+            model_free(&M);
+        }
+        const size_t V = 260, end1 = d.start + d.len;
+        EXPECT_NE(memcmp(la.data() + d.start * V, lb.data() + d.start * V, d.len * V * 4), 0);  // document 1 changed
+        if (bos < 0) {
+            EXPECT_NE(memcmp(la.data() + end1 * V, lb.data() + end1 * V, (S - end1) * V * 4), 0) << "no mask: it leaks";
+            continue;
+        }
+        EXPECT_EQ(memcmp(la.data(), lb.data(), d.start * V * 4), 0) << "document 0";
+        EXPECT_EQ(memcmp(la.data() + end1 * V, lb.data() + end1 * V, (S - end1) * V * 4), 0) << "documents 2..";
+    }
 }
 
 // bf16 halves the offloaded layer inputs, q, k, v and dO on the host (the bytes that grow with

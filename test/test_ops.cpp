@@ -906,14 +906,21 @@ TEST(MatmulBlocked, TileEdgesInEveryVariant) {
 // attention_ref; the backward against the analytic gradients in double (the finite-difference
 // tests above pin those formulas on small blocks):
 //   P = e^(S - lse), dP = dO V^T, dS = P (dP - rowsum(dO O)), dq = scale dS K, dk = scale dS^T Q, dv = P^T dO.
-static void check_tiled_attention(int Tq, int Tk, int Hq, int Hkv, int D, bool causal, uint64_t seed) {
+// With packed documents (qdoc: each query's document start, k0: key 0's position; the header of
+// attention.cuh) query t sees key j only if k0 + j >= qdoc[t] as well; a row that sees no key
+// keeps its (o, lse) = (0, -inf) and gets no gradient.
+static void check_tiled_attention(int Tq, int Tk, int Hq, int Hkv, int D, bool causal, uint64_t seed,
+                                  const std::vector<int32_t>& qdoc = {}, size_t k0 = 0) {
     SCOPED_TRACE(::testing::Message() << "Tq=" << Tq << " Tk=" << Tk << " Hq=" << Hq << " Hkv=" << Hkv << " D=" << D
-                                      << " causal=" << causal);
+                                      << " causal=" << causal << " documents=" << !qdoc.empty());
     Rng r{seed};
     const vf q = randn(&r, (size_t)Tq * Hq * D), k = randn(&r, (size_t)Tk * Hkv * D),
              v = randn(&r, (size_t)Tk * Hkv * D), R = randn(&r, (size_t)Tq * Hq * D);
     const vd Q = widen(q), K = widen(k), V = widen(v);
-    const AttnRef f = attention_ref(Q, K, V, Tq, Tk, Hq, Hkv, D, causal ? kCausal : kFull);
+    const Mask see = [&](int t, int j) {
+        return (!causal || j <= t) && (qdoc.empty() || k0 + j >= (size_t)qdoc[t]);
+    };
+    const AttnRef f = attention_ref(Q, K, V, Tq, Tk, Hq, Hkv, D, see);
     const double scale = 1.0 / sqrt((double)D);
     vd dq_ref(q.size(), 0.0), dk_ref(k.size(), 0.0), dv_ref(v.size(), 0.0);
     for (int t = 0; t < Tq; t++)
@@ -923,7 +930,8 @@ static void check_tiled_attention(int Tq, int Tk, int Hq, int Hkv, int D, bool c
             const float* dor = &R[((size_t)t * Hq + h) * D];
             double delta = 0;
             for (int c = 0; c < D; c++) delta += (double)dor[c] * f.o[((size_t)t * Hq + h) * D + c];
-            for (int j = 0; j < (causal ? t + 1 : Tk); j++) {
+            for (int j = 0; j < Tk; j++) {
+                if (!see(t, j)) continue;
                 const double* kr = &K[((size_t)j * Hkv + hk) * D];
                 const double* vr = &V[((size_t)j * Hkv + hk) * D];
                 double s = 0, dp = 0;
@@ -939,13 +947,19 @@ static void check_tiled_attention(int Tq, int Tk, int Hq, int Hkv, int D, bool c
     const vf dq0 = randn(&r, q.size()), dk0 = randn(&r, k.size()), dv0 = randn(&r, v.size());
     for_each_simd_level([&] {
         vf o(q.size(), 0.0f), lse((size_t)Tq * Hq, -INFINITY), delta((size_t)Tq * Hq);
-        attention_forward_cpu(o.data(), lse.data(), q.data(), k.data(), v.data(), Tq, Tk, Hq, Hkv, D, causal);
+        const int32_t* docs = qdoc.empty() ? nullptr : qdoc.data();
+        attention_forward_cpu(o.data(), lse.data(), q.data(), k.data(), v.data(), Tq, Tk, Hq, Hkv, D, causal, docs, k0);
         EXPECT_LT(rel_err(o, f.o), kFwd);
-        EXPECT_LT(rel_err(lse, f.lse), kFwd);
+        auto finite = [](auto x) {  // -inf (rows that see no key) as 0
+            for (auto& e : x) e = std::isinf(e) ? 0 : e;
+            return x;
+        };
+        EXPECT_EQ(std::count(lse.begin(), lse.end(), -INFINITY), std::count(f.lse.begin(), f.lse.end(), -INFINITY));
+        EXPECT_LT(rel_err(finite(lse), finite(f.lse)), kFwd);
         attention_delta_cpu(delta.data(), R.data(), o.data(), Tq, Hq, D);
         vf dq = dq0, dk = dk0, dv = dv0;
         attention_backward_cpu(dq.data(), dk.data(), dv.data(), R.data(), q.data(), k.data(), v.data(), lse.data(),
-                               delta.data(), Tq, Tk, Hq, Hkv, D, causal);
+                               delta.data(), Tq, Tk, Hq, Hkv, D, causal, docs, k0);
         EXPECT_LT(rel_err(added(dq, dq0), dq_ref), 1e-5);
         EXPECT_LT(rel_err(added(dk, dk0), dk_ref), 1e-5);
         EXPECT_LT(rel_err(added(dv, dv0), dv_ref), 1e-5);
@@ -961,6 +975,27 @@ TEST(AttentionTiled, TileEdgesInEveryVariant) {
     check_tiled_attention(101, 101, 2, 1, 40, true, 1006);  // D between register widths
     check_tiled_attention(73, 129, 2, 2, 33, false, 1007);  // odd D, Tq != Tk
     check_tiled_attention(581, 581, 2, 1, 4, true, 1008);   // 10-13 key tiles: groups of dq take two
+}
+
+// Packed documents (qdoc, k0) over several tiles: whole key tiles skipped (forward) and query
+// tiles (backward), the mask inside the tiles that straddle a document's start.
+static std::vector<int32_t> doc_of_each(size_t t0, size_t n, const std::vector<int32_t>& starts) {
+    std::vector<int32_t> qdoc(n);
+    for (size_t t = 0; t < n; t++)
+        for (int32_t s : starts)
+            if ((size_t)s <= t0 + t) qdoc[t] = s;
+    return qdoc;
+}
+TEST(AttentionTiled, PackedDocumentsInEveryVariant) {
+    // the diagonal block: a one-token document (1), starts on a tile boundary of 48 and of 64
+    // (144, 192), a BOS as the last token (299)
+    check_tiled_attention(300, 300, 2, 1, 8, true, 1011, doc_of_each(0, 300, {0, 1, 70, 144, 192, 299}));
+    // queries 300 .. 449 against earlier keys 100 .. 299: rows of a document that starts at 180
+    // (first key 80: a whole key tile skipped), rows that see no key here (from 340 on), and keys
+    // 100 .. 179 that no query sees
+    check_tiled_attention(150, 200, 2, 2, 16, false, 1012, doc_of_each(300, 150, {0, 180, 340, 400}), 100);
+    // no document starts inside: equal to no mask
+    check_tiled_attention(131, 131, 4, 2, 2, true, 1013, doc_of_each(0, 131, {0}));
 }
 
 // Every instruction set below the one this CPU runs (FPDT_CPU_SIMD caps it, ops.cuh) passes the

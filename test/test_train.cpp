@@ -138,3 +138,52 @@ TEST(Defaults, TheDefaultRunIsChunkedAndOffloaded) {
     EXPECT_NE(r.out.find("--start-seq"), std::string::npos);
     EXPECT_NE(r.out.find("--log-every"), std::string::npos);
 }
+
+// --doc-mask 1 on data without a BOS inside the window (one text file) prints the losses of --doc-mask 0 to the last digit, and its step
+// lines report one document and no block skipped.
+TEST(DocMask, WithoutBosInTheWindowEqualsOff) {
+    const std::string d = tmpdir(), text = d + "/one.txt";
+    std::ofstream(text) << std::string(3000, 'a') + "the quick brown fox jumps over the lazy dog. " + std::string(500, 'z');
+    for (const std::string& data : {text}) {
+        const std::string args = TINY + "--seq 64 --chunk-size 16 --steps 3 --data " + data;
+        Out off = run(args + " --doc-mask 0"), on = run(args + " --doc-mask 1");
+        ASSERT_EQ(off.rc, 0) << off.out;
+        ASSERT_EQ(on.rc, 0) << on.out;
+        EXPECT_EQ(loss_lines(on.out), loss_lines(off.out)) << on.out << off.out;
+        EXPECT_EQ(loss_lines(on.out).size(), 3u);
+        EXPECT_NE(on.out.find("| docs 1, mean 64 tok, 0.0% of blocks skipped"), std::string::npos) << on.out;
+        EXPECT_EQ(off.out.find("| docs "), std::string::npos) << off.out;
+    }
+}
+
+// Packed passkey documents: on by default, the step lines report the documents and the blocks
+// skipped, and two ranks (each finding the BOS tokens among its own, then sharing them) print
+// the losses of one; the trace marks the skipped blocks, and the planner counts them for
+// documents of one length. A bad spec is one line.
+TEST(DocMask, PackedDocumentsSkipBlocksAndRanksAgree) {
+    const std::string args = TINY + "--seq 256 --chunk-size 32 --steps 2 --data passkey:docs:24", d = tmpdir();
+    Out one = run("OMP_NUM_THREADS=1 " + args + " --trace " + d + "/t.json"), two = run(mpi(2) + args);
+    ASSERT_EQ(one.rc, 0) << one.out;
+    ASSERT_EQ(two.rc, 0) << two.out;
+    EXPECT_NE(one.out.find("doc-mask 1: attention within documents"), std::string::npos) << one.out;
+    const double skipped = number_after(one.out, "tok, ");
+    EXPECT_GT(skipped, 40.0) << one.out;  // documents of ~24 tokens in chunks of 32: most of the 36 blocks
+    std::vector<double> l1 = losses(one.out), l2 = losses(two.out);
+    ASSERT_EQ(l1.size(), 2u);
+    ASSERT_EQ(l2.size(), 2u) << two.out;
+    for (int i = 0; i < 2; i++) EXPECT_NEAR(l2[i], l1[i], 1e-5 * l1[i]) << "step " << i + 1;
+    std::ifstream tf(d + "/t.json");
+    const std::string trace((std::istreambuf_iterator<char>(tf)), std::istreambuf_iterator<char>());
+    EXPECT_NE(trace.find("\"attention block skipped\""), std::string::npos);
+    Out plan = run("./fpdt plan --model tiny --seq 16384 --chunk-size 2048 --doc-len 1024");
+    EXPECT_NE(plan.out.find("documents of 1024 tokens (--doc-mask 1): 28 of 36 attention blocks skipped"), std::string::npos)
+        << plan.out;
+    Out bad = run(TINY + "--seq 64 --steps 1 --data passkey:docs:x");
+    EXPECT_NE(bad.rc, 0);
+    EXPECT_NE(bad.out.find("passkey:docs:N"), std::string::npos) << bad.out;
+    EXPECT_EQ(count_lines(bad.out), 1) << bad.out;
+    bad = run(TINY + "--seq 64 --steps 1 --doc-bos 5");  // passkey: the mask is off
+    EXPECT_NE(bad.rc, 0);
+    EXPECT_NE(bad.out.find("--doc-bos names the token that starts a document: it needs --doc-mask 1"), std::string::npos) << bad.out;
+    EXPECT_EQ(count_lines(bad.out), 1) << bad.out;
+}
