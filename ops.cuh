@@ -217,7 +217,12 @@ static inline double cpu_peak_flops(double seconds) {
 // (tiles split the outputs, never k).
 //
 // The loops are compiled once per instruction set (CPU_SIMD_VARIANTS below).
-static const int GEMM_MC = 96, GEMM_NC = 128, GEMM_KC = 256;
+// Blocking: a tile's A block (GEMM_MC x GEMM_KC, 48 KiB) stays in L2 while its B micro-panels
+// (GEMM_KC x NR, 16-32 KiB) pass through L1 one at a time. Tiles are wide (GEMM_NC = 1024
+// columns: all of them for every matmul of the `medium` model but the MLP's up projection), so a
+// tile's A rows are read (or, transposed or bf16, packed) once per slice of k, not once per 128
+// columns: the weight gradients, A = dout^T packed, ran 10-15% faster so (AVX2 and AVX-512).
+static const int GEMM_MC = 48, GEMM_NC = 1024, GEMM_KC = 256;
 
 // dst (kc, R) k-major = rows [0, rows) of src (element (r, k) at src[r rs + k cs]), zero rows to R
 // (read along whichever of r and k is contiguous in src)
@@ -327,7 +332,8 @@ static inline void gemm_cpu(float* c, size_t ldc, const X* a, size_t rsa, size_t
     const size_t tm = (M + mc - 1) / mc;  // tiles down
 #pragma omp parallel
     {
-        std::vector<float> ap((size_t)GEMM_MC * GEMM_KC), bp((size_t)GEMM_KC * GEMM_NC);  // this thread's panels
+        // this thread's panels, kept from call to call: no allocation, zeroing or page faults per matmul
+        static thread_local std::vector<float> ap((size_t)GEMM_MC * GEMM_KC), bp((size_t)GEMM_KC * GEMM_NC);
         for (size_t k0 = 0; k0 < K; k0 += GEMM_KC) {
             const int kc = (int)std::min<size_t>(GEMM_KC, K - k0);
             size_t packed_n0 = SIZE_MAX;  // the columns whose B panel bp holds for this slice
