@@ -249,14 +249,17 @@ static inline __attribute__((always_inline)) float cpu_exp(float x) {
 static const int GEMM_MC = 48, GEMM_NC = 1024, GEMM_KC = 256;
 
 // dst (kc, R) k-major = rows [0, rows) of src (element (r, k) at src[r rs + k cs]), zero rows to R
-// (read along whichever of r and k is contiguous in src)
-template <typename X>
-static inline void gemm_pack(float* __restrict dst, const X* __restrict src, size_t rs, size_t cs, int rows, int R,
-                             int kc) {
+// (read along whichever of r and k is contiguous in src). R is a template argument so that a whole
+// panel's R values per k are copied inline (with rs == 1 the compiler made them a memcpy call).
+template <int R, typename X>
+static inline void gemm_pack(float* __restrict dst, const X* __restrict src, size_t rs, size_t cs, int rows, int kc) {
     if (rows < R) memset(dst, 0, (size_t)kc * R * sizeof(float));
     if (cs == 1)
         for (int r = 0; r < rows; r++)
             for (int k = 0; k < kc; k++) dst[k * R + r] = to_f32(src[r * rs + k]);
+    else if (rows == R)
+        for (int k = 0; k < kc; k++)
+            for (int r = 0; r < R; r++) dst[k * R + r] = to_f32(src[r * rs + k * cs]);
     else
         for (int k = 0; k < kc; k++)
             for (int r = 0; r < rows; r++) dst[k * R + r] = to_f32(src[r * rs + k * cs]);
@@ -296,11 +299,11 @@ static inline __attribute__((always_inline)) void gemm_tile(float* c, size_t ldc
     static_assert(GEMM_MC % MR == 0 && GEMM_NC % NR == 0, "tiles are whole micro-panels");
     if (pack_b)
         for (int j = 0; j < nc; j += NR)
-            gemm_pack(bpack + (size_t)j * kc, b + k0 * rsb + (n0 + j) * csb, csb, rsb, std::min(NR, nc - j), NR, kc);
+            gemm_pack<NR>(bpack + (size_t)j * kc, b + k0 * rsb + (n0 + j) * csb, csb, rsb, std::min(NR, nc - j), kc);
     const bool a_in_place = std::is_same<X, float>::value && csa == 1;
     for (int i = 0; i < mc; i += MR)
         if (!a_in_place || mc - i < MR)
-            gemm_pack(apack + (size_t)i * kc, a + (m0 + i) * rsa + k0 * csa, rsa, csa, std::min(MR, mc - i), MR, kc);
+            gemm_pack<MR>(apack + (size_t)i * kc, a + (m0 + i) * rsa + k0 * csa, rsa, csa, std::min(MR, mc - i), kc);
     for (int j = 0; j < nc; j += NR)  // a B micro-panel stays in L1 while the A panels stream past
         for (int i = 0; i < mc; i += MR) {
             float* ct = c + (m0 + i) * ldc + n0 + j;
