@@ -58,29 +58,10 @@ struct AttnCpu {
 static inline size_t attn_min_cpu(size_t a, size_t b) { return a < b ? a : b; }
 static inline int attn_round_up(int x, int m) { return (x + m - 1) / m * m; }
 
-// e^x in fp32 for the softmax loops, written so the compiler can vectorize it (libm's expf is a
-// call per element): e^x = 2^n e^f with n = round(x / ln 2) and f = x - n ln 2 in [-ln2/2, ln2/2]
-// (ln 2 in two parts, so f keeps its low bits), e^f by Cephes expf's polynomial (degree 7), and
-// 2^n put straight into the exponent bits. Within 2 ulp of e^x; 0 below -87.33 (where fp32 turns
-// subnormal), +inf above 88 (e^88 = 1.7e38, near fp32's largest), NaN for NaN. The softmax only
-// calls it on s - max s <= 0 and on s - lse, a few ulp above 0 at most.
-static inline __attribute__((always_inline)) float attn_exp(float x) {
-    const float lo = -87.33654f, hi = 88.0f;  // lo = ln 2^-126
-    const float xc = x < lo ? lo : (x > hi ? hi : x);
-    const float n = (xc * 1.44269504f + 12582912.0f) - 12582912.0f;  // round to nearest: + 1.5 * 2^23, back
-    const float f = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * f + 1.3981999507e-3f;
-    p = p * f + 8.3334519073e-3f;
-    p = p * f + 4.1665795894e-2f;
-    p = p * f + 1.6666665459e-1f;
-    p = p * f + 5.0000001201e-1f;
-    p = (p * f * f + f) + 1.0f;
-    const int bits = ((int)n + 127) << 23;  // 2^n, n in [-126, 127]
-    float two_n;
-    memcpy(&two_n, &bits, sizeof bits);
-    return x < lo ? 0.0f : (x > hi ? INFINITY : p * two_n);  // NaN fails both tests and stays NaN
-}
+// e^x for the softmax loops: ops.cuh's cpu_exp, which the compiler can vectorize (libm's expf is
+// a call per element). The softmax only calls it on s - max s <= 0 and on s - lse, a few ulp above
+// 0 at most.
+static inline __attribute__((always_inline)) float attn_exp(float x) { return cpu_exp(x); }
 
 // c (R, N) = [or +=] a (R, K) b (K, N); a's (r, k) at a[r ars + k aks], b's (k, n) at b[k ldb + n],
 // c's (r, n) at c[r ldc + n]. R a multiple of MR, N of NR: whole register blocks of ops.cuh's

@@ -1029,21 +1029,21 @@ TEST(SimdVariants, ReferenceTestsPassWithEachSetForced) {
 #endif
 }
 
-// attn_exp, the softmax's vectorizable e^x, against exp in double over its whole range (2
+// cpu_exp, the softmax's vectorizable e^x, against exp in double over its whole range (2
 // ulp), and its edges: 0 below ln 2^-126 and for -inf, +inf above 88 and for +inf, NaN for NaN.
 TEST(AttentionTiled, ExpWithinTwoUlp) {
     double worst = 0;
     for (int i = 0; i <= 2000000; i++) {
         const float x = -87.3f + (88.0f + 87.3f) * (float)i / 2000000.0f;
-        const double e = exp((double)x), got = attn_exp(x);
+        const double e = exp((double)x), got = cpu_exp(x);
         const double ulp = std::nextafter((float)e, INFINITY) - (float)e;
         worst = std::max(worst, fabs(got - e) / ulp);
     }
     EXPECT_LT(worst, 2.0);
-    for (float x : {-87.4f, -100.0f, -1e30f, -INFINITY}) EXPECT_EQ(attn_exp(x), 0.0f) << x;
-    for (float x : {88.01f, 1e30f, INFINITY}) EXPECT_EQ(attn_exp(x), INFINITY) << x;
-    EXPECT_TRUE(std::isnan(attn_exp(NAN)));
-    EXPECT_EQ(attn_exp(0.0f), 1.0f);
+    for (float x : {-87.4f, -100.0f, -1e30f, -INFINITY}) EXPECT_EQ(cpu_exp(x), 0.0f) << x;
+    for (float x : {88.01f, 1e30f, INFINITY}) EXPECT_EQ(cpu_exp(x), INFINITY) << x;
+    EXPECT_TRUE(std::isnan(cpu_exp(NAN)));
+    EXPECT_EQ(cpu_exp(0.0f), 1.0f);
 }
 
 // The GPU attention kernels' shared memory per block (attention.cuh) against what GPUs allow a
