@@ -707,12 +707,16 @@ static inline void gelu_backward_gpu(cudaStream_t stream, float* dinp, const flo
 }
 #endif
 
+// libm's expf, not cpu_exp: cpu_exp vectorizes these loops (about 1.5 ms less a call at medium's
+// 1024 x 1024) but moves the last bits, and the default run at seed 1337 then kept one passkey
+// symbol at chance (58.5% beyond a chunk, not 83%): its trajectory is that sensitive
+// (docs/default_run.md).
 static inline void swiglu_forward_cpu(float* out, const float* inp, size_t T, int F) {
 #pragma omp parallel for schedule(static)
     for (size_t t = 0; t < T; t++)
         for (int i = 0; i < F; i++) {
             const float g = inp[t * 2 * F + i], u = inp[t * 2 * F + F + i];
-            out[t * F + i] = g / (1.0f + cpu_exp(-g)) * u;
+            out[t * F + i] = g / (1.0f + expf(-g)) * u;
         }
 }
 #ifdef __CUDACC__
@@ -737,7 +741,7 @@ static inline void swiglu_backward_cpu(float* dinp, const float* inp, const floa
     for (size_t t = 0; t < T; t++)
         for (int i = 0; i < F; i++) {
             const float g = inp[t * 2 * F + i], u = inp[t * 2 * F + F + i], dy = dout[t * F + i];
-            const float sg = 1.0f / (1.0f + cpu_exp(-g));
+            const float sg = 1.0f / (1.0f + expf(-g));
             dinp[t * 2 * F + i] = dy * u * sg * (1.0f + g * (1.0f - sg));
             dinp[t * 2 * F + F + i] = dy * g * sg;
         }
