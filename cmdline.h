@@ -47,18 +47,25 @@ struct Args {
         return v;
     }
     bool flag01(const char* k, bool def) const { return integer(k, def, 0, 1) != 0; }
-    // A comma-separated list of whole numbers, each checked as integer() checks one ("64,1024").
-    std::vector<long long> integers(const char* k, const std::vector<long long>& def, long long lo, long long hi) const {
+    // A comma-separated list, each item checked as integer() or real() checks one ("64,1024").
+    template <typename T, typename One>
+    std::vector<T> list(const char* k, const std::vector<T>& def, One one_value) const {
         if (!has(k)) return def;
-        std::vector<long long> v;
+        std::vector<T> v;
         const std::string& s = kv.at(k);
         for (size_t i = 0;; i = s.find(',', i) + 1) {
             Args one;
             one.kv[k] = s.substr(i, s.find(',', i) - i);
-            v.push_back(one.integer(k, 0, lo, hi));
+            v.push_back(one_value(one));
             if (s.find(',', i) == std::string::npos) break;
         }
         return v;
+    }
+    std::vector<long long> integers(const char* k, const std::vector<long long>& def, long long lo, long long hi) const {
+        return list<long long>(k, def, [&](const Args& one) { return one.integer(k, 0, lo, hi); });
+    }
+    std::vector<double> reals(const char* k, const std::vector<double>& def, double lo, double hi) const {
+        return list<double>(k, def, [&](const Args& one) { return one.real(k, 0, lo, hi); });
     }
 };
 

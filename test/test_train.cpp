@@ -20,7 +20,7 @@ TEST(Curriculum, StartIsAShortRunAndTheMainPhaseContinuesIt) {
     ASSERT_EQ(lb.size(), 10u) << b.out;
     for (int i = 0; i < 8; i++) EXPECT_EQ(la[i], lb[i]) << "step " << i + 1;
     EXPECT_NE(la[8], lb[8]);  // from step 9 on the sequence is longer
-    EXPECT_NE(a.out.find("start: steps 1-8 at seq 64 (chunk 16: 4 chunks, offload on)"), std::string::npos) << a.out;
+    EXPECT_NE(a.out.find("start: steps 1-8 at seq 64 (chunk 16: 4 chunks, offload on, lr 0.003)"), std::string::npos) << a.out;
     EXPECT_NE(a.out.find("seq 64 -> 256 from step 9 | chunk 64 (4 chunks) | offload on"), std::string::npos) << a.out;
     // the main phase learns on from the start's weights: its loss is no fresh model's (~5.6)
     std::vector<double> l = losses(a.out);
@@ -54,8 +54,8 @@ TEST(Curriculum, StagesRunInTurn) {
     ASSERT_EQ(la.size(), 8u) << a.out;
     for (int i = 0; i < 3; i++) EXPECT_EQ(la[i], lb[i]) << "step " << i + 1;
     EXPECT_NE(la[3], lb[3]);  // from step 4 on the sequence is longer
-    EXPECT_NE(a.out.find("start: steps 1-3 at seq 32 (chunk 8: 4 chunks, offload on), steps 4-6 at seq 64 (chunk 16: 4 "
-                         "chunks, offload on), then seq 256 from step 7"),
+    EXPECT_NE(a.out.find("start: steps 1-3 at seq 32 (chunk 8: 4 chunks, offload on, lr 0.003), steps 4-6 at seq 64 (chunk "
+                         "16: 4 chunks, offload on, lr 0.003), then seq 256 from step 7"),
               std::string::npos) << a.out;
     EXPECT_NE(a.out.find("seq 32 -> 64 from step 4 | chunk 16 (4 chunks) | offload on"), std::string::npos) << a.out;
     EXPECT_NE(a.out.find("seq 64 -> 256 from step 7 | chunk 64 (4 chunks) | offload on"), std::string::npos) << a.out;
@@ -70,14 +70,43 @@ TEST(Curriculum, StagesRunInTurn) {
     // a stage that gets no steps is left out of the header, the switches and the identity
     Out skip = run(TINY + "--seq 256 --chunk-size 64 --start-seq 32,64,128 --start-steps 2,2,3 --steps 4 --seed 5");
     ASSERT_EQ(skip.rc, 0) << skip.out;
-    EXPECT_NE(skip.out.find("start: steps 1-2 at seq 32 (chunk 8: 4 chunks, offload on), steps 3-3 at seq 128 (chunk 32: 4 "
-                            "chunks, offload on), then seq 256 from step 4"),
+    EXPECT_NE(skip.out.find("start: steps 1-2 at seq 32 (chunk 8: 4 chunks, offload on, lr 0.003), steps 3-3 at seq 128 "
+                            "(chunk 32: 4 chunks, offload on, lr 0.003), then seq 256 from step 4"),
               std::string::npos) << skip.out;
     EXPECT_NE(skip.out.find("seq 32 -> 128 from step 3"), std::string::npos) << skip.out;
     // other stages are another run: --resume refuses the checkpoint, naming the start
     Out other = run(TINY + "--seq 256 --chunk-size 64 --start-seq 32,128 --start-steps 3,6 --steps 8 --seed 5 --resume --out " + d);
     EXPECT_NE(other.rc, 0);
     EXPECT_NE(other.out.find("start-seq 32 for 3 steps, 64 for 3 steps"), std::string::npos) << other.out;
+}
+
+// --start-lr: each stage trains at its own peak learning rate (after the warmup), the main phase at
+// --lr; the header names each; a resume may change them and says so; a wrong count is one line.
+TEST(Curriculum, EachStageAtItsLearningRate) {
+    const std::string args = TINY + "--seq 256 --chunk-size 64 --start-seq 32,64 --start-steps 2,4 --steps 6 --warmup 0 "
+                                    "--lr 3e-3 --log-every 1 --seed 6 ";
+    Out a = run(args + "--start-lr 1e-3,2e-3");
+    ASSERT_EQ(a.rc, 0) << a.out;
+    EXPECT_NE(a.out.find("steps 1-2 at seq 32 (chunk 8: 4 chunks, offload on, lr 0.001), steps 3-4 at seq 64 (chunk 16: 4 "
+                         "chunks, offload on, lr 0.002)"),
+              std::string::npos) << a.out;
+    const char* want[6] = {"lr 1.000e-03", "lr 1.000e-03", "lr 2.000e-03", "lr 2.000e-03", "lr 3.000e-03", "lr 3.000e-03"};
+    std::vector<std::string> steps;
+    for (size_t p = a.out.find("step 1/6"); p != std::string::npos; p = a.out.find("\nstep ", p + 1)) steps.push_back(a.out.substr(p, 80));
+    ASSERT_EQ(steps.size(), 6u) << a.out;
+    for (int k = 0; k < 6; k++) EXPECT_NE(steps[k].find(want[k]), std::string::npos) << steps[k];
+    // stopped in the first stage, resumed with other stage rates: the header names the change
+    const std::string d = tmpdir();
+    ASSERT_EQ(run(args + "--start-lr 1e-3,2e-3 --exit-after 1 --out " + d).rc, 0);
+    Out rest = run(args + "--start-lr 5e-4,2e-3 --resume --out " + d);
+    ASSERT_EQ(rest.rc, 0) << rest.out;
+    EXPECT_NE(rest.out.find("start-lr 0.001,0.002 -> 0.0005,0.002"), std::string::npos) << rest.out;
+    Out bad = run(args + "--start-lr 1e-3");
+    EXPECT_NE(bad.rc, 0);
+    EXPECT_NE(bad.out.find("--start-lr: 1 value for 2 --start-seq lengths"), std::string::npos) << bad.out;
+    EXPECT_EQ(count_lines(bad.out), 1) << bad.out;
+    bad = run(args + "--start-lr 1e-3,x");
+    EXPECT_NE(bad.out.find("--start-lr: 'x' is not a number"), std::string::npos) << bad.out;
 }
 
 TEST(Curriculum, BadStartIsOneLine) {
