@@ -708,9 +708,9 @@ static inline void gelu_backward_gpu(cudaStream_t stream, float* dinp, const flo
 #endif
 
 // libm's expf, not cpu_exp: cpu_exp vectorizes these loops (about 1.5 ms less a call at medium's
-// 1024 x 1024) but moves the last bits, and the default run at seed 1337 then kept one passkey
-// symbol at chance (58.5% beyond a chunk, not 83%): its trajectory is that sensitive
-// (docs/default_run.md).
+// 1024 x 1024) but moves the last bits, and the default run at seed 1337 (its 64-token stage then
+// at lr 3e-3) kept one passkey symbol at chance (58.5% beyond a chunk, not 83%): its trajectory
+// was that sensitive (docs/default_run.md).
 static inline void swiglu_forward_cpu(float* out, const float* inp, size_t T, int F) {
 #pragma omp parallel for schedule(static)
     for (size_t t = 0; t < T; t++)
