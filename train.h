@@ -297,6 +297,11 @@ static size_t stage_at(const Train* T, int step) {
     while (i < T->stages.size() && step >= T->stages[i].end) i++;
     return i;
 }
+// Whether step (0-based) is the last of a stage of the start.
+static bool ends_stage(const Train* T, int step) {
+    const size_t i = stage_at(T, step);
+    return i < T->stages.size() && step + 1 == T->stages[i].end;
+}
 static const RunCfg& shape_at(const Train* T, int step) {
     const size_t i = stage_at(T, step);
     return i < T->stages.size() ? T->stages[i].shape : T->r;
@@ -341,16 +346,21 @@ static void set_run_shape(Train* T) {
     for (size_t i = 0; i < seqs.size(); i++)
         if (seqs[i] == 0 || (i > 0 && seqs[i] <= seqs[i - 1]))
             fatal_all("--start-seq: '%s' (expected one length, or lengths that grow, each at least 1)", a.str("start-seq", "").c_str());
+    const bool cpu_default = !a.has("start-seq") && !gpu && !seqs.empty();  // the CPU default run's three stages
+    // --start-steps and --start-lr give one value per stage
+    auto one_per_stage = [&](const char* flag, size_t n, const char* each) {
+        if (n != seqs.size())
+            fatal_all("%s: %zu value%s for %zu --start-seq length%s (expected %s%s)", flag, n, n == 1 ? "" : "s", seqs.size(),
+                      seqs.size() == 1 ? "" : "s", each,
+                      a.has("start-seq") ? "" : gpu ? "; --start-seq is 4096 by default here" : "; --start-seq is 64,1024,2048 by default here");
+    };
     // the stages' last steps: one stage 95% of --steps; the default run's three 92%, 95% and 97%
     std::vector<long long> ends;
     if (seqs.size() == 1) ends = {T->steps * 95ll / 100};
-    if (!a.has("start-seq") && seqs.size() == 3) ends = {T->steps * 92ll / 100, T->steps * 95ll / 100, T->steps * 97ll / 100};
+    if (cpu_default) ends = {T->steps * 92ll / 100, T->steps * 95ll / 100, T->steps * 97ll / 100};
     ends = a.integers("start-steps", ends, 0, T->steps);
     if (a.has("start-steps") && ends == std::vector<long long>{0}) seqs.clear(), ends.clear();  // 0: no start
-    if (ends.size() != seqs.size())
-        fatal_all("--start-steps: %zu value%s for %zu --start-seq length%s (expected the last step of each%s)", ends.size(),
-                  ends.size() == 1 ? "" : "s", seqs.size(), seqs.size() == 1 ? "" : "s",
-                  a.has("start-seq") ? "" : gpu ? "; --start-seq is 4096 by default here" : "; --start-seq is 64,1024,2048 by default here");
+    one_per_stage("--start-steps", ends.size(), "the last step of each");
     for (size_t i = 1; i < ends.size(); i++)
         if (ends[i] < ends[i - 1]) fatal_all("--start-steps: '%s' (expected last steps that do not decrease)", a.str("start-steps", "").c_str());
     if (!(err = check_shape(T->cfg, r)).empty()) fatal_all("%s", err.c_str());
@@ -359,11 +369,9 @@ static void set_run_shape(Train* T) {
     // stage, where 3e-3 left one or two of the five passkey symbols unlearned in two seeds of
     // three and 1e-3 learned all five in each (docs/default_run.md)
     std::vector<double> lrs(seqs.size(), T->lr);
-    if (!a.has("start-seq") && !gpu && !lrs.empty()) lrs[0] = T->lr / 3;
+    if (cpu_default && !seqs.empty()) lrs[0] = T->lr / 3;
     lrs = a.reals("start-lr", lrs, 0, 10);
-    if (lrs.size() != seqs.size())
-        fatal_all("--start-lr: %zu value%s for %zu --start-seq length%s (expected the peak learning rate of each)", lrs.size(),
-                  lrs.size() == 1 ? "" : "s", seqs.size(), seqs.size() == 1 ? "" : "s");
+    one_per_stage("--start-lr", lrs.size(), "the peak learning rate of each");
     for (size_t i = 0; i < seqs.size(); i++) {
         if (ends[i] == (i ? ends[i - 1] : 0)) continue;  // a stage of no steps (short runs: --steps 20) is left out
         Train::Stage st;
@@ -603,13 +611,12 @@ static void log_step(Train* T, int step, const StepResult& s, int end) {
         if (T->step_s[i]) pace = T->step_s[i], paced_seq = seq;
         left_s += std::max(0, hi - std::max(lo, step + 1)) * pace * seq / paced_seq;
     }
-    const bool stage_end = now < n && step + 1 == T->stages[now].end;
     const int every = T->log_every ? T->log_every : auto_log_every(T->steps);
     char docs[96] = "";
     if (T->M.run.doc_bos >= 0)
         snprintf(docs, sizeof docs, " | docs %zu, mean %.0f tok, %.1f%% of blocks skipped", T->M.doc_starts.size(),
                  (double)T->M.run.seq / T->M.doc_starts.size(), 100 * docs_skipped_share(T->M.first_kv));
-    log_line(shown_step(step + 1, T->steps, every, !s.finite || stage_end || step + 1 == end),
+    log_line(shown_step(step + 1, T->steps, every, !s.finite || ends_stage(T, step) || step + 1 == end),
              "step %d/%d | loss %.6f | lr %.3e | norm %.6g | %.0f tok/s | %.1f ms/step | %s elapsed, %s left%s%s", step + 1,
              T->steps, s.loss, s.lr, s.norm, (double)T->M.run.seq * T->r.batch / s.seconds, s.seconds * 1e3,
              clock_str(now_s() - T->t_total).c_str(), clock_str(left_s).c_str(), docs, s.finite ? "" : " | NON-FINITE: update skipped");
@@ -620,7 +627,7 @@ static void log_step(Train* T, int step, const StepResult& s, int end) {
 // the headroom kept for it (model.h, gpu_memory_after_step). Rank 0 prints its line; another rank
 // whose allocations went past the headroom says so, naming itself.
 static void check_gpu_memory(const Train* T, int step) {
-    if (!T->M.ctx.gpu || (step != T->start && (step == 0 || stage_at(T, step) == stage_at(T, step - 1)))) return;
+    if (!T->M.ctx.gpu || (step != T->start && !(step > 0 && ends_stage(T, step - 1)))) return;
     bool over = false;
     const std::string line = gpu_memory_after_step(&T->M, step + 1, &over);
     const Comm& cm = comm_world();
@@ -644,9 +651,7 @@ static void check_finite(Train* T, int step, bool finite) {
 // and at the end; save every --save-every steps and at the end.
 static void evaluate_and_save(Train* T, int step) {
     const bool last = step + 1 == T->steps || step + 1 == T->exit_after;
-    const size_t now = stage_at(T, step);
-    const bool stage_end = now < T->stages.size() && step + 1 == T->stages[now].end;
-    if (T->eval_every && ((step + 1) % T->eval_every == 0 || last || stage_end)) {
+    if (T->eval_every && ((step + 1) % T->eval_every == 0 || last || ends_stage(T, step))) {
         const EvalResult R = evaluate(&T->M, data_at(T, step), T->eval_seqs);
         log_line(true, "eval step %d | seq %zu%s", step + 1, T->M.run.seq, eval_summary(R).c_str());
     }

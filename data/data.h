@@ -401,12 +401,17 @@ struct PasskeyTask : DataSource {
         auto put = [&](size_t pos, int32_t token) {  // where it falls inside [start, start+n)
             if (pos >= start && pos < start + n) out[pos - start] = token;
         };
-        put(p.key, TOK_KEY);
-        for (size_t d = 0; d < DIGITS; d++) put(p.key + 1 + d, p.symbols[d]);
+        key(p, put);
         for (size_t q : p.practice) question(p, q, put);
         question(p, query_pos(), put);
     }
 
+    // The key at p.key: TOK_KEY, then the symbols.
+    template <typename Put>
+    static void key(const Plan& p, Put put) {
+        put(p.key, TOK_KEY);
+        for (size_t d = 0; d < DIGITS; d++) put(p.key + 1 + d, p.symbols[d]);
+    }
     // The question at pos: each symbol after its marker.
     template <typename Put>
     static void question(const Plan& p, size_t pos, Put put) {
@@ -486,10 +491,10 @@ struct PasskeyDocs : DataSource {
             };
             put(d.start, TOK_BOS);
             if (d.len < MIN_LEN) continue;  // a sequence shorter than one document: filler only
-            PasskeyTask::Plan qp{};
+            PasskeyTask::Plan qp{};  // the document's key as the task's writers take it
+            qp.key = d.key;
             for (size_t k = 0; k < PasskeyTask::DIGITS; k++) qp.symbols[k] = d.symbols[k];
-            put(d.key, TOK_KEY);
-            for (size_t k = 0; k < PasskeyTask::DIGITS; k++) put(d.key + 1 + k, d.symbols[k]);
+            PasskeyTask::key(qp, put);
             PasskeyTask::question(qp, d.start + d.len - PasskeyTask::QUESTION_LEN, put);
         }
     }
@@ -543,8 +548,7 @@ struct NeedleInText : DataSource {
         auto put = [&](size_t pos, int32_t token) {  // where it falls inside [start, start+n)
             if (pos >= start && pos < start + n) out[pos - start] = token;
         };
-        put(p.key, TOK_KEY);
-        for (size_t d = 0; d < PasskeyTask::DIGITS; d++) put(p.key + 1 + d, p.symbols[d]);
+        PasskeyTask::key(p, put);
         PasskeyTask::question(p, query_pos(), put);
     }
     std::string describe() const override { return text->describe() + " with a passkey needle"; }
