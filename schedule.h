@@ -243,8 +243,8 @@ static inline void accumulate_gpu(cudaStream_t s, double* acc, const float* x, s
 
 // The LM head and its cross-entropy, chunk by chunk: the (S, V) logits never exist. With grads,
 // also back through the head and the final norm, leaving dL/d(last layer output) in dresid.
-// This rank's sum of token losses goes to M->acc[0]; predictions to M->preds, each token's loss
-// to M->token_loss (evaluation's loss by position).
+// This rank's sum of token losses goes to M->acc[0]; predictions to M->preds, and without grads
+// (evaluation) each token's loss to M->token_loss (the loss by position).
 static inline void head_pass(Model* M, bool grads) {
     const Config& c = M->cfg;
     Ctx* ctx = &M->ctx;
@@ -266,7 +266,7 @@ static inline void head_pass(Model* M, bool grads) {
             if (M->logits_out) dev_to_host_async(ctx, M->logits_out + at * c.vocab, M->logits, n * c.vocab * sizeof(float));
             OP(ctx, crossentropy, M->logits, M->lossw, M->predw, tg + r0, n, c.vocab, dscale);
             dev_to_host_async(ctx, M->preds + at, M->predw, n * sizeof(int32_t));
-            dev_to_host_async(ctx, M->token_loss + at, M->lossw, n * sizeof(float));
+            if (!grads) dev_to_host_async(ctx, M->token_loss + at, M->lossw, n * sizeof(float));  // evaluation only
             OP(ctx, accumulate, M->acc, M->lossw, n);
             if (grads)
                 mm_backward(M, M->dy + r0 * d, M->g.head, nullptr, M->logits, M->y + r0 * d, M->w.head, n, d, c.vocab);
