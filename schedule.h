@@ -34,6 +34,9 @@
 //   dout       one layer's dO (C, Hl, D), written once per chunk in phase 1
 //   dq         dQ (C, Hl, D), accumulated across phase 2's kv chunks (with dresid, the only stores
 //              that are read, added to and written back)
+//   attn_o, attn_lse   (L u chunks of (C, Hl, D), (C, Hl)) with --keep-attention only: every
+//              layer's attention output and lse from the forward pass, fp32, which phase 1 takes
+//              instead of running attention again
 //
 // Precision (--precision): fp32 throughout, or bf16 mixed precision: the matmuls read bf16
 // operands (the weights' bf16 copy, activations rounded as they go in) and sum in fp32; the layer
@@ -135,13 +138,19 @@ static inline void mlp_hidden(Model* M, int l, size_t r0, size_t n) {
 // Forward of layer l on chunk i, from x (cl, d) = the layer input. Leaves every intermediate of the
 // chunk in the working set. Writes k_i, v_i to the store (later chunks attend to them) and, when
 // recomputing for the backward pass, q_i and lse_i too. Returns the layer output in `out` unless
-// out is null (the backward pass needs the intermediates, not the output).
-static inline void chunk_forward(Model* M, int l, int i, const float* x, float* out, bool for_backward) {
+// out is null (the backward pass needs the intermediates, not the output), and where the chunk's
+// attention output O_i (C, Hl, D) is: the working set's M->o, or the attn_o store's slot.
+// --keep-attention (M->run.keep_attn): the forward pass of a step (M->keeping) also puts O_i and
+// lse_i into the attn_o and attn_lse stores, and the backward's recompute takes them from there
+// instead of running attention again; it still recomputes q, k, v (phase 2 reads them).
+static inline const float* chunk_forward(Model* M, int l, int i, const float* x, float* out, bool for_backward) {
     const Config& c = M->cfg;
     const LayerW& w = M->w.layer[l];
     Ctx* ctx = &M->ctx;
     const size_t cl = M->cl, C = M->C, d = c.d_model, HD = (size_t)c.n_head * M->D;
     const int D = M->D, Hl = M->Hl, Hkvl = M->Hkvl;
+    const int64_t kept = layer_in_chunk(l, M->u, i);  // chunk i of layer l in attn_o, attn_lse
+    const bool recall = for_backward && M->run.keep_attn;  // O_i, lse_i from the stores, not attention
     {
         TraceScope ts(ctx, "norm + qkv", TRACK_COMPUTE, i);
         OP(ctx, norm_forward, M->ln1, M->mean1, M->rstd1, x, w.ln1_w, w.ln1_b, cl, d, M->rms, c.norm_eps);
@@ -159,35 +168,44 @@ static inline void chunk_forward(Model* M, int l, int i, const float* x, float* 
     store_put(ctx, &M->v, i, SLOT_NEW);
     if (for_backward) store_put(ctx, &M->q, i, SLOT_NEW);
 
-    // attention of q_i over k_j, v_j for first_kv(i) <= j <= i (0 without documents),
-    // double-buffered: fetch j+1 while j computes. The first k_j, v_j were fetched at the end of
-    // chunk i-1's attention (below), behind its MLP.
-    dev_zero(ctx, M->o, C * Hl * D * sizeof(float));
-    dev_fill(ctx, M->lsew, -INFINITY, C * Hl);
-    const int32_t* qdoc = set_query_docs(M, i);
-    for (int j = 0; j < first_kv(M, i); j++) mark_skipped(M, i);
-    for (int j = first_kv(M, i); j <= i; j++) {
-        if (j + 1 < i) store_prefetch(ctx, &M->k, j + 1, slot_of(j + 1)), store_prefetch(ctx, &M->v, j + 1, slot_of(j + 1));
-        const float* kj = j == i ? ki : store_use(ctx, &M->k, j, slot_of(j));
-        const float* vj = j == i ? vi : store_use(ctx, &M->v, j, slot_of(j));
-        TraceScope ts(ctx, "attention block", TRACK_COMPUTE, i);
-        OP(ctx, attention_forward, M->o, M->lsew, qi, kj, vj, C, C, Hl, Hkvl, D, j == i, qdoc, (size_t)j * C);
+    float* o = M->o;  // (C, Hl, D) O_i
+    float* lse = M->lsew;  // (C, Hl) lse_i
+    if (recall) {  // layer_backward prefetched them with the layer input
+        o = store_use(ctx, &M->attn_o, kept, slot_of(i));
+        lse = store_use(ctx, &M->attn_lse, kept, slot_of(i));
+    } else {
+        if (M->keeping) o = store_produce(ctx, &M->attn_o, kept, SLOT_NEW), lse = store_produce(ctx, &M->attn_lse, kept, SLOT_NEW);
+        // attention of q_i over k_j, v_j for first_kv(i) <= j <= i (0 without documents),
+        // double-buffered: fetch j+1 while j computes. The first k_j, v_j were fetched at the end of
+        // chunk i-1's attention (below), behind its MLP.
+        dev_zero(ctx, o, C * Hl * D * sizeof(float));
+        dev_fill(ctx, lse, -INFINITY, C * Hl);
+        const int32_t* qdoc = set_query_docs(M, i);
+        for (int j = 0; j < first_kv(M, i); j++) mark_skipped(M, i);
+        for (int j = first_kv(M, i); j <= i; j++) {
+            if (j + 1 < i) store_prefetch(ctx, &M->k, j + 1, slot_of(j + 1)), store_prefetch(ctx, &M->v, j + 1, slot_of(j + 1));
+            const float* kj = j == i ? ki : store_use(ctx, &M->k, j, slot_of(j));
+            const float* vj = j == i ? vi : store_use(ctx, &M->v, j, slot_of(j));
+            TraceScope ts(ctx, "attention block", TRACK_COMPUTE, i);
+            OP(ctx, attention_forward, o, lse, qi, kj, vj, C, C, Hl, Hkvl, D, j == i, qdoc, (size_t)j * C);
+        }
+        // Both callers (layer_forward, layer_backward's phase 1) run the chunks in order: the next
+        // chunk's first key/value block can come in now, while this chunk finishes.
+        const int next = i + 1 < M->u ? first_kv(M, i + 1) : i + 1;
+        if (next <= i) store_prefetch(ctx, &M->k, next, slot_of(next)), store_prefetch(ctx, &M->v, next, slot_of(next));
+        if (M->keeping) store_put(ctx, &M->attn_o, kept, SLOT_NEW), store_put(ctx, &M->attn_lse, kept, SLOT_NEW);
     }
-    // Both callers (layer_forward, layer_backward's phase 1) run the chunks in order: the next
-    // chunk's first key/value block can come in now, while this chunk finishes.
-    const int next = i + 1 < M->u ? first_kv(M, i + 1) : i + 1;
-    if (next <= i) store_prefetch(ctx, &M->k, next, slot_of(next)), store_prefetch(ctx, &M->v, next, slot_of(next));
     if (for_backward) {
-        dev_copy(ctx, store_produce(ctx, &M->lse, i, SLOT_NEW), M->lsew, C * Hl * sizeof(float));
+        dev_copy(ctx, store_produce(ctx, &M->lse, i, SLOT_NEW), lse, C * Hl * sizeof(float));
         store_put(ctx, &M->lse, i, SLOT_NEW);
     }
-    o_to_seq(M, i, M->o, M->oloc);
+    o_to_seq(M, i, o, M->oloc);
 
     TraceScope ts(ctx, "out proj + mlp", TRACK_COMPUTE, i);
     mm_forward(M, M->xmid, M->oloc, w.o_w, w.o_b, cl, (int)HD, d);  // (cl, d)
     OP(ctx, add_inplace, M->xmid, x, cl * d);                                    // residual
     OP(ctx, norm_forward, M->ln2, M->mean2, M->rstd2, M->xmid, w.ln2_w, w.ln2_b, cl, d, M->rms, c.norm_eps);
-    if (!out) return;  // the backward pass runs the MLP itself, block by block (layer_backward)
+    if (!out) return o;  // the backward pass runs the MLP itself, block by block (layer_backward)
     for (size_t r0 = 0; r0 < cl; r0 += M->mr) {
         const size_t n = std::min(M->mr, cl - r0);
         mlp_hidden(M, l, r0, n);
@@ -195,6 +213,7 @@ static inline void chunk_forward(Model* M, int l, int i, const float* x, float* 
     }
     OP(ctx, add_inplace, out, M->xmid, cl * d);  // residual
     round_stored(M, out, cl * d);                // the next layer's input (kept: the backward recomputes from it)
+    return o;
 }
 
 static inline void layer_forward(Model* M, int l) {
@@ -297,15 +316,20 @@ static inline void layer_backward(Model* M, int l) {
 
     // Phase 1, chunk by chunk: recompute the forward from the layer input (storing q, k, v, lse),
     // then back through the MLP and the output projection down to dO_i; dresid_i becomes dL/dx_mid.
-    store_prefetch(ctx, &M->layer_in, layer_in_chunk(l, u, 0), slot_of(0));
-    store_prefetch(ctx, &M->dresid, 0, slot_of(0));
+    // With --keep-attention, the forward pass's O_i and lse_i come in with the layer input instead
+    // of attention running again.
+    auto fetch = [&](int i) {
+        store_prefetch(ctx, &M->layer_in, layer_in_chunk(l, u, i), slot_of(i));
+        store_prefetch(ctx, &M->dresid, i, slot_of(i));
+        if (M->run.keep_attn)
+            store_prefetch(ctx, &M->attn_o, layer_in_chunk(l, u, i), slot_of(i)),
+                store_prefetch(ctx, &M->attn_lse, layer_in_chunk(l, u, i), slot_of(i));
+    };
+    fetch(0);
     for (int i = 0; i < u; i++) {
-        if (i + 1 < u) {
-            store_prefetch(ctx, &M->layer_in, layer_in_chunk(l, u, i + 1), slot_of(i + 1));
-            store_prefetch(ctx, &M->dresid, i + 1, slot_of(i + 1));
-        }
+        if (i + 1 < u) fetch(i + 1);
         const float* x = store_use(ctx, &M->layer_in, layer_in_chunk(l, u, i), slot_of(i));
-        chunk_forward(M, l, i, x, nullptr, true);
+        const float* oi = chunk_forward(M, l, i, x, nullptr, true);  // (C, Hl, D) O_i
         float* dres = store_use(ctx, &M->dresid, i, slot_of(i));  // (cl, d) dL/d(layer output), made dL/d(x_mid)
         {
             TraceScope ts(ctx, "mlp backward", TRACK_COMPUTE, i);
@@ -327,9 +351,9 @@ static inline void layer_backward(Model* M, int l) {
         float* doi = store_produce(ctx, &M->dout, i, SLOT_NEW);  // (C, Hl, D)
         do_to_heads(M, i, M->doloc, doi);
         round_stored(M, doi, C * Hl * D);
-        // Delta_i = rowsum(dO_i . O_i) reads O_i from the working set (M->o), where chunk_forward's
-        // recompute of chunk i above left it: O is never stored, so this is the only moment it exists.
-        OP(ctx, attention_delta, store_produce(ctx, &M->delta, i, SLOT_NEW), doi, M->o, C, Hl, D);
+        // Delta_i = rowsum(dO_i . O_i) reads O_i where chunk_forward above left it: the working set
+        // (its recompute), or the kept store's slot; either way this is the last moment it is read.
+        OP(ctx, attention_delta, store_produce(ctx, &M->delta, i, SLOT_NEW), doi, oi, C, Hl, D);
         store_put(ctx, &M->dout, i, SLOT_NEW);
         store_put(ctx, &M->delta, i, SLOT_NEW);
     }
@@ -427,6 +451,7 @@ static inline float model_forward_backward(Model* M, bool grads, bool accumulate
     const size_t cl = M->cl, d = c.d_model;
     const int u = M->u, L = c.n_layer;
     M->accumulate = grads && accumulate;
+    M->keeping = grads && M->run.keep_attn;  // evaluation (no grads) has no backward to keep them for
     if (grads && M->grads && !accumulate) dev_zero(ctx, M->grads, M->n_padded * sizeof(float));
     if (M->run.bf16 && M->wlow) OP(ctx, to_bf16, M->wlow, M->params, M->n_padded);  // the weights may have changed since the last pass
     zero_pass_begin(M, grads);  // ZeRO-3: the embedding's weights, layer 0's on their way

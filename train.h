@@ -21,7 +21,7 @@ static const std::vector<std::string> train_flags = {
     "data", "device", "out", "save-every", "resume", "exit-after", "eval-every", "eval-seqs", "trace", "zero",
     "device-mem", "host-mem", "on-nonfinite", "max-bad-steps", "comm", "precision", "start-seq", "start-steps",
     "log-every", "overwrite", "watchdog", "rope-theta", "rope-scale", "init", "sp", "batch", "doc-mask", "doc-bos",
-    "help"};
+    "keep-attention", "help"};
 
 static void train_help() {
     printf(
@@ -31,6 +31,10 @@ static void train_help() {
         "  --chunk-size C      FPDT chunk length, global; must divide --seq (default: the largest divisor\n"
         "                      of --seq up to 1024, on a GPU 16384; --seq itself when that is shorter)\n"
         "  --offload 0|1       keep sequence-sized tensors in host memory (default 1 when chunked)\n"
+        "  --keep-attention 0|1  keep every layer's attention output and log-sum-exp from the forward pass\n"
+        "                      (fp32, in the host store when offloaded), so that the backward does not run\n"
+        "                      attention's forward again: the same result to the bit, for S (Hq D + Hq) x 4\n"
+        "                      bytes more a layer (default 1 on the CPU; 0 on a GPU, where host memory bounds S)\n"
         "  --start-seq N[,N2..]  train first at these shorter sequences, one stage each, growing (each in as\n"
         "                      many chunks as --seq has), then at --seq (context extension); 0 = off\n"
         "                      (default 64,1024,2048 when --seq is left at its default; on a GPU 4096)\n"
@@ -336,6 +340,7 @@ static void set_run_shape(Train* T) {
     r.offload = a.flag01("offload", r.chunk < r.seq);
     r.zero = (int)a.integer("zero", 0, 0, 3);
     r.bf16 = precision_bf16(a, gpu);
+    r.keep_attn = a.flag01("keep-attention", !gpu);
     r.doc_bos = doc_bos_flags(a, T->cfg.vocab);
     r.device_cap = (size_t)(a.real("device-mem", 0, 0, 1e6) * 1073741824.0);
     r.host_cap = (size_t)(a.real("host-mem", 0, 0, 1e6) * 1073741824.0);

@@ -114,6 +114,49 @@ TEST_P(Reference, Bf16OffloadIsExactAndChunkingWithinBf16Rounding) {
     model_free(&R);
 }
 
+// --keep-attention: the forward pass keeps each layer's attention output O and lse, and the
+// backward's recompute takes them instead of running attention again. Nothing else changes: the
+// kept values are the fp32 ones the recompute would make, so loss and gradients are bitwise those
+// of the recompute, chunked or not, offloaded or not, fp32 and bf16, with packed documents. And
+// attention really runs once: the trace counts its forward blocks, half as many as with the recompute.
+static size_t count_events(const Trace& t, const char* name) {
+    size_t n = 0;
+    for (const TraceEvent& e : t.events) n += e.name == name;
+    return n;
+}
+TEST(KeepAttention, BitForBitAndAttentionRunsOnce) {
+    fatal_throws();
+    for (const char* fixture : {"ref_llama_tiny.bin", "ref_gpt_tiny.bin", "ref_llama_docs.bin"}) {
+        Loaded L = load(fixture);
+        const int32_t bos = strstr(fixture, "docs") ? 256 : -1;
+        for (int u : {1, 2, 4})
+            for (bool off : {false, true})
+                for (bool bf16 : {false, true}) {
+                    if (u == 1 && off) continue;
+                    const std::string what = std::string(fixture) + ", " + std::to_string(u) + " chunks, offload " +
+                                             std::to_string(off) + ", bf16 " + std::to_string(bf16);
+                    Model A, B;  // A recomputes attention in the backward, B keeps it
+                    build(&A, L, L.seq / u, off, 0, bf16, bos);
+                    build(&B, L, L.seq / u, off, 0, bf16, bos, 1, 0, true);
+                    Trace ta, tb;
+                    ta.on = tb.on = true;
+                    A.ctx.trace = &ta, B.ctx.trace = &tb;
+                    EXPECT_EQ(model_forward_backward(&A, true), model_forward_backward(&B, true)) << what;
+                    EXPECT_EQ(memcmp(A.grads, B.grads, A.n_padded * sizeof(float)), 0) << what;
+                    const size_t blocks_a = count_events(ta, "attention block"), blocks_b = count_events(tb, "attention block");
+                    EXPECT_GT(blocks_b, 0u) << what;
+                    EXPECT_EQ(blocks_a, 2 * blocks_b) << what;
+                    // the memory it costs: O and lse of every layer, fp32, where the sequence's tensors are
+                    std::map<std::string, size_t> kept;
+                    for (auto& it : (off ? B.host : B.dev).items) kept[it.first] += it.second;
+                    EXPECT_EQ(kept["store: attention output (kept)"], L.cfg.n_layer * L.seq * (size_t)L.cfg.n_head * B.D * 4) << what;
+                    EXPECT_EQ(kept["store: attention lse (kept)"], L.cfg.n_layer * L.seq * (size_t)L.cfg.n_head * 4) << what;
+                    model_free(&A);
+                    model_free(&B);
+                }
+    }
+}
+
 // ----------------------------------------------------------------------------
 // Packed documents (--doc-mask 1) against PyTorch's dense attention with an explicit
 // block-diagonal causal mask and per-document RoPE positions (test/make_reference.py's *_docs
