@@ -296,9 +296,13 @@ static inline __attribute__((always_inline)) void attention_backward_key_tile(co
     }
 }
 // One backward task: group g of kv head hk, its key tiles g, g + G, g + 2G, ... in order.
+// Its dq copies (one per query head of kv head hk) start at zero.
 template <int MR, int NR, int TILE>
 static inline __attribute__((always_inline)) void attention_backward_group(const AttnCpu& a, size_t g, int hk,
                                                                            float* scratch) {
+    const int group = a.Hq / a.Hkv;
+    const size_t rows = a.ntq * TILE * a.Dp;  // one head's copy
+    memset(a.dqg + (g * a.Hq + (size_t)hk * group) * rows, 0, group * rows * sizeof(float));
     for (size_t kj = g; kj < a.ntk; kj += a.groups) attention_backward_key_tile<MR, NR, TILE>(a, kj, hk, (int)g, scratch);
 }
 
@@ -341,11 +345,29 @@ static inline void attn_cpu_run(AttnTaskFn task, const AttnCpu& a, size_t n_i, i
     const size_t scratch_floats = 2 * T * T + 2 * T * a.Dp + 5 * T;
 #pragma omp parallel
     {
-        std::vector<float> scratch(scratch_floats);
+        static thread_local std::vector<float> scratch;  // kept from call to call, grown as needed
+        if (scratch.size() < scratch_floats) scratch.resize(scratch_floats);
 #pragma omp for schedule(dynamic)
         for (size_t n = 0; n < n_i * H; n++)
             task(a, last_first ? n_i - 1 - n / H : n / H, (int)(n % H), scratch.data());
     }
+}
+
+// The per-call copies of the inputs and the dq groups (AttnCpu), kept from call to call and grown
+// as needed: no allocation, zero-filling or page faults on every call (they were 2-3% of a step,
+// on one thread while the others waited). The packing writes every value of its copy, padding
+// included; each backward task zeroes its own dq copies. One set per process: attention is never
+// called from two threads at once.
+struct AttnCpuBuffers {
+    std::vector<float> qt, ot, qr, orr, kr, vr, dqg;
+};
+static inline float* attn_buffer(std::vector<float>& v, size_t n) {
+    if (v.size() < n) v.resize(n);
+    return v.data();
+}
+static inline AttnCpuBuffers& attn_cpu_buffers() {
+    static AttnCpuBuffers b;
+    return b;
 }
 
 // The call's shapes, for the set in use: its tile, and Dp = D rounded up to its NR.
@@ -369,12 +391,15 @@ static inline void attention_forward_cpu(float* o, float* lse, const float* q, c
     if (Tq == 0 || Tk == 0) return;
     AttnCpu a = attn_cpu_args(Tq, Tk, Hq, Hkv, D, causal);
     a.o = o, a.lse = lse, a.q = q, a.k = k, a.v = v, a.qdoc = qdoc, a.k0 = k0;
-    const int T = attn_cpu_kernels().tile;
-    std::vector<float> qt(Hq * a.ntq * T * D), kr(Hkv * a.ntk * T * a.Dp), vr(kr.size());
-    attn_pack_cols(qt.data(), q, Tq, Hq, D, T);         // (Hq, ntq, D, TILE)
-    attn_pack_rows(kr.data(), a.Dp, k, Tk, Hkv, D, T);  // (Hkv, ntk TILE, Dp)
-    attn_pack_rows(vr.data(), a.Dp, v, Tk, Hkv, D, T);  // (Hkv, ntk TILE, Dp)
-    a.qt = qt.data(), a.kr = kr.data(), a.vr = vr.data();
+    const size_t T = attn_cpu_kernels().tile;
+    AttnCpuBuffers& b = attn_cpu_buffers();
+    float* qt = attn_buffer(b.qt, Hq * a.ntq * T * D);         // (Hq, ntq, D, TILE)
+    float* kr = attn_buffer(b.kr, Hkv * a.ntk * T * a.Dp);     // (Hkv, ntk TILE, Dp)
+    float* vr = attn_buffer(b.vr, Hkv * a.ntk * T * a.Dp);     // (Hkv, ntk TILE, Dp)
+    attn_pack_cols(qt, q, Tq, Hq, D, (int)T);
+    attn_pack_rows(kr, a.Dp, k, Tk, Hkv, D, (int)T);
+    attn_pack_rows(vr, a.Dp, v, Tk, Hkv, D, (int)T);
+    a.qt = qt, a.kr = kr, a.vr = vr;
     attn_cpu_run(attn_cpu_kernels().forward, a, a.ntq, Hq, true);
 }
 
@@ -403,16 +428,21 @@ static inline void attention_backward_cpu(float* dq, float* dk, float* dv, const
     const int T = attn_cpu_kernels().tile, Dp = a.Dp;
     a.groups = (int)attn_min_cpu(ATTN_CPU_DQ_GROUPS, a.ntk);
     const size_t rows_q = a.ntq * T;  // query rows of the copies, padded to whole tiles
-    std::vector<float> qt(Hq * rows_q * D), ot(qt.size()), qr(Hq * rows_q * Dp), orr(qr.size());
-    std::vector<float> kr(Hkv * a.ntk * T * Dp), vr(kr.size()), dqg(a.groups * Hq * rows_q * Dp, 0.0f);
-    attn_pack_cols(qt.data(), q, Tq, Hq, D, T);             // (Hq, ntq, D, TILE)
-    attn_pack_cols(ot.data(), dout, Tq, Hq, D, T);          // (Hq, ntq, D, TILE)
-    attn_pack_rows(qr.data(), Dp, q, Tq, Hq, D, T);         // (Hq, ntq TILE, Dp)
-    attn_pack_rows(orr.data(), Dp, dout, Tq, Hq, D, T);     // (Hq, ntq TILE, Dp)
-    attn_pack_rows(kr.data(), Dp, k, Tk, Hkv, D, T);        // (Hkv, ntk TILE, Dp)
-    attn_pack_rows(vr.data(), Dp, v, Tk, Hkv, D, T);        // (Hkv, ntk TILE, Dp)
-    a.qt = qt.data(), a.ot = ot.data(), a.qr = qr.data(), a.orr = orr.data(), a.kr = kr.data(), a.vr = vr.data();
-    a.dqg = dqg.data();
+    AttnCpuBuffers& b = attn_cpu_buffers();
+    float* qt = attn_buffer(b.qt, Hq * rows_q * D);        // (Hq, ntq, D, TILE)
+    float* ot = attn_buffer(b.ot, Hq * rows_q * D);        // (Hq, ntq, D, TILE)
+    float* qr = attn_buffer(b.qr, Hq * rows_q * Dp);       // (Hq, ntq TILE, Dp)
+    float* orr = attn_buffer(b.orr, Hq * rows_q * Dp);     // (Hq, ntq TILE, Dp)
+    float* kr = attn_buffer(b.kr, Hkv * a.ntk * T * Dp);   // (Hkv, ntk TILE, Dp)
+    float* vr = attn_buffer(b.vr, Hkv * a.ntk * T * Dp);   // (Hkv, ntk TILE, Dp)
+    attn_pack_cols(qt, q, Tq, Hq, D, T);
+    attn_pack_cols(ot, dout, Tq, Hq, D, T);
+    attn_pack_rows(qr, Dp, q, Tq, Hq, D, T);
+    attn_pack_rows(orr, Dp, dout, Tq, Hq, D, T);
+    attn_pack_rows(kr, Dp, k, Tk, Hkv, D, T);
+    attn_pack_rows(vr, Dp, v, Tk, Hkv, D, T);
+    a.qt = qt, a.ot = ot, a.qr = qr, a.orr = orr, a.kr = kr, a.vr = vr;
+    a.dqg = attn_buffer(b.dqg, a.groups * Hq * rows_q * Dp);  // (groups, Hq, ntq TILE, Dp), zeroed by the tasks
     attn_cpu_run(attn_cpu_kernels().backward, a, a.groups, Hkv, false);
 #pragma omp parallel for schedule(static)
     for (size_t r = 0; r < Tq * Hq; r++) {  // dq row (t, h) += its groups' sums, group by group
