@@ -59,10 +59,14 @@ static inline size_t attn_min_cpu(size_t a, size_t b) { return a < b ? a : b; }
 static inline int attn_round_up(int x, int m) { return (x + m - 1) / m * m; }
 
 // e^x for the softmax loops: ops.cuh's cpu_exp, which the compiler can vectorize (libm's expf is
-// a call per element). The softmax only calls it on s - max s <= 0 and on s - lse, a few ulp above
-// 0 at most.
-static inline __attribute__((always_inline)) float attn_exp(float x) { return cpu_exp(x); }
-
+// a call per element), less its overflow test. The softmax only calls it on s - max s <= 0 and on
+// s - lse, a few ulp above 0 at most, where the two are the same to the bit (+inf, from scores
+// that overflowed already, gives NaN here, +inf there: non-finite either way). Two selects fewer
+// a value: attention's forward and backward ran about 6% faster with AVX2.
+static inline __attribute__((always_inline)) float attn_exp(float x) {
+    const float e = cpu_exp_in_range(x < CPU_EXP_LO ? CPU_EXP_LO : x);
+    return x < CPU_EXP_LO ? 0.0f : e;
+}
 // c (R, N) = [or +=] a (R, K) b (K, N); a's (r, k) at a[r ars + k aks], b's (k, n) at b[k ldb + n],
 // c's (r, n) at c[r ldc + n]. R a multiple of MR, N of NR: whole register blocks of ops.cuh's
 // gemm_micro, so every element of c is the same sum in the same order whatever the blocks around it.

@@ -210,11 +210,11 @@ static inline double cpu_peak_flops(double seconds) {
 // expf's polynomial (degree 7), and 2^n put straight into the exponent bits. Within 2 ulp of e^x
 // (the GPU twins' expf: within 2 ulp too); 0 below -87.33 (where fp32 turns subnormal), +inf above
 // 88 (e^88 = 1.7e38, near fp32's largest), NaN for NaN.
-static inline __attribute__((always_inline)) float cpu_exp(float x) {
-    const float lo = -87.33654f, hi = 88.0f;  // lo = ln 2^-126
-    const float xc = x < lo ? lo : (x > hi ? hi : x);
-    const float n = (xc * 1.44269504f + 12582912.0f) - 12582912.0f;  // round to nearest: + 1.5 * 2^23, back
-    const float f = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
+static const float CPU_EXP_LO = -87.33654f, CPU_EXP_HI = 88.0f;  // lo = ln 2^-126
+// e^x for x in [CPU_EXP_LO, CPU_EXP_HI] (or NaN): the polynomial and the exponent bits.
+static inline __attribute__((always_inline)) float cpu_exp_in_range(float x) {
+    const float n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;  // round to nearest: + 1.5 * 2^23, back
+    const float f = (x - n * 0.693359375f) - n * -2.12194440e-4f;
     float p = 1.9875691500e-4f;
     p = p * f + 1.3981999507e-3f;
     p = p * f + 8.3334519073e-3f;
@@ -225,7 +225,12 @@ static inline __attribute__((always_inline)) float cpu_exp(float x) {
     const int bits = ((int)n + 127) << 23;  // 2^n, n in [-126, 127]
     float two_n;
     memcpy(&two_n, &bits, sizeof bits);
-    return x < lo ? 0.0f : (x > hi ? INFINITY : p * two_n);  // NaN fails both tests and stays NaN
+    return p * two_n;
+}
+static inline __attribute__((always_inline)) float cpu_exp(float x) {
+    const float lo = CPU_EXP_LO, hi = CPU_EXP_HI;
+    const float e = cpu_exp_in_range(x < lo ? lo : (x > hi ? hi : x));
+    return x < lo ? 0.0f : (x > hi ? INFINITY : e);  // NaN fails both tests and stays NaN
 }
 
 // ----------------------------------------------------------------------------

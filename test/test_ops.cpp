@@ -1046,6 +1046,18 @@ TEST(AttentionTiled, ExpWithinTwoUlp) {
     EXPECT_EQ(cpu_exp(0.0f), 1.0f);
 }
 
+// attn_exp, cpu_exp less its overflow test, is cpu_exp to the bit wherever the softmax calls it
+// (x <= a few ulp above 0: s - max s, s - lse), at -inf and below cpu_exp's lower limit; NaN stays NaN.
+TEST(AttentionTiled, SoftmaxExpIsCpuExpToTheBit) {
+    std::vector<float> xs = {-INFINITY, -1e30f, -100.0f, -87.4f, CPU_EXP_LO, -0.0f, 0.0f, 1e-6f, 0.01f};
+    for (int i = 0; i <= 1000000; i++) xs.push_back(-100.0f + 100.01f * (float)i / 1000000.0f);
+    for (float x : xs) {
+        const float a = attn_exp(x), c = cpu_exp(x);
+        ASSERT_EQ(memcmp(&a, &c, sizeof a), 0) << x << ": " << a << " vs " << c;
+    }
+    EXPECT_TRUE(std::isnan(attn_exp(NAN)));
+}
+
 // The GPU attention kernels' shared memory per block (attention.cuh) against what GPUs allow a
 // block that opts in: sm_80 163 KiB and sm_90 227 KiB hold every head size up to 512; sm_86 and
 // sm_89 allow 99 KiB, which head size 512 exceeds: a run is refused at its start with a line
