@@ -136,11 +136,11 @@ static void plan_sizes(const Config& c, RunCfg r, size_t* dev, size_t* host, Mod
 
 static int cmd_plan(int argc, char** argv) {
     Args a = parse_args(argc, argv, {"model", "seq", "chunk-size", "gpus", "sp", "offload", "zero", "gpu-mem", "host-mem",
-                                     "tflops", "link-gbps", "precision", "doc-len", "keep-attention", "help"});
+                                     "tflops", "link-gbps", "precision", "doc-len", "keep-attention", "keep-mlp", "help"});
     if (a.help || !a.has("model") || !a.has("seq")) {
         printf("usage: ./fpdt plan --model NAME --seq N [--chunk-size C] [--gpus W] [--sp N] [--offload 0|1] [--zero 0-3]\n"
                "                   [--gpu-mem GiB] [--host-mem GiB] [--tflops X] [--link-gbps Y] [--precision fp32|bf16]\n"
-               "                   [--doc-len L] [--keep-attention 0|1]\n"
+               "                   [--doc-len L] [--keep-attention 0|1] [--keep-mlp 0|1]\n"
                "  predicted peak device and host bytes per rank (the same allocation sequence as ./fpdt train),\n"
                "  the headroom a GPU run keeps outside its device arena (CUDA's kernels, cuBLAS, NCCL), the\n"
                "  longest sequence that fits, and the smallest chunk at which copies hide behind attention.\n"
@@ -148,7 +148,8 @@ static int cmd_plan(int argc, char** argv) {
                "  divide by W, the sequence's store by N. With --doc-len L, the attention blocks --doc-mask 1\n"
                "  skips on documents of L tokens each.\n"
                "  Defaults: one GPU, offload 1 when chunked (train defaults to 0: pass --offload to match a run),\n"
-               "  80 GiB GPU, 512 GiB host, 400 TFLOP/s, 50 GB/s, bf16 and --keep-attention 0 (a GPU run's defaults).\n\n");
+               "  80 GiB GPU, 512 GiB host, 400 TFLOP/s, 50 GB/s, bf16, --keep-attention 0 and --keep-mlp 0 (a GPU\n"
+               "  run's defaults).\n\n");
         print_models();
         return a.help ? 0 : 1;
     }
@@ -164,6 +165,7 @@ static int cmd_plan(int argc, char** argv) {
     r.zero = (int)a.integer("zero", 0, 0, 3);
     r.bf16 = precision_bf16(a, true);  // a plan is for a GPU run
     r.keep_attn = a.flag01("keep-attention", false);  // as a GPU run's default
+    r.keep_mlp = a.flag01("keep-mlp", false);
     const double gpu_mem = a.real("gpu-mem", 80, 0, 1e6) * 1073741824.0, host_mem = a.real("host-mem", 512, 0, 1e9) * 1073741824.0;
     const double flops = a.real("tflops", 400, 1e-3, 1e6) * 1e12, bw = a.real("link-gbps", 50, 1e-3, 1e6) * 1e9;
     if (!(err = check_shape(c, r)).empty()) fatal_all("%s", err.c_str());

@@ -174,6 +174,9 @@ struct RunCfg {
     int32_t doc_bos = -1;  // --doc-mask 1: the token that starts a document (data.h's TOK_BOS); -1: one document
     bool keep_attn = false;  // --keep-attention 1: every layer's attention output and lse kept from the forward
                              // pass for the backward, which then does not run attention's forward again
+    bool keep_mlp = false;   // --keep-mlp 1: every layer's x_mid and MLP hidden pre-activations kept from the
+                             // forward pass, so the backward does not run the output projection and the MLP's
+                             // first matmul again
 };
 
 // The world's layout: W ranks in groups of N (--sp), B sequences a step (--batch) spread over the
@@ -253,6 +256,8 @@ struct Model {
     ChunkStore lse, dout, delta, dq;  // (u, C*Hl), (u, C*Hl*D), (u, C*Hl), (u, C*Hl*D)
     ChunkStore attn_o, attn_lse;      // --keep-attention: (L u, C*Hl*D), (L u, C*Hl) every layer's attention
                                       // output and lse, fp32, from the forward pass (empty without it)
+    ChunkStore mlp_xmid, mlp_fch;     // --keep-mlp: (L u, cl*d), (L u, cl*F2) every layer's x_mid and MLP hidden
+                                      // pre-activations, fp32, from the forward pass (empty without it)
     // working set (device), shapes per buffer
     float *ln1, *mean1, *rstd1;   // (cl, d), (cl), (cl)
     float *qkv;                   // (cl, Q3)
@@ -280,7 +285,8 @@ struct Model {
     bool nccl = false;            // GPU buffers move by NCCL (set before model_create)
     size_t gpu_free_before = 0;   // GPU: its free bytes just before the arena was taken (gpu_memory_after_step)
     bool accumulate = false;      // this pass adds its gradients to those of the step's earlier sequences
-    bool keeping = false;         // this pass's forward fills attn_o and attn_lse (a pass with grads, --keep-attention 1)
+    bool keeping = false;         // this pass has a backward: its forward fills the kept stores of
+                                  // --keep-attention and --keep-mlp (those that are on)
     float* logits_out = nullptr;  // test hook: if set, (Sl, V) host logits are written here
     // packed documents (run.doc_bos >= 0), set with each sequence's tokens (model_set_docs)
     std::vector<int32_t> doc_starts;  // global positions of the documents' first tokens, ascending, 0 first
@@ -363,6 +369,10 @@ static inline void model_layout(Model* M) {
     if (M->run.keep_attn) {  // fp32 as the recompute would make them: the backward is the same to the bit
         store_init(&M->ctx, &M->attn_o, "store: attention output (kept)", qc * 4, (size_t)L * M->u, off, 3, dev, host);
         store_init(&M->ctx, &M->attn_lse, "store: attention lse (kept)", C * M->Hl * 4, (size_t)L * M->u, off, 3, dev, host);
+    }
+    if (M->run.keep_mlp) {
+        store_init(&M->ctx, &M->mlp_xmid, "store: x_mid (kept)", cl * d * 4, (size_t)L * M->u, off, 3, dev, host);
+        store_init(&M->ctx, &M->mlp_fch, "store: MLP hidden (kept)", cl * M->F2 * 4, (size_t)L * M->u, off, 3, dev, host);
     }
     auto work = [&](size_t n) { return arena_alloc<float>(dev, n, "working set"); };
     M->ln1 = work(cl * d), M->mean1 = work(cl), M->rstd1 = work(cl);
@@ -477,7 +487,7 @@ static inline void model_create(Model* M, const Config& c, const RunCfg& r, bool
         std::sort(chunks.rbegin(), chunks.rend());
         char hint[256];
         snprintf(hint, sizeof hint, "no chunk size fits, even offloaded: add ranks, or a smaller model%s",
-                 r.keep_attn ? ", or --keep-attention 0" : "");
+                 r.keep_attn || r.keep_mlp ? ", or --keep-attention 0 --keep-mlp 0" : "");
         for (size_t C : chunks) {
             RunCfg t = r;
             t.chunk = C, t.offload = C < r.seq;
@@ -498,7 +508,7 @@ static inline void model_create(Model* M, const Config& c, const RunCfg& r, bool
     if (r.host_cap && r.host_cap < need_host)
         fatal_all("host memory: this run's host store needs %.1f MiB but --host-mem allows %.1f MiB "
                   "(shorten --seq or add ranks%s)", need_host / 1048576.0, r.host_cap / 1048576.0,
-                  r.keep_attn ? ", or --keep-attention 0" : "");
+                  r.keep_attn || r.keep_mlp ? ", or --keep-attention 0 --keep-mlp 0" : "");
     // host memory (the CPU backend's "device" arena is host memory too), for every rank on this
     // machine, against what the machine has: a model from a forged manifest is refused here
     const int local = std::max(1, comm_world().local_size);
@@ -554,7 +564,8 @@ static inline std::string gpu_memory_after_step(const Model* M, int step, bool* 
 static inline void model_free(Model* M) {
     dev_sync(&M->ctx);
     for (ChunkStore* s : {&M->tokens, &M->targets, &M->layer_in, &M->dresid, &M->q, &M->k, &M->v, &M->lse, &M->dout,
-                          &M->delta, &M->dq, &M->attn_o, &M->attn_lse})
+                          &M->delta, &M->dq, &M->attn_o, &M->attn_lse,
+                          &M->mlp_xmid, &M->mlp_fch})
         store_free(&M->ctx, s);
 #ifdef __CUDACC__
     for (CUevent_st* e : {M->zero_gathered[0], M->zero_gathered[1], M->zero_gathered[2], M->zero_rs_done[0],

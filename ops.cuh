@@ -297,8 +297,14 @@ static inline __attribute__((always_inline)) void gemm_micro(float* c, size_t ld
     if (UNROLL) {
         for (int r = 0; r < m; r++)  // c's rows are read at the end: on their way meanwhile
             __builtin_prefetch(c + r * ldc), __builtin_prefetch(c + r * ldc + n - 1);
-#pragma GCC unroll 4
-        for (int k = 0; k < kc; k++) gemm_micro_step<MR, NR>(acc, a + k * aks, ars, b + k * bks);
+        int k = 0;  // (by hand: nvcc's front end drops GCC's unroll pragma from host code)
+        for (; k + 4 <= kc; k += 4) {
+            gemm_micro_step<MR, NR>(acc, a + k * aks, ars, b + k * bks);
+            gemm_micro_step<MR, NR>(acc, a + (k + 1) * aks, ars, b + (k + 1) * bks);
+            gemm_micro_step<MR, NR>(acc, a + (k + 2) * aks, ars, b + (k + 2) * bks);
+            gemm_micro_step<MR, NR>(acc, a + (k + 3) * aks, ars, b + (k + 3) * bks);
+        }
+        for (; k < kc; k++) gemm_micro_step<MR, NR>(acc, a + k * aks, ars, b + k * bks);
     } else {
         for (int k = 0; k < kc; k++) gemm_micro_step<MR, NR>(acc, a + k * aks, ars, b + k * bks);
     }

@@ -37,6 +37,9 @@
 //   attn_o, attn_lse   (L u chunks of (C, Hl, D), (C, Hl)) with --keep-attention only: every
 //              layer's attention output and lse from the forward pass, fp32, which phase 1 takes
 //              instead of running attention again
+//   mlp_xmid, mlp_fch  (L u chunks of (cl, d), (cl, F2)) with --keep-mlp only: every layer's
+//              x_mid and MLP pre-activations from the forward pass, fp32, which phase 1 takes
+//              instead of running the output projection and the MLP's first matmul again
 //
 // Precision (--precision): fp32 throughout, or bf16 mixed precision: the matmuls read bf16
 // operands (the weights' bf16 copy, activations rounded as they go in) and sum in fp32; the layer
@@ -120,17 +123,27 @@ static inline int last_query(const Model* M, int j) {
 }
 static inline void mark_skipped(Model* M, int i) { TraceScope ts(&M->ctx, "attention block skipped", TRACK_COMPUTE, i); }
 
-// The MLP's hidden activations for rows [r0, r0 + n) of the chunk, from ln2: fch (n, F2) and
-// act (n, F). The MLP runs in blocks of at most mr rows so that these stay small for wide models.
-static inline void mlp_hidden(Model* M, int l, size_t r0, size_t n) {
-    const Config& c = M->cfg;
-    const LayerW& w = M->w.layer[l];
+// The MLP's hidden activations for rows [r0, r0 + n) of the chunk, from ln2: fch (n, F2), the
+// pre-activations (M->fch, or with --keep-mlp the kept store's rows), and act (n, F) from them.
+// The MLP runs in blocks of at most mr rows so that these stay small for wide models.
+static inline void mlp_act(Model* M, const float* fch, size_t n) {
     Ctx* ctx = &M->ctx;
     (void)ctx;  // the CPU-only build's OP() does not read it
-    mm_forward(M, M->fch, M->ln2 + r0 * c.d_model, w.fc_w, w.fc_b, n, c.d_model, M->F2);  // (n, F2)
-    if (c.family == GPT) OP(ctx, gelu_forward, M->act, M->fch, n * c.ffn);
-    else OP(ctx, swiglu_forward, M->act, M->fch, n, c.ffn);  // (n, F)
+    if (M->cfg.family == GPT) OP(ctx, gelu_forward, M->act, fch, n * M->cfg.ffn);
+    else OP(ctx, swiglu_forward, M->act, fch, n, M->cfg.ffn);  // (n, F)
 }
+static inline void mlp_hidden(Model* M, int l, size_t r0, size_t n, float* fch) {
+    const Config& c = M->cfg;
+    mm_forward(M, fch, M->ln2 + r0 * c.d_model, M->w.layer[l].fc_w, M->w.layer[l].fc_b, n, c.d_model, M->F2);  // (n, F2)
+    mlp_act(M, fch, n);
+}
+
+// Where chunk_forward left what the backward reads: the working set, or the kept stores' slots.
+struct ChunkActs {
+    const float* o;     // (C, Hl, D) the attention output O_i
+    const float* xmid;  // (cl, d) x_mid, the residual after attention
+    const float* fch;   // (cl, F2) the MLP's pre-activations when kept (--keep-mlp), else null
+};
 
 // ----------------------------------------------------------------------------
 // Forward: a layer, chunk by chunk
@@ -143,7 +156,10 @@ static inline void mlp_hidden(Model* M, int l, size_t r0, size_t n) {
 // --keep-attention (M->run.keep_attn): the forward pass of a step (M->keeping) also puts O_i and
 // lse_i into the attn_o and attn_lse stores, and the backward's recompute takes them from there
 // instead of running attention again; it still recomputes q, k, v (phase 2 reads them).
-static inline const float* chunk_forward(Model* M, int l, int i, const float* x, float* out, bool for_backward) {
+// --keep-mlp (M->run.keep_mlp): likewise x_mid and the MLP's pre-activations (mlp_xmid, mlp_fch):
+// the recompute skips the output projection and the MLP's first matmul, and redoes only the
+// second norm (its statistics) and the activation.
+static inline ChunkActs chunk_forward(Model* M, int l, int i, const float* x, float* out, bool for_backward) {
     const Config& c = M->cfg;
     const LayerW& w = M->w.layer[l];
     Ctx* ctx = &M->ctx;
@@ -151,6 +167,9 @@ static inline const float* chunk_forward(Model* M, int l, int i, const float* x,
     const int D = M->D, Hl = M->Hl, Hkvl = M->Hkvl;
     const int64_t kept = layer_in_chunk(l, M->u, i);  // chunk i of layer l in attn_o, attn_lse
     const bool recall = for_backward && M->run.keep_attn;  // O_i, lse_i from the stores, not attention
+    const bool recall_mlp = for_backward && M->run.keep_mlp;  // x_mid_i, fch_i from the stores
+    const bool fill_attn = M->keeping && !for_backward && M->run.keep_attn;  // the step's forward pass fills them
+    const bool fill_mlp = M->keeping && !for_backward && M->run.keep_mlp;
     {
         TraceScope ts(ctx, "norm + qkv", TRACK_COMPUTE, i);
         OP(ctx, norm_forward, M->ln1, M->mean1, M->rstd1, x, w.ln1_w, w.ln1_b, cl, d, M->rms, c.norm_eps);
@@ -174,7 +193,7 @@ static inline const float* chunk_forward(Model* M, int l, int i, const float* x,
         o = store_use(ctx, &M->attn_o, kept, slot_of(i));
         lse = store_use(ctx, &M->attn_lse, kept, slot_of(i));
     } else {
-        if (M->keeping) o = store_produce(ctx, &M->attn_o, kept, SLOT_NEW), lse = store_produce(ctx, &M->attn_lse, kept, SLOT_NEW);
+        if (fill_attn) o = store_produce(ctx, &M->attn_o, kept, SLOT_NEW), lse = store_produce(ctx, &M->attn_lse, kept, SLOT_NEW);
         // attention of q_i over k_j, v_j for first_kv(i) <= j <= i (0 without documents),
         // double-buffered: fetch j+1 while j computes. The first k_j, v_j were fetched at the end of
         // chunk i-1's attention (below), behind its MLP.
@@ -193,7 +212,7 @@ static inline const float* chunk_forward(Model* M, int l, int i, const float* x,
         // chunk's first key/value block can come in now, while this chunk finishes.
         const int next = i + 1 < M->u ? first_kv(M, i + 1) : i + 1;
         if (next <= i) store_prefetch(ctx, &M->k, next, slot_of(next)), store_prefetch(ctx, &M->v, next, slot_of(next));
-        if (M->keeping) store_put(ctx, &M->attn_o, kept, SLOT_NEW), store_put(ctx, &M->attn_lse, kept, SLOT_NEW);
+        if (fill_attn) store_put(ctx, &M->attn_o, kept, SLOT_NEW), store_put(ctx, &M->attn_lse, kept, SLOT_NEW);
     }
     if (for_backward) {
         dev_copy(ctx, store_produce(ctx, &M->lse, i, SLOT_NEW), lse, C * Hl * sizeof(float));
@@ -201,19 +220,29 @@ static inline const float* chunk_forward(Model* M, int l, int i, const float* x,
     }
     o_to_seq(M, i, o, M->oloc);
 
-    TraceScope ts(ctx, "out proj + mlp", TRACK_COMPUTE, i);
-    mm_forward(M, M->xmid, M->oloc, w.o_w, w.o_b, cl, (int)HD, d);  // (cl, d)
-    OP(ctx, add_inplace, M->xmid, x, cl * d);                                    // residual
-    OP(ctx, norm_forward, M->ln2, M->mean2, M->rstd2, M->xmid, w.ln2_w, w.ln2_b, cl, d, M->rms, c.norm_eps);
-    if (!out) return o;  // the backward pass runs the MLP itself, block by block (layer_backward)
+    float* xmid = M->xmid;  // (cl, d)
+    if (recall_mlp) {  // layer_backward prefetched it with the layer input
+        xmid = store_use(ctx, &M->mlp_xmid, kept, slot_of(i));
+    } else {
+        TraceScope ts(ctx, "out proj", TRACK_COMPUTE, i);
+        if (fill_mlp) xmid = store_produce(ctx, &M->mlp_xmid, kept, SLOT_NEW);
+        mm_forward(M, xmid, M->oloc, w.o_w, w.o_b, cl, (int)HD, d);  // (cl, d)
+        OP(ctx, add_inplace, xmid, x, cl * d);                        // residual
+    }
+    OP(ctx, norm_forward, M->ln2, M->mean2, M->rstd2, xmid, w.ln2_w, w.ln2_b, cl, d, M->rms, c.norm_eps);
+    if (!out) return {o, xmid, recall_mlp ? store_use(ctx, &M->mlp_fch, kept, slot_of(i)) : nullptr};
+    // (the backward pass runs the MLP itself, block by block: layer_backward)
+    TraceScope ts(ctx, "mlp", TRACK_COMPUTE, i);
+    float* fch = fill_mlp ? store_produce(ctx, &M->mlp_fch, kept, SLOT_NEW) : nullptr;  // (cl, F2)
     for (size_t r0 = 0; r0 < cl; r0 += M->mr) {
         const size_t n = std::min(M->mr, cl - r0);
-        mlp_hidden(M, l, r0, n);
+        mlp_hidden(M, l, r0, n, fch ? fch + r0 * M->F2 : M->fch);
         mm_forward(M, out + r0 * d, M->act, w.proj_w, w.proj_b, n, c.ffn, d);
     }
-    OP(ctx, add_inplace, out, M->xmid, cl * d);  // residual
-    round_stored(M, out, cl * d);                // the next layer's input (kept: the backward recomputes from it)
-    return o;
+    OP(ctx, add_inplace, out, xmid, cl * d);  // residual
+    round_stored(M, out, cl * d);             // the next layer's input (kept: the backward recomputes from it)
+    if (fill_mlp) store_put(ctx, &M->mlp_xmid, kept, SLOT_NEW), store_put(ctx, &M->mlp_fch, kept, SLOT_NEW);
+    return {o, xmid, fch};
 }
 
 static inline void layer_forward(Model* M, int l) {
@@ -324,26 +353,31 @@ static inline void layer_backward(Model* M, int l) {
         if (M->run.keep_attn)
             store_prefetch(ctx, &M->attn_o, layer_in_chunk(l, u, i), slot_of(i)),
                 store_prefetch(ctx, &M->attn_lse, layer_in_chunk(l, u, i), slot_of(i));
+        if (M->run.keep_mlp)
+            store_prefetch(ctx, &M->mlp_xmid, layer_in_chunk(l, u, i), slot_of(i)),
+                store_prefetch(ctx, &M->mlp_fch, layer_in_chunk(l, u, i), slot_of(i));
     };
     fetch(0);
     for (int i = 0; i < u; i++) {
         if (i + 1 < u) fetch(i + 1);
         const float* x = store_use(ctx, &M->layer_in, layer_in_chunk(l, u, i), slot_of(i));
-        const float* oi = chunk_forward(M, l, i, x, nullptr, true);  // (C, Hl, D) O_i
+        const ChunkActs acts = chunk_forward(M, l, i, x, nullptr, true);
         float* dres = store_use(ctx, &M->dresid, i, slot_of(i));  // (cl, d) dL/d(layer output), made dL/d(x_mid)
         {
             TraceScope ts(ctx, "mlp backward", TRACK_COMPUTE, i);
             dev_zero(ctx, M->dln, cl * d * sizeof(float));
             for (size_t r0 = 0; r0 < cl; r0 += M->mr) {  // recompute the hidden rows, then back through them
                 const size_t n = std::min(M->mr, cl - r0);
-                mlp_hidden(M, l, r0, n);
+                const float* fch = acts.fch ? acts.fch + r0 * M->F2 : M->fch;  // (n, F2)
+                if (acts.fch) mlp_act(M, fch, n);  // kept: the activation alone
+                else mlp_hidden(M, l, r0, n, M->fch);
                 dev_zero(ctx, M->dact, n * c.ffn * sizeof(float));
                 mm_backward(M, M->dact, g.proj_w, g.proj_b, dres + r0 * d, M->act, w.proj_w, n, c.ffn, d);
-                if (c.family == GPT) OP(ctx, gelu_backward, M->dfch, M->fch, M->dact, n * c.ffn);
-                else OP(ctx, swiglu_backward, M->dfch, M->fch, M->dact, n, c.ffn);
+                if (c.family == GPT) OP(ctx, gelu_backward, M->dfch, fch, M->dact, n * c.ffn);
+                else OP(ctx, swiglu_backward, M->dfch, fch, M->dact, n, c.ffn);
                 mm_backward(M, M->dln + r0 * d, g.fc_w, g.fc_b, M->dfch, M->ln2 + r0 * d, w.fc_w, n, d, M->F2);
             }
-            OP(ctx, norm_backward, dres, g.ln2_w, g.ln2_b, M->dln, M->xmid, w.ln2_w, M->mean2, M->rstd2, cl, d, M->rms);
+            OP(ctx, norm_backward, dres, g.ln2_w, g.ln2_b, M->dln, acts.xmid, w.ln2_w, M->mean2, M->rstd2, cl, d, M->rms);
             dev_zero(ctx, M->doloc, cl * HD * sizeof(float));
             mm_backward(M, M->doloc, g.o_w, g.o_b, dres, M->oloc, w.o_w, cl, (int)HD, d);
         }
@@ -353,7 +387,7 @@ static inline void layer_backward(Model* M, int l) {
         round_stored(M, doi, C * Hl * D);
         // Delta_i = rowsum(dO_i . O_i) reads O_i where chunk_forward above left it: the working set
         // (its recompute), or the kept store's slot; either way this is the last moment it is read.
-        OP(ctx, attention_delta, store_produce(ctx, &M->delta, i, SLOT_NEW), doi, oi, C, Hl, D);
+        OP(ctx, attention_delta, store_produce(ctx, &M->delta, i, SLOT_NEW), doi, acts.o, C, Hl, D);
         store_put(ctx, &M->dout, i, SLOT_NEW);
         store_put(ctx, &M->delta, i, SLOT_NEW);
     }
@@ -451,7 +485,7 @@ static inline float model_forward_backward(Model* M, bool grads, bool accumulate
     const size_t cl = M->cl, d = c.d_model;
     const int u = M->u, L = c.n_layer;
     M->accumulate = grads && accumulate;
-    M->keeping = grads && M->run.keep_attn;  // evaluation (no grads) has no backward to keep them for
+    M->keeping = grads;  // (evaluation, no grads, has no backward to keep anything for)
     if (grads && M->grads && !accumulate) dev_zero(ctx, M->grads, M->n_padded * sizeof(float));
     if (M->run.bf16 && M->wlow) OP(ctx, to_bf16, M->wlow, M->params, M->n_padded);  // the weights may have changed since the last pass
     zero_pass_begin(M, grads);  // ZeRO-3: the embedding's weights, layer 0's on their way

@@ -21,7 +21,7 @@ static const std::vector<std::string> train_flags = {
     "data", "device", "out", "save-every", "resume", "exit-after", "eval-every", "eval-seqs", "trace", "zero",
     "device-mem", "host-mem", "on-nonfinite", "max-bad-steps", "comm", "precision", "start-seq", "start-steps",
     "log-every", "overwrite", "watchdog", "rope-theta", "rope-scale", "init", "sp", "batch", "doc-mask", "doc-bos",
-    "keep-attention", "help"};
+    "keep-attention", "keep-mlp", "help"};
 
 static void train_help() {
     printf(
@@ -35,6 +35,10 @@ static void train_help() {
         "                      (fp32, in the host store when offloaded), so that the backward does not run\n"
         "                      attention's forward again: the same result to the bit, for S (Hq D + Hq) x 4\n"
         "                      bytes more a layer (default 1 on the CPU; 0 on a GPU, where host memory bounds S)\n"
+        "  --keep-mlp 0|1      likewise keep every layer's x_mid and MLP pre-activations, so that the backward\n"
+        "                      runs neither the output projection nor the MLP's first matmul again: the same\n"
+        "                      result to the bit, for S (d + 2 ffn) x 4 bytes more a layer (llama; gpt:\n"
+        "                      d + ffn) (default 1 on the CPU, 0 on a GPU)\n"
         "  --start-seq N[,N2..]  train first at these shorter sequences, one stage each, growing (each in as\n"
         "                      many chunks as --seq has), then at --seq (context extension); 0 = off\n"
         "                      (default 64,1024,2048 when --seq is left at its default; on a GPU 4096)\n"
@@ -341,6 +345,7 @@ static void set_run_shape(Train* T) {
     r.zero = (int)a.integer("zero", 0, 0, 3);
     r.bf16 = precision_bf16(a, gpu);
     r.keep_attn = a.flag01("keep-attention", !gpu);
+    r.keep_mlp = a.flag01("keep-mlp", !gpu);
     r.doc_bos = doc_bos_flags(a, T->cfg.vocab);
     r.device_cap = (size_t)(a.real("device-mem", 0, 0, 1e6) * 1073741824.0);
     r.host_cap = (size_t)(a.real("host-mem", 0, 0, 1e6) * 1073741824.0);

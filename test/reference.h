@@ -34,9 +34,9 @@ static Loaded load(const char* file) {
 // Builds the model for one rank (P, rank: the sequence-parallel group), with the fixture's weights
 // and tokens.
 static void build(Model* M, const Loaded& L, size_t chunk, bool offload, size_t rows = 0, bool bf16 = false,
-                  int32_t doc_bos = -1, int P = 1, int rank = 0, bool keep_attn = false) {
+                  int32_t doc_bos = -1, int P = 1, int rank = 0, bool keep_attn = false, bool keep_mlp = false) {
     RunCfg r;
-    r.P = P, r.rank = rank, r.keep_attn = keep_attn;
+    r.P = P, r.rank = rank, r.keep_attn = keep_attn, r.keep_mlp = keep_mlp;
     r.seq = L.seq, r.chunk = chunk, r.offload = offload, r.head_rows = rows, r.mlp_rows = rows, r.bf16 = bf16;
     r.doc_bos = doc_bos;
     model_create(M, L.cfg, r, false);

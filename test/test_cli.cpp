@@ -186,11 +186,11 @@ TEST(Trace, PhaseTwoFetchesTheNextKvChunksFirstQueriesBeforeTheQkvBackward) {
 
 // `plan` predicts what `train` measures (the issue asks for 10%), in both precisions.
 TEST(Plan, PredictsTheMeasuredPeaks) {
-    for (const char* cfg : {"--model tiny --seq 256 --chunk-size 64 --offload 1 --precision fp32 --keep-attention 0",
-                            "--model gpt-tiny --seq 128 --precision fp32 --keep-attention 1",
-                            "--model small --seq 512 --chunk-size 128 --offload 1 --precision fp32 --keep-attention 1",
-                            "--model tiny --seq 256 --chunk-size 64 --offload 1 --precision bf16 --keep-attention 0",
-                            "--model small --seq 512 --chunk-size 128 --offload 1 --precision bf16 --keep-attention 1"}) {
+    for (const char* cfg : {"--model tiny --seq 256 --chunk-size 64 --offload 1 --precision fp32 --keep-attention 0 --keep-mlp 0",
+                            "--model gpt-tiny --seq 128 --precision fp32 --keep-attention 1 --keep-mlp 1",
+                            "--model small --seq 512 --chunk-size 128 --offload 1 --precision fp32 --keep-attention 1 --keep-mlp 0",
+                            "--model tiny --seq 256 --chunk-size 64 --offload 1 --precision bf16 --keep-attention 0 --keep-mlp 1",
+                            "--model small --seq 512 --chunk-size 128 --offload 1 --precision bf16 --keep-attention 1 --keep-mlp 1"}) {
         Out p = run(std::string("./fpdt plan ") + cfg);
         Out t = run(std::string("./fpdt train --device cpu --eval-every 0 --steps 1 ") + cfg);
         ASSERT_EQ(p.rc, 0) << p.out;

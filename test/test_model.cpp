@@ -114,46 +114,57 @@ TEST_P(Reference, Bf16OffloadIsExactAndChunkingWithinBf16Rounding) {
     model_free(&R);
 }
 
-// --keep-attention: the forward pass keeps each layer's attention output O and lse, and the
-// backward's recompute takes them instead of running attention again. Nothing else changes: the
-// kept values are the fp32 ones the recompute would make, so loss and gradients are bitwise those
-// of the recompute, chunked or not, offloaded or not, fp32 and bf16, with packed documents. And
-// attention really runs once: the trace counts its forward blocks, half as many as with the recompute.
+// --keep-attention and --keep-mlp: the forward pass keeps each layer's attention output O and
+// lse, or x_mid and the MLP's pre-activations, and the backward's recompute takes them instead of
+// running attention, or the output projection and the MLP's first matmul, again. Nothing else
+// changes: the kept values are the fp32 ones the recompute would make, so loss and gradients are
+// bitwise those of the recompute, chunked or not, offloaded or not, fp32 and bf16, with packed
+// documents. And the kept work really is not done again: the trace counts attention's forward
+// blocks and the output projections, each half as many when kept.
 static size_t count_events(const Trace& t, const char* name) {
     size_t n = 0;
     for (const TraceEvent& e : t.events) n += e.name == name;
     return n;
 }
-TEST(KeepAttention, BitForBitAndAttentionRunsOnce) {
+TEST(KeepActivations, BitForBitAndTheKeptWorkRunsOnce) {
     fatal_throws();
     for (const char* fixture : {"ref_llama_tiny.bin", "ref_gpt_tiny.bin", "ref_llama_docs.bin"}) {
         Loaded L = load(fixture);
         const int32_t bos = strstr(fixture, "docs") ? 256 : -1;
         for (int u : {1, 2, 4})
             for (bool off : {false, true})
-                for (bool bf16 : {false, true}) {
-                    if (u == 1 && off) continue;
-                    const std::string what = std::string(fixture) + ", " + std::to_string(u) + " chunks, offload " +
-                                             std::to_string(off) + ", bf16 " + std::to_string(bf16);
-                    Model A, B;  // A recomputes attention in the backward, B keeps it
-                    build(&A, L, L.seq / u, off, 0, bf16, bos);
-                    build(&B, L, L.seq / u, off, 0, bf16, bos, 1, 0, true);
-                    Trace ta, tb;
-                    ta.on = tb.on = true;
-                    A.ctx.trace = &ta, B.ctx.trace = &tb;
-                    EXPECT_EQ(model_forward_backward(&A, true), model_forward_backward(&B, true)) << what;
-                    EXPECT_EQ(memcmp(A.grads, B.grads, A.n_padded * sizeof(float)), 0) << what;
-                    const size_t blocks_a = count_events(ta, "attention block"), blocks_b = count_events(tb, "attention block");
-                    EXPECT_GT(blocks_b, 0u) << what;
-                    EXPECT_EQ(blocks_a, 2 * blocks_b) << what;
-                    // the memory it costs: O and lse of every layer, fp32, where the sequence's tensors are
-                    std::map<std::string, size_t> kept;
-                    for (auto& it : (off ? B.host : B.dev).items) kept[it.first] += it.second;
-                    EXPECT_EQ(kept["store: attention output (kept)"], L.cfg.n_layer * L.seq * (size_t)L.cfg.n_head * B.D * 4) << what;
-                    EXPECT_EQ(kept["store: attention lse (kept)"], L.cfg.n_layer * L.seq * (size_t)L.cfg.n_head * 4) << what;
-                    model_free(&A);
-                    model_free(&B);
-                }
+                for (bool bf16 : {false, true})
+                    for (int keep : {1, 2, 3}) {  // bit 0: attention, bit 1: the MLP
+                        if (u == 1 && off) continue;
+                        const bool ka = keep & 1, km = keep & 2;
+                        const std::string what = std::string(fixture) + ", " + std::to_string(u) + " chunks, offload " +
+                                                 std::to_string(off) + ", bf16 " + std::to_string(bf16) + ", keep attention " +
+                                                 std::to_string(ka) + " mlp " + std::to_string(km);
+                        Model A, B;  // A recomputes the whole layer in the backward, B keeps
+                        build(&A, L, L.seq / u, off, 3, bf16, bos);
+                        build(&B, L, L.seq / u, off, 3, bf16, bos, 1, 0, ka, km);
+                        Trace ta, tb;
+                        ta.on = tb.on = true;
+                        A.ctx.trace = &ta, B.ctx.trace = &tb;
+                        EXPECT_EQ(model_forward_backward(&A, true), model_forward_backward(&B, true)) << what;
+                        EXPECT_EQ(memcmp(A.grads, B.grads, A.n_padded * sizeof(float)), 0) << what;
+                        for (const char* scope : {"attention block", "out proj"}) {
+                            const size_t na = count_events(ta, scope), nb = count_events(tb, scope);
+                            const bool kept_here = strcmp(scope, "out proj") ? ka : km;
+                            EXPECT_GT(nb, 0u) << what << ": " << scope;
+                            EXPECT_EQ(na, (kept_here ? 2 : 1) * nb) << what << ": " << scope;
+                        }
+                        // the memory it costs: every layer's kept tensors, fp32, where the sequence's tensors are
+                        std::map<std::string, size_t> kept;
+                        for (auto& it : (off ? B.host : B.dev).items) kept[it.first] += it.second;
+                        const size_t LS = L.cfg.n_layer * L.seq * 4;
+                        EXPECT_EQ(kept["store: attention output (kept)"], ka ? LS * L.cfg.n_head * B.D : 0) << what;
+                        EXPECT_EQ(kept["store: attention lse (kept)"], ka ? LS * L.cfg.n_head : 0) << what;
+                        EXPECT_EQ(kept["store: x_mid (kept)"], km ? LS * L.cfg.d_model : 0) << what;
+                        EXPECT_EQ(kept["store: MLP hidden (kept)"], km ? LS * B.F2 : 0) << what;
+                        model_free(&A);
+                        model_free(&B);
+                    }
     }
 }
 
