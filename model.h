@@ -172,8 +172,9 @@ struct RunCfg {
     size_t mlp_rows = 0;                  // MLP rows at once (0: as many as fit 64M hidden values)
     bool bf16 = false;  // --precision bf16: bf16 matmul operands and bf16 sequence-sized stores (see below)
     int32_t doc_bos = -1;  // --doc-mask 1: the token that starts a document (data.h's TOK_BOS); -1: one document
-    bool keep_attn = false;  // --keep-attention 1: every layer's attention output and lse kept from the forward
-                             // pass for the backward, which then does not run attention's forward again
+    bool keep_attn = false;  // --keep-attention 1: every layer's q, k, v, attention output and lse kept from the
+                             // forward pass for the backward, which then runs neither the QKV projection nor
+                             // attention's forward again
     bool keep_mlp = false;   // --keep-mlp 1: every layer's x_mid and MLP hidden pre-activations kept from the
                              // forward pass, so the backward does not run the output projection and the MLP's
                              // first matmul again
@@ -252,7 +253,7 @@ struct Model {
                                  // (what the backward recomputes each layer from: activation checkpoints)
     ChunkStore dresid;           // (u, cl*d): the residual stream's gradient, updated in place (its meaning
                                  // phase by phase: schedule.h's header)
-    ChunkStore q, k, v;          // (u, C*Hl*D), (u, C*Hkvl*D) x2: one layer's
+    ChunkStore q, k, v;          // (u, C*Hl*D), (u, C*Hkvl*D) x2: one layer's (--keep-attention: L u, every layer's)
     ChunkStore lse, dout, delta, dq;  // (u, C*Hl), (u, C*Hl*D), (u, C*Hl), (u, C*Hl*D)
     ChunkStore attn_o, attn_lse;      // --keep-attention: (L u, C*Hl*D), (L u, C*Hl) every layer's attention
                                       // output and lse, fp32, from the forward pass (empty without it)
@@ -359,9 +360,10 @@ static inline void model_layout(Model* M) {
     store_init(&M->ctx, &M->targets, "store: targets", cl * 4, M->u, off, 2, dev, host);
     store_init(&M->ctx, &M->layer_in, "store: layer inputs", cl * d * 4, (L + 1) * M->u, off, 3, dev, host, b16);
     store_init(&M->ctx, &M->dresid, "store: dresid", cl * d * 4, M->u, off, 2, dev, host);
-    store_init(&M->ctx, &M->q, "store: q", qc * 4, M->u, off, 3, dev, host, b16);
-    store_init(&M->ctx, &M->k, "store: k", kvc * 4, M->u, off, 3, dev, host, b16);
-    store_init(&M->ctx, &M->v, "store: v", kvc * 4, M->u, off, 3, dev, host, b16);
+    const size_t qkv_chunks = (M->run.keep_attn ? L : 1) * (size_t)M->u;  // --keep-attention: every layer's
+    store_init(&M->ctx, &M->q, "store: q", qc * 4, qkv_chunks, off, 3, dev, host, b16);
+    store_init(&M->ctx, &M->k, "store: k", kvc * 4, qkv_chunks, off, 3, dev, host, b16);
+    store_init(&M->ctx, &M->v, "store: v", kvc * 4, qkv_chunks, off, 3, dev, host, b16);
     store_init(&M->ctx, &M->lse, "store: lse", C * M->Hl * 4, M->u, off, 3, dev, host);
     store_init(&M->ctx, &M->dout, "store: dO", qc * 4, M->u, off, 3, dev, host, b16);
     store_init(&M->ctx, &M->delta, "store: delta", C * M->Hl * 4, M->u, off, 3, dev, host);

@@ -28,7 +28,8 @@
 //              changes it says so: after head_pass dL/d(output of layer L-1); in layer l's phase 1
 //              it becomes dL/d(x_mid of l) (the residual after attention); in phase 2 dL/d(input
 //              of l), which is layer l-1's output gradient; the embedding backward reads it last
-//   q, k, v    one layer's, in the heads layout (C, Hl, D), (C, Hkvl, D) x2
+//   q, k, v    one layer's, in the heads layout (C, Hl, D), (C, Hkvl, D) x2 (with --keep-attention
+//              every layer's, L u chunks, kept from the forward pass: qkv_chunk)
 //   lse, delta one layer's log-sum-exp (C, Hl) and Delta = rowsum(dO . O) (C, Hl), each written
 //              once per chunk and read in phase 2
 //   dout       one layer's dO (C, Hl, D), written once per chunk in phase 1
@@ -62,6 +63,9 @@
 
 // Chunk i of layer l's input in the layer_in store, in 64 bits: (L+1) u chunks can pass 2^31.
 static inline int64_t layer_in_chunk(int l, int u, int i) { return (int64_t)l * u + i; }
+// Chunk i of q, k and v in their stores: one layer's (u chunks), or with --keep-attention every
+// layer's (L u chunks, kept from the forward pass for the backward).
+static inline int64_t qkv_chunk(const Model* M, int l, int i) { return M->run.keep_attn ? layer_in_chunk(l, M->u, i) : i; }
 
 // The matmuls of the schedule. fp32: as they are. bf16: both operands rounded to bf16 (the
 // activation into cast_a/cast_b, the weight from its copy at the same offset in wlow), fp32 sums,
@@ -152,10 +156,11 @@ struct ChunkActs {
 // chunk in the working set. Writes k_i, v_i to the store (later chunks attend to them) and, when
 // recomputing for the backward pass, q_i and lse_i too. Returns the layer output in `out` unless
 // out is null (the backward pass needs the intermediates, not the output), and where the chunk's
-// attention output O_i (C, Hl, D) is: the working set's M->o, or the attn_o store's slot.
-// --keep-attention (M->run.keep_attn): the forward pass of a step (M->keeping) also puts O_i and
-// lse_i into the attn_o and attn_lse stores, and the backward's recompute takes them from there
-// instead of running attention again; it still recomputes q, k, v (phase 2 reads them).
+// attention output O_i (C, Hl, D), x_mid and MLP pre-activations are (ChunkActs).
+// --keep-attention (M->run.keep_attn): the forward pass of a step (M->keeping) also keeps q_i
+// (k_i, v_i are stored anyway: every layer's, in this mode), O_i and lse_i (attn_o, attn_lse),
+// and the backward's recompute takes them instead of running the first norm, the QKV projection,
+// RoPE and attention again.
 // --keep-mlp (M->run.keep_mlp): likewise x_mid and the MLP's pre-activations (mlp_xmid, mlp_fch):
 // the recompute skips the output projection and the MLP's first matmul, and redoes only the
 // second norm (its statistics) and the activation.
@@ -170,29 +175,29 @@ static inline ChunkActs chunk_forward(Model* M, int l, int i, const float* x, fl
     const bool recall_mlp = for_backward && M->run.keep_mlp;  // x_mid_i, fch_i from the stores
     const bool fill_attn = M->keeping && !for_backward && M->run.keep_attn;  // the step's forward pass fills them
     const bool fill_mlp = M->keeping && !for_backward && M->run.keep_mlp;
-    {
-        TraceScope ts(ctx, "norm + qkv", TRACK_COMPUTE, i);
-        OP(ctx, norm_forward, M->ln1, M->mean1, M->rstd1, x, w.ln1_w, w.ln1_b, cl, d, M->rms, c.norm_eps);
-        mm_forward(M, M->qkv, M->ln1, w.qkv_w, w.qkv_b, cl, d, M->Q3);  // (cl, Q3)
-    }
-    float* qi = store_produce(ctx, &M->q, i, SLOT_NEW);  // (C, Hl, D)
-    float* ki = store_produce(ctx, &M->k, i, SLOT_NEW);  // (C, Hkvl, D)
-    float* vi = store_produce(ctx, &M->v, i, SLOT_NEW);  // (C, Hkvl, D)
-    qkv_to_heads(M, i, M->qkv, qi, ki, vi);
-    set_positions(M, i);
-    OP(ctx, rope, qi, M->pos, C, Hl, D, rope_params(c), +1);
-    OP(ctx, rope, ki, M->pos, C, Hkvl, D, rope_params(c), +1);
-    round_stored(M, qi, C * Hl * D), round_stored(M, ki, C * Hkvl * D), round_stored(M, vi, C * Hkvl * D);
-    store_put(ctx, &M->k, i, SLOT_NEW);
-    store_put(ctx, &M->v, i, SLOT_NEW);
-    if (for_backward) store_put(ctx, &M->q, i, SLOT_NEW);
-
     float* o = M->o;  // (C, Hl, D) O_i
     float* lse = M->lsew;  // (C, Hl) lse_i
-    if (recall) {  // layer_backward prefetched them with the layer input
+    if (recall) {  // layer_backward prefetched them with the layer input; q_i, k_i, v_i are in their stores
         o = store_use(ctx, &M->attn_o, kept, slot_of(i));
         lse = store_use(ctx, &M->attn_lse, kept, slot_of(i));
     } else {
+        {
+            TraceScope ts(ctx, "norm + qkv", TRACK_COMPUTE, i);
+            OP(ctx, norm_forward, M->ln1, M->mean1, M->rstd1, x, w.ln1_w, w.ln1_b, cl, d, M->rms, c.norm_eps);
+            mm_forward(M, M->qkv, M->ln1, w.qkv_w, w.qkv_b, cl, d, M->Q3);  // (cl, Q3)
+        }
+        const int64_t qc = qkv_chunk(M, l, i);
+        float* qi = store_produce(ctx, &M->q, qc, SLOT_NEW);  // (C, Hl, D)
+        float* ki = store_produce(ctx, &M->k, qc, SLOT_NEW);  // (C, Hkvl, D)
+        float* vi = store_produce(ctx, &M->v, qc, SLOT_NEW);  // (C, Hkvl, D)
+        qkv_to_heads(M, i, M->qkv, qi, ki, vi);
+        set_positions(M, i);
+        OP(ctx, rope, qi, M->pos, C, Hl, D, rope_params(c), +1);
+        OP(ctx, rope, ki, M->pos, C, Hkvl, D, rope_params(c), +1);
+        round_stored(M, qi, C * Hl * D), round_stored(M, ki, C * Hkvl * D), round_stored(M, vi, C * Hkvl * D);
+        store_put(ctx, &M->k, qc, SLOT_NEW);
+        store_put(ctx, &M->v, qc, SLOT_NEW);
+        if (for_backward || fill_attn) store_put(ctx, &M->q, qc, SLOT_NEW);
         if (fill_attn) o = store_produce(ctx, &M->attn_o, kept, SLOT_NEW), lse = store_produce(ctx, &M->attn_lse, kept, SLOT_NEW);
         // attention of q_i over k_j, v_j for first_kv(i) <= j <= i (0 without documents),
         // double-buffered: fetch j+1 while j computes. The first k_j, v_j were fetched at the end of
@@ -202,16 +207,20 @@ static inline ChunkActs chunk_forward(Model* M, int l, int i, const float* x, fl
         const int32_t* qdoc = set_query_docs(M, i);
         for (int j = 0; j < first_kv(M, i); j++) mark_skipped(M, i);
         for (int j = first_kv(M, i); j <= i; j++) {
-            if (j + 1 < i) store_prefetch(ctx, &M->k, j + 1, slot_of(j + 1)), store_prefetch(ctx, &M->v, j + 1, slot_of(j + 1));
-            const float* kj = j == i ? ki : store_use(ctx, &M->k, j, slot_of(j));
-            const float* vj = j == i ? vi : store_use(ctx, &M->v, j, slot_of(j));
+            if (j + 1 < i)
+                store_prefetch(ctx, &M->k, qkv_chunk(M, l, j + 1), slot_of(j + 1)),
+                    store_prefetch(ctx, &M->v, qkv_chunk(M, l, j + 1), slot_of(j + 1));
+            const float* kj = j == i ? ki : store_use(ctx, &M->k, qkv_chunk(M, l, j), slot_of(j));
+            const float* vj = j == i ? vi : store_use(ctx, &M->v, qkv_chunk(M, l, j), slot_of(j));
             TraceScope ts(ctx, "attention block", TRACK_COMPUTE, i);
             OP(ctx, attention_forward, o, lse, qi, kj, vj, C, C, Hl, Hkvl, D, j == i, qdoc, (size_t)j * C);
         }
         // Both callers (layer_forward, layer_backward's phase 1) run the chunks in order: the next
         // chunk's first key/value block can come in now, while this chunk finishes.
         const int next = i + 1 < M->u ? first_kv(M, i + 1) : i + 1;
-        if (next <= i) store_prefetch(ctx, &M->k, next, slot_of(next)), store_prefetch(ctx, &M->v, next, slot_of(next));
+        if (next <= i)
+            store_prefetch(ctx, &M->k, qkv_chunk(M, l, next), slot_of(next)),
+                store_prefetch(ctx, &M->v, qkv_chunk(M, l, next), slot_of(next));
         if (fill_attn) store_put(ctx, &M->attn_o, kept, SLOT_NEW), store_put(ctx, &M->attn_lse, kept, SLOT_NEW);
     }
     if (for_backward) {
@@ -406,7 +415,7 @@ static inline void layer_backward_attention(Model* M, int l) {
     Ctx* ctx = &M->ctx;
     const int u = M->u, D = M->D, Hl = M->Hl, Hkvl = M->Hkvl;
     const size_t cl = M->cl, C = M->C, d = c.d_model;
-    ChunkStore* qset[] = {&M->q, &M->dout, &M->lse, &M->delta};
+    ChunkStore* qset[] = {&M->dout, &M->lse, &M->delta};  // and q (chunk qkv_chunk(l, i))
     // The query side (q, dO, lse, delta and dQ of chunk i) alternates between two slots as i runs
     // down. A copy-in waits for all compute queued before it is issued, so j + 1's first chunk
     // (last_query(j + 1)) is fetched as soon as j's block i = j + 1 is queued, into the slot that
@@ -414,28 +423,31 @@ static inline void layer_backward_attention(Model* M, int l) {
     // with compute waiting. Each j's slots are flipped (`flip`) so that j + 1's first chunk never
     // lands in the slot of j's last one (i = j), whose dQ_j the QKV backward still reads.
     auto prefetch = [&](int jj, int i, int flip) {  // chunk i of the query side, for kv chunk jj
+        store_prefetch(ctx, &M->q, qkv_chunk(M, l, i), slot_of(i, flip));
         for (ChunkStore* s : qset) store_prefetch(ctx, s, i, slot_of(i, flip));
         if (jj > first_kv(M, i)) store_prefetch(ctx, &M->dq, i, slot_of(i, flip));  // on the first visit dQ_i starts at zero
     };
-    store_prefetch(ctx, &M->k, 0, slot_of(0)), store_prefetch(ctx, &M->v, 0, slot_of(0));
+    store_prefetch(ctx, &M->k, qkv_chunk(M, l, 0), slot_of(0)), store_prefetch(ctx, &M->v, qkv_chunk(M, l, 0), slot_of(0));
     prefetch(0, last_query(M, 0), 0);
     for (int j = 0, flip = 0; j < u; j++) {
         const int last = last_query(M, j), next_first = j + 1 < u ? last_query(M, j + 1) : 0;
         const int next_flip = (flip + j + next_first + 1) % 2;  // slot_of(next_first, next_flip) != slot_of(j, flip)
         for (int i = u - 1; i > last; i--) mark_skipped(M, i);
         // then, in the order needed: the next kv chunk, and what the end of this j needs
-        if (j + 1 < u) store_prefetch(ctx, &M->k, j + 1, slot_of(j + 1)), store_prefetch(ctx, &M->v, j + 1, slot_of(j + 1));
+        if (j + 1 < u)
+            store_prefetch(ctx, &M->k, qkv_chunk(M, l, j + 1), slot_of(j + 1)),
+                store_prefetch(ctx, &M->v, qkv_chunk(M, l, j + 1), slot_of(j + 1));
         store_prefetch(ctx, &M->layer_in, layer_in_chunk(l, u, j), SLOT_SINGLE);  // for the QKV backward at the end of this j
         store_prefetch(ctx, &M->dresid, j, SLOT_SINGLE);
-        const float* kj = store_use(ctx, &M->k, j, slot_of(j));
-        const float* vj = store_use(ctx, &M->v, j, slot_of(j));
+        const float* kj = store_use(ctx, &M->k, qkv_chunk(M, l, j), slot_of(j));
+        const float* vj = store_use(ctx, &M->v, qkv_chunk(M, l, j), slot_of(j));
         dev_zero(ctx, M->dk, C * Hkvl * D * sizeof(float));
         dev_zero(ctx, M->dv, C * Hkvl * D * sizeof(float));
         float* dqi = nullptr;
         for (int i = last; i >= j; i--) {
             if (i - 1 >= j) prefetch(j, i - 1, flip);
             const int si = slot_of(i, flip);
-            const float* qi = store_use(ctx, &M->q, i, si);
+            const float* qi = store_use(ctx, &M->q, qkv_chunk(M, l, i), si);
             const float* doi = store_use(ctx, &M->dout, i, si);
             const float* lsei = store_use(ctx, &M->lse, i, si);
             const float* dli = store_use(ctx, &M->delta, i, si);

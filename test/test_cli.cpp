@@ -160,26 +160,29 @@ TEST(Trace, ChromeJsonWithTracksAndBlockCounts) {
 // shows the order: in every layer, for every j >= 1, those copy-ins come before the QKV backward
 // of j - 1.
 TEST(Trace, PhaseTwoFetchesTheNextKvChunksFirstQueriesBeforeTheQkvBackward) {
-    const std::string f = tmpdir() + "/trace.json";
     const int u = 4, L = 2, COMPUTE = 0, COPY_IN = 1;  // chunks, layers; the trace's tracks (common.h)
-    Out r = run(TINY + "--seq 256 --steps 1 --chunk-size 64 --offload 1 --trace " + f);
-    ASSERT_EQ(r.rc, 0) << r.out;
-    const std::vector<TraceOp> ops = read_trace(f);
-    ASSERT_GT(ops.size(), 100u) << r.out;
-    for (int l = 0; l < L; l++) {
-        std::vector<double> q_last, dq_last, qkv_bwd;  // in trace order: q / dQ copy-ins of chunk u-1, QKV backwards
-        for (const TraceOp& o : ops) {
-            if (o.layer != l) continue;
-            if (o.track == COPY_IN && o.chunk == u - 1 && o.name == "store: q") q_last.push_back(o.ts);
-            if (o.track == COPY_IN && o.chunk == u - 1 && o.name == "store: dQ") dq_last.push_back(o.ts);
-            if (o.track == COMPUTE && o.name == "qkv backward") qkv_bwd.push_back(o.ts);
-        }
-        ASSERT_EQ(q_last.size(), (size_t)u) << "layer " << l;   // once per kv chunk j
-        ASSERT_EQ(dq_last.size(), (size_t)u - 1) << "layer " << l;  // j >= 1 (j = 0 starts dQ at zero)
-        ASSERT_EQ(qkv_bwd.size(), (size_t)u) << "layer " << l;
-        for (int j = 1; j < u; j++) {
-            EXPECT_LT(q_last[j], qkv_bwd[j - 1]) << "layer " << l << ": q of chunk " << u - 1 << " for kv chunk " << j;
-            EXPECT_LT(dq_last[j - 1], qkv_bwd[j - 1]) << "layer " << l << ": dQ of chunk " << u - 1 << " for kv chunk " << j;
+    for (int keep : {1, 0}) {  // --keep-attention 1 (the CPU's default): q's store holds every layer's, chunk l u + i
+        const std::string f = tmpdir() + "/trace.json";
+        Out r = run(TINY + "--seq 256 --steps 1 --chunk-size 64 --offload 1 --trace " + f + (keep ? "" : " --keep-attention 0"));
+        ASSERT_EQ(r.rc, 0) << r.out;
+        const std::vector<TraceOp> ops = read_trace(f);
+        ASSERT_GT(ops.size(), 100u) << r.out;
+        for (int l = 0; l < L; l++) {
+            std::vector<double> q_last, dq_last, qkv_bwd;  // in trace order: q / dQ copy-ins of chunk u-1, QKV backwards
+            const int q_chunk = keep ? l * u + u - 1 : u - 1;
+            for (const TraceOp& o : ops) {
+                if (o.layer != l) continue;
+                if (o.track == COPY_IN && o.chunk == q_chunk && o.name == "store: q") q_last.push_back(o.ts);
+                if (o.track == COPY_IN && o.chunk == u - 1 && o.name == "store: dQ") dq_last.push_back(o.ts);
+                if (o.track == COMPUTE && o.name == "qkv backward") qkv_bwd.push_back(o.ts);
+            }
+            ASSERT_EQ(q_last.size(), (size_t)u) << "layer " << l << ", keep " << keep;   // once per kv chunk j
+            ASSERT_EQ(dq_last.size(), (size_t)u - 1) << "layer " << l << ", keep " << keep;  // j >= 1 (j = 0 starts dQ at zero)
+            ASSERT_EQ(qkv_bwd.size(), (size_t)u) << "layer " << l << ", keep " << keep;
+            for (int j = 1; j < u; j++) {
+                EXPECT_LT(q_last[j], qkv_bwd[j - 1]) << "layer " << l << ": q of chunk " << u - 1 << " for kv chunk " << j;
+                EXPECT_LT(dq_last[j - 1], qkv_bwd[j - 1]) << "layer " << l << ": dQ of chunk " << u - 1 << " for kv chunk " << j;
+            }
         }
     }
 }

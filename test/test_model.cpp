@@ -119,8 +119,8 @@ TEST_P(Reference, Bf16OffloadIsExactAndChunkingWithinBf16Rounding) {
 // running attention, or the output projection and the MLP's first matmul, again. Nothing else
 // changes: the kept values are the fp32 ones the recompute would make, so loss and gradients are
 // bitwise those of the recompute, chunked or not, offloaded or not, fp32 and bf16, with packed
-// documents. And the kept work really is not done again: the trace counts attention's forward
-// blocks and the output projections, each half as many when kept.
+// documents. And the kept work really is not done again: the trace counts the QKV projections,
+// attention's forward blocks and the output projections, each half as many when kept.
 static size_t count_events(const Trace& t, const char* name) {
     size_t n = 0;
     for (const TraceEvent& e : t.events) n += e.name == name;
@@ -148,7 +148,7 @@ TEST(KeepActivations, BitForBitAndTheKeptWorkRunsOnce) {
                         A.ctx.trace = &ta, B.ctx.trace = &tb;
                         EXPECT_EQ(model_forward_backward(&A, true), model_forward_backward(&B, true)) << what;
                         EXPECT_EQ(memcmp(A.grads, B.grads, A.n_padded * sizeof(float)), 0) << what;
-                        for (const char* scope : {"attention block", "out proj"}) {
+                        for (const char* scope : {"norm + qkv", "attention block", "out proj"}) {
                             const size_t na = count_events(ta, scope), nb = count_events(tb, scope);
                             const bool kept_here = strcmp(scope, "out proj") ? ka : km;
                             EXPECT_GT(nb, 0u) << what << ": " << scope;
@@ -158,6 +158,9 @@ TEST(KeepActivations, BitForBitAndTheKeptWorkRunsOnce) {
                         std::map<std::string, size_t> kept;
                         for (auto& it : (off ? B.host : B.dev).items) kept[it.first] += it.second;
                         const size_t LS = L.cfg.n_layer * L.seq * 4;
+                        // q: one layer's, or every layer's (bf16 on the host when offloaded in bf16)
+                        const size_t qb = (ka ? L.cfg.n_layer : 1) * L.seq * L.cfg.n_head * B.D * (off && bf16 ? 2 : 4);
+                        EXPECT_EQ(kept["store: q"], qb) << what;
                         EXPECT_EQ(kept["store: attention output (kept)"], ka ? LS * L.cfg.n_head * B.D : 0) << what;
                         EXPECT_EQ(kept["store: attention lse (kept)"], ka ? LS * L.cfg.n_head : 0) << what;
                         EXPECT_EQ(kept["store: x_mid (kept)"], km ? LS * L.cfg.d_model : 0) << what;
