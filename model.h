@@ -517,7 +517,8 @@ static inline void model_create(Model* M, const Config& c, const RunCfg& r, bool
     const double host_bytes = ((double)need_host + (M->ctx.gpu ? 0.0 : (double)need_dev)) * local;
     err = check_host_bytes(std::string("host memory: this run's arenas") + (local > 1 ? " (" + std::to_string(local) +
                            " ranks on this machine)" : std::string()), host_bytes);
-    if (!err.empty()) fatal("%s; see ./fpdt plan", err.c_str());
+    if (!err.empty())
+        fatal("%s; see ./fpdt plan%s", err.c_str(), r.keep_attn || r.keep_mlp ? " (or --keep-attention 0 --keep-mlp 0)" : "");
     reset_arenas(M);
     M->dev.cap = need_dev;
     M->host.cap = std::max<size_t>(need_host, 256);

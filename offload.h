@@ -5,7 +5,8 @@
 // does outside the ops, each with its CUDA twin.
 //
 // The host store: every tensor whose size grows with the sequence (layer inputs, the gradient
-// flowing back, one layer's Q/K/V, dO, LSE, delta, dQ) is kept as a run of per-chunk tensors in a
+// flowing back, one layer's Q/K/V, dO, LSE, delta, dQ; with --keep-attention and --keep-mlp
+// every layer's Q/K/V and what the backward reads) is kept as a run of per-chunk tensors in a
 // ChunkStore. With offload on, the chunks live in the pinned host arena and pass through a few
 // device "slots" (two for double buffering, plus one for the chunk being produced); with offload
 // off they live in the device arena and the same calls hand out direct pointers.

@@ -222,7 +222,7 @@ static inline __attribute__((always_inline)) float cpu_exp_in_range(float x) {
     p = p * f + 1.6666665459e-1f;
     p = p * f + 5.0000001201e-1f;
     p = (p * f * f + f) + 1.0f;
-    const int bits = ((int)n + 127) << 23;  // 2^n, n in [-126, 127]
+    const uint32_t bits = (uint32_t)((int)n + 127) << 23;  // 2^n, n in [-126, 127] (unsigned: no UB for NaN's n)
     float two_n;
     memcpy(&two_n, &bits, sizeof bits);
     return p * two_n;

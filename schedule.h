@@ -152,11 +152,12 @@ struct ChunkActs {
 // ----------------------------------------------------------------------------
 // Forward: a layer, chunk by chunk
 
-// Forward of layer l on chunk i, from x (cl, d) = the layer input. Leaves every intermediate of the
-// chunk in the working set. Writes k_i, v_i to the store (later chunks attend to them) and, when
-// recomputing for the backward pass, q_i and lse_i too. Returns the layer output in `out` unless
-// out is null (the backward pass needs the intermediates, not the output), and where the chunk's
-// attention output O_i (C, Hl, D), x_mid and MLP pre-activations are (ChunkActs).
+// Forward of layer l on chunk i, from x (cl, d) = the layer input. Leaves the chunk's
+// intermediates in the working set or, those kept (below), in the kept stores' slots. Writes k_i,
+// v_i to the store (later chunks attend to them) and, when recomputing for the backward pass,
+// q_i and lse_i too. Returns the layer output in `out` unless out is null (the backward pass
+// needs the intermediates, not the output), and where the chunk's attention output O_i
+// (C, Hl, D), x_mid and MLP pre-activations are (ChunkActs).
 // --keep-attention (M->run.keep_attn): the forward pass of a step (M->keeping) also keeps q_i
 // (k_i, v_i are stored anyway: every layer's, in this mode), O_i and lse_i (attn_o, attn_lse),
 // and the backward's recompute takes them instead of running the first norm, the QKV projection,
@@ -356,8 +357,9 @@ static inline void layer_backward(Model* M, int l) {
     // then back through the MLP and the output projection down to dO_i; dresid_i becomes dL/dx_mid.
     // With --keep-attention, the forward pass's O_i and lse_i come in with the layer input instead
     // of attention running again.
+    const bool need_x = !(M->run.keep_attn && M->run.keep_mlp);  // (with both, the recompute reads no layer input)
     auto fetch = [&](int i) {
-        store_prefetch(ctx, &M->layer_in, layer_in_chunk(l, u, i), slot_of(i));
+        if (need_x) store_prefetch(ctx, &M->layer_in, layer_in_chunk(l, u, i), slot_of(i));
         store_prefetch(ctx, &M->dresid, i, slot_of(i));
         if (M->run.keep_attn)
             store_prefetch(ctx, &M->attn_o, layer_in_chunk(l, u, i), slot_of(i)),
@@ -369,7 +371,7 @@ static inline void layer_backward(Model* M, int l) {
     fetch(0);
     for (int i = 0; i < u; i++) {
         if (i + 1 < u) fetch(i + 1);
-        const float* x = store_use(ctx, &M->layer_in, layer_in_chunk(l, u, i), slot_of(i));
+        const float* x = need_x ? store_use(ctx, &M->layer_in, layer_in_chunk(l, u, i), slot_of(i)) : nullptr;
         const ChunkActs acts = chunk_forward(M, l, i, x, nullptr, true);
         float* dres = store_use(ctx, &M->dresid, i, slot_of(i));  // (cl, d) dL/d(layer output), made dL/d(x_mid)
         {

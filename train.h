@@ -34,12 +34,14 @@ static void train_help() {
         "  --keep-attention 0|1  keep every layer's q, k, v, attention output and log-sum-exp from the forward\n"
         "                      pass (in the host store when offloaded), so that the backward runs neither the\n"
         "                      QKV projection nor attention's forward again: the same result to the bit, for\n"
-        "                      S ((Hq + 2 Hkv) D b + (Hq D + Hq) 4) bytes more a layer, b = 2 in bf16, else 4\n"
+        "                      S ((Hq + 2 Hkv) D b + (Hq D + Hq) 4) bytes more a layer, b = 2 when offloaded\n"
+        "                      in bf16, else 4\n"
         "                      (default 1 on the CPU; 0 on a GPU, where host memory bounds S)\n"
         "  --keep-mlp 0|1      likewise keep every layer's x_mid and MLP pre-activations, so that the backward\n"
         "                      runs neither the output projection nor the MLP's first matmul again: the same\n"
         "                      result to the bit, for S (d + 2 ffn) x 4 bytes more a layer (llama; gpt:\n"
-        "                      d + ffn) (default 1 on the CPU, 0 on a GPU)\n"
+        "                      d + ffn) (default 1 on the CPU, 0 on a GPU; the CPU's defaults are off where\n"
+        "                      they would not fit this machine's memory or --host-mem, and the header says so)\n"
         "  --start-seq N[,N2..]  train first at these shorter sequences, one stage each, growing (each in as\n"
         "                      many chunks as --seq has), then at --seq (context extension); 0 = off\n"
         "                      (default 64,1024,2048 when --seq is left at its default; on a GPU 4096)\n"
@@ -246,6 +248,7 @@ struct Train {
     Manifest id;                // this run's identity, stored in its checkpoints and checked on --resume
     std::string settings;       // what may change across a resume (run_settings)
     std::string changed;        // what did change since the checkpoint ("": nothing, or no resume)
+    std::string keep_note;      // why the CPU's default --keep-attention/--keep-mlp are off ("" when they are not)
     int start = 0;              // the first step to run (0, or the checkpoint's step)
     size_t main_dev = 0, main_host = 0;  // the main phase's arenas, for the header
     // the loop's record
@@ -375,6 +378,18 @@ static void set_run_shape(Train* T) {
     for (size_t i = 1; i < ends.size(); i++)
         if (ends[i] < ends[i - 1]) fatal_all("--start-steps: '%s' (expected last steps that do not decrease)", a.str("start-steps", "").c_str());
     if (!(err = check_shape(T->cfg, r)).empty()) fatal_all("%s", err.c_str());
+    // The CPU's defaults keep what the backward reads (--keep-attention, --keep-mlp) where that fits
+    // this machine's memory and --host-mem; where it does not, they recompute it as a GPU run does,
+    // and the header says so. Either flag on the command line is taken as it is.
+    if (!gpu && (r.keep_attn || r.keep_mlp) && !a.has("keep-attention") && !a.has("keep-mlp")) {
+        Model K;
+        model_create(&K, T->cfg, r, true);  // what the run would take, counted only
+        const double need = ((double)K.dev.peak + (double)K.host.peak) * std::max(1, comm_world().local_size);
+        if ((r.host_cap && K.host.peak > r.host_cap) || !check_host_bytes("", need).empty()) {
+            r.keep_attn = r.keep_mlp = false;
+            T->keep_note = " (the CPU's default keeps attention, mlp where they fit: not within this machine's memory or --host-mem)";
+        }
+    }
     const size_t u = r.seq / std::max<size_t>(r.chunk, 1);
     // each stage's peak learning rate: --lr, but a third of it for the CPU default run's 64-token
     // stage, where 3e-3 left one or two of the five passkey symbols unlearned in two seeds of
@@ -490,8 +505,10 @@ static void print_train_header(const Train* T) {
     if (r.batch > 1) ranks += " | batch " + std::to_string(r.batch) + " (" + std::to_string(r.batch / (r.world / r.P)) + " per replica)";
     const std::string since = T->resume ? " | resumed at step " + std::to_string(T->start) + T->changed
                               : !T->init_path.empty() ? " | weights from " + T->init_path : "";
-    log_line(true, "seq %zu | chunk %zu (%zu chunks) | offload %s | ranks %d%s | device %s, %s | steps %d%s%s", r.seq, r.chunk,
-             r.seq / r.chunk, r.offload ? "on" : "off", r.world, ranks.c_str(), device_name(M.ctx).c_str(),
+    const char* kept = r.keep_attn && r.keep_mlp ? "attention, mlp" : r.keep_attn ? "attention" : r.keep_mlp ? "mlp" : "none";
+    log_line(true, "seq %zu | chunk %zu (%zu chunks) | offload %s | kept for the backward: %s%s | ranks %d%s | device %s, %s | steps %d%s%s",
+             r.seq, r.chunk, r.seq / r.chunk, r.offload ? "on" : "off", kept, T->keep_note.c_str(), r.world, ranks.c_str(),
+             device_name(M.ctx).c_str(),
              r.bf16 ? "bf16" : "fp32", T->steps, r.doc_bos >= 0 ? " | doc-mask 1: attention within documents" : "",
              since.c_str());
     if (T->start_steps) {  // "start: steps 1-3960 at seq 64 (chunk 16: 4 chunks, offload on), steps 3961-..."

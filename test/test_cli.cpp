@@ -42,6 +42,35 @@ TEST(Train, ChunkedAndOffloadedPrintTheUnchunkedLosses) {
     }
 }
 
+// What the CPU keeps for the backward (--keep-attention, --keep-mlp, its defaults) changes no bit of
+// a run: steps after updates, evaluations between them, two sequences a step, chunked and
+// offloaded, in both precisions, print the same step and evaluation lines as recomputing all.
+TEST(Train, KeepingForTheBackwardChangesNoBitOfARun) {
+    const auto lines = [](const std::string& out) {  // step and eval lines, less their times
+        std::string kept;
+        size_t at = 0;
+        while (at < out.size()) {
+            size_t end = out.find('\n', at);
+            if (end == std::string::npos) end = out.size();
+            const std::string line = out.substr(at, end - at);
+            if (line.rfind("step ", 0) == 0) kept += line.substr(0, line.rfind(" | ", line.find(" tok/s"))) + "\n";
+            if (line.rfind("eval step", 0) == 0) kept += line + "\n";
+            at = end + 1;
+        }
+        return kept;
+    };
+    for (const char* prec : {"fp32", "bf16"}) {
+        const std::string base = "./fpdt train --device cpu --model tiny --seq 128 --chunk-size 32 --offload 1 --steps 6 "
+                                 "--eval-every 2 --eval-seqs 2 --batch 2 --log-every 1 --precision " + std::string(prec);
+        Out keep = run(base), recompute = run(base + " --keep-attention 0 --keep-mlp 0");
+        ASSERT_EQ(keep.rc, 0) << keep.out;
+        ASSERT_EQ(recompute.rc, 0) << recompute.out;
+        EXPECT_NE(keep.out.find("kept for the backward: attention, mlp"), std::string::npos) << keep.out;
+        EXPECT_NE(lines(keep.out).find("eval step 6"), std::string::npos) << keep.out;
+        EXPECT_EQ(lines(keep.out), lines(recompute.out)) << prec;
+    }
+}
+
 // Stopping and resuming changes nothing, in either precision (bf16's weight copy is remade from
 // the restored fp32 weights, so nothing of it needs saving).
 TEST(Checkpoint, StopAndResumePrintTheSameLosses) {
@@ -185,6 +214,24 @@ TEST(Trace, PhaseTwoFetchesTheNextKvChunksFirstQueriesBeforeTheQkvBackward) {
             }
         }
     }
+}
+
+// The CPU keeps what the backward reads (--keep-attention, --keep-mlp) by default where it fits:
+// where it does not (here --host-mem between the two runs' needs), the run recomputes it and says
+// so in its header; asked for on the command line, it is refused in one line naming the flags.
+TEST(Plan, CpuKeepsWhatFitsAndSaysSo) {
+    const std::string args = "./fpdt train --device cpu --model tiny --seq 4096 --steps 1 --eval-every 0 --host-mem 0.015";
+    Out r = run(args);
+    ASSERT_EQ(r.rc, 0) << r.out;
+    EXPECT_NE(r.out.find("| kept for the backward: none (the CPU's default keeps attention, mlp where they fit"), std::string::npos)
+        << r.out;
+    Out k = run(args + " --keep-mlp 1");
+    EXPECT_NE(k.rc, 0) << k.out;
+    EXPECT_NE(k.out.find("--host-mem allows"), std::string::npos) << k.out;
+    EXPECT_NE(k.out.find("or --keep-attention 0 --keep-mlp 0"), std::string::npos) << k.out;
+    Out d = run("./fpdt train --device cpu --model tiny --seq 4096 --steps 1 --eval-every 0");
+    ASSERT_EQ(d.rc, 0) << d.out;
+    EXPECT_NE(d.out.find("| kept for the backward: attention, mlp | "), std::string::npos) << d.out;
 }
 
 // `plan` predicts what `train` measures (the issue asks for 10%), in both precisions.

@@ -23,11 +23,13 @@
 #include <cfloat>
 #include <cmath>
 #include <cstring>
+#include <algorithm>
 #include <functional>
 #include <vector>
 #include "attention.cuh"
 #include "common.h"
 #include "loss.cuh"
+#include "offload.h"
 #include "ops.cuh"
 #include "test/cli.h"
 #include "test/testutil.h"
@@ -1046,8 +1048,25 @@ TEST(AttentionTiled, ExpWithinTwoUlp) {
     EXPECT_EQ(cpu_exp(0.0f), 1.0f);
 }
 
-// attn_exp, cpu_exp less its overflow test, is cpu_exp to the bit wherever the softmax calls it
-// (x <= a few ulp above 0: s - max s, s - lse), at -inf and below cpu_exp's lower limit; NaN stays NaN.
+// The CPU backend's copies and zero-fills (offload.h's cpu_copy, cpu_zero), split among the
+// threads above 256 KiB: every byte, at sizes around the block edges.
+TEST(CpuCopy, EveryByteAtEverySize) {
+    for (size_t n : {(size_t)0, (size_t)1, 4 * CPU_COPY_BLOCK - 1, 4 * CPU_COPY_BLOCK, 4 * CPU_COPY_BLOCK + 3,
+                     16 * CPU_COPY_BLOCK + 5}) {
+        std::vector<unsigned char> src(n + 1), dst(n + 1, 0xAB);
+        for (size_t i = 0; i < n; i++) src[i] = (unsigned char)(i * 131 + 7);
+        cpu_copy(dst.data(), src.data(), n);
+        EXPECT_EQ(memcmp(dst.data(), src.data(), n), 0) << n;
+        EXPECT_EQ(dst[n], 0xAB) << n << ": written past the end";
+        cpu_zero(dst.data(), n);
+        EXPECT_EQ(std::count(dst.begin(), dst.begin() + n, 0), (long)n) << n;
+        EXPECT_EQ(dst[n], 0xAB) << n << ": zeroed past the end";
+    }
+}
+
+// attn_exp, cpu_exp less its overflow result, is cpu_exp to the bit wherever the softmax's values
+// lie (x <= a few ulp above 0: s - max s, s - lse), at -inf and below cpu_exp's lower limit; NaN
+// stays NaN.
 TEST(AttentionTiled, SoftmaxExpIsCpuExpToTheBit) {
     std::vector<float> xs = {-INFINITY, -1e30f, -100.0f, -87.4f, CPU_EXP_LO, -0.0f, 0.0f, 1e-6f, 0.01f};
     for (int i = 0; i <= 1000000; i++) xs.push_back(-100.0f + 100.01f * (float)i / 1000000.0f);
@@ -1056,6 +1075,8 @@ TEST(AttentionTiled, SoftmaxExpIsCpuExpToTheBit) {
         ASSERT_EQ(memcmp(&a, &c, sizeof a), 0) << x << ": " << a << " vs " << c;
     }
     EXPECT_TRUE(std::isnan(attn_exp(NAN)));
+    // above cpu_exp's range (lanes the softmax zeroes after: a query whose lse is -inf) it stays finite
+    for (float x : {88.5f, 1e30f, INFINITY}) EXPECT_EQ(attn_exp(x), cpu_exp_in_range(CPU_EXP_HI)) << x;
 }
 
 // The GPU attention kernels' shared memory per block (attention.cuh) against what GPUs allow a
