@@ -29,8 +29,9 @@
 // copies narrow (slot -> bf16 wire buffer -> host) and widen (host -> wire -> slot) on the copy
 // streams. The schedule rounds such values to bf16 before it puts them, so the narrowing is
 // exact and offload on or off computes the same numbers.
-// On the CPU backend the copies are memcpy (cpu_copy: shared among the threads), done in order. On the GPU they are cudaMemcpyAsync on
-// the copy streams, ordered by events only (no host synchronisation):
+// On the CPU backend the copies are memcpy (cpu_copy: shared among the threads), done in order.
+// On the GPU they are cudaMemcpyAsync on the copy streams, ordered by events only (no host
+// synchronisation):
 //   prefetch: copy-in waits for compute and the slot's last copy-out to be done with the slot,
 //             and for the copy-out of the chunk it fetches (`chunk_put`), then copies, then
 //             records `ready`;
@@ -109,17 +110,19 @@ static __global__ void iota_kernel(int32_t* pos, int32_t first, size_t n) {
 
 // The CPU backend's copies and zero-fills: above 256 KiB, in blocks shared among the threads (on
 // one thread the others wait: such copies were 3% of a small 4096 step, all on one core).
+// op(offset, bytes) on each block of [0, bytes).
 static const size_t CPU_COPY_BLOCK = 64 * 1024;
-static inline void cpu_copy(void* dst, const void* src, size_t bytes) {
-    if (bytes < 4 * CPU_COPY_BLOCK) return (void)memcpy(dst, src, bytes);
+template <typename Op>
+static inline void cpu_in_blocks(size_t bytes, Op op) {
+    if (bytes < 4 * CPU_COPY_BLOCK) return op(0, bytes);
 #pragma omp parallel for schedule(static)
-    for (size_t b = 0; b < bytes; b += CPU_COPY_BLOCK)
-        memcpy((char*)dst + b, (const char*)src + b, std::min(CPU_COPY_BLOCK, bytes - b));
+    for (size_t b = 0; b < bytes; b += CPU_COPY_BLOCK) op(b, std::min(CPU_COPY_BLOCK, bytes - b));
+}
+static inline void cpu_copy(void* dst, const void* src, size_t bytes) {
+    cpu_in_blocks(bytes, [=](size_t b, size_t n) { memcpy((char*)dst + b, (const char*)src + b, n); });
 }
 static inline void cpu_zero(void* dst, size_t bytes) {
-    if (bytes < 4 * CPU_COPY_BLOCK) return (void)memset(dst, 0, bytes);
-#pragma omp parallel for schedule(static)
-    for (size_t b = 0; b < bytes; b += CPU_COPY_BLOCK) memset((char*)dst + b, 0, std::min(CPU_COPY_BLOCK, bytes - b));
+    cpu_in_blocks(bytes, [=](size_t b, size_t n) { memset((char*)dst + b, 0, n); });
 }
 
 static inline void dev_zero(Ctx* ctx, void* dev, size_t bytes) {

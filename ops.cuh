@@ -222,7 +222,8 @@ static inline __attribute__((always_inline)) float cpu_exp_in_range(float x) {
     p = p * f + 1.6666665459e-1f;
     p = p * f + 5.0000001201e-1f;
     p = (p * f * f + f) + 1.0f;
-    const uint32_t bits = (uint32_t)((int)n + 127) << 23;  // 2^n, n in [-126, 127] (unsigned: no UB for NaN's n)
+    // 2^n, n in [-126, 127]; unsigned, so the shift cannot overflow whatever n a NaN gives
+    const uint32_t bits = (uint32_t)((int)n + 127) << 23;
     float two_n;
     memcpy(&two_n, &bits, sizeof bits);
     return p * two_n;
