@@ -71,13 +71,22 @@ static inline __attribute__((always_inline)) float attn_exp(float x) {
 // c (R, N) = [or +=] a (R, K) b (K, N); a's (r, k) at a[r ars + k aks], b's (k, n) at b[k ldb + n],
 // c's (r, n) at c[r ldc + n]. R a multiple of MR, N of NR: whole register blocks of ops.cuh's
 // gemm_micro, so every element of c is the same sum in the same order whatever the blocks around it.
+// K is a head size or a tile's rows: the usual ones are compiled in (gemm_micro's KC).
 template <int MR, int NR, bool ADD>
 static inline __attribute__((always_inline)) void attn_mm(float* c, int ldc, const float* a, int ars, int aks,
                                                           const float* b, int ldb, int R, int N, int K) {
     for (int n0 = 0; n0 < N; n0 += NR)
-        for (int r0 = 0; r0 < R; r0 += MR)
-            gemm_micro<MR, NR, ADD>(c + (size_t)r0 * ldc + n0, ldc, MR, NR, a + (size_t)r0 * ars, ars, aks, b + n0,
-                                    ldb, K);
+        for (int r0 = 0; r0 < R; r0 += MR) {
+            float* cb = c + (size_t)r0 * ldc + n0;
+            const float* ab = a + (size_t)r0 * ars;
+            switch (K) {
+            case 32: gemm_micro<MR, NR, ADD, false, 32>(cb, ldc, MR, NR, ab, ars, aks, b + n0, ldb, K); break;
+            case 48: gemm_micro<MR, NR, ADD, false, 48>(cb, ldc, MR, NR, ab, ars, aks, b + n0, ldb, K); break;
+            case 64: gemm_micro<MR, NR, ADD, false, 64>(cb, ldc, MR, NR, ab, ars, aks, b + n0, ldb, K); break;
+            case 128: gemm_micro<MR, NR, ADD, false, 128>(cb, ldc, MR, NR, ab, ars, aks, b + n0, ldb, K); break;
+            default: gemm_micro<MR, NR, ADD>(cb, ldc, MR, NR, ab, ars, aks, b + n0, ldb, K);
+            }
+        }
 }
 
 // dst (rows, ld) = rows r0 .. r0+n-1 of head h of x (T, H, D), zero in columns D .. ld and rows

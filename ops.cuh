@@ -289,11 +289,13 @@ static inline __attribute__((always_inline)) void gemm_micro_step(float (&acc)[M
 // ars 1, aks MR; bks NR), the CPU attention (attention.cuh) on rows in its scratch. UNROLL, for the
 // matmul's long k (kc up to 256): c's rows prefetched first and four k steps a trip, together about
 // 8% faster on medium's matmuls (each alone 2-3%); the attention's short k (a head size, a tile)
-// ran 3-4% slower so.
-template <int MR, int NR, bool ADD = true, bool UNROLL = false>
+// ran 3-4% slower so. KC > 0: kc is KC, known when compiled (the attention's products, whose k is
+// a head size or a tile): its loops ran 8-10% faster so (AVX2), the same sums in the same order.
+template <int MR, int NR, bool ADD = true, bool UNROLL = false, int KC = 0>
 static inline __attribute__((always_inline)) void gemm_micro(float* c, size_t ldc, int m, int n, const float* a,
                                                              size_t ars, size_t aks, const float* b, size_t bks,
                                                              int kc) {
+    if (KC > 0) kc = KC;
     float acc[MR][NR] = {};
     if (UNROLL) {
         for (int r = 0; r < m; r++)  // c's rows are read at the end: on their way meanwhile
