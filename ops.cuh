@@ -473,11 +473,15 @@ static inline void matmul_backward_cpu(float* dinp, float* dw, float* db, const 
     if (dinp) gemm_cpu(dinp, IC, dout, OC, 1, w, IC, 1, T, IC, OC);  // (T, OC) @ (OC, IC)
     gemm_cpu(dw, IC, dout, 1, OC, inp, IC, 1, OC, IC, T);            // dout^T (OC, T) @ inp (T, IC)
     if (db) {
+        const int CB = 16;  // columns a task, each summed over t in order, the rows read along
 #pragma omp parallel for schedule(static)
-        for (int o = 0; o < OC; o++) {
-            float bsum = 0.0f;
-            for (size_t t = 0; t < T; t++) bsum += to_f32(dout[t * OC + o]);
-            db[o] += bsum;
+        for (int o0 = 0; o0 < OC; o0 += CB) {
+            const int n = OC - o0 < CB ? OC - o0 : CB;
+            float bsum[CB] = {};
+            for (size_t t = 0; t < T; t++)
+#pragma omp simd
+                for (int o = 0; o < n; o++) bsum[o] += to_f32(dout[t * OC + o0 + o]);
+            for (int o = 0; o < n; o++) db[o0 + o] += bsum[o];
         }
     }
 }
@@ -606,16 +610,28 @@ static inline void norm_backward_cpu(float* dinp, float* dw, float* db, const fl
             dx[i] += (float)(s * (dn - dn_mean - n * dn_n));
         }
     }
+    // dw[i] += sum_t dy[t][i] n[t][i], db[i] += sum_t dy[t][i]: each column's sum over t in order,
+    // 16 adjacent columns a task so that the rows are read along, not down (one column at a time
+    // read a cache line per value: 1.5% of a `small` step at 4096 tokens)
+    const int CB = 16;
 #pragma omp parallel for schedule(static)
-    for (int i = 0; i < C; i++) {
-        float gw = 0.0f, gb = 0.0f;
+    for (int i0 = 0; i0 < C; i0 += CB) {
+        const int n = C - i0 < CB ? C - i0 : CB;
+        float gw[CB] = {}, gb[CB] = {};
         for (size_t t = 0; t < T; t++) {
-            const float dy = dout[t * C + i];
-            gw += dy * (inp[t * C + i] - mean[t]) * rstd[t];
-            gb += dy;
+            const float* dy = dout + t * C + i0;
+            const float* x = inp + t * C + i0;
+            const float m = mean[t], s = rstd[t];
+#pragma omp simd
+            for (int i = 0; i < n; i++) {
+                gw[i] += dy[i] * (x[i] - m) * s;
+                gb[i] += dy[i];
+            }
         }
-        dw[i] += gw;
-        if (db) db[i] += gb;
+        for (int i = 0; i < n; i++) {
+            dw[i0 + i] += gw[i];
+            if (db) db[i0 + i] += gb[i];
+        }
     }
 }
 #ifdef __CUDACC__
@@ -885,7 +901,7 @@ static inline void rope_gpu(cudaStream_t stream, float* x, const int32_t* pos, s
 #endif
 
 // ----------------------------------------------------------------------------
-// Embedding: out (T, C) = wte[tok[t]]. Backward: dwte[tok[t]] += dout[t], parallel over columns
+// Embedding: out (T, C) = wte[tok[t]]. Backward: dwte[tok[t]] += dout[t], parallel over blocks of columns
 // so repeated tokens never race.
 
 static inline void embedding_forward_cpu(float* out, const int32_t* tok, const float* wte, size_t T, int C) {
@@ -909,9 +925,17 @@ static inline void embedding_forward_gpu(cudaStream_t stream, float* out, const 
 #endif
 
 static inline void embedding_backward_cpu(float* dwte, const int32_t* tok, const float* dout, size_t T, int C) {
+    const int CB = 16;  // columns a task, each in t order, the rows read along
 #pragma omp parallel for schedule(static)
-    for (int i = 0; i < C; i++)
-        for (size_t t = 0; t < T; t++) dwte[(size_t)tok[t] * C + i] += dout[t * C + i];
+    for (int i0 = 0; i0 < C; i0 += CB) {
+        const int n = C - i0 < CB ? C - i0 : CB;
+        for (size_t t = 0; t < T; t++) {
+            float* row = dwte + (size_t)tok[t] * C + i0;
+            const float* d = dout + t * C + i0;
+#pragma omp simd
+            for (int i = 0; i < n; i++) row[i] += d[i];
+        }
+    }
 }
 #ifdef __CUDACC__
 // dwte[tok[t]][i] += dout[t][i] for t = 0..T-1 in order, one thread per column i: twin of
