@@ -8,7 +8,9 @@
 // index, never over a reduction, so results do not depend on the thread count.
 #pragma once
 #include <cmath>
+#include <algorithm>
 #include <type_traits>
+#include <vector>
 #include "common.h"
 #ifdef _OPENMP
 #include <omp.h>
@@ -855,14 +857,57 @@ HOST_DEVICE static inline double rope_inv_freq(const RopeParams& p, int i, int D
     return (1.0 - s) * inv / p.factor + s * inv;
 }
 
-static inline void rope_cpu(float* x, const int32_t* pos, size_t T, int nh, int D, RopeParams rp, int sign) {
+// cos a and sin a (rounded to float) of every (t, pair) for one list of positions: the same for q
+// and k and for every layer of a step, so the CPU computes them once per list (a chunk's) and keeps
+// the lists it saw last, up to ROPE_TABLE_BYTES (cos and sin in double in every call were 1-2% of
+// a CPU step). The pointer is good until the next call; one caller at a time, as for attention.
+struct RopeTable {
+    std::vector<int32_t> pos;  // (T) the positions
+    RopeParams rp;
+    int D;
+    std::vector<float> cs;  // (T, D/2, 2) cos a, sin a
+};
+static const size_t ROPE_TABLE_BYTES = (size_t)64 << 20;
+static inline bool rope_same(const RopeParams& a, const RopeParams& b) {
+    return a.theta == b.theta && a.scaling == b.scaling && a.factor == b.factor &&
+           a.low_freq_factor == b.low_freq_factor && a.high_freq_factor == b.high_freq_factor &&
+           a.original_max_pos == b.original_max_pos;
+}
+static inline const float* rope_table_cpu(const int32_t* pos, size_t T, int D, const RopeParams& rp) {
+    static std::vector<RopeTable> tables;  // the most recently used last
+    for (size_t n = tables.size(); n-- > 0;) {
+        const RopeTable& e = tables[n];
+        if (e.D == D && e.pos.size() == T && rope_same(e.rp, rp) &&
+            !memcmp(e.pos.data(), pos, T * sizeof(int32_t))) {
+            std::rotate(tables.begin() + n, tables.begin() + n + 1, tables.end());
+            return tables.back().cs.data();
+        }
+    }
+    size_t bytes = T * D * sizeof(float);  // this list's, then the kept ones' from the newest
+    size_t keep = 0;
+    while (keep < tables.size() && bytes + tables[tables.size() - 1 - keep].cs.size() * sizeof(float) <= ROPE_TABLE_BYTES)
+        bytes += tables[tables.size() - 1 - keep++].cs.size() * sizeof(float);
+    tables.erase(tables.begin(), tables.end() - keep);
+    RopeTable e{std::vector<int32_t>(pos, pos + T), rp, D, std::vector<float>(T * D)};
     double inv[256];  // inv_freq(i) for the D/2 <= 256 pairs, the same for every token
     for (int i = 0; i < D / 2; i++) inv[i] = rope_inv_freq(rp, i, D);
+    float* cs = e.cs.data();
 #pragma omp parallel for schedule(static)
     for (size_t t = 0; t < T; t++)
         for (int i = 0; i < D / 2; i++) {
             const double a = (double)pos[t] * inv[i];
-            const float c = (float)cos(a), s = (float)(sign * sin(a));
+            cs[(t * (D / 2) + i) * 2] = (float)cos(a);
+            cs[(t * (D / 2) + i) * 2 + 1] = (float)sin(a);
+        }
+    tables.push_back(std::move(e));
+    return tables.back().cs.data();
+}
+static inline void rope_cpu(float* x, const int32_t* pos, size_t T, int nh, int D, RopeParams rp, int sign) {
+    const float* cs = rope_table_cpu(pos, T, D, rp);  // (T, D/2, 2)
+#pragma omp parallel for schedule(static)
+    for (size_t t = 0; t < T; t++)
+        for (int i = 0; i < D / 2; i++) {
+            const float c = cs[(t * (D / 2) + i) * 2], s = sign * cs[(t * (D / 2) + i) * 2 + 1];
             for (int h = 0; h < nh; h++) {
                 float* p = x + (t * nh + h) * D + 2 * i;
                 const float x0 = p[0], x1 = p[1];

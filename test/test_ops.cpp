@@ -371,6 +371,43 @@ TEST(Rope, ForwardBackwardAndInverseAtLargePositions) {
     }
 }
 
+// The CPU keeps cos and sin per list of positions (rope_table_cpu): a list that differs in one
+// position, in its length, in the head size or in the scaling gets its own, and the lists kept
+// are dropped oldest first past ROPE_TABLE_BYTES and computed again when they come back.
+TEST(Rope, KeptTablesFollowPositionsSizeAndScaling) {
+    const int nh = 2;
+    RopeRef none, linear;
+    linear.scaling = 1, linear.factor = 4;
+    const std::vector<int32_t> a = {0, 5, 9, 70000}, b = {0, 5, 10, 70000}, c = {0, 5, 9};
+    std::vector<int32_t> big((size_t)(ROPE_TABLE_BYTES / 2 / (64 * sizeof(float))) + 1);  // over half the limit at D 64
+    for (size_t t = 0; t < big.size(); t++) big[t] = (int32_t)(t * 3);
+    struct Call {
+        const std::vector<int32_t>* pos;
+        int D;
+        const RopeRef* rp;
+    };
+    const std::vector<Call> calls = {{&a, 32, &none}, {&b, 32, &none}, {&a, 32, &none},   {&c, 32, &none},
+                                     {&a, 16, &none}, {&a, 32, &linear}, {&big, 64, &none}, {&big, 64, &linear},
+                                     {&a, 32, &none}, {&big, 64, &none}, {&a, 32, &linear}};
+    Rng r{43};
+    for (size_t n = 0; n < calls.size(); n++) {
+        const Call& k = calls[n];
+        SCOPED_TRACE(::testing::Message() << "call " << n);
+        const size_t T = k.pos->size();
+        vf x = randn(&r, T * nh * k.D);
+        vf y = x;
+        rope_cpu(y.data(), k.pos->data(), T, nh, k.D, rope_of(*k.rp), +1);
+        if (T > 100) {  // the long lists: their first rows are enough
+            const size_t rows = 8 * nh * k.D;
+            std::vector<int32_t> head(k.pos->begin(), k.pos->begin() + 8);
+            vf y8(y.begin(), y.begin() + rows), x8(x.begin(), x.begin() + rows);
+            EXPECT_LT(rel_err(y8, rope_ref(widen(x8), head, nh, k.D, *k.rp, +1)), kFwd);
+        } else {
+            EXPECT_LT(rel_err(y, rope_ref(widen(x), *k.pos, nh, k.D, *k.rp, +1)), kFwd);
+        }
+    }
+}
+
 TEST(Embedding, ForwardAndAccumulatingBackwardWithRepeatedTokens) {
     const int V = 7, C = 6;
     const std::vector<int32_t> tok = {3, 1, 3, 0, 6, 3, 2, 1, 5, 3};  // 4 never appears
