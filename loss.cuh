@@ -36,7 +36,7 @@ static inline void crossentropy_cpu(float* logits, float* loss, int32_t* pred, c
 static inline void adamw_cpu(float* p, const float* g, float* m, float* v, size_t n, float lr, float b1, float b2,
                              float eps, float wd, bool decay, int t) {
     const float c1 = 1.0f - powf(b1, (float)t), c2 = 1.0f - powf(b2, (float)t);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for simd schedule(static)  // (simd: p, g, m and v never overlap)
     for (size_t i = 0; i < n; i++) {
         m[i] = b1 * m[i] + (1.0f - b1) * g[i];
         v[i] = b2 * v[i] + (1.0f - b2) * g[i] * g[i];
