@@ -17,8 +17,8 @@ BUILD_KIND := $(if $(HAVE_NVCC),cuda,cpu)
 # conditional in the CPU softmax loops (attn_exp) into a vector select except where AVX-512 masks
 # hide it: the AVX2 and baseline attention ran scalar, 2-3x slower. Results stay IEEE (no
 # reassociation, no finite-math assumptions). -fno-math-errno: fpdt never reads errno after a math
-# call, and with it GCC calls libm for every sqrtf (to set errno on a negative argument), so the
-# AdamW loop did not vectorize. The same sqrt either way.
+# call, and without it GCC keeps a libm call beside each sqrtf (errno on a negative argument), so
+# the AdamW loop did not vectorize. The same sqrt either way.
 HOST_FLAGS := -O3 -fopenmp -fno-trapping-math -fno-math-errno -Wall -Wno-unused-function
 DEFS := -DOMPI_SKIP_MPICXX
 # Device code for Ampere (A100, sm_80; sm_86/sm_89 run it too, but their 99 KiB of shared memory per

@@ -291,8 +291,9 @@ static inline __attribute__((always_inline)) void gemm_micro_step(float (&acc)[M
 // ars 1, aks MR; bks NR), the CPU attention (attention.cuh) on rows in its scratch. UNROLL, for the
 // matmul's long k (kc up to 256): c's rows prefetched first and four k steps a trip, together about
 // 8% faster on medium's matmuls (each alone 2-3%); the attention's short k (a head size, a tile)
-// ran 3-4% slower so. KC > 0: kc is KC, known when compiled (the attention's products, whose k is
-// a head size or a tile): its loops ran 8-10% faster so (AVX2), the same sums in the same order.
+// ran 3-4% slower so. KC > 0: kc is KC (the argument is not read), known when compiled: the
+// attention's products, whose k is a head size or a tile, ran 8-10% faster so (AVX2), the same
+// sums in the same order.
 template <int MR, int NR, bool ADD = true, bool UNROLL = false, int KC = 0>
 static inline __attribute__((always_inline)) void gemm_micro(float* c, size_t ldc, int m, int n, const float* a,
                                                              size_t ars, size_t aks, const float* b, size_t bks,
@@ -859,8 +860,9 @@ HOST_DEVICE static inline double rope_inv_freq(const RopeParams& p, int i, int D
 
 // cos a and sin a (rounded to float) of every (t, pair) for one list of positions: the same for q
 // and k and for every layer of a step, so the CPU computes them once per list (a chunk's) and keeps
-// the lists it saw last, up to ROPE_TABLE_BYTES (cos and sin in double in every call were 1-2% of
-// a CPU step). The pointer is good until the next call; one caller at a time, as for attention.
+// the lists it used last while their tables fit in ROPE_TABLE_BYTES (the newest one always: the
+// memory this takes beyond the run's plan; cos and sin in double in every call were 1-2% of a CPU
+// step). The pointer is good until the next call; one caller at a time, as for attention.
 struct RopeTable {
     std::vector<int32_t> pos;  // (T) the positions
     RopeParams rp;
@@ -878,15 +880,17 @@ static inline const float* rope_table_cpu(const int32_t* pos, size_t T, int D, c
     for (size_t n = tables.size(); n-- > 0;) {
         const RopeTable& e = tables[n];
         if (e.D == D && e.pos.size() == T && rope_same(e.rp, rp) &&
-            !memcmp(e.pos.data(), pos, T * sizeof(int32_t))) {
+            (T == 0 || !memcmp(e.pos.data(), pos, T * sizeof(int32_t)))) {
             std::rotate(tables.begin() + n, tables.begin() + n + 1, tables.end());
             return tables.back().cs.data();
         }
     }
-    size_t bytes = T * D * sizeof(float);  // this list's, then the kept ones' from the newest
-    size_t keep = 0;
-    while (keep < tables.size() && bytes + tables[tables.size() - 1 - keep].cs.size() * sizeof(float) <= ROPE_TABLE_BYTES)
-        bytes += tables[tables.size() - 1 - keep++].cs.size() * sizeof(float);
+    size_t bytes = T * D * sizeof(float), keep = 0;  // this list's, then the kept ones' from the newest
+    for (; keep < tables.size(); keep++) {
+        const size_t b = tables[tables.size() - 1 - keep].cs.size() * sizeof(float);
+        if (bytes + b > ROPE_TABLE_BYTES) break;
+        bytes += b;
+    }
     tables.erase(tables.begin(), tables.end() - keep);
     RopeTable e{std::vector<int32_t>(pos, pos + T), rp, D, std::vector<float>(T * D)};
     double inv[256];  // inv_freq(i) for the D/2 <= 256 pairs, the same for every token
